@@ -1,0 +1,151 @@
+"""Plan quality on SmolLM2: wikitext-2 test ppl / KL / top-1 of bitalloc plans vs uniform RTN.
+
+    python bench/quality.py [--gguf PATH] [--budgets 3.5,4,4.25,4.5,5] [--windows 16]
+
+Calibrates on the validation split, evaluates on the test split (never the same text). For each
+budget: the plan under the default error model ("fisher"), the plan under the naive local error
+model ("local", for comparison), and the best uniform RTN configuration whose storage bpw fits.
+Prints a table, writes bench/out/quality.json and bench/out/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bitalloc
+from bitalloc.api import plan_from_table, profile, resolve_calibration
+from bitalloc.apply import apply_options
+from bitalloc.io import atomic_write_text, canonical_json
+from bitalloc.models import select_modules, weight_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext2"
+
+
+def default_gguf() -> str:
+    return subprocess.run([str(ROOT / "scripts" / "fetch_smollm2.sh")], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
+    ap.add_argument("--text", default=str(DATA / "wiki.test.raw"))
+    ap.add_argument("--budgets", default="3.5,4,4.25,4.5,5")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--error-models", default="fisher,local")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    out_dir = Path(args.out)
+
+    loaded = bitalloc.load_model(args.gguf or default_gguf())
+    model = loaded.model
+    calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
+    names = select_modules(model)
+    t0 = time.perf_counter()
+    table = profile(loaded, calib, names, bitalloc.default_options(), cache_dir=bitalloc.api.default_cache_dir(), progress=True)
+    profile_s = time.perf_counter() - t0
+    windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
+    reference = bitalloc.reference_logprobs(model, windows, progress=True)
+    original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in names}
+
+    def measure(assign: dict) -> bitalloc.EvalResult:
+        apply_options(model, assign)
+        try:
+            return bitalloc.evaluate(model, windows, reference=reference)
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    weight_matrix(model.get_submodule(n)).copy_(original[n])
+
+    rows = []
+    base = bitalloc.evaluate(model, windows)
+    print(f"reference ppl {base.ppl:.3f} on {windows.shape[0]}x{windows.shape[1]} tokens; profile {profile_s:.1f}s", flush=True)
+
+    # Uniform RTN: every option that tiles every planned module, up to the largest budget.
+    n_weights = table.num_weights
+    for k, opt in enumerate(table.options):
+        if opt.fmt != "int" or not table.allowed[:, k].all():
+            continue
+        bpw = float(table.storage_bits[:, k].sum()) / n_weights
+        if bpw > max(budgets) + 1e-9:
+            continue
+        r = measure({n: opt for n in names})
+        rows.append({"kind": "uniform", "config": opt.label, "bpw": bpw, **r.to_dict()})
+        print(f"uniform {opt.label:16s} {bpw:.4f} bpw  {r.describe()}", flush=True)
+
+    for em in args.error_models.split(","):
+        for b in budgets:
+            p = plan_from_table(table, f"{b}bits", loaded, calib, error_model=em)
+            r = measure(p.option_for())
+            rows.append({"kind": f"plan-{em}", "config": f"{b}bits", "bpw": p.summary.storage_bits_per_weight,
+                         "predicted_delta_nll": p.summary.predicted_delta_loss, **r.to_dict()})
+            print(f"plan {em:6s} {b:5.2f}bits -> {p.summary.storage_bits_per_weight:.4f} bpw  "
+                  f"predicted ΔNLL {p.summary.predicted_delta_loss:.4f}  measured ΔNLL {r.nll - base.nll:.4f}  {r.describe()}", flush=True)
+
+    report = summarize(rows, budgets, base, args.error_models.split(","))
+    print(report)
+    result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s,
+              "calibration": calib.settings(), "model": loaded.source, "content_hash": loaded.content_hash}
+    atomic_write_text(out_dir / "quality.json", canonical_json(result))
+    plot(rows, base, out_dir / "quality.png", args.error_models.split(","))
+
+
+def best_uniform(rows: list[dict], budget: float) -> dict | None:
+    fits = [r for r in rows if r["kind"] == "uniform" and r["bpw"] <= budget + 1e-9]
+    return min(fits, key=lambda r: r["ppl"]) if fits else None
+
+
+def summarize(rows: list[dict], budgets: list[float], base, error_models: list[str]) -> str:
+    head = f"| budget | best uniform ≤ budget (bpw) | uniform ppl / KL / top-1 |" + "".join(
+        f" plan[{em}] bpw | plan[{em}] ppl / KL / top-1 |" for em in error_models)
+    lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
+             head, "|" + "---|" * (3 + 2 * len(error_models))]
+    for b in budgets:
+        u = best_uniform(rows, b)
+        cells = [f"{b:g}", f"{u['config']} ({u['bpw']:.3f})" if u else "none",
+                 f"{u['ppl']:.2f} / {u['kl']:.3f} / {u['top1']:.1%}" if u else "-"]
+        for em in error_models:
+            p = next(r for r in rows if r["kind"] == f"plan-{em}" and r["config"] == f"{b}bits")
+            cells += [f"{p['bpw']:.3f}", f"{p['ppl']:.2f} / {p['kl']:.3f} / {p['top1']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], base, path: Path, error_models: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["bpw"])
+    ax.scatter([r["bpw"] for r in uni], [r["ppl"] for r in uni], marker="x", color="gray", label="uniform RTN configs")
+    for em, style in zip(error_models, ("o-", "s--", "^:")):
+        pts = sorted((r for r in rows if r["kind"] == f"plan-{em}"), key=lambda r: r["bpw"])
+        ax.plot([r["bpw"] for r in pts], [r["ppl"] for r in pts], style, label=f"bitalloc plan ({em} error model)")
+    ax.axhline(base.ppl, color="black", lw=0.8, ls=":", label=f"unquantized ({base.ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("storage bits per planned weight (scales and zero-points included)")
+    ax.set_ylabel(f"wikitext-2 test ppl ({base.windows}×{base.seq_len})")
+    ax.set_title("SmolLM2-135M: mixed-precision plans vs uniform RTN")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

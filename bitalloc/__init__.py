@@ -1,0 +1,23 @@
+"""bitalloc: mixed-precision bit allocation for LLM weights under a budget.
+
+    import bitalloc
+    plan = bitalloc.plan("model.gguf", budget="3.2bits", calibration="wiki.valid.tokens")
+    plan.save("plan.json")
+    model = bitalloc.apply(model, bitalloc.Plan.load("plan.json"))
+"""
+
+from .api import plan, plan_from_table, profile
+from .apply import apply
+from .budget import Budget, parse_budget
+from .errors import BadInputError, BitallocError, BudgetInfeasibleError, PlanMismatchError, PlanVersionError
+from .evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
+from .models import LoadedModel, load_model
+from .options import QuantOption, default_options
+from .plan import Plan
+
+__all__ = [
+    "plan", "plan_from_table", "profile", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
+    "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model",
+    "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
+    "PlanVersionError",
+]

@@ -1,0 +1,194 @@
+"""The pipeline as one call: model + calibration + budget -> Plan. The CLI calls only this module."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import solvers
+from .budget import Budget, parse_budget
+from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
+from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
+from .errors import BadInputError, BudgetInfeasibleError
+from .models import LoadedModel, as_loaded, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
+from .options import QuantOption, default_options
+from .plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from .profile.statistics import collect_statistics
+from .profile.store import cache_key, default_cache_dir, load_table, save_table
+
+
+def bitalloc_version() -> str:
+    try:
+        return version("bitalloc")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    if isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return calibration_from_tokens(calibration, seed=seed)
+    if isinstance(calibration, (str, Path)):
+        text = read_text(calibration)
+        return make_calibration(loaded.tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=Path(calibration).name)
+    raise BadInputError("calibration is required: pass a text file path (e.g. wiki.valid.tokens) or token ids [windows, seq_len]")
+
+
+def profile(
+    loaded: LoadedModel,
+    calibration: Calibration,
+    module_names: list[str],
+    options: list[QuantOption],
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> CandidateTable:
+    """Candidate table for these modules and options, from the cache when an identical one exists."""
+    key = cache_key(
+        {
+            "model": loaded.content_hash,
+            "calibration": calibration.settings(),
+            "modules": module_names,
+            "options": [o.to_dict() for o in options],
+            "bitalloc": bitalloc_version(),
+        }
+    )
+    if cache_dir is not None and (table := load_table(cache_dir, key)) is not None:
+        return table
+    loaded.model.eval()
+    stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
+    table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress)
+    if cache_dir is not None:
+        save_table(cache_dir, key, table)
+    return table
+
+
+def plan(
+    model_or_source: Any,
+    budget: str | Budget,
+    calibration: Any = None,
+    *,
+    tokenizer: Any = None,
+    solver: str = "ilp",
+    solver_settings: dict | None = None,
+    options: list[QuantOption] | None = None,
+    error_model: str = "fisher",
+    seq_len: int = 512,
+    calib_tokens: int = 8192,
+    seed: int = 0,
+    include_lm_head: bool = False,
+    include_embeddings: bool = False,
+    cache_dir: str | Path | None | bool = True,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> Plan:
+    """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
+
+    model_or_source: an nn.Module (pass `tokenizer` if calibration is text), a LoadedModel, or a
+    source string (hub id, directory, .gguf). calibration: text file path, token ids
+    [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
+    """
+    budget = parse_budget(budget)
+    if error_model not in ERROR_MODELS:
+        raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    if solver not in solvers.available_solvers():
+        raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
+    loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    options = list(options) if options else default_options()
+    torch.manual_seed(seed)
+    calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
+    module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
+    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress)
+    return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
+                           error_model=error_model, seed=seed)
+
+
+def plan_from_table(
+    table: CandidateTable,
+    budget: str | Budget,
+    loaded: LoadedModel,
+    calibration: Calibration,
+    *,
+    solver: str = "ilp",
+    solver_settings: dict | None = None,
+    error_model: str = "fisher",
+    seed: int = 0,
+) -> Plan:
+    """Solve an existing candidate table at a budget (re-planning without re-profiling)."""
+    budget = parse_budget(budget)
+    n = table.num_weights
+    max_bits = budget.max_storage_bits(n)
+    problem = solvers.Problem(
+        cost=np.nan_to_num(table.errors[error_model], nan=0.0),
+        storage_bits=table.storage_bits,
+        max_storage_bits=max_bits,
+        group_names=tuple(table.groups),
+    )
+    lo, hi = problem.bits_range()
+    if max_bits < lo:
+        raise BudgetInfeasibleError(
+            f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)} for these options "
+            f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or allow fewer bits"
+        )
+    try:
+        solution = solvers.solve(problem, solver, **(solver_settings or {}))
+    except solvers.base.SolverError as e:
+        raise BudgetInfeasibleError(f"{e} (binding: {e.binding or 'unknown'})") from None
+    return _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed)
+
+
+def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed) -> Plan:
+    model = loaded.model
+    tied = tied_embeddings(model)
+    head, emb = output_embedding_name(model), input_embedding_name(model)
+    assignments = []
+    nominal_sum = 0.0
+    errors = table.errors[error_model]
+    for g, k in enumerate(solution.choice):
+        name, (out_f, in_f), opt = table.groups[g], table.shapes[g], table.options[k]
+        nominal_sum += opt.bits * out_f * in_f
+        tied_to = [emb] if tied and name == head else ([head] if tied and name == emb else [])
+        assignments.append(
+            Assignment(
+                module=name,
+                shape=(out_f, in_f),
+                option=OptionSpec.of(opt),
+                label=opt.label,
+                storage_bits=int(table.storage_bits[g, k]),
+                predicted_delta_loss=_sig(errors[g, k]),
+                tied_to=tied_to,
+            )
+        )
+    n = table.num_weights
+    storage = sum(a.storage_bits for a in assignments)
+    return Plan(
+        bitalloc_version=bitalloc_version(),
+        model=ModelSpec(source=loaded.source, architecture=type(model).__name__, content_hash=loaded.content_hash),
+        calibration=calibration.settings(),
+        error_model=error_model,
+        options=[o.label for o in table.options],
+        solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,
+                          objective=_sig(solution.objective)),
+        seed=seed,
+        budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
+        summary=Summary(
+            planned_modules=len(assignments),
+            planned_weights=n,
+            nominal_bits_per_weight=round(nominal_sum / n, 6),
+            storage_bits_per_weight=round(storage / n, 6),
+            storage_bytes=-(-storage // 8),
+            fp16_bytes=2 * n,
+            predicted_delta_loss=_sig(sum(a.predicted_delta_loss for a in assignments)),
+        ),
+        assignments=assignments,
+    )
+
+
+def _sig(x: float) -> float:
+    """Six significant digits: what the estimate supports, and stable in JSON."""
+    return float(f"{float(x):.6g}")

@@ -1,0 +1,44 @@
+"""Materialize a plan by simulation: each planned weight is replaced by its quantize-dequantize value."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import PlanMismatchError
+from .formats import quantize_dequantize
+from .models import set_weight_matrix, weight_matrix, weights_hash
+from .options import QuantOption
+from .plan import Plan
+
+
+def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) -> None:
+    """Raise PlanMismatchError unless every planned module exists with the planned shape
+    (and, with check_hash, the weights are the ones the plan was made for)."""
+    names = dict(model.named_modules())
+    for a in plan.assignments:
+        if a.module not in names:
+            raise PlanMismatchError(f"plan names module {a.module!r}, which this model does not have; use the model the plan was made for")
+        shape = tuple(weight_matrix(names[a.module]).shape)
+        if shape != tuple(a.shape):
+            raise PlanMismatchError(f"module {a.module} has weight shape {list(shape)}, the plan expects {list(a.shape)}")
+    if check_hash:
+        actual = weights_hash(model)
+        if actual != plan.model.content_hash:
+            raise PlanMismatchError(
+                f"plan was made for weights {plan.model.content_hash[:19]}…, this model has {actual[:19]}…; "
+                "re-plan for this model, or skip the check (--force / check_hash=False)"
+            )
+
+
+def apply(model: nn.Module, plan: Plan, check_hash: bool = True) -> nn.Module:
+    """Quantize-dequantize the planned weights in place (RTN); returns the same model."""
+    check_plan_matches(model, plan, check_hash)
+    return apply_options(model, plan.option_for())
+
+
+def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:
+    """Quantize-dequantize each named module's weight with its option, in place."""
+    for name, option in options.items():
+        module = model.get_submodule(name)
+        set_weight_matrix(module, quantize_dequantize(weight_matrix(module).detach(), option))
+    return model

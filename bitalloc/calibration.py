@@ -1,0 +1,101 @@
+"""Text -> fixed-length token windows, for calibration (random windows) and evaluation (in order)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token windows [n_windows, seq_len] plus what is needed to tell two calibrations apart."""
+
+    tokens: torch.Tensor
+    text_sha256: str
+    source: str
+    seed: int
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def settings(self) -> dict:
+        return {
+            "source": self.source,
+            "text_sha256": self.text_sha256,
+            "seq_len": self.seq_len,
+            "windows": self.n_windows,
+            "tokens": self.n_windows * self.seq_len,
+            "sampling": "random non-overlapping windows",
+            "seed": self.seed,
+        }
+
+
+def read_text(path: str | Path) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadInputError(f"text file {str(path)!r} does not exist; pass a UTF-8 text file (e.g. wiki.valid.tokens)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"text file {str(path)!r} is not UTF-8 (byte {e.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise BadInputError(f"text file {str(path)!r} is empty; pass a file with text to calibrate/evaluate on")
+    return text
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one 1-D id tensor, no special tokens inserted (GPTQ-line convention)."""
+    if tokenizer is None:
+        raise BadInputError("text needs a tokenizer: load the model from a source, or pass token ids instead of text")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids.long()
+
+
+def text_sha256(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sequential_windows(ids: torch.Tensor, seq_len: int, n_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows from the start: the evaluation convention, identical for every config."""
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise BadInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
+    n = available if n_windows is None else min(n_windows, available)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def random_windows(ids: torch.Tensor, seq_len: int, n_windows: int, seed: int) -> torch.Tensor:
+    """n distinct non-overlapping windows picked with `seed`, kept in text order."""
+    all_windows = sequential_windows(ids, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(all_windows.shape[0], generator=g)[:n_windows].sort().values
+    return all_windows[pick]
+
+
+def make_calibration(
+    tokenizer: Any, text: str, *, seq_len: int = 512, tokens: int = 8192, seed: int = 0, source: str = "<text>"
+) -> Calibration:
+    if seq_len < 2 or tokens < seq_len:
+        raise BadInputError(f"need seq_len >= 2 and calibration tokens >= seq_len, got {seq_len} and {tokens}")
+    ids = tokenize(tokenizer, text)
+    windows = random_windows(ids, seq_len, tokens // seq_len, seed)
+    return Calibration(tokens=windows, text_sha256=text_sha256(text), source=source, seed=seed)
+
+
+def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>") -> Calibration:
+    """Use given windows [n, seq_len] as they are (tests, pipelines that tokenize themselves)."""
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise BadInputError(f"calibration token ids must be an integer tensor [windows, seq_len], got {tuple(tokens.shape)} {tokens.dtype}")
+    digest = "sha256:" + hashlib.sha256(tokens.long().numpy().tobytes()).hexdigest()
+    return Calibration(tokens=tokens.long(), text_sha256=digest, source=source, seed=seed)

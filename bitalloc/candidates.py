@@ -1,0 +1,90 @@
+"""Profile × options -> CandidateTable: storage bits and predicted loss increase per (group, option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .formats import quantize_dequantize
+from .models import weight_matrix
+from .options import QuantOption
+from .profile.statistics import ModuleStats
+
+# Error models the table carries. "fisher" is the planner's default: see profile/statistics.py.
+# "local" is the unweighted layer output error tr(ΔW H ΔWᵀ), kept to compare against.
+ERROR_MODELS = ("fisher", "local")
+
+
+@dataclass
+class CandidateTable:
+    """Row g = one group (today: one whole module), column k = one option.
+
+    storage_bits[g, k] is NaN where option k cannot tile group g (group size not dividing the row).
+    errors[model][g, k] is the predicted increase of mean next-token NLL (nats) under that model.
+    """
+
+    groups: list[str]
+    shapes: list[tuple[int, int]]
+    options: list[QuantOption]
+    storage_bits: np.ndarray
+    errors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_weights(self) -> int:
+        return int(sum(o * i for o, i in self.shapes))
+
+    @property
+    def allowed(self) -> np.ndarray:
+        return np.isfinite(self.storage_bits)
+
+    def option_index(self, option: QuantOption) -> int:
+        return self.options.index(option)
+
+
+def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats) -> tuple[float, float]:
+    """(fisher, local) predicted loss increase of storing `weight` [out, in] as `option`."""
+    w = weight.detach().float()
+    dw = quantize_dequantize(w, option) - w
+    if stats.hessian is None:  # embedding: one-hot inputs, so H is the diagonal of token shares
+        dw2 = dw**2
+        return 0.5 * float((stats.fisher * dw2).sum()), float((stats.token_share[:, None] * dw2).sum())
+    per_row = ((dw @ stats.hessian) * dw).sum(dim=1)  # diag(ΔW H ΔWᵀ): [out]
+    return 0.5 * float(per_row @ stats.fisher), float(per_row.sum())
+
+
+def build_candidate_table(
+    model: nn.Module,
+    module_names: list[str],
+    stats: dict[str, ModuleStats],
+    options: list[QuantOption],
+    progress: bool = False,
+) -> CandidateTable:
+    shapes, bits_rows, err_rows = [], [], {m: [] for m in ERROR_MODELS}
+    for name in tqdm(module_names, desc="candidate errors", disable=not progress, unit="module"):
+        w = weight_matrix(model.get_submodule(name))
+        out_f, in_f = w.shape
+        shapes.append((int(out_f), int(in_f)))
+        row_bits, row_err = [], {m: [] for m in ERROR_MODELS}
+        for opt in options:
+            if not opt.fits(in_f):
+                row_bits.append(np.nan)
+                for m in ERROR_MODELS:
+                    row_err[m].append(np.nan)
+                continue
+            row_bits.append(float(opt.storage_bits(out_f, in_f)))
+            for m, value in zip(ERROR_MODELS, option_error(w, opt, stats[name])):
+                row_err[m].append(value)
+        bits_rows.append(row_bits)
+        for m in ERROR_MODELS:
+            err_rows[m].append(row_err[m])
+    return CandidateTable(
+        groups=list(module_names),
+        shapes=shapes,
+        options=list(options),
+        storage_bits=np.asarray(bits_rows, dtype=np.float64),
+        errors={m: np.asarray(v, dtype=np.float64) for m, v in err_rows.items()},
+    )

@@ -1,0 +1,169 @@
+"""`bitalloc` command line: parses arguments, calls the Python API, prints results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BadInputError, BitallocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _group_sizes(text: str) -> list[int | None]:
+    try:
+        return [None if t.strip() in ("ch", "channel") else int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInputError(f"cannot read --group-sizes {text!r}; write e.g. '32,64,128,ch' (ch = per channel)") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInputError(f"cannot read {flag} {text!r}; write comma-separated integers, e.g. '2,3,4,8'") from None
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="hub id, local directory (config.json + safetensors) or .gguf file"),
+    budget: str = typer.Option(..., "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
+    error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
+    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
+    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
+    no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
+    seed: int = typer.Option(0, "--seed"),
+    out_path: Path = typer.Option(Path("plan.json"), "--out", help="where to write the JSON plan"),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="also plan the input embedding"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute the profile, do not read or write the cache"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code to run"),
+) -> None:
+    """Profile MODEL on calibration text and write a plan that fits BUDGET."""
+    from . import api
+    from .options import default_options
+
+    if calib is None:
+        raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
+    options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
+    start = time.perf_counter()
+    plan = api.plan(
+        model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
+        calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
+        cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
+    )
+    plan.save(out_path)
+    _print_summary(plan, time.perf_counter() - start)
+    out.print(f"wrote {out_path}")
+
+
+def _print_summary(plan, seconds: float) -> None:
+    s = plan.summary
+    table = Table(title=f"plan for {plan.model.source} at {plan.budget.text}")
+    table.add_column("option")
+    table.add_column("modules", justify="right")
+    table.add_column("weights", justify="right")
+    table.add_column("predicted ΔNLL", justify="right")
+    weights, loss = Counter(), Counter()
+    count = Counter(a.label for a in plan.assignments)
+    for a in plan.assignments:
+        weights[a.label] += a.shape[0] * a.shape[1]
+        loss[a.label] += a.predicted_delta_loss
+    for label in sorted(count, key=lambda lbl: -weights[lbl]):
+        table.add_row(label, str(count[label]), f"{weights[label] / s.planned_weights:.1%}", f"{loss[label]:.4g}")
+    out.print(table)
+    out.print(
+        f"{s.planned_modules} modules, {s.planned_weights:,} weights: storage {s.storage_bits_per_weight:.4f} bits/weight "
+        f"(nominal {s.nominal_bits_per_weight:.4f}), {s.storage_bytes / 1e6:.2f} MB vs {s.fp16_bytes / 1e6:.2f} MB fp16; "
+        f"predicted ΔNLL {s.predicted_delta_loss:.4g} nats; solver {plan.solver.name} ({plan.solver.status}); {seconds:.1f}s"
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
+    text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
+    plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (RTN simulation) before scoring"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    force: bool = typer.Option(False, "--force", help="apply a plan made for different weights"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Perplexity; with --plan also KL divergence and top-1 agreement against the unquantized model."""
+    import copy
+
+    from .apply import apply
+    from .calibration import read_text
+    from .evaluate import evaluate, evaluation_windows
+    from .models import load_model
+    from .plan import Plan
+
+    plan = Plan.load(plan_path) if plan_path else None  # fail on a bad plan before loading the model
+    body = read_text(text)
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows)
+    reference = None
+    scored = loaded.model
+    if plan is not None:
+        reference = loaded.model
+        scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not force)
+    result = evaluate(scored, ids, reference=reference, progress=not as_json)
+    if as_json:
+        print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, **result.to_dict()}, sort_keys=True))
+    else:
+        out.print(result.describe())
+
+
+@app.command("solvers")
+def solvers_cmd() -> None:
+    """List the registered solvers."""
+    from . import solvers
+
+    for name, summary in solvers.available_solvers().items():
+        out.print(f"{name:12s} {summary}")
+
+
+@app.command("show")
+def show_cmd(plan_path: Path = typer.Argument(..., help="a plan JSON file")) -> None:
+    """Validate a plan file and print its summary."""
+    from .plan import Plan
+
+    plan = Plan.load(plan_path)
+    _print_summary(plan, 0.0)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except BitallocError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except (typer.Exit, typer.Abort) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

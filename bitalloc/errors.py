@@ -1,0 +1,25 @@
+"""One exception family for everything a user can cause; the CLI prints these as one line."""
+
+
+class BitallocError(Exception):
+    """Base class. `exit_code` 2 means bad input, 1 means an internal failure."""
+
+    exit_code = 1
+
+
+class BadInputError(BitallocError):
+    """The user gave something we cannot use; the message says what and how to fix it."""
+
+    exit_code = 2
+
+
+class BudgetInfeasibleError(BadInputError):
+    """No assignment of the allowed options fits the budget (or the budget is above fp16)."""
+
+
+class PlanMismatchError(BadInputError):
+    """A plan was made for another model, or names modules/shapes the model does not have."""
+
+
+class PlanVersionError(BadInputError):
+    """A plan file was written by a newer (or unknown) schema version."""

@@ -1,0 +1,54 @@
+"""Round-to-nearest integer quantization, symmetric or asymmetric, per group or per channel."""
+
+from __future__ import annotations
+
+import torch
+
+from ..options import QuantOption
+from . import register_format
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    out_f, in_f = weight.shape
+    g = in_f if group_size is None else group_size
+    if in_f % g:
+        raise ValueError(f"group size {g} does not divide in_features={in_f}")
+    return weight.reshape(out_f, in_f // g, g)
+
+
+def int_scales(w: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero-point per group for w: [out, n_groups, group] (float32).
+
+    Asymmetric: the range is widened to include 0 so the zero-point is an integer in
+    [0, 2^b - 1] (GPTQ/compressed-tensors convention). Symmetric: q in [-2^(b-1), 2^(b-1)-1],
+    scale = max|w| / (2^(b-1)-1) so the largest magnitude is never clipped.
+    Scales are rounded to their storage dtype (fp16) because that is what the kernel reads.
+    """
+    b = option.bits
+    if option.symmetric:
+        qmax = 2 ** (b - 1) - 1
+        scale = w.abs().amax(dim=-1, keepdim=True) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        qmax = 2**b - 1
+        wmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
+        wmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (wmax - wmin) / qmax
+    scale = scale.to(torch.float16).to(torch.float32)
+    # An all-zero group has scale 0; any positive scale reproduces it exactly.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not option.symmetric:
+        zero = torch.round(-wmin / scale).clamp(0, qmax)
+    return scale, zero
+
+
+@register_format("int")
+def rtn_int(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    w = _grouped(weight.float(), option.group_size)
+    scale, zero = int_scales(w, option)
+    if option.symmetric:
+        lo, hi = -(2 ** (option.bits - 1)), 2 ** (option.bits - 1) - 1
+    else:
+        lo, hi = 0, 2**option.bits - 1
+    q = torch.clamp(torch.round(w / scale) + zero, lo, hi)
+    return ((q - zero) * scale).reshape(weight.shape).to(weight.dtype)

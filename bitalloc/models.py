@@ -1,0 +1,181 @@
+"""Load a model from a hub id, a local directory or a .gguf file; pick the modules to plan; hash weights."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+
+try:  # GPT-2 style models store linear layers as Conv1D with weight [in, out].
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any = None
+    source: str = "<in-memory>"
+    _content_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def content_hash(self) -> str:
+        if self._content_hash is None:
+            self._content_hash = weights_hash(self.model)
+        return self._content_hash
+
+
+def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a .gguf file, a local directory, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BadInputError(f"GGUF file {source!r} does not exist; pass the path of an existing .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").is_file():
+            where = str(path)
+        elif len(ggufs) == 1:
+            where, kwargs["gguf_file"] = str(path), ggufs[0].name
+        else:
+            found = ", ".join(p.name for p in ggufs) or "none"
+            raise BadInputError(
+                f"directory {source!r} has no config.json and not exactly one .gguf file (found: {found}); "
+                "pass a directory with config.json + safetensors, or the path of one .gguf file"
+            )
+    elif source.startswith((".", "/", "~")) or path.exists():
+        raise BadInputError(f"model path {source!r} does not exist; pass a directory, a .gguf file or a hub id")
+    else:
+        where = source  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(
+            f"could not load model {source!r}: {first}. Offline? pass a local directory or .gguf file; "
+            "custom code needs --trust-remote-code"
+        ) from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
+
+
+def as_loaded(model_or_source: Any, tokenizer: Any = None, **load_kwargs) -> LoadedModel:
+    if isinstance(model_or_source, LoadedModel):
+        return model_or_source
+    if isinstance(model_or_source, nn.Module):
+        return LoadedModel(model=model_or_source, tokenizer=tokenizer)
+    if isinstance(model_or_source, (str, Path)):
+        return load_model(str(model_or_source), **load_kwargs)
+    raise BadInputError(f"expected a model, a LoadedModel or a model source string, got {type(model_or_source).__name__}")
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes); tied tensors count once."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict(keep_vars=False).items()):
+        key = t.untyped_storage().data_ptr() + t.storage_offset() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+# ---- which modules get planned -------------------------------------------------------------------
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated transformer blocks: the list holding the most linear parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        n = sum(m.weight.numel() for blk in mod for m in blk.modules() if is_linear(m))
+        if n and (best is None or n > best[0]):
+            best = (n, name, mod)
+    if best is None:
+        raise BadInputError(f"found no repeated blocks with linear layers in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def output_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    return _name_of(model, head) if head is not None else None
+
+
+def input_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get else None
+    return _name_of(model, emb) if emb is not None else None
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str | None:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    return None
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    head, emb = output_embedding_name(model), input_embedding_name(model)
+    if head is None or emb is None:
+        return False
+    return model.get_submodule(head).weight is model.get_submodule(emb).weight
+
+
+def select_modules(model: nn.Module, include_lm_head: bool = False, include_embeddings: bool = False) -> list[str]:
+    """Names of the modules to plan, sorted by their order in the model.
+
+    Every linear layer inside the decoder blocks; the output head and the input embedding only on
+    request. With tied embeddings the shared tensor appears once, as the head (the matmul that
+    costs time), and quantizing it changes the embedding too.
+    """
+    prefix, _ = decoder_blocks(model)
+    names = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and is_linear(m)]
+    head, emb = output_embedding_name(model), input_embedding_name(model)
+    tied = tied_embeddings(model)
+    if include_lm_head:
+        if head is None:
+            raise BadInputError(f"{type(model).__name__} has no output head to plan; drop --include-lm-head")
+        names.append(head)
+    if include_embeddings:
+        if emb is None:
+            raise BadInputError(f"{type(model).__name__} has no input embedding to plan; drop --include-embeddings")
+        if not (tied and include_lm_head):
+            names.append(emb)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(set(names), key=order.__getitem__)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a view where possible): Conv1D stores [in, out]."""
+    if bool(Conv1D) and isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight  # Linear [out, in]; Embedding [vocab, hidden] groups along hidden
+
+
+def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        if bool(Conv1D) and isinstance(module, Conv1D):
+            module.weight.copy_(value.t())
+        else:
+            module.weight.copy_(value)

@@ -1,0 +1,137 @@
+"""The Plan: what every planned module is stored as, why, and how it was decided. Versioned JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BadInputError, PlanVersionError
+from .io import atomic_write_text, canonical_json
+from .options import QuantOption
+
+SCHEMA_VERSION = 1
+PLAN_FORMAT = "bitalloc.plan"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptionSpec(_Strict):
+    fmt: Literal["int", "keep"]
+    bits: int = Field(ge=2, le=16)
+    group_size: int | None = Field(None, ge=1, description="weights per scale along the input; null = per output channel")
+    symmetric: bool
+    scale_bits: int = Field(ge=0)
+    zero_bits: int = Field(ge=0)
+
+    @classmethod
+    def of(cls, o: QuantOption) -> "OptionSpec":
+        return cls(**o.to_dict())
+
+    def to_option(self) -> QuantOption:
+        return QuantOption.from_dict(self.model_dump())
+
+
+class Assignment(_Strict):
+    module: str
+    rows: tuple[int, int] | None = Field(None, description="row range [start, stop) of the group; null = whole module")
+    shape: tuple[int, int] = Field(description="[out_features, in_features] of the weight")
+    option: OptionSpec
+    label: str
+    storage_bits: int
+    predicted_delta_loss: float = Field(description="predicted increase of mean next-token NLL, nats")
+    tied_to: list[str] = Field(default_factory=list, description="other modules sharing this tensor")
+
+
+class Summary(_Strict):
+    planned_modules: int
+    planned_weights: int
+    nominal_bits_per_weight: float
+    storage_bits_per_weight: float
+    storage_bytes: int
+    fp16_bytes: int
+    predicted_delta_loss: float
+
+
+class BudgetSpec(_Strict):
+    kind: Literal["bits", "bytes", "percent"]
+    value: float
+    text: str
+    max_storage_bits: float
+
+
+class ModelSpec(_Strict):
+    source: str
+    architecture: str
+    content_hash: str
+
+
+class SolverSpec(_Strict):
+    name: str
+    settings: dict
+    status: str
+    objective: float
+
+
+class Plan(_Strict):
+    format: Literal["bitalloc.plan"] = PLAN_FORMAT
+    schema_version: Literal[1] = SCHEMA_VERSION
+    bitalloc_version: str
+    model: ModelSpec
+    calibration: dict
+    error_model: str
+    options: list[str] = Field(description="labels of the candidate options offered to the solver")
+    solver: SolverSpec
+    seed: int
+    budget: BudgetSpec
+    summary: Summary
+    assignments: list[Assignment]
+
+    def to_json(self) -> str:
+        return canonical_json(self.model_dump(mode="json"))
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise BadInputError(f"plan file {str(path)!r} does not exist; make one with `bitalloc plan MODEL --out {p.name}`")
+        return cls.from_json(p.read_text(encoding="utf-8"), origin=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "<plan>") -> "Plan":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{origin} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+            raise BadInputError(f"{origin} is not a bitalloc plan (no \"format\": \"{PLAN_FORMAT}\")")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            hint = "upgrade bitalloc to read it" if newer else "re-create the plan with this bitalloc"
+            raise PlanVersionError(
+                f"{origin} has plan schema version {version!r}; this bitalloc reads version {SCHEMA_VERSION}: {hint}"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise BadInputError(f"{origin} is not a valid plan: {where}: {err['msg']} ({e.error_count()} error(s))") from None
+
+    def option_for(self) -> dict[str, QuantOption]:
+        return {a.module: a.option.to_option() for a in self.assignments}
+
+
+def plan_json_schema() -> dict:
+    return Plan.model_json_schema()
+
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / f"plan-v{SCHEMA_VERSION}.json"

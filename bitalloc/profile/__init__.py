@@ -1,0 +1,1 @@
+"""Sensitivity signals measured on calibration data."""

@@ -1,0 +1,126 @@
+"""Second-order statistics per planned module from calibration passes (forward + backward).
+
+For a linear layer Y = X Wᵀ we keep
+  H = mean_t x_t x_tᵀ            [in, in]   (input second moment; GPTQ's Hessian up to a factor 2)
+  F = mean_t (∂L/∂y_t)²          [out]      (diagonal empirical Fisher of the layer output)
+where L is the summed next-token NLL, so ∂L/∂y_t is the per-token loss gradient. With both, the
+loss increase of a weight perturbation ΔW is predicted as ½ Σ_o F_o (ΔW H ΔWᵀ)_oo — the
+output-Fisher-weighted error of BRECQ (Li et al., 2021, eq. 10) under a diagonal output Fisher.
+For an embedding (one-hot inputs) H is diagonal, so we keep per-token-id sums instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import Calibration
+from ..models import is_linear
+
+
+@dataclass
+class ModuleStats:
+    """hessian: [in, in] mean x xᵀ (linear) or None; fisher: [out] (linear) or [vocab, hidden] (embedding);
+    token_share: [vocab] fraction of inputs that are each token id (embedding only)."""
+
+    fisher: torch.Tensor
+    hessian: torch.Tensor | None = None
+    token_share: torch.Tensor | None = None
+
+
+def collect_statistics(
+    model: nn.Module, module_names: list[str], calibration: Calibration, progress: bool = False
+) -> dict[str, ModuleStats]:
+    modules = {n: model.get_submodule(n) for n in module_names}
+    xtx: dict[str, torch.Tensor] = {}
+    grad_sq: dict[str, torch.Tensor] = {}
+    id_counts: dict[str, torch.Tensor] = {}
+    window_inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def on_forward(name: str):
+        def hook(mod, args, output):
+            x = args[0]
+            if isinstance(mod, nn.Embedding):
+                ids = x.reshape(-1)
+                counts = torch.bincount(ids, minlength=mod.num_embeddings).float()
+                id_counts[name] = id_counts.get(name, 0) + counts
+
+                def on_grad(g, ids=ids, name=name, n=mod.num_embeddings):
+                    g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
+                    acc = grad_sq.setdefault(name, torch.zeros(n, g.shape[-1]))
+                    acc.index_add_(0, ids, g2)
+            else:
+                window_inputs[name] = x.detach().reshape(-1, x.shape[-1])
+
+                def on_grad(g, name=name):
+                    g2 = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+                    grad_sq[name] = grad_sq[name] + g2 if name in grad_sq else g2
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(on_forward(name)))
+    # Parameters need no gradients; activations do, so make the embedding output require grad.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    n_inputs = 0
+    n_predicted = 0
+    try:
+        for window in tqdm(calibration.tokens, desc="calibration windows", disable=not progress, unit="win"):
+            window_inputs.clear()
+            ids = window[None]
+            logits = model(input_ids=ids).logits
+            loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            loss.backward()
+            _accumulate_xtx(window_inputs, xtx)
+            n_inputs += ids.shape[1]
+            n_predicted += ids.shape[1] - 1
+            del logits, loss
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+
+    stats = {}
+    for name, mod in modules.items():
+        if name not in grad_sq:
+            raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
+        fisher = grad_sq[name] / n_predicted
+        if isinstance(mod, nn.Embedding):
+            stats[name] = ModuleStats(fisher=fisher, token_share=id_counts[name] / n_inputs)
+        else:
+            stats[name] = ModuleStats(fisher=fisher, hessian=xtx[name] / n_inputs)
+    return stats
+
+
+def _accumulate_xtx(window_inputs: dict[str, torch.Tensor], xtx: dict[str, torch.Tensor]) -> None:
+    # q/k/v (and gate/up) read the same tensor: form XᵀX once per distinct input.
+    # The stored views keep their storage alive, so equal (pointer, shape) means the same tensor.
+    by_input: dict[tuple, list[str]] = {}
+    for name, x in window_inputs.items():
+        by_input.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
+    for names in by_input.values():
+        x = window_inputs[names[0]].float()
+        prod = x.T @ x
+        for n in names:
+            if n in xtx:
+                xtx[n] += prod
+            else:
+                xtx[n] = prod.clone()
+
+
+def is_plannable(module: nn.Module) -> bool:
+    return is_linear(module) or isinstance(module, nn.Embedding)

@@ -1,0 +1,81 @@
+"""On-disk cache of candidate tables, keyed by everything that determines them.
+
+Re-planning at another budget, with another solver or another error model reuses the table
+instead of recomputing calibration statistics. An entry is a single .npz holding the arrays and
+a JSON header with the key and a checksum of the arrays; anything that fails to load, or whose
+key or checksum disagrees, is treated as absent (and overwritten), never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..candidates import ERROR_MODELS, CandidateTable
+from ..io import atomic_write_bytes, canonical_json
+from ..options import QuantOption
+
+STORE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BITALLOC_CACHE_DIR", Path.home() / ".cache" / "bitalloc"))
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(canonical_json({"store_version": STORE_VERSION, **parts}).encode()).hexdigest()
+
+
+def _arrays(table: CandidateTable) -> dict[str, np.ndarray]:
+    arrays = {"storage_bits": table.storage_bits, "shapes": np.asarray(table.shapes, dtype=np.int64)}
+    arrays.update({f"err_{m}": table.errors[m] for m in ERROR_MODELS})
+    return arrays
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+def save_table(cache_dir: Path, key: str, table: CandidateTable) -> Path:
+    arrays = _arrays(table)
+    header = {
+        "key": key,
+        "checksum": _checksum(arrays),
+        "groups": table.groups,
+        "options": [o.to_dict() for o in table.options],
+    }
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(canonical_json(header).encode(), dtype=np.uint8), **arrays)
+    return atomic_write_bytes(Path(cache_dir) / f"table-{key[:32]}.npz", buf.getvalue())
+
+
+def load_table(cache_dir: Path, key: str) -> CandidateTable | None:
+    path = Path(cache_dir) / f"table-{key[:32]}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            arrays = {name: z[name] for name in z.files if name != "header"}
+        if header["key"] != key or header["checksum"] != _checksum(arrays):
+            raise ValueError("key or checksum mismatch")
+        return CandidateTable(
+            groups=list(header["groups"]),
+            shapes=[tuple(int(v) for v in s) for s in arrays["shapes"]],
+            options=[QuantOption.from_dict(d) for d in header["options"]],
+            storage_bits=arrays["storage_bits"],
+            errors={m: arrays[f"err_{m}"] for m in ERROR_MODELS},
+        )
+    except Exception as e:  # any damage means: recompute
+        warnings.warn(f"ignoring damaged profile cache entry {path.name} ({e}); recomputing", stacklevel=2)
+        return None

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install bitalloc with its test extras. torch is pinned to the CPU build first:
+# an unpinned torch requirement would pull a multi-GB CUDA build on a CPU machine.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[dev]"
+python -c "import torch, bitalloc; print(f'bitalloc ready: torch {torch.__version__}')"

@@ -1,0 +1,8 @@
+"""Solvers pick one option per group under a storage budget. Installed as `bitalloc.solvers`.
+
+Adding a solver is one new module that decorates a function with `@register_solver("name")`
+and is imported below. Solvers see numpy arrays only: they never import torch or the model.
+"""
+
+from .base import Problem, Solution, available_solvers, register_solver, solve  # noqa: F401
+from . import ilp  # noqa: E402,F401  (registers "ilp")
