@@ -87,7 +87,7 @@ def main() -> None:
     for em in args.error_models.split(","):
         for b in budgets:
             p = plan_from_table(table, f"{b}bits", loaded, calib, error_model=em)
-            r = measure(p.option_for())
+            r = measure(p.options_by_module())
             rows.append({"kind": f"plan-{em}", "config": f"{b}bits", "bpw": p.summary.storage_bits_per_weight,
                          "predicted_delta_nll": p.summary.predicted_delta_loss, **r.to_dict()})
             print(f"plan {em:6s} {b:5.2f}bits -> {p.summary.storage_bits_per_weight:.4f} bpw  "

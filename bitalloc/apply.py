@@ -33,7 +33,7 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
 def apply(model: nn.Module, plan: Plan, check_hash: bool = True) -> nn.Module:
     """Quantize-dequantize the planned weights in place (RTN); returns the same model."""
     check_plan_matches(model, plan, check_hash)
-    return apply_options(model, plan.option_for())
+    return apply_options(model, plan.options_by_module())
 
 
 def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:

@@ -126,7 +126,7 @@ class Plan(_Strict):
             where = ".".join(str(x) for x in err["loc"])
             raise BadInputError(f"{origin} is not a valid plan: {where}: {err['msg']} ({e.error_count()} error(s))") from None
 
-    def option_for(self) -> dict[str, QuantOption]:
+    def options_by_module(self) -> dict[str, QuantOption]:
         return {a.module: a.option.to_option() for a in self.assignments}
 
 

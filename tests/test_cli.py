@@ -1,0 +1,182 @@
+"""The `bitalloc` command line, run as a subprocess (`python -m bitalloc.cli`) for real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import bitalloc
+from bitalloc.plan import SCHEMA_PATH, Plan, plan_json_schema
+
+from conftest import make_llama
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    env = dict(os.environ)
+    # a private cache (every command also passes --no-cache where it plans), offline, one thread
+    env["BITALLOC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cli-cache"))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("COLUMNS", "LINES"):
+        env.pop(k, None)
+    return env
+
+
+def run_cli(env, *args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def error_text(result: subprocess.CompletedProcess) -> str:
+    """The error message (progress bars may precede it on stderr), with rich's line wrapping undone."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(starts) == 1, result.stderr
+    return " ".join(" ".join(lines[starts[0]:]).split())
+
+
+def assert_bad_input(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    msg = error_text(result)
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+PLAN_ARGS = ("--calib-tokens", "64", "--seq-len", "16", "--no-cache")
+
+
+@pytest.fixture(scope="module")
+def cli_plan(model_dir, cli_env, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli-plan") / "p.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bits/weight" in r.stdout and f"wrote {out}" in " ".join(r.stdout.split())
+    return out
+
+
+# ---- happy paths ------------------------------------------------------------------------------
+
+
+def test_plan_writes_valid_plan_within_budget(cli_plan, model_dir):
+    doc = json.loads(cli_plan.read_text(encoding="utf-8"))
+    jsonschema.validate(doc, plan_json_schema())
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))  # the checked-in schema
+    plan = Plan.load(cli_plan)
+    assert plan.summary.storage_bits_per_weight <= 4.0
+    assert sum(a.storage_bits for a in plan.assignments) <= 4 * plan.summary.planned_weights
+    assert plan.summary.planned_modules == 14
+    assert plan.model.source == str(model_dir)
+    assert plan.model.content_hash == bitalloc.models.weights_hash(make_llama())  # the saved weights
+    assert plan.calibration["source"] == "calib.txt"
+    assert plan.calibration["windows"] == 4 and plan.calibration["seq_len"] == 16
+
+
+def test_plan_is_byte_identical_on_rerun(cli_plan, model_dir, cli_env, tmp_path):
+    out = tmp_path / "again.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_bytes() == cli_plan.read_bytes()
+
+
+def test_eval_json(cli_plan, model_dir, cli_env):
+    r = run_cli(cli_env, "eval", model_dir, "--text", model_dir / "eval.txt", "--plan", cli_plan,
+                "--seq-len", "16", "--windows", "2", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stdout
+    result = json.loads(lines[0])
+    assert result["windows"] == 2 and result["seq_len"] == 16 and result["scored_tokens"] == 2 * 15
+    assert result["plan"] == str(cli_plan)
+    assert result["kl"] > 0 and 0 <= result["top1"] <= 1
+    assert result["ppl"] > 1 and abs(result["ppl"] - 2.718281828459045 ** result["nll"]) < 1e-6 * result["ppl"]
+
+
+def test_show_prints_summary(cli_plan, cli_env):
+    r = run_cli(cli_env, "show", cli_plan)
+    assert r.returncode == 0, r.stderr
+    plan = Plan.load(cli_plan)
+    text = " ".join(r.stdout.split())
+    assert f"storage {plan.summary.storage_bits_per_weight:.4f} bits/weight" in text
+    assert f"{plan.summary.planned_modules} modules" in text
+
+
+# ---- bad input: exit code 2, one message, no traceback -----------------------------------------
+
+
+def test_malformed_budget(model_dir, cli_env):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "3.2 parsecs", "--calib", model_dir / "calib.txt", *PLAN_ARGS)
+    assert_bad_input(r, "parsecs", "3.2bits")
+
+
+def test_negative_budget(model_dir, cli_env):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "-1bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS)
+    assert_bad_input(r, "'-1bits'", "positive")
+
+
+def test_missing_calib_option(model_dir, cli_env):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", *PLAN_ARGS)
+    assert_bad_input(r, "--calib is required")
+
+
+def test_calibration_file_missing(model_dir, cli_env, tmp_path):
+    missing = tmp_path / "nope.txt"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", missing, *PLAN_ARGS)
+    assert_bad_input(r, str(missing), "does not exist")
+
+
+def test_model_path_missing(model_dir, cli_env, tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = run_cli(cli_env, "plan", missing, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS)
+    assert_bad_input(r, str(missing), "does not exist")
+
+
+def test_infeasible_budget(model_dir, cli_env, tmp_path):
+    out = tmp_path / "p.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "1bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--out", out)
+    msg = assert_bad_input(r, "1bits", "smallest feasible", "16bits")
+    assert not out.exists()  # nothing written on failure
+    # the smallest feasible budget in the message is a real number above the request
+    smallest = float(msg.split("smallest feasible ")[1].split("bits")[0])
+    assert 2.0 < smallest < 3.0
+
+
+def test_show_newer_schema_version(cli_plan, cli_env, tmp_path):
+    doc = json.loads(cli_plan.read_text(encoding="utf-8"))
+    doc["schema_version"] = 2
+    p = tmp_path / "future.json"
+    p.write_text(json.dumps(doc), encoding="utf-8")
+    r = run_cli(cli_env, "show", p)
+    assert_bad_input(r, "schema version 2", "upgrade")
+
+
+def test_eval_with_plan_for_other_model(model_dir, cli_env, tmp_path, calib_ids):
+    other = bitalloc.plan(make_llama(seed=1), "4bits", calib_ids, cache_dir=False)
+    p = other.save(tmp_path / "other.json")
+    r = run_cli(cli_env, "eval", model_dir, "--text", model_dir / "eval.txt", "--plan", p,
+                "--seq-len", "16", "--windows", "2", "--json")
+    assert_bad_input(r, "plan was made for weights", other.model.content_hash[:19])
+    assert r.stdout.strip() == ""  # no result printed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: cli.py main() prints errors with rich's Console.print, which wraps at 80 columns when "
+    "stderr is not a terminal, so the documented one-line 'error: ...' message spans several lines "
+    "(fix: err.print(..., soft_wrap=True) or plain print(f'error: {e}', file=sys.stderr))",
+)
+def test_error_message_is_exactly_one_line(model_dir, cli_env):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "3.2 parsecs", "--calib", model_dir / "calib.txt", *PLAN_ARGS)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error:")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
