@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--error-models", default="fisher,local")
+    ap.add_argument("--min-uniform-bits", type=int, default=3,
+                    help="skip uniform configs below this width (INT2 RTN gives ppl > 10^4 on SmolLM2)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -75,7 +77,7 @@ def main() -> None:
     # Uniform RTN: every option that tiles every planned module, up to the largest budget.
     n_weights = table.num_weights
     for k, opt in enumerate(table.options):
-        if opt.fmt != "int" or not table.allowed[:, k].all():
+        if opt.fmt != "int" or opt.bits < args.min_uniform_bits or not table.allowed[:, k].all():
             continue
         bpw = float(table.storage_bits[:, k].sum()) / n_weights
         if bpw > max(budgets) + 1e-9:

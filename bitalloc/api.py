@@ -18,7 +18,7 @@ from .models import LoadedModel, as_loaded, input_embedding_name, output_embeddi
 from .options import QuantOption, default_options
 from .plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
 from .profile.statistics import collect_statistics
-from .profile.store import cache_key, default_cache_dir, load_table, save_table
+from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
 
 def bitalloc_version() -> str:
@@ -55,6 +55,7 @@ def profile(
             "modules": module_names,
             "options": [o.to_dict() for o in options],
             "bitalloc": bitalloc_version(),
+            "code": numerics_fingerprint(),
         }
     )
     if cache_dir is not None and (table := load_table(cache_dir, key)) is not None:

@@ -66,5 +66,5 @@ def parse_budget(text: str | Budget) -> Budget:
     if value <= 0:
         raise BadInputError(f"budget must be positive, got {text!r}: {_EXAMPLES}")
     if kind == "percent" and value > 100:
-        raise BadInputError(f"a percentage budget is of the fp16 size and cannot exceed 100%, got {text!r}")
+        raise BadInputError(f"a percentage budget is of the fp16 size and cannot exceed 100%, got {text!r}: {_EXAMPLES}")
     return Budget(kind, value, str(text).strip())

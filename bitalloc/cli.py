@@ -17,7 +17,6 @@ from .errors import BadInputError, BitallocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
 out = Console()
-err = Console(stderr=True)
 
 
 def _group_sizes(text: str) -> list[int | None]:
@@ -152,7 +151,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except BitallocError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        # One line whatever the terminal width, so scripts can grep it.
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (typer.Exit, typer.Abort) as e:
         sys.exit(getattr(e, "exit_code", 1))

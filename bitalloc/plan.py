@@ -120,7 +120,8 @@ class Plan(_Strict):
                 f"{origin} has plan schema version {version!r}; this bitalloc reads version {SCHEMA_VERSION}: {hint}"
             )
         try:
-            return cls.model_validate(raw)
+            # Strict: "14" is not an int and "yes" not a bool, exactly as plan-v1.json says.
+            return cls.model_validate_json(text, strict=True)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"])

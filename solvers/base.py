@@ -22,7 +22,8 @@ class Problem:
     """Multiple-choice knapsack: choose one column per row of `cost`, minimising total cost,
     with the total of `storage_bits` over the chosen cells at most `max_storage_bits`.
 
-    cost, storage_bits: [groups, options]; a NaN in storage_bits marks a disallowed cell.
+    cost, storage_bits: [groups, options]; storage is in whole bits, and a NaN in storage_bits
+    marks a disallowed cell.
     """
 
     cost: np.ndarray
@@ -38,6 +39,9 @@ class Problem:
             raise SolverError(f"group {self.name(bad)} has no allowed option", binding="allowed options")
         if not np.isfinite(self.cost[self.allowed]).all():
             raise ValueError("cost must be finite wherever the option is allowed")
+        held = self.storage_bits[self.allowed]
+        if (held < 0).any() or (held != np.round(held)).any():
+            raise ValueError("storage_bits must be whole, non-negative numbers of bits")
 
     @property
     def allowed(self) -> np.ndarray:
@@ -103,7 +107,7 @@ def solve(problem: Problem, solver: str = "ilp", **settings) -> Solution:
     seconds = time.perf_counter() - start
     choice = np.asarray(choice, dtype=np.int64)
     objective, bits = problem.evaluate(choice)
-    # Tolerance: a relative 1e-9 for the LP solver's own feasibility tolerance.
-    if bits > problem.max_storage_bits * (1 + 1e-9):
+    # No tolerance: storage is counted in whole bits and the budget is a hard limit.
+    if bits > problem.max_storage_bits:
         raise SolverError(f"solver {solver} returned {bits:.6g} bits over the budget {problem.max_storage_bits:.6g}")
     return Solution(choice, objective, bits, status, solver, dict(sorted(settings.items())), seconds)

@@ -169,12 +169,6 @@ def test_eval_with_plan_for_other_model(model_dir, cli_env, tmp_path, calib_ids)
     assert r.stdout.strip() == ""  # no result printed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: cli.py main() prints errors with rich's Console.print, which wraps at 80 columns when "
-    "stderr is not a terminal, so the documented one-line 'error: ...' message spans several lines "
-    "(fix: err.print(..., soft_wrap=True) or plain print(f'error: {e}', file=sys.stderr))",
-)
 def test_error_message_is_exactly_one_line(model_dir, cli_env):
     r = run_cli(cli_env, "plan", model_dir, "--budget", "3.2 parsecs", "--calib", model_dir / "calib.txt", *PLAN_ARGS)
     assert r.returncode == 2

@@ -132,16 +132,8 @@ def test_include_lm_head_untied_qwen2(calib_ids):
     assert tuple(head.shape) == (256, 64) and head.predicted_delta_loss > 0
 
 
-EMBEDDING_BUG = (
-    "library bug: profile/statistics.py registers the per-module forward hooks before the hook that makes "
-    "the embedding output require grad, so the embedding's own hook sees requires_grad=False, registers no "
-    "gradient hook, and collect_statistics raises RuntimeError('module model.embed_tokens received no "
-    "gradient ...') for --include-embeddings (fix: register the requires_grad_ hook first, or set it inside "
-    "the embedding's own hook; the RuntimeError also escapes the CLI as a traceback)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=EMBEDDING_BUG)
 def test_include_embeddings_untied_qwen2(calib_ids):
     model = make_qwen2()
     plan = bitalloc.plan(model, "5bits", calib_ids, cache_dir=False, include_lm_head=True, include_embeddings=True)
@@ -151,7 +143,6 @@ def test_include_embeddings_untied_qwen2(calib_ids):
     assert tuple(emb.shape) == (256, 64) and emb.predicted_delta_loss > 0
 
 
-@pytest.mark.xfail(strict=True, reason=EMBEDDING_BUG)
 def test_include_embeddings_tied_llama(calib_ids):
     model = make_llama()
     plan = bitalloc.plan(model, "5bits", calib_ids, cache_dir=False, include_embeddings=True)
@@ -212,12 +203,6 @@ def test_higher_budget_never_predicts_more_loss(family_model, calib_ids, tmp_pat
     assert all(a < b for a, b in zip(bpw, bpw[1:])), bpw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the 'exact' ILP returns plans 1-40% above the true optimum of its own table, because "
-    "predicted ΔNLL per module (1e-6..1e-9 nats) is below CBC's tolerances (solvers/ilp.py passes raw "
-    "costs; normalise them). See test_solvers.py::test_ilp_optimal_for_tiny_cost_units",
-)
 def test_plan_is_optimal_for_its_table(family_model, calib_ids):
     family, model = family_model
     loaded = LoadedModel(model)
@@ -235,11 +220,6 @@ def test_plan_is_optimal_for_its_table(family_model, calib_ids):
     assert gaps == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (same cause as test_plan_is_optimal_for_its_table): at a budget where every module "
-    "fits in fp16 the ILP should pick each module's least-error option, but CBC ignores differences < 1e-7",
-)
 def test_unconstrained_budget_picks_least_error_option_everywhere(calib_ids):
     model = make_llama()
     loaded = LoadedModel(model)

@@ -164,12 +164,6 @@ def test_extra_and_missing_fields_are_bad_input(tiny_plan, tmp_path):
         Plan.load(_write(tmp_path, doc))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: plan.py validates in pydantic lax mode, so Plan.load accepts numbers written as "
-    "strings (\"14\") and booleans for integers, which the published JSON Schema rejects "
-    "(fix: ConfigDict(strict=True) on _Strict, or model_validate(raw, strict=True) with tuples as lists)",
-)
 @pytest.mark.parametrize(
     "where, value",
     [(("summary", "planned_modules"), "14"), (("assignments", 0, "storage_bits"), True),

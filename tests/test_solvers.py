@@ -157,12 +157,6 @@ def test_ilp_optimal_for_moderate_cost_units(unit):
     assert sol.objective == pytest.approx(16.7 * unit, rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: solvers/ilp.py passes raw costs to CBC; predicted ΔNLL per module is often 1e-6..1e-9 "
-    "nats, below CBC/Clp's ~1e-7 tolerances, so cost differences are ignored and a 40%-worse plan is "
-    "returned as 'optimal' (fix: normalise the shifted costs to O(1) as is done for storage)",
-)
 @pytest.mark.parametrize("unit", [1e-8, 1e-9])
 def test_ilp_optimal_for_tiny_cost_units(unit):
     # Scaling every cost by a positive constant cannot change the optimum.
@@ -172,14 +166,6 @@ def test_ilp_optimal_for_tiny_cost_units(unit):
     assert sol.objective == pytest.approx(16.7 * unit, rel=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: solvers/ilp.py scales the storage row to O(1), so CBC's ~1e-7 primal tolerance "
-    "admits assignments up to ~1e-7 x total bits over the budget; base.solve then either accepts them "
-    "(over budget by < 1e-9 relative) or raises SolverError 'over the budget' although a feasible "
-    "assignment exists (fix: storage bits are integers, so constrain to floor(budget) with unscaled "
-    "integer coefficients, or re-solve / fall back when the returned choice is over budget)",
-)
 @pytest.mark.parametrize("below", [1e-6, 1e-5, 1e-4])
 def test_ilp_budget_just_below_an_achievable_total(below):
     # Options (1000 bits, cost 1) or (2000 bits, cost 0) per group; 4000 bits would upgrade both.

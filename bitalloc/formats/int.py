@@ -22,7 +22,8 @@ def int_scales(w: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torc
     Asymmetric: the range is widened to include 0 so the zero-point is an integer in
     [0, 2^b - 1] (GPTQ/compressed-tensors convention). Symmetric: q in [-2^(b-1), 2^(b-1)-1],
     scale = max|w| / (2^(b-1)-1) so the largest magnitude is never clipped.
-    Scales are rounded to their storage dtype (fp16) because that is what the kernel reads.
+    Scales are stored in fp16, so they are rounded to fp16 — upwards, so that the grid still
+    reaches the extreme weights and no weight is clipped by more than half a step.
     """
     b = option.bits
     if option.symmetric:
@@ -34,12 +35,21 @@ def int_scales(w: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torc
         wmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
         wmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = (wmax - wmin) / qmax
-    scale = scale.to(torch.float16).to(torch.float32)
+    scale = fp16_round_up(scale)
     # An all-zero group has scale 0; any positive scale reproduces it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if not option.symmetric:
         zero = torch.round(-wmin / scale).clamp(0, qmax)
     return scale, zero
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= x (x >= 0), returned as float32."""
+    h = x.to(torch.float16)
+    low = h.to(torch.float32) < x
+    # Positive fp16 values are ordered like their bit patterns: +1 on the bits is the next value up.
+    bumped = (h.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(low, bumped, h).to(torch.float32)
 
 
 @register_format("int")

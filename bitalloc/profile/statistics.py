@@ -65,12 +65,13 @@ def collect_statistics(
 
         return hook
 
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(on_forward(name)))
     # Parameters need no gradients; activations do, so make the embedding output require grad.
+    # Registered first: hooks run in order, and a planned embedding's own hook needs the flag set.
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(on_forward(name)))
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -28,6 +28,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BITALLOC_CACHE_DIR", Path.home() / ".cache" / "bitalloc"))
 
 
+def numerics_fingerprint() -> str:
+    """sha256 of the source that computes table entries, so a changed quantizer or error model
+    never reuses tables computed by the old code (a version number would rely on memory)."""
+    pkg = Path(__file__).resolve().parents[1]
+    files = sorted([*pkg.glob("formats/*.py"), pkg / "profile" / "statistics.py", pkg / "candidates.py", pkg / "options.py"])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(canonical_json({"store_version": STORE_VERSION, **parts}).encode()).hexdigest()
 
