@@ -147,6 +147,19 @@ def show_cmd(plan_path: Path = typer.Argument(..., help="a plan JSON file")) -> 
     _print_summary(plan, 0.0)
 
 
+@app.command("schema")
+def schema_cmd(out_path: Optional[Path] = typer.Option(None, "--out", help="write here instead of printing")) -> None:
+    """The JSON Schema of plan files (what bitalloc/schema/plan-v1.json holds)."""
+    from .io import atomic_write_text, canonical_json
+    from .plan import plan_json_schema
+
+    text = canonical_json(plan_json_schema())
+    if out_path is None:
+        print(text, end="")
+    else:
+        atomic_write_text(out_path, text)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -203,3 +203,17 @@ def test_save_creates_parent_directories(tiny_plan, tmp_path):
     p = tmp_path / "a" / "b" / "plan.json"
     tiny_plan.save(p)
     assert Plan.load(p) == tiny_plan
+
+
+def test_schema_command_prints_the_published_schema(tmp_path):
+    from typer.testing import CliRunner
+
+    from bitalloc.cli import app
+    from bitalloc.plan import SCHEMA_PATH
+
+    printed = CliRunner().invoke(app, ["schema"])
+    assert printed.exit_code == 0
+    assert printed.stdout == SCHEMA_PATH.read_text(encoding="utf-8")
+    written = CliRunner().invoke(app, ["schema", "--out", str(tmp_path / "s.json")])
+    assert written.exit_code == 0
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(SCHEMA_PATH.read_text())

@@ -18,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
-from ..models import is_linear
 
 
 @dataclass
@@ -122,6 +121,3 @@ def _accumulate_xtx(window_inputs: dict[str, torch.Tensor], xtx: dict[str, torch
             else:
                 xtx[n] = prod.clone()
 
-
-def is_plannable(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, nn.Embedding)
