@@ -134,12 +134,13 @@ def plan_from_table(
     if max_bits < lo:
         raise BudgetInfeasibleError(
             f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)} for these options "
-            f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or allow fewer bits"
+            f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or offer fewer bits (--bits)"
         )
     try:
         solution = solvers.solve(problem, solver, **(solver_settings or {}))
     except solvers.base.SolverError as e:
-        raise BudgetInfeasibleError(f"{e} (binding: {e.binding or 'unknown'})") from None
+        error = BudgetInfeasibleError if e.binding == "storage budget" else BadInputError
+        raise error(f"{e} (binding: {e.binding or 'unknown'})") from None
     return _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed)
 
 

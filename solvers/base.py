@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -95,13 +96,16 @@ def available_solvers() -> dict[str, str]:
 def solve(problem: Problem, solver: str = "ilp", **settings) -> Solution:
     if solver not in _SOLVERS:
         raise SolverError(f"unknown solver {solver!r}; available: {', '.join(sorted(_SOLVERS))}", binding="solver")
-    lo, hi = problem.bits_range()
+    fn, _ = _SOLVERS[solver]
+    accepted = set(inspect.signature(fn).parameters) - {"problem"}
+    if unknown := sorted(set(settings) - accepted):
+        raise SolverError(f"solver {solver} has no setting {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}", binding="solver")
+    lo, _ = problem.bits_range()
     if problem.max_storage_bits < lo:
         raise SolverError(
             f"budget of {problem.max_storage_bits:.6g} bits is below the smallest feasible {lo:.6g} bits",
             binding="storage budget",
         )
-    fn, _ = _SOLVERS[solver]
     start = time.perf_counter()
     choice, status = fn(problem, **settings)
     seconds = time.perf_counter() - start

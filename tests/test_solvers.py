@@ -175,3 +175,10 @@ def test_ilp_budget_just_below_an_achievable_total(below):
     sol = solve(Problem(cost, bits, budget), "ilp")
     assert sol.storage_bits <= budget
     assert sol.objective == 1.0 and sol.storage_bits == 3000.0
+
+
+def test_unknown_solver_setting_names_the_accepted_ones():
+    p = Problem(np.zeros((1, 2)), np.array([[8.0, 16.0]]), 16.0)
+    with pytest.raises(SolverError, match="no setting time_limit; it takes gap_rel, time_limit_s") as info:
+        solve(p, "ilp", time_limit=5)
+    assert info.value.binding == "solver"
