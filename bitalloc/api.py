@@ -175,7 +175,8 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
         error_model=error_model,
         options=[o.label for o in table.options],
         solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,
-                          objective=_sig(solution.objective)),
+                          objective=_sig(solution.objective),
+                          bound=None if solution.bound is None else _sig(solution.bound)),
         seed=seed,
         budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
         summary=Summary(

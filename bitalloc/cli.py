@@ -89,8 +89,15 @@ def _print_summary(plan, seconds: float) -> None:
     out.print(
         f"{s.planned_modules} modules, {s.planned_weights:,} weights: storage {s.storage_bits_per_weight:.4f} bits/weight "
         f"(nominal {s.nominal_bits_per_weight:.4f}), {s.storage_bytes / 1e6:.2f} MB vs {s.fp16_bytes / 1e6:.2f} MB fp16; "
-        f"predicted ΔNLL {s.predicted_delta_loss:.4g} nats; solver {plan.solver.name} ({plan.solver.status}); {seconds:.1f}s"
+        f"predicted ΔNLL {s.predicted_delta_loss:.4g} nats; solver {plan.solver.name} ({_solver_status(plan.solver)}); {seconds:.1f}s"
     )
+
+
+def _solver_status(spec) -> str:
+    if spec.status == "optimal" or spec.bound is None:
+        return spec.status
+    gap = max(0.0, spec.objective - spec.bound) / max(abs(spec.objective), 1e-300)
+    return f"{spec.status}, within {gap:.3%} of optimal"
 
 
 @app.command("eval")

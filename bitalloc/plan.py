@@ -75,6 +75,7 @@ class SolverSpec(_Strict):
     settings: dict
     status: str
     objective: float
+    bound: float | None = Field(None, description="proven lower bound on the optimal objective; null if unknown")
 
 
 class Plan(_Strict):

@@ -5,4 +5,4 @@ and is imported below. Solvers see numpy arrays only: they never import torch or
 """
 
 from .base import Problem, Solution, available_solvers, register_solver, solve  # noqa: F401
-from . import ilp  # noqa: E402,F401  (registers "ilp")
+from . import ilp, lagrangian  # noqa: E402,F401  (register "ilp", "lagrangian")

@@ -69,18 +69,27 @@ class Solution:
     choice: np.ndarray  # [groups] index of the chosen option
     objective: float
     storage_bits: float
-    status: str  # "optimal" or "feasible" (time limit hit)
+    status: str  # "optimal" (proven) or "feasible"
     solver: str
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    bound: float | None = None  # proven lower bound on the optimal objective, where the solver has one
+
+    @property
+    def gap(self) -> float | None:
+        """Relative distance to the bound: the most this solution can be worse than optimal."""
+        if self.bound is None:
+            return None
+        return max(0.0, self.objective - self.bound) / max(abs(self.objective), 1e-300)
 
 
-SolverFn = Callable[..., tuple[np.ndarray, str]]
+# fn(problem, **settings) -> (choice, status, bound or None)
+SolverFn = Callable[..., tuple[np.ndarray, str, "float | None"]]
 _SOLVERS: dict[str, tuple[SolverFn, str]] = {}
 
 
 def register_solver(name: str, summary: str) -> Callable[[SolverFn], SolverFn]:
-    """Register `fn(problem, **settings) -> (choice, status)` under `name`."""
+    """Register `fn(problem, **settings) -> (choice, status, bound)` under `name`."""
 
     def deco(fn: SolverFn) -> SolverFn:
         _SOLVERS[name] = (fn, summary)
@@ -107,11 +116,13 @@ def solve(problem: Problem, solver: str = "ilp", **settings) -> Solution:
             binding="storage budget",
         )
     start = time.perf_counter()
-    choice, status = fn(problem, **settings)
+    choice, status, bound = fn(problem, **settings)
     seconds = time.perf_counter() - start
     choice = np.asarray(choice, dtype=np.int64)
     objective, bits = problem.evaluate(choice)
     # No tolerance: storage is counted in whole bits and the budget is a hard limit.
     if bits > problem.max_storage_bits:
         raise SolverError(f"solver {solver} returned {bits:.6g} bits over the budget {problem.max_storage_bits:.6g}")
-    return Solution(choice, objective, bits, status, solver, dict(sorted(settings.items())), seconds)
+    if status == "optimal":
+        bound = objective
+    return Solution(choice, objective, bits, status, solver, dict(sorted(settings.items())), seconds, bound)

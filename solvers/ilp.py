@@ -20,7 +20,7 @@ _MAX_REPAIRS = 5
 
 
 @register_solver("ilp", "exact integer program (pulp/CBC): optimal one-option-per-group under the budget")
-def solve_ilp(problem: Problem, time_limit_s: float = 60.0, gap_rel: float = 1e-6) -> tuple[np.ndarray, str]:
+def solve_ilp(problem: Problem, time_limit_s: float = 60.0, gap_rel: float = 1e-6) -> tuple[np.ndarray, str, None]:
     allowed = problem.allowed
     # Dominated options (more bits and no less cost than another in the same group) are never
     # needed at the optimum; dropping them shrinks the program without changing its answer.
@@ -32,7 +32,8 @@ def solve_ilp(problem: Problem, time_limit_s: float = 60.0, gap_rel: float = 1e-
         choice, status = _solve_once(cost, bits, keep, rhs, time_limit_s, gap_rel)
         used = int(bits[np.arange(len(choice)), choice].sum())
         if used <= rhs:
-            return choice, status
+            # "optimal" carries its own bound (the objective); CBC's bound at a time limit is not exposed by pulp.
+            return choice, status, None
         # CBC's integrality tolerance can leave a rounded choice a few units over: tighten, re-solve.
         rhs -= used - rhs
     raise SolverError(f"CBC kept returning assignments over the budget after {_MAX_REPAIRS} repairs", binding="storage budget")
@@ -62,15 +63,16 @@ def _integer_bits(storage_bits: np.ndarray, keep: np.ndarray) -> tuple[np.ndarra
 
 
 def _solve_once(cost, bits, keep, rhs, time_limit_s, gap_rel) -> tuple[np.ndarray, str]:
-    prob = pulp.LpProblem("bitalloc", pulp.LpMinimize)
-    x = {(g, k): pulp.LpVariable(f"x_{g}_{k}", cat="Binary") for g, k in zip(*np.nonzero(keep))}
-    prob += pulp.lpSum(float(cost[g, k]) * v for (g, k), v in x.items())
-    for g in range(cost.shape[0]):
-        prob += pulp.lpSum(x[g, k] for k in np.flatnonzero(keep[g])) == 1, f"one_{g}"
-    prob += pulp.lpSum(int(bits[g, k]) * v for (g, k), v in x.items()) <= rhs, "storage"
     with warnings.catch_warnings():
-        # pulp >= 3.3 announces that the bundled CBC moves to an extra in pulp 4 (pinned < 4).
+        # pulp >= 3.3 announces its 4.0 API (and the bundled CBC moving to an extra) on every
+        # variable; the project pins pulp < 4.
         warnings.simplefilter("ignore", DeprecationWarning)
+        prob = pulp.LpProblem("bitalloc", pulp.LpMinimize)
+        x = {(g, k): pulp.LpVariable(f"x_{g}_{k}", cat="Binary") for g, k in zip(*np.nonzero(keep))}
+        prob += pulp.lpSum(float(cost[g, k]) * v for (g, k), v in x.items())
+        for g in range(cost.shape[0]):
+            prob += pulp.lpSum(x[g, k] for k in np.flatnonzero(keep[g])) == 1, f"one_{g}"
+        prob += pulp.lpSum(int(bits[g, k]) * v for (g, k), v in x.items()) <= rhs, "storage"
         # One thread and a fixed seed make CBC's search, and so the plan, reproducible.
         cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, threads=1, options=["randomSeed 1"])
         prob.solve(cbc)

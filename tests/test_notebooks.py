@@ -21,6 +21,7 @@ def test_quickstart_notebook_runs_and_saves_a_valid_plan(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks with outputs cleared"
+    monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # the kernel runs a 135M model
     monkeypatch.setenv("BITALLOC_ROOT", str(ROOT))
     monkeypatch.setenv("BITALLOC_NB_OUT", str(tmp_path))
     monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path / "cache"))

@@ -26,7 +26,9 @@ pytestmark = [
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, timeout=1200)
+    # conftest pins one thread for the tiny models; a 135M model wants every core.
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, timeout=1200, env=env)
 
 
 def test_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducible(tmp_path):

@@ -182,3 +182,34 @@ def test_unknown_solver_setting_names_the_accepted_ones():
     with pytest.raises(SolverError, match="no setting time_limit; it takes gap_rel, time_limit_s") as info:
         solve(p, "ilp", time_limit=5)
     assert info.value.binding == "solver"
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances())
+def test_lagrangian_fits_budget_and_its_bound_brackets_the_optimum(instance):
+    cost, bits, budget = instance
+    problem = Problem(cost=np.nan_to_num(cost, nan=0.0), storage_bits=bits, max_storage_bits=budget)
+    sol = solve(problem, "lagrangian")
+    best_cost, _ = brute_force(cost, bits, budget)
+    assert sol.storage_bits <= budget
+    # weak duality: bound <= optimum <= this solution's objective
+    assert sol.bound <= best_cost + 1e-9 * max(1.0, abs(best_cost))
+    assert sol.objective >= best_cost - 1e-9 * max(1.0, abs(best_cost))
+    if sol.status == "optimal":
+        assert sol.objective == pytest.approx(best_cost, rel=1e-9, abs=1e-12)
+
+
+def test_lagrangian_is_close_to_ilp_on_a_convex_instance():
+    # 200 groups, costs convex and decreasing in bits (like real error curves): the relaxation is tight
+    rng = np.random.default_rng(7)
+    widths = np.array([2, 3, 4, 5, 6, 8], dtype=float)
+    sizes = rng.integers(50, 500, (200, 1)).astype(float)
+    bits = sizes * widths[None, :]
+    cost = rng.uniform(0.5, 2.0, (200, 1)) * np.exp(-1.3 * widths)[None, :]
+    problem = Problem(cost, bits, 4.1 * float(sizes.sum()))
+    ilp_sol, lag_sol = solve(problem, "ilp"), solve(problem, "lagrangian")
+    assert lag_sol.storage_bits <= problem.max_storage_bits
+    assert ilp_sol.bound == ilp_sol.objective  # proven optimal
+    assert lag_sol.bound <= ilp_sol.objective <= lag_sol.objective
+    assert lag_sol.objective <= ilp_sol.objective * 1.001
+    assert lag_sol.gap < 0.01
