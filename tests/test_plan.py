@@ -217,3 +217,15 @@ def test_schema_command_prints_the_published_schema(tmp_path):
     written = CliRunner().invoke(app, ["schema", "--out", str(tmp_path / "s.json")])
     assert written.exit_code == 0
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(SCHEMA_PATH.read_text())
+
+
+def test_saved_plan_has_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from bitalloc.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "p.json", "{}\n")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # readable by a serving team, like open() makes it
