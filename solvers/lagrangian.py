@@ -67,6 +67,7 @@ def _repair(cost: np.ndarray, bits: np.ndarray, choice: np.ndarray, budget: floa
         ok = (d_cost > 0) & (d_bits <= left)
         if not ok.any():
             return choice
-        gain = np.where(ok, d_cost / np.maximum(d_bits, 1e-12), -np.inf)
+        with np.errstate(invalid="ignore", divide="ignore"):  # inf/inf in disallowed cells, masked next
+            gain = np.where(ok, d_cost / np.maximum(d_bits, 1e-12), -np.inf)
         g, k = np.unravel_index(int(np.argmax(gain)), gain.shape)
         choice[g] = k

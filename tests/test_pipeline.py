@@ -393,3 +393,12 @@ def test_evaluate_after_2bit_plan(eval_windows, calib_ids):
     eight = bitalloc.apply(copy.deepcopy(reference), bitalloc.plan(
         reference, "16bits", calib_ids, cache_dir=False, options=[QuantOption.int_(8, 32, False)]))
     assert bitalloc.evaluate(eight, eval_windows, reference=reference).kl < r.kl / 10
+
+
+def test_lagrangian_solver_through_the_api_records_its_bound(calib_ids):
+    model = make_llama()
+    ilp = bitalloc.plan(model, "4bits", calib_ids, cache_dir=False)
+    lag = bitalloc.plan(model, "4bits", calib_ids, cache_dir=False, solver="lagrangian")
+    assert lag.solver.name == "lagrangian" and lag.summary.storage_bits_per_weight <= 4.0
+    assert lag.solver.bound <= ilp.solver.objective * (1 + 1e-5) <= lag.solver.objective * (1 + 1e-5)
+    assert ilp.solver.bound == ilp.solver.objective  # proven optimal
