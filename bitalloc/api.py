@@ -100,7 +100,6 @@ def plan(
         raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
     loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
-    torch.manual_seed(seed)
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)

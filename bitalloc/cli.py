@@ -59,7 +59,10 @@ def plan_cmd(
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
-    options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
+    try:
+        options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
+    except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
+        raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
     start = time.perf_counter()
     plan = api.plan(
         model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,

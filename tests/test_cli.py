@@ -174,3 +174,15 @@ def test_error_message_is_exactly_one_line(model_dir, cli_env):
     assert r.returncode == 2
     assert r.stderr.startswith("error:")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--bits", "9", "int bits must be 2..8"),
+    ("--bits", "four", "cannot read --bits"),
+    ("--group-sizes", "0", "group_size must be positive"),
+    ("--group-sizes", "32,big", "cannot read --group-sizes"),
+])
+def test_bad_option_grid_is_bad_input(model_dir, cli_env, flag, value, needle):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                flag, value)
+    assert_bad_input(r, needle)
