@@ -50,7 +50,7 @@ def main() -> None:
         return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference))
 
     rows = []
-    base = bitalloc.evaluate(model, windows)
+    base = bitalloc.evaluate(reference, windows)  # the unquantized model, from the log-probs already computed
     print(f"reference ppl {base.ppl:.3f} on {windows.shape[0]}x{windows.shape[1]} tokens; profile {profile_s:.1f}s", flush=True)
 
     # Uniform RTN: every option that tiles every planned module, up to the largest budget.

@@ -97,9 +97,11 @@ def _print_summary(plan, seconds: float) -> None:
 
 
 def _solver_status(spec) -> str:
-    if spec.status == "optimal" or spec.bound is None:
+    from .solvers.base import relative_gap
+
+    gap = relative_gap(spec.objective, spec.bound)
+    if spec.status == "optimal" or gap is None:
         return spec.status
-    gap = max(0.0, spec.objective - spec.bound) / max(abs(spec.objective), 1e-300)
     return f"{spec.status}, within {gap:.3%} of optimal"
 
 

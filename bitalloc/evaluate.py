@@ -46,16 +46,19 @@ def reference_logprobs(model: nn.Module, windows: torch.Tensor, progress: bool =
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | list[torch.Tensor],
     windows: torch.Tensor,
     reference: nn.Module | list[torch.Tensor] | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Score every token after the first of each window; ppl = exp(mean NLL)."""
+    """Score every token after the first of each window; ppl = exp(mean NLL).
+
+    model and reference: a module, or its per-window log-probabilities from `reference_logprobs`
+    (so a model already run on these windows is not run again)."""
     nll_sum = kl_sum = agree = 0.0
     n = 0
     for i, w in enumerate(tqdm(windows, desc="evaluate", disable=not progress, unit="win")):
-        logp = _logprobs(model, w)
+        logp = model[i] if isinstance(model, list) else _logprobs(model, w)
         nll_sum += float(-logp.gather(1, w[1:, None]).sum())
         n += w.numel() - 1
         if reference is not None:

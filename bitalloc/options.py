@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from .errors import BadInputError
+
 # Formats this release can simulate; FP8/FP4/MX add entries here (and a quantizer in formats/).
 KNOWN_FORMATS = ("int", "keep")
 KEEP_BITS = 16  # "keep" stores the weight as fp16/bf16
@@ -92,8 +94,6 @@ def option_sort_key(o: QuantOption) -> tuple:
 
 def parse_option(label: str) -> QuantOption:
     """Inverse of `QuantOption.label`: 'int4-g64-asym', 'int8-ch-sym', 'fp16'."""
-    from .errors import BadInputError
-
     if label in ("fp16", "keep", "bf16"):
         return QuantOption.keep()
     parts = label.split("-")

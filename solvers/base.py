@@ -77,10 +77,14 @@ class Solution:
 
     @property
     def gap(self) -> float | None:
-        """Relative distance to the bound: the most this solution can be worse than optimal."""
-        if self.bound is None:
-            return None
-        return max(0.0, self.objective - self.bound) / max(abs(self.objective), 1e-300)
+        return relative_gap(self.objective, self.bound)
+
+
+def relative_gap(objective: float, bound: float | None) -> float | None:
+    """Relative distance to a lower bound: the most a solution can be worse than optimal."""
+    if bound is None:
+        return None
+    return max(0.0, objective - bound) / max(abs(objective), 1e-300)
 
 
 # fn(problem, **settings) -> (choice, status, bound or None)

@@ -36,12 +36,15 @@ def solve_lagrangian(problem: Problem, iterations: int = 100) -> tuple[np.ndarra
     if bits[rows, choice].sum() <= budget:  # the cheapest-cost choice fits: optimal outright
         return choice, "optimal", bound
     lo, hi = 0.0, 1.0
-    while bits[rows, relaxed(hi)[0]].sum() > budget:
+    while True:  # grow λ until the relaxed choice fits
+        best_choice, b = relaxed(hi)
+        bound = max(bound, b)
+        if bits[rows, best_choice].sum() <= budget:
+            break
         lo, hi = hi, hi * 2
         if hi > 1e300:
             raise ValueError("no multiplier makes the choice fit; the budget is below the smallest total")
-    best_choice, _ = relaxed(hi)
-    for _ in range(iterations):
+    for _ in range(iterations):  # bisect: smallest λ that fits
         mid = 0.5 * (lo + hi)
         c, b = relaxed(mid)
         bound = max(bound, b)
@@ -49,7 +52,6 @@ def solve_lagrangian(problem: Problem, iterations: int = 100) -> tuple[np.ndarra
             hi, best_choice = mid, c
         else:
             lo = mid
-    bound = max(bound, relaxed(hi)[1], relaxed(lo)[1])
     choice = _repair(cost, bits, best_choice, budget)
     objective = float(cost[rows, choice].sum())
     return choice, "optimal" if objective <= bound else "feasible", bound

@@ -367,6 +367,9 @@ def test_evaluate_against_itself(eval_windows):
     assert 100 < r.ppl < 1000  # an untrained model over 256 tokens is near-uniform
     plain = bitalloc.evaluate(model, eval_windows)
     assert plain.kl is None and plain.top1 is None and plain.nll == r.nll
+    # precomputed log-probs stand in for the model without running it again
+    cached = bitalloc.evaluate(bitalloc.reference_logprobs(model, eval_windows), eval_windows)
+    assert cached.nll == plain.nll and cached.scored_tokens == plain.scored_tokens
 
 
 def test_evaluate_after_2bit_plan(eval_windows, calib_ids):

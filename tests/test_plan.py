@@ -130,6 +130,15 @@ def test_missing_plan_file(tmp_path):
         Plan.load(tmp_path / "nope.json")
 
 
+def _set(doc: dict, where: tuple, value) -> dict:
+    """doc with the field at path `where` replaced by `value`."""
+    target = doc
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    return doc
+
+
 @pytest.mark.parametrize(
     "where, value",
     [
@@ -143,11 +152,7 @@ def test_missing_plan_file(tmp_path):
     ],
 )
 def test_wrong_field_type_is_bad_input(tiny_plan, tmp_path, where, value):
-    doc = _doc(tiny_plan)
-    target = doc
-    for key in where[:-1]:
-        target = target[key]
-    target[where[-1]] = value
+    doc = _set(_doc(tiny_plan), where, value)
     with pytest.raises(BadInputError, match="not a valid plan") as info:
         Plan.load(_write(tmp_path, doc))
     assert str(where[0]) in str(info.value)  # names the offending field
@@ -170,11 +175,7 @@ def test_extra_and_missing_fields_are_bad_input(tiny_plan, tmp_path):
      (("assignments", 0, "option", "symmetric"), "yes")],
 )
 def test_loader_is_as_strict_as_schema(tiny_plan, tmp_path, where, value):
-    doc = _doc(tiny_plan)
-    target = doc
-    for key in where[:-1]:
-        target = target[key]
-    target[where[-1]] = value
+    doc = _set(_doc(tiny_plan), where, value)
     assert list(validator(plan_json_schema()).iter_errors(doc))  # the schema says: invalid
     with pytest.raises(BadInputError):
         Plan.load(_write(tmp_path, doc))
