@@ -33,6 +33,15 @@ def _ints(text: str, flag: str) -> list[int]:
         raise BadInputError(f"cannot read {flag} {text!r}; write comma-separated integers, e.g. '2,3,4,8'") from None
 
 
+def _option_grid(bits: str, group_sizes: str, keep: bool) -> list:
+    from .options import default_options
+
+    try:
+        return default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=keep)
+    except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
+        raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
+
+
 @app.command("plan")
 def plan_cmd(
     model: str = typer.Argument(..., help="hub id, local directory (config.json + safetensors) or .gguf file"),
@@ -55,14 +64,10 @@ def plan_cmd(
 ) -> None:
     """Profile MODEL on calibration text and write a plan that fits BUDGET."""
     from . import api
-    from .options import default_options
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
-    try:
-        options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
-    except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
-        raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
+    options = _option_grid(bits, group_sizes, keep=not no_keep)
     start = time.perf_counter()
     plan = api.plan(
         model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
@@ -139,6 +144,57 @@ def eval_cmd(
         print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, **result.to_dict()}, sort_keys=True))
     else:
         out.print(result.describe())
+
+
+@app.command("latency")
+def latency_cmd(
+    model: str = typer.Option(..., "--model", help="model whose planned-layer shapes to time (hub id, directory, .gguf, or config.json with --config-only)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    out_path: Path = typer.Option(..., "--out", help="profile JSON to write, e.g. profiles/my-machine.json"),
+    name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the file name)"),
+    tokens: str = typer.Option("1,512", "--tokens", help="activation rows to time: 1 = decode step, 512 = prefill"),
+    context: int = typer.Option(512, "--context", help="cached tokens before each timed decode step of the whole model"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="activation dtype: bfloat16 (default), float16 or float32"),
+    samples: int = typer.Option(15, "--samples", help="timed samples per kernel (median and p10/p90 kept)"),
+    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths to time"),
+    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes to time; ch = per channel"),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also time the output head"),
+    config_only: bool = typer.Option(False, "--config-only", help="build the model from config.json with random weights (timing needs no trained values)"),
+    no_model_timing: bool = typer.Option(False, "--no-model-timing", help="skip timing the whole model's forward pass"),
+) -> None:
+    """Measure this machine's kernel latencies for every option at MODEL's layer shapes (a hardware profile)."""
+    from .latency.api import measure_latency
+
+    options = _option_grid(bits, group_sizes, keep=True)
+    start = time.perf_counter()
+    profile = measure_latency(
+        model, options, name=name or out_path.stem, device=device, tokens=_ints(tokens, "--tokens"), context=context,
+        dtype=dtype, samples=samples, include_lm_head=include_lm_head, config_only=config_only,
+        model_timing=not no_model_timing, progress=True,
+    )
+    profile.save(out_path)
+    _print_latency(profile)
+    out.print(f"wrote {out_path} ({len(profile.entries)} timings, {time.perf_counter() - start:.0f}s)")
+
+
+def _print_latency(profile) -> None:
+    table = Table(title=f"{profile.name}: {profile.device_name}, {profile.activation_dtype}, {profile.threads} threads")
+    table.add_column("option")
+    table.add_column("kernel")
+    tokens = sorted({e.tokens for e in profile.entries})
+    for t in tokens:
+        table.add_column(f"ps/weight @{t} tok", justify="right")
+    seconds, weights = Counter(), Counter()  # per (option, tokens), over the shapes the option fits
+    for e in profile.entries:
+        seconds[e.option, e.tokens] += e.median_s
+        weights[e.option, e.tokens] += e.out_features * e.in_features
+    for label in sorted({e.option for e in profile.entries}):
+        cells = [f"{1e12 * seconds[label, t] / weights[label, t]:.3g}" if weights[label, t] else "-" for t in tokens]
+        table.add_row(label, profile.kernel_for_option.get(label, "?"), *cells)
+    out.print(table)
+    for m in profile.models:
+        out.print(f"model {m.model} at {m.tokens} token(s) after {m.context} cached: {m.measured_s * 1e3:.2f} ms measured, "
+                  f"{m.linear_predicted_s * 1e3:.2f} ms in planned layers, {m.other_s * 1e3:.2f} ms elsewhere")
 
 
 @app.command("solvers")

@@ -71,6 +71,25 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
 
 
+def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A causal LM with random weights built from a config.json (or a directory holding one).
+
+    For work that needs the architecture but not the trained values (kernel timing, shapes), on
+    machines where the weights are not at hand; never for planning, whose errors need real weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise BadInputError(f"no config.json at {str(path)!r}; pass a directory holding config.json or the file itself")
+    config = AutoConfig.from_pretrained(str(cfg_path.parent))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return LoadedModel(model=model, source=f"{p} (config only, random weights)")
+
+
 def as_loaded(model_or_source: Any, tokenizer: Any = None, **load_kwargs) -> LoadedModel:
     if isinstance(model_or_source, LoadedModel):
         return model_or_source

@@ -1,0 +1,59 @@
+"""One call for `bitalloc latency`: a model's shapes -> kernel timings -> end-to-end model timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError
+from ..models import load_model, model_from_config, select_modules, weight_matrix
+from ..options import QuantOption
+from .measure import default_activation_dtype, measure_profile
+from .profile import HardwareProfile
+from .runtime import measure_model_timings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def measure_latency(
+    model_source: str,
+    options: list[QuantOption],
+    *,
+    name: str,
+    device: str = "cpu",
+    tokens: list[int] = (1, 512),
+    context: int = 512,
+    dtype: str | None = None,
+    samples: int = 15,
+    include_lm_head: bool = False,
+    config_only: bool = False,
+    model_timing: bool = True,
+    progress: bool = False,
+) -> HardwareProfile:
+    """Measure every option's kernel at the model's planned-layer shapes on `device`, then (with
+    model_timing) the whole model's forward pass, so plans can predict end-to-end latency.
+
+    config_only: build the model from its config.json with random weights — kernel speed does not
+    depend on the values, and it lets a machine without the weights measure.
+    """
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInputError(f"--device {device!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise BadInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    act_dtype = DTYPES[dtype] if dtype else default_activation_dtype(dev)
+    if any(t < 1 for t in tokens):
+        raise BadInputError(f"--tokens must be positive token counts, got {list(tokens)}")
+    loaded = model_from_config(model_source) if config_only else load_model(model_source)
+    model = loaded.model
+    names = select_modules(model, include_lm_head=include_lm_head)
+    shapes = [tuple(weight_matrix(model.get_submodule(n)).shape) for n in names]
+    profile = measure_profile(name, shapes, options, dev, tokens=tokens, dtype=act_dtype, samples=samples, progress=progress)
+    if not model_timing:
+        return profile
+    model.to(dev, act_dtype)
+    timings = measure_model_timings(model, names, profile, str(Path(model_source).name), list(tokens), context=context)
+    return profile.model_copy(update={"models": timings})

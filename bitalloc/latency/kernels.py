@@ -1,0 +1,266 @@
+"""The matmul kernels a quantized linear layer can run on, per device, behind one registry.
+
+A kernel turns a stored weight [out, in] and a QuantOption into a callable y = f(x) that computes
+x @ Wᵀ from the *stored* representation. Each kernel is checked against a dense matmul on the
+dequantized weight before it is timed, so a timing never belongs to a kernel that computes
+something else. An option no real kernel supports runs `dequant_dense`: unpack codes, scale,
+dense matmul on every call — what a runtime without a kernel for that format has to do, and
+timed as such rather than guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import quantize_dequantize
+from ..formats.int import int_scales
+from ..options import QuantOption
+
+LinearFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    devices: tuple[str, ...]
+    summary: str
+    supports: Callable[[QuantOption], bool]
+    # prepare(weight [out, in] float32 on the device, option, activation dtype) -> y = f(x)
+    prepare: Callable[[torch.Tensor, QuantOption, torch.dtype], LinearFn]
+
+
+_KERNELS: dict[str, Kernel] = {}  # insertion order = preference order
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def kernels_for(device: str) -> list[Kernel]:
+    return [k for k in _KERNELS.values() if device in k.devices]
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(_KERNELS)}") from None
+
+
+def device_kind(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def reference_weight(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    """The weight values the option stores (what every kernel for it must multiply by)."""
+    return quantize_dequantize(weight.float().cpu(), option).to(weight.device)
+
+
+# --- dense: the weight kept in 16-bit (or the activation dtype on CPU) ------------------------
+
+
+def _prepare_dense(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    w = reference_weight(weight, option).to(dtype)
+    return lambda x: F.linear(x, w)
+
+
+register_kernel(Kernel(
+    "dense", ("cpu", "cuda"), "dense matmul with the weight held in the activation dtype",
+    supports=lambda o: o.fmt == "keep", prepare=_prepare_dense,
+))
+
+
+# --- int8 weight-only, per output channel, symmetric (torch's CPU kernel) -----------------------
+
+
+def _is_int8_channel_sym(o: QuantOption) -> bool:
+    return o.fmt == "int" and o.bits == 8 and o.group_size is None and o.symmetric
+
+
+def _prepare_int8_weight_only(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    w = weight.float()
+    scale, _ = int_scales(w.reshape(w.shape[0], 1, w.shape[1]), option)  # [out, 1, 1]
+    scale = scale.reshape(-1)
+    q = torch.clamp(torch.round(w / scale[:, None]), -128, 127).to(torch.int8)
+    s = scale.to(dtype)
+    return lambda x: torch._weight_int8pack_mm(x, q, s)
+
+
+register_kernel(Kernel(
+    "int8_weight_only", ("cpu",), "torch._weight_int8pack_mm: int8 weights, per-channel scales",
+    supports=_is_int8_channel_sym, prepare=_prepare_int8_weight_only,
+))
+
+
+# --- int4 weight-only, grouped (tinygemm layout; CPU and CUDA variants) --------------------------
+
+_TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def _is_int4_grouped(o: QuantOption) -> bool:
+    return o.fmt == "int" and o.bits == 4 and o.group_size in _TINYGEMM_GROUPS
+
+
+def _int4_codes_and_scale_zeros(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype):
+    """Codes in [0, 15] and the [in/g, out, 2] (scale, zero) tensor of tinygemm, whose
+    dequantization is w = (q - 8)·scale + zero. Our asymmetric integer zero-point z gives
+    w = (q - z)·s = (q - 8)·s + (8 - z)·s; a symmetric q in [-8, 7] is stored as q + 8."""
+    out_f, in_f = weight.shape
+    g = option.group_size
+    w = weight.float().reshape(out_f, in_f // g, g)
+    scale, zero = int_scales(w, option)  # [out, n_groups, 1]
+    if option.symmetric:
+        q = torch.clamp(torch.round(w / scale), -8, 7) + 8
+        offset = torch.zeros_like(scale)
+    else:
+        q = torch.clamp(torch.round(w / scale) + zero, 0, 15)
+        offset = (8 - zero) * scale
+    scale_zeros = torch.stack([scale[..., 0], offset[..., 0]], dim=-1).transpose(0, 1).contiguous()
+    return q.reshape(out_f, in_f).to(torch.int32), scale_zeros.to(dtype)
+
+
+def _prepare_int4_cpu(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    q, sz = _int4_codes_and_scale_zeros(weight, option, dtype)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    g = option.group_size
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, g, sz)
+
+
+def _prepare_int4_cuda(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    q, sz = _int4_codes_and_scale_zeros(weight, option, torch.bfloat16)
+    q = q.to(torch.uint8)
+    # The packed layout tiles the input dimension in inner_k_tiles x 16 columns; take the widest tiling
+    # the layer allows (576 = 2 x 16 x 18 allows 2, not 8).
+    inner_k_tiles = next(t for t in (8, 4, 2) if weight.shape[1] % (16 * t) == 0)
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), inner_k_tiles)
+    g = option.group_size
+    return lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, g, sz).to(x.dtype)
+
+
+register_kernel(Kernel(
+    "int4_tinygemm_cpu", ("cpu",), "torch._weight_int4pack_mm_for_cpu: int4 weights, group 32-256",
+    supports=_is_int4_grouped, prepare=_prepare_int4_cpu,
+))
+register_kernel(Kernel(
+    "int4_tinygemm", ("cuda",), "torch._weight_int4pack_mm (tinygemm): int4 weights, group 32-256, bf16",
+    supports=_is_int4_grouped, prepare=_prepare_int4_cuda,
+))
+
+
+# --- FP8 (CUDA, sm_89+): torch._scaled_mm, weights per-channel, activations per-token ------------
+
+
+def _is_fp8_channel(o: QuantOption) -> bool:
+    return o.fmt == "fp" and o.bits == 8 and getattr(o, "element", "") in ("e4m3", "e5m2") and o.group_size in (None, 0)
+
+
+def _prepare_fp8_scaled_mm(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    # The stored weight is fp8 with one fp32 scale per output row (or per tensor). _scaled_mm needs
+    # fp8 activations too, so x is quantized per token to e4m3 on every call (vLLM's dynamic FP8):
+    # this kernel computes W8A8, and its timing includes that activation quantization.
+    fp8 = torch.float8_e4m3fn if option.element == "e4m3" else torch.float8_e5m2
+    w_ref = reference_weight(weight, option).float()
+    w_scale = w_ref.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(fp8).max
+    w_fp8 = (w_ref / w_scale).to(fp8)
+    w_t = w_fp8.t()  # column-major [in, out], as _scaled_mm wants its second operand
+    scale_b = w_scale.reshape(1, -1).contiguous()
+    e4m3_max = torch.finfo(torch.float8_e4m3fn).max
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        pad = (-m) % 16  # _scaled_mm wants rows in multiples of 16
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / e4m3_max
+        x_fp8 = (x2 / x_scale).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(x_fp8, w_t, scale_a=x_scale, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return y[:m].reshape(*lead, -1).to(x.dtype)
+
+    return fn
+
+
+register_kernel(Kernel(
+    "fp8_scaled_mm", ("cuda",), "torch._scaled_mm: fp8 weights per channel × fp8 activations per token (W8A8)",
+    supports=_is_fp8_channel, prepare=_prepare_fp8_scaled_mm,
+))
+
+
+# --- fallback: dequantize on every call, then dense matmul --------------------------------------
+
+
+def element_grid(element: str) -> torch.Tensor:
+    """Every finite value of an OCP ExMy element format (bias 2^(E-1) - 1, subnormals at e = 0);
+    E4M3 follows OCP's 'fn' variant (the all-ones pattern is NaN, max 448), E5M2 keeps IEEE inf/NaN."""
+    e_bits, m_bits = int(element[1]), int(element[3])
+    bias = 2 ** (e_bits - 1) - 1
+    e = torch.arange(2**e_bits, dtype=torch.float64)[:, None]
+    m = torch.arange(2**m_bits, dtype=torch.float64)[None, :]
+    normal = 2.0 ** (e - bias) * (1 + m / 2**m_bits)
+    subnormal = 2.0 ** (1 - bias) * (m / 2**m_bits)
+    mags = torch.where(e > 0, normal, subnormal)
+    if element == "e4m3":
+        mags[-1, -1] = float("nan")
+    elif element == "e5m2":
+        mags[-1, :] = float("nan")
+    mags = mags[torch.isfinite(mags)].unique()
+    return torch.cat([-mags.flip(0), mags]).unique().float()
+
+
+def _codes_scales_offsets(weight: torch.Tensor, option: QuantOption):
+    """Codes [out, in] (uint8), value table [2^bits at most], scale and offset [out, n_groups, 1]
+    (offset None without a zero-point) such that table[codes]·scale + offset is the stored weight."""
+    out_f, in_f = weight.shape
+    g = in_f if option.group_size in (None, 0) else option.group_size
+    w = weight.float().reshape(out_f, in_f // g, g)
+    if option.fmt == "int":
+        scale, zero = int_scales(w, option)
+        half = 2 ** (option.bits - 1)
+        if option.symmetric:
+            codes = torch.clamp(torch.round(w / scale), -half, half - 1) + half
+            table, offset = torch.arange(2**option.bits, dtype=torch.float32) - half, None
+        else:
+            codes = torch.clamp(torch.round(w / scale) + zero, 0, 2**option.bits - 1)
+            table, offset = torch.arange(2**option.bits, dtype=torch.float32), -zero * scale
+        return codes.reshape(out_f, in_f).to(torch.uint8), table, scale, offset
+    # Floating-point elements: one scale per group mapping the group's largest magnitude to the
+    # largest element, then the nearest element. Timing-exact (same storage, same work per call);
+    # the values match the format's own scale choice up to that choice.
+    table = element_grid(option.element)
+    ref = reference_weight(weight, option).float().reshape(out_f, in_f // g, g)
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / table.max()
+    codes = torch.bucketize(ref / scale, (table[1:] + table[:-1]) / 2)
+    return codes.reshape(out_f, in_f).to(torch.uint8), table, scale, None
+
+
+def _prepare_dequant_dense(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
+    """Codes one per byte, a value table of at most 2^bits entries, a scale (and offset) per group;
+    every call gathers, scales and multiplies, then runs the dense matmul."""
+    out_f, in_f = weight.shape
+    codes, table, scale, offset = _codes_scales_offsets(weight.float().cpu(), option)
+    dev = weight.device
+    codes, table, scale = codes.to(dev), table.to(dev, dtype), scale.to(dev, dtype)
+    n_groups = scale.shape[1]
+    if offset is None:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            w = table[codes.long()].reshape(out_f, n_groups, -1) * scale
+            return F.linear(x, w.reshape(out_f, in_f))
+    else:
+        offset = offset.to(dev, dtype)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            w = torch.addcmul(offset, table[codes.long()].reshape(out_f, n_groups, -1), scale)
+            return F.linear(x, w.reshape(out_f, in_f))
+    return fn
+
+
+DEQUANT_DENSE = register_kernel(Kernel(
+    "dequant_dense", ("cpu", "cuda"), "no kernel for the format: dequantize every call, then dense matmul",
+    supports=lambda o: o.fmt != "keep", prepare=_prepare_dequant_dense,
+))

@@ -1,0 +1,137 @@
+"""`bitalloc latency`: time every option's kernel at a model's real linear shapes on this machine."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..options import QuantOption
+from .kernels import DEQUANT_DENSE, Kernel, LinearFn, kernels_for, reference_weight
+from .profile import HardwareProfile, KernelCheck, LatencyEntry
+from .timing import time_call
+
+# Weight-only kernels differ from the dense matmul on the same stored weight only by the order of
+# accumulation in the activation dtype; W8A8 kernels also quantize the activations.
+_CHECK_TOLERANCE = {"fp8_scaled_mm": 0.08}
+_DEFAULT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_activation_dtype(device: torch.device) -> torch.dtype:
+    # bf16 everywhere: torch's weight-only int4/int8 kernels are bf16-first (on this project's AVX2
+    # CPU they were 2-20x slower with fp32 activations than with bf16). --dtype float32 measures fp32.
+    return torch.bfloat16
+
+
+def _relative_error(fn: LinearFn, weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> float:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, weight.shape[1], generator=gen).to(weight.device, dtype)
+    want = x.float() @ reference_weight(weight, option).float().t()
+    got = fn(x).float()
+    return float((got - want).norm() / want.norm().clamp(min=1e-30))
+
+
+def choose_kernel(option: QuantOption, device: torch.device, dtype: torch.dtype,
+                  weight: torch.Tensor, checks: list[KernelCheck]) -> tuple[Kernel, LinearFn]:
+    """The first kernel for this device that supports the option, runs, and matches the dense matmul
+    on the stored weight; `dequant_dense` otherwise. Every attempt is recorded in `checks`."""
+    for kernel in kernels_for(device.type):
+        if not kernel.supports(option):
+            continue
+        try:
+            fn = kernel.prepare(weight, option, dtype)
+            err = _relative_error(fn, weight, option, dtype)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            checks.append(KernelCheck(kernel=kernel.name, option=option.label, status="failed", detail=str(e).splitlines()[0][:200]))
+            continue
+        tolerance = _CHECK_TOLERANCE.get(kernel.name, _DEFAULT_TOLERANCE.get(dtype, 3e-2))
+        ok = err <= tolerance
+        checks.append(KernelCheck(kernel=kernel.name, option=option.label, status="ok" if ok else "mismatch",
+                                  relative_error=float(f"{err:.3g}")))
+        if ok:
+            return kernel, fn
+    raise RuntimeError(f"no kernel ran {option.label} on {device}, not even {DEQUANT_DENSE.name}")
+
+
+def measure_profile(
+    name: str,
+    shapes: Iterable[tuple[int, int]],
+    options: Iterable[QuantOption],
+    device: str | torch.device = "cpu",
+    tokens: Iterable[int] = (1, 512),
+    dtype: torch.dtype | None = None,
+    samples: int = 15,
+    seed: int = 0,
+    progress: bool = False,
+) -> HardwareProfile:
+    """Time each option at each (out, in) shape and activation row count on `device`."""
+    from ..api import bitalloc_version
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import BadInputError
+
+        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    dtype = dtype or default_activation_dtype(device)
+    shapes = sorted(set((int(o), int(i)) for o, i in shapes))
+    options = list(options)
+    tokens = sorted(set(int(t) for t in tokens))
+    gen = torch.Generator().manual_seed(seed)
+    checks: list[KernelCheck] = []
+    kernel_for_option: dict[str, str] = {}
+    entries: list[LatencyEntry] = []
+    work = [(o, s) for o in options for s in shapes]
+    bar = tqdm(total=len(work) * len(tokens), desc="latency", unit="kernel", disable=not progress)
+    for option in options:
+        chosen: Kernel | None = None
+        for out_f, in_f in shapes:
+            if not option.fits(in_f):
+                bar.update(len(tokens))
+                continue
+            # Weights like a trained layer's (the values do not change dense kernels' speed).
+            weight = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(device)
+            if chosen is None:
+                chosen, fn = choose_kernel(option, device, dtype, weight, checks)
+                kernel_for_option[option.label] = chosen.name
+            else:
+                fn = chosen.prepare(weight, option, dtype)
+            for t in tokens:
+                x = torch.randn(t, in_f, generator=gen).to(device, dtype)
+                timing = time_call(lambda: fn(x), device, samples=samples)
+                entries.append(LatencyEntry(
+                    option=option.label, kernel=chosen.name, out_features=out_f, in_features=in_f, tokens=t,
+                    median_s=timing.median_s, p10_s=timing.p10_s, p90_s=timing.p90_s,
+                    samples=timing.samples, calls_per_sample=timing.calls_per_sample,
+                ))
+                bar.update(1)
+            del weight, fn
+    bar.close()
+    return HardwareProfile(
+        name=name,
+        device_type=device.type,
+        device_name=device_name(device),
+        activation_dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        bitalloc_version=bitalloc_version(),
+        measured_on=_dt.datetime.now(_dt.timezone.utc).date().isoformat(),
+        kernels={k.name: k.summary for k in kernels_for(device.type)},
+        kernel_for_option=dict(sorted(kernel_for_option.items())),
+        checks=checks,
+        entries=entries,
+    )

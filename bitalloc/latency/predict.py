@@ -1,0 +1,72 @@
+"""Latency model: (layer shape, option, tokens) -> predicted seconds, from a measured profile."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from ..errors import BadInputError
+from ..options import QuantOption
+from .profile import HardwareProfile, LatencyEntry
+
+
+class LatencyModel:
+    """Looks up measured kernel latencies; a shape that was not measured takes the nearest measured
+    shape of the same option and token count (nearest in log weight count), scaled by the ratio of
+    weight counts. Both regimes the profile covers scale that way: decode (memory-bound, time ∝
+    weight bytes) and prefill (compute-bound, time ∝ out·in·tokens)."""
+
+    def __init__(self, profile: HardwareProfile):
+        self.profile = profile
+        self._entries: dict[tuple[str, int], list[LatencyEntry]] = defaultdict(list)
+        for e in profile.entries:
+            self._entries[(e.option, e.tokens)].append(e)
+
+    @property
+    def tokens(self) -> list[int]:
+        return sorted({t for _, t in self._entries})
+
+    def predict(self, option: QuantOption | str, out_features: int, in_features: int, tokens: int) -> float:
+        label = option if isinstance(option, str) else option.label
+        measured = self._entries.get((label, tokens))
+        if not measured:
+            have = sorted({o for o, t in self._entries if t == tokens})
+            if not have:
+                raise BadInputError(
+                    f"latency profile {self.profile.name!r} has no timings at {tokens} tokens (it has {self.tokens}); "
+                    f"pick one of those or re-measure with `bitalloc latency --tokens {tokens}`"
+                )
+            raise BadInputError(
+                f"latency profile {self.profile.name!r} has no timing for option {label}; re-measure it with "
+                f"`bitalloc latency` offering that option, or plan without it (it has {len(have)} options, e.g. {', '.join(have[:4])})"
+            )
+        size = out_features * in_features
+        best = min(measured, key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
+        return best.median_s * size / (best.out_features * best.in_features)
+
+    def matrix(self, shapes: list[tuple[int, int]], options: list[QuantOption], allowed: np.ndarray, tokens: int) -> np.ndarray:
+        """[groups, options] predicted seconds; NaN where the option is not allowed for the group."""
+        out = np.full((len(shapes), len(options)), np.nan)
+        for g, (o, i) in enumerate(shapes):
+            for k, opt in enumerate(options):
+                if allowed[g, k]:
+                    out[g, k] = self.predict(opt, o, i, tokens)
+        return out
+
+    def other_seconds(self, signature: str, tokens: int) -> float | None:
+        """Measured time of the model outside its planned layers at `tokens`, if the profile has it."""
+        for m in self.profile.models:
+            if m.signature == signature and m.tokens == tokens:
+                return m.other_s
+        return None
+
+
+def shape_signature(architecture: str, shapes: list[tuple[int, int]]) -> str:
+    """Names a model's planned layers by architecture and shapes, not by path or weights: the time a
+    layer takes depends on those alone."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()[:12]
+    return f"{architecture}/{len(shapes)} layers/{digest}"

@@ -1,0 +1,102 @@
+"""Run a model with its planned layers on the real kernels, and time its forward pass end to end:
+the measurement that a latency prediction is checked against."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import weight_matrix
+from ..options import QuantOption
+from .kernels import LinearFn, get_kernel
+from .measure import choose_kernel
+from .predict import LatencyModel, shape_signature
+from .profile import HardwareProfile, ModelTiming
+from .timing import Timing, time_call
+
+
+class KernelLinear(nn.Module):
+    """A linear layer computed from its stored (quantized) weight by one kernel."""
+
+    def __init__(self, fn: LinearFn, in_features: int, bias: torch.Tensor | None, kernel: str, option: str):
+        super().__init__()
+        self.fn, self.in_features, self.kernel, self.option = fn, in_features, kernel, option
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.fn(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.option} via {self.kernel}"
+
+
+def attach_kernels(model: nn.Module, options: dict[str, QuantOption], profile: HardwareProfile | None = None,
+                   dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, str]:
+    """Replace each named module by a KernelLinear running its option (in place); returns
+    module -> kernel. With a profile, each option runs the kernel the profile timed for it."""
+    param = next(model.parameters())
+    device, dtype = param.device, dtype or param.dtype
+    used = {}
+    for name, option in tqdm(sorted(options.items()), desc="kernels", unit="module", disable=not progress):
+        module = model.get_submodule(name)
+        weight = weight_matrix(module).detach().float()
+        bias = getattr(module, "bias", None)
+        known = profile.kernel_for_option.get(option.label) if profile else None
+        if known:
+            kernel = get_kernel(known)
+            fn = kernel.prepare(weight, option, dtype)
+        else:
+            kernel, fn = choose_kernel(option, device, dtype, weight, checks=[])
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, KernelLinear(fn, weight.shape[1], bias, kernel.name, option.label))
+        used[name] = kernel.name
+    return used
+
+
+def time_forward(model: nn.Module, tokens: int, context: int = 0, samples: int = 10, seed: int = 0,
+                 vocab_size: int | None = None) -> Timing:
+    """Seconds per forward pass: `tokens` new tokens after `context` cached ones (decode: tokens=1).
+    The KV cache is cropped back to `context` after every step, so each step sees the same state."""
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, context + tokens), generator=gen).to(device)
+    with torch.inference_mode():
+        if context == 0:
+            return time_call(lambda: model(ids, use_cache=False), device, samples=samples, min_sample_s=0.0)
+        cache = model(ids[:, :context], use_cache=True).past_key_values
+        step = ids[:, context:]
+
+        def one_step():
+            model(step, past_key_values=cache, use_cache=True)
+            cache.crop(-tokens)  # drop the step just added (negative: count from the end)
+
+        return time_call(one_step, device, samples=samples, min_sample_s=0.0)
+
+
+
+def measure_model_timings(model: nn.Module, module_names: list[str], profile: HardwareProfile, source: str,
+                          tokens: list[int], context: int = 512, samples: int = 10) -> list[ModelTiming]:
+    """Time the model's forward with every planned layer dense (kernels from `profile`) and record,
+    per token count, how much of it the layers' own entries do not explain. Decode steps (1 token)
+    run after `context` cached tokens; longer inputs are prefills from an empty cache.
+    The model is modified in place (its planned layers become KernelLinear)."""
+    keep = QuantOption.keep()
+    shapes = [tuple(weight_matrix(model.get_submodule(n)).shape) for n in module_names]
+    attach_kernels(model, {n: keep for n in module_names}, profile)
+    predict = LatencyModel(profile)
+    signature = shape_signature(type(model).__name__, shapes)
+    timings = []
+    for t in sorted(tokens):
+        ctx = context if t == 1 else 0
+        measured = time_forward(model, t, ctx, samples=samples).median_s
+        linear = sum(predict.predict(keep, o, i, t) for o, i in shapes)
+        timings.append(ModelTiming(model=source, signature=signature, tokens=t, context=ctx,
+                                   measured_s=measured, linear_predicted_s=linear, other_s=measured - linear))
+    return timings

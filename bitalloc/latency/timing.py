@@ -1,0 +1,52 @@
+"""Time a callable the way kernel benchmarks do: warm up, batch calls per sample, keep the spread."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples: int
+    calls_per_sample: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str, samples: int = 15,
+              min_sample_s: float = 2e-3, warmup: int = 3) -> Timing:
+    """Seconds per call of fn(): the median over `samples` samples, each timing enough back-to-back
+    calls to last `min_sample_s` (a single call of a small kernel is below timer resolution and
+    launch jitter). p10/p90 record the spread."""
+    device = torch.device(device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - start, 1e-7)
+        calls = max(1, min(10_000, int(min_sample_s / one)))
+        per_call = []
+        for _ in range(samples):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            per_call.append((time.perf_counter() - start) / calls)
+    per_call.sort()
+    q = statistics.quantiles(per_call, n=10, method="inclusive") if len(per_call) > 1 else per_call * 9
+    return Timing(statistics.median(per_call), q[0], q[-1], samples, calls)
