@@ -148,7 +148,7 @@ def eval_cmd(
 
 @app.command("latency")
 def latency_cmd(
-    model: str = typer.Option(..., "--model", help="model whose planned-layer shapes to time (hub id, directory, .gguf, or config.json with --config-only)"),
+    model: list[str] = typer.Option(..., "--model", help="model whose planned-layer shapes to time (hub id, directory, .gguf, or config.json with --config-only); repeatable"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     out_path: Path = typer.Option(..., "--out", help="profile JSON to write, e.g. profiles/my-machine.json"),
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the file name)"),
@@ -156,6 +156,7 @@ def latency_cmd(
     context: int = typer.Option(512, "--context", help="cached tokens before each timed decode step of the whole model"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="activation dtype: bfloat16 (default), float16 or float32"),
     samples: int = typer.Option(15, "--samples", help="timed samples per kernel (median and p10/p90 kept)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice); recorded in the profile"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths to time"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes to time; ch = per channel"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also time the output head"),
@@ -166,6 +167,12 @@ def latency_cmd(
     from .latency.api import measure_latency
 
     options = _option_grid(bits, group_sizes, keep=True)
+    if threads is not None:
+        if threads < 1:
+            raise BadInputError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     profile = measure_latency(
         model, options, name=name or out_path.stem, device=device, tokens=_ints(tokens, "--tokens"), context=context,

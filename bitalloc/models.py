@@ -71,7 +71,7 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
 
 
-def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """A causal LM with random weights built from a config.json (or a directory holding one).
 
     For work that needs the architecture but not the trained values (kernel timing, shapes), on
@@ -85,7 +85,8 @@ def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32) -> L
         raise BadInputError(f"no config.json at {str(path)!r}; pass a directory holding config.json or the file itself")
     config = AutoConfig.from_pretrained(str(cfg_path.parent))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return LoadedModel(model=model, source=f"{p} (config only, random weights)")
 

@@ -44,6 +44,7 @@ class Assignment(_Strict):
     label: str
     storage_bits: int
     predicted_delta_loss: float = Field(description="predicted increase of mean next-token NLL, nats")
+    predicted_latency_s: float | None = Field(None, description="this layer's kernel latency on the plan's hardware profile")
     tied_to: list[str] = Field(default_factory=list, description="other modules sharing this tensor")
 
 
@@ -78,6 +79,20 @@ class SolverSpec(_Strict):
     bound: float | None = Field(None, description="proven lower bound on the optimal objective; null if unknown")
 
 
+class LatencySpec(_Strict):
+    """Predicted latency of the plan on a measured hardware profile (bitalloc latency)."""
+
+    profile: str = Field(description="hardware profile name")
+    device: str
+    activation_dtype: str
+    tokens: int = Field(ge=1, description="tokens per forward: 1 = a decode step, more = a prefill")
+    context: int = Field(ge=0, description="tokens already cached before the step")
+    layers_s: float = Field(description="predicted time of the planned layers on their kernels")
+    other_s: float | None = Field(description="measured time of the rest of the model; null if the profile did not time this model")
+    predicted_s: float | None = Field(description="layers_s + other_s; null without other_s")
+    max_s: float | None = Field(None, description="the latency limit the plan was solved under, if any")
+
+
 class Plan(_Strict):
     format: Literal["bitalloc.plan"] = PLAN_FORMAT
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -90,6 +105,7 @@ class Plan(_Strict):
     seed: int
     budget: BudgetSpec
     summary: Summary
+    latency: LatencySpec | None = Field(None, description="predicted latency on a hardware profile, when one was given")
     assignments: list[Assignment]
 
     def to_json(self) -> str:

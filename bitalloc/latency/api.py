@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def measure_latency(
-    model_source: str,
+    model_sources: list[str],
     options: list[QuantOption],
     *,
     name: str,
@@ -31,8 +31,8 @@ def measure_latency(
     model_timing: bool = True,
     progress: bool = False,
 ) -> HardwareProfile:
-    """Measure every option's kernel at the model's planned-layer shapes on `device`, then (with
-    model_timing) the whole model's forward pass, so plans can predict end-to-end latency.
+    """Measure every option's kernel at the models' planned-layer shapes on `device`, then (with
+    model_timing) each whole model's forward pass, so plans can predict end-to-end latency.
 
     config_only: build the model from its config.json with random weights — kernel speed does not
     depend on the values, and it lets a machine without the weights measure.
@@ -47,13 +47,26 @@ def measure_latency(
     act_dtype = DTYPES[dtype] if dtype else default_activation_dtype(dev)
     if any(t < 1 for t in tokens):
         raise BadInputError(f"--tokens must be positive token counts, got {list(tokens)}")
-    loaded = model_from_config(model_source) if config_only else load_model(model_source)
-    model = loaded.model
-    names = select_modules(model, include_lm_head=include_lm_head)
-    shapes = [tuple(weight_matrix(model.get_submodule(n)).shape) for n in names]
-    profile = measure_profile(name, shapes, options, dev, tokens=tokens, dtype=act_dtype, samples=samples, progress=progress)
+    if not model_sources:
+        raise BadInputError("name at least one --model whose layer shapes to time")
+
+    def load(source: str):
+        if config_only:  # built straight on the device: an 8B model initialised on a CPU takes minutes
+            return model_from_config(source, dtype=act_dtype, device=dev).model
+        return load_model(source).model
+
+    shapes: set[tuple[int, int]] = set()
+    for source in model_sources:
+        model = load(source)
+        shapes |= {tuple(weight_matrix(model.get_submodule(n)).shape) for n in select_modules(model, include_lm_head=include_lm_head)}
+        del model
+    profile = measure_profile(name, sorted(shapes), options, dev, tokens=tokens, dtype=act_dtype, samples=samples, progress=progress)
     if not model_timing:
         return profile
-    model.to(dev, act_dtype)
-    timings = measure_model_timings(model, names, profile, str(Path(model_source).name), list(tokens), context=context)
+    timings = []
+    for source in model_sources:
+        model = load(source).to(dev, act_dtype)
+        names = select_modules(model, include_lm_head=include_lm_head)
+        timings += measure_model_timings(model, names, profile, Path(source).name, list(tokens), context=context)
+        del model
     return profile.model_copy(update={"models": timings})

@@ -58,7 +58,7 @@ def device_kind(device: torch.device | str) -> str:
 
 def reference_weight(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
     """The weight values the option stores (what every kernel for it must multiply by)."""
-    return quantize_dequantize(weight.float().cpu(), option).to(weight.device)
+    return quantize_dequantize(weight.float(), option)
 
 
 # --- dense: the weight kept in 16-bit (or the activation dtype on CPU) ------------------------
@@ -224,15 +224,15 @@ def _codes_scales_offsets(weight: torch.Tensor, option: QuantOption):
         half = 2 ** (option.bits - 1)
         if option.symmetric:
             codes = torch.clamp(torch.round(w / scale), -half, half - 1) + half
-            table, offset = torch.arange(2**option.bits, dtype=torch.float32) - half, None
+            table, offset = torch.arange(2**option.bits, dtype=torch.float32, device=w.device) - half, None
         else:
             codes = torch.clamp(torch.round(w / scale) + zero, 0, 2**option.bits - 1)
-            table, offset = torch.arange(2**option.bits, dtype=torch.float32), -zero * scale
+            table, offset = torch.arange(2**option.bits, dtype=torch.float32, device=w.device), -zero * scale
         return codes.reshape(out_f, in_f).to(torch.uint8), table, scale, offset
     # Floating-point elements: one scale per group mapping the group's largest magnitude to the
     # largest element, then the nearest element. Timing-exact (same storage, same work per call);
     # the values match the format's own scale choice up to that choice.
-    table = element_grid(option.element)
+    table = element_grid(option.element).to(w.device)
     ref = reference_weight(weight, option).float().reshape(out_f, in_f // g, g)
     scale = ref.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / table.max()
     codes = torch.bucketize(ref / scale, (table[1:] + table[:-1]) / 2)
@@ -243,16 +243,15 @@ def _prepare_dequant_dense(weight: torch.Tensor, option: QuantOption, dtype: tor
     """Codes one per byte, a value table of at most 2^bits entries, a scale (and offset) per group;
     every call gathers, scales and multiplies, then runs the dense matmul."""
     out_f, in_f = weight.shape
-    codes, table, scale, offset = _codes_scales_offsets(weight.float().cpu(), option)
-    dev = weight.device
-    codes, table, scale = codes.to(dev), table.to(dev, dtype), scale.to(dev, dtype)
+    codes, table, scale, offset = _codes_scales_offsets(weight.float(), option)
+    table, scale = table.to(dtype), scale.to(dtype)
     n_groups = scale.shape[1]
     if offset is None:
         def fn(x: torch.Tensor) -> torch.Tensor:
             w = table[codes.long()].reshape(out_f, n_groups, -1) * scale
             return F.linear(x, w.reshape(out_f, in_f))
     else:
-        offset = offset.to(dev, dtype)
+        offset = offset.to(dtype)
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             w = torch.addcmul(offset, table[codes.long()].reshape(out_f, n_groups, -1), scale)

@@ -70,3 +70,22 @@ def shape_signature(architecture: str, shapes: list[tuple[int, int]]) -> str:
 
     digest = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()[:12]
     return f"{architecture}/{len(shapes)} layers/{digest}"
+
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+
+
+def parse_latency(text: str | float) -> float:
+    """'12ms', '0.8s', '950us' -> seconds (a bare number is seconds)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        t = text.strip().lower()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if t.endswith(u)), "")
+        try:
+            seconds = float(t[: len(t) - len(unit)]) * _UNITS.get(unit, 1.0)
+        except ValueError:
+            raise BadInputError(f"cannot read latency {text!r}; write e.g. '12ms', '0.8s' or '950us'") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise BadInputError(f"latency limit must be a positive time, got {text!r}; write e.g. '12ms'")
+    return seconds

@@ -33,11 +33,16 @@ def time_call(fn: Callable[[], object], device: torch.device | str, samples: int
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max(time.perf_counter() - start, 1e-7)
+        # The fastest of a few single calls sets the batch size: one call that happened to be
+        # descheduled must not make every sample a single call.
+        singles = []
+        for _ in range(3):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            singles.append(time.perf_counter() - start)
+        one = max(min(singles), 1e-7)
         calls = max(1, min(10_000, int(min_sample_s / one)))
         per_call = []
         for _ in range(samples):
