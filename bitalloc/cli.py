@@ -45,6 +45,8 @@ def plan_cmd(
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
+    target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, any"),
     seed: int = typer.Option(0, "--seed"),
     out_path: Path = typer.Option(Path("plan.json"), "--out", help="where to write the JSON plan"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
@@ -56,13 +58,17 @@ def plan_cmd(
     """Profile MODEL on calibration text and write a plan that fits BUDGET."""
     from . import api
     from .options import default_options
+    from .targets import resolve_formats
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
     try:
-        options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
+        options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep,
+                                  formats=resolve_formats(formats, target))
     except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
         raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
+    if not options:
+        raise BadInputError("no options left to offer (--no-keep with --formats keep); add a family to --formats")
     start = time.perf_counter()
     plan = api.plan(
         model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
