@@ -87,8 +87,11 @@ class QuantOption:
             raise ValueError(f"unknown format {self.fmt!r}; known: {', '.join(KNOWN_FORMATS)}")
         if self.group_size is not None and self.group_size < 0:
             raise ValueError(f"group_size must be positive, 0 (per tensor) or None (per channel), got {self.group_size}")
-        if self.fmt != "fp" and (self.element or self.scale_fmt != "fp16" or self.tensor_scale_bits or self.group_size == 0):
-            raise ValueError(f"{self.fmt} options take no element, scale_fmt, tensor scale or per-tensor group (group_size=0)")
+        if self.fmt != "fp" and self.group_size == 0:
+            raise ValueError(f"group_size must be positive or None (per channel) for {self.fmt}; "
+                             "0 (one scale per tensor) is for fp formats only")
+        if self.fmt != "fp" and (self.element or self.scale_fmt != "fp16" or self.tensor_scale_bits):
+            raise ValueError(f"{self.fmt} options take no element, scale_fmt or tensor scale")
         if self.fmt == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"int bits must be 2..8, got {self.bits}")
         if self.fmt == "fp":
@@ -231,7 +234,8 @@ def default_options(
 
 
 def option_sort_key(o: QuantOption) -> tuple:
-    return (o.fmt, o.bits, o.element, o.scale_fmt, o.group_size is None, o.group_size or 0, o.symmetric)
+    # Within one element: per tensor (0), then groups by size, then per channel (None); scale format last.
+    return (o.fmt, o.bits, o.element, o.group_size is None, o.group_size or 0, o.symmetric, o.scale_fmt)
 
 
 _INT_LABEL = re.compile(r"int(\d+)-(ch|g\d+)-(sym|asym)")
