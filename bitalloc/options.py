@@ -155,6 +155,14 @@ class QuantOption:
         return {"e8m0": "mx", "e4m3": "nvfp4"}.get(self.scale_fmt, "fp")
 
     @property
+    def family(self) -> str:
+        """The FORMAT_FAMILIES entry that offers this option (int, fp8, mxfp4, nvfp4, keep, ...)."""
+        scheme = self.scheme
+        if scheme in ("int", "keep", "nvfp4"):
+            return scheme
+        return f"{'mx' if scheme == 'mx' else ''}fp{self.bits}"
+
+    @property
     def label(self) -> str:
         scheme = self.scheme
         if scheme == "keep":

@@ -217,6 +217,7 @@ def test_default_options_formats():
 def test_parse_option_round_trip_over_all_families():
     for opt in ALL_FAMILIES:
         assert parse_option(opt.label) == opt, opt.label
+        assert opt in default_options(formats=[opt.family])
         assert QuantOption.from_dict(opt.to_dict()) == opt
     assert parse_option("fp8e4m3-ch") == QuantOption.fp("e4m3", None)
     assert parse_option("fp8e4m3-g128") == QuantOption.fp("e4m3", 128)
