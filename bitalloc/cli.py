@@ -33,13 +33,18 @@ def _ints(text: str, flag: str) -> list[int]:
         raise BadInputError(f"cannot read {flag} {text!r}; write comma-separated integers, e.g. '2,3,4,8'") from None
 
 
-def _option_grid(bits: str, group_sizes: str, keep: bool) -> list:
+def _option_grid(bits: str, group_sizes: str, keep: bool, formats: str | None, target: str | None) -> list:
     from .options import default_options
+    from .targets import resolve_formats
 
     try:
-        return default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=keep)
+        options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=keep,
+                                  formats=resolve_formats(formats, target))
     except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
         raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
+    if not options:
+        raise BadInputError("no options left to offer (--no-keep with --formats keep); add a family to --formats")
+    return options
 
 
 @app.command("plan")
@@ -54,6 +59,8 @@ def plan_cmd(
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
+    target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, any"),
     seed: int = typer.Option(0, "--seed"),
     out_path: Path = typer.Option(Path("plan.json"), "--out", help="where to write the JSON plan"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
@@ -67,7 +74,7 @@ def plan_cmd(
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
-    options = _option_grid(bits, group_sizes, keep=not no_keep)
+    options = _option_grid(bits, group_sizes, keep=not no_keep, formats=formats, target=target)
     start = time.perf_counter()
     plan = api.plan(
         model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
@@ -159,6 +166,8 @@ def latency_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice); recorded in the profile"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths to time"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes to time; ch = per channel"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families to time: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
+    target: Optional[str] = typer.Option(None, "--target", help="time the formats of a hardware target: cpu, a100, h100, b200, any"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also time the output head"),
     config_only: bool = typer.Option(False, "--config-only", help="build the model from config.json with random weights (timing needs no trained values)"),
     no_model_timing: bool = typer.Option(False, "--no-model-timing", help="skip timing the whole model's forward pass"),
@@ -166,7 +175,7 @@ def latency_cmd(
     """Measure this machine's kernel latencies for every option at MODEL's layer shapes (a hardware profile)."""
     from .latency.api import measure_latency
 
-    options = _option_grid(bits, group_sizes, keep=True)
+    options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=target)
     if threads is not None:
         if threads < 1:
             raise BadInputError(f"--threads must be at least 1, got {threads}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BadInputError, PlanVersionError
 from .io import atomic_write_text, canonical_json
@@ -21,12 +21,24 @@ class _Strict(BaseModel):
 
 
 class OptionSpec(_Strict):
-    fmt: Literal["int", "keep"]
+    fmt: Literal["int", "fp", "keep"]
     bits: int = Field(ge=2, le=16)
-    group_size: int | None = Field(None, ge=1, description="weights per scale along the input; null = per output channel")
+    group_size: int | None = Field(
+        None, ge=0, description="weights per scale along the input; null = per output channel; 0 = one scale per tensor")
     symmetric: bool
     scale_bits: int = Field(ge=0)
     zero_bits: int = Field(ge=0)
+    # Added after the first v1 plans (which are INT/keep only); the defaults are what those meant.
+    element: Literal["", "e4m3", "e5m2", "e2m3", "e3m2", "e2m1"] = Field(
+        "", description="fp element format (sign, exponent, mantissa bits); empty for int and keep")
+    scale_fmt: Literal["fp16", "fp32", "e8m0", "e4m3"] = Field(
+        "fp16", description="storage format of each scale: fp16, fp32 (per tensor), e8m0 (MX), e4m3 (NVFP4)")
+    tensor_scale_bits: int = Field(0, ge=0, description="bits stored once per tensor on top of the group scales (NVFP4: 32)")
+
+    @model_validator(mode="after")
+    def _is_an_option(self) -> "OptionSpec":
+        self.to_option()  # QuantOption's own checks (e.g. element width = bits); ValueError -> invalid plan
+        return self
 
     @classmethod
     def of(cls, o: QuantOption) -> "OptionSpec":

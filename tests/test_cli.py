@@ -186,3 +186,25 @@ def test_bad_option_grid_is_bad_input(model_dir, cli_env, flag, value, needle):
     r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
                 flag, value)
     assert_bad_input(r, needle)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--formats", "int,fp9"), ["'fp9'", "choose from int, fp8"]),
+    (("--target", "tpu"), ["'tpu'", "cpu, a100, h100, b200, any"]),
+    (("--target", "h100", "--formats", "int,nvfp4"), ["nvfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
+    (("--formats", "keep", "--no-keep"), ["no options left"]),
+])
+def test_bad_formats_or_target_is_bad_input(model_dir, cli_env, args, needles):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS, *args)
+    assert_bad_input(r, *needles)
+
+
+def test_plan_with_target_offers_its_formats(model_dir, cli_env, tmp_path):
+    out = tmp_path / "p.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--target", "b200", "--formats", "fp8,mxfp4,nvfp4,keep", "--group-sizes", "ch", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = Plan.load(out)
+    assert sorted(plan.options) == sorted(["fp8e4m3-tensor", "fp8e4m3-ch", "fp8e5m2-tensor", "fp8e5m2-ch", "mxfp4", "nvfp4", "fp16"])
+    assert {a.option.fmt for a in plan.assignments} <= {"fp", "keep"}
+    assert plan.summary.storage_bits_per_weight <= 6.0

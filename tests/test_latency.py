@@ -195,3 +195,29 @@ def test_model_timing_splits_measured_time_into_planned_layers_and_the_rest(smal
         assert t.other_s == pytest.approx(t.measured_s - t.linear_predicted_s)
         assert t.signature == shape_signature("LlamaForCausalLM", [tuple(make_llama().get_submodule(n).weight.shape) for n in names])
     assert time_forward(model, 4, 0, samples=2).median_s > 0
+
+
+@pytest.mark.parametrize("element", ["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"])
+def test_element_grid_is_every_finite_value_of_the_format(element):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import numpy as np
+
+    dtype = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2, "e2m3": ml_dtypes.float6_e2m3fn,
+             "e3m2": ml_dtypes.float6_e3m2fn, "e2m1": ml_dtypes.float4_e2m1fn}[element]
+    width = 1 + int(element[1]) + int(element[3])
+    values = np.arange(2**width, dtype=np.uint8).view(dtype).astype(np.float32)
+    expected = np.unique(values[np.isfinite(values)])
+    np.testing.assert_array_equal(K.element_grid(element).numpy(), expected)
+
+
+@pytest.mark.parametrize("option", [QuantOption.fp("e4m3", None), QuantOption.fp("e5m2", 32), QuantOption.fp("e2m1", 32),
+                                    QuantOption.mx("e2m1"), QuantOption.mx("e3m2"), QuantOption.nvfp4()])
+def test_fp_formats_without_a_cpu_kernel_fall_back_to_dequantize_and_matmul(option):
+    w = _weight(64, 128)
+    checks = []
+    kernel, fn = choose_kernel(option, torch.device("cpu"), torch.float32, w, checks)
+    assert kernel.name == "dequant_dense" and checks[-1].status == "ok"
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    want = x @ K.reference_weight(w, option).t()
+    # the fallback's one scale per group reproduces the stored values up to the format's own scale choice
+    assert float((fn(x) - want).norm() / want.norm()) < 0.02

@@ -19,6 +19,7 @@ from bitalloc.errors import BadInputError, BudgetInfeasibleError, PlanMismatchEr
 from bitalloc.formats import quantize_dequantize
 from bitalloc.models import LoadedModel, select_modules, weight_matrix
 from bitalloc.options import QuantOption, default_options
+from bitalloc.plan import Plan
 
 from conftest import CALIB_TEXT, FAMILIES, make_gpt2, make_llama, make_qwen2
 
@@ -405,3 +406,47 @@ def test_lagrangian_solver_through_the_api_records_its_bound(calib_ids):
     assert lag.solver.name == "lagrangian" and lag.summary.storage_bits_per_weight <= 4.0
     assert lag.solver.bound <= ilp.solver.objective * (1 + 1e-5) <= lag.solver.objective * (1 + 1e-5)
     assert ilp.solver.bound == ilp.solver.objective  # proven optimal
+
+
+# ---- mixed number formats -------------------------------------------------------------------------
+
+
+def test_mixed_format_plan_applies_each_format(calib_ids):
+    """INT, FP8, MXFP4, NVFP4 and keep offered together: the plan mixes them within the budget and
+    apply() writes exactly each option's quantize-dequantize values, whichever format a module has."""
+    from bitalloc.options import parse_option
+    from bitalloc.plan import OptionSpec
+
+    labels = ["int4-g32-asym", "int8-ch-sym", "fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "fp16"]
+    options = [parse_option(x) for x in labels]
+    model = make_llama()
+    plan = bitalloc.plan(model, "6bits", calib_ids, options=options, cache_dir=False)
+    assert sorted(plan.options) == sorted(labels)
+    assert len({a.label for a in plan.assignments}) >= 2  # 6 bits lies between the options: the solver mixes
+    assert any(a.option.fmt == "fp" for a in plan.assignments)  # and takes FP/MX/NVFP4 where they pay
+    assert sum(a.storage_bits for a in plan.assignments) <= 6 * plan.summary.planned_weights
+    # every format through the plan -> apply path: give module i option i mod 8
+    assignments = [
+        a.model_copy(update=dict(option=OptionSpec.of(options[i % len(options)]), label=labels[i % len(labels)],
+                                 storage_bits=options[i % len(options)].storage_bits(*a.shape)))
+        for i, a in enumerate(plan.assignments)
+    ]
+    cycled = Plan.from_json(plan.model_copy(update=dict(assignments=assignments)).to_json())
+    original = copy.deepcopy(model)
+    bitalloc.apply(model, cycled)
+    for a in cycled.assignments:
+        before = weight_matrix(original.get_submodule(a.module)).detach()
+        after = weight_matrix(model.get_submodule(a.module)).detach()
+        assert torch.equal(after, quantize_dequantize(before, a.option.to_option())), a.label
+        assert not torch.equal(after, before) or a.label == "fp16", a.label
+        if a.label == "mxfp4":  # at most 8 magnitudes (E2M1) times one power of two per block of 32
+            assert max(len(torch.unique(b.abs())) for b in after.reshape(-1, 32)) <= 8
+        if a.label == "nvfp4":
+            assert max(len(torch.unique(b.abs())) for b in after.reshape(-1, 16)) <= 8
+    assert {a.label for a in cycled.assignments} == set(labels)
+    # a budget only the 4-bit block formats meet (INT4 g32 asym is 4.625): all MXFP4/NVFP4 and a little more
+    low = bitalloc.plan(make_llama(), "4.4bits", calib_ids, options=options, cache_dir=False)
+    assert low.summary.storage_bits_per_weight <= 4.4
+    assert sum(a.label in ("mxfp4", "nvfp4") for a in low.assignments) >= len(low.assignments) // 2
+    # the predicted loss falls as the budget grows, across formats
+    assert low.summary.predicted_delta_loss > plan.summary.predicted_delta_loss

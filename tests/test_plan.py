@@ -230,3 +230,60 @@ def test_saved_plan_has_ordinary_file_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # readable by a serving team, like open() makes it
+
+
+# ---- plans with FP, MX and NVFP4 options ---------------------------------------------------------
+
+from bitalloc.options import QuantOption, parse_option  # noqa: E402
+
+MIXED_LABELS = ["fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "int4-g32-asym", "fp16"]
+
+
+@pytest.fixture(scope="module")
+def fp_plan() -> Plan:
+    import torch
+
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    return bitalloc.plan(make_llama(), "6bits", ids, options=[parse_option(x) for x in MIXED_LABELS], cache_dir=False)
+
+
+def test_fp_plan_json_round_trip_and_schema(fp_plan, tmp_path):
+    assert {a.option.fmt for a in fp_plan.assignments} >= {"fp"}
+    again = Plan.from_json(fp_plan.to_json())
+    assert again == fp_plan
+    assert again.options_by_module() == fp_plan.options_by_module()
+    for a in again.assignments:
+        opt = a.option.to_option()
+        assert parse_option(a.label) == opt and a.storage_bits == opt.storage_bits(*a.shape)
+    doc = json.loads(fp_plan.to_json())
+    for schema in (json.loads(REPO_SCHEMA.read_text(encoding="utf-8")), plan_json_schema()):
+        assert list(validator(schema).iter_errors(doc)) == []
+    fp_plan.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == fp_plan
+
+
+def test_v1_plan_without_fp_fields_still_loads(tiny_plan, tmp_path):
+    """Plans written before FP formats existed have no element / scale_fmt / tensor_scale_bits."""
+    doc = _doc(tiny_plan)
+    for a in doc["assignments"]:
+        for key in ("element", "scale_fmt", "tensor_scale_bits"):
+            del a["option"][key]
+    assert list(validator(json.loads(REPO_SCHEMA.read_text(encoding="utf-8"))).iter_errors(doc)) == []
+    loaded = Plan.load(_write(tmp_path, doc))
+    assert loaded == tiny_plan
+    assert all(o.fmt in ("int", "keep") for o in loaded.options_by_module().values())
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(element="e4m3", bits=4), "8 bits wide"),
+    (dict(element="e7m0"), "element"),
+    (dict(scale_fmt="e8m0", scale_bits=8, group_size=64), "blocks of 32"),
+    (dict(group_size=-1), "group_size"),
+])
+def test_inconsistent_fp_option_in_plan_is_bad_input(fp_plan, tmp_path, change, needle):
+    doc = _doc(fp_plan)
+    k = next(i for i, a in enumerate(doc["assignments"]) if a["option"]["fmt"] == "fp")
+    doc["assignments"][k]["option"].update(change)
+    with pytest.raises(BadInputError, match="not a valid plan") as info:
+        Plan.load(_write(tmp_path, doc))
+    assert needle in str(info.value) and "assignments" in str(info.value)

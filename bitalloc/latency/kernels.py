@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..formats import quantize_dequantize
 from ..formats.int import int_scales
-from ..options import QuantOption
+from ..options import ELEMENTS, QuantOption
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,7 +156,7 @@ register_kernel(Kernel(
 
 
 def _is_fp8_channel(o: QuantOption) -> bool:
-    return o.fmt == "fp" and o.bits == 8 and getattr(o, "element", "") in ("e4m3", "e5m2") and o.group_size in (None, 0)
+    return o.fmt == "fp" and o.element in ("e4m3", "e5m2") and o.group_size in (None, 0)
 
 
 def _prepare_fp8_scaled_mm(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
@@ -196,21 +196,13 @@ register_kernel(Kernel(
 
 
 def element_grid(element: str) -> torch.Tensor:
-    """Every finite value of an OCP ExMy element format (bias 2^(E-1) - 1, subnormals at e = 0);
-    E4M3 follows OCP's 'fn' variant (the all-ones pattern is NaN, max 448), E5M2 keeps IEEE inf/NaN."""
-    e_bits, m_bits = int(element[1]), int(element[3])
-    bias = 2 ** (e_bits - 1) - 1
-    e = torch.arange(2**e_bits, dtype=torch.float64)[:, None]
-    m = torch.arange(2**m_bits, dtype=torch.float64)[None, :]
-    normal = 2.0 ** (e - bias) * (1 + m / 2**m_bits)
-    subnormal = 2.0 ** (1 - bias) * (m / 2**m_bits)
-    mags = torch.where(e > 0, normal, subnormal)
-    if element == "e4m3":
-        mags[-1, -1] = float("nan")
-    elif element == "e5m2":
-        mags[-1, :] = float("nan")
-    mags = mags[torch.isfinite(mags)].unique()
-    return torch.cat([-mags.flip(0), mags]).unique().float()
+    """Every value of an element format (options.ELEMENTS), negative and positive, ascending."""
+    el = ELEMENTS[element]
+    fraction = torch.arange(2**el.mbits, dtype=torch.float64) / 2**el.mbits
+    binades = 2.0 ** torch.arange(el.min_exp, el.emax + 1, dtype=torch.float64)
+    mags = torch.cat([2.0**el.min_exp * fraction, (binades[:, None] * (1 + fraction)).flatten()])
+    mags = mags[mags <= el.max_value]
+    return torch.cat([-mags, mags]).unique().float()
 
 
 def _codes_scales_offsets(weight: torch.Tensor, option: QuantOption):

@@ -1,0 +1,42 @@
+"""Hardware targets and the --formats / --target resolution."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitalloc.errors import BadInputError
+from bitalloc.options import FORMAT_FAMILIES, default_options
+from bitalloc.targets import TARGETS, resolve_formats
+
+
+def test_every_target_names_known_families_and_keeps_int_and_keep():
+    for name, families in TARGETS.items():
+        assert set(families) <= set(FORMAT_FAMILIES), name
+        assert "int" in families and "keep" in families, name
+        default_options(formats=families)  # builds
+    assert set(TARGETS["any"]) == set(FORMAT_FAMILIES)
+    assert set(TARGETS["h100"]) == {"int", "fp8", "keep"}
+    assert {"mxfp4", "mxfp6", "mxfp8", "nvfp4", "fp8"} <= set(TARGETS["b200"])
+    assert set(TARGETS["cpu"]) == {"int", "keep"}
+
+
+def test_resolve_formats():
+    assert resolve_formats() == ["int", "keep"]
+    assert resolve_formats(target="h100") == ["int", "fp8", "keep"]
+    assert resolve_formats("int,fp8,mxfp4,nvfp4,keep") == ["int", "fp8", "mxfp4", "nvfp4", "keep"]
+    assert resolve_formats(" fp8 , keep,fp8 ") == ["fp8", "keep"]
+    assert resolve_formats(["mxfp4", "nvfp4"], target="b200") == ["mxfp4", "nvfp4"]
+    assert resolve_formats("int,fp8", target="h100") == ["int", "fp8"]
+
+
+@pytest.mark.parametrize("formats, target, needles", [
+    ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, keep"]),
+    ("", None, ["no format families", "int,fp8,keep"]),
+    (None, "tpu", ["'tpu'", "cpu, a100, h100, b200, any"]),
+    ("int,nvfp4,mxfp4", "h100", ["nvfp4, mxfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
+])
+def test_resolve_formats_errors(formats, target, needles):
+    with pytest.raises(BadInputError) as info:
+        resolve_formats(formats, target)
+    for needle in needles:
+        assert needle in str(info.value)
