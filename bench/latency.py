@@ -84,7 +84,7 @@ def main() -> None:
         raise SystemExit(f"profile {profile.name} has no model timing for {signature}; measure with `bitalloc latency --model ...`")
 
     out_dir = Path(args.out)
-    stem = f"latency-{profile.name}"
+    stem = f"latency-{profile.name}-{Path(args.config).name if args.config else Path(loaded.source).stem}"
     result = {"profile": profile.name, "device": profile.device_name, "dtype": profile.activation_dtype,
               "threads": profile.threads, "model": loaded.source, "rows": rows}
     atomic_write_text(out_dir / f"{stem}.json", canonical_json(result))

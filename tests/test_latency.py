@@ -220,4 +220,4 @@ def test_fp_formats_without_a_cpu_kernel_fall_back_to_dequantize_and_matmul(opti
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
     want = x @ K.reference_weight(w, option).t()
     # the fallback's one scale per group reproduces the stored values up to the format's own scale choice
-    assert float((fn(x) - want).norm() / want.norm()) < 0.02
+    assert float((fn(x) - want).norm() / want.norm()) < 0.05  # measure.check_tolerance for FP fallbacks
