@@ -209,8 +209,8 @@ def _print_latency(profile) -> None:
         table.add_row(label, profile.kernel_for_option.get(label, "?"), *cells)
     out.print(table)
     for m in profile.models:
-        out.print(f"model {m.model} at {m.tokens} token(s) after {m.context} cached: {m.measured_s * 1e3:.2f} ms measured, "
-                  f"{m.linear_predicted_s * 1e3:.2f} ms in planned layers, {m.other_s * 1e3:.2f} ms elsewhere")
+        out.print(f"model {m.model} at {m.tokens} token(s) after {m.context} cached: {m.other_s * 1e3:.2f} ms outside the "
+                  f"planned layers (measured), {m.linear_predicted_s * 1e3:.2f} ms in them kept dense (predicted)")
 
 
 @app.command("solvers")

@@ -43,17 +43,17 @@ class KernelCheck(_Strict):
 
 
 class ModelTiming(_Strict):
-    """End-to-end forward time of a model with every planned layer kept dense, and what the
-    per-layer entries predict for those layers; the difference is the model's time outside them
-    (attention, norms, embeddings, launch overhead), added to every plan's prediction."""
+    """A model's forward time outside its planned layers (attention, norms, embeddings, head,
+    framework overhead), measured with those layers replaced by no-ops; it is added to every
+    plan's predicted layer time."""
 
     model: str = Field(description="where the timed model came from")
     signature: str = Field(description="architecture and planned-layer shapes; plans of any copy of the model match it")
     tokens: int
     context: int = Field(description="tokens already in the KV cache (0 for prefill)")
-    measured_s: float
-    linear_predicted_s: float
-    other_s: float
+    other_s: float = Field(description="measured forward time with the planned layers replaced by no-ops")
+    linear_predicted_s: float = Field(description="predicted time of the planned layers kept dense")
+    dense_predicted_s: float = Field(description="other_s + linear_predicted_s: the predicted all-dense forward")
 
 
 class HardwareProfile(_Strict):

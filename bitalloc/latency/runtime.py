@@ -81,22 +81,37 @@ def time_forward(model: nn.Module, tokens: int, context: int = 0, samples: int =
 
 
 
+class NullLinear(nn.Module):
+    """Stands in for a planned layer while the rest of the model is timed: returns zeros of the
+    layer's output shape (one memset), so what remains is attention, norms, embeddings, the head
+    and the framework's own overhead."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 def measure_model_timings(model: nn.Module, module_names: list[str], profile: HardwareProfile, source: str,
                           tokens: list[int], context: int = 512, samples: int = 10) -> list[ModelTiming]:
-    """Time the model's forward with every planned layer dense (kernels from `profile`) and record,
-    per token count, how much of it the layers' own entries do not explain. Decode steps (1 token)
-    run after `context` cached tokens; longer inputs are prefills from an empty cache.
-    The model is modified in place (its planned layers become KernelLinear)."""
+    """Time the model's forward pass with its planned layers replaced by NullLinear: the time a
+    plan cannot change, measured directly rather than inferred (so the all-dense prediction is a
+    real check, not an identity). Decode steps (1 token) run after `context` cached tokens; longer
+    inputs are prefills from an empty cache. The model is modified in place."""
     keep = QuantOption.keep()
     shapes = [tuple(weight_matrix(model.get_submodule(n)).shape) for n in module_names]
-    attach_kernels(model, {n: keep for n in module_names}, profile)
     predict = LatencyModel(profile)
     signature = shape_signature(type(model).__name__, shapes)
+    for name, (out_f, _) in zip(module_names, shapes):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, NullLinear(out_f))
     timings = []
     for t in sorted(tokens):
         ctx = context if t == 1 else 0
-        measured = time_forward(model, t, ctx, samples=samples).median_s
+        other = time_forward(model, t, ctx, samples=samples).median_s
         linear = sum(predict.predict(keep, o, i, t) for o, i in shapes)
         timings.append(ModelTiming(model=source, signature=signature, tokens=t, context=ctx,
-                                   measured_s=measured, linear_predicted_s=linear, other_s=measured - linear))
+                                   dense_predicted_s=other + linear, linear_predicted_s=linear, other_s=other))
     return timings
