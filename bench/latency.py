@@ -3,10 +3,11 @@
     python bench/latency.py --profile profiles/cpu-epyc-2t.json [--plans plan-a.json ...]
     python bench/latency.py --profile h100.json --config bench/configs/smollm2-135m   # no weights needed
 
-For each assignment — every planned layer kept, uniform int8-ch-sym, uniform int4-g32-sym, and each
-given plan — the profile predicts the forward time (the model's time outside its planned layers, from
-the profile's model timing, plus each layer's kernel latency) and the model is then run with its
-layers on those very kernels and timed. Prints a table; writes bench/out/latency-<profile>.json/.png.
+For each assignment — every planned layer kept, uniform int8-ch-sym, uniform int4-g32-sym, a mixture,
+and each given plan — the profile predicts the forward time (the model's time outside its planned
+layers, from the profile's model timing, combined with each layer's kernel latency: summed on a CPU,
+host and device pipelines overlapped on a GPU) and the model is then run with its layers on those
+very kernels and timed. Prints a table; writes bench/out/latency-<profile>.json/.png.
 Kernel speed does not depend on the weights' values, so --config (random weights) times the same.
 """
 
@@ -70,7 +71,8 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             layers = sum(predict.predict(assign[n], *shapes[n], m.tokens) for n in names)
-            predicted = m.other_s + layers
+            host = sum(predict.predict_host(assign[n], *shapes[n], m.tokens) for n in names)
+            predicted = predict.combine(m.other_s, layers, host)
             measured = time_forward(model, m.tokens, m.context, samples=args.samples).median_s
             rows.append({"assignment": label, "storage_bpw": round(storage_bpw, 4), "tokens": m.tokens, "context": m.context,
                          "kernels": kernels_used, "predicted_layers_ms": round(layers * 1e3, 3),

@@ -223,3 +223,21 @@ def test_fp_formats_without_a_cpu_kernel_fall_back_to_dequantize_and_matmul(opti
     want = x @ K.reference_weight(w, option).t()
     # the fallback's one scale per group reproduces the stored values up to the format's own scale choice
     assert float((fn(x) - want).norm() / want.norm()) < 0.05  # measure.check_tolerance for FP fallbacks
+
+
+def test_whole_forward_adds_up_on_a_cpu_and_overlaps_host_and_device_on_a_gpu():
+    cpu = LatencyModel(_profile_with([_entry("fp16", 8, 8, 1, 1e-3)]))
+    assert cpu.combine(other_s=0.010, layers_s=0.004, layers_host_s=0.0) == pytest.approx(0.014)
+    gpu = LatencyModel(_profile_with([_entry("fp16", 8, 8, 1, 1e-3)]).model_copy(update={"device_type": "cuda"}))
+    # host-bound: the rest of the model plus issuing the layers outlasts the device's work
+    assert gpu.combine(other_s=0.020, layers_s=0.005, layers_host_s=0.002) == pytest.approx(0.022)
+    # device-bound: big kernels hide the host
+    assert gpu.combine(other_s=0.020, layers_s=0.080, layers_host_s=0.002) == pytest.approx(0.080)
+
+
+def test_cpu_timings_have_no_host_time_and_gpu_host_time_is_not_scaled():
+    assert all(e.host_s is None for e in measure_profile("h", [(64, 128)], [KEEP], "cpu", tokens=(1,), samples=2).entries)
+    e = _entry("fp16", 100, 100, 1, 1e-5).model_copy(update={"host_s": 4e-6})
+    gpu = LatencyModel(_profile_with([e]).model_copy(update={"device_type": "cuda"}))
+    assert gpu.predict_host("fp16", 400, 100, 1) == 4e-6  # issuing a call does not grow with the weight
+    assert gpu.predict("fp16", 400, 100, 1) == pytest.approx(4e-5)

@@ -124,7 +124,7 @@ def measure_profile(
                 entries.append(LatencyEntry(
                     option=option.label, kernel=chosen.name, out_features=out_f, in_features=in_f, tokens=t,
                     median_s=timing.median_s, p10_s=timing.p10_s, p90_s=timing.p90_s,
-                    samples=timing.samples, calls_per_sample=timing.calls_per_sample,
+                    samples=timing.samples, calls_per_sample=timing.calls_per_sample, host_s=timing.host_s,
                 ))
                 bar.update(1)
             del weight, fn

@@ -16,7 +16,12 @@ class LatencyModel:
     """Looks up measured kernel latencies; a shape that was not measured takes the nearest measured
     shape of the same option and token count (nearest in log weight count), scaled by the ratio of
     weight counts. Both regimes the profile covers scale that way: decode (memory-bound, time ∝
-    weight bytes) and prefill (compute-bound, time ∝ out·in·tokens)."""
+    weight bytes) and prefill (compute-bound, time ∝ out·in·tokens).
+
+    A whole forward pass combines the layers with the rest of the model (`combine`): on a CPU the
+    times add up; on a GPU the host issues kernels while the device runs earlier ones, so an eager
+    forward lasts as long as the slower of the two pipelines (host: the rest of the model plus
+    issuing each layer; device: the layers' kernels)."""
 
     def __init__(self, profile: HardwareProfile):
         self.profile = profile
@@ -46,21 +51,35 @@ class LatencyModel:
         best = min(measured, key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
         return best.median_s * size / (best.out_features * best.in_features)
 
-    def matrix(self, shapes: list[tuple[int, int]], options: list[QuantOption], allowed: np.ndarray, tokens: int) -> np.ndarray:
-        """[groups, options] predicted seconds; NaN where the option is not allowed for the group."""
+    def predict_host(self, option: QuantOption | str, out_features: int, in_features: int, tokens: int) -> float:
+        """Host seconds to issue one call (GPU profiles; 0 where the profile has none). Issuing does
+        not grow with the weight, so the nearest measured shape's value is taken as it is."""
+        self.predict(option, out_features, in_features, tokens)  # same errors for unknown options
+        label = option if isinstance(option, str) else option.label
+        size = out_features * in_features
+        best = min(self._entries[(label, tokens)], key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
+        return best.host_s or 0.0
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.profile.device_type == "cuda"
+
+    def combine(self, other_s: float, layers_s: float, layers_host_s: float) -> float:
+        """Whole-forward seconds from the rest of the model and the planned layers' device and host time."""
+        if self.asynchronous:
+            return max(other_s + layers_host_s, layers_s)
+        return other_s + layers_s
+
+    def matrix(self, shapes: list[tuple[int, int]], options: list[QuantOption], allowed: np.ndarray, tokens: int,
+               host: bool = False) -> np.ndarray:
+        """[groups, options] predicted seconds (host=True: issue seconds); NaN where not allowed."""
+        fn = self.predict_host if host else self.predict
         out = np.full((len(shapes), len(options)), np.nan)
         for g, (o, i) in enumerate(shapes):
             for k, opt in enumerate(options):
                 if allowed[g, k]:
-                    out[g, k] = self.predict(opt, o, i, tokens)
+                    out[g, k] = fn(opt, o, i, tokens)
         return out
-
-    def other_seconds(self, signature: str, tokens: int) -> float | None:
-        """Measured time of the model outside its planned layers at `tokens`, if the profile has it."""
-        for m in self.profile.models:
-            if m.signature == signature and m.tokens == tokens:
-                return m.other_s
-        return None
 
 
 def shape_signature(architecture: str, shapes: list[tuple[int, int]]) -> str:

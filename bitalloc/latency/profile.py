@@ -30,6 +30,7 @@ class LatencyEntry(_Strict):
     p90_s: float = Field(gt=0)
     samples: int = Field(ge=1)
     calls_per_sample: int = Field(ge=1)
+    host_s: float | None = Field(None, ge=0, description="GPU only: median seconds the host spends issuing one call")
 
 
 class KernelCheck(_Strict):
@@ -44,8 +45,8 @@ class KernelCheck(_Strict):
 
 class ModelTiming(_Strict):
     """A model's forward time outside its planned layers (attention, norms, embeddings, head,
-    framework overhead), measured with those layers replaced by no-ops; it is added to every
-    plan's predicted layer time."""
+    framework overhead), measured with those layers replaced by no-ops; LatencyModel.combine adds
+    a plan's layers to it."""
 
     model: str = Field(description="where the timed model came from")
     signature: str = Field(description="architecture and planned-layer shapes; plans of any copy of the model match it")
@@ -53,7 +54,7 @@ class ModelTiming(_Strict):
     context: int = Field(description="tokens already in the KV cache (0 for prefill)")
     other_s: float = Field(description="measured forward time with the planned layers replaced by no-ops")
     linear_predicted_s: float = Field(description="predicted time of the planned layers kept dense")
-    dense_predicted_s: float = Field(description="other_s + linear_predicted_s: the predicted all-dense forward")
+    dense_predicted_s: float = Field(description="the predicted all-dense forward (LatencyModel.combine)")
 
 
 class HardwareProfile(_Strict):

@@ -112,6 +112,7 @@ def measure_model_timings(model: nn.Module, module_names: list[str], profile: Ha
         ctx = context if t == 1 else 0
         other = time_forward(model, t, ctx, samples=samples).median_s
         linear = sum(predict.predict(keep, o, i, t) for o, i in shapes)
-        timings.append(ModelTiming(model=source, signature=signature, tokens=t, context=ctx,
-                                   dense_predicted_s=other + linear, linear_predicted_s=linear, other_s=other))
+        host = sum(predict.predict_host(keep, o, i, t) for o, i in shapes)
+        timings.append(ModelTiming(model=source, signature=signature, tokens=t, context=ctx, other_s=other,
+                                   linear_predicted_s=linear, dense_predicted_s=predict.combine(other, linear, host)))
     return timings
