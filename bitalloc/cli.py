@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -33,10 +33,35 @@ def _ints(text: str, flag: str) -> list[int]:
         raise BadInputError(f"cannot read {flag} {text!r}; write comma-separated integers, e.g. '2,3,4,8'") from None
 
 
+def _setting_value(text: str):
+    """A solver setting's value as written: int, float, true/false, none, or the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _solver_settings(items: list[str]) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"cannot read --solver-setting {item!r}; write KEY=VALUE, e.g. --solver-setting backend=highs")
+        settings[key.strip()] = _setting_value(value)
+    return settings
+
+
 @app.command("plan")
 def plan_cmd(
     model: str = typer.Argument(..., help="hub id, local directory (config.json + safetensors) or .gguf file"),
-    budget: str = typer.Option(..., "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -46,7 +71,14 @@ def plan_cmd(
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
     seed: int = typer.Option(0, "--seed"),
-    out_path: Path = typer.Option(Path("plan.json"), "--out", help="where to write the JSON plan"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),
+    min_bits: Optional[int] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16)"),
+    max_bits: Optional[int] = typer.Option(None, "--max-bits", help="every planned module gets at most this many bits"),
+    pin: List[str] = typer.Option([], "--pin", help="REGEX=OPTION: modules matching REGEX take OPTION, e.g. 'lm_head=fp16' (repeatable)"),
+    allow: List[str] = typer.Option([], "--allow", help="REGEX=LABEL_REGEX: modules matching REGEX choose only options whose label matches, e.g. 'down_proj=int[4-8].*' (repeatable)"),
+    tie: List[str] = typer.Option([], "--tie", help="'fused' (q/k/v and gate/up share an option per block) or a module REGEX whose matches share one (repeatable)"),
+    pareto: Optional[str] = typer.Option(None, "--pareto", help="sweep budgets START:STOP:STEP, e.g. 3.0:5.0:0.25bits: one plan per point in --out, plus pareto.png"),
+    solver_setting: List[str] = typer.Option([], "--solver-setting", help="KEY=VALUE passed to the solver, e.g. backend=highs, time_limit_s=30, trials=60 (repeatable)"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="also plan the input embedding"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
@@ -57,21 +89,46 @@ def plan_cmd(
     from . import api
     from .options import default_options
 
+    from .budget import parse_budget
+    from .constraints import Constraints, parse_rule
+    from .pareto import parse_budget_range, pareto_from_table
+
+    if (budget is None) == (pareto is None):
+        raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
     try:
         options = default_options(bits=_ints(bits, "--bits"), group_sizes=_group_sizes(group_sizes), include_keep=not no_keep)
     except ValueError as e:  # an option the formats cannot represent, e.g. --bits 9
         raise BadInputError(f"{e}; e.g. --bits 2,3,4,8 --group-sizes 32,64,ch") from None
+    constraints = Constraints(
+        min_bits=min_bits, max_bits=max_bits,
+        pins=tuple(parse_rule(p, "--pin") for p in pin), allow=tuple(parse_rule(a, "--allow") for a in allow),
+        ties=tuple(tie),
+    )
+    settings = _solver_settings(solver_setting)
+    # fail on a bad budget or range before loading anything
+    budgets = parse_budget_range(pareto) if pareto is not None else None
+    one_budget = parse_budget(budget) if budget is not None else None
     start = time.perf_counter()
-    plan = api.plan(
-        model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
+    table, loaded, calibration = api.prepare(
+        model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
     )
-    plan.save(out_path)
+    common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints)
+    if budgets is not None:
+        sweep = pareto_from_table(table, budgets, loaded, calibration, **common)
+        folder = out_path or Path("pareto")
+        sweep.save(folder)
+        out.print(sweep.table(), markup=False, soft_wrap=True)
+        out.print(f"wrote {len(sweep.plans)} plans, pareto.json and pareto.png to {folder}")
+        return
+    plan = api.plan_from_table(table, one_budget, loaded, calibration, **common)
+    target = out_path or Path("plan.json")
+    plan.save(target)
     _print_summary(plan, time.perf_counter() - start)
-    out.print(f"wrote {out_path}")
+    out.print(f"wrote {target}")
 
 
 def _print_summary(plan, seconds: float) -> None:
@@ -147,7 +204,7 @@ def solvers_cmd() -> None:
     from . import solvers
 
     for name, summary in solvers.available_solvers().items():
-        out.print(f"{name:12s} {summary}")
+        print(f"{name:13s}{summary}")  # one line each, whatever the terminal width
 
 
 @app.command("show")

@@ -76,6 +76,8 @@ class SolverSpec(_Strict):
     status: str
     objective: float
     bound: float | None = Field(None, description="proven lower bound on the optimal objective; null if unknown")
+    details: dict = Field(default_factory=dict, description="solver facts worth keeping, e.g. backend, DP resolution, "
+                          "an evolutionary search's warm-start and best true-objective scores")
 
 
 class Plan(_Strict):
@@ -91,6 +93,8 @@ class Plan(_Strict):
     budget: BudgetSpec
     summary: Summary
     assignments: list[Assignment]
+    constraints: dict | None = Field(None, description="constraints the plan was solved under (bit bounds, pins, "
+                                     "option filters, ties, latency limit); null if none")
 
     def to_json(self) -> str:
         return canonical_json(self.model_dump(mode="json"))
