@@ -7,6 +7,8 @@
 """
 
 from .api import plan, plan_from_table, profile
+from .constraints import Constraints
+from .pareto import Pareto, pareto, pareto_from_table
 from .apply import apply
 from .budget import Budget, parse_budget
 from .errors import BadInputError, BitallocError, BudgetInfeasibleError, PlanMismatchError, PlanVersionError
@@ -16,7 +18,7 @@ from .options import QuantOption, default_options
 from .plan import Plan
 
 __all__ = [
-    "plan", "plan_from_table", "profile", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
+    "plan", "plan_from_table", "profile", "pareto", "pareto_from_table", "Pareto", "Constraints", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
     "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model",
     "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
     "PlanVersionError",

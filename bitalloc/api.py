@@ -13,10 +13,13 @@ from . import solvers
 from .budget import Budget, parse_budget
 from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
 from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
+from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError
+from .objective import CalibrationScore
 from .models import LoadedModel, as_loaded, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
 from .options import QuantOption, default_options
-from .plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
+from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
 from .profile.statistics import collect_statistics
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
@@ -86,14 +89,32 @@ def plan(
     cache_dir: str | Path | None | bool = True,
     progress: bool = False,
     trust_remote_code: bool = False,
+    constraints: Constraints | None = None,
+    latency_target: LatencyTarget | None = None,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
     model_or_source: an nn.Module (pass `tokenizer` if calibration is text), a LoadedModel, or a
     source string (hub id, directory, .gguf). calibration: text file path, token ids
     [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
+    constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
+    latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
     """
     budget = parse_budget(budget)
+    table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
+                                   error_model=error_model, seq_len=seq_len, calib_tokens=calib_tokens, seed=seed,
+                                   include_lm_head=include_lm_head, include_embeddings=include_embeddings,
+                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code)
+    return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
+                           error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
+
+
+def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = "ilp",
+            options: list[QuantOption] | None = None, error_model: str = "fisher", seq_len: int = 512,
+            calib_tokens: int = 8192, seed: int = 0, include_lm_head: bool = False, include_embeddings: bool = False,
+            cache_dir: str | Path | None | bool = True, progress: bool = False,
+            trust_remote_code: bool = False) -> tuple[CandidateTable, LoadedModel, Calibration]:
+    """Check the arguments, load the model, build the calibration and the candidate table."""
     if error_model not in ERROR_MODELS:
         raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     if solver not in solvers.available_solvers():
@@ -104,8 +125,7 @@ def plan(
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress)
-    return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
-                           error_model=error_model, seed=seed)
+    return table, loaded, calib
 
 
 def plan_from_table(
@@ -118,32 +138,86 @@ def plan_from_table(
     solver_settings: dict | None = None,
     error_model: str = "fisher",
     seed: int = 0,
+    constraints: Constraints | None = None,
+    latency: np.ndarray | None = None,
+    max_latency: float | None = None,
+    latency_target: LatencyTarget | None = None,
+    score_windows: int = 4,
 ) -> Plan:
-    """Solve an existing candidate table at a budget (re-planning without re-profiling)."""
+    """Solve an existing candidate table at a budget (re-planning without re-profiling).
+
+    latency_target: a measured hardware profile (+ tokens per forward and an optional limit on the
+    whole forward pass); the plan then reports its predicted latency and, with a limit, meets it.
+    latency / max_latency: the raw form — [modules, options] seconds and a cap on their sum.
+    score_windows: calibration windows the evolutionary solver's true objective is measured on
+    (unless solver_settings has a score).
+    """
     budget = parse_budget(budget)
+    constraints = constraints or Constraints()
+    timing = None
+    if latency_target is not None:
+        if latency is not None or max_latency is not None or constraints.max_latency is not None:
+            raise BadInputError("give the latency either as a hardware profile (latency_target) or as a matrix with a cap, not both")
+        timing = latency_inputs(latency_target, type(loaded.model).__name__, table.shapes, table.options, table.allowed)
+        latency, max_latency = timing.matrix, timing.max_layers_s
+    if max_latency is None:
+        max_latency = constraints.max_latency
+    if max_latency is not None and latency is None:
+        raise BadInputError("a latency limit needs a latency matrix: pass latency=[modules, options] "
+                            "predicted seconds (from a hardware profile)")
+    if latency is not None and np.shape(latency) != table.storage_bits.shape:
+        raise BadInputError(f"latency has shape {list(np.shape(latency))}, the table is {list(table.storage_bits.shape)} "
+                            "(modules x options)")
+    masks = constraint_masks(table, constraints)
     n = table.num_weights
     max_bits = budget.max_storage_bits(n)
     problem = solvers.Problem(
         cost=np.nan_to_num(table.errors[error_model], nan=0.0),
-        storage_bits=table.storage_bits,
+        storage_bits=np.where(masks.allowed, table.storage_bits, np.nan),
         max_storage_bits=max_bits,
         group_names=tuple(table.groups),
+        latency=None if latency is None else np.asarray(latency, dtype=np.float64),
+        max_latency=None if max_latency is None else float(max_latency),
+        ties=masks.ties,
     )
     lo, hi = problem.bits_range()
     if max_bits < lo:
+        under = " under these constraints" if constraints.active else ""
         raise BudgetInfeasibleError(
-            f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)} for these options "
+            f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)}{under} "
             f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or offer fewer bits (--bits)"
         )
+    settings = dict(solver_settings or {})
+    score = None
+    if "score" in solvers.base.solver_settings(solver) and "score" not in settings:
+        score = CalibrationScore(loaded.model, table, calibration.tokens[:score_windows])
+        settings["score"] = score
     try:
-        solution = solvers.solve(problem, solver, **(solver_settings or {}))
-    except solvers.base.SolverError as e:
-        error = BudgetInfeasibleError if e.binding == "storage budget" else BadInputError
+        solution = solvers.solve(problem, solver, **settings)
+    except solvers.SolverError as e:
+        error = BudgetInfeasibleError if e.binding in ("storage budget", "latency", "storage budget and latency") else BadInputError
         raise error(f"{e} (binding: {e.binding or 'unknown'})") from None
-    return _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed)
+    finally:
+        if score is not None:
+            score.restore()
+    return _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed,
+                      constraints if constraints.active else None, timing)
 
 
-def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed) -> Plan:
+def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
+    rows = np.arange(len(choice))
+    layers = float(timing.matrix[rows, choice].sum())
+    host = float(timing.host[rows, choice].sum())
+    predicted = timing.predicted(layers, host)
+    p = timing.profile
+    return LatencySpec(profile=p.name, device=p.device_name, activation_dtype=p.activation_dtype, tokens=timing.tokens,
+                       context=timing.context, layers_s=_sig(layers), other_s=None if timing.other_s is None else _sig(timing.other_s),
+                       predicted_s=None if predicted is None else _sig(predicted),
+                       max_s=None if timing.max_latency_s is None else _sig(timing.max_latency_s))
+
+
+def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed, constraints=None,
+               timing: LatencyInputs | None = None) -> Plan:
     model = loaded.model
     tied = tied_embeddings(model)
     head, emb = output_embedding_name(model), input_embedding_name(model)
@@ -162,6 +236,7 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
                 label=opt.label,
                 storage_bits=int(table.storage_bits[g, k]),
                 predicted_delta_loss=_sig(errors[g, k]),
+                predicted_latency_s=None if timing is None else _sig(timing.matrix[g, k]),
                 tied_to=tied_to,
             )
         )
@@ -175,7 +250,8 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
         options=[o.label for o in table.options],
         solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,
                           objective=_sig(solution.objective),
-                          bound=None if solution.bound is None else _sig(solution.bound)),
+                          bound=None if solution.bound is None else _sig(solution.bound),
+                          details={k: _sig(v) if isinstance(v, float) else v for k, v in solution.details.items()}),
         seed=seed,
         budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
         summary=Summary(
@@ -187,7 +263,9 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
             fp16_bytes=2 * n,
             predicted_delta_loss=_sig(sum(a.predicted_delta_loss for a in assignments)),
         ),
+        latency=None if timing is None else _latency_spec(timing, solution.choice),
         assignments=assignments,
+        constraints=None if constraints is None else constraints.to_dict(),
     )
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -47,10 +47,35 @@ def _option_grid(bits: str, group_sizes: str, keep: bool, formats: str | None, t
     return options
 
 
+def _setting_value(text: str):
+    """A solver setting's value as written: int, float, true/false, none, or the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _solver_settings(items: list[str]) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"cannot read --solver-setting {item!r}; write KEY=VALUE, e.g. --solver-setting backend=highs")
+        settings[key.strip()] = _setting_value(value)
+    return settings
+
+
 @app.command("plan")
 def plan_cmd(
     model: str = typer.Argument(..., help="hub id, local directory (config.json + safetensors) or .gguf file"),
-    budget: str = typer.Option(..., "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -62,7 +87,17 @@ def plan_cmd(
     formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
     target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, any"),
     seed: int = typer.Option(0, "--seed"),
-    out_path: Path = typer.Option(Path("plan.json"), "--out", help="where to write the JSON plan"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),
+    min_bits: Optional[int] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16)"),
+    max_bits: Optional[int] = typer.Option(None, "--max-bits", help="every planned module gets at most this many bits"),
+    pin: List[str] = typer.Option([], "--pin", help="REGEX=OPTION: modules matching REGEX take OPTION, e.g. 'lm_head=fp16' (repeatable)"),
+    allow: List[str] = typer.Option([], "--allow", help="REGEX=LABEL_REGEX: modules matching REGEX choose only options whose label matches, e.g. 'down_proj=int[4-8].*' (repeatable)"),
+    tie: List[str] = typer.Option([], "--tie", help="'fused' (q/k/v and gate/up share an option per block) or a module REGEX whose matches share one (repeatable)"),
+    pareto: Optional[str] = typer.Option(None, "--pareto", help="sweep budgets START:STOP:STEP, e.g. 3.0:5.0:0.25bits: one plan per point in --out, plus pareto.png"),
+    latency_profile: Optional[Path] = typer.Option(None, "--latency-profile", help="hardware profile (profiles/*.json, `bitalloc latency`): the plan reports its predicted latency"),
+    latency_tokens: int = typer.Option(1, "--latency-tokens", help="tokens per forward the latency is for: 1 = a decode step, e.g. 512 = a prefill"),
+    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="limit on the predicted whole-forward latency, e.g. 40ms (needs --latency-profile)"),
+    solver_setting: List[str] = typer.Option([], "--solver-setting", help="KEY=VALUE passed to the solver, e.g. backend=highs, time_limit_s=30, trials=60 (repeatable)"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="also plan the input embedding"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
@@ -72,18 +107,63 @@ def plan_cmd(
     """Profile MODEL on calibration text and write a plan that fits BUDGET."""
     from . import api
 
+    from .budget import parse_budget
+    from .constraints import Constraints, parse_rule
+    from .pareto import parse_budget_range, pareto_from_table
+
+    if (budget is None) == (pareto is None):
+        raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
     options = _option_grid(bits, group_sizes, keep=not no_keep, formats=formats, target=target)
+    constraints = Constraints(
+        min_bits=min_bits, max_bits=max_bits,
+        pins=tuple(parse_rule(p, "--pin") for p in pin), allow=tuple(parse_rule(a, "--allow") for a in allow),
+        ties=tuple(tie),
+    )
+    settings = _solver_settings(solver_setting)
+    latency_target = _latency_target(latency_profile, latency_tokens, max_latency)
+    # fail on a bad budget or range before loading anything
+    budgets = parse_budget_range(pareto) if pareto is not None else None
+    one_budget = parse_budget(budget) if budget is not None else None
     start = time.perf_counter()
-    plan = api.plan(
-        model, budget, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
+    table, loaded, calibration = api.prepare(
+        model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
     )
-    plan.save(out_path)
+    common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
+                  latency_target=latency_target)
+    if budgets is not None:
+        sweep = pareto_from_table(table, budgets, loaded, calibration, **common)
+        folder = out_path or Path("pareto")
+        sweep.save(folder)
+        out.print(sweep.table(), markup=False, soft_wrap=True)
+        out.print(f"wrote {len(sweep.plans)} plans, pareto.json and pareto.png to {folder}")
+        return
+    plan = api.plan_from_table(table, one_budget, loaded, calibration, **common)
+    target = out_path or Path("plan.json")
+    plan.save(target)
     _print_summary(plan, time.perf_counter() - start)
-    out.print(f"wrote {out_path}")
+    out.print(f"wrote {target}")
+
+
+def _latency_target(profile_path: Path | None, tokens: int, max_latency: str | None):
+    """The hardware-profile side of a plan, checked before any model is loaded."""
+    from .latency.planning import LatencyTarget
+    from .latency.predict import parse_latency
+    from .latency.profile import HardwareProfile
+
+    if profile_path is None:
+        if max_latency is not None:
+            raise BadInputError("--max-latency needs --latency-profile: the measured kernel latencies of the target machine "
+                                "(profiles/*.json, or measure with `bitalloc latency`)")
+        return None
+    if tokens < 1:
+        raise BadInputError(f"--latency-tokens must be at least 1, got {tokens}")
+    if max_latency is not None:
+        parse_latency(max_latency)
+    return LatencyTarget(HardwareProfile.load(profile_path), tokens, max_latency)
 
 
 def _print_summary(plan, seconds: float) -> None:
@@ -106,6 +186,11 @@ def _print_summary(plan, seconds: float) -> None:
         f"(nominal {s.nominal_bits_per_weight:.4f}), {s.storage_bytes / 1e6:.2f} MB vs {s.fp16_bytes / 1e6:.2f} MB fp16; "
         f"predicted ΔNLL {s.predicted_delta_loss:.4g} nats; solver {plan.solver.name} ({_solver_status(plan.solver)}); {seconds:.1f}s"
     )
+    if (lat := plan.latency) is not None:
+        whole = f"{lat.predicted_s * 1e3:.4g} ms per forward" if lat.predicted_s is not None else "whole forward unknown (model not timed in the profile)"
+        limit = f" (limit {lat.max_s * 1e3:.4g} ms)" if lat.max_s is not None else ""
+        out.print(f"predicted latency on {lat.profile} ({lat.device}), {lat.tokens} token(s): planned layers "
+                  f"{lat.layers_s * 1e3:.4g} ms; {whole}{limit}")
 
 
 def _solver_status(spec) -> str:
@@ -219,7 +304,7 @@ def solvers_cmd() -> None:
     from . import solvers
 
     for name, summary in solvers.available_solvers().items():
-        out.print(f"{name:12s} {summary}")
+        print(f"{name:13s}{summary}")  # one line each, whatever the terminal width
 
 
 @app.command("show")

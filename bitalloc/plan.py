@@ -89,6 +89,8 @@ class SolverSpec(_Strict):
     status: str
     objective: float
     bound: float | None = Field(None, description="proven lower bound on the optimal objective; null if unknown")
+    details: dict = Field(default_factory=dict, description="solver facts worth keeping, e.g. backend, DP resolution, "
+                          "an evolutionary search's warm-start and best true-objective scores")
 
 
 class LatencySpec(_Strict):
@@ -119,6 +121,8 @@ class Plan(_Strict):
     summary: Summary
     latency: LatencySpec | None = Field(None, description="predicted latency on a hardware profile, when one was given")
     assignments: list[Assignment]
+    constraints: dict | None = Field(None, description="constraints the plan was solved under (bit bounds, pins, "
+                                     "option filters, ties, latency limit); null if none")
 
     def to_json(self) -> str:
         return canonical_json(self.model_dump(mode="json"))
