@@ -116,7 +116,9 @@ def summarize(rows: list[dict], base) -> str:
     lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
              "| budget (bpw) | candidates | storage bpw | ppl | KL / top-1 | formats used (modules per family) | distinct options |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["kind"] != "plan", r["budget"] or 0, r["candidates"])):
+    order = list(CANDIDATE_SETS)
+    for r in sorted(rows, key=lambda r: (r["kind"] != "plan", r["budget"] or 0,
+                                         order.index(r["candidates"]) if r["kind"] == "plan" else r["bpw"])):
         budget = f"{r['budget']:g}" if r["budget"] is not None else "uniform"
         lines.append(f"| {budget} | {r['candidates']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {r['kl']:.3f} / {r['top1']:.1%} | "
                      f"{format_counts(r['formats'])} | {len(r['labels'])} |")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .errors import BadInputError, PlanVersionError
 from .io import atomic_write_text, canonical_json
@@ -18,6 +18,9 @@ PLAN_FORMAT = "bitalloc.plan"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_FP_FIELDS = ("element", "scale_fmt", "tensor_scale_bits")
 
 
 class OptionSpec(_Strict):
@@ -39,6 +42,16 @@ class OptionSpec(_Strict):
     def _is_an_option(self) -> "OptionSpec":
         self.to_option()  # QuantOption's own checks (e.g. element width = bits); ValueError -> invalid plan
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_fp_defaults(self, handler):
+        # INT/keep options are written exactly as before the FP fields existed, so their plans stay
+        # byte-identical and readable by earlier bitalloc versions; FP options write all fields.
+        d = handler(self)
+        if self.fmt != "fp":
+            for key in _FP_FIELDS:
+                d.pop(key, None)
+        return d
 
     @classmethod
     def of(cls, o: QuantOption) -> "OptionSpec":

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bitalloc.formats import quantize_dequantize
 from bitalloc.formats.fp import pow2, round_to_element
@@ -106,6 +108,20 @@ def test_fp6_fp4_rounding_equals_ml_dtypes(name):
     # the grid itself is what the spec says
     assert set(np.abs(grid).tolist()) == set(round_to_element(f32(grid), name).abs().tolist())
     assert float(np.abs(grid).max()) == ELEMENTS[name].max_value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64))
+def test_rounding_equals_references_on_any_float32(values):
+    x = f32(values)
+    for name, dtype in TORCH_FP8.items():
+        ref = x.to(dtype).float()
+        ok = torch.isfinite(ref)
+        assert_same_values(round_to_element(x, name)[ok], ref[ok], x[ok])
+        assert torch.all(round_to_element(x, name)[~ok].abs() == ELEMENTS[name].max_value)
+    for name, dtype in ML_DTYPES.items():
+        ref = torch.from_numpy(x.numpy().astype(getattr(ml_dtypes, dtype)).astype(np.float32))
+        assert_same_values(round_to_element(x, name), ref, x)
 
 
 @pytest.mark.parametrize("name", list(ELEMENTS))

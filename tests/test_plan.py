@@ -256,6 +256,8 @@ def test_fp_plan_json_round_trip_and_schema(fp_plan, tmp_path):
         opt = a.option.to_option()
         assert parse_option(a.label) == opt and a.storage_bits == opt.storage_bits(*a.shape)
     doc = json.loads(fp_plan.to_json())
+    fp_option = next(a["option"] for a in doc["assignments"] if a["option"]["fmt"] == "fp")
+    assert {"element", "scale_fmt", "tensor_scale_bits"} <= set(fp_option)
     for schema in (json.loads(REPO_SCHEMA.read_text(encoding="utf-8")), plan_json_schema()):
         assert list(validator(schema).iter_errors(doc)) == []
     fp_plan.save(tmp_path / "p.json")
@@ -263,11 +265,11 @@ def test_fp_plan_json_round_trip_and_schema(fp_plan, tmp_path):
 
 
 def test_v1_plan_without_fp_fields_still_loads(tiny_plan, tmp_path):
-    """Plans written before FP formats existed have no element / scale_fmt / tensor_scale_bits."""
+    """Plans written before FP formats existed have no element / scale_fmt / tensor_scale_bits, and
+    INT/keep options are still written that way (earlier bitalloc versions read them)."""
     doc = _doc(tiny_plan)
     for a in doc["assignments"]:
-        for key in ("element", "scale_fmt", "tensor_scale_bits"):
-            del a["option"][key]
+        assert sorted(a["option"]) == ["bits", "fmt", "group_size", "scale_bits", "symmetric", "zero_bits"]
     assert list(validator(json.loads(REPO_SCHEMA.read_text(encoding="utf-8"))).iter_errors(doc)) == []
     loaded = Plan.load(_write(tmp_path, doc))
     assert loaded == tiny_plan
