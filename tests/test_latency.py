@@ -241,3 +241,18 @@ def test_cpu_timings_have_no_host_time_and_gpu_host_time_is_not_scaled():
     gpu = LatencyModel(_profile_with([e]).model_copy(update={"device_type": "cuda"}))
     assert gpu.predict_host("fp16", 400, 100, 1) == 4e-6  # issuing a call does not grow with the weight
     assert gpu.predict("fp16", 400, 100, 1) == pytest.approx(4e-5)
+
+
+def test_a_kernel_that_cannot_take_one_shape_falls_back_for_that_shape_only(monkeypatch):
+    def prepare(w, o, dt):
+        if w.shape[1] == 256:
+            raise ValueError("cannot tile 256 columns")
+        return lambda x: x @ K.reference_weight(w, o).to(dt).t()
+
+    picky = K.Kernel("picky_int8", ("cpu",), "refuses in=256", supports=lambda o: o.bits == 8, prepare=prepare)
+    monkeypatch.setattr(K, "_KERNELS", {"picky_int8": picky, **K._KERNELS})
+    profile = measure_profile("p", [(64, 128), (64, 256)], [INT8_CH_SYM], "cpu", tokens=(1,), samples=2)
+    kernels = {e.in_features: e.kernel for e in profile.entries}
+    assert kernels == {128: "picky_int8", 256: "int8_weight_only"}
+    assert profile.kernel_for_option == {"int8-ch-sym": "picky_int8"}
+    assert any(c.status == "failed" and "cannot tile 256" in c.detail for c in profile.checks)

@@ -136,7 +136,9 @@ def _prepare_int4_cuda(weight: torch.Tensor, option: QuantOption, dtype: torch.d
     q = q.to(torch.uint8)
     # The packed layout tiles the input dimension in inner_k_tiles x 16 columns; take the widest tiling
     # the layer allows (576 = 2 x 16 x 18 allows 2, not 8).
-    inner_k_tiles = next(t for t in (8, 4, 2) if weight.shape[1] % (16 * t) == 0)
+    inner_k_tiles = next((t for t in (8, 4, 2) if weight.shape[1] % (16 * t) == 0), None)
+    if inner_k_tiles is None:
+        raise ValueError(f"tinygemm tiles the input in multiples of 32; in_features={weight.shape[1]} is not one")
     packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), inner_k_tiles)
     g = option.group_size
     return lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, g, sz).to(x.dtype)

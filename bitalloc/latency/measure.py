@@ -76,6 +76,18 @@ def choose_kernel(option: QuantOption, device: torch.device, dtype: torch.dtype,
     raise RuntimeError(f"no kernel ran {option.label} on {device}, not even {DEQUANT_DENSE.name}")
 
 
+def prepare_or_choose(kernel: Kernel, option: QuantOption, device: torch.device, dtype: torch.dtype,
+                      weight: torch.Tensor, checks: list[KernelCheck]) -> tuple[Kernel, LinearFn]:
+    """The option's kernel for this weight; if it cannot take this shape (a tiling constraint, say),
+    the next kernel that can, as `choose_kernel` finds it."""
+    try:
+        return kernel, kernel.prepare(weight, option, dtype)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+        checks.append(KernelCheck(kernel=kernel.name, option=option.label, status="failed",
+                                  detail=f"shape {list(weight.shape)}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"))
+        return choose_kernel(option, device, dtype, weight, checks)
+
+
 def measure_profile(
     name: str,
     shapes: Iterable[tuple[int, int]],
@@ -116,13 +128,14 @@ def measure_profile(
             if chosen is None:
                 chosen, fn = choose_kernel(option, device, dtype, weight, checks)
                 kernel_for_option[option.label] = chosen.name
+                kernel = chosen
             else:
-                fn = chosen.prepare(weight, option, dtype)
+                kernel, fn = prepare_or_choose(chosen, option, device, dtype, weight, checks)
             for t in tokens:
                 x = torch.randn(t, in_f, generator=gen).to(device, dtype)
                 timing = time_call(lambda: fn(x), device, samples=samples)
                 entries.append(LatencyEntry(
-                    option=option.label, kernel=chosen.name, out_features=out_f, in_features=in_f, tokens=t,
+                    option=option.label, kernel=kernel.name, out_features=out_f, in_features=in_f, tokens=t,
                     median_s=timing.median_s, p10_s=timing.p10_s, p90_s=timing.p90_s,
                     samples=timing.samples, calls_per_sample=timing.calls_per_sample, host_s=timing.host_s,
                 ))

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..models import weight_matrix
 from ..options import QuantOption
 from .kernels import LinearFn, get_kernel
-from .measure import choose_kernel
+from .measure import choose_kernel, prepare_or_choose
 from .predict import LatencyModel, shape_signature
 from .profile import HardwareProfile, ModelTiming
 from .timing import Timing, time_call
@@ -48,8 +48,7 @@ def attach_kernels(model: nn.Module, options: dict[str, QuantOption], profile: H
         bias = getattr(module, "bias", None)
         known = profile.kernel_for_option.get(option.label) if profile else None
         if known:
-            kernel = get_kernel(known)
-            fn = kernel.prepare(weight, option, dtype)
+            kernel, fn = prepare_or_choose(get_kernel(known), option, device, dtype, weight, checks=[])
         else:
             kernel, fn = choose_kernel(option, device, dtype, weight, checks=[])
         parent_name, _, child = name.rpartition(".")
