@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="build the model from this config (random weights) instead of --gguf")
     ap.add_argument("--plans", nargs="*", default=[], help="plan JSON files to time as well")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--tokens", default=None, help="only these token counts of the profile's model timings, e.g. 1")
     args = ap.parse_args()
     profile = HardwareProfile.load(args.profile)
     predict = LatencyModel(profile)
@@ -67,7 +68,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         attach_kernels(model, assign, profile)
         for m in profile.models:
-            if m.signature != signature:
+            if m.signature != signature or (args.tokens and str(m.tokens) not in args.tokens.split(",")):
                 continue
             t0 = time.perf_counter()
             layers = sum(predict.predict(assign[n], *shapes[n], m.tokens) for n in names)
