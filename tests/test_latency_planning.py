@@ -142,3 +142,47 @@ def test_cli_latency_flags(cli_env, model_dir, tmp_path):
     assert saved["latency"]["max_s"] == 0.1 and saved["latency"]["predicted_s"] <= 0.1
     assert "predicted latency on synthetic" in ok.stdout
     assert bitalloc.Plan.load(out).latency.profile == "synthetic"
+
+
+def test_cli_latency_measures_a_profile_that_plans_can_use(cli_env, model_dir, tmp_path):
+    out = tmp_path / "tiny-cpu.json"
+    r = run_cli(cli_env, "latency", "--model", model_dir, "--tokens", "1,4", "--context", "4", "--samples", "2",
+                "--bits", "4,8", "--group-sizes", "32,ch", "--threads", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    profile = HardwareProfile.load(out)
+    assert profile.name == "tiny-cpu" and profile.threads == 1 and profile.device_type == "cpu"
+    assert profile.kernel_for_option["int8-ch-sym"] == "int8_weight_only"
+    assert profile.kernel_for_option["int4-g32-asym"] == "int4_tinygemm_cpu"
+    assert profile.kernel_for_option["int4-ch-asym"] == "dequant_dense"
+    assert sorted((m.tokens, m.context) for m in profile.models) == [(1, 4), (4, 0)]
+    printed = " ".join(r.stdout.split())  # rich wraps lines at the terminal width
+    assert "tiny-cpu: AMD" in printed or "tiny-cpu:" in printed
+    assert "outside the planned layers (measured)" in printed
+    # a plan over the same grid reads it
+    plan_out = tmp_path / "plan.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", model_dir / "calib.txt", "--bits", "4,8",
+                "--group-sizes", "32,ch", "--latency-profile", out, "--out", plan_out, "--no-cache")
+    assert r.returncode == 0, r.stderr
+    assert bitalloc.Plan.load(plan_out).latency.predicted_s > 0
+    # an option the profile never timed is named, with the fix
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", model_dir / "calib.txt", "--bits", "3,4,8",
+                "--group-sizes", "32,ch", "--latency-profile", out, "--no-cache", "--out", tmp_path / "p3.json")
+    assert r.returncode == 2 and "no timing for option int3" in error_text(r)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "--device 'tpu' is not supported"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--dtype", "int8"], "--dtype 'int8' is not one of"),
+    (["--tokens", "0"], "--tokens must be positive"),
+])
+def test_cli_latency_bad_input(cli_env, model_dir, tmp_path, args, message):
+    r = run_cli(cli_env, "latency", "--model", model_dir, "--out", tmp_path / "p.json", *args)
+    assert r.returncode == 2 and message in error_text(r)
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_latency_cuda_without_a_gpu_says_so(cli_env, model_dir, tmp_path):
+    r = run_cli(cli_env, "latency", "--model", model_dir, "--device", "cuda", "--out", tmp_path / "p.json")
+    assert r.returncode == 2 and "torch sees no CUDA device" in error_text(r)

@@ -37,9 +37,9 @@ def measure_latency(
     config_only: build the model from its config.json with random weights — kernel speed does not
     depend on the values, and it lets a machine without the weights measure.
     """
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
         raise BadInputError(f"--device {device!r} is not supported; use cpu or cuda")
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     if dtype is not None and dtype not in DTYPES:
