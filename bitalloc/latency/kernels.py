@@ -234,21 +234,26 @@ def _codes_scales_offsets(weight: torch.Tensor, option: QuantOption):
 
 
 def _prepare_dequant_dense(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
-    """Codes one per byte, a value table of at most 2^bits entries, a scale (and offset) per group;
-    every call gathers, scales and multiplies, then runs the dense matmul."""
+    """Codes one per byte and a scale per group (plus a zero-point for asymmetric INT); every call
+    turns codes into values, scales them and runs the dense matmul. INT values are consecutive
+    integers, so a conversion and one fused multiply-add do it; FP elements are looked up in the
+    format's value table (at most 2^bits entries)."""
     out_f, in_f = weight.shape
     codes, table, scale, offset = _codes_scales_offsets(weight.float(), option)
-    table, scale = table.to(dtype), scale.to(dtype)
     n_groups = scale.shape[1]
-    if offset is None:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            w = table[codes.long()].reshape(out_f, n_groups, -1) * scale
-            return F.linear(x, w.reshape(out_f, in_f))
-    else:
-        offset = offset.to(dtype)
+    if option.fmt == "int":
+        # table[q] = table[0] + q, so w = q·scale + (table[0]·scale + offset)
+        bias = (table[0] * scale + (0 if offset is None else offset)).to(dtype)
+        scale = scale.to(dtype)
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            w = torch.addcmul(offset, table[codes.long()].reshape(out_f, n_groups, -1), scale)
+            w = torch.addcmul(bias, codes.to(dtype).reshape(out_f, n_groups, -1), scale)
+            return F.linear(x, w.reshape(out_f, in_f))
+    else:
+        table, scale = table.to(dtype), scale.to(dtype)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            w = table[codes.long()].reshape(out_f, n_groups, -1) * scale
             return F.linear(x, w.reshape(out_f, in_f))
     return fn
 
