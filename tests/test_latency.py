@@ -256,3 +256,11 @@ def test_a_kernel_that_cannot_take_one_shape_falls_back_for_that_shape_only(monk
     assert kernels == {128: "picky_int8", 256: "int8_weight_only"}
     assert profile.kernel_for_option == {"int8-ch-sym": "picky_int8"}
     assert any(c.status == "failed" and "cannot tile 256" in c.detail for c in profile.checks)
+
+
+def test_timings_rotate_over_weight_copies_that_exceed_the_caches():
+    from bitalloc.latency.measure import COLD_BYTES, MAX_COPIES, cold_copies
+
+    assert cold_copies(4096, 14336, COLD_BYTES) == 2  # 117 MB in bf16: a second copy reaches 128 MiB
+    assert cold_copies(576, 1536, COLD_BYTES) == MAX_COPIES  # 1.7 MB: 76 would be needed, 64 is the cap
+    assert cold_copies(16384, 16384, COLD_BYTES) == 1 and cold_copies(8, 8, 0) == 1

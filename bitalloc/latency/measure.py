@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import platform
 from typing import Iterable
 
@@ -88,6 +89,17 @@ def prepare_or_choose(kernel: Kernel, option: QuantOption, device: torch.device,
         return choose_kernel(option, device, dtype, weight, checks)
 
 
+# Twice the largest last-level cache of the machines measured here (32 MiB L3 on the CPU, 50 MB L2
+# on the H100), so no layer is timed from a warm cache.
+COLD_BYTES = 128 * 2**20
+MAX_COPIES = 64
+
+
+def cold_copies(out_features: int, in_features: int, cold_bytes: int) -> int:
+    """Weight copies to rotate over so that their 16-bit size reaches cold_bytes."""
+    return max(1, min(MAX_COPIES, -(-cold_bytes // (2 * out_features * in_features))))
+
+
 def measure_profile(
     name: str,
     shapes: Iterable[tuple[int, int]],
@@ -97,9 +109,11 @@ def measure_profile(
     dtype: torch.dtype | None = None,
     samples: int = 15,
     seed: int = 0,
+    cold_bytes: int = COLD_BYTES,
     progress: bool = False,
 ) -> HardwareProfile:
-    """Time each option at each (out, in) shape and activation row count on `device`."""
+    """Time each option at each (out, in) shape and activation row count on `device`.
+    cold_bytes: rotate over enough weight copies that their 16-bit size exceeds this (0: one copy)."""
     from ..api import bitalloc_version
 
     device = torch.device(device)
@@ -131,16 +145,21 @@ def measure_profile(
                 kernel = chosen
             else:
                 kernel, fn = prepare_or_choose(chosen, option, device, dtype, weight, checks)
+            # In a model every layer's weights arrive from memory, not from a cache that the previous
+            # call warmed: calls rotate over copies that together exceed the caches.
+            copies = [fn] + [kernel.prepare((torch.randn(out_f, in_f, generator=gen) * 0.02).to(device), option, dtype)
+                             for _ in range(cold_copies(out_f, in_f, cold_bytes) - 1)]
             for t in tokens:
                 x = torch.randn(t, in_f, generator=gen).to(device, dtype)
-                timing = time_call(lambda: fn(x), device, samples=samples)
+                turn = itertools.cycle(copies)
+                timing = time_call(lambda: next(turn)(x), device, samples=samples)
                 entries.append(LatencyEntry(
                     option=option.label, kernel=kernel.name, out_features=out_f, in_features=in_f, tokens=t,
                     median_s=timing.median_s, p10_s=timing.p10_s, p90_s=timing.p90_s,
                     samples=timing.samples, calls_per_sample=timing.calls_per_sample, host_s=timing.host_s,
                 ))
                 bar.update(1)
-            del weight, fn
+            del weight, fn, copies
     bar.close()
     return HardwareProfile(
         name=name,
