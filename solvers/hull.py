@@ -86,10 +86,11 @@ def frontier(cost: np.ndarray, bits: np.ndarray) -> Frontier:
             OT = o.T.astype(np.int8)
         h, SB, SC, col[:, lo:hi], nxt[:, lo:hi] = _chain(BT, CT, OT)
         count[lo:hi] = h
+        real = h[None, :] > np.arange(1, K)[:, None]
         with np.errstate(all="ignore"):  # rows past a hull's end hold junk, masked by `real`
             ratio = _ratio(SC[:-1], SC[1:], SB[:-1], SB[1:])
-        real = h[None, :] > np.arange(1, K)[:, None]
-        code = (ratio.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) * real
+            # beyond float32's range a ratio becomes inf: still monotone
+            code = (ratio.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) * real
         codes[1:, lo:hi] = code
         weight += np.bincount(code.ravel(), weights=((SB[1:] - SB[:-1]) * real).ravel(), minlength=_CODES)
     return Frontier(count, col, nxt, codes, weight, bits, cost)
