@@ -8,7 +8,7 @@
 
 from .api import plan, plan_from_table, profile
 from .constraints import Constraints
-from .pareto import Pareto, pareto, pareto_from_table
+from .sweep import Pareto, pareto, pareto_from_table
 from .apply import apply
 from .budget import Budget, parse_budget
 from .errors import BadInputError, BitallocError, BudgetInfeasibleError, PlanMismatchError, PlanVersionError

@@ -188,8 +188,11 @@ def plan_from_table(
             f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or offer fewer bits (--bits)"
         )
     settings = dict(solver_settings or {})
+    accepted = solvers.base.solver_settings(solver)
+    if "seed" in accepted and "seed" not in settings:
+        settings["seed"] = seed  # a searching solver follows the plan's seed
     score = None
-    if "score" in solvers.base.solver_settings(solver) and "score" not in settings:
+    if "score" in accepted and "score" not in settings:
         score = CalibrationScore(loaded.model, table, calibration.tokens[:score_windows])
         settings["score"] = score
     try:

@@ -109,7 +109,7 @@ def plan_cmd(
 
     from .budget import parse_budget
     from .constraints import Constraints, parse_rule
-    from .pareto import parse_budget_range, pareto_from_table
+    from .sweep import parse_budget_range, pareto_from_table
 
     if (budget is None) == (pareto is None):
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class Problem:
             if any(not 0 <= g < G for g in tie):
                 raise ValueError(f"tie {tie} names a group outside 0..{G - 1}")
 
-    @property
+    @functools.cached_property
     def allowed(self) -> np.ndarray:
         return np.isfinite(self.storage_bits)
 
@@ -96,7 +97,7 @@ class Problem:
     def evaluate(self, choice: np.ndarray) -> tuple[float, float]:
         """(total cost, total storage bits) of an assignment; raises if a chosen cell is disallowed."""
         rows = np.arange(len(choice))
-        if not self.allowed[rows, choice].all():
+        if not np.isfinite(self.storage_bits[rows, choice]).all():
             raise ValueError("assignment uses a disallowed option")
         return float(self.cost[rows, choice].sum()), float(self.storage_bits[rows, choice].sum())
 

@@ -28,28 +28,37 @@ _CODES = 1 << 16  # a ratio's bin: the top 16 bits of its float32 pattern (monot
 
 @dataclass(frozen=True)
 class Frontier:
-    """Hull point i of group g, i < count[g], in increasing bits and decreasing cost, is option
-    col[i, g] of the [G, K] tables `bits` and `cost` (held by reference, not copied).
+    """Hull point i of group g, i < count[g], in increasing bits and decreasing cost, sits at
+    position spos[i, g] of the group's options sorted by bits (`order`: one [K] order for all
+    groups, or [G, K]) in the [G, K] tables `bits` and `cost` (held by reference, not copied).
 
     codes[i, g] bins the ratio of segment i-1 -> i (0 for none) by the top 16 bits of its
     float32 pattern: float32 rounding is monotone, so bins never invert two ratios, and codes
     never increase along a hull. weight[code] sums the segments' extra bits per bin.
+    pareto[j, g]: the option at sorted position j is Pareto-efficient (cheaper than all with fewer bits).
     """
 
     count: np.ndarray  # [G] hull points per group (>= 1)
-    col: np.ndarray  # [K, G] int8
-    next_pareto: np.ndarray  # [K, G] int8 column of the group's next Pareto-efficient option after point i (-1: none)
+    spos: np.ndarray  # [K, G] int8
+    order: np.ndarray  # [K] or [G, K]
+    pareto: np.ndarray  # [K, G] bool
     codes: np.ndarray  # [K, G] uint16
     weight: np.ndarray  # [2^16]
     bits: np.ndarray  # [G, K]
     cost: np.ndarray  # [G, K]
 
+    def column(self, j: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Option column at sorted position j[k] of group g[k]."""
+        return self.order[j] if self.order.ndim == 1 else self.order[g, j]
+
     def columns(self, pos: np.ndarray) -> np.ndarray:
-        return self.col[pos, np.arange(pos.size)].astype(np.int64)
+        """Option column of every group at its hull point pos[g]."""
+        g = np.arange(pos.size)
+        return self.column(self.spos[pos, g].astype(np.int64), g).astype(np.int64)
 
     def point(self, i: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(bits, cost) of hull point i[k] of group g[k]."""
-        c = self.col[i, g]
+        c = self.column(self.spos[i, g].astype(np.int64), g)
         return self.bits[g, c], self.cost[g, c]
 
     def segment(self, i: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,31 +77,31 @@ def frontier(cost: np.ndarray, bits: np.ndarray) -> Frontier:
     """cost, bits: [G, K] with +inf in disallowed cells (every group has at least one finite cell)."""
     G, K = cost.shape
     if K > 127:
-        raise ValueError(f"the hull keeps option columns as int8: at most 127 options, got {K}")
+        raise ValueError(f"the hull keeps sorted positions as int8: at most 127 options, got {K}")
     order = _column_order(bits)
     count = np.empty(G, dtype=np.int64)
-    col, nxt = np.empty((K, G), dtype=np.int8), np.empty((K, G), dtype=np.int8)
+    spos = np.empty((K, G), dtype=np.int8)
+    pareto = np.empty((K, G), dtype=bool)
     codes = np.zeros((K, G), dtype=np.uint16)
     weight = np.zeros(_CODES)
     for lo in range(0, G, _BLOCK):
         hi = min(G, lo + _BLOCK)
         if order.ndim == 1:
             BT, CT = np.ascontiguousarray(bits[lo:hi, order].T), np.ascontiguousarray(cost[lo:hi, order].T)
-            OT = np.broadcast_to(order[:, None].astype(np.int8), (K, hi - lo))
         else:
             o = order[lo:hi]
             BT = np.ascontiguousarray(np.take_along_axis(bits[lo:hi], o, 1).T)
             CT = np.ascontiguousarray(np.take_along_axis(cost[lo:hi], o, 1).T)
-            OT = o.T.astype(np.int8)
-        h, SB, SC, col[:, lo:hi], nxt[:, lo:hi] = _chain(BT, CT, OT)
+        h, SB, SC, spos[:, lo:hi], pareto[:, lo:hi] = _chain(BT, CT)
         count[lo:hi] = h
+        real = h[None, :] > np.arange(1, K)[:, None]
         with np.errstate(all="ignore"):  # rows past a hull's end hold junk, masked by `real`
             ratio = _ratio(SC[:-1], SC[1:], SB[:-1], SB[1:])
-        real = h[None, :] > np.arange(1, K)[:, None]
-        code = (ratio.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) * real
+            # beyond float32's range a ratio becomes inf: still monotone
+            code = (ratio.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) * real
         codes[1:, lo:hi] = code
         weight += np.bincount(code.ravel(), weights=((SB[1:] - SB[:-1]) * real).ravel(), minlength=_CODES)
-    return Frontier(count, col, nxt, codes, weight, bits, cost)
+    return Frontier(count, spos, order, pareto, codes, weight, bits, cost)
 
 
 def _column_order(bits: np.ndarray) -> np.ndarray:
@@ -118,30 +127,27 @@ def _column_order(bits: np.ndarray) -> np.ndarray:
     return order
 
 
-def _chain(BT: np.ndarray, CT: np.ndarray, OT: np.ndarray):
+def _chain(BT: np.ndarray, CT: np.ndarray):
     """Monotone chain over the columns (sorted by bits) of n groups at once: [K, n] in, padded
-    hull stacks out. A column is a candidate only if strictly cheaper than the stack top (the
-    cheapest so far: the Pareto filter); before it is pushed, the top is popped while the ratio
-    into the top is not strictly above the ratio from the top to the candidate (the top would
-    lie on or above the chord), or has the same bits. Row K of the stacks is a scratch slot
-    that non-candidates write to, so every step is a whole-vector operation."""
+    hull stacks out (bits, cost, sorted position) and the Pareto mask. A column is a candidate
+    only if strictly cheaper than the stack top (the cheapest so far: the Pareto filter);
+    before it is pushed, the top is popped while the ratio into the top is not strictly above
+    the ratio from the top to the candidate (the top would lie on or above the chord), or has
+    the same bits. Row K of the stacks is a scratch slot that non-candidates write to, so every
+    step is a whole-vector operation."""
     K, n = BT.shape
     ar = np.arange(n)
-    scratch = K * n + ar
     h = np.zeros(n, dtype=np.int64)  # stack sizes
     SB, SC = np.zeros((K + 1, n)), np.zeros((K + 1, n))
-    SP, SN = np.zeros((K + 1, n), dtype=np.int8), np.full((K + 1, n), -1, dtype=np.int8)
-    sb, sc, sp, sn = SB.ravel(), SC.ravel(), SP.ravel(), SN.ravel()
+    SP = np.zeros((K + 1, n), dtype=np.int8)
+    pareto = np.zeros((K, n), dtype=bool)
+    sb, sc, sp = SB.ravel(), SC.ravel(), SP.ravel()
     top_b, top_c, top_r = np.full(n, -np.inf), np.full(n, np.inf), np.zeros(n)
-    top_at = scratch.copy()  # flat slot of each stack's top (scratch while empty)
     for j in range(K):
         bj, cj = BT[j], CT[j]
-        cand = cj < top_c
+        cand = np.less(cj, top_c, out=pareto[j])
         if not cand.any():
             continue
-        skip = ~cand
-        # The stack top is the last Pareto point so far: this column is its next one.
-        sn[top_at + (scratch - top_at) * skip] = OT[j]
         with np.errstate(all="ignore"):
             r = _ratio(top_c, cj, top_b, bj)
         pop = cand & (((h >= 2) & ~(top_r > r)) | ((h >= 1) & (bj <= top_b)))
@@ -154,21 +160,19 @@ def _chain(BT: np.ndarray, CT: np.ndarray, OT: np.ndarray):
             live = hk >= 1
             top_b[k] = np.where(live, sb[at], -np.inf)
             top_c[k] = np.where(live, sc[at], np.inf)
-            top_at[k] = np.where(live, at, scratch[k])
             with np.errstate(all="ignore"):
                 # the ratio into the new top, recomputed exactly as when it was pushed
                 top_r[k] = _ratio(sc[below], top_c[k], sb[below], top_b[k])
                 r[k] = _ratio(top_c[k], cj[k], top_b[k], bj[k])
             again = ((hk >= 2) & ~(top_r[k] > r[k])) | (live & (bj[k] <= top_b[k]))
             k = k[again]
-        at = (h + (K - h) * skip) * n + ar
-        sb[at], sc[at], sp[at], sn[at] = bj, cj, OT[j], -1  # a slot may hold a popped point's next
+        at = (h + (K - h) * ~cand) * n + ar
+        sb[at], sc[at], sp[at] = bj, cj, j
         np.copyto(top_b, bj, where=cand)
         np.copyto(top_c, cj, where=cand)
         np.copyto(top_r, r, where=cand)
-        np.copyto(top_at, at, where=cand)
         h += cand
-    return h, SB[:K], SC[:K], SP[:K], SN[:K]
+    return h, SB[:K], SC[:K], SP[:K], pareto
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class Greedy:
     pos: np.ndarray  # [G] hull point index of each group after the segments taken
     lp_value: float  # linear-relaxation optimum: a lower bound on the integer optimum
     fractional: bool  # False: the relaxation's optimum is integral, hence the integer optimum
+    left: float  # budget bits the integral part leaves unused
 
 
 def lp_greedy(front: Frontier, budget: float) -> Greedy:
@@ -184,7 +189,7 @@ def lp_greedy(front: Frontier, budget: float) -> Greedy:
     The bits-weighted histogram of ratio bins finds the crossing bin at once: every bin above
     it is taken whole, and only its own segments are sorted (by exact ratio). No bisection.
     """
-    K, G = front.col.shape
+    K, G = front.spos.shape
     rows = np.arange(G)
     zero = np.zeros(G, dtype=np.int64)
     start_bits, _ = front.point(zero, rows)
@@ -192,7 +197,7 @@ def lp_greedy(front: Frontier, budget: float) -> Greedy:
     cum = np.cumsum(front.weight[::-1])  # steepest bin first
     if cum[-1] <= left:  # every segment fits: each group at its cheapest point, integral
         pos = front.count - 1
-        return Greedy(pos, float(front.point(pos, rows)[1].sum()), False)
+        return Greedy(pos, float(front.point(pos, rows)[1].sum()), False, left - float(cum[-1]))
     cross = int(np.searchsorted(cum, left, side="right"))  # first bin (from the top) that does not fit whole
     cross_code = _CODES - 1 - cross
     spent = float(cum[cross - 1]) if cross > 0 else 0.0
@@ -214,37 +219,43 @@ def lp_greedy(front: Frontier, budget: float) -> Greedy:
     spent += float(fill[n_fit - 1]) if n_fit else 0.0
     brk = order[n_fit]  # the segment the relaxation takes fractionally
     lp_value = float(front.point(pos, rows)[1].sum()) - (left - spent) / dbits[brk] * dcost[brk]
-    return Greedy(pos, lp_value, True)
+    return Greedy(pos, lp_value, True, left - spent)
 
 
-def hull_fill(front: Frontier, pos: np.ndarray, budget: float, max_rounds: int = 10_000) -> np.ndarray:
-    """Spend what the relaxation left on each group's next hull segment that still fits, best
-    ratio first (each round takes at least one). Returns the new positions."""
+def hull_fill(front: Frontier, pos: np.ndarray, left: float, max_rounds: int = 10_000) -> np.ndarray:
+    """Spend `left` bits on each group's next hull segment that still fits, by decreasing ratio
+    bin (ties: group order; a radix sort of 16-bit bins, not a float sort). Each round takes
+    at least one; only the groups that moved have their next step read again. Returns the new
+    positions."""
     pos = pos.copy()
-    G = pos.size
-    left = budget - float(front.point(pos, np.arange(G))[0].sum())
-    g = np.flatnonzero(pos + 1 < front.count)
+    g = np.flatnonzero(pos + 1 < front.count)  # stays sorted: entries are replaced in place
+    step = front.segment(pos[g] + 1, g)[0]
     for _ in range(max_rounds):
-        step, _, ratio = front.segment(pos[g] + 1, g)
         fits = step <= left
-        g, step, ratio = g[fits], step[fits], ratio[fits]  # later rounds only have less to spend
+        g, step = g[fits], step[fits]
         if g.size == 0:
             break
-        order = np.argsort(-ratio, kind="stable")
+        order = np.argsort(np.uint16(_CODES - 1) - front.codes[pos[g] + 1, g], kind="stable")
         spend = np.cumsum(step[order])
         k = int(np.searchsorted(spend, left, side="right"))
-        pos[g[order[:k]]] += 1
+        moved = order[:k]
+        pos[g[moved]] += 1
         left -= float(spend[k - 1])
-        g = g[pos[g] + 1 < front.count[g]]
+        more = pos[g[moved]] + 1 < front.count[g[moved]]
+        step[moved[~more]] = np.inf  # no segment left: never fits again
+        step[moved[more]] = front.segment(pos[g[moved[more]]] + 1, g[moved[more]])[0]
     return pos
 
 
 def improvable(front: Frontier, pos: np.ndarray, left: float) -> np.ndarray:
     """Groups with some cheaper option within `left` extra bits: the cheapest-in-bits improvement
     of a group is its next Pareto-efficient option."""
-    G = pos.size
+    K, G = front.spos.shape
     g = np.arange(G)
-    nxt = front.next_pareto[pos, g].astype(np.int64)
-    has = np.flatnonzero(nxt >= 0)
-    gap = front.bits[has, nxt[has]] - front.point(pos[has], has)[0]
+    here = front.spos[pos, g].astype(np.int64)
+    nxt = np.full(G, K)
+    for j in range(K - 1, 0, -1):
+        nxt[front.pareto[j] & (here < j)] = j
+    has = np.flatnonzero(nxt < K)
+    gap = front.bits[has, front.column(nxt[has], has)] - front.bits[has, front.column(here[has], has)]
     return has[gap <= left]

@@ -30,15 +30,18 @@ def highs_available() -> bool:
 
 
 @register_solver("ilp", "exact integer program (CBC or HiGHS): optimal under storage and latency limits; the default")
-def solve_ilp(problem: Problem, backend: str = "cbc", time_limit_s: float = 60.0, gap_rel: float = 1e-9,
+def solve_ilp(problem: Problem, backend: str = "auto", time_limit_s: float = 60.0, gap_rel: float = 1e-9,
               warm_start: bool = True) -> Outcome:
-    """backend: "cbc" (bundled with pulp) or "highs" (needs highspy). gap_rel: the search stops
+    """backend: "highs" (highspy), "cbc" (bundled with pulp), or "auto": HiGHS when installed
+    (10^4 groups: seconds, where CBC needs minutes). gap_rel: the search stops
     once proven within this relative gap ("optimal"; the bound says how close). A run stopped by
     the time limit returns its best assignment as "feasible", with the best proven bound.
     warm_start: hand the solver the Lagrangian assignment as its first incumbent (10^4 groups
     then close their gap in seconds instead of minutes)."""
+    if backend == "auto":
+        backend = "highs" if highs_available() else "cbc"
     if backend not in BACKENDS:
-        raise SolverError(f"ilp backend must be one of {', '.join(BACKENDS)}, got {backend!r}", binding="solver")
+        raise SolverError(f"ilp backend must be one of auto, {', '.join(BACKENDS)}, got {backend!r}", binding="solver")
     if backend == "highs" and not highs_available():
         raise SolverError("ilp backend 'highs' needs the highspy package: pip install highspy", binding="solver")
     allowed = problem.allowed
@@ -50,8 +53,9 @@ def solve_ilp(problem: Problem, backend: str = "cbc", time_limit_s: float = 60.0
     bits, unit = _integer_bits(problem.storage_bits, keep)
     rhs = math.floor(problem.max_storage_bits / unit)
     # Latency in units of the limit, so the solver's absolute tolerances are relative ones.
-    lat = None if latency is None else np.where(keep, latency, 0.0) / problem.max_latency
-    lat_rhs = 1.0
+    lat_unit = (problem.max_latency or float(np.max(np.where(keep, latency, 0.0))) or 1.0) if latency is not None else 1.0
+    lat = None if latency is None else np.where(keep, latency, 0.0) / lat_unit
+    lat_rhs = 0.0 if latency is None else problem.max_latency / lat_unit
     start = _warm_start(problem, keep) if warm_start else None
     rows = np.arange(cost.shape[0])
     solve_once = _solve_cbc if backend == "cbc" else _solve_highs
@@ -63,8 +67,8 @@ def solve_ilp(problem: Problem, backend: str = "cbc", time_limit_s: float = 60.0
             raise SolverError(f"{backend} stopped at the time limit ({time_limit_s:g} s) before finding an assignment; "
                               "raise time_limit_s or use the lagrangian solver", binding="solver")
         used = int(bits[rows, choice].sum())
-        over_lat = 0.0 if lat is None else float(latency[rows, choice].sum()) / problem.max_latency - 1.0
-        if used <= rhs and over_lat <= LATENCY_RTOL:
+        over_lat = 0.0 if lat is None else (float(latency[rows, choice].sum()) - problem.max_latency) / lat_unit
+        if used <= rhs and over_lat <= LATENCY_RTOL * lat_rhs:
             if scaled_bound is None and status == "optimal":
                 # CBC stops once within gap_rel of its bound (on the shifted, scaled objective).
                 scaled_bound = float(cost[rows, choice].sum()) * (1.0 - gap_rel)
@@ -76,7 +80,7 @@ def solve_ilp(problem: Problem, backend: str = "cbc", time_limit_s: float = 60.0
         # Integrality and feasibility tolerances can leave a rounded choice a little over: tighten, re-solve.
         if used > rhs:
             rhs -= used - rhs
-        if over_lat > LATENCY_RTOL:
+        if over_lat > LATENCY_RTOL * lat_rhs:
             lat_rhs -= over_lat + 1e-9
         start = None
     raise SolverError(f"{backend} kept returning assignments over a limit after {_MAX_REPAIRS} repairs",

@@ -33,7 +33,7 @@ def solve_lagrangian(problem: Problem, iterations: int = 40, max_rounds: int = 6
     budget = problem.max_storage_bits
     front = frontier(cost, bits)
     greedy = lp_greedy(front, budget)
-    pos = hull_fill(front, greedy.pos, budget)
+    pos = hull_fill(front, greedy.pos, greedy.left)
     choice = front.columns(pos)
     rows = np.arange(len(choice))
     left = budget - float(bits[rows, choice].sum())
@@ -52,7 +52,7 @@ def relax(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.ndarray
     """(choice after hull greedy + hull fill, linear-relaxation value)."""
     front = frontier(cost, bits)
     greedy = lp_greedy(front, budget)
-    return front.columns(hull_fill(front, greedy.pos, budget)), greedy.lp_value
+    return front.columns(hull_fill(front, greedy.pos, greedy.left)), greedy.lp_value
 
 
 def fill(cost: np.ndarray, bits: np.ndarray, choice: np.ndarray, budget: float, latency: np.ndarray | None = None,

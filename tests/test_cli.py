@@ -208,3 +208,111 @@ def test_plan_with_target_offers_its_formats(model_dir, cli_env, tmp_path):
     assert sorted(plan.options) == sorted(["fp8e4m3-tensor", "fp8e4m3-ch", "fp8e5m2-tensor", "fp8e5m2-ch", "mxfp4", "nvfp4", "fp16"])
     assert {a.option.fmt for a in plan.assignments} <= {"fp", "keep"}
     assert plan.summary.storage_bits_per_weight <= 6.0
+
+
+# ---- constraints, solvers, sweeps (issue 4) ---------------------------------------------------
+
+# These share the module's private profile cache (no --no-cache): one profile per module set.
+CACHED_ARGS = ("--calib-tokens", "64", "--seq-len", "16")
+
+
+def plan_with(cli_env, model_dir, out, *extra):
+    r = run_cli(cli_env, "plan", model_dir, "--calib", model_dir / "calib.txt", *CACHED_ARGS, "--out", out, *extra)
+    return r
+
+
+def test_constraint_flags_are_honoured(model_dir, cli_env, tmp_path):
+    out = tmp_path / "c.json"
+    r = plan_with(cli_env, model_dir, out, "--budget", "5bits", "--include-lm-head", "--min-bits", "4", "--max-bits", "6",
+                  "--pin", "lm_head=int8-ch-sym", "--tie", "fused")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = Plan.load(out)
+    by = {a.module: a for a in plan.assignments}
+    assert by["lm_head"].label == "int8-ch-sym"  # the pin wins over --max-bits
+    assert all(4 <= a.option.bits <= 6 for m, a in by.items() if m != "lm_head")
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        assert len({by[f"{p}.self_attn.{x}_proj"].label for x in "qkv"}) == 1
+        assert by[f"{p}.mlp.gate_proj"].label == by[f"{p}.mlp.up_proj"].label
+    assert plan.constraints == {"allow": [], "max_bits": 6, "max_latency": None, "min_bits": 4,
+                                "pins": [["lm_head", "int8-ch-sym"]], "ties": ["fused"]}
+    assert plan.summary.storage_bits_per_weight <= 5.0
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--min-bits", "6", "--max-bits", "4"), ["has no option left after --min-bits 6 --max-bits 4", "model.layers.0"]),
+    (("--pin", "nomatch=fp16"), ["pin 'nomatch=fp16' matches no module"]),
+    (("--pin", "q_proj"), ["cannot read --pin 'q_proj'", "REGEX=VALUE"]),
+    (("--tie", "lm_head"), ["tie 'lm_head' matches no two modules"]),
+    (("--solver-setting", "trials"), ["cannot read --solver-setting 'trials'"]),
+    (("--solver-setting", "trials=5"), ["solver ilp has no setting trials"]),
+    (("--max-bits", "2", "--no-keep"), ["below the smallest feasible", "under these constraints"]),
+])
+def test_constraint_errors_name_the_constraint(model_dir, cli_env, tmp_path, extra, needles):
+    out = tmp_path / "x.json"
+    r = plan_with(cli_env, model_dir, out, "--budget", "1.5bits" if "--no-keep" in extra else "4bits", *extra)
+    assert_bad_input(r, *needles)
+    assert not out.exists()
+
+
+def test_budget_or_pareto_exactly_one(model_dir, cli_env, tmp_path):
+    r = plan_with(cli_env, model_dir, tmp_path / "x.json")
+    assert_bad_input(r, "exactly one of --budget", "--pareto")
+    r = plan_with(cli_env, model_dir, tmp_path / "x.json", "--budget", "4bits", "--pareto", "3:5:1bits")
+    assert_bad_input(r, "exactly one of --budget")
+    r = plan_with(cli_env, model_dir, tmp_path / "x.json", "--pareto", "5:3:1bits")
+    assert_bad_input(r, "STOP >= START")
+
+
+def test_pareto_writes_one_plan_per_point_and_a_plot(model_dir, cli_env, tmp_path):
+    folder = tmp_path / "sweep"
+    r = plan_with(cli_env, model_dir, folder, "--pareto", "3.0:5.0:1.0bits", "--solver", "lagrangian")
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["pareto.json", "pareto.png", "plan-3.00bits.json", "plan-4.00bits.json", "plan-5.00bits.json"]
+    plans = [Plan.load(folder / f"plan-{b}.00bits.json") for b in (3, 4, 5)]
+    losses = [p.summary.predicted_delta_loss for p in plans]
+    assert losses[0] > losses[1] > losses[2]
+    assert all(p.summary.storage_bits_per_weight <= b for p, b in zip(plans, (3, 4, 5)))
+    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = " ".join(r.stdout.split())
+    for b in (3, 4, 5):
+        assert f"| {b}.00bits |" in text
+    points = json.loads((folder / "pareto.json").read_text())["points"]
+    assert [p["on_frontier"] for p in points] == [True, True, True]
+
+
+@pytest.mark.parametrize("solver, settings", [("lagrangian", ()), ("dp", ("--solver-setting", "resolution_bits=64")),
+                                              ("ilp", ("--solver-setting", "backend=highs"))])
+def test_every_solver_from_the_command_line(model_dir, cli_env, tmp_path, cli_plan, solver, settings):
+    out = tmp_path / f"{solver}.json"
+    r = plan_with(cli_env, model_dir, out, "--budget", "4bits", "--solver", solver, *settings)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan, exact = Plan.load(out), Plan.load(cli_plan)
+    assert plan.solver.name == solver and plan.summary.storage_bits_per_weight <= 4.0
+    # never better than the exact ilp plan, and within the gap it reports
+    assert plan.solver.objective >= exact.solver.objective * (1 - 1e-5)
+    if plan.solver.bound is not None:
+        assert plan.solver.bound <= exact.solver.objective * (1 + 1e-5)
+
+
+def test_evolutionary_plans_are_byte_identical(model_dir, cli_env, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    args = ("--budget", "4bits", "--solver", "evolutionary", "--solver-setting", "trials=6",
+            "--solver-setting", "population=3")
+    for out in (a, b):
+        r = plan_with(cli_env, model_dir, out, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert a.read_bytes() == b.read_bytes()
+    plan = Plan.load(a)
+    assert plan.solver.settings["score"] == "mean NLL on 4x16 calibration tokens"
+    assert plan.solver.details["warm_start"] == "ilp" and plan.solver.details["improvement"] >= 0
+    assert plan.solver.settings["trials"] == 6
+
+
+def test_solvers_lists_one_line_each(cli_env):
+    r = run_cli(cli_env, "solvers")
+    assert r.returncode == 0
+    lines = r.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(bitalloc.solvers.available_solvers())
+    assert {"ilp", "lagrangian", "dp", "evolutionary"} <= {line.split()[0] for line in lines}

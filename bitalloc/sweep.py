@@ -1,4 +1,4 @@
-"""Budget sweeps: plan one model at many budgets from one profile, and keep the frontier of
+"""Budget sweeps (`bitalloc.pareto`): plan one model at many budgets from one profile, and keep the frontier of
 predicted loss against storage. `bitalloc plan --pareto 3.0:5.0:0.25bits --out DIR` writes one
 plan per budget (plan-3.00bits.json, ...), pareto.png and pareto.json, and prints the table."""
 
