@@ -48,12 +48,19 @@ class Pareto:
     plans: list[Plan]
     on_frontier: list[bool]
 
+    @property
+    def has_latency(self) -> bool:
+        return all(p.latency is not None and p.latency.predicted_s is not None for p in self.plans)
+
     def table(self) -> str:
-        lines = ["| budget | storage bits/weight | predicted ΔNLL | MB | solver status | frontier |", "|---|---|---|---|---|---|"]
+        lat = self.has_latency
+        head = "| budget | storage bits/weight | predicted ΔNLL | MB |" + (" predicted ms/forward |" if lat else "") + " solver status | frontier |"
+        lines = [head, "|---" * (head.count("|") - 1) + "|"]
         for p, on in zip(self.plans, self.on_frontier):
             s = p.summary
+            ms = f" {p.latency.predicted_s * 1e3:.4g} |" if lat else ""
             lines.append(f"| {p.budget.text} | {s.storage_bits_per_weight:.4f} | {s.predicted_delta_loss:.4g} | "
-                         f"{s.storage_bytes / 1e6:.2f} | {p.solver.status} | {'yes' if on else 'no'} |")
+                         f"{s.storage_bytes / 1e6:.2f} |{ms} {p.solver.status} | {'yes' if on else 'no'} |")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> list[Path]:
@@ -62,10 +69,25 @@ class Pareto:
         written = [p.save(out / f"plan-{p.budget.text}.json") for p in self.plans]
         rows = [{"budget": p.budget.text, "storage_bits_per_weight": p.summary.storage_bits_per_weight,
                  "predicted_delta_loss": p.summary.predicted_delta_loss, "storage_bytes": p.summary.storage_bytes,
-                 "status": p.solver.status, "on_frontier": on} for p, on in zip(self.plans, self.on_frontier)]
+                 "status": p.solver.status, "on_frontier": on,
+                 "predicted_latency_s": p.latency.predicted_s if p.latency else None}
+                for p, on in zip(self.plans, self.on_frontier)]
         written.append(atomic_write_text(out / "pareto.json", canonical_json({"points": rows})))
         written.append(atomic_write_bytes(out / "pareto.png", self._plot()))
         return written
+
+    def _frontier_axis(self, ax, x, y, xlabel: str, title: str) -> None:
+        front = sorted((a, b) for a, b, on in zip(x, y, self.on_frontier) if on)
+        ax.plot([a for a, _ in front], [b for _, b in front], "o-", label="frontier (storage)")
+        off = [(a, b) for a, b, on in zip(x, y, self.on_frontier) if not on]
+        if off:
+            ax.plot([a for a, _ in off], [b for _, b in off], "x", color="gray", label="dominated")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("predicted ΔNLL (nats)")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
 
     def _plot(self) -> bytes:
         import matplotlib
@@ -75,18 +97,14 @@ class Pareto:
 
         x = [p.summary.storage_bits_per_weight for p in self.plans]
         y = [p.summary.predicted_delta_loss for p in self.plans]
-        front = sorted((a, b) for a, b, on in zip(x, y, self.on_frontier) if on)
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        ax.plot([a for a, _ in front], [b for _, b in front], "o-", label="frontier")
-        off = [(a, b) for a, b, on in zip(x, y, self.on_frontier) if not on]
-        if off:
-            ax.plot([a for a, _ in off], [b for _, b in off], "x", color="gray", label="dominated")
-        ax.set_xlabel("storage bits per planned weight")
-        ax.set_ylabel("predicted ΔNLL (nats)")
-        ax.set_yscale("log")
-        ax.set_title(f"{self.plans[0].model.source}: predicted loss vs storage")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        lat = self.has_latency
+        fig, axes = plt.subplots(1, 2 if lat else 1, figsize=(12 if lat else 6.5, 4), squeeze=False)
+        self._frontier_axis(axes[0][0], x, y, "storage bits per planned weight", "predicted loss vs storage")
+        if lat:  # with a hardware profile: the same plans against their predicted forward time
+            ms = [p.latency.predicted_s * 1e3 for p in self.plans]
+            self._frontier_axis(axes[0][1], ms, y, f"predicted ms per forward ({self.plans[0].latency.profile}, "
+                                f"{self.plans[0].latency.tokens} token(s))", "predicted loss vs latency")
+        fig.suptitle(str(self.plans[0].model.source), fontsize=9)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)

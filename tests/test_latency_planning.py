@@ -186,3 +186,18 @@ def test_cli_latency_bad_input(cli_env, model_dir, tmp_path, args, message):
 def test_cli_latency_cuda_without_a_gpu_says_so(cli_env, model_dir, tmp_path):
     r = run_cli(cli_env, "latency", "--model", model_dir, "--device", "cuda", "--out", tmp_path / "p.json")
     assert r.returncode == 2 and "torch sees no CUDA device" in error_text(r)
+
+
+def test_a_budget_sweep_with_a_profile_reports_latency_per_point(model_and_profile, calib_ids, tmp_path):
+    from bitalloc.api import prepare
+    from bitalloc.sweep import pareto_from_table
+
+    model, profile = model_and_profile
+    table, loaded, calib = prepare(model, calib_ids, options=OPTIONS, cache_dir=False)
+    sweep = pareto_from_table(table, "4:8:2bits", loaded, calib, latency_target=LatencyTarget(profile))
+    assert sweep.has_latency and len(sweep.plans) == 3
+    text = sweep.table()
+    assert "predicted ms/forward" in text and text.count("\n") == 4
+    rows = json.loads((sweep.save(tmp_path)[-2]).read_text())["points"]
+    assert [r["predicted_latency_s"] for r in rows] == [p.latency.predicted_s for p in sweep.plans]
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
