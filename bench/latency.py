@@ -73,7 +73,7 @@ def main() -> None:
             t0 = time.perf_counter()
             layers = sum(predict.predict(assign[n], *shapes[n], m.tokens) for n in names)
             host = sum(predict.predict_host(assign[n], *shapes[n], m.tokens) for n in names)
-            predicted = predict.combine(m.other_s, layers, host)
+            predicted = predict.combine(m.other_s, layers, host, m.layer_scale)
             measured = time_forward(model, m.tokens, m.context, samples=args.samples).median_s
             rows.append({"assignment": label, "storage_bpw": round(storage_bpw, 4), "tokens": m.tokens, "context": m.context,
                          "kernels": kernels_used, "predicted_layers_ms": round(layers * 1e3, 3),

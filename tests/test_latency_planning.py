@@ -24,7 +24,7 @@ OPTIONS = default_options(bits=(2, 4, 8), group_sizes=(32, None))
 OTHER_S = 0.004
 
 
-def synthetic_profile(model, device_type="cpu", host_s=None) -> HardwareProfile:
+def synthetic_profile(model, device_type="cpu", host_s=None, layer_scale=1.0) -> HardwareProfile:
     """Latency proportional to stored bits, 4x slower for options without a fast kernel (2-bit),
     and the model's time outside its planned layers — a profile whose optimum is easy to reason about."""
     names = select_modules(model)
@@ -39,7 +39,7 @@ def synthetic_profile(model, device_type="cpu", host_s=None) -> HardwareProfile:
                                         median_s=seconds, p10_s=seconds, p90_s=seconds, samples=1, calls_per_sample=1,
                                         host_s=host_s))
     timing = ModelTiming(model="tiny", signature=shape_signature(type(model).__name__, shapes), tokens=1, context=8,
-                         other_s=OTHER_S, linear_predicted_s=0.0, dense_predicted_s=OTHER_S)
+                         other_s=OTHER_S, linear_predicted_s=0.0, dense_measured_s=None, layer_scale=layer_scale)
     return HardwareProfile(name="synthetic", device_type=device_type, device_name="test", activation_dtype="bfloat16",
                            threads=1, torch_version="0", bitalloc_version="0", measured_on="2026-01-01", kernels={},
                            kernel_for_option={}, checks=[], entries=entries, models=[timing])
@@ -201,3 +201,16 @@ def test_a_budget_sweep_with_a_profile_reports_latency_per_point(model_and_profi
     rows = json.loads((sweep.save(tmp_path)[-2]).read_text())["points"]
     assert [r["predicted_latency_s"] for r in rows] == [p.latency.predicted_s for p in sweep.plans]
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_the_in_model_layer_scale_applies_to_every_layer_on_a_cpu(model_and_profile, calib_ids):
+    model, _ = model_and_profile
+    plain = _plan(model, calib_ids, LatencyTarget(synthetic_profile(model)))
+    scaled = _plan(model, calib_ids, LatencyTarget(synthetic_profile(model, layer_scale=2.0)))
+    assert [a.label for a in scaled.assignments] == [a.label for a in plain.assignments]
+    assert scaled.latency.layers_s == pytest.approx(2 * plain.latency.layers_s, rel=1e-5)
+    assert scaled.latency.predicted_s == pytest.approx(OTHER_S + 2 * plain.latency.layers_s, rel=1e-5)
+    # and a limit is met by the scaled prediction
+    limit = OTHER_S + 1.6 * plain.latency.layers_s
+    tight = _plan(model, calib_ids, LatencyTarget(synthetic_profile(model, layer_scale=2.0), max_latency=limit))
+    assert tight.latency.predicted_s <= limit * (1 + 1e-6) < scaled.latency.predicted_s

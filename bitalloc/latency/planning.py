@@ -57,6 +57,8 @@ def latency_inputs(target: LatencyTarget, architecture: str, shapes: list[tuple[
     signature = shape_signature(architecture, shapes)
     timing = next((m for m in profile.models if m.signature == signature and m.tokens == target.tokens), None)
     other = timing.other_s if timing else None
+    if timing is not None and not model.asynchronous:
+        matrix = matrix * timing.layer_scale  # each layer as it runs inside this model (see ModelTiming)
     limit = parse_latency(target.max_latency) if target.max_latency is not None else None
     layers_limit = None
     if limit is not None:

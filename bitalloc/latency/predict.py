@@ -64,11 +64,12 @@ class LatencyModel:
     def asynchronous(self) -> bool:
         return self.profile.device_type == "cuda"
 
-    def combine(self, other_s: float, layers_s: float, layers_host_s: float) -> float:
-        """Whole-forward seconds from the rest of the model and the planned layers' device and host time."""
+    def combine(self, other_s: float, layers_s: float, layers_host_s: float, layer_scale: float = 1.0) -> float:
+        """Whole-forward seconds from the rest of the model and the planned layers' device and host time
+        (layer_scale: the model timing's in-model slowdown of layers, applied on synchronous devices)."""
         if self.asynchronous:
             return max(other_s + layers_host_s, layers_s)
-        return other_s + layers_s
+        return other_s + layer_scale * layers_s
 
     def matrix(self, shapes: list[tuple[int, int]], options: list[QuantOption], allowed: np.ndarray, tokens: int,
                host: bool = False) -> np.ndarray:

@@ -45,16 +45,19 @@ class KernelCheck(_Strict):
 
 class ModelTiming(_Strict):
     """A model's forward time outside its planned layers (attention, norms, embeddings, head,
-    framework overhead), measured with those layers replaced by no-ops; LatencyModel.combine adds
-    a plan's layers to it."""
+    framework overhead), measured with those layers replaced by no-ops, and once more with them all
+    dense, which calibrates how isolated kernel timings translate into the model (layer_scale);
+    LatencyModel.combine adds a plan's layers to it."""
 
     model: str = Field(description="where the timed model came from")
     signature: str = Field(description="architecture and planned-layer shapes; plans of any copy of the model match it")
     tokens: int
     context: int = Field(description="tokens already in the KV cache (0 for prefill)")
     other_s: float = Field(description="measured forward time with the planned layers replaced by no-ops")
-    linear_predicted_s: float = Field(description="predicted time of the planned layers kept dense")
-    dense_predicted_s: float = Field(description="the predicted all-dense forward (LatencyModel.combine)")
+    linear_predicted_s: float = Field(description="the planned layers kept dense: sum of their isolated kernel timings")
+    dense_measured_s: float | None = Field(None, description="measured forward time with the planned layers kept dense")
+    layer_scale: float = Field(1.0, gt=0, description="CPU: (dense_measured_s - other_s) / linear_predicted_s, how much slower "
+                               "a layer runs inside the model than alone; 1 on GPUs, where the host hides the device")
 
 
 class HardwareProfile(_Strict):

@@ -51,9 +51,7 @@ def attach_kernels(model: nn.Module, options: dict[str, QuantOption], profile: H
             kernel, fn = prepare_or_choose(get_kernel(known), option, device, dtype, weight, checks=[])
         else:
             kernel, fn = choose_kernel(option, device, dtype, weight, checks=[])
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, KernelLinear(fn, weight.shape[1], bias, kernel.name, option.label))
+        _replace(model, name, KernelLinear(fn, weight.shape[1], bias, kernel.name, option.label))
         used[name] = kernel.name
     return used
 
@@ -95,23 +93,34 @@ class NullLinear(nn.Module):
 
 def measure_model_timings(model: nn.Module, module_names: list[str], profile: HardwareProfile, source: str,
                           tokens: list[int], context: int = 512, samples: int = 10) -> list[ModelTiming]:
-    """Time the model's forward pass with its planned layers replaced by NullLinear: the time a
-    plan cannot change, measured directly rather than inferred (so the all-dense prediction is a
-    real check, not an identity). Decode steps (1 token) run after `context` cached tokens; longer
-    inputs are prefills from an empty cache. The model is modified in place."""
+    """Time the model's forward pass with its planned layers replaced by NullLinear — the time a plan
+    cannot change — and with them all dense (on the profile's kernels). On a CPU the second timing
+    calibrates layer_scale: a layer inside the model runs slower than alone (its weights compete
+    with activations and the KV cache for caches and memory bandwidth), and that factor, measured
+    once per model, applies to every plan. Decode steps (1 token) run after `context` cached
+    tokens; longer inputs are prefills from an empty cache. The model is modified in place."""
     keep = QuantOption.keep()
     shapes = [tuple(weight_matrix(model.get_submodule(n)).shape) for n in module_names]
     predict = LatencyModel(profile)
     signature = shape_signature(type(model).__name__, shapes)
+    originals = {n: model.get_submodule(n) for n in module_names}
     for name, (out_f, _) in zip(module_names, shapes):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, NullLinear(out_f))
+        _replace(model, name, NullLinear(out_f))
+    others = {t: time_forward(model, t, context if t == 1 else 0, samples=samples).median_s for t in sorted(tokens)}
+    for name, module in originals.items():
+        _replace(model, name, module)
+    attach_kernels(model, {n: keep for n in module_names}, profile)
     timings = []
-    for t in sorted(tokens):
+    for t, other in others.items():
         ctx = context if t == 1 else 0
-        other = time_forward(model, t, ctx, samples=samples).median_s
+        dense = time_forward(model, t, ctx, samples=samples).median_s
         linear = sum(predict.predict(keep, o, i, t) for o, i in shapes)
-        host = sum(predict.predict_host(keep, o, i, t) for o, i in shapes)
+        scale = 1.0 if predict.asynchronous else max((dense - other) / linear, 1e-3)
         timings.append(ModelTiming(model=source, signature=signature, tokens=t, context=ctx, other_s=other,
-                                   linear_predicted_s=linear, dense_predicted_s=predict.combine(other, linear, host)))
+                                   linear_predicted_s=linear, dense_measured_s=dense, layer_scale=scale))
     return timings
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
