@@ -218,7 +218,7 @@ def profile_cmd(
     formats: Optional[str] = typer.Option(None, "--formats", help="format families of the table (default int,keep)"),
     trace_tol: float = typer.Option(0.1, "--trace-tol", help="stop probing when every layer's trace has this relative standard error"),
     trace_max_probes: int = typer.Option(64, "--trace-max-probes"),
-    spike_threshold: float = typer.Option(50.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
+    spike_threshold: float = typer.Option(300.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),

@@ -217,7 +217,7 @@ def test_spike_statistics_match_direct_computation(calib_ids):
         assert site.tokens == flat.shape[0]
         np.testing.assert_allclose(site.channel_max, flat.abs().amax(0).numpy(), rtol=1e-12)
         rms = flat.pow(2).mean(0).sqrt().numpy()
-        np.testing.assert_allclose(site.channel_rms, rms, rtol=1e-10)
+        np.testing.assert_allclose(site.channel_rms, rms, rtol=1e-6)  # squares formed in float32
         assert site.ratio == pytest.approx(float(flat.abs().max()) / float(np.median(rms)))
         v = flat.reshape(-1)
         kurt = float(((v - v.mean()) ** 4).mean() / v.var(unbiased=False) ** 2)

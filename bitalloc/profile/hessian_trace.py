@@ -86,6 +86,7 @@ def hutchinson_traces(
     group_rows: int = 64,
     seed: int = 0,
     windows: int | None = None,
+    tokens: int | None = None,
     state: dict[str, TraceEstimate] | None = None,
     on_round: Callable[[dict[str, TraceEstimate]], None] | None = None,
     progress: bool = False,
@@ -93,11 +94,14 @@ def hutchinson_traces(
     """Hutchinson trace of ∇²_W (mean NLL) for each module's weight, stopping on relative standard error.
 
     windows: how many calibration windows the probes cycle over (default all); stopping is checked
-    after whole rounds only. state: estimates to continue (resume); probe k always draws the same v
+    after whole rounds only. tokens: use only each window's first `tokens` tokens (a probe costs about
+    five forward passes; shorter windows make it affordable on a CPU). state: estimates to continue (resume); probe k always draws the same v
     (seeded by seed and k), so a resumed run equals an uninterrupted one. on_round(state) is called
     after every round (to persist it).
     """
     ids = calibration.tokens if windows is None else calibration.tokens[:windows]
+    if tokens is not None:
+        ids = ids[:, :tokens]
     n_win = int(ids.shape[0])
     modules = [model.get_submodule(n) for n in module_names]
     params = [_param(m) for m in modules]

@@ -50,6 +50,7 @@ class ProfileSettings:
     trace_min_probes: int = 8
     trace_max_probes: int = 64
     trace_windows: int | None = 4  # calibration windows the probes cycle over (None = all)
+    trace_tokens: int | None = None  # first tokens of each window the probes use (None = whole window)
     group_rows: int = 64  # row blocks for trace and salience
     group_cols: int = 128  # input-column groups for salience
     salience_damp: float = 0.01
@@ -112,6 +113,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,
                                   min_probes=settings.trace_min_probes, max_probes=settings.trace_max_probes,
                                   group_rows=settings.group_rows, seed=settings.seed, windows=settings.trace_windows,
+                                  tokens=settings.trace_tokens,
                                   state=state, on_round=lambda s: parts.put("trace", s), progress=progress)
         parts.put("trace", state)
     interactions = []
