@@ -1,47 +1,105 @@
-"""Which error model predicts the real loss? Single-layer ablations on SmolLM2.
+"""Which signal predicts the loss? Single-layer ablations on SmolLM2 against every profiler signal.
 
     python bench/sensitivity.py [--gguf PATH] [--layers 0,4,9,14,19,24,29] [--options int2-g64-asym,int3-g64-asym]
+                                [--trace-probes 16] [--pair-block 9]
 
-Quantizes one module at a time (RTN) to each option, measures the increase of mean NLL on
-wikitext-2 *test* windows, and reports the Spearman rank correlation between each error model's
-prediction (computed from *validation* calibration text) and the measured increase. Then checks
-additivity: all modules of a block quantized together vs the sum of their single-module effects.
-Prints tables, writes bench/out/sensitivity.json and bench/out/sensitivity.png.
+Profiles the model on *validation* calibration text (bitalloc.api.profile_model: Fisher, Hutchinson
+Hessian trace, salience, activation spikes, candidate table; the profile folder is reused on the next
+run), quantizes one module at a time (RTN) to each option, measures the increase of mean NLL on
+wikitext-2 *test* windows, and reports the Spearman rank correlation of each signal with it:
+  error models (option-dependent predictions of ΔNLL):
+    fisher        ½ Σ_o F_o (ΔW H ΔWᵀ)_oo — the planner's default
+    local         tr(ΔW H ΔWᵀ)
+    fisher-diagH  ½ Σ_o F_o Σ_j H_jj ΔW_oj² (the same without H's off-diagonal)
+    trace         ½ · tr(∇²L)/n · ‖ΔW‖² (HAWQ-V2)
+    trace-rows    the same per row block (64 rows)
+  module signals (one number per module, so only ranked within an option): trace per parameter,
+  Σ Fisher, Hessian / activation salience totals, salience top-1% share, input spike ratio, max |x|,
+  kurtosis.
+Then additivity: whole blocks, all ablated modules at once, and the dataflow-graph pairs of one block,
+jointly vs the sum of their single effects. Prints tables, writes bench/out/sensitivity.json + .png.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
 import bitalloc
-from bitalloc.api import profile, resolve_calibration
-from bitalloc.candidates import ERROR_MODELS
+from bitalloc.api import profile_model, resolve_calibration
+from bitalloc.formats import quantize_dequantize
 from bitalloc.io import atomic_write_text, canonical_json
-from bitalloc.models import select_modules
+from bitalloc.models import select_modules, weight_matrix
 from bitalloc.options import parse_option
+from bitalloc.profile.interactions import candidate_pairs, dataflow_graph
+from bitalloc.profile.store import default_cache_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
 
+ERROR_MODELS = ("fisher", "local", "fisher-diagH", "trace", "trace-rows")
+MODULE_SIGNALS = ("trace/param", "Σ fisher", "salience (hessian)", "salience (activation)", "salience top-1% share",
+                  "input spike ratio", "input max|x|", "input kurtosis")
+
+
+def predictions(prof, table, name: str, opt) -> dict[str, float]:
+    m = prof.module(name)
+    g, k = table.groups.index(name), table.option_index(opt)
+    w = weight_matrix(bench_model.get_submodule(name)).detach().float()
+    dw2 = ((quantize_dequantize(w, opt) - w).double() ** 2).numpy()  # [out, in]
+    rows = m.trace.group_rows
+    pad = (-dw2.shape[0]) % rows
+    dw2_rows = np.pad(dw2.sum(1), (0, pad)).reshape(-1, rows).sum(1)
+    numel_rows = np.pad(np.full(dw2.shape[0], dw2.shape[1]), (0, pad)).reshape(-1, rows).sum(1)
+    return {
+        "fisher": float(table.errors["fisher"][g, k]),
+        "local": float(table.errors["local"][g, k]),
+        "fisher-diagH": 0.5 * float(m.fisher @ dw2 @ m.h_diag),
+        "trace": m.trace.predicted_delta_loss(float(dw2.sum())),
+        "trace-rows": 0.5 * float((m.trace.group_trace / numel_rows * dw2_rows).sum()),
+        "trace/param": m.trace.per_param,
+        "Σ fisher": float(m.fisher.sum()),
+        "salience (hessian)": m.salience.total("hessian"),
+        "salience (activation)": m.salience.total("activation"),
+        "salience top-1% share": m.salience.top1pct_share["hessian"],
+        "input spike ratio": m.spikes.input.ratio,
+        "input max|x|": m.spikes.input.max_abs,
+        "input kurtosis": m.spikes.input.kurtosis,
+    }
+
 
 def main() -> None:
+    global bench_model
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--layers", default="0,4,9,14,19,24,29")
     ap.add_argument("--options", default="int2-g64-asym,int3-g64-asym")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--trace-probes", type=int, default=16, help="most Hutchinson probes (stops earlier at 10%% rel. SE)")
+    ap.add_argument("--trace-windows", type=int, default=4, help="calibration windows the probes cycle over")
+    ap.add_argument("--trace-tokens", type=int, default=128, help="first tokens of each window a probe uses")
+    ap.add_argument("--pair-block", type=int, default=9, help="block whose dataflow pairs are measured jointly")
+    ap.add_argument("--profile-dir", default=None, help="profile folder (default: <cache>/profile-smollm2-bench)")
     args = ap.parse_args()
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
-    model = loaded.model
+    model = bench_model = loaded.model
     calib = resolve_calibration(args.calib, loaded, 512, 8192, seed=0)
     names = select_modules(model)
-    table = profile(loaded, calib, names, bitalloc.default_options(), cache_dir=bitalloc.api.default_cache_dir(), progress=True)
+    t0 = time.perf_counter()
+    prof = profile_model(loaded, calib, args.profile_dir or default_cache_dir() / "profile-smollm2-bench",
+                         signals=("fisher", "trace", "salience", "spikes", "table"), options=bitalloc.default_options(),
+                         trace_max_probes=args.trace_probes, trace_windows=args.trace_windows,
+                         trace_tokens=args.trace_tokens, progress=True)
+    profile_s = time.perf_counter() - t0
+    table = prof.table
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     base = bitalloc.evaluate(model, windows)
 
@@ -53,44 +111,87 @@ def main() -> None:
     options = [parse_option(s) for s in args.options.split(",")]
     rows = []
     for opt in options:
-        k = table.option_index(opt)
         for n in tqdm(chosen, desc=f"ablations {opt.label}", unit="module"):
-            g = table.groups.index(n)
             rows.append({"module": n, "option": opt.label, "measured": measured_delta({n: opt}),
-                         **{m: float(table.errors[m][g, k]) for m in ERROR_MODELS}})
+                         **predictions(prof, table, n, opt)})
 
     measured = np.array([r["measured"] for r in rows])
-    lines = [f"SmolLM2-135M single-module RTN ablations: {len(rows)} (module, option) pairs, "
-             f"ΔNLL measured on wikitext-2 test {base.windows}×{base.seq_len}, predicted from validation calibration", "",
-             "| error model | Spearman ρ (all) | " + " | ".join(f"ρ ({o.label})" for o in options) + " | Pearson r (log-log) | median measured/predicted |",
-             "|---|---|" + "---|" * len(options) + "---|---|"]
+    head = (f"SmolLM2-135M single-module RTN ablations: {len(rows)} (module, option) pairs, ΔNLL measured on wikitext-2 "
+            f"test {base.windows}×{base.seq_len}, signals from validation calibration "
+            f"({calib.n_windows}×{calib.seq_len}; trace: {prof.modules[0].trace.probes} probes over "
+            f"{args.trace_windows} windows × {args.trace_tokens} tokens, largest rel. SE {max(m.trace.rel_stderr for m in prof.modules):.3f}); "
+            f"profile {profile_s:.0f}s")
+    lines = [head, "",
+             "| signal | kind | Spearman ρ (all) | " + " | ".join(f"ρ ({o.label})" for o in options)
+             + " | Pearson r (log-log) | median measured/predicted |",
+             "|---|---|---|" + "---|" * len(options) + "---|---|"]
     summary = {}
-    for m in ERROR_MODELS:
-        pred = np.array([r[m] for r in rows])
-        per_opt = [spearmanr([r[m] for r in rows if r["option"] == o.label], [r["measured"] for r in rows if r["option"] == o.label])[0] for o in options]
-        rho = spearmanr(pred, measured)[0]
-        pos = (pred > 0) & (measured > 0)
-        r_log = pearsonr(np.log(pred[pos]), np.log(measured[pos]))[0]
-        ratio = float(np.median(measured[pos] / pred[pos]))
-        summary[m] = {"spearman": rho, "spearman_per_option": per_opt, "pearson_log": r_log, "median_ratio": ratio}
-        lines.append(f"| {m} | {rho:.3f} | " + " | ".join(f"{x:.3f}" for x in per_opt) + f" | {r_log:.3f} | {ratio:.3g} |")
+    for s in ERROR_MODELS + MODULE_SIGNALS:
+        pred = np.array([r[s] for r in rows])
+        per_opt = [float(spearmanr([r[s] for r in rows if r["option"] == o.label],
+                                   [r["measured"] for r in rows if r["option"] == o.label])[0]) for o in options]
+        entry = {"kind": "error model" if s in ERROR_MODELS else "module signal", "spearman_per_option": per_opt}
+        if s in ERROR_MODELS:
+            pos = (pred > 0) & (measured > 0)
+            entry.update(spearman=float(spearmanr(pred, measured)[0]),
+                         pearson_log=float(pearsonr(np.log(pred[pos]), np.log(measured[pos]))[0]),
+                         median_ratio=float(np.median(measured[pos] / pred[pos])))
+            cells = f"{entry['spearman']:.3f} | " + " | ".join(f"{x:.3f}" for x in per_opt) + \
+                f" | {entry['pearson_log']:.3f} | {entry['median_ratio']:.3g} |"
+        else:
+            cells = "– | " + " | ".join(f"{x:.3f}" for x in per_opt) + " | – | – |"
+        summary[s] = entry
+        lines.append(f"| {s}{' (default)' if s == 'fisher' else ''} | {entry['kind']} | {cells}")
+    best = max(ERROR_MODELS, key=lambda s: summary[s]["spearman"])
+    lines += ["", f"best-correlated error model: {best} (ρ {summary[best]['spearman']:.3f}); planner default: fisher "
+                  f"(ρ {summary['fisher']['spearman']:.3f})"]
 
-    # Additivity: one whole block at the first option, jointly vs the sum of single-module effects.
-    lines += ["", "| block | option | Σ single measured | joint measured | Σ predicted (fisher) |", "|---|---|---|---|---|"]
-    additivity = []
+    # Additivity at the last option: whole blocks, everything ablated at once, and one block's dataflow pairs.
     opt = options[-1]
+    single = {r["module"]: r for r in rows if r["option"] == opt.label}
+    lines += ["", f"Additivity at {opt.label}: joint vs Σ single measured (error = (joint − Σ single) / joint)", "",
+              "| modules quantized together | Σ single measured | joint measured | additivity error | Σ predicted (fisher) |",
+              "|---|---|---|---|---|"]
+    additivity = []
+
+    def add(label: str, group: list[str]) -> None:
+        s = sum(single[n]["measured"] for n in group)
+        p = sum(single[n]["fisher"] for n in group)
+        joint = measured_delta({n: opt for n in group})
+        additivity.append({"label": label, "modules": group, "option": opt.label, "sum_single": s, "joint": joint,
+                           "predicted": p, "error": (joint - s) / joint})
+        lines.append(f"| {label} | {s:.4f} | {joint:.4f} | {(joint - s) / joint:+.1%} | {p:.4f} |")
+
     for i in layers[:: max(1, len(layers) // 3)]:
-        block = [n for n in chosen if f".{i}." in n]
-        singles = sum(r["measured"] for r in rows if r["module"] in block and r["option"] == opt.label)
-        pred = sum(r["fisher"] for r in rows if r["module"] in block and r["option"] == opt.label)
-        joint = measured_delta({n: opt for n in block})
-        additivity.append({"layer": i, "option": opt.label, "sum_single": singles, "joint": joint, "predicted": pred})
-        lines.append(f"| {i} | {opt.label} | {singles:.4f} | {joint:.4f} | {pred:.4f} |")
+        add(f"block {i} (7 projections)", [n for n in chosen if f".{i}." in n])
+    add(f"all {len(chosen)} ablated modules ({len(layers)} blocks)", chosen)
+
+    graph = dataflow_graph(model, names, calib.tokens[0, :16])
+    pairs = [p for p in candidate_pairs(graph, {args.pair_block}) if p[0] in single and p[1] in single]
+    pair_rows = []
+    for a, b, rel in tqdm(pairs, desc=f"pairs of block {args.pair_block}", unit="pair"):
+        joint = measured_delta({a: opt, b: opt})
+        sa, sb = single[a]["measured"], single[b]["measured"]
+        pair_rows.append({"a": a, "b": b, "relation": rel, "single_a": sa, "single_b": sb, "joint": joint,
+                          "correction": joint - sa - sb})
+    if pair_rows:
+        rel_err = [abs(p["correction"]) / abs(p["joint"]) for p in pair_rows if p["joint"] != 0]
+        worst = max(pair_rows, key=lambda p: abs(p["correction"]))
+        lines += ["", f"Dataflow pairs in block {args.pair_block} ({len(pair_rows)} pairs: siblings + producer→consumer "
+                      f"within the block; {opt.label}): median |correction|/joint {np.median(rel_err):.1%}, largest "
+                      f"{worst['correction']:+.4f} nats ({worst['a'].split('.', 3)[-1]} + {worst['b'].split('.', 3)[-1]}, "
+                      f"joint {worst['joint']:.4f})"]
+
+    flagged = [m.name for m in prof.modules if m.spikes.input.flagged]
+    lines += ["", f"Activation spikes flagged (input max|x| / median channel RMS > {prof.settings['spike_threshold']:g}): "
+                  + ", ".join(f"{n} ({prof.module(n).spikes.input.ratio:.0f})" for n in flagged)]
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)
-    atomic_write_text(out / "sensitivity.json", canonical_json({"rows": rows, "summary": summary, "additivity": additivity,
-                                                                 "base": base.to_dict()}))
+    atomic_write_text(out / "sensitivity.json", canonical_json({
+        "rows": rows, "summary": summary, "additivity": additivity, "pairs": pair_rows, "base": base.to_dict(),
+        "flagged_spikes": flagged, "profile_seconds": profile_s, "trace_probes": prof.modules[0].trace.probes,
+        "table_text": report}))
     plot(rows, out / "sensitivity.png")
 
 
@@ -100,16 +201,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ERROR_MODELS), figsize=(5 * len(ERROR_MODELS), 4))
-    for ax, m in zip(axes, ERROR_MODELS):
+    models = [m for m in ERROR_MODELS if m != "trace-rows"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4))
+    for ax, m in zip(axes, models):
         for opt in sorted({r["option"] for r in rows}):
             sel = [r for r in rows if r["option"] == opt and r[m] > 0 and r["measured"] > 0]
             ax.scatter([r[m] for r in sel], [r["measured"] for r in sel], s=14, label=opt)
+        rho = spearmanr([r[m] for r in rows], [r["measured"] for r in rows])[0]
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"predicted ({m})")
         ax.set_ylabel("measured ΔNLL (nats)")
-        ax.set_title(f"error model: {m}")
+        ax.set_title(f"{m}: Spearman ρ {rho:.3f}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,5 +221,8 @@ def plot(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+bench_model = None
+
 if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     main()

@@ -20,6 +20,8 @@ from .models import LoadedModel, as_loaded, input_embedding_name, output_embeddi
 from .options import QuantOption, default_options
 from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from .profile.artifact import Profile
+from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 from .profile.statistics import collect_statistics
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
@@ -69,6 +71,53 @@ def profile(
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table
+
+
+def profile_model(
+    model_or_source: Any,
+    calibration: Any,
+    out: str | Path,
+    *,
+    signals: tuple[str, ...] | list[str] = DEFAULT_SIGNALS,
+    options: list[QuantOption] | None = None,
+    tokenizer: Any = None,
+    seq_len: int = 512,
+    calib_tokens: int = 8192,
+    seed: int = 0,
+    include_lm_head: bool = False,
+    include_embeddings: bool = False,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+    **settings: Any,
+) -> Profile:
+    """All requested sensitivity signals of the planned modules, saved as a profile folder `out`.
+
+    A complete profile in `out` for the same weights, calibration, modules and settings is read
+    instead of recomputed; an interrupted one resumes from its finished blocks. `settings` are the
+    fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
+    """
+    try:
+        prof_settings = ProfileSettings(signals=tuple(signals), seed=seed, **settings)
+    except TypeError as e:
+        raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
+    loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    options = list(options) if options else default_options()
+    calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
+    module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
+    parts = {
+        "model": loaded.content_hash,
+        "calibration": calib.settings(),
+        "modules": module_names,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(prof_settings).items()},
+        "options": [o.to_dict() for o in options] if "table" in prof_settings.signals else [],
+        "bitalloc": bitalloc_version(),
+        "code": code_fingerprint(),
+    }
+    meta = {"model": {"source": loaded.source, "architecture": type(loaded.model).__name__,
+                      "content_hash": loaded.content_hash},
+            "calibration": calib.settings(), "bitalloc_version": bitalloc_version()}
+    return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
+                           options=options, meta=meta, progress=progress)
 
 
 def plan(

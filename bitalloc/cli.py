@@ -15,6 +15,8 @@ from rich.table import Table
 
 from .errors import BadInputError, BitallocError
 
+DEFAULT_SIGNALS_TEXT = ("fisher", "trace", "salience", "spikes", "table")  # = profile.pipeline.DEFAULT_SIGNALS, without importing torch
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
 out = Console()
 
@@ -200,6 +202,78 @@ def _solver_status(spec) -> str:
     if spec.status == "optimal" or gap is None:
         return spec.status
     return f"{spec.status}, within {gap:.3%} of optimal"
+
+
+@app.command("profile")
+def profile_cmd(
+    model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
+    signals: str = typer.Option(",".join(DEFAULT_SIGNALS_TEXT), "--signals", help="comma-separated: trace,fisher,salience,spikes,interactions,table"),
+    out_dir: Path = typer.Option(Path("profile"), "--out", help="profile folder to write (profile.json + tensors.npz); an unfinished one is resumed"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    seed: int = typer.Option(0, "--seed"),
+    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths of the candidate table"),
+    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes of the table; ch = per channel"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families of the table (default int,keep)"),
+    trace_tol: float = typer.Option(0.1, "--trace-tol", help="stop probing when every layer's trace has this relative standard error"),
+    trace_max_probes: int = typer.Option(64, "--trace-max-probes"),
+    spike_threshold: float = typer.Option(300.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
+    interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
+    from . import api
+
+    if calib is None:
+        raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
+    chosen = tuple(s.strip() for s in signals.split(",") if s.strip())
+    options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=None)
+    start = time.perf_counter()
+    prof = api.profile_model(model, calib, out_dir, signals=chosen, options=options, seq_len=seq_len,
+                             calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
+                             trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_max_probes=trace_max_probes,
+                             spike_threshold=spike_threshold, interaction_option=interaction_option)
+    _print_profile(prof)
+    out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
+
+
+def _print_profile(prof) -> None:
+    table = Table(title=f"profile of {prof.settings['model']['source']}: {len(prof.modules)} modules")
+    table.add_column("module")
+    table.add_column("trace/param", justify="right")
+    table.add_column("Σ Fisher", justify="right")
+    table.add_column("salience top-1%", justify="right")
+    table.add_column("input spike ratio", justify="right")
+    ranked = sorted(prof.modules, key=lambda m: -(m.trace.per_param if m.trace else float(m.fisher.sum()) if m.fisher is not None else 0))
+    for m in ranked[:12]:
+        table.add_row(m.name, f"{m.trace.per_param:.3g}" if m.trace else "-",
+                      f"{float(m.fisher.sum()):.3g}" if m.fisher is not None else "-",
+                      f"{m.salience.top1pct_share['hessian']:.1%}" if m.salience else "-",
+                      (f"{m.spikes.input.ratio:.3g}" + (" (flagged)" if m.spikes.input.flagged else "")) if m.spikes else "-")
+    out.print(table)
+    if any(m.trace for m in prof.modules):
+        t = [m.trace for m in prof.modules if m.trace]
+        out.print(f"Hessian trace: {t[0].probes} probes, largest relative standard error {max(x.rel_stderr for x in t):.3f}")
+    flagged = [m.name for m in prof.modules if m.spikes and (m.spikes.input.flagged or m.spikes.output.flagged)]
+    if any(m.spikes for m in prof.modules):
+        out.print(f"activation spikes flagged in {len(flagged)} projection(s){': ' + ', '.join(flagged) if flagged else ''}")
+    if prof.interactions:
+        worst = max(prof.interactions, key=lambda i: abs(i.correction))
+        out.print(f"{len(prof.interactions)} measured pairs; largest correction {worst.correction:+.4g} ({worst.a} + {worst.b})")
+
+
+@app.command("report")
+def report_cmd(
+    source: Path = typer.Argument(..., help="a profile folder (bitalloc profile --out) or a plan .json"),
+    out_path: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write"),
+) -> None:
+    """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
+    from .report import write_report
+
+    write_report(source, out_path)
+    out.print(f"wrote {out_path}")
 
 
 @app.command("eval")

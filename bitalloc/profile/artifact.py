@@ -1,0 +1,191 @@
+"""The Profile artifact: every signal per module + the candidate table + the settings, as versioned files.
+
+On disk a profile is a folder:
+  profile.json   {"format", "version", "key", "checksum", "profile": the dataclasses as JSON}
+  tensors.npz    every array, named by its path in the JSON ({"__array__": "modules/3/fisher"})
+tensors.npz is written first and profile.json last, both atomically, so a folder with a profile.json
+is complete. `key` is the sha256 of everything that determines the contents (weights, calibration,
+modules, settings, code); `checksum` covers the arrays. A folder whose key differs from the one asked
+for, whose checksum fails, or that does not parse is reported and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..candidates import CandidateTable
+from ..errors import BadInputError
+from ..io import atomic_write_bytes, atomic_write_text, canonical_json
+from ..options import QuantOption
+from .hessian_trace import TraceEstimate
+from .interactions import Interaction
+from .salience import Salience
+from .spikes import ProjectionSpikes, SiteSpikes
+
+PROFILE_FORMAT = "bitalloc-profile"
+PROFILE_VERSION = 1
+
+
+@dataclass
+class ModuleProfile:
+    """Signals of one planned module; a signal not computed is None."""
+
+    name: str
+    block: int | None
+    shape: tuple[int, int]  # [out, in]
+    fisher: np.ndarray | None = None  # [out] mean (∂L/∂y)² (profile/statistics.py)
+    h_diag: np.ndarray | None = None  # [in] mean x_j²
+    trace: TraceEstimate | None = None
+    salience: Salience | None = None
+    spikes: ProjectionSpikes | None = None
+
+
+@dataclass
+class Profile:
+    key: str
+    settings: dict
+    modules: list[ModuleProfile]
+    interactions: list[Interaction] = field(default_factory=list)
+    table: CandidateTable | None = None
+
+    def module(self, name: str) -> ModuleProfile:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        arrays: dict[str, np.ndarray] = {}
+        body = {"settings": encode(self.settings, "settings", arrays),
+                "modules": encode(self.modules, "modules", arrays),
+                "interactions": encode(self.interactions, "interactions", arrays),
+                "table": None if self.table is None else encode_table(self.table, arrays)}
+        atomic_write_bytes(folder / "tensors.npz", npz_bytes(arrays))
+        doc = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "key": self.key,
+               "checksum": arrays_checksum(arrays), "profile": body}
+        atomic_write_text(folder / "profile.json", canonical_json(doc))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, key: str | None = None) -> "Profile":
+        """Read a profile folder; BadInputError if it is missing, damaged, newer, or (with key) for other inputs."""
+        folder = Path(folder)
+        path = folder / "profile.json"
+        if not path.is_file():
+            raise BadInputError(f"{str(folder)!r} holds no profile.json; pass a folder written by `bitalloc profile`")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it with `bitalloc profile`") from None
+        if doc.get("format") != PROFILE_FORMAT:
+            raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
+        if int(doc.get("version", 0)) > PROFILE_VERSION:
+            raise BadInputError(f"{path} is profile version {doc['version']}, newer than this bitalloc reads "
+                                f"({PROFILE_VERSION}); upgrade bitalloc")
+        if key is not None and doc.get("key") != key:
+            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it")
+        try:
+            with np.load(folder / "tensors.npz", allow_pickle=False) as z:
+                arrays = {n: z[n] for n in z.files}
+        except Exception as e:  # OSError, ValueError, zipfile.BadZipFile (CRC): all mean damaged
+            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile") from None
+        if arrays_checksum(arrays) != doc.get("checksum"):
+            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum; recompute the profile")
+        body = doc["profile"]
+        return cls(key=doc["key"], settings=decode(body["settings"], arrays), modules=decode(body["modules"], arrays),
+                   interactions=decode(body["interactions"], arrays),
+                   table=None if body["table"] is None else decode_table(body["table"], arrays))
+
+
+def try_load(folder: Path, key: str) -> Profile | None:
+    """The profile in `folder` if it is complete and for `key`; else None (with a warning if one was there)."""
+    if not (folder / "profile.json").is_file():
+        return None
+    try:
+        return Profile.load(folder, key)
+    except BadInputError as e:
+        warnings.warn(f"not reusing the profile in {folder}: {e}", stacklevel=2)
+        return None
+
+
+# ---- dataclasses <-> JSON + arrays ------------------------------------------------------------------
+
+_TYPES = {c.__name__: c for c in (ModuleProfile, TraceEstimate, Salience, SiteSpikes, ProjectionSpikes, Interaction)}
+
+
+def encode(obj: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
+    """JSON-able form of obj; arrays move to `arrays` under their path."""
+    if is_dataclass(obj):
+        return {"__type__": type(obj).__name__,
+                **{f.name: encode(getattr(obj, f.name), f"{path}/{f.name}", arrays) for f in fields(obj)}}
+    if isinstance(obj, np.ndarray):
+        arrays[path] = obj
+        return {"__array__": path}
+    if isinstance(obj, dict):
+        return {str(k): encode(v, f"{path}/{k}", arrays) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode(v, f"{path}/{i}", arrays) for i, v in enumerate(obj)]
+    if isinstance(obj, (np.floating, float)):
+        x = float(obj)
+        return x if math.isfinite(x) else {"__float__": repr(x)}  # strict JSON has no inf/nan
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
+def decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(obj, list):
+        return [decode(v, arrays) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__array__" in obj:
+        return arrays[obj["__array__"]]
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__type__" in obj:
+        cls = _TYPES[obj["__type__"]]
+        values = {k: decode(v, arrays) for k, v in obj.items() if k != "__type__"}
+        if cls is ModuleProfile:
+            values["shape"] = tuple(values["shape"])
+        return cls(**values)
+    return {k: decode(v, arrays) for k, v in obj.items()}
+
+
+def encode_table(table: CandidateTable, arrays: dict[str, np.ndarray]) -> dict:
+    arrays["table/storage_bits"] = table.storage_bits
+    for m, e in table.errors.items():
+        arrays[f"table/errors/{m}"] = e
+    return {"groups": table.groups, "shapes": [list(s) for s in table.shapes],
+            "options": [o.to_dict() for o in table.options], "error_models": sorted(table.errors)}
+
+
+def decode_table(doc: dict, arrays: dict[str, np.ndarray]) -> CandidateTable:
+    return CandidateTable(groups=list(doc["groups"]), shapes=[tuple(s) for s in doc["shapes"]],
+                          options=[QuantOption.from_dict(d) for d in doc["options"]],
+                          storage_bits=arrays["table/storage_bits"],
+                          errors={m: arrays[f"table/errors/{m}"] for m in doc["error_models"]})
+
+
+def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

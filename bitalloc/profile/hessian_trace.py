@@ -1,0 +1,168 @@
+"""Hutchinson estimate of the loss-Hessian trace per planned weight (HAWQ-V2, Dong et al. 2020, §3.1).
+
+For a weight W with Hessian H = ∇²_W L, tr(H) = E_v[vᵀ H v] for Rademacher v (Hutchinson 1989).
+H v comes from double backprop: g = ∂L/∂W with create_graph, then ∂(g·v)/∂W = H v (Pearlmutter).
+One probe draws v for every planned weight at once; the cross terms v_aᵀ H_ab v_b have mean zero, so
+each weight's share v_a·(H v)_a is an unbiased sample of its own block trace tr(H_aa).
+
+L is the mean next-token NLL of one calibration window; probes go round-robin over the windows, so
+after whole rounds the mean estimates tr of the Hessian of the calibration-mean NLL, and the sample
+spread includes the window-to-window spread (the standard error is, if anything, conservative).
+We stop after a whole round once every weight's relative standard error is below `tol`, or at
+`max_probes`. The predicted loss increase of a perturbation ΔW is then HAWQ-V2's
+½ · tr(H)/n · ‖ΔW‖² (eq. 6: the average eigenvalue stands in for the unknown spectrum).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import Calibration
+from ..models import Conv1D
+
+
+@dataclass
+class TraceEstimate:
+    """Running Hutchinson estimate for one weight [out, in]; group_trace sums rows in blocks of group_rows."""
+
+    numel: int
+    group_rows: int
+    probes: int = 0
+    total: float = 0.0  # Σ over probes of v·Hv
+    total_sq: float = 0.0  # Σ over probes of (v·Hv)²
+    group_total: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [row blocks] Σ over probes
+
+    @property
+    def trace(self) -> float:
+        return self.total / self.probes if self.probes else math.nan
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the running mean (sample std / √probes)."""
+        n = self.probes
+        if n < 2:
+            return math.inf
+        var = max(self.total_sq / n - (self.total / n) ** 2, 0.0) * n / (n - 1)
+        return math.sqrt(var / n)
+
+    @property
+    def rel_stderr(self) -> float:
+        t = abs(self.trace)
+        return self.stderr / t if t > 0 else math.inf
+
+    @property
+    def per_param(self) -> float:
+        return self.trace / self.numel
+
+    @property
+    def group_trace(self) -> np.ndarray:
+        return self.group_total / max(self.probes, 1)
+
+    def predicted_delta_loss(self, dw_sq_sum: float) -> float:
+        """HAWQ-V2 eq. 6: ½ · tr(H)/n · ‖ΔW‖²."""
+        return 0.5 * self.per_param * dw_sq_sum
+
+
+def _param(module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The weight Parameter itself (autograd needs the leaf) and whether it is stored [in, out]."""
+    return module.weight, bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def hutchinson_traces(
+    model: nn.Module,
+    module_names: list[str],
+    calibration: Calibration,
+    *,
+    tol: float = 0.1,
+    min_probes: int = 8,
+    max_probes: int = 64,
+    group_rows: int = 64,
+    seed: int = 0,
+    windows: int | None = None,
+    tokens: int | None = None,
+    state: dict[str, TraceEstimate] | None = None,
+    on_round: Callable[[dict[str, TraceEstimate]], None] | None = None,
+    progress: bool = False,
+) -> dict[str, TraceEstimate]:
+    """Hutchinson trace of ∇²_W (mean NLL) for each module's weight, stopping on relative standard error.
+
+    windows: how many calibration windows the probes cycle over (default all); stopping is checked
+    after whole rounds only. tokens: use only each window's first `tokens` tokens (a probe costs about
+    five forward passes; shorter windows make it affordable on a CPU). state: estimates to continue (resume); probe k always draws the same v
+    (seeded by seed and k), so a resumed run equals an uninterrupted one. on_round(state) is called
+    after every round (to persist it).
+    """
+    ids = calibration.tokens if windows is None else calibration.tokens[:windows]
+    if tokens is not None:
+        ids = ids[:, :tokens]
+    n_win = int(ids.shape[0])
+    modules = [model.get_submodule(n) for n in module_names]
+    params = [_param(m) for m in modules]
+    if state is None:
+        state = {}
+    for name, (p, transposed) in zip(module_names, params):
+        out_f = p.shape[1] if transposed else p.shape[0]
+        if name not in state:
+            state[name] = TraceEstimate(numel=p.numel(), group_rows=group_rows,
+                                        group_total=np.zeros(-(-out_f // group_rows)))
+    # A tied weight appears once in autograd's inputs; map each module to its parameter's slot.
+    unique: list[torch.Tensor] = []
+    slot = []
+    for p, _ in params:
+        for i, q in enumerate(unique):
+            if q is p:
+                slot.append(i)
+                break
+        else:
+            slot.append(len(unique))
+            unique.append(p)
+
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in unique))
+    done = min(s.probes for s in state.values())
+    bar = tqdm(total=max_probes, initial=done, desc="hessian trace probes", disable=not progress, unit="probe")
+    try:
+        # The math SDPA kernel has a double backward on every device; the fused ones may not.
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            while done < max_probes:
+                for k in range(done, min(done + n_win, max_probes)):
+                    _one_probe(model, ids[k % n_win], unique, slot, params, module_names, state, seed, k)
+                    bar.update(1)
+                done = min(done + n_win, max_probes)
+                if on_round is not None:
+                    on_round(state)
+                if done >= min_probes and all(s.rel_stderr <= tol for s in state.values()):
+                    break
+    finally:
+        bar.close()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return state
+
+
+def _one_probe(model, window, unique, slot, params, names, state, seed: int, k: int) -> None:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+    vs = [torch.randint(0, 2, p.shape, generator=g, dtype=torch.int8).to(p.dtype) * 2 - 1 for p in unique]
+    logits = model(input_ids=window[None]).logits
+    loss = nn.functional.cross_entropy(logits[0, :-1].float(), window[1:], reduction="mean")
+    grads = torch.autograd.grad(loss, unique, create_graph=True)
+    hvs = torch.autograd.grad(grads, unique, grad_outputs=vs)
+    contribs = [(v * hv).detach().double() for v, hv in zip(vs, hvs)]
+    for name, i, (_, transposed) in zip(names, slot, params):
+        c = contribs[i].t() if transposed else contribs[i]  # [out, in]
+        s = state[name]
+        per_row = c.sum(dim=1)
+        value = float(per_row.sum())
+        s.probes += 1
+        s.total += value
+        s.total_sq += value * value
+        pad = s.group_total.size * s.group_rows - per_row.numel()
+        s.group_total += nn.functional.pad(per_row, (0, pad)).view(-1, s.group_rows).sum(1).numpy()

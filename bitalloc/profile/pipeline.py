@@ -1,0 +1,238 @@
+"""Compute a Profile: every requested signal for the planned modules, resumable block by block.
+
+Work is cut into units, each saved to `<out>/parts/<unit>.npz` (atomically, with the profile key in
+its header) the moment it finishes:
+  block-NNN               fisher, H diagonal, salience and candidate-table rows of block NNN's modules
+  spikes                  activation spikes of every module (one forward pass over the calibration)
+  trace                   the Hutchinson running sums, rewritten after every probe round
+  interactions-block-NNN  measured pair corrections for pairs starting in block NNN
+A run that finds parts with the same key reuses them (an interrupted run resumes where it stopped;
+the trace continues from its last round with the same probes); parts with another key are ignored.
+When everything is done the parts are folded into profile.json + tensors.npz and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import Calibration
+from ..candidates import CandidateTable, build_candidate_table
+from ..errors import BadInputError
+from ..io import atomic_write_bytes, canonical_json
+from ..models import weight_matrix
+from ..options import QuantOption, parse_option
+from .artifact import ModuleProfile, Profile, arrays_checksum, decode, encode, npz_bytes, try_load
+from .hessian_trace import hutchinson_traces
+from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
+from .salience import salience
+from .spikes import DEFAULT_THRESHOLD, collect_spikes
+from .statistics import collect_statistics
+from .store import numerics_fingerprint
+
+SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
+DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    signals: tuple[str, ...] = DEFAULT_SIGNALS
+    trace_tol: float = 0.1  # stop when every weight's relative standard error is below this
+    trace_min_probes: int = 8
+    trace_max_probes: int = 64
+    trace_windows: int | None = 4  # calibration windows the probes cycle over (None = all)
+    trace_tokens: int | None = None  # first tokens of each window the probes use (None = whole window)
+    group_rows: int = 64  # row blocks for trace and salience
+    group_cols: int = 128  # input-column groups for salience
+    salience_damp: float = 0.01
+    spike_top_k: int = 8
+    spike_threshold: float = DEFAULT_THRESHOLD
+    interaction_option: str = "int3-g64-asym"
+    interaction_windows: int = 2
+    interaction_blocks: tuple[int, ...] | None = None  # None = all blocks
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown or not self.signals:
+            raise BadInputError(f"unknown signal(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SIGNALS)}")
+        if "interactions" in self.signals:
+            parse_option(self.interaction_option)
+
+
+def profile_key(parts: dict) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json({"profile_version": 1, **parts}).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of the source that computes profile contents (the table's numerics + every signal)."""
+    h = hashlib.sha256(numerics_fingerprint().encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def compute_profile(model: nn.Module, module_names: list[str], calibration: Calibration, key: str,
+                    settings: ProfileSettings, out: Path, *, options: list[QuantOption] | None = None,
+                    meta: dict | None = None, progress: bool = False) -> Profile:
+    """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts)."""
+    out = Path(out)
+    if (done := try_load(out, key)) is not None:
+        return done
+    parts = _Parts(out / "parts", key)
+    model.eval()
+    sig = set(settings.signals)
+    blocks: dict[int | None, list[str]] = {}
+    for n in module_names:
+        blocks.setdefault(block_index(model, n), []).append(n)
+    per_block = sig & {"fisher", "salience", "table"}
+    if per_block:
+        missing = [b for b in blocks if parts.get(_block_unit(b)) is None]
+        if missing:
+            todo = [n for b in missing for n in blocks[b]]
+            stats = collect_statistics(model, todo, calibration, progress=progress)
+            for b in tqdm(missing, desc="profile blocks", disable=not progress, unit="block"):
+                parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options))
+                for n in blocks[b]:
+                    del stats[n]  # free H as we go
+    if "spikes" in sig and parts.get("spikes") is None:
+        parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
+                                           threshold=settings.spike_threshold, progress=progress))
+    if "trace" in sig:
+        state = parts.get("trace")
+        state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,
+                                  min_probes=settings.trace_min_probes, max_probes=settings.trace_max_probes,
+                                  group_rows=settings.group_rows, seed=settings.seed, windows=settings.trace_windows,
+                                  tokens=settings.trace_tokens,
+                                  state=state, on_round=lambda s: parts.put("trace", s), progress=progress)
+        parts.put("trace", state)
+    interactions = []
+    if "interactions" in sig:
+        option = parse_option(settings.interaction_option)
+        graph = dataflow_graph(model, module_names, calibration.tokens[0, :16])
+        windows = calibration.tokens[: settings.interaction_windows]
+        singles: dict[str, float] = {}
+        wanted = [b for b in blocks if b is not None and (settings.interaction_blocks is None or b in settings.interaction_blocks)]
+        for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
+            got = parts.get(f"interactions-block-{b:03d}")
+            if got is None:
+                got = measure_interactions(model, candidate_pairs(graph, {b}), option, windows, singles=singles)
+                parts.put(f"interactions-block-{b:03d}", got)
+            for r in got:
+                singles.setdefault(r.a, r.single_a)
+                singles.setdefault(r.b, r.single_b)
+            interactions += got
+    profile = _assemble(model, module_names, blocks, parts, key, settings, options, interactions, meta or {})
+    profile.save(out)
+    parts.clear()
+    return profile
+
+
+def _block_unit(b: int | None) -> str:
+    return "block-outside" if b is None else f"block-{b:03d}"
+
+
+def _block_signals(model, names, stats, settings: ProfileSettings, options) -> dict:
+    result = {"fisher": {}, "h_diag": {}, "salience": {}, "table": None}
+    for n in names:
+        s = stats[n]
+        result["fisher"][n] = s.fisher.double().numpy()
+        if s.hessian is not None:
+            result["h_diag"][n] = torch.diagonal(s.hessian).double().numpy()
+            if "salience" in settings.signals:
+                result["salience"][n] = salience(weight_matrix(model.get_submodule(n)), s.hessian,
+                                                 group_rows=settings.group_rows, group_cols=settings.group_cols,
+                                                 damp=settings.salience_damp)
+    if "table" in settings.signals and options:
+        result["table"] = build_candidate_table(model, names, stats, options)
+    return result
+
+
+def _assemble(model, names, blocks, parts, key, settings, options, interactions, meta) -> Profile:
+    spikes = parts.get("spikes") or {}
+    trace = parts.get("trace") or {}
+    per_block = {b: parts.get(_block_unit(b)) for b in blocks}
+    modules, tables = [], []
+    for b, block_names in blocks.items():
+        got = per_block[b] or {"fisher": {}, "h_diag": {}, "salience": {}, "table": None}
+        if got["table"] is not None:
+            tables.append(got["table"])
+        for n in block_names:
+            w = weight_matrix(model.get_submodule(n))
+            modules.append(ModuleProfile(
+                name=n, block=b, shape=(int(w.shape[0]), int(w.shape[1])),
+                fisher=got["fisher"].get(n) if "fisher" in settings.signals else None,
+                h_diag=got["h_diag"].get(n) if "fisher" in settings.signals else None,
+                trace=trace.get(n), salience=got["salience"].get(n), spikes=spikes.get(n)))
+    table = _concat(tables) if tables else None
+    recorded = {**meta, **asdict(settings), "signals": list(settings.signals),
+                "options": [o.label for o in options] if table is not None else []}
+    return Profile(key=key, settings=recorded, modules=modules, interactions=interactions, table=table)
+
+
+def _concat(tables: list[CandidateTable]) -> CandidateTable:
+    first = tables[0]
+    return CandidateTable(groups=[g for t in tables for g in t.groups], shapes=[s for t in tables for s in t.shapes],
+                          options=first.options, storage_bits=np.concatenate([t.storage_bits for t in tables]),
+                          errors={m: np.concatenate([t.errors[m] for t in tables]) for m in first.errors})
+
+
+class _Parts:
+    """Finished units of an unfinished profile: one .npz each, header = key + checksum + JSON body."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+
+    def put(self, unit: str, value) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        body = _encode_part(value, arrays)
+        header = {"key": self.key, "checksum": arrays_checksum(arrays), "body": body}
+        arrays["__header__"] = np.frombuffer(canonical_json(header).encode(), dtype=np.uint8)
+        atomic_write_bytes(self.folder / f"{unit}.npz", npz_bytes(arrays))
+
+    def get(self, unit: str):
+        path = self.folder / f"{unit}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {n: z[n] for n in z.files}
+            header = json.loads(bytes(arrays.pop("__header__")).decode())
+            if header["key"] != self.key:
+                return None  # another run's leftovers: recompute (and overwrite)
+            if header["checksum"] != arrays_checksum(arrays):
+                raise ValueError("checksum mismatch")
+            return _decode_part(header["body"], arrays)
+        except Exception as e:  # damaged: recompute, never use
+            warnings.warn(f"ignoring damaged profile part {path.name} ({e}); recomputing it", stacklevel=2)
+            return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _encode_part(value, arrays):
+    if isinstance(value, dict) and isinstance(value.get("table"), CandidateTable):
+        from .artifact import encode_table
+
+        return {"__block__": encode({k: v for k, v in value.items() if k != "table"}, "b", arrays),
+                "table": encode_table(value["table"], arrays)}
+    return encode(value, "p", arrays)
+
+
+def _decode_part(body, arrays):
+    if isinstance(body, dict) and "__block__" in body:
+        from .artifact import decode_table
+
+        return {**decode(body["__block__"], arrays), "table": decode_table(body["table"], arrays)}
+    return decode(body, arrays)
