@@ -47,18 +47,15 @@ class LatencyModel:
                 f"latency profile {self.profile.name!r} has no timing for option {label}; re-measure it with "
                 f"`bitalloc latency` offering that option, or plan without it (it has {len(have)} options, e.g. {', '.join(have[:4])})"
             )
-        size = out_features * in_features
-        best = min(measured, key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
-        return best.median_s * size / (best.out_features * best.in_features)
+        best = _nearest(measured, out_features * in_features)
+        return best.median_s * out_features * in_features / (best.out_features * best.in_features)
 
     def predict_host(self, option: QuantOption | str, out_features: int, in_features: int, tokens: int) -> float:
         """Host seconds to issue one call (GPU profiles; 0 where the profile has none). Issuing does
         not grow with the weight, so the nearest measured shape's value is taken as it is."""
         self.predict(option, out_features, in_features, tokens)  # same errors for unknown options
         label = option if isinstance(option, str) else option.label
-        size = out_features * in_features
-        best = min(self._entries[(label, tokens)], key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
-        return best.host_s or 0.0
+        return _nearest(self._entries[(label, tokens)], out_features * in_features).host_s or 0.0
 
     @property
     def asynchronous(self) -> bool:
@@ -81,6 +78,11 @@ class LatencyModel:
                 if allowed[g, k]:
                     out[g, k] = fn(opt, o, i, tokens)
         return out
+
+
+def _nearest(entries: list[LatencyEntry], size: int) -> LatencyEntry:
+    """The measured shape closest in log weight count (ties broken by shape, so lookups are stable)."""
+    return min(entries, key=lambda e: (abs(math.log(e.out_features * e.in_features / size)), e.out_features, e.in_features))
 
 
 def shape_signature(architecture: str, shapes: list[tuple[int, int]]) -> str:
