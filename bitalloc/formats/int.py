@@ -52,13 +52,34 @@ def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
     return torch.where(low, bumped, h).to(torch.float32)
 
 
-@register_format("int")
-def rtn_int(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+def int_range(option: QuantOption) -> tuple[int, int]:
+    """Smallest and largest integer code: signed for symmetric, unsigned (with a zero-point) for asymmetric."""
+    if option.symmetric:
+        return -(2 ** (option.bits - 1)), 2 ** (option.bits - 1) - 1
+    return 0, 2**option.bits - 1
+
+
+def int_codes(weight: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes [out, in] (int32), scales and zero-points [out, n_groups] (float32).
+
+    The weight is reproduced as (codes - zero) * scale, group by group along the input dimension.
+    """
     w = _grouped(weight.float(), option.group_size)
     scale, zero = int_scales(w, option)
-    if option.symmetric:
-        lo, hi = -(2 ** (option.bits - 1)), 2 ** (option.bits - 1) - 1
-    else:
-        lo, hi = 0, 2**option.bits - 1
+    lo, hi = int_range(option)
     q = torch.clamp(torch.round(w / scale) + zero, lo, hi)
-    return ((q - zero) * scale).reshape(weight.shape).to(weight.dtype)
+    return q.reshape(weight.shape).to(torch.int32), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def int_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(codes - zero) * scale with codes [out, in] and scale/zero [out, n_groups]; float32."""
+    out_f, in_f = codes.shape
+    n_groups = scale.shape[1]
+    q = codes.float().reshape(out_f, n_groups, in_f // n_groups)
+    return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+@register_format("int")
+def rtn_int(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    codes, scale, zero = int_codes(weight, option)
+    return int_dequantize(codes, scale, zero).to(weight.dtype)

@@ -1,0 +1,49 @@
+"""Exports: a plan written in the form a serving stack or quantization library reads.
+
+Each target is one module registering an exporter. An exporter never changes the plan to fit its
+target: what the target cannot express is returned as `unsupported` (and the CLI reports it), and a
+target whose rules the plan breaks (e.g. vLLM's fused q/k/v needing one scheme) raises BadInputError
+naming the modules and the fix (`bitalloc plan --tie fused`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import BadInputError
+from ..plan import Plan
+
+
+@dataclass
+class ExportResult:
+    target: str
+    files: list[Path]
+    unsupported: list[str] = field(default_factory=list)  # what the target cannot express, one line each
+    notes: list[str] = field(default_factory=list)  # e.g. the command line that consumes the files
+
+
+Exporter = Callable[..., ExportResult]  # (plan, out: Path, **options) -> ExportResult
+_EXPORTERS: dict[str, tuple[Exporter, str]] = {}
+
+
+def register_export(name: str, description: str) -> Callable[[Exporter], Exporter]:
+    def deco(fn: Exporter) -> Exporter:
+        _EXPORTERS[name] = (fn, description)
+        return fn
+
+    return deco
+
+
+def available_exports() -> dict[str, str]:
+    """Target name -> one-line description."""
+    return {name: desc for name, (_, desc) in sorted(_EXPORTERS.items())}
+
+
+def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> ExportResult:
+    try:
+        fn, _ = _EXPORTERS[target]
+    except KeyError:
+        raise BadInputError(f"unknown export target {target!r}; choose one of {', '.join(sorted(_EXPORTERS))}") from None
+    return fn(plan, Path(out), **options)

@@ -1,0 +1,75 @@
+"""Quantizers: how a planned weight becomes stored codes. Looked up by name (`--quantizer rtn|gptq`).
+
+A quantizer takes one weight [out, in], its option, and (for second-order methods) the layer's input
+Hessian H = mean_t x_t x_tᵀ [in, in], and returns a QuantizedWeight: the values the stored weight
+reproduces, plus the integer codes, scales and zero-points where the format has them (what the
+packers write to disk). The candidate table and the applier both call `quantize_weight`, so the
+error the planner predicts is the error of the quantizer that will be applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import BadInputError
+from ..options import QuantOption
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized weight matrix.
+
+    values: [out, in] float32, what the stored weight reproduces (what a simulated model runs with).
+    codes: [out, in] int32 integer codes (int formats), with values == (codes - zero) * scale per group;
+      symmetric codes are signed in [-2^(b-1), 2^(b-1)-1], asymmetric unsigned in [0, 2^b-1].
+    scale / zero: [out, n_groups] float32 (per-channel: n_groups = 1); zero is all-zero when symmetric.
+    Formats without integer codes (fp, mx, nvfp4, keep) leave codes/scale/zero as None.
+    """
+
+    option: QuantOption
+    values: torch.Tensor
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+
+Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **settings)
+_QUANTIZERS: dict[str, Quantizer] = {}
+_NEEDS_HESSIAN: set[str] = set()
+
+
+def register_quantizer(name: str, needs_hessian: bool = False) -> Callable[[Quantizer], Quantizer]:
+    def deco(fn: Quantizer) -> Quantizer:
+        _QUANTIZERS[name] = fn
+        if needs_hessian:
+            _NEEDS_HESSIAN.add(name)
+        return fn
+
+    return deco
+
+
+def available_quantizers() -> list[str]:
+    return sorted(_QUANTIZERS)
+
+
+def needs_hessian(name: str) -> bool:
+    return name in _NEEDS_HESSIAN
+
+
+def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",
+                    hessian: torch.Tensor | None = None, **settings: Any) -> QuantizedWeight:
+    """Quantize `weight` [out, in] as `option` with the named quantizer."""
+    try:
+        fn = _QUANTIZERS[quantizer]
+    except KeyError:
+        raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}") from None
+    if quantizer in _NEEDS_HESSIAN and hessian is None:
+        raise BadInputError(f"the {quantizer} quantizer needs the layer's input Hessian from calibration data; "
+                            "pass calibration text (--calib) or use --quantizer rtn")
+    return fn(weight, option, hessian=hessian, **settings)
+
+
+from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
