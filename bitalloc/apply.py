@@ -1,7 +1,8 @@
-"""Materialize a plan by simulation: each planned weight is replaced by its quantize-dequantize value."""
+"""Materialize a plan: each planned weight is replaced by the values its quantizer stores (RTN by default)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .errors import PlanMismatchError
@@ -9,6 +10,7 @@ from .formats import quantize_dequantize
 from .models import set_weight_matrix, weight_matrix, weights_hash
 from .options import QuantOption
 from .plan import Plan
+from .quantizers.materialize import quantize_model
 
 
 def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) -> None:
@@ -30,10 +32,15 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
             )
 
 
-def apply(model: nn.Module, plan: Plan, check_hash: bool = True) -> nn.Module:
-    """Quantize-dequantize the planned weights in place (RTN); returns the same model."""
+def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str = "rtn",
+          calibration: torch.Tensor | None = None, progress: bool = False, **settings) -> nn.Module:
+    """Quantize the planned weights in place with `quantizer`; returns the same model.
+
+    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq).
+    """
     check_plan_matches(model, plan, check_hash)
-    return apply_options(model, plan.options_by_module())
+    quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, **settings)
+    return model
 
 
 def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:
