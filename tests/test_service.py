@@ -29,7 +29,7 @@ from conftest import CALIB_TEXT, make_llama, make_text, make_tokenizer  # noqa: 
 TOKEN = "test-token-" + "x" * 20
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, CALIB_TOKENS = 32, 256  # the tiny profile: 8 windows, about a second
-SLOW_TOKENS = 12288  # 384 windows: several seconds of profiling, so a kill lands mid-job
+SLOW_TOKENS = 6144  # 192 windows: several seconds of profiling, so a kill lands mid-job
 
 
 def free_port() -> int:
@@ -357,3 +357,52 @@ def test_restart_in_the_middle_of_a_job_requeues_it_and_it_completes_once(client
     assert again.status_code == 200 and again.json()["profile"]["calibration"]["tokens"] == SLOW_TOKENS
     # and plans made before the restart are still there
     assert client.get("/v1/plans").json()["plans"]
+
+
+# ---- the store on its own (no server) ---------------------------------------------------------------
+
+
+def test_store_claims_each_job_once_under_contention(tmp_path):
+    from bitalloc.service.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    ids = [store.create_job("profile", {"n": i}, dedupe_key=f"k{i}")[0].id for i in range(40)]
+    # a second request for live work joins the existing job
+    joined, created = store.create_job("profile", {"n": 0}, dedupe_key="k0")
+    assert (joined.id, created) == (ids[0], False)
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(owner: str) -> None:
+        s = SQLiteStore(tmp_path / "s")  # its own connection, as a worker process has
+        while (job := s.claim_job(owner)) is not None:
+            assert s.finish_job(job.id, owner, {"by": owner})
+            with lock:
+                claimed.append((job.id, owner))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j for j, _ in claimed) == sorted(ids)  # every job once: none lost, none twice
+    assert all(store.get_job(j).completions == 1 and store.get_job(j).attempts == 1 for j in ids)
+
+
+def test_store_requeues_dead_owners_and_gives_up_after_max_attempts(tmp_path):
+    from bitalloc.service.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    job, _ = store.create_job("profile", {}, dedupe_key="k")
+    for attempt in (1, 2):
+        claimed = store.claim_job(f"old{attempt}")
+        assert claimed.attempts == attempt
+        assert store.requeue_dead(lambda j: j.lease_owner == f"old{attempt}", max_attempts=3) == [job.id]
+        again = store.get_job(job.id)
+        assert again.state == "queued" and again.requeues == attempt and f"old{attempt}" in again.note
+        # the dead owner's late answer is refused: its lease is gone
+        assert not store.finish_job(job.id, f"old{attempt}", {}) and not store.heartbeat(job.id, f"old{attempt}")
+    store.claim_job("old3")
+    assert store.requeue_dead(lambda j: True, max_attempts=3) == [job.id]
+    final = store.get_job(job.id)
+    assert final.state == "failed" and "died 3 times" in final.error and final.completions == 0
