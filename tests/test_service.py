@@ -308,7 +308,8 @@ def test_export_route_uses_the_export_registry(client, files, profile_id, tmp_pa
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
-        while not srv.started:
+        deadline = time.time() + 60
+        while not srv.started and time.time() < deadline:
             time.sleep(0.05)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         r = httpx.get(f"http://127.0.0.1:{port}/v1/plans/{plan_id}/export", params={"to": "test-labels"}, headers=auth)
@@ -335,6 +336,13 @@ def test_restart_in_the_middle_of_a_job_requeues_it_and_it_completes_once(client
         running = client.get(f"/v1/jobs/{job_id}").json()
         time.sleep(0.05)
     assert running["state"] == "running" and running["stage"].startswith("profiling"), running
+    # progress counts the profiler's steps: e.g. "profiling: calibration windows 37/192"
+    deadline = time.time() + 60
+    while "/" not in running["stage"] and time.time() < deadline:
+        running = client.get(f"/v1/jobs/{job_id}").json()
+        time.sleep(0.05)
+    assert running["state"] == "running" and 0.2 <= running["progress"] < 1.0, running
+    assert running["stage"].split()[-1].split("/")[1] in ("192", "14"), running
 
     server.kill9()  # the worker dies with it (PR_SET_PDEATHSIG)
     db = sqlite3.connect(files["store"] / "bitalloc.db")

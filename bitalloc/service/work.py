@@ -14,6 +14,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,7 +54,8 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     modules = select_modules(loaded.model, spec.include_lm_head, spec.include_embeddings)
     options = [QuantOption.from_dict(d) for d in spec.options]
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
-    table = api.profile(loaded, calib, modules, options, cache_dir=None)
+    with _counted_steps(progress):
+        table = api.profile(loaded, calib, modules, options, cache_dir=None)
     progress(0.95, "saving profile")
     profile_id = spec.profile_id
     folder = store.profile_dir(profile_id)
@@ -77,6 +79,40 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
                            architecture=meta["architecture"], meta=meta, created=time.time(), job_id=job_id)
     store.put_profile(record)  # a no-op when another job stored the same profile first
     return store.get_profile(profile_id), loaded, calib
+
+
+# The profiler's two loops and the share of the job's progress each one fills.
+_STEPS = {"calibration windows": (0.2, 0.6), "candidate errors": (0.6, 0.95)}
+
+
+@contextmanager
+def _counted_steps(progress: Progress, every_s: float = 0.5):
+    """Report the profiler's loops (its tqdm bars: windows, then modules) as job progress with counts.
+
+    Workers run one job per process, so swapping the loops' `tqdm` for the job's duration touches
+    nothing else; the originals come back afterwards.
+    """
+    from .. import candidates
+    from ..profile import statistics
+
+    last = [0.0]
+
+    def counted(iterable, desc: str = "", **_):
+        lo, hi = _STEPS.get(desc, (0.2, 0.95))
+        total = len(iterable)
+        for i, item in enumerate(iterable):
+            now = time.monotonic()
+            if now - last[0] >= every_s:
+                last[0] = now
+                progress(lo + (hi - lo) * i / max(total, 1), f"profiling: {desc} {i}/{total}")
+            yield item
+
+    saved = statistics.tqdm, candidates.tqdm
+    statistics.tqdm = candidates.tqdm = counted
+    try:
+        yield
+    finally:
+        statistics.tqdm, candidates.tqdm = saved
 
 
 @dataclass
