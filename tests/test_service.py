@@ -414,3 +414,28 @@ def test_store_requeues_dead_owners_and_gives_up_after_max_attempts(tmp_path):
     assert store.requeue_dead(lambda j: True, max_attempts=3) == [job.id]
     final = store.get_job(job.id)
     assert final.state == "failed" and "died 3 times" in final.error and final.completions == 0
+
+
+def test_a_solver_that_scores_on_the_model_plans_in_a_job_with_the_weights(tmp_path, model_dir):
+    """evolutionary scores candidates on the real model, so its plan job loads the weights (in-process here)."""
+    from bitalloc.service.app import _profile_spec
+    from bitalloc.service.jobs import run_job
+    from bitalloc.service.schemas import CalibrationIn, OptionsIn
+    from bitalloc.service.sources import SourceRules
+    from bitalloc.service.store import SQLiteStore
+    from bitalloc.service.work import PlanSpec
+
+    store = SQLiteStore(tmp_path / "s")
+    spec = _profile_spec(str(model_dir), CalibrationIn(path=str(model_dir / "calib.txt"), seq_len=SEQ_LEN, tokens=128),
+                         OptionsIn(bits=[3, 4, 8], group_sizes=[32]), False, False, SourceRules())
+    plan_spec = PlanSpec(budget="5bits", solver="evolutionary", solver_settings=(("population", 2), ("trials", 3)))
+    assert plan_spec.needs_model and not PlanSpec(budget="5bits").needs_model
+    job, _ = store.create_job("plan", {"profile": spec.to_dict(), "plan": plan_spec.to_dict()}, "k")
+    claimed = store.claim_job("me")
+    stages = []
+    result = run_job(store, claimed, lambda p, s: stages.append((p, s)))
+    assert result["profile_id"] == spec.profile_id and result["plan_id"] == plan_spec.plan_id(spec.profile_id)
+    plan = json.loads(store.get_plan(result["plan_id"]).plan_json)
+    assert plan["solver"]["name"] == "evolutionary" and plan["summary"]["storage_bits_per_weight"] <= 5.0
+    assert [p for p, _ in stages] == sorted(p for p, _ in stages)  # progress only moves forward
+    assert store.get_profile(spec.profile_id).meta["num_weights"] == plan["summary"]["planned_weights"]
