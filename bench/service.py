@@ -79,7 +79,8 @@ def make_profile(client: httpx.Client, body: dict) -> tuple[str, float, bool]:
         time.sleep(1)
 
 
-async def fire(url: str, token: str, profile_id: str, budgets: list[str], concurrency: int) -> tuple[float, list[float]]:
+async def fire(url: str, token: str, profile_id: str, budgets: list[str], concurrency: int,
+               solver: str) -> tuple[float, list[float]]:
     """(wall seconds, per-request latencies) for these plan requests, `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -89,7 +90,8 @@ async def fire(url: str, token: str, profile_id: str, budgets: list[str], concur
         async def one(budget: str) -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await ac.post("/v1/plans", json={"profile_id": profile_id, "budget": budget})
+                r = await ac.post("/v1/plans", json={"profile_id": profile_id, "budget": budget,
+                                                         "solver": solver})
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200 or r.json()["plan"]["budget"] != budget:
                     raise RuntimeError(f"plan request for {budget} failed: {r.status_code} {r.text[:300]}")
@@ -107,6 +109,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--requests", type=int, default=40, help="plan requests per concurrency level")
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--solver", default="ilp", help="solver of every plan request (ilp: exact, HiGHS; lagrangian: fast)")
     ap.add_argument("--store", default="/tmp/bitalloc-bench-service-store", help="kept between runs (cached profile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "service.json"))
     args = ap.parse_args()
@@ -126,7 +129,8 @@ def main() -> None:
                   f"{'already stored' if cached else 'made'} in {profile_s:.1f} s", flush=True)
             # first plan: opens the stored profile (table + model skeleton) in the server process
             t0 = time.perf_counter()
-            warm = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "4.1234bits"})
+            warm = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "4.1234bits",
+                                                     "solver": args.solver})
             warm.raise_for_status()
             first_plan_s = time.perf_counter() - t0
             rows = []
@@ -138,7 +142,7 @@ def main() -> None:
                     serial += 1
                     budgets.append(f"{3.0 + serial * 1e-4 + (time.time_ns() % 10**6) * 1e-11:.11f}bits")
                 for mode in ("new", "repeat"):
-                    wall, lat = asyncio.run(fire(url, token, profile_id, budgets, level))
+                    wall, lat = asyncio.run(fire(url, token, profile_id, budgets, level, args.solver))
                     rows.append({"mode": mode, "concurrency": level, "requests": len(budgets), "wall_s": round(wall, 3),
                                  "plans_per_s": round(len(budgets) / wall, 2),
                                  "p50_ms": round(1000 * float(np.percentile(lat, 50)), 1),
@@ -159,7 +163,7 @@ def main() -> None:
         "model": str(model), "calibration": {"path": str(calib), "seq_len": args.seq_len, "tokens": args.calib_tokens},
         "profile_id": profile_id, "table": {"modules": info["modules"], "options": len(info["options"])},
         "profile_seconds": round(profile_s, 1), "profile_was_stored": cached, "first_plan_seconds": round(first_plan_s, 3),
-        "solver": "ilp", "rows": rows,
+        "solver": args.solver, "rows": rows,
         "machine": {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version(), "platform": platform.platform()},
         "note": "new = each request a budget not seen before (runs the solver); repeat = the same budgets again "

@@ -317,6 +317,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def bad_input(request: Request, exc: BitallocError) -> JSONResponse:
         return _error(400 if isinstance(exc, BadInputError) else 500, str(exc))
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # still JSON, so clients parse one shape; the traceback goes to the server log
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
 
 class _TooLarge(HTTPException):
     """An HTTPException, so FastAPI's body reader passes it through instead of calling it a parse error."""
