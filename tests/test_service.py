@@ -268,6 +268,8 @@ def test_bad_inputs_get_4xx_json(client, files, profile_id):
     assert_error(client.post("/v1/profiles", json={**profile_body(files), "model": "relative/dir/../x"}), 400,
                  "neither an absolute path nor a hub id")
     assert_error(client.post("/v1/profiles", json={**profile_body(files), "model": "./tiny"}), 400, "not an absolute path")
+    assert_error(client.post("/v1/profiles", json={**profile_body(files), "model": str(files["root"])}), 400,
+                 "directory with config.json")
     big = {**plan, "constraints": {"ties": ["x" * 5000]}}
     assert_error(client.post("/v1/plans", json=big), 413, "over 4096 bytes")
     chunked = client.post("/v1/plans", content=iter([json.dumps(big).encode()]),

@@ -79,8 +79,8 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
     def openapi() -> dict:
         return app.openapi()
 
-    @app.post("/v1/profiles", dependencies=auth, response_model=ProfileResponse, responses=errors, status_code=202,
-              tags=["profiles"])
+    @app.post("/v1/profiles", dependencies=auth, response_model=ProfileResponse, status_code=202, tags=["profiles"],
+              responses={**errors, 200: {"model": ProfileResponse, "description": "the profile was stored before"}})
     def post_profile(body: ProfileIn) -> JSONResponse:
         """Profile a model on calibration text in a worker process; the same request returns the same profile."""
         spec = _profile_spec(body.model, body.calibration, body.options, body.include_lm_head, body.include_embeddings,
@@ -103,7 +103,8 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             raise ApiError(404, f"no profile {profile_id!r}; POST /v1/profiles makes one (its job says when it is stored)")
         return _profile_out(profile)
 
-    @app.post("/v1/plans", dependencies=auth, response_model=PlanResponse, responses=errors, tags=["plans"])
+    @app.post("/v1/plans", dependencies=auth, response_model=PlanResponse, tags=["plans"],
+              responses={**errors, 202: {"model": PlanResponse, "description": "a job makes the plan (see job)"}})
     def post_plan(body: PlanIn) -> JSONResponse:
         """A plan at once when the profile is stored, otherwise a job that profiles and then plans."""
         if body.profile_id is not None:

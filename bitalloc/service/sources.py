@@ -59,9 +59,13 @@ def checked_model_source(source: str, rules: SourceRules) -> str:
     """The model source as the worker will load it: a resolved local path or a hub id."""
     if looks_like_path(source):
         path = checked_path(source, "model path", rules)
-        if path.is_dir() or path.suffix == ".gguf":
+        if path.is_file() and path.suffix == ".gguf":
             return str(path)
-        raise BadInputError(f"model path {source!r} is neither a directory nor a .gguf file")
+        # the rule load_model follows, checked here so the request fails, not the job
+        if path.is_dir() and ((path / "config.json").is_file() or len(list(path.glob("*.gguf"))) == 1):
+            return str(path)
+        raise BadInputError(f"model path {source!r} is neither a .gguf file nor a directory with config.json "
+                            "(+ safetensors) or exactly one .gguf file")
     if not HUB_ID.fullmatch(source):
         raise BadInputError(f"model {source!r} is neither an absolute path nor a hub id like 'org/name'")
     if not rules.allow_hub:
