@@ -403,7 +403,6 @@ def schema_cmd(out_path: Optional[Path] = typer.Option(None, "--out", help="writ
         atomic_write_text(out_path, text)
 
 
-
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
