@@ -403,6 +403,25 @@ def schema_cmd(out_path: Optional[Path] = typer.Option(None, "--out", help="writ
         atomic_write_text(out_path, text)
 
 
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, "--port"),
+    store: Optional[Path] = typer.Option(None, "--store", help="store folder: SQLite db + profile files (default $BITALLOC_STORE or ~/.local/share/bitalloc/service)"),
+    workers: int = typer.Option(1, "--workers", help="worker processes that run profiling jobs"),
+    allow_root: List[str] = typer.Option([], "--allow-root", help="model and calibration paths must lie under this folder (repeatable)"),
+    allow_hub: bool = typer.Option(False, "--allow-hub", help="let requests name hub ids (the server downloads them)"),
+    max_body: int = typer.Option(64 * 1024, "--max-body", help="largest request body in bytes"),
+) -> None:
+    """Serve profiles and plans over HTTP (needs the `serve` extra). Token: $BITALLOC_TOKEN or printed at start."""
+    try:
+        from .service.app import serve
+    except ImportError as e:
+        raise BadInputError(f"bitalloc serve needs {e.name}: pip install 'bitalloc[serve]'") from None
+    serve(host=host, port=port, store_path=store, workers=workers, allowed_roots=allow_root, allow_hub=allow_hub,
+          max_body_bytes=max_body)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,0 +1,257 @@
+"""What the service computes: a profile from a ProfileSpec, and a plan from a stored profile.
+
+A stored profile holds what `api.plan_from_table` needs besides the table: the model's config
+(rebuilt on the meta device, so module names, tied embeddings and the architecture are right
+without loading a single weight), its content hash and source, and the calibration windows.
+Planning from it therefore takes the solver's time only, and gives the same plan, byte for
+byte, as `bitalloc.plan` on the loaded model (tests/test_service.py checks this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import api, solvers
+from ..budget import parse_budget
+from ..calibration import Calibration, make_calibration, read_text
+from ..candidates import ERROR_MODELS, CandidateTable
+from ..constraints import Constraints
+from ..errors import BadInputError
+from ..io import atomic_write_bytes, atomic_write_text, canonical_json
+from ..models import LoadedModel, load_model, select_modules
+from ..options import QuantOption
+from ..plan import Plan
+from ..profile.store import load_table, save_table
+from .sources import ProfileSpec
+from .store import PlanRecord, ProfileRecord, Store
+
+Progress = Callable[[float, str], None]
+
+
+# ---- profiles --------------------------------------------------------------------------------------
+
+
+def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress: Progress) -> tuple[ProfileRecord, LoadedModel, Calibration]:
+    """Load the model, calibrate, build the candidate table; write the files, then the row."""
+    progress(0.05, "loading model")
+    # trust_remote_code is never taken from a request: a model's own Python never runs here.
+    loaded = load_model(spec.source, trust_remote_code=False)
+    progress(0.15, "tokenizing calibration text")
+    text = read_text(spec.calib_path)
+    calib = make_calibration(loaded.tokenizer, text, seq_len=spec.seq_len, tokens=spec.calib_tokens, seed=spec.seed,
+                             source=Path(spec.calib_path).name)
+    modules = select_modules(loaded.model, spec.include_lm_head, spec.include_embeddings)
+    options = [QuantOption.from_dict(d) for d in spec.options]
+    progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
+    with _counted_steps(progress):
+        table = api.profile(loaded, calib, modules, options, cache_dir=None)
+    progress(0.95, "saving profile")
+    profile_id = spec.profile_id
+    folder = store.profile_dir(profile_id)
+    save_table(folder, profile_id, table)
+    loaded.model.config.save_pretrained(folder / "config")  # config.json, written by transformers
+    buf = io.BytesIO()
+    np.save(buf, calib.tokens.numpy(), allow_pickle=False)
+    atomic_write_bytes(folder / "calibration.npy", buf.getvalue())
+    meta = {
+        "spec": spec.to_dict(),
+        "content_hash": loaded.content_hash,
+        "architecture": type(loaded.model).__name__,
+        "calibration": {"text_sha256": calib.text_sha256, "source": calib.source, "seed": calib.seed,
+                        "settings": calib.settings()},
+        "modules": table.groups,
+        "options": [o.label for o in table.options],
+        "num_weights": table.num_weights,
+    }
+    atomic_write_text(folder / "meta.json", canonical_json(meta))
+    record = ProfileRecord(id=profile_id, model_source=spec.source, model_hash=loaded.content_hash,
+                           architecture=meta["architecture"], meta=meta, created=time.time(), job_id=job_id)
+    store.put_profile(record)  # a no-op when another job stored the same profile first
+    return store.get_profile(profile_id), loaded, calib
+
+
+# The profiler's two loops and the share of the job's progress each one fills.
+_STEPS = {"calibration windows": (0.2, 0.6), "candidate errors": (0.6, 0.95)}
+
+
+@contextmanager
+def _counted_steps(progress: Progress, every_s: float = 0.5):
+    """Report the profiler's loops (its tqdm bars: windows, then modules) as job progress with counts.
+
+    Workers run one job per process, so swapping the loops' `tqdm` for the job's duration touches
+    nothing else; the originals come back afterwards.
+    """
+    from .. import candidates
+    from ..profile import statistics
+
+    last = [0.0]
+
+    def counted(iterable, desc: str = "", **_):
+        lo, hi = _STEPS.get(desc, (0.2, 0.95))
+        total = len(iterable)
+        for i, item in enumerate(iterable):
+            now = time.monotonic()
+            if now - last[0] >= every_s:
+                last[0] = now
+                progress(lo + (hi - lo) * i / max(total, 1), f"profiling: {desc} {i}/{total}")
+            yield item
+
+    saved = statistics.tqdm, candidates.tqdm
+    statistics.tqdm = candidates.tqdm = counted
+    try:
+        yield
+    finally:
+        statistics.tqdm, candidates.tqdm = saved
+
+
+@dataclass
+class StoredProfile:
+    record: ProfileRecord
+    table: CandidateTable
+    skeleton: LoadedModel  # weights on the meta device: names, ties and architecture only
+    calibration: Calibration
+
+
+_loaded_profiles: OrderedDict[str, StoredProfile] = OrderedDict()
+_loaded_lock = threading.Lock()
+_KEEP_PROFILES = 8
+
+
+def open_profile(store: Store, profile_id: str) -> StoredProfile | None:
+    """A stored profile ready to plan from (kept in memory for the next request), or None."""
+    with _loaded_lock:
+        if profile_id in _loaded_profiles:
+            _loaded_profiles.move_to_end(profile_id)
+            return _loaded_profiles[profile_id]
+    record = store.get_profile(profile_id)
+    if record is None:
+        return None
+    stored = _read_profile(store.profile_dir(profile_id), record)
+    with _loaded_lock:
+        _loaded_profiles[profile_id] = stored
+        while len(_loaded_profiles) > _KEEP_PROFILES:
+            _loaded_profiles.popitem(last=False)
+    return stored
+
+
+def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    table = load_table(folder, record.id)
+    if table is None:
+        raise RuntimeError(f"profile {record.id}: its candidate table in {folder} is missing or damaged")
+    config = AutoConfig.from_pretrained(str(folder / "config"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    skeleton = LoadedModel(model=model, source=record.model_source, _content_hash=record.model_hash)
+    c = record.meta["calibration"]
+    tokens = torch.from_numpy(np.load(folder / "calibration.npy", allow_pickle=False))
+    calibration = Calibration(tokens=tokens, text_sha256=c["text_sha256"], source=c["source"], seed=c["seed"])
+    return StoredProfile(record=record, table=table, skeleton=skeleton, calibration=calibration)
+
+
+# ---- plans -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The plan settings of a request, checked; together with a profile id they decide the plan."""
+
+    budget: str
+    solver: str = "ilp"
+    solver_settings: tuple[tuple[str, object], ...] = ()
+    error_model: str = "fisher"
+    seed: int = 0
+    constraints: Constraints = Constraints()
+    families: tuple[str, ...] | None = None  # narrow the profile's options to these format families
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "solver": self.solver, "solver_settings": dict(self.solver_settings),
+                "error_model": self.error_model, "seed": self.seed, "constraints": self.constraints.to_dict(),
+                "families": None if self.families is None else list(self.families)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanSpec":
+        c = d["constraints"]
+        constraints = Constraints(min_bits=c["min_bits"], max_bits=c["max_bits"],
+                                  pins=tuple(tuple(p) for p in c["pins"]), allow=tuple(tuple(a) for a in c["allow"]),
+                                  ties=tuple(c["ties"]), max_latency=c["max_latency"])
+        return cls(budget=d["budget"], solver=d["solver"], solver_settings=tuple(sorted(d["solver_settings"].items())),
+                   error_model=d["error_model"], seed=d["seed"], constraints=constraints,
+                   families=None if d["families"] is None else tuple(d["families"]))
+
+    def plan_id(self, profile_id: str) -> str:
+        key = canonical_json({"profile": profile_id, "plan": self.to_dict()})
+        return "plan_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    @property
+    def needs_model(self) -> bool:
+        """Solvers that score candidates on the real model (evolutionary) need its weights."""
+        return "score" in solvers.base.solver_settings(self.solver)
+
+
+def check_plan_spec(spec: PlanSpec) -> None:
+    """Everything about the plan settings that can be checked without a profile."""
+    parse_budget(spec.budget)
+    if spec.solver not in solvers.available_solvers():
+        raise BadInputError(f"unknown solver {spec.solver!r}; available: {', '.join(solvers.available_solvers())}")
+    if spec.error_model not in ERROR_MODELS:
+        raise BadInputError(f"unknown error model {spec.error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    accepted = set(solvers.base.solver_settings(spec.solver)) - {"score"}
+    unknown = sorted(k for k, _ in spec.solver_settings if k not in accepted)
+    if unknown:
+        raise BadInputError(f"solver {spec.solver!r} takes no setting {', '.join(unknown)}; "
+                            f"it takes {', '.join(sorted(accepted)) or 'none'}")
+
+
+def narrow_table(table: CandidateTable, families: tuple[str, ...] | None) -> CandidateTable:
+    """The table with only the options of these format families (a plan request's formats/target)."""
+    if families is None:
+        return table
+    keep = [k for k, o in enumerate(table.options) if o.family in families]
+    if not keep:
+        offered = sorted({o.family for o in table.options})
+        raise BadInputError(f"the profile offers none of the formats {', '.join(families)} (it has {', '.join(offered)}); "
+                            "choose among those or make a profile with these formats")
+    return CandidateTable(groups=table.groups, shapes=table.shapes, options=[table.options[k] for k in keep],
+                          storage_bits=table.storage_bits[:, keep],
+                          errors={m: e[:, keep] for m, e in table.errors.items()})
+
+
+def make_plan(table: CandidateTable, loaded: LoadedModel, calibration: Calibration, spec: PlanSpec) -> Plan:
+    return api.plan_from_table(narrow_table(table, spec.families), spec.budget, loaded, calibration,
+                               solver=spec.solver, solver_settings=dict(spec.solver_settings),
+                               error_model=spec.error_model, seed=spec.seed, constraints=spec.constraints)
+
+
+def store_plan(store: Store, profile: ProfileRecord, spec: PlanSpec, plan: Plan) -> PlanRecord:
+    """Insert the plan under its content id (a repeat is a no-op) and return the stored record."""
+    plan_id = spec.plan_id(profile.id)
+    store.put_plan(PlanRecord(seq=0, id=plan_id, profile_id=profile.id, model_source=profile.model_source,
+                              model_hash=profile.model_hash, budget=spec.budget, solver=spec.solver,
+                              request=spec.to_dict(), plan_json=plan.to_json(), created=time.time()))
+    return store.get_plan(plan_id)
+
+
+def plan_from_stored(store: Store, profile_id: str, spec: PlanSpec) -> PlanRecord:
+    """The plan for a stored profile, computed in the caller (the solver's time only)."""
+    existing = store.get_plan(spec.plan_id(profile_id))
+    if existing is not None:
+        return existing
+    stored = open_profile(store, profile_id)
+    if stored is None:
+        raise KeyError(profile_id)
+    plan = make_plan(stored.table, stored.skeleton, stored.calibration, spec)
+    return store_plan(store, stored.record, spec, plan)
