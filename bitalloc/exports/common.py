@@ -22,14 +22,14 @@ TIE_FIX = "re-plan with `bitalloc plan --tie fused` (or export anyway with --all
 
 
 def fused_groups(modules) -> dict[str, list[str]]:
-    """'<parent>.<fused name>' -> the planned shard modules vLLM fuses into it (sorted)."""
-    groups: dict[str, list[str]] = defaultdict(list)
+    """'<parent>.<fused name>' -> the planned shard modules vLLM fuses into it, in fused order (q, k, v)."""
+    groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for module in modules:
         parent, _, leaf = module.rpartition(".")
         for fused, shards in FUSED_IN_VLLM.items():
             if leaf in shards:
-                groups[f"{parent}.{fused}" if parent else fused].append(module)
-    return {k: sorted(v) for k, v in sorted(groups.items())}
+                groups[f"{parent}.{fused}" if parent else fused].append((shards.index(leaf), module))
+    return {k: [m for _, m in sorted(v)] for k, v in sorted(groups.items())}
 
 
 def untied_fused_groups(plan: Plan) -> list[str]:
