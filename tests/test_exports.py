@@ -473,3 +473,19 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
     code, out, err = run_main(monkeypatch, capsys, "export", untied_path, "--to", "modelopt", "--out", tmp_path / "mo",
                               "--allow-untied")
     assert code == 0 and (tmp_path / "mo" / "hf_quant_config.json").is_file() and "fused layer" in err
+
+
+def test_transformers_reads_the_gptq_and_autoround_configs(tmp_path):
+    """transformers' own config classes (what from_pretrained builds from quantization_config)."""
+    from transformers.utils.quantization_config import AutoRoundConfig, GPTQConfig, QuantizationMethod
+    plan = make_plan(layers(2, TIED_MIX))
+    export_plan(plan, "gptqmodel", tmp_path)
+    export_plan(plan, "autoround", tmp_path)
+    gptq = GPTQConfig.from_dict(json.loads((tmp_path / "quantize_config.json").read_text()))
+    assert (gptq.quant_method, gptq.bits, gptq.group_size, gptq.sym, gptq.format) == (QuantizationMethod.GPTQ, 3, 64, False, "gptq")
+    # transformers 5.x's GPTQConfig keeps no `dynamic` map: per-module bits reach GPTQModel and vLLM only
+    assert "dynamic" not in gptq.to_dict()
+    autoround = AutoRoundConfig.from_dict(json.loads((tmp_path / "quantization_config.json").read_text()))
+    assert (autoround.quant_method, autoround.bits, autoround.group_size, autoround.sym) == (QuantizationMethod.AUTOROUND, 3, 64, False)
+    extra = autoround.to_dict()["extra_config"]
+    assert len(extra) == 14 and extra["model.layers.1.self_attn.k_proj"] == {"bits": 8, "group_size": -1, "sym": True, "data_type": "int"}

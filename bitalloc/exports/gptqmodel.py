@@ -86,5 +86,7 @@ def export_gptqmodel(plan: Plan, out: Path, allow_untied: bool = False, **_) -> 
     path = write_json(out / CONFIG_FILE, config)
     notes = [f"base: bits={config['bits']} group_size={config['group_size']} sym={config['sym']}; "
              f"{len(config['dynamic'])} dynamic override(s)",
-             "use: QuantizeConfig.from_quant_config(json.load(open(PATH))) in GPTQModel; vLLM reads the same dict as the checkpoint's quantization_config"]
+             f"use: QuantizeConfig.from_quant_config(json.load(open('{path.name}'))) in GPTQModel; vLLM reads the "
+             "same dict as the checkpoint's quantization_config",
+             "transformers' GPTQConfig (5.x) drops `dynamic`: per-module bits load through GPTQModel or vLLM only"]
     return ExportResult("gptqmodel", [path], unsupported + tie_lines, notes)
