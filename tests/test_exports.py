@@ -9,6 +9,7 @@ of the 256-weight K-quant block, 1536 is, so both sides of the GGUF width rule a
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -489,3 +490,35 @@ def test_transformers_reads_the_gptq_and_autoround_configs(tmp_path):
     assert (autoround.quant_method, autoround.bits, autoround.group_size, autoround.sym) == (QuantizationMethod.AUTOROUND, 3, 64, False)
     extra = autoround.to_dict()["extra_config"]
     assert len(extra) == 14 and extra["model.layers.1.self_attn.k_proj"] == {"bits": 8, "group_size": -1, "sym": True, "data_type": "int"}
+
+
+@pytest.mark.parametrize("target, label", [("gptqmodel", "int5-g64-asym"), ("autoround", "fp8e4m3-ch"), ("modelopt", "int4-g64-asym")])
+def test_a_plan_the_target_can_store_nothing_of_is_bad_input(tmp_path, target, label):
+    plan = make_plan({"model.layers.0.mlp.down_proj": label, "model.layers.1.mlp.down_proj": "fp16"})
+    with pytest.raises(BadInputError, match="re-plan with"):
+        export_plan(plan, target, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+SMOLLM2_GGUF = os.environ.get("BITALLOC_SMOLLM2_GGUF", "")
+
+
+@pytest.mark.slow  # ~13 s: GGUFReader parses the 49k-token vocabulary in the metadata
+@pytest.mark.skipif(not Path(SMOLLM2_GGUF).is_file(), reason="set BITALLOC_SMOLLM2_GGUF (scripts/fetch_smollm2.sh)")
+def test_gguf_patterns_name_the_real_smollm2_tensors(tmp_path):
+    """Reading only the GGUF's tensor table (no model load): every pattern matches exactly one tensor,
+    whose row width (ne[0]) is the one the type was chosen for."""
+    reader = gguf.GGUFReader(SMOLLM2_GGUF)
+    real = {t.name: int(t.shape[0]) for t in reader.tensors}
+    n_blocks = 1 + max(int(m[1]) for n in real if (m := re.match(r"blk\.(\d+)\.", n)))
+    labels = layers(n_blocks, lambda i, leaf: ["int3-g64-asym", "int4-g32-sym", "int6-ch-sym"][i % 3])
+    # SmolLM2 ties its head to the embedding: the GGUF has token_embd.weight and no output.weight
+    plan = make_plan(labels | {"lm_head": "int8-ch-sym"}, source=SMOLLM2_GGUF,
+                     extra={"lm_head": ((49152, HIDDEN), ["model.embed_tokens"])})
+    export_plan(plan, "gguf", tmp_path)
+    rows = {r.tensor: r for r in gguf_export.gguf_tensor_types(plan)[0]}
+    for pattern, type_name in read_tensor_type_file(tmp_path / "tensor-types.txt"):
+        hits = [n for n in real if re.search(pattern, n)]
+        assert len(hits) == 1, pattern
+        assert real[hits[0]] == rows[hits[0]].row_width and fits_with_gguf(type_name, real[hits[0]])
+    assert len(rows) == 7 * n_blocks + 1 and rows["token_embd.weight"].ggml_type == "Q8_0"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import BadInputError
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
@@ -47,7 +48,8 @@ def gptqmodel_config(plan: Plan) -> tuple[dict, list[str]]:
     options = plan.options_by_module()
     unsupported, dynamic = [], {}
     if base is None:
-        unsupported.append("no planned option is a GPTQ integer option; every module is left unquantized")
+        raise BadInputError("no planned option is a 2/3/4/8-bit integer, so GPTQ can store none of the modules; "
+                            "re-plan with e.g. `--formats int --bits 2,3,4,8`")
     for module in sorted(options):
         o = options[module]
         ok, why = gptq_expressible(o)
@@ -64,8 +66,7 @@ def gptqmodel_config(plan: Plan) -> tuple[dict, list[str]]:
             ok, _ = gptq_expressible(o)
             dynamic[f"{'+' if ok else '-'}:{exact_regex(fused)}"] = gptq_fields(o) if ok else {}
     unsupported += marlin_lines(options)
-    fields = gptq_fields(base) if base is not None else {"bits": 4, "group_size": 128, "sym": True, "desc_act": False}
-    config = {**fields, "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic,
+    config = {**gptq_fields(base), "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic,
               "meta": {"quantizer": [f"bitalloc:{plan.bitalloc_version}"]}}
     return config, unsupported
 
