@@ -90,6 +90,6 @@ def export_modelopt(plan: Plan, out: Path, allow_untied: bool = False, **_) -> E
     notes = [f"quant_algo per layer: {', '.join(algos) or 'none'}"]
     trt_only = [a for a in algos if a not in VLLM_MIXED_ALGOS]
     if trt_only:
-        notes.append(f"vLLM's modelopt_mixed loader reads {', '.join(sorted(VLLM_MIXED_ALGOS))}; "
-                     f"{', '.join(trt_only)} are read by TensorRT-LLM")
+        notes.append(f"vLLM's modelopt_mixed loader reads {', '.join(sorted(VLLM_MIXED_ALGOS))} per layer; "
+                     f"{', '.join(trt_only)}: TensorRT-LLM only")
     return ExportResult("modelopt", [path], unsupported + tie_lines, notes)
