@@ -522,3 +522,32 @@ def test_gguf_patterns_name_the_real_smollm2_tensors(tmp_path):
         assert len(hits) == 1, pattern
         assert real[hits[0]] == rows[hits[0]].row_width and fits_with_gguf(type_name, real[hits[0]])
     assert len(rows) == 7 * n_blocks + 1 and rows["token_embd.weight"].ggml_type == "Q8_0"
+
+
+def test_autoround_resolves_both_files_with_its_own_layer_config(tmp_path):
+    """Runs where auto-round is installed: its get_layer_config (what it runs when loading a
+    checkpoint) reads extra_config, and GPTQ `dynamic` maps through its converter."""
+    convert_model = pytest.importorskip("auto_round.inference.convert_model")
+    from types import SimpleNamespace
+
+    from transformers.utils.quantization_config import AutoRoundConfig
+
+    from conftest import make_llama
+    plan = make_plan(layers(2, TIED_MIX))
+    export_plan(plan, "autoround", tmp_path)
+    export_plan(plan, "gptqmodel", tmp_path)
+    model = make_llama()  # same module names; get_layer_config reads names, not shapes
+    resolved = {
+        "autoround": convert_model.get_layer_config(
+            model, AutoRoundConfig.from_dict(json.loads((tmp_path / "quantization_config.json").read_text()))),
+        "gptqmodel": convert_model.get_layer_config(
+            model, SimpleNamespace(**json.loads((tmp_path / "quantize_config.json").read_text()))),
+    }
+    for target, per_layer in resolved.items():
+        for a in plan.assignments:
+            o, got = a.option.to_option(), per_layer[a.module]
+            if o.fmt == "int":
+                assert (got.bits, got.group_size, got.sym) == (o.bits, -1 if o.group_size is None else o.group_size,
+                                                              o.symmetric), (target, a.module)
+            else:
+                assert got.bits >= 16, (target, a.module)
