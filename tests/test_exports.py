@@ -551,3 +551,13 @@ def test_autoround_resolves_both_files_with_its_own_layer_config(tmp_path):
                                                               o.symmetric), (target, a.module)
             else:
                 assert got.bits >= 16, (target, a.module)
+
+
+@pytest.mark.parametrize("target", sorted(SCHEMAS) + ["gguf"])
+def test_row_group_plans_are_refused_not_collapsed(tmp_path, target):
+    plan = make_plan({"model.layers.0.mlp.down_proj": "int4-g64-asym"})
+    a = plan.assignments[0]
+    halves = [a.model_copy(update={"rows": (0, 288), "shape": (288, MLP)}), a.model_copy(update={"rows": (288, 576), "shape": (288, MLP)})]
+    split = plan.model_copy(update={"assignments": halves})
+    with pytest.raises(BadInputError, match="splits model.layers.0.mlp.down_proj into row groups"):
+        export_plan(split, target, tmp_path)

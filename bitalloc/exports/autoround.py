@@ -16,7 +16,7 @@ from ..errors import BadInputError
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
-from .common import check_fused_ties, dominant_option, group_size_field, write_json
+from .common import check_fused_ties, dominant_option, group_size_field, require_whole_modules, write_json
 
 CONFIG_FILE = "quantization_config.json"
 AUTOROUND_BITS = (2, 3, 4, 8)
@@ -55,6 +55,7 @@ def autoround_config(plan: Plan) -> tuple[dict, list[str]]:
 
 @register_export("autoround", "AutoRound / vLLM auto-round: quantization_config.json with per-module extra_config")
 def export_autoround(plan: Plan, out: Path, allow_untied: bool = False, **_) -> ExportResult:
+    require_whole_modules(plan, "autoround")
     tie_lines = check_fused_ties(plan, "autoround", allow_untied)
     config, unsupported = autoround_config(plan)
     path = write_json(out / CONFIG_FILE, config)

@@ -56,6 +56,15 @@ def check_fused_ties(plan: Plan, target: str, allow_untied: bool) -> list[str]:
     return [f"fused layer {line}: the serving engine needs one scheme for these shards ({TIE_FIX})" for line in bad]
 
 
+def require_whole_modules(plan: Plan, target: str) -> None:
+    """Every target here sets one scheme per module; a plan splitting a module into row groups cannot be written."""
+    split = sorted({a.module for a in plan.assignments if a.rows is not None})
+    if split:
+        raise BadInputError(f"{target} sets one scheme per module, but the plan splits {split[0]}"
+                            f"{f' (and {len(split) - 1} more)' if len(split) > 1 else ''} into row groups; "
+                            "plan whole modules for this target")
+
+
 def dominant_option(plan: Plan, usable: Callable[[QuantOption], bool] = lambda o: True) -> QuantOption | None:
     """The usable option covering the most weights (ties broken by label), or None if none is usable."""
     weights: dict[QuantOption, int] = defaultdict(int)

@@ -24,6 +24,7 @@ from ..io import atomic_write_text
 from ..options import QuantOption
 from ..plan import Assignment, Plan
 from . import ExportResult, register_export
+from .common import require_whole_modules
 
 TENSOR_TYPE_FILE = "tensor-types.txt"
 
@@ -142,9 +143,6 @@ def gguf_tensor_types(plan: Plan) -> tuple[list[TensorType], list[str]]:
     name_map = gguf.get_tensor_name_map(gguf_arch(plan.model.architecture), block_count(plan))
     rows, unmapped = [], []
     for a in sorted(plan.assignments, key=lambda a: a.module):
-        if a.rows is not None:
-            unmapped.append(f"{a.module}: row-range groups are not expressible per tensor in GGUF")
-            continue
         tensor = gguf_tensor_name(a, name_map)
         if tensor is None:
             unmapped.append(f"{a.module} ({a.label}): no GGUF tensor name for it in gguf's {plan.model.architecture} map")
@@ -187,6 +185,7 @@ def f16_gguf_name(source: str) -> str:
 
 @register_export("gguf", "llama.cpp: a --tensor-type-file for llama-quantize and its command line")
 def export_gguf(plan: Plan, out: Path, **_) -> ExportResult:
+    require_whole_modules(plan, "gguf")
     rows, unmapped = gguf_tensor_types(plan)
     if not rows:
         raise BadInputError("no planned module maps to a GGUF tensor; nothing to export")

@@ -22,7 +22,9 @@ from ..errors import BadInputError
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
-from .common import check_fused_ties, dominant_option, exact_regex, fused_groups, group_size_field, write_json
+from .common import (
+    check_fused_ties, dominant_option, exact_regex, fused_groups, group_size_field, require_whole_modules, write_json,
+)
 
 CONFIG_FILE = "quantize_config.json"
 GPTQ_BITS = (2, 3, 4, 8)
@@ -82,6 +84,7 @@ def marlin_lines(options: dict[str, QuantOption]) -> list[str]:
 
 @register_export("gptqmodel", "GPTQModel / vLLM gptq: quantize_config.json with a per-module `dynamic` map")
 def export_gptqmodel(plan: Plan, out: Path, allow_untied: bool = False, **_) -> ExportResult:
+    require_whole_modules(plan, "gptqmodel")
     tie_lines = check_fused_ties(plan, "gptqmodel", allow_untied)
     config, unsupported = gptqmodel_config(plan)
     path = write_json(out / CONFIG_FILE, config)

@@ -17,7 +17,7 @@ from ..errors import BadInputError
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
-from .common import check_fused_ties, write_json
+from .common import check_fused_ties, require_whole_modules, write_json
 
 CONFIG_FILE = "hf_quant_config.json"
 # ModelOpt/TRT-LLM's weight-only INT4 (W4A16_AWQ) is symmetric, groups of 64 or 128.
@@ -83,6 +83,7 @@ def modelopt_config(plan: Plan) -> tuple[dict, list[str]]:
 
 @register_export("modelopt", "NVIDIA ModelOpt / TensorRT-LLM / vLLM: hf_quant_config.json (MIXED_PRECISION)")
 def export_modelopt(plan: Plan, out: Path, allow_untied: bool = False, **_) -> ExportResult:
+    require_whole_modules(plan, "modelopt")
     tie_lines = check_fused_ties(plan, "modelopt", allow_untied)
     config, unsupported = modelopt_config(plan)
     path = write_json(out / CONFIG_FILE, config)

@@ -24,7 +24,7 @@ from ..io import atomic_write_text
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
-from .common import write_json
+from .common import require_whole_modules, write_json
 
 CONFIG_FILE = "torchao_config.json"
 SNIPPET_FILE = "torchao_config.py"
@@ -119,6 +119,7 @@ def quantize(model):
 
 @register_export("torchao", "torchao: FqnToConfig (module -> config) as torchao JSON, plus a loader snippet")
 def export_torchao(plan: Plan, out: Path, **_) -> ExportResult:
+    require_whole_modules(plan, "torchao")
     mapping, unsupported = torchao_mapping(plan)
     path = write_json(out / CONFIG_FILE, mapping)
     snippet = atomic_write_text(out / SNIPPET_FILE, SNIPPET.format(plan_name=plan.model.source, config_file=CONFIG_FILE))
