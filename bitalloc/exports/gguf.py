@@ -102,7 +102,7 @@ def choose_type(o: QuantOption, row_width: int) -> tuple[str, str, str]:
     if o.fmt == "keep":
         return KEEP_TYPE, KEEP_TYPE, ""
     exact = FP_TYPES.get(o.label) if o.fmt == "fp" else None
-    if exact:
+    if exact and exact in sizes:  # MXFP4/NVFP4 arrived in later gguf releases
         if row_width % sizes[exact][0] == 0:
             return exact, exact, ""
         return nearest_int_type(o, row_width).name, exact, ""
