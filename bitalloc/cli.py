@@ -422,6 +422,39 @@ def serve_cmd(
           max_body_bytes=max_body)
 
 
+@app.command("export")
+def export_cmd(
+    plan_path: Optional[Path] = typer.Argument(None, help="plan JSON (bitalloc plan --out)"),
+    to: Optional[str] = typer.Option(None, "--to", help="target; --list shows them: gguf, modelopt, gptqmodel, autoround, torchao, ..."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for the exported files (default: PLAN-TARGET/ next to the plan)"),
+    allow_untied: bool = typer.Option(False, "--allow-untied", help="export even if fused q/k/v or gate/up shards have different options (listed as unsupported)"),
+    list_targets: bool = typer.Option(False, "--list", help="list the export targets and exit"),
+) -> None:
+    """Write a plan in the form a serving stack or quantization library reads."""
+    from .exports import available_exports, export_plan
+    from .plan import Plan
+
+    if list_targets:
+        for name, desc in available_exports().items():
+            print(f"{name:12s} {desc}")
+        return
+    if plan_path is None or to is None:
+        raise BadInputError("pass a plan and a target, e.g. `bitalloc export plan.json --to gguf` (`--list` shows targets)")
+    if to not in available_exports():
+        raise BadInputError(f"unknown export target {to!r}; choose one of {', '.join(available_exports())}")
+    plan = Plan.load(plan_path)
+    out = out_dir if out_dir is not None else plan_path.with_name(f"{plan_path.stem}-{to}")
+    result = export_plan(plan, to, out, allow_untied=allow_untied)
+    for f in result.files:
+        print(f"wrote {f}")
+    for line in result.unsupported:
+        print(f"warning: {line}", file=sys.stderr)
+    if result.unsupported:
+        print(f"warning: {len(result.unsupported)} line(s) above: what {to} cannot express as planned", file=sys.stderr)
+    for note in result.notes:
+        print(note)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -47,3 +47,11 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
     except KeyError:
         raise BadInputError(f"unknown export target {target!r}; choose one of {', '.join(sorted(_EXPORTERS))}") from None
     return fn(plan, Path(out), **options)
+
+
+# Each target registers itself on import.
+from . import autoround  # noqa: E402,F401
+from . import gguf  # noqa: E402,F401
+from . import gptqmodel  # noqa: E402,F401
+from . import modelopt  # noqa: E402,F401
+from . import torchao  # noqa: E402,F401
