@@ -47,3 +47,6 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
     except KeyError:
         raise BadInputError(f"unknown export target {target!r}; choose one of {', '.join(sorted(_EXPORTERS))}") from None
     return fn(plan, Path(out), **options)
+
+
+from . import compressed_tensors as _compressed_tensors  # noqa: E402,F401  (registers "compressed-tensors")
