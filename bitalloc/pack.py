@@ -7,6 +7,9 @@ compressed-tensors compressors use, so the library (and transformers, vLLM) read
                           asymmetric also weight_zero_point int32 [ceil(out*b/32), n_groups]
   fp8e4m3 (naive-quantized): weight float8_e4m3fn [out, in], weight_scale fp16 [out, n_groups|1]
                           (per tensor: fp32 [1])
+  nvfp4 (nvfp4-pack-quantized): weight_packed uint8 [out, in/2], weight_scale float8_e4m3fn
+                          [out, in/16], weight_global_scale fp32 [1] (the reciprocal of ours)
+  mxfp4 (mxfp4-pack-quantized): weight_packed uint8 [out, in/2], weight_scale uint8 E8M0 [out, in/32]
   fp16 (keep):            weight in 16 bits, listed in `ignore`
 compressed-tensors' codes are signed whatever the symmetry: our unsigned asymmetric codes c in
 [0, 2^b-1] with zero-point z become c - 2^(b-1) and z - 2^(b-1); (c - z)·s is unchanged.
@@ -34,11 +37,13 @@ from torch import nn
 from .apply import check_plan_matches
 from .errors import BadInputError, BitallocError
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
-from .formats.fp import grouped
+from .formats.fp import grouped, pow2, round_to_element
+from .formats.mx import mx_shared_exponent
+from .formats.nvfp4 import nvfp4_scales
 from .formats.int import fp16_round_up
 from .io import atomic_write_text, canonical_json
 from .models import is_linear
-from .options import ELEMENTS, QuantOption
+from .options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK, QuantOption
 from .plan import Plan
 from .quantizers import QuantizedWeight
 from .quantizers.materialize import quantize_model
@@ -202,9 +207,13 @@ def compressed_tensors_of(q: QuantizedWeight, original: torch.Tensor,
         return _int_tensors(q)
     if option.scheme == "fp" and option.element == "e4m3":
         return _fp8_tensors(q, original)
-    _, fmt = weight_args(option)
-    raise BadInputError(f"bitalloc apply does not pack {option.label} ({fmt}) yet; the quantization_config export "
-                        "expresses it, but its weights must be written by another tool; re-plan with int/fp8e4m3/fp16")
+    if option.scheme == "nvfp4":
+        return _nvfp4_tensors(q, original), ""
+    if option.scheme == "mx" and option.element == "e2m1":
+        return _mxfp4_tensors(q, original), ""
+    _, fmt = weight_args(option)  # raises for what compressed-tensors cannot store at all
+    raise BadInputError(f"bitalloc apply does not pack {option.label} ({fmt}) yet; "
+                        "re-plan with int, fp8e4m3, nvfp4, mxfp4 or fp16 options")
 
 
 def _int_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
@@ -258,6 +267,50 @@ def _fp8_tensors(q: QuantizedWeight, original: torch.Tensor) -> tuple[dict[str, 
         return tensors, ""
     tensors["weight_scale"], note = _scale_as_fp16(scale)
     return tensors, note
+
+
+def _fp4_elements(q: QuantizedWeight, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """The E2M1 elements of q.values per block of `scale` [out, in/block, 1], checked to give the
+    values back exactly (so the stored codes are the simulated ones). -> [out, in]"""
+    values = grouped(q.values.float(), block)  # [out, in/block, block]
+    # values = e2m1 · scale rounded to fp32, so divide, round to the grid, and demand the product back exactly.
+    elements = round_to_element(values / scale, "e2m1")
+    if not torch.equal(elements * scale, values):
+        raise BitallocError(f"{q.option.label}: the quantized values are not E2M1 multiples of the RTN block scales "
+                            "(a quantizer with other scales?); cannot pack them exactly")
+    return elements.reshape(q.values.shape)
+
+
+def _nvfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    out_f, in_f = original.shape
+    if original.abs().amax() == 0:  # an all-zero weight: zero codes, any scales
+        block_scale, global_scale = torch.zeros(out_f, in_f // NVFP4_BLOCK, 1), torch.tensor(1.0)
+        elements = torch.zeros(out_f, in_f)
+    else:
+        block_scale, global_scale = nvfp4_scales(original)
+        scale = torch.where(block_scale > 0, block_scale * global_scale, torch.ones_like(block_scale))
+        elements = _fp4_elements(q, scale, NVFP4_BLOCK)
+    # compressed-tensors keeps the reciprocal global scale (448·6 / amax) and dequantizes as
+    # e2m1 · (e4m3 scale / global): the same product up to the fp32 rounding of the reciprocal.
+    return {
+        "weight_packed": pack_fp4_to_uint8(elements),  # uint8 [out, in/2], two E2M1 codes per byte
+        "weight_scale": block_scale.squeeze(-1).to(torch.float8_e4m3fn).contiguous(),  # [out, in/16]
+        "weight_global_scale": (1.0 / global_scale).reshape(1).float(),  # fp32 [1]
+    }
+
+
+def _mxfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    amax = grouped(original, MX_BLOCK).abs().amax(dim=-1, keepdim=True)  # [out, in/32, 1]
+    exponent = mx_shared_exponent(amax, ELEMENTS["e2m1"].emax)
+    elements = _fp4_elements(q, pow2(exponent), MX_BLOCK)
+    return {
+        "weight_packed": pack_fp4_to_uint8(elements),  # uint8 [out, in/2]
+        "weight_scale": (exponent.squeeze(-1) + 127).to(torch.uint8).contiguous(),  # E8M0: biased exponent [out, in/32]
+    }
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[Path]:
