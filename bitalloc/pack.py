@@ -43,7 +43,7 @@ from .formats.nvfp4 import nvfp4_scales
 from .formats.int import fp16_round_up
 from .io import atomic_write_text, canonical_json
 from .models import is_linear
-from .options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK, QuantOption
+from .options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK
 from .plan import Plan
 from .quantizers import QuantizedWeight
 from .quantizers.materialize import quantize_model
@@ -133,8 +133,21 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     report.out = out
     report.files = [out / p.name for p in files]
     report.warnings = warnings
-    report.notes = scale_notes + serving_notes(plan)
+    report.notes = scale_notes + serving_notes(plan) + _dtype_notes(model, plan)
     return report
+
+
+def _dtype_notes(model: nn.Module, plan: Plan) -> list[str]:
+    dtype = next(model.parameters()).dtype
+    schemes = {a.option.to_option().scheme for a in plan.assignments}
+    notes = []
+    if schemes & {"nvfp4", "mx"} and dtype != torch.bfloat16:
+        notes.append("compressed-tensors decompresses NVFP4/MXFP4 weights to bfloat16: load this checkpoint with "
+                     "dtype=torch.bfloat16 in transformers")
+    if schemes & {"int", "fp"} and dtype == torch.bfloat16:
+        notes.append("a bfloat16 model loads the fp16 scales into bfloat16 parameters: reloaded weights match the "
+                     "simulation to one bfloat16 rounding, not bit for bit")
+    return notes
 
 
 def _library():

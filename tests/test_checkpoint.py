@@ -164,6 +164,24 @@ def test_transformers_reload_of_asymmetric_int(tmp_path):
         assert torch.equal(reloaded(IDS).logits, simulated_logits(model, plan))
 
 
+def test_transformers_reload_of_fp4_schemes_in_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_qwen2()
+    pins = ((r"self_attn\.(q|k|v)_proj", "int4-g32-sym"), (r"o_proj", "nvfp4"), (r"mlp\.(gate|up)_proj", "mxfp4"),
+            (r"down_proj", "int8-ch-sym"))
+    plan = pinned_plan(model, pins)
+    report = save_checkpoint(model, plan, tmp_path / "fp4")
+    assert any("bfloat16" in n for n in report.notes)  # the report says how to load it
+    # compressed-tensors decompresses NVFP4/MXFP4 to bf16, so the model must run in bf16.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp4", dtype=torch.bfloat16)
+    with torch.no_grad():
+        sim = simulated_logits(model, plan)
+        diff = (reloaded(IDS).logits.float() - sim).abs().max().item()
+        moved = (model(IDS).logits - sim).abs().max().item()  # what quantizing changed
+    assert diff < 0.25 * moved, (diff, moved)
+
+
 def test_bytes_on_disk_equal_the_plan(sym_case, all_case):
     for _, plan, out, report in (sym_case, all_case):
         sizes = safetensors_tensor_bytes(out / "model.safetensors")
