@@ -111,10 +111,10 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
         raise BadInputError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
     _library()  # fail before the (slow) quantization if compressed-tensors is missing
 
-    simulated = copy.deepcopy(model)
+    simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
     qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
-    tensors, scale_notes = _state_dict(model, simulated, qweights)
+    tensors, scale_notes = _state_dict(model, qweights)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)
 
@@ -125,7 +125,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
         _write_config(simulated, qconfig, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        report = _measure(tmp, plan, qconfig)
+        report = _measure(tmp, plan)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +179,7 @@ def _check_modules(model: nn.Module, plan: Plan) -> None:
                                 "or without --include-lm-head")
 
 
-def _state_dict(model: nn.Module, simulated: nn.Module, qweights: dict[str, QuantizedWeight]) -> tuple[dict, list[str]]:
+def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight]) -> tuple[dict, list[str]]:
     """Checkpoint tensors: planned modules in their compressed form, the rest as in the model.
 
     Tied parameters are written once, under their first name (transformers re-ties them)."""
@@ -358,6 +358,10 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard
 
 def _write_config(model: nn.Module, qconfig: dict, folder: Path) -> None:
     config = model.config.to_dict()
+    # What save_pretrained records (vLLM picks the model class from `architectures`); a model built
+    # from a config in memory has neither.
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config["quantization_config"] = qconfig
     atomic_write_text(folder / "config.json", canonical_json(config))
     generation = getattr(model, "generation_config", None)
@@ -373,7 +377,7 @@ def safetensors_tensor_bytes(path: Path) -> dict[str, tuple[str, int]]:
     return {k: (v["dtype"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
-def _measure(folder: Path, plan: Plan, qconfig: dict) -> CheckpointReport:
+def _measure(folder: Path, plan: Plan) -> CheckpointReport:
     sizes: dict[str, tuple[str, int]] = {}
     files = sorted(folder.glob("*.safetensors"))
     for f in files:

@@ -236,6 +236,8 @@ def test_quantization_config_is_what_the_library_parses(all_case):
             assert scheme.format == inferred.value, (name, scheme.format, inferred)
             assert scheme.weights.num_bits == parse_option(labels[name]).bits
     assert "lm_head" in qconfig.ignore
+    full = json.loads((out / "config.json").read_text())
+    assert full["architectures"] == ["Qwen2ForCausalLM"] and full["dtype"] == "float32"
 
 
 def test_export_target_writes_the_same_config(all_case, tmp_path):
