@@ -338,3 +338,14 @@ def test_cli_apply_writes_checkpoint_and_reports_bpw(model_dir, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     again = CliRunner().invoke(app, ["apply", str(model_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(out)])
     assert again.exit_code != 0 and "--force" in str(again.exception or again.output)
+
+
+def test_anchored_targets_match_exactly_the_given_names():
+    from bitalloc.exports.compressed_tensors import anchored_targets
+
+    names = ["model.layers.1.mlp.down_proj", "model.layers.10.mlp.down_proj", "model.layers.2.self_attn.q_proj", "lm_head"]
+    targets = anchored_targets(names)
+    assert len(targets) == 3  # down_proj of two blocks share one regex
+    universe = names + ["model.layers.0.mlp.down_proj", "model.layers.100.mlp.down_proj", "model.layers.1.mlp.down_proj_x",
+                        "xmodel.layers.1.mlp.down_proj", "model.layers.2.self_attn.q_proj.lora", "lm_head2"]
+    assert sorted(n for n in universe if any(match_name(n, t) for t in targets)) == sorted(names)
