@@ -324,14 +324,21 @@ def apply_cmd(
     seq_len: int = typer.Option(512, "--seq-len"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder; also skip the weights-hash check"),
     allow_unfused: bool = typer.Option(False, "--allow-unfused", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
+    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Quantize MODEL as the plan says and write a packed checkpoint (safetensors + config.json + tokenizer)."""
+    import torch
+
     from .models import load_model
     from .pack import save_checkpoint
     from .plan import Plan
 
+    dtypes = {"model": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+              "float32": "float32", "fp32": "float32"}
+    if dtype not in dtypes:
+        raise BadInputError(f"unknown --dtype {dtype!r}; choose model, bfloat16, float16 or float32")
     if fmt != "compressed-tensors":
         raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors "
                             "(other targets: `bitalloc export`)")
@@ -344,7 +351,8 @@ def apply_cmd(
         ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
                                source=str(calib)).tokens
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
-                             check_hash=not force, fused="warn" if allow_unfused else "error", progress=not as_json)
+                             check_hash=not force, fused="warn" if allow_unfused else "error",
+                             dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
     if as_json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return

@@ -95,15 +95,20 @@ class CheckpointReport:
 def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: str = "rtn",
                     calibration: torch.Tensor | None = None, *, tokenizer: Any = None, force: bool = False,
                     check_hash: bool = True, fused: str = "error", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    progress: bool = False) -> CheckpointReport:
+                    dtype: torch.dtype | None = None, progress: bool = False) -> CheckpointReport:
     """Quantize a copy of `model` as `plan` says and write it as a packed compressed-tensors checkpoint.
 
     out: folder to create (an existing one is replaced only with force=True). fused: what to do
     when q/k/v or gate/up of a block differ ("error": vLLM cannot load that; "warn"; "ignore").
     calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq).
+    dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
+    declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
     The caller's model is left unchanged.
     """
     out = Path(out)
+    dtype = dtype or next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise BadInputError(f"checkpoint dtype must be float32, float16 or bfloat16, not {dtype}")
     check_plan_matches(model, plan, check_hash)
     warnings = check_expressible(plan, fused=fused)
     _check_modules(model, plan)
@@ -114,7 +119,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
     qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
-    tensors, scale_notes = _state_dict(model, qweights)
+    tensors, scale_notes = _state_dict(model, qweights, dtype)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)
 
@@ -122,7 +127,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         files = _write_safetensors(tensors, tmp, max_shard_bytes)
-        _write_config(simulated, qconfig, tmp)
+        _write_config(simulated, qconfig, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         report = _measure(tmp, plan)
@@ -133,12 +138,11 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     report.out = out
     report.files = [out / p.name for p in files]
     report.warnings = warnings
-    report.notes = scale_notes + serving_notes(plan) + _dtype_notes(model, plan)
+    report.notes = scale_notes + serving_notes(plan) + _dtype_notes(dtype, plan)
     return report
 
 
-def _dtype_notes(model: nn.Module, plan: Plan) -> list[str]:
-    dtype = next(model.parameters()).dtype
+def _dtype_notes(dtype: torch.dtype, plan: Plan) -> list[str]:
     schemes = {a.option.to_option().scheme for a in plan.assignments}
     notes = []
     if schemes & {"nvfp4", "mx"} and dtype != torch.bfloat16:
@@ -179,7 +183,7 @@ def _check_modules(model: nn.Module, plan: Plan) -> None:
                                 "or without --include-lm-head")
 
 
-def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight]) -> tuple[dict, list[str]]:
+def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight], dtype: torch.dtype) -> tuple[dict, list[str]]:
     """Checkpoint tensors: planned modules in their compressed form, the rest as in the model.
 
     Tied parameters are written once, under their first name (transformers re-ties them)."""
@@ -190,21 +194,21 @@ def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight]) -> tuple
         if key in seen:
             continue
         seen.add(key)
-        tensors[name] = t.detach().cpu().contiguous()
+        t = t.detach().cpu()
+        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     notes = []
     for module, q in qweights.items():
         original = model.get_submodule(module).weight.detach().float().cpu()
         del tensors[f"{module}.weight"]
-        packed, note = compressed_tensors_of(q, original, keep_dtype=_keep_dtype(model))
+        packed, note = compressed_tensors_of(q, original, keep_dtype=_keep_dtype(dtype))
         tensors.update({f"{module}.{k}": v for k, v in packed.items()})
         if note:
             notes.append(f"{module}: {note}")
     return tensors, notes
 
 
-def _keep_dtype(model: nn.Module) -> torch.dtype:
-    # fp16 is what "keep" stores and simulates; a bf16 model keeps bf16 (its values round-trip).
-    dtype = next(model.parameters()).dtype
+def _keep_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16 is what "keep" stores and simulates; a bf16 checkpoint keeps bf16 (a bf16 model's values round-trip).
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
@@ -356,12 +360,12 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard
     return files
 
 
-def _write_config(model: nn.Module, qconfig: dict, folder: Path) -> None:
+def _write_config(model: nn.Module, qconfig: dict, folder: Path, dtype: torch.dtype) -> None:
     config = model.config.to_dict()
     # What save_pretrained records (vLLM picks the model class from `architectures`); a model built
     # from a config in memory has neither.
     config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = qconfig
     atomic_write_text(folder / "config.json", canonical_json(config))
     generation = getattr(model, "generation_config", None)

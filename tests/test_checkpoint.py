@@ -349,3 +349,24 @@ def test_anchored_targets_match_exactly_the_given_names():
     universe = names + ["model.layers.0.mlp.down_proj", "model.layers.100.mlp.down_proj", "model.layers.1.mlp.down_proj_x",
                         "xmodel.layers.1.mlp.down_proj", "model.layers.2.self_attn.q_proj.lora", "lm_head2"]
     assert sorted(n for n in universe if any(match_name(n, t) for t in targets)) == sorted(names)
+
+
+def test_bf16_checkpoint_of_an_fp32_model(sym_case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, plan, _, full = sym_case
+    report = save_checkpoint(model, plan, tmp_path / "bf", dtype=torch.bfloat16)
+    t = load_file(tmp_path / "bf" / "model.safetensors")
+    assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16  # kept module
+    assert t["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float16  # scales stay exact
+    assert json.loads((tmp_path / "bf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert report.planned_bytes == plan.summary.storage_bytes  # 16-bit either way
+    assert report.checkpoint_bytes < full.checkpoint_bytes
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf")
+    assert reloaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        sim = simulated_logits(model, plan)
+        diff = (reloaded(IDS).logits.float() - sim).abs().max().item()
+        moved = (model(IDS).logits - sim).abs().max().item()
+    assert diff < 0.25 * moved, (diff, moved)
