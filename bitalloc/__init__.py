@@ -16,10 +16,11 @@ from .evaluate import EvalResult, evaluate, evaluation_windows, reference_logpro
 from .models import LoadedModel, load_model
 from .options import QuantOption, default_options
 from .plan import Plan
+from .pack import CheckpointReport, save_checkpoint
 
 __all__ = [
     "plan", "plan_from_table", "profile", "pareto", "pareto_from_table", "Pareto", "Constraints", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
     "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model",
     "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
-    "PlanVersionError",
+    "PlanVersionError", "save_checkpoint", "CheckpointReport",
 ]

@@ -312,6 +312,65 @@ def eval_cmd(
         out.print(result.describe())
 
 
+@app.command("apply")
+def apply_cmd(
+    model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
+    plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
+    out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
+    quantizer: str = typer.Option("rtn", "--quantizer", help="rtn or gptq (gptq needs --calib)"),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out folder; also skip the weights-hash check"),
+    allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
+    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Quantize MODEL as the plan says and write a packed checkpoint (safetensors + config.json + tokenizer)."""
+    import torch
+
+    from .models import load_model
+    from .pack import save_checkpoint
+    from .plan import Plan
+
+    dtypes = {"model": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+              "float32": "float32", "fp32": "float32"}
+    if dtype not in dtypes:
+        raise BadInputError(f"unknown --dtype {dtype!r}; choose model, bfloat16, float16 or float32")
+    if fmt != "compressed-tensors":
+        raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors "
+                            "(other targets: `bitalloc export`)")
+    plan = Plan.load(plan_path)  # fail on a bad plan before loading the model
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    ids = None
+    if calib is not None:
+        from .calibration import make_calibration, read_text
+
+        ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
+                               source=str(calib)).tokens
+    report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
+                             check_hash=not force, allow_untied=allow_untied,
+                             dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
+    if as_json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+        return
+    table = Table(title=f"packed checkpoint {out_path}")
+    for col in ("option", "format", "modules"):
+        table.add_column(col)
+    for label, n in report.modules_by_label.items():
+        table.add_row(label, report.format_by_label[label], str(n))
+    out.print(table)
+    out.print(f"planned weights {report.planned_weights:,}: {report.planned_bytes:,} bytes on disk "
+              f"(packed weights + scales + zero-points; weight_shape adds {report.shape_bytes:,})")
+    out.print(f"storage bits/weight: measured {report.measured_bits_per_weight:.4f}, "
+              f"plan predicted {report.predicted_bits_per_weight:.4f}")
+    out.print(f"checkpoint size {report.checkpoint_bytes / 1e6:.2f} MB in {len(report.files)} safetensors file(s)")
+    for line in report.warnings + report.notes:
+        out.print(f"note: {line}")
+
+
 @app.command("latency")
 def latency_cmd(
     model: list[str] = typer.Option(..., "--model", help="model whose planned-layer shapes to time (hub id, directory, .gguf, or config.json with --config-only); repeatable"),

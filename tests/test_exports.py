@@ -462,7 +462,7 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
     assert "warning: blk.0.attn_output.weight (model.layers.0.self_attn.o_proj, int4-g64-asym): row width 576" in err
 
     code, out, err = run_main(monkeypatch, capsys, "export", plan_path, "--to", "nope")
-    assert code == 2 and "error: unknown export target 'nope'; choose one of autoround, gguf" in err
+    assert code == 2 and "error: unknown export target 'nope'; choose one of autoround, compressed-tensors, gguf, gptqmodel, modelopt, torchao" in err
 
     code, out, _ = run_main(monkeypatch, capsys, "export", "--list")
     assert code == 0 and all(re.search(rf"^{t}\s", out, re.M) for t in ("gguf", "modelopt", "gptqmodel", "autoround", "torchao"))

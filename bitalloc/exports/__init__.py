@@ -51,6 +51,7 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
 
 # Each target registers itself on import.
 from . import autoround  # noqa: E402,F401
+from . import compressed_tensors  # noqa: E402,F401
 from . import gguf  # noqa: E402,F401
 from . import gptqmodel  # noqa: E402,F401
 from . import modelopt  # noqa: E402,F401
