@@ -113,11 +113,18 @@ def profile_model(
         "bitalloc": bitalloc_version(),
         "code": code_fingerprint(),
     }
-    meta = {"model": {"source": loaded.source, "architecture": type(loaded.model).__name__,
-                      "content_hash": loaded.content_hash},
-            "calibration": calib.settings(), "bitalloc_version": bitalloc_version()}
+    meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
+            "include_lm_head": include_lm_head, "include_embeddings": include_embeddings}
     return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
                            options=options, meta=meta, progress=progress)
+
+
+def model_record(loaded: LoadedModel) -> dict:
+    """What a plan needs to know about the model, so that planning from a profile needs no model."""
+    model = loaded.model
+    return {"source": loaded.source, "architecture": type(model).__name__, "content_hash": loaded.content_hash,
+            "output_embedding": output_embedding_name(model), "input_embedding": input_embedding_name(model),
+            "tied_embeddings": tied_embeddings(model)}
 
 
 def plan(

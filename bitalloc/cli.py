@@ -216,7 +216,8 @@ def profile_cmd(
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths of the candidate table"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes of the table; ch = per channel"),
     formats: Optional[str] = typer.Option(None, "--formats", help="format families of the table (default int,keep)"),
-    trace_tol: float = typer.Option(0.1, "--trace-tol", help="stop probing when every layer's trace has this relative standard error"),
+    trace_tol: float = typer.Option(0.1, "--trace-tol", help="a layer stops probing when its trace has this relative standard error..."),
+    trace_abs_tol: float = typer.Option(0.01, "--trace-abs-tol", help="...or when its standard error is below this fraction of the largest layer's |trace| (layers with trace ~0)"),
     trace_max_probes: int = typer.Option(64, "--trace-max-probes"),
     spike_threshold: float = typer.Option(300.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
@@ -233,7 +234,8 @@ def profile_cmd(
     start = time.perf_counter()
     prof = api.profile_model(model, calib, out_dir, signals=chosen, options=options, seq_len=seq_len,
                              calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
-                             trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_max_probes=trace_max_probes,
+                             trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_abs_tol=trace_abs_tol,
+                             trace_max_probes=trace_max_probes,
                              spike_threshold=spike_threshold, interaction_option=interaction_option)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
@@ -255,7 +257,9 @@ def _print_profile(prof) -> None:
     out.print(table)
     if any(m.trace for m in prof.modules):
         t = [m.trace for m in prof.modules if m.trace]
-        out.print(f"Hessian trace: {t[0].probes} probes, largest relative standard error {max(x.rel_stderr for x in t):.3f}")
+        rules = Counter(x.stopped_by or "?" for x in t)
+        out.print(f"Hessian trace: {min(x.probes for x in t)}-{max(x.probes for x in t)} probes per layer, largest relative "
+                  f"standard error {max(x.rel_stderr for x in t):.3f}; stopped by " + ", ".join(f"{r}: {c}" for r, c in sorted(rules.items())))
     flagged = [m.name for m in prof.modules if m.spikes and (m.spikes.input.flagged or m.spikes.output.flagged)]
     if any(m.spikes for m in prof.modules):
         out.print(f"activation spikes flagged in {len(flagged)} projection(s){': ' + ', '.join(flagged) if flagged else ''}")

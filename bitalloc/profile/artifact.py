@@ -56,6 +56,7 @@ class Profile:
     modules: list[ModuleProfile]
     interactions: list[Interaction] = field(default_factory=list)
     table: CandidateTable | None = None
+    calibration_tokens: np.ndarray | None = None  # [windows, seq_len] ids: lets a search solver score without re-tokenizing
 
     def module(self, name: str) -> ModuleProfile:
         for m in self.modules:
@@ -69,7 +70,8 @@ class Profile:
         body = {"settings": encode(self.settings, "settings", arrays),
                 "modules": encode(self.modules, "modules", arrays),
                 "interactions": encode(self.interactions, "interactions", arrays),
-                "table": None if self.table is None else encode_table(self.table, arrays)}
+                "table": None if self.table is None else encode_table(self.table, arrays),
+                "calibration_tokens": encode(self.calibration_tokens, "calibration_tokens", arrays)}
         atomic_write_bytes(folder / "tensors.npz", npz_bytes(arrays))
         doc = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "key": self.key,
                "checksum": arrays_checksum(arrays), "profile": body}
@@ -104,7 +106,8 @@ class Profile:
         body = doc["profile"]
         return cls(key=doc["key"], settings=decode(body["settings"], arrays), modules=decode(body["modules"], arrays),
                    interactions=decode(body["interactions"], arrays),
-                   table=None if body["table"] is None else decode_table(body["table"], arrays))
+                   table=None if body["table"] is None else decode_table(body["table"], arrays),
+                   calibration_tokens=decode(body.get("calibration_tokens"), arrays))
 
 
 def try_load(folder: Path, key: str) -> Profile | None:
