@@ -88,21 +88,23 @@ class Profile:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it with `bitalloc profile`") from None
+            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run `bitalloc profile`") from None
         if doc.get("format") != PROFILE_FORMAT:
             raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
         if int(doc.get("version", 0)) > PROFILE_VERSION:
             raise BadInputError(f"{path} is profile version {doc['version']}, newer than this bitalloc reads "
                                 f"({PROFILE_VERSION}); upgrade bitalloc")
         if key is not None and doc.get("key") != key:
-            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it")
+            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it: "
+                                "re-run `bitalloc profile`")
         try:
             with np.load(folder / "tensors.npz", allow_pickle=False) as z:
                 arrays = {n: z[n] for n in z.files}
         except Exception as e:  # OSError, ValueError, zipfile.BadZipFile (CRC): all mean damaged
-            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile") from None
+            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile: re-run `bitalloc profile`") from None
         if arrays_checksum(arrays) != doc.get("checksum"):
-            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum; recompute the profile")
+            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum (damaged or edited); recompute the profile: "
+                                "re-run `bitalloc profile`")
         body = doc["profile"]
         return cls(key=doc["key"], settings=decode(body["settings"], arrays), modules=decode(body["modules"], arrays),
                    interactions=decode(body["interactions"], arrays),
