@@ -322,11 +322,13 @@ def _print_profile(prof) -> None:
 def report_cmd(
     source: Path = typer.Argument(..., help="a profile folder (bitalloc profile --out) or a plan .json"),
     out_path: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write"),
+    measured: Optional[Path] = typer.Option(None, "--measured", help="measured single-module ΔNLL JSON (bench/sensitivity.py's bench/out/sensitivity.json): adds predicted vs measured"),
+    error_model: str = typer.Option("fisher", "--error-model", help="with a profile: which table prediction to set against --measured"),
 ) -> None:
     """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
     from .report import write_report
 
-    write_report(source, out_path)
+    write_report(source, out_path, measured=measured, error_model=error_model)
     out.print(f"wrote {out_path}")
 
 
