@@ -234,8 +234,15 @@ def profile_sections(profile, error_model: str = "fisher") -> list[tuple[str, st
     if profile.interactions:
         ir = [[i.a, i.b, i.relation, f"{i.single_a:.4g}", f"{i.single_b:.4g}", f"{i.joint:.4g}", f"{i.correction:+.4g}"]
               for i in sorted(profile.interactions, key=lambda i: -abs(i.correction))[:30]]
+        why = ("<p>These corrections are reported, not optimized. They are measured at one option "
+               f"({html.escape(profile.interactions[0].option)}) for pairs inside a block, so there is no correction "
+               "for the other option pairs a plan chooses between; and the solvers take a separable cost per "
+               "(module, option): pairwise terms would need a product variable per pair and option pair in the ILP "
+               "and would break the per-module Lagrangian and DP decompositions. Where the corrections are small "
+               "against the joint ΔNLL (they are on SmolLM2: bench/out/sensitivity.json), the separable objective "
+               "loses little.</p>")
         sections.append(("inter-layer corrections (largest 30)",
-                         _table(["a", "b", "relation", "ΔL(a)", "ΔL(b)", "ΔL(a,b)", "correction"], ir)))
+                         _table(["a", "b", "relation", "ΔL(a)", "ΔL(b)", "ΔL(a,b)", "correction"], ir) + why))
         if profile.table is not None:
             singles = {}
             for i in profile.interactions:

@@ -35,7 +35,7 @@ def test_profile_round_trip_and_reuse(tmp_path, calib_ids, monkeypatch):
     assert m.shape == (64, 128) and m.fisher.shape == (64,) and m.h_diag.shape == (128,)
     assert m.trace.probes >= 2 and m.salience.column["hessian"].shape == (128,) and m.spikes.input.channel_max.shape == (128,)
     doc = json.loads((out / "profile.json").read_text())
-    assert doc["version"] == 1 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
+    assert doc["version"] == 2 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
 
     loaded = Profile.load(out)
     assert loaded.key == prof.key and loaded.settings == prof.settings
@@ -81,6 +81,29 @@ def test_damaged_profile_is_recomputed_never_used(tmp_path, calib_ids):
         again = profile_model(model, calib_ids, out, **make(signals=("fisher",)))
     np.testing.assert_array_equal(again.modules[0].fisher, first.modules[0].fisher)
     Profile.load(out)  # repaired
+
+
+def test_version_1_profile_folders_are_still_read(tmp_path, calib_ids):
+    """Version 1 kept one .npz member per array; version 2 packs them (one read instead of thousands)."""
+    from bitalloc.profile.artifact import npz_bytes, unpack_arrays
+
+    out = tmp_path / "prof"
+    prof = profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "spikes", "table")))
+    doc = json.loads((out / "profile.json").read_text())
+    with np.load(out / "tensors.npz") as z:
+        assert z.files == ["packed"]
+        arrays = unpack_arrays(z["packed"], doc["arrays"])
+    assert len(arrays) > 100 and arrays["table/storage_bits"].flags.writeable
+    old = tmp_path / "v1"
+    old.mkdir()
+    (old / "tensors.npz").write_bytes(npz_bytes(arrays))
+    del doc["arrays"]
+    doc["version"] = 1
+    (old / "profile.json").write_text(json.dumps(doc))
+    again = Profile.load(old)
+    np.testing.assert_array_equal(again.table.errors["fisher"], prof.table.errors["fisher"])
+    np.testing.assert_array_equal(again.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms,
+                                  prof.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms)
 
 
 def test_newer_profile_version_is_refused(tmp_path, calib_ids):
