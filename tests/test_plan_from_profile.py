@@ -204,3 +204,20 @@ def test_cli_plan_from_profile(spiked, tmp_path):
     assert r.returncode == 2 and "add --profile" in r.stderr
     r = run_cli("plan", "--budget", "4bits", cwd=tmp_path)
     assert r.returncode == 2 and "--profile DIR" in r.stderr
+
+
+def test_latency_target_from_a_profile_matches_planning_from_the_model(tmp_path, calib_ids):
+    from bitalloc.latency.planning import LatencyTarget
+    from test_latency_planning import OPTIONS as LAT_OPTIONS, OTHER_S, synthetic_profile
+
+    model = make_llama()
+    hardware = synthetic_profile(model)
+    profile_model(model, calib_ids, tmp_path / "p", signals=("fisher", "table"), options=LAT_OPTIONS)
+    free = plan_from_profile(tmp_path / "p", "5bits", latency_target=LatencyTarget(hardware, tokens=1))
+    assert free.latency.predicted_s == pytest.approx(OTHER_S + free.latency.layers_s, rel=1e-5)
+    limit = OTHER_S + 0.8 * free.latency.layers_s
+    target = LatencyTarget(hardware, tokens=1, max_latency=limit)
+    direct = bitalloc.plan(model, "5bits", calib_ids, options=LAT_OPTIONS, cache_dir=False, latency_target=target)
+    got = plan_from_profile(tmp_path / "p", "5bits", latency_target=target)
+    assert got.to_json() == direct.to_json()
+    assert got.latency.predicted_s <= limit * (1 + 1e-6) < free.latency.predicted_s  # the limit binds
