@@ -7,6 +7,7 @@
 """
 
 from .api import plan, plan_from_table, profile
+from .replan import pareto_from_profile, plan_from_profile
 from .constraints import Constraints
 from .sweep import Pareto, pareto, pareto_from_table
 from .apply import apply
@@ -22,5 +23,5 @@ __all__ = [
     "plan", "plan_from_table", "profile", "pareto", "pareto_from_table", "Pareto", "Constraints", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
     "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model",
     "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
-    "PlanVersionError", "save_checkpoint", "CheckpointReport",
+    "PlanVersionError", "save_checkpoint", "CheckpointReport", "plan_from_profile", "pareto_from_profile",
 ]

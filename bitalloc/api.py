@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from .calibration import Calibration, calibration_from_tokens, make_calibration,
 from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError
-from .objective import CalibrationScore
 from .models import LoadedModel, as_loaded, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
 from .options import QuantOption, default_options
 from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
@@ -113,11 +113,18 @@ def profile_model(
         "bitalloc": bitalloc_version(),
         "code": code_fingerprint(),
     }
-    meta = {"model": {"source": loaded.source, "architecture": type(loaded.model).__name__,
-                      "content_hash": loaded.content_hash},
-            "calibration": calib.settings(), "bitalloc_version": bitalloc_version()}
+    meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
+            "include_lm_head": include_lm_head, "include_embeddings": include_embeddings}
     return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
                            options=options, meta=meta, progress=progress)
+
+
+def model_record(loaded: LoadedModel) -> dict:
+    """What a plan needs to know about the model, so that planning from a profile needs no model."""
+    model = loaded.model
+    return {"source": loaded.source, "architecture": type(model).__name__, "content_hash": loaded.content_hash,
+            "output_embedding": output_embedding_name(model), "input_embedding": input_embedding_name(model),
+            "tied_embeddings": tied_embeddings(model)}
 
 
 def plan(
@@ -201,13 +208,53 @@ def plan_from_table(
     score_windows: calibration windows the evolutionary solver's true objective is measured on
     (unless solver_settings has a score).
     """
+    context = PlanContext(model=model_record(loaded), calibration=calibration.settings(), score_model=loaded.model,
+                          score_tokens=calibration.tokens)
+    return solve_table(table, budget, context, solver=solver, solver_settings=solver_settings, error_model=error_model,
+                       seed=seed, constraints=constraints, latency=latency, max_latency=max_latency,
+                       latency_target=latency_target, score_windows=score_windows)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a plan records about its model and calibration, and what a search solver scores plans on.
+
+    model: model_record() (source, architecture, content hash, embedding names, tied or not).
+    score_model / score_tokens: the model and calibration ids [windows, seq_len] for solvers that
+    measure the true loss (evolutionary); None when planning from a profile without the model.
+    """
+
+    model: dict
+    calibration: dict
+    score_model: Any = None
+    score_tokens: Any = None
+
+
+def solve_table(
+    table: CandidateTable,
+    budget: str | Budget,
+    context: PlanContext,
+    *,
+    solver: str = "ilp",
+    solver_settings: dict | None = None,
+    error_model: str = "fisher",
+    seed: int = 0,
+    constraints: Constraints | None = None,
+    latency: np.ndarray | None = None,
+    max_latency: float | None = None,
+    latency_target: LatencyTarget | None = None,
+    score_windows: int = 4,
+) -> Plan:
+    """plan_from_table's work, given what the plan records instead of a loaded model (see PlanContext)."""
     budget = parse_budget(budget)
+    if error_model not in table.errors:
+        raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(sorted(table.errors))}")
     constraints = constraints or Constraints()
     timing = None
     if latency_target is not None:
         if latency is not None or max_latency is not None or constraints.max_latency is not None:
             raise BadInputError("give the latency either as a hardware profile (latency_target) or as a matrix with a cap, not both")
-        timing = latency_inputs(latency_target, type(loaded.model).__name__, table.shapes, table.options, table.allowed)
+        timing = latency_inputs(latency_target, context.model["architecture"], table.shapes, table.options, table.allowed)
         latency, max_latency = timing.matrix, timing.max_layers_s
     if max_latency is None:
         max_latency = constraints.max_latency
@@ -242,7 +289,12 @@ def plan_from_table(
         settings["seed"] = seed  # a searching solver follows the plan's seed
     score = None
     if "score" in accepted and "score" not in settings:
-        score = CalibrationScore(loaded.model, table, calibration.tokens[:score_windows])
+        if context.score_model is None or context.score_tokens is None:
+            raise BadInputError(f"solver {solver!r} scores candidate plans on the model itself: pass the model "
+                                "(bitalloc plan MODEL --profile DIR) or choose another solver (ilp, lagrangian, dp)")
+        from .objective import CalibrationScore
+
+        score = CalibrationScore(context.score_model, table, context.score_tokens[:score_windows])
         settings["score"] = score
     try:
         solution = solvers.solve(problem, solver, **settings)
@@ -252,7 +304,7 @@ def plan_from_table(
     finally:
         if score is not None:
             score.restore()
-    return _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed,
+    return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
                       constraints if constraints.active else None, timing)
 
 
@@ -268,11 +320,11 @@ def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
                        max_s=None if timing.max_latency_s is None else _sig(timing.max_latency_s))
 
 
-def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_model, seed, constraints=None,
+def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_model, seed, constraints=None,
                timing: LatencyInputs | None = None) -> Plan:
-    model = loaded.model
-    tied = tied_embeddings(model)
-    head, emb = output_embedding_name(model), input_embedding_name(model)
+    record = context.model
+    tied = record["tied_embeddings"]
+    head, emb = record["output_embedding"], record["input_embedding"]
     assignments = []
     nominal_sum = 0.0
     errors = table.errors[error_model]
@@ -296,8 +348,8 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
     storage = sum(a.storage_bits for a in assignments)
     return Plan(
         bitalloc_version=bitalloc_version(),
-        model=ModelSpec(source=loaded.source, architecture=type(model).__name__, content_hash=loaded.content_hash),
-        calibration=calibration.settings(),
+        model=ModelSpec(source=record["source"], architecture=record["architecture"], content_hash=record["content_hash"]),
+        calibration=context.calibration,
         error_model=error_model,
         options=[o.label for o in table.options],
         solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,

@@ -76,7 +76,7 @@ def _solver_settings(items: list[str]) -> dict:
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Argument(..., help="hub id, local directory (config.json + safetensors) or .gguf file"),
+    model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
@@ -105,8 +105,25 @@ def plan_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the profile, do not read or write the cache"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code to run"),
+    profile_dir: Optional[Path] = typer.Option(None, "--profile", help="plan from this profile folder (`bitalloc profile --out`): its candidate table, no model needed; with MODEL, checks they match"),
+    protect_spikes: Optional[str] = typer.Option(None, "--protect-spikes", help="keep the profile's spike-flagged projections at fp16, fp8 (float >= 8 bits or fp16) or 8bits (any >= 8 bits); needs --profile"),
 ) -> None:
-    """Profile MODEL on calibration text and write a plan that fits BUDGET."""
+    """Profile MODEL on calibration text (or read --profile DIR) and write a plan that fits BUDGET."""
+    if profile_dir is not None:
+        grid_flags = (bits, group_sizes, no_keep, formats, target, include_lm_head, include_embeddings)
+        if grid_flags != ("2,3,4,5,6,8", "32,64,128,ch", False, None, None, False, False):
+            raise BadInputError("--profile fixes the options and planned modules (its candidate table); drop --bits/"
+                                "--group-sizes/--no-keep/--formats/--target/--include-*, narrow with --allow or --min-bits instead")
+        return _plan_from_profile_cmd(profile_dir, model, calib, budget, pareto, out_path, protect_spikes, dict(
+            solver=solver, solver_settings=_solver_settings(solver_setting), error_model=error_model, seed=seed,
+            constraints=_constraints(min_bits, max_bits, pin, allow, tie),
+            latency_target=_latency_target(latency_profile, latency_tokens, max_latency),
+            trust_remote_code=trust_remote_code))
+    if protect_spikes is not None:
+        raise BadInputError("--protect-spikes reads the flagged projections from a profile: add --profile DIR "
+                            "(bitalloc profile MODEL --signals fisher,spikes,table --out DIR)")
+    if model is None:
+        raise BadInputError("pass MODEL (hub id, directory or .gguf) or --profile DIR (a folder from `bitalloc profile`)")
     from . import api
 
     from .budget import parse_budget
@@ -144,6 +161,39 @@ def plan_cmd(
         out.print(f"wrote {len(sweep.plans)} plans, pareto.json and pareto.png to {folder}")
         return
     plan = api.plan_from_table(table, one_budget, loaded, calibration, **common)
+    target = out_path or Path("plan.json")
+    plan.save(target)
+    _print_summary(plan, time.perf_counter() - start)
+    out.print(f"wrote {target}")
+
+
+def _constraints(min_bits, max_bits, pin, allow, tie):
+    from .constraints import Constraints, parse_rule
+
+    return Constraints(min_bits=min_bits, max_bits=max_bits, pins=tuple(parse_rule(p, "--pin") for p in pin),
+                       allow=tuple(parse_rule(a, "--allow") for a in allow), ties=tuple(tie))
+
+
+def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, out_path, protect_spikes, common: dict) -> None:
+    """`bitalloc plan --profile DIR`: solve the profile's table; MODEL and --calib, if given, are checked against it."""
+    from .budget import parse_budget
+    from .replan import plan_from_profile, pareto_from_profile
+    from .sweep import parse_budget_range
+
+    if (budget is None) == (pareto is None):
+        raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
+    budgets = parse_budget_range(pareto) if pareto is not None else None
+    one_budget = parse_budget(budget) if budget is not None else None
+    start = time.perf_counter()
+    kwargs = dict(model=model, calibration=calib, protect_spikes=protect_spikes, **common)
+    if budgets is not None:
+        sweep = pareto_from_profile(profile_dir, budgets, **kwargs)
+        folder = out_path or Path("pareto")
+        sweep.save(folder)
+        out.print(sweep.table(), markup=False, soft_wrap=True)
+        out.print(f"wrote {len(sweep.plans)} plans, pareto.json and pareto.png to {folder}")
+        return
+    plan = plan_from_profile(profile_dir, one_budget, **kwargs)
     target = out_path or Path("plan.json")
     plan.save(target)
     _print_summary(plan, time.perf_counter() - start)
@@ -216,7 +266,8 @@ def profile_cmd(
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths of the candidate table"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes of the table; ch = per channel"),
     formats: Optional[str] = typer.Option(None, "--formats", help="format families of the table (default int,keep)"),
-    trace_tol: float = typer.Option(0.1, "--trace-tol", help="stop probing when every layer's trace has this relative standard error"),
+    trace_tol: float = typer.Option(0.1, "--trace-tol", help="a layer stops probing when its trace has this relative standard error..."),
+    trace_abs_tol: float = typer.Option(0.01, "--trace-abs-tol", help="...or when its standard error is below this fraction of the largest layer's |trace| (layers with trace ~0)"),
     trace_max_probes: int = typer.Option(64, "--trace-max-probes"),
     spike_threshold: float = typer.Option(300.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
@@ -233,7 +284,8 @@ def profile_cmd(
     start = time.perf_counter()
     prof = api.profile_model(model, calib, out_dir, signals=chosen, options=options, seq_len=seq_len,
                              calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
-                             trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_max_probes=trace_max_probes,
+                             trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_abs_tol=trace_abs_tol,
+                             trace_max_probes=trace_max_probes,
                              spike_threshold=spike_threshold, interaction_option=interaction_option)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
@@ -255,7 +307,9 @@ def _print_profile(prof) -> None:
     out.print(table)
     if any(m.trace for m in prof.modules):
         t = [m.trace for m in prof.modules if m.trace]
-        out.print(f"Hessian trace: {t[0].probes} probes, largest relative standard error {max(x.rel_stderr for x in t):.3f}")
+        rules = Counter(x.stopped_by or "?" for x in t)
+        out.print(f"Hessian trace: {min(x.probes for x in t)}-{max(x.probes for x in t)} probes per layer, largest relative "
+                  f"standard error {max(x.rel_stderr for x in t):.3f}; stopped by " + ", ".join(f"{r}: {c}" for r, c in sorted(rules.items())))
     flagged = [m.name for m in prof.modules if m.spikes and (m.spikes.input.flagged or m.spikes.output.flagged)]
     if any(m.spikes for m in prof.modules):
         out.print(f"activation spikes flagged in {len(flagged)} projection(s){': ' + ', '.join(flagged) if flagged else ''}")
@@ -268,11 +322,13 @@ def _print_profile(prof) -> None:
 def report_cmd(
     source: Path = typer.Argument(..., help="a profile folder (bitalloc profile --out) or a plan .json"),
     out_path: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write"),
+    measured: Optional[Path] = typer.Option(None, "--measured", help="measured single-module ΔNLL JSON (bench/sensitivity.py's bench/out/sensitivity.json): adds predicted vs measured"),
+    error_model: str = typer.Option("fisher", "--error-model", help="with a profile: which table prediction to set against --measured"),
 ) -> None:
     """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
     from .report import write_report
 
-    write_report(source, out_path)
+    write_report(source, out_path, measured=measured, error_model=error_model)
     out.print(f"wrote {out_path}")
 
 

@@ -23,3 +23,7 @@ class PlanMismatchError(BadInputError):
 
 class PlanVersionError(BadInputError):
     """A plan file was written by a newer (or unknown) schema version."""
+
+
+class ProfileMismatchError(BadInputError):
+    """A profile folder was made for other weights, modules or calibration text than the ones given."""

@@ -35,7 +35,7 @@ def test_profile_round_trip_and_reuse(tmp_path, calib_ids, monkeypatch):
     assert m.shape == (64, 128) and m.fisher.shape == (64,) and m.h_diag.shape == (128,)
     assert m.trace.probes >= 2 and m.salience.column["hessian"].shape == (128,) and m.spikes.input.channel_max.shape == (128,)
     doc = json.loads((out / "profile.json").read_text())
-    assert doc["version"] == 1 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
+    assert doc["version"] == 2 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
 
     loaded = Profile.load(out)
     assert loaded.key == prof.key and loaded.settings == prof.settings
@@ -81,6 +81,29 @@ def test_damaged_profile_is_recomputed_never_used(tmp_path, calib_ids):
         again = profile_model(model, calib_ids, out, **make(signals=("fisher",)))
     np.testing.assert_array_equal(again.modules[0].fisher, first.modules[0].fisher)
     Profile.load(out)  # repaired
+
+
+def test_version_1_profile_folders_are_still_read(tmp_path, calib_ids):
+    """Version 1 kept one .npz member per array; version 2 packs them (one read instead of thousands)."""
+    from bitalloc.profile.artifact import npz_bytes, unpack_arrays
+
+    out = tmp_path / "prof"
+    prof = profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "spikes", "table")))
+    doc = json.loads((out / "profile.json").read_text())
+    with np.load(out / "tensors.npz") as z:
+        assert z.files == ["packed"]
+        arrays = unpack_arrays(z["packed"], doc["arrays"])
+    assert len(arrays) > 100 and arrays["table/storage_bits"].flags.writeable
+    old = tmp_path / "v1"
+    old.mkdir()
+    (old / "tensors.npz").write_bytes(npz_bytes(arrays))
+    del doc["arrays"]
+    doc["version"] = 1
+    (old / "profile.json").write_text(json.dumps(doc))
+    again = Profile.load(old)
+    np.testing.assert_array_equal(again.table.errors["fisher"], prof.table.errors["fisher"])
+    np.testing.assert_array_equal(again.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms,
+                                  prof.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms)
 
 
 def test_newer_profile_version_is_refused(tmp_path, calib_ids):
@@ -177,3 +200,68 @@ def test_cli_bad_input_is_one_line(tmp_path, model_dir, args, fix):
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and fix in r.stderr and r.stderr.count("\n") == 1
+
+
+# ---- report figures: the numbers behind each image -------------------------------------------------------
+
+
+def test_report_figures_carry_the_profile_and_plan_numbers(tmp_path, calib_ids):
+    from scipy.stats import spearmanr
+
+    from bitalloc.replan import plan_from_profile
+    from bitalloc.report import figure_data, write_report
+
+    model = make_llama()
+    out = tmp_path / "prof"
+    prof = profile_model(model, calib_ids, out, **make())
+    page = write_report(out, tmp_path / "profile.html").read_text()
+    figs = figure_data(page)
+    assert set(figs) == {"sensitivity", "spikes"} and page.count("data:image/png;base64") == 2
+    bars = figs["sensitivity"]
+    assert bars["blocks"] == [0, 1] and len(bars["projections"]) == 7
+    col = bars["projections"].index("mlp.down_proj")
+    fisher = next(v for k, v in bars["signals"].items() if "Fisher" in k)
+    assert fisher[1][col] == pytest.approx(float(prof.module("model.layers.1.mlp.down_proj").fisher.sum()), rel=1e-12)
+    trace = next(v for k, v in bars["signals"].items() if "trace" in k)
+    assert trace[0][col] == pytest.approx(prof.module("model.layers.0.mlp.down_proj").trace.per_param, rel=1e-12)
+    spikes = figs["spikes"]
+    q = spikes["projections"].index("self_attn.q_proj")
+    assert spikes["values"][0][q] == pytest.approx(np.log10(prof.module("model.layers.0.self_attn.q_proj").spikes.input.ratio))
+    assert spikes["marked"] == [[False] * 7, [False] * 7]  # nothing spikes in a random tiny model
+    assert "stopped by" in page and "relative" in page  # the trace stopping rules per layer
+
+    plan = plan_from_profile(out, "4bits")
+    plan.save(tmp_path / "plan.json")
+    # a measured file: bench/sensitivity.py's rows; measured = predicted × a factor that reverses two ranks
+    table = prof.table
+    names = table.groups[:6]
+    rows = [{"module": n, "option": "int3-g32-asym", "measured": float(table.errors["fisher"][g, 0]) * f, "fisher": -1.0}
+            for g, (n, f) in enumerate(zip(names, (1, 1, 1, 1, 50, 0.01)))]
+    rows.append({"module": names[0], "option": "int3-g32-asym", "measured": -1e-4})  # noise below 0: kept for ρ, off the log axes
+    (tmp_path / "measured.json").write_text(json.dumps({"rows": rows}))
+    page = write_report(out, tmp_path / "pvm.html", measured=tmp_path / "measured.json").read_text()
+    pvm = figure_data(page)["predicted_vs_measured"]
+    pred = [float(table.errors["fisher"][table.groups.index(r["module"]), 0]) for r in rows]
+    assert pvm["predicted"] == pytest.approx(pred, rel=1e-12) and pvm["measured"] == [r["measured"] for r in rows]
+    expected = float(spearmanr(pred, [r["measured"] for r in rows])[0])
+    assert pvm["spearman"] == pytest.approx(expected) and expected < 0.9  # the reversed ranks show
+    assert "1 pair(s) with a ΔNLL &le; 0" in page
+
+    # from a plan: rows at the planned option take the plan's prediction, others the file's own column
+    chosen = {a.module: a for a in plan.assignments}
+    rows = [{"module": n, "option": chosen[n].label, "measured": 0.01 * (i + 1), "fisher": 123.0} for i, n in enumerate(names[:3])]
+    other = next(o.label for o in table.options if o.label != chosen[names[3]].label)
+    rows.append({"module": names[3], "option": other, "measured": 0.5, "fisher": 7.0})
+    (tmp_path / "measured2.json").write_text(json.dumps({"rows": rows}))
+    page = write_report(tmp_path / "plan.json", tmp_path / "plan.html", measured=tmp_path / "measured2.json").read_text()
+    figs = figure_data(page)
+    assert figs["predicted_vs_measured"]["predicted"] == [chosen[n].predicted_delta_loss for n in names[:3]] + [7.0]
+    assert "1 of 4 from the measured file" in figs["predicted_vs_measured"]["origin"]
+    alloc = figs["bit_allocation"]
+    a = chosen["model.layers.1.self_attn.o_proj"]
+    o = alloc["projections"].index("self_attn.o_proj")
+    assert alloc["values"][1][o] == pytest.approx(a.storage_bits / (a.shape[0] * a.shape[1]))
+
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"module": "x"}]}))
+    with pytest.raises(BadInputError, match="module, option, measured"):
+        write_report(out, tmp_path / "x.html", measured=tmp_path / "bad.json")

@@ -75,17 +75,71 @@ def test_hutchinson_stopping_rule_and_resume():
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
     names = select_modules(model)[4:7]  # the MLP: traces well away from zero
     calib = calibration_from_tokens(ids)
-    est = hutchinson_traces(model, names, calib, tol=0.25, min_probes=4, max_probes=400, seed=0)
-    probes = est[names[0]].probes
-    assert 4 <= probes < 400 and probes % 2 == 0  # stops after a whole round of the 2 windows
-    assert all(e.rel_stderr <= 0.25 for e in est.values())
-    # stopping one round earlier would not have met the tolerance for some weight
-    shorter = hutchinson_traces(model, names, calib, tol=0.0, min_probes=probes - 2, max_probes=probes - 2, seed=0)
+    est = hutchinson_traces(model, names, calib, tol=0.25, abs_tol=0.0, min_probes=4, max_probes=400, seed=0)
+    for e in est.values():
+        assert 4 <= e.probes < 400 and e.probes % 2 == 0  # stops after a whole round of the 2 windows
+        assert e.stopped_by == "relative" and e.rel_stderr <= 0.25
+    probes = max(e.probes for e in est.values())
+    # stopping one round earlier would not have met the tolerance for the last weight to stop
+    shorter = hutchinson_traces(model, names, calib, tol=0.0, abs_tol=0.0, min_probes=probes - 2,
+                                max_probes=probes - 2, seed=0)
+    assert all(e.stopped_by == "max_probes" for e in shorter.values())
     assert probes == 4 or any(e.rel_stderr > 0.25 for e in shorter.values())
-    # resuming from the shorter state gives exactly the uninterrupted estimate
-    resumed = hutchinson_traces(model, names, calib, tol=0.25, min_probes=4, max_probes=400, seed=0, state=shorter)
+    # resuming from the shorter state gives exactly the uninterrupted estimate of the last weight to stop
+    # (weights that had stopped earlier on their own keep the shorter run's extra probes)
+    resumed = hutchinson_traces(model, names, calib, tol=0.25, abs_tol=0.0, min_probes=4, max_probes=400, seed=0,
+                                state=shorter)
+    last = max(names, key=lambda n: est[n].probes)
+    assert resumed[last].probes == probes and resumed[last].total == pytest.approx(est[last].total, rel=1e-12)
+
+
+def test_hutchinson_weights_stop_on_their_own_and_skip_later_probes():
+    model = micro_llama()
+    ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
+    names = select_modules(model)[4:7]
+    calib = calibration_from_tokens(ids)
+    est = hutchinson_traces(model, names, calib, tol=0.25, abs_tol=0.0, min_probes=4, max_probes=400, seed=0)
+    counts = sorted(e.probes for e in est.values())
+    # a weight that stopped early kept its estimate: probing it for as long as the slowest one gives more probes
+    longer = hutchinson_traces(model, names, calib, tol=0.0, abs_tol=0.0, min_probes=counts[-1],
+                               max_probes=counts[-1], seed=0)
     for n in names:
-        assert resumed[n].probes == probes and resumed[n].total == pytest.approx(est[n].total, rel=1e-12)
+        if est[n].probes < counts[-1]:
+            assert longer[n].probes == counts[-1] and longer[n].total != est[n].total
+        # a weight's samples do not depend on which others still probe: a run stopped at its count reproduces it
+        prefix = hutchinson_traces(model, names, calib, tol=0.0, abs_tol=0.0, min_probes=est[n].probes,
+                                   max_probes=est[n].probes, seed=0)
+        assert prefix[n].total == pytest.approx(est[n].total, rel=1e-12)
+
+
+def test_hutchinson_absolute_tolerance_stops_a_zero_trace_layer():
+    """Layer 0's o_proj zeroed (and not probed): its q/k/v cannot reach the loss whatever the probed weights
+    are, so every sample of their trace is exactly 0. Their relative standard error is undefined (0/0):
+    without the absolute rule they burn every probe. (Were o_proj probed too, the mixed terms v_q·H_qo·v_o
+    would make their samples noisy around 0 — the ~0-trace case on real models.)"""
+    model = micro_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
+    calib = calibration_from_tokens(ids)
+    names = [n for n in select_modules(model) if n != "model.layers.0.self_attn.o_proj"]
+    zero = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    only_rel = hutchinson_traces(model, names, calib, tol=0.5, abs_tol=0.0, min_probes=4, max_probes=40, seed=0)
+    for n in zero:
+        assert only_rel[n].trace == 0.0 and only_rel[n].rel_stderr == np.inf
+        assert only_rel[n].stopped_by == "max_probes" and only_rel[n].probes == 40
+    both = hutchinson_traces(model, names, calib, tol=0.5, abs_tol=0.01, min_probes=4, max_probes=40, seed=0)
+    for n in zero:
+        assert both[n].stopped_by == "absolute" and both[n].probes == 4  # the first check after min_probes
+    others = [n for n in names if n not in zero]
+    assert any(abs(both[n].trace) > 1.0 for n in others)  # the scale the absolute rule is relative to
+    for n in others:
+        e = both[n]
+        assert e.stopped_by in ("relative", "absolute", "max_probes")
+        if e.stopped_by == "relative":
+            assert e.rel_stderr <= 0.5
+        if e.stopped_by == "absolute":
+            assert e.stderr <= 0.01 * max(abs(both[m].trace) for m in names)
 
 
 def test_hutchinson_leaves_model_as_found():

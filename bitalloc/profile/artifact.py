@@ -1,8 +1,13 @@
 """The Profile artifact: every signal per module + the candidate table + the settings, as versioned files.
 
 On disk a profile is a folder:
-  profile.json   {"format", "version", "key", "checksum", "profile": the dataclasses as JSON}
-  tensors.npz    every array, named by its path in the JSON ({"__array__": "modules/3/fisher"})
+  profile.json   {"format", "version", "key", "checksum", "arrays", "profile": the dataclasses as JSON}
+  tensors.npz    one uint8 member "packed": every array's bytes back to back; "arrays" in profile.json
+                 says where each one lies ({name: [dtype, shape, offset]}), named by its path in the JSON
+                 ({"__array__": "modules/3/fisher"})
+Version 1 stored one .npz member per array; a SmolLM2 profile has ~2500 arrays, and opening that
+many zip members took most of the time of re-planning from a profile (~1 s), so version 2 packs
+them (one read, one hash). Version 1 folders are still read.
 tensors.npz is written first and profile.json last, both atomically, so a folder with a profile.json
 is complete. `key` is the sha256 of everything that determines the contents (weights, calibration,
 modules, settings, code); `checksum` covers the arrays. A folder whose key differs from the one asked
@@ -32,7 +37,7 @@ from .salience import Salience
 from .spikes import ProjectionSpikes, SiteSpikes
 
 PROFILE_FORMAT = "bitalloc-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Profile:
     modules: list[ModuleProfile]
     interactions: list[Interaction] = field(default_factory=list)
     table: CandidateTable | None = None
+    calibration_tokens: np.ndarray | None = None  # [windows, seq_len] ids: lets a search solver score without re-tokenizing
 
     def module(self, name: str) -> ModuleProfile:
         for m in self.modules:
@@ -69,10 +75,12 @@ class Profile:
         body = {"settings": encode(self.settings, "settings", arrays),
                 "modules": encode(self.modules, "modules", arrays),
                 "interactions": encode(self.interactions, "interactions", arrays),
-                "table": None if self.table is None else encode_table(self.table, arrays)}
-        atomic_write_bytes(folder / "tensors.npz", npz_bytes(arrays))
+                "table": None if self.table is None else encode_table(self.table, arrays),
+                "calibration_tokens": encode(self.calibration_tokens, "calibration_tokens", arrays)}
+        packed, index = pack_arrays(arrays)
+        atomic_write_bytes(folder / "tensors.npz", npz_bytes({"packed": packed}))
         doc = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "key": self.key,
-               "checksum": arrays_checksum(arrays), "profile": body}
+               "checksum": arrays_checksum(arrays), "arrays": index, "profile": body}
         atomic_write_text(folder / "profile.json", canonical_json(doc))
         return folder
 
@@ -86,25 +94,31 @@ class Profile:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it with `bitalloc profile`") from None
+            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run `bitalloc profile`") from None
         if doc.get("format") != PROFILE_FORMAT:
             raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
         if int(doc.get("version", 0)) > PROFILE_VERSION:
             raise BadInputError(f"{path} is profile version {doc['version']}, newer than this bitalloc reads "
                                 f"({PROFILE_VERSION}); upgrade bitalloc")
         if key is not None and doc.get("key") != key:
-            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it")
+            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it: "
+                                "re-run `bitalloc profile`")
         try:
             with np.load(folder / "tensors.npz", allow_pickle=False) as z:
-                arrays = {n: z[n] for n in z.files}
+                if int(doc.get("version", 0)) >= 2:
+                    arrays = unpack_arrays(z["packed"], doc["arrays"])
+                else:
+                    arrays = {n: z[n] for n in z.files}
         except Exception as e:  # OSError, ValueError, zipfile.BadZipFile (CRC): all mean damaged
-            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile") from None
+            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile: re-run `bitalloc profile`") from None
         if arrays_checksum(arrays) != doc.get("checksum"):
-            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum; recompute the profile")
+            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum (damaged or edited); recompute the profile: "
+                                "re-run `bitalloc profile`")
         body = doc["profile"]
         return cls(key=doc["key"], settings=decode(body["settings"], arrays), modules=decode(body["modules"], arrays),
                    interactions=decode(body["interactions"], arrays),
-                   table=None if body["table"] is None else decode_table(body["table"], arrays))
+                   table=None if body["table"] is None else decode_table(body["table"], arrays),
+                   calibration_tokens=decode(body.get("calibration_tokens"), arrays))
 
 
 def try_load(folder: Path, key: str) -> Profile | None:
@@ -174,6 +188,32 @@ def decode_table(doc: dict, arrays: dict[str, np.ndarray]) -> CandidateTable:
                           options=[QuantOption.from_dict(d) for d in doc["options"]],
                           storage_bits=arrays["table/storage_bits"],
                           errors={m: arrays[f"table/errors/{m}"] for m in doc["error_models"]})
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """All arrays' bytes back to back (each at an 8-byte aligned offset) and where each lies."""
+    index, chunks, offset = {}, [], 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        if a.dtype.hasobject:
+            raise ValueError(f"array {name} holds Python objects; a profile stores numbers only")
+        index[name] = [a.dtype.str, list(a.shape), offset]
+        raw = a.tobytes()
+        pad = -len(raw) % 8
+        chunks += [raw, b"\0" * pad]
+        offset += len(raw) + pad
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8), index
+
+
+def unpack_arrays(packed: np.ndarray, index: dict) -> dict[str, np.ndarray]:
+    """Inverse of pack_arrays (each array its own writable copy)."""
+    buf = packed.tobytes() if not packed.flags.c_contiguous else packed.data
+    out = {}
+    for name, (dtype, shape, offset) in index.items():
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(buf, dtype=dt, count=count, offset=int(offset)).reshape(shape).copy()
+    return out
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:

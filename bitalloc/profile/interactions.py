@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 from ..formats import quantize_dequantize
 from ..models import decoder_blocks, set_weight_matrix, weight_matrix
 from ..options import QuantOption
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass
@@ -72,6 +75,8 @@ def dataflow_graph(model: nn.Module, module_names: list[str], sample_ids: torch.
         else:
             stages.append([name])
         last_input = key
+    import networkx as nx  # here, not at the top: planning from a profile loads this module but never draws a graph
+
     g = nx.DiGraph()
     for i, stage in enumerate(stages):
         for n in stage:

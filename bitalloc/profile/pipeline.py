@@ -46,7 +46,8 @@ DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
 @dataclass(frozen=True)
 class ProfileSettings:
     signals: tuple[str, ...] = DEFAULT_SIGNALS
-    trace_tol: float = 0.1  # stop when every weight's relative standard error is below this
+    trace_tol: float = 0.1  # a weight stops when its trace's relative standard error is below this
+    trace_abs_tol: float = 0.01  # ... or its standard error is below this fraction of the largest |trace|
     trace_min_probes: int = 8
     trace_max_probes: int = 64
     trace_windows: int | None = 4  # calibration windows the probes cycle over (None = all)
@@ -111,6 +112,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     if "trace" in sig:
         state = parts.get("trace")
         state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,
+                                  abs_tol=settings.trace_abs_tol,
                                   min_probes=settings.trace_min_probes, max_probes=settings.trace_max_probes,
                                   group_rows=settings.group_rows, seed=settings.seed, windows=settings.trace_windows,
                                   tokens=settings.trace_tokens,
@@ -133,6 +135,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                 singles.setdefault(r.b, r.single_b)
             interactions += got
     profile = _assemble(model, module_names, blocks, parts, key, settings, options, interactions, meta or {})
+    profile.calibration_tokens = calibration.tokens.numpy()
     profile.save(out)
     parts.clear()
     return profile
