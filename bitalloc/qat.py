@@ -225,6 +225,9 @@ def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.
                     f"QAT wraps untied linear layers; {a.module} ({type(module).__name__}"
                     f"{', tied to ' + ', '.join(a.tied_to) if a.tied_to else ''}) is not one: "
                     "plan without --include-embeddings / --include-lm-head (tied) for QAT")
+            if not module.weight.is_floating_point():
+                raise BadInputError(f"{a.module} holds {module.weight.dtype} weights; QAT trains float weights: "
+                                    "load the model unquantized")
     except BitallocError:
         _rewrap(model, previous)
         raise
@@ -234,8 +237,24 @@ def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.
         old = previous.get(name)
         keep_old = old is not None and old.option == option and old.learnable_scale == (learnable_scales and option.fmt == "int")
         _set_submodule(model, name, old if keep_old else FakeQuantLinear(model.get_submodule(name), option, learnable_scales))
+    _drop_stale_gguf_quantizer(model)
     object.__setattr__(model, _STATE_ATTR, QATState(plan, learnable_scales))
     return model
+
+
+def _drop_stale_gguf_quantizer(model: nn.Module) -> None:
+    """Let the HF Trainer train a model loaded from a .gguf file.
+
+    transformers loads GGUF by dequantizing every weight to a plain float tensor but keeps the
+    GGUF quantizer on the model, and Trainer then refuses "a purely quantized model". The weights
+    QAT trains are float (checked above), so remove the stale label the way transformers itself
+    does after dequantizing (HfQuantizer.remove_quantization_config).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)
+        log.info("removed the GGUF quantization label (the weights were dequantized at load) so the model can train")
 
 
 def current_plan(model: nn.Module) -> Plan:

@@ -249,6 +249,24 @@ def test_trainer_replan_callback_replans_and_logs(tmp_path, calib_ids):
     assert set(qat.convert(model)) == set(names)
 
 
+def test_gguf_loaded_model_becomes_trainable(tmp_path, calib_ids):
+    """transformers keeps the GGUF quantizer on a model it dequantized at load; Trainer refuses it until prepare."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = make_llama()
+    plan = bitalloc.plan(model, "4bits", calib_ids, cache_dir=False)
+    quantizer = GgufHfQuantizer(GgufConfig(gguf_file="model.gguf"))
+    model.hf_quantizer, model.is_quantized, model.config.quantization_config = quantizer, True, quantizer.quantization_config
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=args, train_dataset=[{"input_ids": calib_ids[0], "labels": calib_ids[0]}])
+    qat.prepare(model, plan)
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": calib_ids[0], "labels": calib_ids[0]}])
+
+
 def test_bad_inputs(calib_ids):
     llama, gpt2 = make_llama(), make_gpt2()
     plan = bitalloc.plan(llama, "4bits", calib_ids, cache_dir=False)
@@ -264,6 +282,10 @@ def test_bad_inputs(calib_ids):
                          constraints=bitalloc.Constraints(pins=(("lm_head", "int8-ch-sym"),)))
     with pytest.raises(BadInputError, match="lm_head.*tied"):
         qat.prepare(make_llama(), tied)
+    int8 = make_llama()
+    int8.model.layers[0].mlp.down_proj.weight = nn.Parameter(torch.zeros(64, 128, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(BadInputError, match="down_proj holds torch.int8 weights"):
+        qat.prepare(int8, plan)
     with pytest.raises(BadInputError, match="at_steps"):
         qat.ReplanCallback(calib_ids, "4bits", at_steps=[])
     with pytest.raises(BadInputError, match="at_steps"):
