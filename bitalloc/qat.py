@@ -246,13 +246,14 @@ def _drop_stale_gguf_quantizer(model: nn.Module) -> None:
     """Let the HF Trainer train a model loaded from a .gguf file.
 
     transformers loads GGUF by dequantizing every weight to a plain float tensor but keeps the
-    GGUF quantizer on the model, and Trainer then refuses "a purely quantized model". The weights
-    QAT trains are float (checked above), so remove the stale label the way transformers itself
-    does after dequantizing (HfQuantizer.remove_quantization_config).
+    GGUF quantizer on the model, and Trainer then refuses "a purely quantized model". When every
+    parameter is a float tensor the label is stale: remove it the way transformers itself does after
+    dequantizing (HfQuantizer.remove_quantization_config). Weights kept in GGUF blocks keep it.
     """
     quantizer = getattr(model, "hf_quantizer", None)
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and getattr(method, "value", method) == "gguf":
+    all_float = all(p.is_floating_point() for p in model.parameters())
+    if quantizer is not None and getattr(method, "value", method) == "gguf" and all_float:
         quantizer.remove_quantization_config(model)
         log.info("removed the GGUF quantization label (the weights were dequantized at load) so the model can train")
 
