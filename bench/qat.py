@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--float-control", action="store_true",
+                    help="control run: the same fine-tuning without fake quantization, then RTN with the same plan "
+                         "(separates QAT's gain from adapting to wikitext); writes qat-control.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
@@ -60,9 +63,10 @@ def main() -> None:
     plan = timed("plan_s", lambda: bitalloc.plan(loaded, args.budget, calib, progress=True))
     windows = bitalloc.evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows)
 
-    fp = timed("eval_fp_s", lambda: bitalloc.evaluate(model, windows, progress=True))
-    rtn = timed("eval_rtn_s", lambda: bitalloc.evaluate(bitalloc.apply(copy.deepcopy(model), plan), windows, progress=True))
-    print(f"fp32 ppl {fp.ppl:.2f}, RTN plan ppl {rtn.ppl:.2f}", flush=True)
+    if not args.float_control:
+        fp = timed("eval_fp_s", lambda: bitalloc.evaluate(model, windows, progress=True))
+        rtn = timed("eval_rtn_s", lambda: bitalloc.evaluate(bitalloc.apply(copy.deepcopy(model), plan), windows, progress=True))
+        print(f"fp32 ppl {fp.ppl:.2f}, RTN plan ppl {rtn.ppl:.2f}", flush=True)
 
     # Training windows: random windows of the validation text, a different seed from calibration's.
     valid_ids = tokenize(loaded.tokenizer, read_text(args.calib))
@@ -72,8 +76,12 @@ def main() -> None:
     if train_ids.shape[0] < n_train:
         raise SystemExit(f"validation text has only {train_ids.shape[0]} windows of {args.seq_len}; lower --steps/--batch")
 
-    qat.prepare(model, plan, learnable_scales=args.learnable_scales)
-    trainable = {id(w.weight) for w in qat.fake_quant_modules(model).values()}
+    if args.float_control:
+        qat._drop_stale_gguf_quantizer(model)  # what prepare does, so the Trainer accepts the GGUF-loaded model
+        trainable = {id(model.get_submodule(a.module).weight) for a in plan.assignments}
+    else:
+        qat.prepare(model, plan, learnable_scales=args.learnable_scales)
+        trainable = {id(w.weight) for w in qat.fake_quant_modules(model).values()}
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in trainable or name.endswith(".scale"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -93,6 +101,18 @@ def main() -> None:
     timed("train_s", trainer.train)
     model.eval()
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    if args.float_control:
+        tuned = timed("eval_tuned_s", lambda: bitalloc.evaluate(model, windows, progress=True))
+        rtn_tuned = timed("eval_rtn_tuned_s", lambda: bitalloc.evaluate(
+            bitalloc.apply(model, plan, check_hash=False), windows, progress=True))
+        print(f"\nfloat fine-tuning, {args.steps} steps x {args.batch}x{args.seq_len} tokens, lr {args.lr}: "
+              f"ppl {tuned.ppl:.2f}; then RTN with the plan: ppl {rtn_tuned.ppl:.2f}")
+        print("train loss (step, loss):", ", ".join(f"{s}: {l:.3f}" for s, l in losses))
+        result = {"model": Path(loaded.source).name, "budget": args.budget, "steps": args.steps, "batch": args.batch,
+                  "seq_len": args.seq_len, "lr": args.lr, "ppl": {"float_finetuned": round(tuned.ppl, 4),
+                  "float_finetuned_then_rtn": round(rtn_tuned.ppl, 4)}, "train_loss": losses, "timings_s": timings}
+        print(f"wrote {atomic_write_text(Path(args.out) / 'qat-control.json', canonical_json(result))}")
+        return
     replans = [{"step": s, **r.summary(), "changed": r.changed} for s, r in (callbacks[0].replans if callbacks else [])]
     final_plan = qat.current_plan(model)
 
