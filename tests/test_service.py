@@ -181,7 +181,7 @@ def test_plan_at_once_from_a_cached_profile_equals_the_library_plan(client, file
     served = body["plan"]["plan"]
     local = bitalloc.plan(str(files["model"]), "4bits", str(files["calib"]), seq_len=SEQ_LEN, calib_tokens=CALIB_TOKENS,
                           cache_dir=False)
-    # Planned from the stored table + model config, without the weights: the same plan, byte for byte.
+    # Planned from the stored table + model record, without the weights: the same plan, byte for byte.
     assert json.dumps(served, sort_keys=True) == json.dumps(json.loads(local.to_json()), sort_keys=True)
     assert served["summary"]["storage_bits_per_weight"] <= 4.0
     # the same request again is the same plan (content id), and GET returns it

@@ -38,9 +38,9 @@ def run_job(store: Store, job: Job, progress) -> dict:
     """Do the work of one job; returns its result ({"profile_id"} or {"profile_id", "plan_id"})."""
     spec = ProfileSpec.from_dict(job.request["profile"])
     profile = store.get_profile(spec.profile_id)
-    loaded = calib = None
+    loaded = None
     if profile is None:
-        profile, loaded, calib = build_profile(store, spec, job.id, progress)
+        profile, loaded, _ = build_profile(store, spec, job.id, progress)
     if job.kind == "profile":
         return {"profile_id": profile.id}
     plan_spec = PlanSpec.from_dict(job.request["plan"])
@@ -50,9 +50,7 @@ def run_job(store: Store, job: Job, progress) -> dict:
         from ..models import load_model
 
         loaded = load_model(profile.model_source, trust_remote_code=False)
-        calib = stored.calibration
-    model, calibration = (loaded, calib) if loaded is not None else (stored.skeleton, stored.calibration)
-    plan = make_plan(stored.table, model, calibration, plan_spec)
+    plan = make_plan(stored, plan_spec, loaded if plan_spec.needs_model else None)
     record = store_plan(store, profile, plan_spec, plan)
     return {"profile_id": profile.id, "plan_id": record.id}
 

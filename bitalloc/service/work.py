@@ -1,10 +1,11 @@
 """What the service computes: a profile from a ProfileSpec, and a plan from a stored profile.
 
-A stored profile holds what `api.plan_from_table` needs besides the table: the model's config
-(rebuilt on the meta device, so module names, tied embeddings and the architecture are right
-without loading a single weight), its content hash and source, and the calibration windows.
-Planning from it therefore takes the solver's time only, and gives the same plan, byte for
-byte, as `bitalloc.plan` on the loaded model (tests/test_service.py checks this).
+A stored profile holds what `api.solve_table` needs besides the table: the model record
+(`api.model_record`: source, architecture, content hash, embedding names and ties) and the
+calibration windows. Planning from it therefore takes the solver's time only, loads no weights and
+no transformers model, and gives the same plan, byte for byte, as `bitalloc.plan` on the loaded
+model (tests/test_service.py checks this). Solvers that score plans on the model (evolutionary)
+load its weights in a worker.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     profile_id = spec.profile_id
     folder = store.profile_dir(profile_id)
     save_table(folder, profile_id, table)
-    loaded.model.config.save_pretrained(folder / "config")  # config.json, written by transformers
     buf = io.BytesIO()
     np.save(buf, calib.tokens.numpy(), allow_pickle=False)
     atomic_write_bytes(folder / "calibration.npy", buf.getvalue())
@@ -68,6 +68,7 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
         "spec": spec.to_dict(),
         "content_hash": loaded.content_hash,
         "architecture": type(loaded.model).__name__,
+        "model_record": api.model_record(loaded),
         "calibration": {"text_sha256": calib.text_sha256, "source": calib.source, "seed": calib.seed,
                         "settings": calib.settings()},
         "modules": table.groups,
@@ -119,8 +120,13 @@ def _counted_steps(progress: Progress, every_s: float = 0.5):
 class StoredProfile:
     record: ProfileRecord
     table: CandidateTable
-    skeleton: LoadedModel  # weights on the meta device: names, ties and architecture only
     calibration: Calibration
+
+    def context(self, loaded: LoadedModel | None = None) -> api.PlanContext:
+        """What the plan records; with the loaded model, also what a scoring solver measures on."""
+        return api.PlanContext(model=self.record.meta["model_record"], calibration=self.calibration.settings(),
+                               score_model=None if loaded is None else loaded.model,
+                               score_tokens=None if loaded is None else self.calibration.tokens)
 
 
 _loaded_profiles: OrderedDict[str, StoredProfile] = OrderedDict()
@@ -146,20 +152,13 @@ def open_profile(store: Store, profile_id: str) -> StoredProfile | None:
 
 
 def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     table = load_table(folder, record.id)
     if table is None:
         raise RuntimeError(f"profile {record.id}: its candidate table in {folder} is missing or damaged")
-    config = AutoConfig.from_pretrained(str(folder / "config"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
-    skeleton = LoadedModel(model=model, source=record.model_source, _content_hash=record.model_hash)
     c = record.meta["calibration"]
     tokens = torch.from_numpy(np.load(folder / "calibration.npy", allow_pickle=False))
     calibration = Calibration(tokens=tokens, text_sha256=c["text_sha256"], source=c["source"], seed=c["seed"])
-    return StoredProfile(record=record, table=table, skeleton=skeleton, calibration=calibration)
+    return StoredProfile(record=record, table=table, calibration=calibration)
 
 
 # ---- plans -------------------------------------------------------------------------------------------
@@ -230,10 +229,11 @@ def narrow_table(table: CandidateTable, families: tuple[str, ...] | None) -> Can
                           errors={m: e[:, keep] for m, e in table.errors.items()})
 
 
-def make_plan(table: CandidateTable, loaded: LoadedModel, calibration: Calibration, spec: PlanSpec) -> Plan:
-    return api.plan_from_table(narrow_table(table, spec.families), spec.budget, loaded, calibration,
-                               solver=spec.solver, solver_settings=dict(spec.solver_settings),
-                               error_model=spec.error_model, seed=spec.seed, constraints=spec.constraints)
+def make_plan(stored: StoredProfile, spec: PlanSpec, loaded: LoadedModel | None = None) -> Plan:
+    """The plan for a stored profile; `loaded` (the model) only for solvers that score on it."""
+    return api.solve_table(narrow_table(stored.table, spec.families), spec.budget, stored.context(loaded),
+                           solver=spec.solver, solver_settings=dict(spec.solver_settings),
+                           error_model=spec.error_model, seed=spec.seed, constraints=spec.constraints)
 
 
 def store_plan(store: Store, profile: ProfileRecord, spec: PlanSpec, plan: Plan) -> PlanRecord:
@@ -253,5 +253,5 @@ def plan_from_stored(store: Store, profile_id: str, spec: PlanSpec) -> PlanRecor
     stored = open_profile(store, profile_id)
     if stored is None:
         raise KeyError(profile_id)
-    plan = make_plan(stored.table, stored.skeleton, stored.calibration, spec)
+    plan = make_plan(stored, spec)
     return store_plan(store, stored.record, spec, plan)
