@@ -105,6 +105,7 @@ def plan_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the profile, do not read or write the cache"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code to run"),
+    stream: bool = typer.Option(False, "--stream", help="profile one decoder block at a time, weights read from the checkpoint (local directory or .gguf): memory ~ one block + activations, same table"),
 ) -> None:
     """Profile MODEL on calibration text and write a plan that fits BUDGET."""
     from . import api
@@ -133,6 +134,7 @@ def plan_cmd(
         model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
+        stream=stream,
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)

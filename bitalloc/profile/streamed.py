@@ -31,9 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
+from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release
 from ..errors import BadInputError
 from ..models import decoder_blocks
+from ..options import QuantOption
 from .statistics import ModuleStats, _accumulate_xtx
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
@@ -353,3 +355,24 @@ def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
                 pass
         got[0].backward(grad0[w : w + 1])
         acc.end_pass()
+
+
+def streamed_candidate_table(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
+                             options: list[QuantOption], *, boundaries_on_disk: bool = True,
+                             progress: bool = False) -> CandidateTable:
+    """candidates.build_candidate_table(collect_statistics(...)) with one block loaded at a time:
+    each block's rows are computed as soon as its statistics are done, while its weights are loaded."""
+    rows: dict[str, tuple[CandidateTable, int]] = {}
+    for stats in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
+                                       progress=progress):
+        names = list(stats)
+        part = build_candidate_table(loaded.model, names, stats, options)
+        rows.update({n: (part, i) for i, n in enumerate(names)})
+        del stats  # H of a block is not needed once its rows exist
+    return CandidateTable(
+        groups=list(module_names),
+        shapes=[rows[n][0].shapes[rows[n][1]] for n in module_names],
+        options=list(options),
+        storage_bits=np.stack([rows[n][0].storage_bits[rows[n][1]] for n in module_names]),
+        errors={m: np.stack([rows[n][0].errors[m][rows[n][1]] for n in module_names]) for m in ERROR_MODELS},
+    )
