@@ -17,6 +17,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,46 +142,122 @@ def _safetensors_tensors(directory: Path, skeleton: nn.Module) -> dict[str, Tens
 
 
 def _gguf_tensors(path: Path, skeleton: nn.Module) -> dict[str, TensorEntry]:
-    from gguf import GGUFReader, dequantize
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS, GPT2TensorProcessor, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map,
-        load_gguf_checkpoint, read_field,
     )
 
-    reader = GGUFReader(str(path))
-    architecture = read_field(reader, "general.architecture")[0]
+    architecture, layout = gguf_layout(path)
     processor_cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
     # Processors that merge or split tensors (MoE experts) cannot be applied one tensor at a time.
     if processor_cls not in (TensorProcessor, LlamaTensorProcessor, GPT2TensorProcessor):
         raise BadInputError(f"streaming GGUF models of architecture {architecture!r} is not supported "
                             "(tensors are merged on load); drop --stream")
-    config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    processor = processor_cls(config=config)
+    # The processors read only head counts, which the config took from the same GGUF metadata.
+    processor = processor_cls(config=skeleton.config.to_dict())
     name_map = get_gguf_hf_weights_map(skeleton, processor)
-    # Only offsets are kept: the reader's memory map is dropped with it, and each read is a plain file read.
-    layout = [(t.name, int(t.data_offset), int(t.n_bytes), t.tensor_type, t.data.dtype, tuple(t.data.shape))
-              for t in reader.tensors]
-    del reader
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+             GGMLQuantizationType.F64: np.float64}
 
-    def read(gguf_name, offset, nbytes, qtype, dtype, shape) -> torch.Tensor:
+    def read(gguf_name: str, dims: tuple[int, ...], qtype: int, offset: int) -> torch.Tensor:
+        qtype = GGMLQuantizationType(qtype)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        shape = tuple(reversed(dims))  # GGUF lists dims fastest-first, as gguf.GGUFReader reverses them
+        nbytes = int(np.prod(dims)) * type_size // block_size
         with open(path, "rb") as fh:
             fh.seek(offset)
-            raw = np.frombuffer(fh.read(nbytes), dtype=dtype).reshape(shape)
+            raw = fh.read(nbytes)
+        if qtype in plain:
+            data = np.frombuffer(raw, dtype=plain[qtype]).reshape(shape)
+        else:
+            data = np.frombuffer(raw, dtype=np.uint8).reshape(quant_shape_to_byte_shape(shape, qtype))
         parsed: dict[str, dict] = {"tensors": {}}
         # as transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint does, one tensor at a time
-        result = processor.process(weights=dequantize(raw, qtype), name=gguf_name,
+        result = processor.process(weights=_dequantize_rows(data, qtype), name=gguf_name,
                                    tensor_key_mapping=name_map, parsed_parameters=parsed)
         if result.name is None:  # GPT-2's output.weight goes straight to lm_head.weight
             return parsed["tensors"]["lm_head.weight"]
-        return torch.from_numpy(np.copy(result.weights))
+        w = result.weights
+        return torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else np.copy(w))
 
     tensors = {}
-    for gguf_name, *rest in layout:
+    for gguf_name, dims, qtype, offset in layout:
         hf_name = "lm_head.weight" if processor_cls is GPT2TensorProcessor and gguf_name == "output.weight" \
             else name_map.get(gguf_name)
         if hf_name is not None:
-            tensors[hf_name] = TensorEntry(read=lambda g=gguf_name, r=tuple(rest): read(g, *r))
+            tensors[hf_name] = TensorEntry(read=partial(read, gguf_name, dims, qtype, offset))
     return _check_complete(tensors, skeleton, str(path))
+
+
+def _dequantize_rows(data: np.ndarray, qtype, rows_per_chunk: int = 4096) -> np.ndarray:
+    """gguf.dequantize in chunks of rows: its temporaries (several times the output) stay small."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.shape[0] <= rows_per_chunk:
+        return dequantize(data, qtype)
+    first = dequantize(data[:rows_per_chunk], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows_per_chunk] = first
+    for a in range(rows_per_chunk, data.shape[0], rows_per_chunk):
+        out[a : a + rows_per_chunk] = dequantize(data[a : a + rows_per_chunk], qtype)
+    return out
+
+
+def gguf_layout(path: Path) -> tuple[str, list[tuple[str, tuple[int, ...], int, int]]]:
+    """(general.architecture, [(tensor name, dims, ggml type, absolute data offset)]) of a GGUF file.
+
+    A lean reader of the GGUF header (github.com/ggml-org/ggml docs/gguf.md): metadata values are
+    skipped, not parsed. gguf.GGUFReader builds an object per tokenizer string, which for a 49k
+    vocabulary costs more memory than a decoder block.
+    """
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+    string_type, array_type = 8, 9
+    with open(path, "rb", buffering=1 << 20) as fh:
+        def u32() -> int:
+            return struct.unpack("<I", fh.read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", fh.read(8))[0]
+
+        def string() -> bytes:
+            return fh.read(u64())
+
+        def skip(vtype: int) -> None:
+            if vtype == string_type:
+                fh.seek(u64(), 1)
+            elif vtype == array_type:
+                etype, count = u32(), u64()
+                if etype in scalar:
+                    fh.seek(scalar[etype] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            else:
+                fh.seek(scalar[vtype], 1)
+
+        if fh.read(4) != b"GGUF" or u32() not in (2, 3):
+            raise BadInputError(f"{str(path)!r} is not a little-endian GGUF v2/v3 file")
+        n_tensors, n_kv = u64(), u64()
+        architecture, alignment = None, 32  # GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key, vtype = string().decode(), u32()
+            if key == "general.architecture" and vtype == string_type:
+                architecture = string().decode()
+            elif key == "general.alignment" and vtype == 4:
+                alignment = u32()
+            else:
+                skip(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = string().decode()
+            dims = tuple(u64() for _ in range(u32()))
+            infos.append((name, dims, u32(), u64()))
+        start = fh.tell()
+    start += -start % alignment
+    if architecture is None:
+        raise BadInputError(f"GGUF file {str(path)!r} has no general.architecture")
+    return architecture, [(n, d, t, start + off) for n, d, t, off in infos]
 
 
 def _check_complete(tensors: dict[str, TensorEntry], skeleton: nn.Module, where: str) -> dict[str, TensorEntry]:
@@ -274,5 +351,6 @@ def streamed_weights_hash(loaded: StreamedModel) -> str:
         else:
             t = buffers[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()))  # the bytes, without a copy
+        del t
     return "sha256:" + h.hexdigest()
