@@ -28,6 +28,9 @@ from .checkpoint import StreamedModel, open_streamed
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
 
+STREAMED_SIGNALS = {"fisher", "salience", "table"}  # the per-block signals (profile/pipeline.py)
+
+
 def bitalloc_version() -> str:
     try:
         return version("bitalloc")
@@ -93,6 +96,7 @@ def profile_model(
     include_embeddings: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
+    stream: bool = False,
     **settings: Any,
 ) -> Profile:
     """All requested sensitivity signals of the planned modules, saved as a profile folder `out`.
@@ -100,12 +104,17 @@ def profile_model(
     A complete profile in `out` for the same weights, calibration, modules and settings is read
     instead of recomputed; an interrupted one resumes from its finished blocks. `settings` are the
     fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
+    stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
     """
     try:
         prof_settings = ProfileSettings(signals=tuple(signals), seed=seed, **settings)
     except TypeError as e:
         raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
-    loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    if stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
+        raise BadInputError(f"signal(s) {', '.join(whole)} need the whole model; with --stream choose from "
+                            f"{','.join(sorted(STREAMED_SIGNALS))} (e.g. --signals fisher,table)")
+    loaded = _open_streamed(model_or_source, "ilp", trust_remote_code) if stream else \
+        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
@@ -122,7 +131,8 @@ def profile_model(
                       "content_hash": loaded.content_hash},
             "calibration": calib.settings(), "bitalloc_version": bitalloc_version()}
     return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
-                           options=options, meta=meta, progress=progress)
+                           options=options, meta=meta, progress=progress,
+                           streamed_from=loaded if isinstance(loaded, StreamedModel) else None)
 
 
 def plan(

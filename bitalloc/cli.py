@@ -224,6 +224,7 @@ def profile_cmd(
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
@@ -236,7 +237,7 @@ def profile_cmd(
     prof = api.profile_model(model, calib, out_dir, signals=chosen, options=options, seq_len=seq_len,
                              calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
                              trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_max_probes=trace_max_probes,
-                             spike_threshold=spike_threshold, interaction_option=interaction_option)
+                             spike_threshold=spike_threshold, interaction_option=interaction_option, stream=stream)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
 

@@ -214,3 +214,23 @@ def test_gguf_tensors_equal_transformers_gguf_loading(llama, tmp_path):
 def test_smollm2_streamed_weights_equal_whole_load():
     """Every tensor of the real GGUF (Q4_1, q/k permuted) reads as load_model has it: equal content hash."""
     assert open_streamed(str(SMOLLM2)).content_hash == load_model(str(SMOLLM2)).content_hash
+
+
+def test_profile_folder_streams_per_block_signals(model_dir, tmp_path):
+    kw = dict(signals=("fisher", "salience", "table"), seq_len=32, calib_tokens=128, include_lm_head=True)
+    calib = model_dir / "calib.txt"
+    whole = api.profile_model(str(model_dir), calib, tmp_path / "whole", **kw)
+    stream = api.profile_model(str(model_dir), calib, tmp_path / "stream", stream=True, **kw)
+    assert stream.key == whole.key  # same inputs, same profile
+    assert [m.name for m in stream.modules] == [m.name for m in whole.modules]
+    for a, b in zip(whole.modules, stream.modules):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b.fisher, a.fisher, rtol=1e-5, atol=0)
+        np.testing.assert_allclose(b.h_diag, a.h_diag, rtol=1e-5, atol=0)
+        if a.salience is not None:
+            for kind in a.salience.column:
+                np.testing.assert_allclose(b.salience.column[kind], a.salience.column[kind], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(stream.table.errors["fisher"], whole.table.errors["fisher"], rtol=1e-5, atol=0)
+    with pytest.raises(BadInputError, match="whole model"):
+        api.profile_model(str(model_dir), calib, tmp_path / "x", stream=True, signals=("trace",), seq_len=32,
+                          calib_tokens=128)
