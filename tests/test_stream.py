@@ -234,3 +234,18 @@ def test_profile_folder_streams_per_block_signals(model_dir, tmp_path):
     with pytest.raises(BadInputError, match="whole model"):
         api.profile_model(str(model_dir), calib, tmp_path / "x", stream=True, signals=("trace",), seq_len=32,
                           calib_tokens=128)
+
+
+def test_cli_profile_stream(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitalloc.cli import app
+
+    out = tmp_path / "prof"
+    args = ["profile", str(model_dir), "--calib", str(model_dir / "calib.txt"), "--calib-tokens", "128", "--seq-len", "32",
+            "--out", str(out), "--stream"]
+    res = CliRunner().invoke(app, [*args, "--signals", "fisher,table"])
+    assert res.exit_code == 0, res.output
+    assert (out / "profile.json").is_file()
+    res = CliRunner().invoke(app, [*args, "--signals", "fisher,spikes"])
+    assert isinstance(res.exception, BadInputError) and "spikes" in str(res.exception)  # main() prints it, exit 2
