@@ -15,13 +15,14 @@ from .budget import Budget, parse_budget
 from .errors import BadInputError, BitallocError, BudgetInfeasibleError, PlanMismatchError, PlanVersionError
 from .evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
 from .models import LoadedModel, load_model
+from .checkpoint import StreamedModel, open_streamed
 from .options import QuantOption, default_options
 from .plan import Plan
 from .pack import CheckpointReport, save_checkpoint
 
 __all__ = [
     "plan", "plan_from_table", "profile", "pareto", "pareto_from_table", "Pareto", "Constraints", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
-    "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model",
+    "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model", "StreamedModel", "open_streamed",
     "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
     "PlanVersionError", "save_checkpoint", "CheckpointReport", "plan_from_profile", "pareto_from_profile",
 ]

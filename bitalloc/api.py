@@ -23,7 +23,12 @@ from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Pl
 from .profile.artifact import Profile
 from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 from .profile.statistics import collect_statistics
+from .profile.streamed import streamed_candidate_table
+from .checkpoint import StreamedModel, open_streamed
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
+
+
+STREAMED_SIGNALS = {"fisher", "salience", "table"}  # the per-block signals (profile/pipeline.py)
 
 
 def bitalloc_version() -> str:
@@ -66,8 +71,11 @@ def profile(
     if cache_dir is not None and (table := load_table(cache_dir, key)) is not None:
         return table
     loaded.model.eval()
-    stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
-    table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress)
+    if isinstance(loaded, StreamedModel):  # weights stay on disk; one block is loaded at a time
+        table = streamed_candidate_table(loaded, module_names, calibration, options, progress=progress)
+    else:
+        stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
+        table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress)
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table
@@ -88,6 +96,7 @@ def profile_model(
     include_embeddings: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
+    stream: bool = False,
     **settings: Any,
 ) -> Profile:
     """All requested sensitivity signals of the planned modules, saved as a profile folder `out`.
@@ -95,12 +104,17 @@ def profile_model(
     A complete profile in `out` for the same weights, calibration, modules and settings is read
     instead of recomputed; an interrupted one resumes from its finished blocks. `settings` are the
     fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
+    stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
     """
     try:
         prof_settings = ProfileSettings(signals=tuple(signals), seed=seed, **settings)
     except TypeError as e:
         raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
-    loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    if stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
+        raise BadInputError(f"signal(s) {', '.join(whole)} need the whole model; with --stream choose from "
+                            f"{','.join(sorted(STREAMED_SIGNALS))} (e.g. --signals fisher,table)")
+    loaded = _open_streamed(model_or_source, "ilp", trust_remote_code) if stream else \
+        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
@@ -116,7 +130,8 @@ def profile_model(
     meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
             "include_lm_head": include_lm_head, "include_embeddings": include_embeddings}
     return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
-                           options=options, meta=meta, progress=progress)
+                           options=options, meta=meta, progress=progress,
+                           streamed_from=loaded if isinstance(loaded, StreamedModel) else None)
 
 
 def model_record(loaded: LoadedModel) -> dict:
@@ -147,6 +162,7 @@ def plan(
     trust_remote_code: bool = False,
     constraints: Constraints | None = None,
     latency_target: LatencyTarget | None = None,
+    stream: bool = False,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -155,12 +171,14 @@ def plan(
     [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
     latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
+    stream: profile with one decoder block in memory at a time (a local checkpoint path only; same table).
     """
     budget = parse_budget(budget)
     table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
                                    error_model=error_model, seq_len=seq_len, calib_tokens=calib_tokens, seed=seed,
                                    include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code)
+                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code,
+                                   stream=stream)
     return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
                            error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
 
@@ -169,19 +187,36 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
             options: list[QuantOption] | None = None, error_model: str = "fisher", seq_len: int = 512,
             calib_tokens: int = 8192, seed: int = 0, include_lm_head: bool = False, include_embeddings: bool = False,
             cache_dir: str | Path | None | bool = True, progress: bool = False,
-            trust_remote_code: bool = False) -> tuple[CandidateTable, LoadedModel, Calibration]:
-    """Check the arguments, load the model, build the calibration and the candidate table."""
+            trust_remote_code: bool = False, stream: bool = False) -> tuple[CandidateTable, LoadedModel, Calibration]:
+    """Check the arguments, load the model, build the calibration and the candidate table.
+
+    stream: keep the weights in the checkpoint and profile one decoder block at a time
+    (profile/streamed.py); the table, and its cache entry, are those of the whole-model path.
+    """
     if error_model not in ERROR_MODELS:
         raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     if solver not in solvers.available_solvers():
         raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
-    loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    loaded = _open_streamed(model_or_source, solver, trust_remote_code) if stream else \
+        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress)
     return table, loaded, calib
+
+
+def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> StreamedModel:
+    if isinstance(source, StreamedModel):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise BadInputError("streaming reads the weights from a checkpoint: pass the model as a local path "
+                            "(directory with config.json + safetensors, or a .gguf file), or drop stream")
+    if "score" in solvers.base.solver_settings(solver):
+        raise BadInputError(f"solver {solver!r} scores candidate plans on the loaded model, which streaming never "
+                            "holds; drop --stream or choose another solver")
+    return open_streamed(str(source), trust_remote_code=trust_remote_code)
 
 
 def plan_from_table(

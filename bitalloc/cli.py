@@ -107,6 +107,7 @@ def plan_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code to run"),
     profile_dir: Optional[Path] = typer.Option(None, "--profile", help="plan from this profile folder (`bitalloc profile --out`): its candidate table, no model needed; with MODEL, checks they match"),
     protect_spikes: Optional[str] = typer.Option(None, "--protect-spikes", help="keep the profile's spike-flagged projections at fp16, fp8 (float >= 8 bits or fp16) or 8bits (any >= 8 bits); needs --profile"),
+    stream: bool = typer.Option(False, "--stream", help="profile one decoder block at a time, weights read from the checkpoint (local directory or .gguf): memory ~ one block + activations, same table"),
 ) -> None:
     """Profile MODEL on calibration text (or read --profile DIR) and write a plan that fits BUDGET."""
     if profile_dir is not None:
@@ -150,6 +151,7 @@ def plan_cmd(
         model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
+        stream=stream,
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
@@ -273,6 +275,7 @@ def profile_cmd(
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
@@ -286,7 +289,7 @@ def profile_cmd(
                              calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
                              trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_abs_tol=trace_abs_tol,
                              trace_max_probes=trace_max_probes,
-                             spike_threshold=spike_threshold, interaction_option=interaction_option)
+                             spike_threshold=spike_threshold, interaction_option=interaction_option, stream=stream)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
 

@@ -85,8 +85,12 @@ def code_fingerprint() -> str:
 
 def compute_profile(model: nn.Module, module_names: list[str], calibration: Calibration, key: str,
                     settings: ProfileSettings, out: Path, *, options: list[QuantOption] | None = None,
-                    meta: dict | None = None, progress: bool = False) -> Profile:
-    """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts)."""
+                    meta: dict | None = None, progress: bool = False, streamed_from=None) -> Profile:
+    """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts).
+
+    streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; per-block signals are then
+    computed one loaded block at a time (profile/streamed.py). Only fisher, salience and table stream.
+    """
     out = Path(out)
     if (done := try_load(out, key)) is not None:
         return done
@@ -101,7 +105,16 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         missing = [b for b in blocks if parts.get(_block_unit(b)) is None]
         if missing:
             todo = [n for b in missing for n in blocks[b]]
-            stats = collect_statistics(model, todo, calibration, progress=progress)
+            if streamed_from is not None:
+                from .streamed import iter_block_statistics
+
+                # each part: one block's (or the outside modules') stats, while their weights are loaded
+                for part in iter_block_statistics(streamed_from, todo, calibration, progress=progress):
+                    b = block_index(model, next(iter(part)))
+                    parts.put(_block_unit(b), _block_signals(model, blocks[b], part, settings, options))
+                missing = []
+            else:
+                stats = collect_statistics(model, todo, calibration, progress=progress)
             for b in tqdm(missing, desc="profile blocks", disable=not progress, unit="block"):
                 parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options))
                 for n in blocks[b]:

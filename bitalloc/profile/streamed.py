@@ -1,0 +1,378 @@
+"""statistics.collect_statistics with memory bounded by one decoder block (GPTQ-style sequential pipeline).
+
+The model is a meta skeleton (checkpoint.StreamedModel); weights are read when needed:
+  1. prefix   embeddings etc. materialized; every block's forward is replaced by a recorder that
+              keeps its call (masks, position embeddings, ...) and the block-0 input h₀ per window.
+  2. forward  block l alone is materialized and maps the saved boundary h_l to h_{l+1} (no grad).
+  3. head     final norm + head materialized; the loss gradient g_N = ∂L/∂h_N at the last boundary
+              (and the head's own statistics) come from the model's forward with the blocks
+              replaced by a replay that returns h_N, in token chunks so the logits stay small.
+  4. backward for l = N-1..0: block l is materialized again, recomputes h_{l+1} from h_l with
+              autograd and backpropagates g_{l+1}; hooks accumulate H (inputs) and F (output
+              gradients²) of its planned modules; g_l = ∂L/∂h_l goes down. The block's statistics
+              are complete here, and are yielded while its weights are loaded (for table rows).
+  5. embed    only when a module before the blocks is planned: the prefix with autograd, fed g₀.
+Boundaries h_l [windows, T, hidden] live in a temporary folder (one file each) or in memory.
+The numbers equal collect_statistics on the whole model up to float summation order.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import Calibration
+from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
+from ..checkpoint import StreamedModel, materialize, outside_modules, release
+from ..errors import BadInputError
+from ..models import decoder_blocks
+from ..options import QuantOption
+from .statistics import ModuleStats, _accumulate_xtx
+
+HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
+
+
+class _Stop(Exception):
+    """Raised by the recorder to end a forward pass once the wanted block input is seen."""
+
+
+@dataclass
+class _BlockCall:
+    """How the model called one block in one window, minus the hidden state."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_as_kwarg:
+            out = block(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _Boundaries:
+    """h_l for every window, [windows, T, hidden]: one .npy per boundary in `folder`, or a dict in memory."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: dict[int, torch.Tensor] = {}
+
+    def put(self, index: int, value: torch.Tensor) -> None:
+        if self.folder is None:
+            self.memory[index] = value
+        else:
+            np.save(self.folder / f"h{index:04d}.npy", value.numpy())
+
+    def get(self, index: int) -> torch.Tensor:
+        if self.folder is None:
+            return self.memory[index]
+        return torch.from_numpy(np.load(self.folder / f"h{index:04d}.npy"))
+
+    def drop(self, index: int) -> None:
+        if self.folder is None:
+            self.memory.pop(index, None)
+        else:
+            (self.folder / f"h{index:04d}.npy").unlink(missing_ok=True)
+
+
+@contextmanager
+def _blocks_replaced(blocks: nn.ModuleList, fn: Callable) -> Iterator[None]:
+    # An instance attribute shadows the class's forward; nn.Module.__call__ (and hooks) still run.
+    for i, blk in enumerate(blocks):
+        blk.forward = partial(fn, i)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)
+
+
+@contextmanager
+def _loaded(loaded: StreamedModel, modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    for name, mod in modules:
+        materialize(loaded, mod, name)
+    try:
+        yield
+    finally:
+        for _, mod in modules:
+            release(loaded, mod)
+
+
+class _Accumulators:
+    """Running sums of collect_statistics: XᵀX, (∂L/∂y)², token-id counts, per planned module."""
+
+    def __init__(self):
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.id_counts: dict[str, torch.Tensor] = {}
+        self.window_inputs: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str):
+        def hook(mod, args, output):
+            x = args[0]
+            if isinstance(mod, nn.Embedding):
+                ids = x.reshape(-1)
+                self.id_counts[name] = self.id_counts.get(name, 0) + torch.bincount(ids, minlength=mod.num_embeddings).float()
+
+                def on_grad(g, ids=ids, n=mod.num_embeddings):
+                    g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
+                    self.grad_sq.setdefault(name, torch.zeros(n, g.shape[-1])).index_add_(0, ids, g2)
+            else:
+                self.window_inputs[name] = x.detach().reshape(-1, x.shape[-1])
+
+                def on_grad(g):
+                    g2 = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+                    self.grad_sq[name] = self.grad_sq[name] + g2 if name in self.grad_sq else g2
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    def end_pass(self) -> None:
+        _accumulate_xtx(self.window_inputs, self.xtx)
+        self.window_inputs.clear()
+
+    def pop(self, name: str, module: nn.Module, n_inputs: int, n_predicted: int) -> ModuleStats:
+        if name not in self.grad_sq:
+            raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
+        fisher = self.grad_sq.pop(name) / n_predicted
+        if isinstance(module, nn.Embedding):
+            return ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs)
+        return ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs)
+
+
+def iter_block_statistics(
+    loaded: StreamedModel,
+    module_names: list[str],
+    calibration: Calibration,
+    *,
+    boundaries_on_disk: bool = True,
+    progress: bool = False,
+) -> Iterator[dict[str, ModuleStats]]:
+    """Statistics of the planned modules, one decoder block (or the outside modules) at a time.
+
+    Each yielded dict holds the finished stats of one group of modules while their weights are
+    loaded in `loaded.model` (so table rows can be computed right then); blocks come last to
+    first, the outside modules (embeddings, head) last. Never more than one block is loaded.
+    """
+    model = loaded.model
+    model.eval()
+    prefix, blocks = decoder_blocks(model)
+    n_blocks = len(blocks)
+    outside = outside_modules(model, prefix)
+    planned = {n: model.get_submodule(n) for n in module_names}
+    in_block = {l: {n: m for n, m in planned.items() if n.startswith(f"{prefix}.{l}.")} for l in range(n_blocks)}
+    planned_outside = {n: m for n, m in planned.items() if not n.startswith(prefix + ".")}
+    tokens = calibration.tokens  # [windows, T]
+    n_windows, seq_len = tokens.shape
+    n_inputs, n_predicted = n_windows * seq_len, n_windows * (seq_len - 1)
+    acc = _Accumulators()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    with tempfile.TemporaryDirectory(prefix="bitalloc-boundaries-") as tmp:
+        store = _Boundaries(Path(tmp) if boundaries_on_disk else None)
+        bar = tqdm(total=2 * n_blocks, desc="streamed blocks", disable=not progress, unit="block")
+
+        # 1. prefix: record every block's call per window, and h₀
+        calls: list[list[_BlockCall]] = []
+        before_blocks: set[str] = set()
+        with _loaded(loaded, outside), torch.no_grad():
+            seen = [mod.register_forward_hook(lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside]
+            h0 = []
+            try:
+                for w in range(n_windows):
+                    window_calls, first = _record_calls(model, blocks, tokens[w][None])
+                    calls.append(window_calls)
+                    h0.append(first)
+            finally:
+                for h in seen:
+                    h.remove()
+        store.put(0, torch.cat(h0))
+        del h0
+
+        # 2. forward, block by block
+        for l in range(n_blocks):
+            with _loaded(loaded, [(f"{prefix}.{l}", blocks[l])]), torch.no_grad():
+                h = store.get(l)
+                store.put(l + 1, torch.cat([calls[w][l](blocks[l], h[w : w + 1]) for w in range(n_windows)]))
+            bar.update()
+
+        # 3. head: g_N and the statistics of planned modules after the blocks
+        after = {n: m for n, m in planned_outside.items() if _owner(n, outside) not in before_blocks}
+        with _loaded(loaded, outside), acc.hooked(after):
+            grad = _head_gradient(model, blocks, tokens, store.get(n_blocks), acc)
+        store.drop(n_blocks)
+
+        # 4. backward, block by block
+        for l in reversed(range(n_blocks)):
+            with _loaded(loaded, [(f"{prefix}.{l}", blocks[l])]):
+                h = store.get(l)
+                grad_in = torch.empty_like(h)
+                with acc.hooked(in_block[l]):
+                    for w in range(n_windows):
+                        x = h[w : w + 1].clone().requires_grad_(True)
+                        out = calls[w][l](blocks[l], x)
+                        out.backward(grad[w : w + 1])
+                        grad_in[w : w + 1] = x.grad
+                        acc.end_pass()
+                        del out, x
+                grad = grad_in
+                if l > 0:
+                    store.drop(l)
+                bar.update()
+                if in_block[l]:
+                    yield {n: acc.pop(n, m, n_inputs, n_predicted) for n, m in in_block[l].items()}
+        bar.close()
+
+        # 5. embeddings (planned modules before the blocks), then every outside module's stats
+        if planned_outside:
+            with _loaded(loaded, outside):
+                before = {n: m for n, m in planned_outside.items() if n not in after}
+                if before:
+                    _embedding_backward(model, blocks, tokens, grad, acc, before)
+                yield {n: acc.pop(n, m, n_inputs, n_predicted) for n, m in planned_outside.items()}
+
+
+def streamed_statistics(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
+                        *, boundaries_on_disk: bool = True, progress: bool = False) -> dict[str, ModuleStats]:
+    """collect_statistics(model, module_names, calibration) without ever loading more than one block."""
+    stats: dict[str, ModuleStats] = {}
+    for part in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
+                                      progress=progress):
+        stats.update(part)
+    return {n: stats[n] for n in module_names}
+
+
+def _owner(name: str, outside: list[tuple[str, nn.Module]]) -> str:
+    """The outside module holding parameters that `name` is (or lies inside)."""
+    return max((n for n, _ in outside if name == n or name.startswith(n + ".")), key=len, default=name)
+
+
+def _record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> tuple[list[_BlockCall], torch.Tensor]:
+    """One window's forward up to the last block: each block's call, and the input of block 0."""
+    calls: list[_BlockCall] = []
+    seen: dict[str, torch.Tensor] = {}
+    last = len(blocks) - 1
+
+    def recorder(i, *args, **kwargs):
+        if args:
+            hidden, call = args[0], _BlockCall(args[1:], kwargs, False)
+        else:
+            hidden, call = kwargs.pop("hidden_states"), _BlockCall((), kwargs, True)
+        if i == 0:
+            seen["h0"] = hidden
+        elif hidden is not seen["returned"]:  # the model changed block i-1's output before passing it on
+            raise BadInputError(f"{type(model).__name__} does not pass each block's output to the next block as is; "
+                                "streamed profiling cannot replay its blocks, drop --stream")
+        calls.append(call)
+        if i == last:
+            raise _Stop
+        seen["returned"] = hidden  # recorders are identities: the next block sees this very tensor
+        return hidden
+
+    with _blocks_replaced(blocks, recorder):
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        else:
+            raise RuntimeError("the forward pass never reached the last decoder block")
+    return calls, seen["h0"]
+
+
+def _head_gradient(model, blocks, tokens, h_last, acc: _Accumulators) -> torch.Tensor:
+    """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks."""
+    n_windows, seq_len = tokens.shape
+    grad = torch.zeros_like(h_last)
+    last = len(blocks) - 1
+    for w in range(n_windows):
+        for a in range(0, seq_len, HEAD_CHUNK_TOKENS):
+            b = min(a + HEAD_CHUNK_TOKENS, seq_len)
+            leaf = h_last[w : w + 1, a:b].clone().requires_grad_(True)
+
+            def replay(i, *args, **kwargs):
+                return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
+
+            with _blocks_replaced(blocks, replay):
+                logits = model(input_ids=tokens[w : w + 1, a:b], use_cache=False).logits  # [1, b-a, vocab]
+            n = min(b, seq_len - 1) - a  # positions in this chunk that predict a next token
+            if n > 0:
+                loss = nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
+                loss.backward()
+                grad[w, a:b] = leaf.grad[0]
+            acc.end_pass()
+            del logits, leaf
+    return grad
+
+
+def _embedding_backward(model, blocks, tokens, grad0, acc: _Accumulators, modules: dict[str, nn.Module]) -> None:
+    """Backpropagate ∂L/∂h₀ through the modules before block 0, accumulating statistics of `modules`."""
+    # Registered before the statistics hooks, which need the flag set (as in collect_statistics).
+    emb = model.get_input_embeddings()
+    make_grad = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        with acc.hooked(modules):
+            _prefix_backward(model, blocks, tokens, grad0, acc)
+    finally:
+        make_grad.remove()
+
+
+def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
+    """One window at a time: the prefix with autograd up to block 0's input h₀, then h₀.backward(∂L/∂h₀)."""
+    for w in range(tokens.shape[0]):
+        got: list[torch.Tensor] = []
+
+        def stop(i, *args, **kwargs):
+            got.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        with _blocks_replaced(blocks, stop):
+            try:
+                model(input_ids=tokens[w : w + 1], use_cache=False)
+            except _Stop:
+                pass
+        got[0].backward(grad0[w : w + 1])
+        acc.end_pass()
+
+
+def streamed_candidate_table(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
+                             options: list[QuantOption], *, boundaries_on_disk: bool = True,
+                             progress: bool = False) -> CandidateTable:
+    """candidates.build_candidate_table(collect_statistics(...)) with one block loaded at a time:
+    each block's rows are computed as soon as its statistics are done, while its weights are loaded."""
+    rows: dict[str, tuple[CandidateTable, int]] = {}
+    for stats in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
+                                       progress=progress):
+        names = list(stats)
+        part = build_candidate_table(loaded.model, names, stats, options)
+        rows.update({n: (part, i) for i, n in enumerate(names)})
+        del stats  # H of a block is not needed once its rows exist
+    return CandidateTable(
+        groups=list(module_names),
+        shapes=[rows[n][0].shapes[rows[n][1]] for n in module_names],
+        options=list(options),
+        storage_bits=np.stack([rows[n][0].storage_bits[rows[n][1]] for n in module_names]),
+        errors={m: np.stack([rows[n][0].errors[m][rows[n][1]] for n in module_names]) for m in ERROR_MODELS},
+    )
