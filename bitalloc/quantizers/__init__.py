@@ -73,3 +73,4 @@ def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = 
 
 
 from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
+from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq")
