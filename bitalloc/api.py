@@ -23,6 +23,7 @@ from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Pl
 from .profile.artifact import Profile
 from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 from .profile.statistics import collect_statistics
+from .quantizers import available_quantizers
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
 
@@ -51,14 +52,20 @@ def profile(
     options: list[QuantOption],
     cache_dir: Path | None = None,
     progress: bool = False,
+    quantizer: str = "rtn",
 ) -> CandidateTable:
-    """Candidate table for these modules and options, from the cache when an identical one exists."""
+    """Candidate table for these modules and options, from the cache when an identical one exists.
+
+    quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
+    calibration inputs).
+    """
     key = cache_key(
         {
             "model": loaded.content_hash,
             "calibration": calibration.settings(),
             "modules": module_names,
             "options": [o.to_dict() for o in options],
+            "quantizer": quantizer,
             "bitalloc": bitalloc_version(),
             "code": numerics_fingerprint(),
         }
@@ -67,7 +74,7 @@ def profile(
         return table
     loaded.model.eval()
     stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
-    table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress)
+    table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress, quantizer=quantizer)
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table
@@ -140,6 +147,7 @@ def plan(
     trust_remote_code: bool = False,
     constraints: Constraints | None = None,
     latency_target: LatencyTarget | None = None,
+    quantizer: str = "rtn",
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -148,12 +156,15 @@ def plan(
     [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
     latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
+    quantizer: the quantizer the plan will be applied with (rtn or gptq); the candidate errors are
+    that quantizer's, and the plan records it so `apply` uses it.
     """
     budget = parse_budget(budget)
     table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
                                    error_model=error_model, seq_len=seq_len, calib_tokens=calib_tokens, seed=seed,
                                    include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code)
+                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code,
+                                   quantizer=quantizer)
     return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
                            error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
 
@@ -162,18 +173,20 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
             options: list[QuantOption] | None = None, error_model: str = "fisher", seq_len: int = 512,
             calib_tokens: int = 8192, seed: int = 0, include_lm_head: bool = False, include_embeddings: bool = False,
             cache_dir: str | Path | None | bool = True, progress: bool = False,
-            trust_remote_code: bool = False) -> tuple[CandidateTable, LoadedModel, Calibration]:
+            trust_remote_code: bool = False, quantizer: str = "rtn") -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Check the arguments, load the model, build the calibration and the candidate table."""
     if error_model not in ERROR_MODELS:
         raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     if solver not in solvers.available_solvers():
         raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
+    if quantizer not in available_quantizers():
+        raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}")
     loaded = as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress)
+    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress, quantizer=quantizer)
     return table, loaded, calib
 
 
@@ -299,6 +312,7 @@ def _make_plan(table, solution, budget, max_bits, loaded, calibration, error_mod
         model=ModelSpec(source=loaded.source, architecture=type(model).__name__, content_hash=loaded.content_hash),
         calibration=calibration.settings(),
         error_model=error_model,
+        quantizer=table.quantizer,
         options=[o.label for o in table.options],
         solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,
                           objective=_sig(solution.objective),

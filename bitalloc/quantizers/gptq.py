@@ -26,7 +26,7 @@ import torch
 
 from ..formats.int import int_dequantize, int_range, int_scales
 from ..options import QuantOption
-from . import QuantizedWeight, register_quantizer
+from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
 
 GPTQ_FORMATS = ("int",)  # formats GPTQ rounds itself; others are quantized with RTN
@@ -101,6 +101,7 @@ def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None
     return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order)[0]
 
 
+@register_batched("gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
               block_size: int = 128, act_order: bool = False) -> list[QuantizedWeight]:
     """GPTQ of one weight under several options at once (the candidate table's inner loop).
