@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from bitalloc.quantizers.materialize import quantize_model
 from bitalloc.quantizers.sequential import _first_block_inputs, _stages
 
 from conftest import FAMILIES, VOCAB
+from test_cli import cli_env  # noqa: F401  (fixture)
 
 
 def correlated_layer(out_f=32, in_f=128, n=1024, seed=0):
@@ -224,3 +226,24 @@ def test_apply_uses_the_plans_quantizer(llama, calib_ids):
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):
     with pytest.raises(BadInputError, match="unknown quantizer"):
         plan(llama, "4bits", calib_ids, cache_dir=False, quantizer="awq")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_plan_with_gptq_and_eval_needs_calib(model_dir, cli_env, tmp_path):
+    from test_cli import PLAN_ARGS, assert_bad_input, run_cli
+
+    out = tmp_path / "gptq.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--quantizer", "gptq", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Plan.load(out).quantizer == "gptq"
+    evaluate = ("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", out, "--seq-len", "16", "--windows", "2", "--json")
+    assert_bad_input(run_cli(cli_env, *evaluate), "--calib")
+    scores = {}
+    for extra in ((), ("--quantizer", "rtn")):
+        r = run_cli(cli_env, *evaluate, "--calib", model_dir / "calib.txt", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores[extra] = json.loads([line for line in r.stdout.splitlines() if line.strip()][-1])
+    assert scores[()]["kl"] > 0 and scores[()]["kl"] != scores[("--quantizer", "rtn")]["kl"]  # gptq applied, not rtn
