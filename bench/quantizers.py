@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--grid", choices=("default", "asym"), default="default",
+                    help="candidate options: bitalloc's default grid, or only its asymmetric INT options + keep (half the GPTQ table time)")
+    ap.add_argument("--cross", default=None, help="budgets at which the RTN plan is also applied with GPTQ (default: all)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_path = Path(args.out) / "quantizers.json"
@@ -44,17 +47,20 @@ def main() -> None:
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
     names = select_modules(model)
-    options = bitalloc.default_options()
-    t0 = time.perf_counter()
+    options = bitalloc.default_options(symmetric=(False,) if args.grid == "asym" else (False, True))
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = collect_statistics(model, names, calib, progress=True)
-    timings = {"statistics_s": time.perf_counter() - t0}
+    timings = {"statistics_s": time.perf_counter() - t0, "statistics_cpu_s": time.process_time() - c0}
     tables = {}
 
     def build(q: str) -> None:
-        t0 = time.perf_counter()
+        # CPU time as well as wall time: on a shared machine the wall time says little.
+        t0, c0 = time.perf_counter(), time.process_time()
         tables[q] = build_candidate_table(model, names, stats, options, progress=True, quantizer=q)
         timings[f"table_{q}_s"] = time.perf_counter() - t0
-        print(f"{q} candidate table: {len(names)} modules x {len(options)} options in {timings[f'table_{q}_s']:.1f}s", flush=True)
+        timings[f"table_{q}_cpu_s"] = time.process_time() - c0
+        print(f"{q} candidate table: {len(names)} modules x {len(options)} options in {timings[f'table_{q}_s']:.1f}s "
+              f"wall, {timings[f'table_{q}_cpu_s']:.1f}s CPU", flush=True)
 
     build("rtn")
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
@@ -69,9 +75,9 @@ def main() -> None:
 
     def run(b: float, planned_for: str, applied_with: str) -> None:
         p = plan_from_table(tables[planned_for], f"{b}bits", loaded, calib)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         quantized = apply(copy.deepcopy(model), p, quantizer=applied_with, calibration=calib.tokens, progress=True)
-        apply_s = time.perf_counter() - t0
+        apply_s, apply_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         r = bitalloc.evaluate(quantized, windows, reference=reference)
         del quantized
         bits = Counter()
@@ -80,11 +86,11 @@ def main() -> None:
         n = p.summary.planned_weights
         rows.append({"budget": b, "planned_for": planned_for, "applied_with": applied_with,
                      "bpw": p.summary.storage_bits_per_weight, "predicted_delta_nll": p.summary.predicted_delta_loss,
-                     "measured_delta_nll": r.nll - base.nll, "apply_s": apply_s,
+                     "measured_delta_nll": r.nll - base.nll, "apply_s": apply_s, "apply_cpu_s": apply_cpu_s,
                      "weight_share_by_bits": {str(k): round(v / n, 4) for k, v in sorted(bits.items())}, **r.to_dict()})
         print(f"{b:g}bits plan[{planned_for}] applied with {applied_with}: {p.summary.storage_bits_per_weight:.4f} bpw, "
               f"predicted ΔNLL {p.summary.predicted_delta_loss:.4f}, measured ΔNLL {r.nll - base.nll:.4f}, "
-              f"{r.describe()}, apply {apply_s:.1f}s", flush=True)
+              f"{r.describe()}, apply {apply_s:.1f}s wall / {apply_cpu_s:.1f}s CPU", flush=True)
         atomic_write_text(out_path, canonical_json(result))
 
     # Cheapest first, so a cut-short run still has whole rows: RTN, then the GPTQ table and GPTQ
@@ -96,7 +102,7 @@ def main() -> None:
     atomic_write_text(out_path, canonical_json(result))
     for b in budgets:
         run(b, "gptq", "gptq")
-    for b in budgets:
+    for b in budgets if args.cross is None else [float(x) for x in args.cross.split(",")]:
         run(b, "rtn", "gptq")
     print(summarize(rows, budgets, base, timings))
 
@@ -105,13 +111,13 @@ def summarize(rows: list[dict], budgets: list[float], base, timings: dict) -> st
     kinds = (("rtn", "rtn"), ("gptq", "gptq"), ("rtn", "gptq"))
     head = "| budget | " + " | ".join(f"plan[{p}] → {a}: bpw, ppl / KL / top-1" for p, a in kinds) + " |"
     lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}; "
-             f"table times: rtn {timings['table_rtn_s']:.0f}s, gptq {timings['table_gptq_s']:.0f}s", "",
+             f"candidate tables (CPU s): rtn {timings['table_rtn_cpu_s']:.0f}, gptq {timings['table_gptq_cpu_s']:.0f}", "",
              head, "|---|" + "---|" * len(kinds)]
     for b in budgets:
         cells = [f"{b:g}"]
         for p, a in kinds:
-            r = next(x for x in rows if x["budget"] == b and x["planned_for"] == p and x["applied_with"] == a)
-            cells.append(f"{r['bpw']:.3f}: {r['ppl']:.2f} / {r['kl']:.3f} / {r['top1']:.1%}")
+            r = next((x for x in rows if x["budget"] == b and x["planned_for"] == p and x["applied_with"] == a), None)
+            cells.append(f"{r['bpw']:.3f}: {r['ppl']:.2f} / {r['kl']:.3f} / {r['top1']:.1%}" if r else "not run")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
