@@ -247,3 +247,22 @@ def test_cli_plan_with_gptq_and_eval_needs_calib(model_dir, cli_env, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         scores[extra] = json.loads([line for line in r.stdout.splitlines() if line.strip()][-1])
     assert scores[()]["kl"] > 0 and scores[()]["kl"] != scores[("--quantizer", "rtn")]["kl"]  # gptq applied, not rtn
+
+
+# ---- rtn-mse ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True), QuantOption.int_(2, 64, True)])
+def test_rtn_mse_clipping_never_worse_than_rtn_per_group(opt):
+    W, _ = correlated_layer(seed=5)
+    W[0, 3] = 12.0  # an outlier: clipping its group pays
+    r, m = quantize_weight(W, opt, "rtn"), quantize_weight(W, opt, "rtn-mse")
+    g = W.shape[1] if opt.group_size is None else opt.group_size
+    group_err = lambda v: ((v - W) ** 2).reshape(W.shape[0], -1, g).sum(-1)  # noqa: E731
+    assert torch.all(group_err(m.values) <= group_err(r.values))
+    assert float(group_err(m.values).sum()) < 0.97 * float(group_err(r.values).sum())
+    lo, hi = int_range(opt)
+    assert torch.equal(int_dequantize(m.codes, m.scale, m.zero), m.values)
+    assert int(m.codes.min()) >= lo and int(m.codes.max()) <= hi
+    assert torch.equal(m.scale.to(torch.float16).float(), m.scale)
+    assert torch.all(m.scale <= r.scale)  # clipping only ever shrinks the range

@@ -102,3 +102,4 @@ def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], qu
 
 from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
 from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq")
+from . import rtn_mse as _rtn_mse  # noqa: E402,F401  (registers "rtn-mse")
