@@ -38,10 +38,14 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--grid", choices=("default", "asym"), default="default",
                     help="candidate options: bitalloc's default grid, or only its asymmetric INT options + keep (half the GPTQ table time)")
+    ap.add_argument("--rows", default="rtn,gptq,cross",
+                    help="which rows: rtn (rtn plan, rtn apply), gptq (gptq plan, gptq apply), cross (rtn plan, gptq apply)")
+    ap.add_argument("--out-name", default="quantizers.json", help="JSON file name in --out")
     ap.add_argument("--cross", default=None, help="budgets at which the RTN plan is also applied with GPTQ (default: all)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    out_path = Path(args.out) / "quantizers.json"
+    out_path = Path(args.out) / args.out_name
+    wanted = set(args.rows.split(","))
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
     model = loaded.model
@@ -62,7 +66,8 @@ def main() -> None:
         print(f"{q} candidate table: {len(names)} modules x {len(options)} options in {timings[f'table_{q}_s']:.1f}s "
               f"wall, {timings[f'table_{q}_cpu_s']:.1f}s CPU", flush=True)
 
-    build("rtn")
+    if wanted & {"rtn", "cross"}:
+        build("rtn")
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
     base = bitalloc.evaluate(reference, windows)
@@ -95,14 +100,15 @@ def main() -> None:
 
     # Cheapest first, so a cut-short run still has whole rows: RTN, then the GPTQ table and GPTQ
     # plans, then GPTQ applied to the RTN plans.
-    for b in budgets:
+    for b in budgets if "rtn" in wanted else []:
         run(b, "rtn", "rtn")
-    build("gptq")
+    if "gptq" in wanted:
+        build("gptq")
     stats.clear()  # free the Hessians before the GPTQ applies
     atomic_write_text(out_path, canonical_json(result))
-    for b in budgets:
+    for b in budgets if "gptq" in wanted else []:
         run(b, "gptq", "gptq")
-    for b in budgets if args.cross is None else [float(x) for x in args.cross.split(",")]:
+    for b in (budgets if args.cross is None else [float(x) for x in args.cross.split(",")]) if "cross" in wanted else []:
         run(b, "rtn", "gptq")
     print(summarize(rows, budgets, base, timings))
 
@@ -111,7 +117,8 @@ def summarize(rows: list[dict], budgets: list[float], base, timings: dict) -> st
     kinds = (("rtn", "rtn"), ("gptq", "gptq"), ("rtn", "gptq"))
     head = "| budget | " + " | ".join(f"plan[{p}] → {a}: bpw, ppl / KL / top-1" for p, a in kinds) + " |"
     lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}; "
-             f"candidate tables (CPU s): rtn {timings['table_rtn_cpu_s']:.0f}, gptq {timings['table_gptq_cpu_s']:.0f}", "",
+             "candidate tables (CPU s): " + ", ".join(f"{q} {timings[f'table_{q}_cpu_s']:.0f}" for q in ("rtn", "gptq")
+                                                  if f"table_{q}_cpu_s" in timings), "",
              head, "|---|" + "---|" * len(kinds)]
     for b in budgets:
         cells = [f"{b:g}"]
