@@ -13,6 +13,7 @@ Prints a table and writes bench/out/quantizers.json (rewritten after every row).
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from collections import Counter
@@ -41,10 +42,14 @@ def main() -> None:
     ap.add_argument("--rows", default="rtn,gptq,cross",
                     help="which rows: rtn (rtn plan, rtn apply), gptq (gptq plan, gptq apply), cross (rtn plan, gptq apply)")
     ap.add_argument("--out-name", default="quantizers.json", help="JSON file name in --out")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only combine the rows of earlier runs (same model, calibration and reference) into --out-name")
     ap.add_argument("--cross", default=None, help="budgets at which the RTN plan is also applied with GPTQ (default: all)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_path = Path(args.out) / args.out_name
+    if args.merge:
+        return merge([Path(m) for m in args.merge], out_path)
     wanted = set(args.rows.split(","))
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
@@ -111,6 +116,23 @@ def main() -> None:
     for b in (budgets if args.cross is None else [float(x) for x in args.cross.split(",")]) if "cross" in wanted else []:
         run(b, "rtn", "gptq")
     print(summarize(rows, budgets, base, timings))
+
+
+def merge(paths: list[Path], out_path: Path) -> None:
+    """One result from runs of different --rows: they must share model, calibration and reference."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    first = docs[0]
+    for d in docs[1:]:
+        for key in ("content_hash", "calibration", "reference", "options"):
+            if d[key] != first[key]:
+                raise SystemExit(f"cannot merge: the runs differ in {key}")
+    merged = {**first, "rows": [r for d in docs for r in d["rows"]],
+              "timings": {k: v for d in docs for k, v in d["timings"].items() if k.startswith("table_")} |
+              {"statistics_s": first["timings"]["statistics_s"], "statistics_cpu_s": first["timings"]["statistics_cpu_s"]},
+              "merged_from": [p.name for p in paths]}
+    atomic_write_text(out_path, canonical_json(merged))
+    base = bitalloc.EvalResult(**merged["reference"])
+    print(summarize(merged["rows"], merged["budgets"], base, merged["timings"]))
 
 
 def summarize(rows: list[dict], budgets: list[float], base, timings: dict) -> str:
