@@ -25,6 +25,7 @@ from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint
 from .profile.statistics import collect_statistics
 from .profile.streamed import streamed_candidate_table
 from .checkpoint import StreamedModel, open_streamed
+from .quantizers import available_quantizers
 from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
 
 
@@ -56,14 +57,20 @@ def profile(
     options: list[QuantOption],
     cache_dir: Path | None = None,
     progress: bool = False,
+    quantizer: str = "rtn",
 ) -> CandidateTable:
-    """Candidate table for these modules and options, from the cache when an identical one exists."""
+    """Candidate table for these modules and options, from the cache when an identical one exists.
+
+    quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
+    calibration inputs).
+    """
     key = cache_key(
         {
             "model": loaded.content_hash,
             "calibration": calibration.settings(),
             "modules": module_names,
             "options": [o.to_dict() for o in options],
+            "quantizer": quantizer,
             "bitalloc": bitalloc_version(),
             "code": numerics_fingerprint(),
         }
@@ -72,10 +79,10 @@ def profile(
         return table
     loaded.model.eval()
     if isinstance(loaded, StreamedModel):  # weights stay on disk; one block is loaded at a time
-        table = streamed_candidate_table(loaded, module_names, calibration, options, progress=progress)
+        table = streamed_candidate_table(loaded, module_names, calibration, options, progress=progress, quantizer=quantizer)
     else:
         stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
-        table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress)
+        table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress, quantizer=quantizer)
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table
@@ -163,6 +170,7 @@ def plan(
     constraints: Constraints | None = None,
     latency_target: LatencyTarget | None = None,
     stream: bool = False,
+    quantizer: str = "rtn",
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -172,13 +180,15 @@ def plan(
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
     latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
     stream: profile with one decoder block in memory at a time (a local checkpoint path only; same table).
+    quantizer: the quantizer the plan will be applied with (rtn or gptq); the candidate errors are
+    that quantizer's, and the plan records it so `apply` uses it.
     """
     budget = parse_budget(budget)
     table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
                                    error_model=error_model, seq_len=seq_len, calib_tokens=calib_tokens, seed=seed,
                                    include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                                    cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code,
-                                   stream=stream)
+                                   stream=stream, quantizer=quantizer)
     return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
                            error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
 
@@ -187,7 +197,8 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
             options: list[QuantOption] | None = None, error_model: str = "fisher", seq_len: int = 512,
             calib_tokens: int = 8192, seed: int = 0, include_lm_head: bool = False, include_embeddings: bool = False,
             cache_dir: str | Path | None | bool = True, progress: bool = False,
-            trust_remote_code: bool = False, stream: bool = False) -> tuple[CandidateTable, LoadedModel, Calibration]:
+            trust_remote_code: bool = False, stream: bool = False,
+            quantizer: str = "rtn") -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Check the arguments, load the model, build the calibration and the candidate table.
 
     stream: keep the weights in the checkpoint and profile one decoder block at a time
@@ -197,13 +208,15 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
         raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     if solver not in solvers.available_solvers():
         raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
+    if quantizer not in available_quantizers():
+        raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}")
     loaded = _open_streamed(model_or_source, solver, trust_remote_code) if stream else \
         as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress)
+    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress, quantizer=quantizer)
     return table, loaded, calib
 
 
@@ -386,6 +399,7 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
         model=ModelSpec(source=record["source"], architecture=record["architecture"], content_hash=record["content_hash"]),
         calibration=context.calibration,
         error_model=error_model,
+        quantizer=table.quantizer,
         options=[o.label for o in table.options],
         solver=SolverSpec(name=solution.solver, settings=solution.settings, status=solution.status,
                           objective=_sig(solution.objective),

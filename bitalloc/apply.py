@@ -32,13 +32,15 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
             )
 
 
-def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str = "rtn",
+def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str | None = None,
           calibration: torch.Tensor | None = None, progress: bool = False, **settings) -> nn.Module:
-    """Quantize the planned weights in place with `quantizer`; returns the same model.
+    """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
-    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq).
+    calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
+    Hessians (gptq); settings go to the quantizer (gptq: damp, block_size, act_order).
     """
     check_plan_matches(model, plan, check_hash)
+    quantizer = quantizer or plan.quantizer
     quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, **settings)
     return model
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .formats import quantize_dequantize
 from .models import weight_matrix
 from .options import QuantOption
 from .profile.statistics import ModuleStats
+from .quantizers import needs_hessian, quantize_weight_options
 
 # Error models the table carries. "fisher" is the planner's default: see profile/statistics.py.
 # "local" is the unweighted layer output error tr(ΔW H ΔWᵀ), kept to compare against.
@@ -32,6 +32,7 @@ class CandidateTable:
     options: list[QuantOption]
     storage_bits: np.ndarray
     errors: dict[str, np.ndarray] = field(default_factory=dict)
+    quantizer: str = "rtn"  # whose ΔW the errors are: the quantizer the plan will be applied with
 
     @property
     def num_weights(self) -> int:
@@ -45,10 +46,26 @@ class CandidateTable:
         return self.options.index(option)
 
 
-def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats) -> tuple[float, float]:
-    """(fisher, local) predicted loss increase of storing `weight` [out, in] as `option`."""
+def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, float]:
+    """(fisher, local) predicted loss increase of storing `weight` [out, in] as `option` with `quantizer`."""
+    return option_errors(weight, [option], stats, quantizer)[0]
+
+
+def option_errors(weight: torch.Tensor, options: list[QuantOption], stats: ModuleStats,
+                  quantizer: str = "rtn") -> list[tuple[float, float]]:
+    """option_error for several options of one weight (a Hessian quantizer shares its work across them).
+
+    A Hessian-based quantizer (gptq) gets H = stats.hessian, the calibration inputs' second moment in
+    the unquantized model; an embedding (no H: one-hot inputs) is always rounded to nearest.
+    """
     w = weight.detach().float()
-    dw = quantize_dequantize(w, option) - w
+    uses_h = needs_hessian(quantizer) and stats.hessian is not None
+    quantized = quantize_weight_options(w, options, quantizer if uses_h else "rtn",
+                                        hessian=stats.hessian if uses_h else None)
+    return [_error(q.values - w, stats) for q in quantized]
+
+
+def _error(dw: torch.Tensor, stats: ModuleStats) -> tuple[float, float]:
     if stats.hessian is None:  # embedding: one-hot inputs, so H is the diagonal of token shares
         dw2 = dw**2
         return 0.5 * float((stats.fisher * dw2).sum()), float((stats.token_share[:, None] * dw2).sum())
@@ -62,21 +79,25 @@ def build_candidate_table(
     stats: dict[str, ModuleStats],
     options: list[QuantOption],
     progress: bool = False,
+    quantizer: str = "rtn",
 ) -> CandidateTable:
+    """Storage bits and predicted errors of every (module, option), with ΔW from `quantizer`."""
     shapes, bits_rows, err_rows = [], [], {m: [] for m in ERROR_MODELS}
     for name in tqdm(module_names, desc="candidate errors", disable=not progress, unit="module"):
         w = weight_matrix(model.get_submodule(name))
         out_f, in_f = w.shape
         shapes.append((int(out_f), int(in_f)))
         row_bits, row_err = [], {m: [] for m in ERROR_MODELS}
+        fitting = [opt for opt in options if opt.fits(in_f)]
+        errs = dict(zip(fitting, option_errors(w, fitting, stats[name], quantizer)))
         for opt in options:
-            if not opt.fits(in_f):
+            if opt not in errs:
                 row_bits.append(np.nan)
                 for m in ERROR_MODELS:
                     row_err[m].append(np.nan)
                 continue
             row_bits.append(float(opt.storage_bits(out_f, in_f)))
-            for m, value in zip(ERROR_MODELS, option_error(w, opt, stats[name])):
+            for m, value in zip(ERROR_MODELS, errs[opt]):
                 row_err[m].append(value)
         bits_rows.append(row_bits)
         for m in ERROR_MODELS:
@@ -87,4 +108,5 @@ def build_candidate_table(
         options=list(options),
         storage_bits=np.asarray(bits_rows, dtype=np.float64),
         errors={m: np.asarray(v, dtype=np.float64) for m, v in err_rows.items()},
+        quantizer=quantizer,
     )

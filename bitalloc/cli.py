@@ -83,6 +83,7 @@ def plan_cmd(
     seq_len: int = typer.Option(512, "--seq-len"),
     solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
+    quantizer: str = typer.Option("rtn", "--quantizer", help="quantizer the plan will be applied with: rtn, rtn-mse (clip search) or gptq; its errors fill the candidate table"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -152,6 +153,7 @@ def plan_cmd(
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
         stream=stream,
+        quantizer=quantizer,
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
@@ -339,7 +341,9 @@ def report_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
     text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
-    plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (RTN simulation) before scoring"),
+    plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (with its quantizer) before scoring"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (rtn, rtn-mse, gptq)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for Hessian-based quantizers (gptq), e.g. wiki.valid.tokens; windows as the plan recorded"),
     seq_len: int = typer.Option(512, "--seq-len"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -350,12 +354,17 @@ def eval_cmd(
     import copy
 
     from .apply import apply
-    from .calibration import read_text
+    from .calibration import make_calibration, read_text
+    from .quantizers import needs_hessian
     from .evaluate import evaluate, evaluation_windows
     from .models import load_model
     from .plan import Plan
 
     plan = Plan.load(plan_path) if plan_path else None  # fail on a bad plan before loading the model
+    use = (quantizer or plan.quantizer) if plan is not None else None
+    if use is not None and needs_hessian(use) and calib is None:
+        raise BadInputError(f"applying the plan with {use} needs calibration text for the layer Hessians: "
+                            "pass --calib FILE (e.g. wiki.valid.tokens, the text the plan was calibrated on)")
     body = read_text(text)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows)
@@ -363,7 +372,14 @@ def eval_cmd(
     scored = loaded.model
     if plan is not None:
         reference = loaded.model
-        scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not force)
+        calibration = None
+        if calib is not None:
+            c = plan.calibration  # the plan's own windows: same length, count and seed
+            calibration = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", seq_len)),
+                                           tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)),
+                                           source=calib.name).tokens
+        scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not force, quantizer=use,
+                       calibration=calibration, progress=not as_json)
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
         print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, **result.to_dict()}, sort_keys=True))
@@ -376,7 +392,7 @@ def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
-    quantizer: str = typer.Option("rtn", "--quantizer", help="rtn or gptq (gptq needs --calib)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse or gptq (gptq needs --calib); default: the plan's own"),
     fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),

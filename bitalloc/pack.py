@@ -92,7 +92,7 @@ class CheckpointReport:
         }
 
 
-def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: str = "rtn",
+def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: str | None = None,
                     calibration: torch.Tensor | None = None, *, tokenizer: Any = None, force: bool = False,
                     check_hash: bool = True, allow_untied: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     dtype: torch.dtype | None = None, progress: bool = False) -> CheckpointReport:
@@ -100,6 +100,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
 
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
     a plan whose q/k/v or gate/up of a block differ (transformers loads it, vLLM does not) with a warning.
+    quantizer: None = the one the plan was made for (plan.quantizer).
     calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq).
     dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
@@ -118,7 +119,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
 
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
-    qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
+    qweights = quantize_model(simulated, options, quantizer or plan.quantizer, calibration, progress=progress)
     tensors, scale_notes = _state_dict(model, qweights, dtype)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)

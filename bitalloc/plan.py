@@ -127,6 +127,9 @@ class Plan(_Strict):
     model: ModelSpec
     calibration: dict
     error_model: str
+    quantizer: str = Field("rtn", pattern=r"^[a-z0-9][a-z0-9_-]*$",
+                           description="quantizer the candidate errors were computed with and the plan is applied "
+                           "with (rtn, gptq); plans without this field are rtn")
     options: list[str] = Field(description="labels of the candidate options offered to the solver")
     solver: SolverSpec
     seed: int
@@ -136,6 +139,15 @@ class Plan(_Strict):
     assignments: list[Assignment]
     constraints: dict | None = Field(None, description="constraints the plan was solved under (bit bounds, pins, "
                                      "option filters, ties, latency limit); null if none")
+
+    @model_serializer(mode="wrap")
+    def _omit_rtn_quantizer(self, handler):
+        # RTN plans are written exactly as before the quantizer field existed: byte-identical, and
+        # readable by earlier bitalloc versions (which reject unknown fields).
+        d = handler(self)
+        if d.get("quantizer") == "rtn":
+            d.pop("quantizer")
+        return d
 
     def to_json(self) -> str:
         return canonical_json(self.model_dump(mode="json"))

@@ -32,7 +32,8 @@ def numerics_fingerprint() -> str:
     """sha256 of the source that computes table entries, so a changed quantizer or error model
     never reuses tables computed by the old code (a version number would rely on memory)."""
     pkg = Path(__file__).resolve().parents[1]
-    files = sorted([*pkg.glob("formats/*.py"), pkg / "profile" / "statistics.py", pkg / "candidates.py", pkg / "options.py"])
+    files = sorted([*pkg.glob("formats/*.py"), *pkg.glob("quantizers/*.py"), pkg / "profile" / "statistics.py",
+                    pkg / "candidates.py", pkg / "options.py"])
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -65,6 +66,7 @@ def save_table(cache_dir: Path, key: str, table: CandidateTable) -> Path:
         "checksum": _checksum(arrays),
         "groups": table.groups,
         "options": [o.to_dict() for o in table.options],
+        "quantizer": table.quantizer,
     }
     buf = io.BytesIO()
     np.savez(buf, header=np.frombuffer(canonical_json(header).encode(), dtype=np.uint8), **arrays)
@@ -87,6 +89,7 @@ def load_table(cache_dir: Path, key: str) -> CandidateTable | None:
             options=[QuantOption.from_dict(d) for d in header["options"]],
             storage_bits=arrays["storage_bits"],
             errors={m: arrays[f"err_{m}"] for m in ERROR_MODELS},
+            quantizer=header.get("quantizer", "rtn"),
         )
     except Exception as e:  # any damage means: recompute
         warnings.warn(f"ignoring damaged profile cache entry {path.name} ({e}); recomputing", stacklevel=2)

@@ -359,14 +359,14 @@ def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
 
 def streamed_candidate_table(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
                              options: list[QuantOption], *, boundaries_on_disk: bool = True,
-                             progress: bool = False) -> CandidateTable:
+                             progress: bool = False, quantizer: str = "rtn") -> CandidateTable:
     """candidates.build_candidate_table(collect_statistics(...)) with one block loaded at a time:
     each block's rows are computed as soon as its statistics are done, while its weights are loaded."""
     rows: dict[str, tuple[CandidateTable, int]] = {}
     for stats in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
                                        progress=progress):
         names = list(stats)
-        part = build_candidate_table(loaded.model, names, stats, options)
+        part = build_candidate_table(loaded.model, names, stats, options, quantizer=quantizer)
         rows.update({n: (part, i) for i, n in enumerate(names)})
         del stats  # H of a block is not needed once its rows exist
     return CandidateTable(
@@ -375,4 +375,5 @@ def streamed_candidate_table(loaded: StreamedModel, module_names: list[str], cal
         options=list(options),
         storage_bits=np.stack([rows[n][0].storage_bits[rows[n][1]] for n in module_names]),
         errors={m: np.stack([rows[n][0].errors[m][rows[n][1]] for n in module_names]) for m in ERROR_MODELS},
+        quantizer=quantizer,
     )

@@ -10,7 +10,7 @@ error the planner predicts is the error of the quantizer that will be applied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -51,6 +51,18 @@ def register_quantizer(name: str, needs_hessian: bool = False) -> Callable[[Quan
     return deco
 
 
+_BATCHED: dict[str, Callable[..., list[QuantizedWeight]]] = {}
+
+
+def register_batched(name: str) -> Callable:
+    """Register the several-options-at-once form of quantizer `name` (same results, shared work)."""
+    def deco(fn):
+        _BATCHED[name] = fn
+        return fn
+
+    return deco
+
+
 def available_quantizers() -> list[str]:
     return sorted(_QUANTIZERS)
 
@@ -72,4 +84,22 @@ def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = 
     return fn(weight, option, hessian=hessian, **settings)
 
 
+def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], quantizer: str = "rtn",
+                            hessian: torch.Tensor | None = None, chunk: int = 16,
+                            **settings: Any) -> Iterator[QuantizedWeight]:
+    """`quantize_weight` of one weight under each of `options` in turn (the candidate table's row).
+
+    A quantizer with a batched form handles `chunk` options per call: shared work, bounded memory.
+    """
+    options = list(options)
+    if quantizer in _BATCHED and hessian is not None:
+        for start in range(0, len(options), chunk):
+            yield from _BATCHED[quantizer](weight, options[start:start + chunk], hessian, **settings)
+        return
+    for o in options:
+        yield quantize_weight(weight, o, quantizer, hessian=hessian, **settings)
+
+
 from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
+from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq")
+from . import rtn_mse as _rtn_mse  # noqa: E402,F401  (registers "rtn-mse")

@@ -19,10 +19,16 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
                    **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
-    calibration: token ids [windows, seq_len], needed by quantizers that use the layer Hessian.
+    calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
+    layer Hessian; those run block by block (quantizers/sequential.py).
     """
     if needs_hessian(quantizer):
-        raise BadInputError(f"the {quantizer} quantizer is not available for whole models yet; use --quantizer rtn")
+        if calibration is None:
+            raise BadInputError(f"the {quantizer} quantizer needs calibration text to collect layer Hessians; "
+                                "pass calibration (--calib wiki.valid.tokens) or use --quantizer rtn")
+        from .sequential import quantize_sequential
+
+        return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
     result = {}
     for name, option in tqdm(options.items(), desc=f"quantize ({quantizer})", disable=not progress, unit="module"):
         module = model.get_submodule(name)
@@ -31,3 +37,10 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
         set_weight_matrix(module, q.values.to(w.dtype))
         result[name] = q
     return result
+
+
+def _as_windows(calibration: Any) -> torch.Tensor:
+    tokens = getattr(calibration, "tokens", calibration)  # a Calibration or its token ids
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise BadInputError("calibration for a Hessian-based quantizer must be token ids [windows, seq_len] or a Calibration")
+    return tokens

@@ -1,0 +1,198 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's rounding
+error over the not-yet-quantized columns through the inverse layer Hessian.
+
+Follows IST-DASLab's reference `fasterquant`: damping λ = damp · mean(diag H), dead inputs
+(diag H = 0) zeroed, the upper Cholesky factor of H⁻¹ (paper §4, "Cholesky reformulation"), lazy
+batch updates of `block_size` columns (§4, "lazy batch-updates"), optional act-order (§4 and the
+reference's `--act-order`: columns in order of decreasing diag H).
+
+Group scales. Natural order: each group's scale and zero-point come from the error-updated weights
+when the loop reaches the group's first column (as the reference does), with formats/int.py's rules
+(fp16-representable scales, integer zero-points), so stored codes reproduce the values exactly.
+Per-channel: one scale per row from the whole (dead-zeroed) weight before the loop (reference).
+Act-order: "static groups" — every group's scale is taken from the original weight before the loop,
+so the codes/scales stay in natural group order (what packers write) even though the columns are
+visited in a permuted order.
+
+Formats: INT only. Non-int options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN; see
+`GPTQ_FORMATS` and the note in `gptq` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.int import int_dequantize, int_range, int_scales
+from ..options import QuantOption
+from . import QuantizedWeight, register_batched, register_quantizer
+from .rtn import rtn
+
+GPTQ_FORMATS = ("int",)  # formats GPTQ rounds itself; others are quantized with RTN
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What the column loop needs from H, shared by every option of one module.
+
+    dead: [in] bool, inputs that were always zero (their weights are set to 0, as in the reference).
+    perm: [in] column visiting order (act-order) or None for natural order.
+    hinv: [in, in] upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, rows/columns in visiting order.
+    """
+
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    hinv: torch.Tensor
+
+
+def hessian_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """Damped inverse-Hessian Cholesky factor; depends only on H, damp and act_order, not on the option."""
+    H = hessian.detach().float().clone()  # [in, in]
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    idx = torch.arange(H.shape[0])
+    mean_diag = float(torch.diagonal(H).mean())
+    # A rank-deficient H (fewer calibration tokens than inputs) can defeat the default damping in
+    # float32; raise it tenfold until the factorization succeeds, as AutoGPTQ does.
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd[idx, idx] += damp * (10**attempt) * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            break
+    else:
+        raise RuntimeError("GPTQ: the layer Hessian is not positive definite even with 10^5 x damping; "
+                           "check the calibration inputs for NaN/inf")
+    Hinv = torch.cholesky_inverse(L)  # (H + λI)⁻¹
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return HessianFactor(dead=dead, perm=perm, hinv=U)
+
+
+# The candidate table quantizes one weight with ~50 options against the same H; the factor depends
+# only on (H, damp, act_order), so keep the last one. The cache holds the tensor itself (so its
+# address cannot be reused by another tensor) and its version counter (so in-place edits miss).
+_last_factor: tuple | None = None
+
+
+def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> HessianFactor:
+    global _last_factor
+    if _last_factor is not None:
+        h, version, d, a, factor = _last_factor
+        if h is hessian and version == hessian._version and d == damp and a == act_order:
+            return factor
+    factor = hessian_factor(hessian, damp, act_order)
+    _last_factor = (hessian, hessian._version, damp, act_order, factor)
+    return factor
+
+
+@register_quantizer("gptq", needs_hessian=True)
+def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = 0.01,
+         block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ-quantize `weight` [out, in] as `option` given the layer input Hessian `hessian` [in, in].
+
+    damp: fraction of mean(diag H) added to the diagonal. block_size: columns per lazy batch update.
+    act_order: visit columns by decreasing diag H, with static (pre-computed) group scales.
+    Non-int formats and keep are quantized by RTN (GPTQ with fp element rounding is not implemented).
+    """
+    return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order)[0]
+
+
+@register_batched("gptq")
+def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
+              block_size: int = 128, act_order: bool = False) -> list[QuantizedWeight]:
+    """GPTQ of one weight under several options at once (the candidate table's inner loop).
+
+    GPTQ treats every output row independently given H, so the options' copies of the weight are
+    stacked row-wise and share one column loop: the same arithmetic per row, one Python loop instead
+    of one per option.
+    """
+    int_opts = [o for o in options if o.fmt in GPTQ_FORMATS]
+    done = {}
+    if int_opts:
+        for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order)):
+            done[o] = q
+    return [done[o] if o in done else rtn(weight, o) for o in options]
+
+
+def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float,
+              block_size: int, act_order: bool) -> list[QuantizedWeight]:
+    out_f, in_f = weight.shape
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
+    K = len(options)
+    sizes = [in_f if o.group_size is None else o.group_size for o in options]
+    for g in sizes:
+        if in_f % g:
+            raise ValueError(f"group size {g} does not divide in_features={in_f}")
+    fac = _cached_factor(hessian, damp, act_order)
+    W0 = weight.detach().float().clone()  # [out, in]
+    W0[:, fac.dead] = 0
+    rows = [slice(j * out_f, (j + 1) * out_f) for j in range(K)]  # option j's rows in the stack
+    scale = [torch.empty(out_f, in_f // g) for g in sizes]  # [out, n_groups] per option
+    zero = [torch.empty(out_f, in_f // g) for g in sizes]
+    static = [act_order or o.group_size is None for o in options]
+    for j, o in enumerate(options):
+        if static[j]:
+            s, z = int_scales(W0.reshape(out_f, in_f // sizes[j], sizes[j]), o)  # [out, n_groups, 1]
+            scale[j][:], zero[j][:] = s.squeeze(-1), z.squeeze(-1)
+    ranges = [int_range(o) for o in options]
+    lo = torch.cat([torch.full((out_f,), float(r[0])) for r in ranges])  # [K*out]
+    hi = torch.cat([torch.full((out_f,), float(r[1])) for r in ranges])
+    cur_s = torch.empty(K * out_f)  # scale / zero-point of the group each row is in now
+    cur_z = torch.empty(K * out_f)
+    perm = fac.perm
+    natural = perm if perm is not None else torch.arange(in_f)  # [in] natural index of visited column
+    # Work on the transpose, one visited column per row, so reading a column, writing its codes and
+    # the rank-1 updates all touch contiguous memory.
+    Wt = (W0[:, perm] if perm is not None else W0).T.repeat(1, K).contiguous()  # [in, K*out]
+    Hinv = fac.hinv  # [in, in] upper
+    codes_t = torch.empty(in_f, K * out_f)
+    current_group = [-1] * K
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = Wt[i1:i2].clone()  # [B, K*out], updated by every earlier column
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            for j, o in enumerate(options):
+                g = sizes[j]
+                k = int(natural[c]) // g
+                if static[j]:
+                    if k != current_group[j]:
+                        cur_s[rows[j]], cur_z[rows[j]] = scale[j][:, k], zero[j][:, k]
+                        current_group[j] = k
+                elif c % g == 0:
+                    # The group's weights as they stand now: columns past this block still lack the
+                    # updates from this block's earlier columns (applied lazily at the block's end).
+                    r = rows[j]
+                    if c + g <= i2:
+                        current = W1[i:i + g, r]
+                    else:
+                        late = Wt[i2:c + g, r] - Hinv[i1:c, i2:c + g].T @ Err1[:i, r]
+                        current = torch.cat([W1[i:, r], late], dim=0)
+                    s, z = int_scales(current.T.unsqueeze(1), o)  # [out, 1, 1]
+                    scale[j][:, k], zero[j][:, k] = s.view(-1), z.view(-1)
+                    cur_s[r], cur_z[r] = s.view(-1), z.view(-1)
+            w = W1[i]
+            q = torch.clamp(torch.round(w / cur_s) + cur_z, lo, hi)
+            codes_t[c] = q
+            err = (w - (q - cur_z) * cur_s) / Hinv1[i, i]  # paper eq. (3): δ = -(w - q)/[H⁻¹]_qq · H⁻¹_:,q
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # rank-1 update, no temporary
+            Err1[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy batch update of the remaining columns
+
+    codes = codes_t.T
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    codes = codes.to(torch.int32)
+    result = []
+    for j, o in enumerate(options):
+        cj = codes[rows[j]].contiguous()
+        result.append(QuantizedWeight(o, int_dequantize(cj, scale[j], zero[j]), cj, scale[j], zero[j]))
+    return result

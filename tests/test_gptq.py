@@ -1,0 +1,268 @@
+"""GPTQ: the single-layer quantizer, sequential whole-model GPTQ, and quantizer-aware planning."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bitalloc
+from bitalloc.api import plan
+from bitalloc.apply import apply
+from bitalloc.errors import BadInputError
+from bitalloc.formats.int import int_dequantize, int_range
+from bitalloc.models import select_modules, weight_matrix
+from bitalloc.options import QuantOption
+from bitalloc.plan import Plan
+from bitalloc.quantizers import quantize_weight, quantize_weight_options
+from bitalloc.quantizers.materialize import quantize_model
+from bitalloc.quantizers.sequential import _first_block_inputs, _stages
+
+from conftest import FAMILIES, VOCAB
+from test_cli import cli_env  # noqa: F401  (fixture)
+
+
+def correlated_layer(out_f=32, in_f=128, n=1024, seed=0):
+    """A weight and the Hessian of strongly correlated inputs (where GPTQ's error feedback pays off)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5
+    X = torch.randn(n, in_f, generator=g) @ mix + 0.2 * torch.randn(n, in_f, generator=g)  # [n, in]
+    return torch.randn(out_f, in_f, generator=g), X.T @ X / n
+
+
+def layer_error(values, W, H) -> float:
+    dW = values - W
+    return float(torch.trace(dW @ H @ dW.T))  # tr(ΔW H ΔWᵀ)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, None])
+def test_gptq_beats_rtn_on_layer_error(bits, group):
+    W, H = correlated_layer()
+    opt = QuantOption.int_(bits, group, False)
+    rtn = layer_error(quantize_weight(W, opt, "rtn").values, W, H)
+    gptq = layer_error(quantize_weight(W, opt, "gptq", hessian=H).values, W, H)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, 64, True), QuantOption.int_(2, None, False)])
+def test_codes_scales_reproduce_values_exactly(opt, act_order):
+    W, H = correlated_layer()
+    q = quantize_weight(W, opt, "gptq", hessian=H, act_order=act_order)
+    lo, hi = int_range(opt)
+    n_groups = 1 if opt.group_size is None else W.shape[1] // opt.group_size
+    assert q.codes.dtype == torch.int32 and q.codes.shape == W.shape
+    assert q.scale.shape == q.zero.shape == (W.shape[0], n_groups)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+    assert torch.equal(int_dequantize(q.codes, q.scale, q.zero), q.values)
+    assert torch.equal(q.scale.to(torch.float16).float(), q.scale)  # fp16-representable, as packers store them
+    assert torch.equal(q.zero, q.zero.round())
+    if opt.symmetric:
+        assert not q.zero.any()
+
+
+@pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True)])
+def test_identity_hessian_is_rtn(opt):
+    # H = I: the inverse Hessian is diagonal, so no error is fed forward and every group's weights
+    # are the original ones when its scale is taken: GPTQ rounds exactly like RTN.
+    W, _ = correlated_layer()
+    r = quantize_weight(W, opt, "rtn")
+    g = quantize_weight(W, opt, "gptq", hessian=torch.eye(W.shape[1]))
+    assert torch.equal(g.codes, r.codes) and torch.equal(g.scale, r.scale) and torch.equal(g.zero, r.zero)
+
+
+def test_act_order_keeps_natural_group_layout_and_helps():
+    W, H = correlated_layer(seed=3)
+    # Inputs of very different scale: act-order quantizes the large ones first.
+    s = torch.logspace(-1, 1, W.shape[1])[torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(0))]
+    H = H * s[:, None] * s[None, :]
+    opt = QuantOption.int_(3, 32, False)
+    plain = quantize_weight(W, opt, "gptq", hessian=H)
+    ordered = quantize_weight(W, opt, "gptq", hessian=H, act_order=True)
+    # static groups: the scales are the RTN scales of the original weight, in natural group order
+    assert torch.equal(ordered.scale, quantize_weight(W, opt, "rtn").scale)
+    assert not torch.equal(ordered.codes, plain.codes)
+    rtn = layer_error(quantize_weight(W, opt, "rtn").values, W, H)
+    assert layer_error(ordered.values, W, H) < 0.8 * rtn
+
+
+def test_dead_inputs_get_zero_weight():
+    W, H = correlated_layer()
+    H[5, :] = 0
+    H[:, 5] = 0
+    q = quantize_weight(W, QuantOption.int_(4, 32, False), "gptq", hessian=H)
+    assert torch.all(q.values[:, 5] == 0)  # an input that is always 0 needs no weight (reference behaviour)
+    assert torch.isfinite(q.values).all()
+
+
+def test_batched_options_equal_one_by_one():
+    W, H = correlated_layer()
+    opts = [QuantOption.int_(2, 32, False), QuantOption.int_(4, None, True), QuantOption.keep(),
+            QuantOption.int_(8, 64, True)]
+    batched = list(quantize_weight_options(W, opts, "gptq", hessian=H))
+    for o, b in zip(opts, batched):
+        single = quantize_weight(W, o, "gptq", hessian=H)
+        assert b.option == o and torch.equal(b.values, single.values)
+    assert torch.equal(batched[2].values, W.half().float())  # keep: stored as fp16
+
+
+def test_gptq_needs_a_hessian():
+    W, _ = correlated_layer()
+    with pytest.raises(BadInputError, match="Hessian"):
+        quantize_weight(W, QuantOption.int_(4, 64, False), "gptq")
+
+
+def test_non_int_formats_fall_back_to_rtn():
+    W, H = correlated_layer()
+    opt = QuantOption.fp("e4m3", 32)
+    assert torch.equal(quantize_weight(W, opt, "gptq", hessian=H).values, quantize_weight(W, opt, "rtn").values)
+
+
+# ---- whole models ------------------------------------------------------------------------------
+
+
+def _ids(seed, shape):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_stages_follow_the_blocks_dataflow(llama, gpt2):
+    calib = _ids(0, (1, 16))
+    expect = {
+        "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                  ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+        "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    }
+    for name, model in (("llama", llama), ("gpt2", gpt2)):
+        block = model.model.layers[0] if name == "llama" else model.transformer.h[0]
+        planned = {n: QuantOption.int_(4, 32, False) for s in expect[name] for n in s}
+        stages = _stages(block, planned, _first_block_inputs(model, block, calib))
+        assert [sorted(s) for s in stages] == [sorted(s) for s in expect[name]]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sequential_gptq_lowers_output_error(family):
+    ref = FAMILIES[family]()
+    calib, test = _ids(1, (16, 32)), _ids(2, (4, 32))
+    names = select_modules(ref)
+    planned = names[1:]  # leave one module out: it must stay untouched
+    options = {n: QuantOption.int_(3, 32, False) for n in planned}
+    with torch.no_grad():
+        want = ref(input_ids=test).logits
+    errors = {}
+    for q in ("rtn", "gptq"):
+        model = copy.deepcopy(ref)
+        result = quantize_model(model, options, q, calibration=calib)
+        assert sorted(result) == sorted(planned)
+        before, after = dict(ref.named_parameters()), dict(model.named_parameters())
+        changed = {n.rsplit(".", 1)[0] for n in before if not torch.equal(before[n], after[n])}
+        assert changed == set(planned)
+        for n in planned:
+            assert torch.equal(weight_matrix(model.get_submodule(n)), result[n].values)
+        with torch.no_grad():
+            errors[q] = float(((model(input_ids=test).logits - want) ** 2).mean())
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+def test_sequential_gptq_quantizes_the_output_head(qwen2):
+    calib = _ids(1, (4, 32))
+    head = {"lm_head": QuantOption.int_(3, 32, False)}
+    model = copy.deepcopy(qwen2)
+    q = quantize_model(model, head, "gptq", calibration=calib)
+    rtn = quantize_weight(qwen2.lm_head.weight, head["lm_head"], "rtn")
+    assert torch.equal(model.lm_head.weight, q["lm_head"].values)
+    assert not torch.equal(q["lm_head"].codes, rtn.codes)  # not silently RTN
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, qwen2.model.layers[0].mlp.down_proj.weight)
+
+
+def test_quantize_model_gptq_without_calibration_is_a_clear_error(llama):
+    with pytest.raises(BadInputError, match="calibration"):
+        quantize_model(llama, {"model.layers.0.mlp.up_proj": QuantOption.int_(4, 32, False)}, "gptq")
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+
+def test_plan_records_quantizer_and_uses_its_errors(llama, calib_ids):
+    options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)] + [QuantOption.keep()]
+    plans = {q: plan(llama, "3.5bits", calib_ids, options=options, cache_dir=False, quantizer=q) for q in ("rtn", "gptq")}
+    assert plans["gptq"].quantizer == "gptq" and plans["rtn"].quantizer == "rtn"
+    assert '"quantizer":"gptq"' in plans["gptq"].to_json().replace(" ", "")
+    assert "quantizer" not in plans["rtn"].to_json()  # RTN plans are written as before the field existed
+    assert Plan.from_json(plans["gptq"].to_json()) == plans["gptq"]
+    err = {q: {a.module: a.predicted_delta_loss for a in p.assignments} for q, p in plans.items()}
+    table = {q: bitalloc.api.prepare(llama, calib_ids, options=options, cache_dir=False, quantizer=q)[0] for q in plans}
+    low = table["rtn"].option_index(options[0])
+    rtn_err, gptq_err = table["rtn"].errors["local"][:, low], table["gptq"].errors["local"][:, low]
+    assert np.all(gptq_err < rtn_err)  # 2-bit: GPTQ's layer error is lower for every module
+    assert plans["gptq"].summary.predicted_delta_loss < plans["rtn"].summary.predicted_delta_loss
+    assert err["gptq"] != err["rtn"]
+
+
+def test_old_plans_without_quantizer_load_as_rtn(llama, calib_ids):
+    p = plan(llama, "5bits", calib_ids, options=[QuantOption.int_(4, 32, False), QuantOption.keep()], cache_dir=False)
+    text = p.to_json()
+    assert "quantizer" not in text
+    assert Plan.from_json(text).quantizer == "rtn"
+
+
+def test_apply_uses_the_plans_quantizer(llama, calib_ids):
+    options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
+    p = plan(llama, "3bits", calib_ids, options=options, cache_dir=False, quantizer="gptq")
+    with pytest.raises(BadInputError, match="calibration"):
+        apply(copy.deepcopy(llama), p)
+    by_plan = apply(copy.deepcopy(llama), p, calibration=calib_ids)
+    explicit = copy.deepcopy(llama)
+    quantize_model(explicit, p.options_by_module(), "gptq", calibration=calib_ids)
+    rtn = apply(copy.deepcopy(llama), p, quantizer="rtn")
+    name = p.assignments[0].module
+    assert torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
+    assert not torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(rtn.get_submodule(name)))
+
+
+def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):
+    with pytest.raises(BadInputError, match="unknown quantizer"):
+        plan(llama, "4bits", calib_ids, cache_dir=False, quantizer="awq")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_plan_with_gptq_and_eval_needs_calib(model_dir, cli_env, tmp_path):
+    from test_cli import PLAN_ARGS, assert_bad_input, run_cli
+
+    out = tmp_path / "gptq.json"
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", *PLAN_ARGS,
+                "--quantizer", "gptq", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Plan.load(out).quantizer == "gptq"
+    evaluate = ("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", out, "--seq-len", "16", "--windows", "2", "--json")
+    assert_bad_input(run_cli(cli_env, *evaluate), "--calib")
+    scores = {}
+    for extra in ((), ("--quantizer", "rtn")):
+        r = run_cli(cli_env, *evaluate, "--calib", model_dir / "calib.txt", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores[extra] = json.loads([line for line in r.stdout.splitlines() if line.strip()][-1])
+    assert scores[()]["kl"] > 0 and scores[()]["kl"] != scores[("--quantizer", "rtn")]["kl"]  # gptq applied, not rtn
+
+
+# ---- rtn-mse ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True), QuantOption.int_(2, 64, True)])
+def test_rtn_mse_clipping_never_worse_than_rtn_per_group(opt):
+    W, _ = correlated_layer(seed=5)
+    W[0, 3] = 12.0  # an outlier: clipping its group pays
+    r, m = quantize_weight(W, opt, "rtn"), quantize_weight(W, opt, "rtn-mse")
+    g = W.shape[1] if opt.group_size is None else opt.group_size
+    group_err = lambda v: ((v - W) ** 2).reshape(W.shape[0], -1, g).sum(-1)  # noqa: E731
+    assert torch.all(group_err(m.values) <= group_err(r.values))
+    assert float(group_err(m.values).sum()) < 0.97 * float(group_err(r.values).sum())
+    lo, hi = int_range(opt)
+    assert torch.equal(int_dequantize(m.codes, m.scale, m.zero), m.values)
+    assert int(m.codes.min()) >= lo and int(m.codes.max()) <= hi
+    assert torch.equal(m.scale.to(torch.float16).float(), m.scale)
+    assert torch.all(m.scale <= r.scale)  # clipping only ever shrinks the range
