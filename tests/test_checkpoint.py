@@ -370,3 +370,24 @@ def test_bf16_checkpoint_of_an_fp32_model(sym_case, tmp_path):
         diff = (reloaded(IDS).logits.float() - sim).abs().max().item()
         moved = (model(IDS).logits - sim).abs().max().item()
     assert diff < 0.25 * moved, (diff, moved)
+
+
+def test_gptq_checkpoint_reloads_as_the_gptq_simulation(tmp_path):
+    """The packer writes GPTQ's own codes and scales: transformers' reload equals apply(quantizer="gptq")."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_llama()
+    plan = pinned_plan(model, ((r"proj", "int4-g32-sym"),))
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    save_checkpoint(model, plan, tmp_path / "gptq", quantizer="gptq", calibration=calib)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq").eval()
+    gptq = apply(copy.deepcopy(model), plan, quantizer="gptq", calibration=calib)
+    with torch.no_grad():
+        got, want = reloaded(IDS).logits, gptq(IDS).logits
+    assert torch.equal(got, want)
+    # GPTQ really ran: its weights are not RTN's.
+    rtn = apply(copy.deepcopy(model), plan)
+    name = plan.assignments[0].module
+    assert not torch.equal(gptq.get_submodule(name).weight, rtn.get_submodule(name).weight)
+    with pytest.raises(BadInputError, match="calib"):
+        save_checkpoint(model, plan, tmp_path / "nocalib", quantizer="gptq")
