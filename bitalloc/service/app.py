@@ -29,7 +29,7 @@ from ..io import atomic_write_bytes, atomic_write_text, canonical_json
 from ..plan import Plan
 from ..targets import resolve_formats
 from .jobs import WorkerPool
-from .schemas import (CalibrationIn, ConstraintsIn, ErrorOut, JobOut, OptionsIn, PlanHistory, PlanHistoryItem, PlanIn,
+from .schemas import (CalibrationIn, ConstraintsIn, ErrorOut, JobOut, OptionsIn, PlanHistory, PlanHistoryItem, PlanIn, PlanRow,
                       PlanOut, PlanResponse, ProfileIn, ProfileOut, ProfileResponse)
 from .sources import ProfileSpec, SourceRules, checked_model_source, checked_path, file_sha256, model_fingerprint
 from .store import DONE, Job, PlanRecord, ProfileRecord, Store
@@ -237,14 +237,17 @@ def _profile_out(p: ProfileRecord) -> ProfileOut:
                       calibration=p.meta["calibration"]["settings"], created=p.created)
 
 
+def _row(r: PlanRecord) -> dict:
+    """The PlanRow fields of a stored plan."""
+    return {name: getattr(r, name) for name in PlanRow.model_fields}
+
+
 def _plan_out(r: PlanRecord) -> PlanOut:
-    return PlanOut(id=r.id, profile_id=r.profile_id, model_source=r.model_source, model_hash=r.model_hash,
-                   budget=r.budget, solver=r.solver, created=r.created, plan=json.loads(r.plan_json))
+    return PlanOut(**_row(r), plan=json.loads(r.plan_json))
 
 
 def _history_item(r: PlanRecord) -> PlanHistoryItem:
-    return PlanHistoryItem(id=r.id, profile_id=r.profile_id, model_source=r.model_source, model_hash=r.model_hash,
-                           budget=r.budget, solver=r.solver, created=r.created, summary=json.loads(r.plan_json)["summary"])
+    return PlanHistoryItem(**_row(r), summary=json.loads(r.plan_json)["summary"])
 
 
 def _plan_response(plan_id: str, profile_id: str, job: Job | None, record: PlanRecord | None) -> JSONResponse:

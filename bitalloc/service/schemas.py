@@ -122,7 +122,9 @@ class ProfileResponse(BaseModel):
     profile: Optional[ProfileOut] = Field(description="set once the profile is stored")
 
 
-class PlanOut(BaseModel):
+class PlanRow(BaseModel):
+    """What the store keeps beside every plan (one row of the history)."""
+
     id: str
     profile_id: str
     model_source: str
@@ -130,6 +132,9 @@ class PlanOut(BaseModel):
     budget: str
     solver: str
     created: float
+
+
+class PlanOut(PlanRow):
     plan: dict = Field(description="the plan (plan-v1 schema, as `bitalloc plan` writes it)")
 
 
@@ -142,14 +147,7 @@ class PlanResponse(BaseModel):
     plan: Optional[PlanOut] = Field(description="set when the plan is ready")
 
 
-class PlanHistoryItem(BaseModel):
-    id: str
-    profile_id: str
-    model_source: str
-    model_hash: str
-    budget: str
-    solver: str
-    created: float
+class PlanHistoryItem(PlanRow):
     summary: dict
 
 
