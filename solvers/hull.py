@@ -181,6 +181,7 @@ class Greedy:
     lp_value: float  # linear-relaxation optimum: a lower bound on the integer optimum
     fractional: bool  # False: the relaxation's optimum is integral, hence the integer optimum
     left: float  # budget bits the integral part leaves unused
+    price: float = 0.0  # λ: cost decrease per bit of the segment taken fractionally (0 when integral)
 
 
 def lp_greedy(front: Frontier, budget: float) -> Greedy:
@@ -219,7 +220,7 @@ def lp_greedy(front: Frontier, budget: float) -> Greedy:
     spent += float(fill[n_fit - 1]) if n_fit else 0.0
     brk = order[n_fit]  # the segment the relaxation takes fractionally
     lp_value = float(front.point(pos, rows)[1].sum()) - (left - spent) / dbits[brk] * dcost[brk]
-    return Greedy(pos, lp_value, True, left - spent)
+    return Greedy(pos, lp_value, True, left - spent, float(ratio[brk]))
 
 
 def hull_fill(front: Frontier, pos: np.ndarray, left: float, max_rounds: int = 10_000) -> np.ndarray:
