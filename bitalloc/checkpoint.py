@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
-from .models import LoadedModel
+from .models import LoadedModel, hash_tensor
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -350,7 +350,6 @@ def streamed_weights_hash(loaded: StreamedModel) -> str:
             t = loaded.tensors[key].read().to(params[name].dtype)
         else:
             t = buffers[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()))  # the bytes, without a copy
+        hash_tensor(h, name, t)
         del t
     return "sha256:" + h.hexdigest()

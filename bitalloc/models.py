@@ -110,9 +110,14 @@ def weights_hash(model: nn.Module) -> str:
         if key in seen:
             continue
         seen.add(key)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, name, t)
     return "sha256:" + h.hexdigest()
+
+
+def hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor to a weights hash: name, dtype, shape, then its bytes (without a copy)."""
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    h.update(memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()))
 
 
 # ---- which modules get planned -------------------------------------------------------------------
