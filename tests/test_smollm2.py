@@ -33,7 +33,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducible(tmp_path):
     calib = str(DATA / "wiki.valid.tokens")
-    first = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, "--out", str(tmp_path / "a.json"),
+    # 2048 calibration tokens (the CLI default is 8192): this profiles twice, and CI time is bounded.
+    few = ("--calib-tokens", "2048")
+    first = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "a.json"),
                     "--cache-dir", str(tmp_path / "cache"))
     assert first.returncode == 0, first.stderr[-2000:]
     plan = Plan.load(tmp_path / "a.json")
@@ -46,12 +48,13 @@ def test_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducible(tmp_pa
     assert "storage" in first.stdout and "bits/weight" in first.stdout
 
     # Recompute everything (no cache): the same file, byte for byte.
-    second = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, "--out", str(tmp_path / "b.json"), "--no-cache")
+    second = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "b.json"),
+                     "--no-cache")
     assert second.returncode == 0, second.stderr[-2000:]
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
     # Re-planning at another budget from the cached profile, then evaluating the plan.
-    third = run_cli("plan", "--budget", "4.5bits", GGUF, "--calib", calib, "--out", str(tmp_path / "c.json"),
+    third = run_cli("plan", "--budget", "4.5bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "c.json"),
                     "--cache-dir", str(tmp_path / "cache"))
     assert third.returncode == 0, third.stderr[-2000:]
     assert "calibration windows" not in third.stderr  # profile came from the cache
