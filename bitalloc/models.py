@@ -204,3 +204,22 @@ def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
             module.weight.copy_(value.t())
         else:
             module.weight.copy_(value)
+
+
+def stages_by_shared_input(calls) -> list[list[str]]:
+    """Group modules, in call order, into stages of consecutive calls on the same input tensor
+    (q/k/v, then o, then gate/up, then down). calls: (name, input) pairs as forward hooks saw them;
+    a module called twice (weight sharing) keeps its first place."""
+    stages: list[list[str]] = []
+    last_input = None
+    seen: set[str] = set()
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if stages and x is last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = x
+    return stages

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import quantize_dequantize
-from ..models import decoder_blocks, set_weight_matrix, weight_matrix
+from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 
 if TYPE_CHECKING:
@@ -63,18 +63,7 @@ def dataflow_graph(model: nn.Module, module_names: list[str], sample_ids: torch.
     finally:
         for h in handles:
             h.remove()
-    stages: list[list[str]] = []
-    last_input = None
-    seen = set()
-    for name, key in order:
-        if name in seen:  # a module called twice (weight sharing) keeps its first place
-            continue
-        seen.add(name)
-        if stages and key is last_input:
-            stages[-1].append(name)
-        else:
-            stages.append([name])
-        last_input = key
+    stages = stages_by_shared_input(order)
     import networkx as nx  # here, not at the top: planning from a profile loads this module but never draws a graph
 
     g = nx.DiGraph()

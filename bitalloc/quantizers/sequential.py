@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import decoder_blocks, set_weight_matrix, weight_matrix
+from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
 
@@ -110,18 +110,8 @@ def _stages(block: nn.Module, planned: dict[str, QuantOption], inputs) -> list[l
     finally:
         for h in handles:
             h.remove()
-    stages: list[list[str]] = []
-    last_input = None
-    done: set[str] = set()
-    for local, x in order:
-        if local in done:
-            continue
-        done.add(local)
-        if stages and x is last_input:
-            stages[-1].append(local)
-        else:
-            stages.append([local])
-        last_input = x
+    stages = stages_by_shared_input(order)
+    done = {name for stage in stages for name in stage}
     missing = set(planned) - done
     if missing:
         raise RuntimeError(f"planned modules {sorted(missing)} were not called by their block's forward pass")
