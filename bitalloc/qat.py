@@ -209,7 +209,8 @@ class QATState:
 def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.Module:
     """Swap each planned linear layer for a FakeQuantLinear with its option, in place; returns the model.
 
-    fp16 ("keep") modules stay plain. On a model already prepared, this is a re-plan: wrappers whose
+    fp16 ("keep") linear layers are wrapped too, so training sees the fp16-rounded weight that
+    `convert` stores (the deployed model is the trained one). On a model already prepared, this is a re-plan: wrappers whose
     option is unchanged are kept (learned scales included), the others are rebuilt from the float weight.
     """
     if not isinstance(plan, Plan):
@@ -231,9 +232,10 @@ def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.
     except BitallocError:
         _rewrap(model, previous)
         raise
+    tied = {a.module for a in plan.assignments if a.tied_to}
     for name, option in plan.options_by_module().items():
-        if option.fmt == "keep":
-            continue
+        if option.fmt == "keep" and (name in tied or not is_linear(model.get_submodule(name))):
+            continue  # a kept embedding / tied head: convert rounds it to fp16, as apply does
         old = previous.get(name)
         keep_old = old is not None and old.option == option and old.learnable_scale == (learnable_scales and option.fmt == "int")
         _set_submodule(model, name, old if keep_old else FakeQuantLinear(model.get_submodule(name), option, learnable_scales))
