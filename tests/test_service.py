@@ -535,3 +535,39 @@ def test_solver_settings_over_the_server_maxima_are_refused():
             limits.check_solver_settings(solver, settings)
     with pytest.raises(BadInputError, match="--job-timeout"):
         ServiceLimits(job_timeout_s=0)
+
+
+def test_a_damaged_stored_profile_is_refused_and_forgotten(tmp_path, model_dir):
+    """The service's profile files are verified on read: the table's checksum covers its header (groups,
+    options) and the calibration tokens have their sha256 in the profile's row. A failure drops the row,
+    so the next request for the same profile recomputes it."""
+    import numpy as np
+
+    from bitalloc.errors import BadInputError
+    from bitalloc.service.app import _profile_spec
+    from bitalloc.service.schemas import CalibrationIn, OptionsIn
+    from bitalloc.service.sources import SourceRules
+    from bitalloc.service.store import SQLiteStore
+    from bitalloc.service.work import PlanSpec, build_profile, plan_from_stored
+
+    store = SQLiteStore(tmp_path / "s")
+    spec = _profile_spec(str(model_dir), CalibrationIn(path=str(model_dir / "calib.txt"), seq_len=SEQ_LEN, tokens=96),
+                         OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules())
+    record, _, _ = build_profile(store, spec, None, lambda p, s: None)
+    folder = store.profile_dir(record.id)
+    (folder / "calibration.npy").write_bytes((folder / "calibration.npy").read_bytes()[:-1] + b"\x07")
+    with pytest.raises(BadInputError, match="calibration.npy does not match its sha256.*re-run `bitalloc profile`"):
+        plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
+    assert store.get_profile(record.id) is None  # forgotten: a new request profiles again
+
+    record, _, _ = build_profile(store, spec, None, lambda p, s: None)
+    (table,) = folder.glob("table-*.npz")
+    with np.load(table) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(bytes(arrays["header"]).decode())
+    header["options"][0]["bits"] = 8  # the arrays untouched: only the header's checksum coverage sees this
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(table, **arrays)
+    with pytest.warns(UserWarning, match="checksum"), pytest.raises(BadInputError, match="candidate table fails its checks"):
+        plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
+    assert store.get_profile(record.id) is None

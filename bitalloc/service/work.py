@@ -160,17 +160,22 @@ def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
     """The stored profile's files, verified: the table against its checksum (header and arrays) and
     storage bits, the calibration tokens against the sha256 in the profile's row."""
     c = record.meta["calibration"]
-    damaged = (f"stored profile {record.id} in {folder} is damaged, edited, or written by an older bitalloc "
-               "whose checksums cover less; recompute it: re-run `bitalloc profile` (POST /v1/profiles again")
+
+    def damaged(what: str) -> StoredProfileError:
+        return StoredProfileError(
+            f"stored profile {record.id} in {folder} failed its checks: {what} (damaged, edited, or written by an older "
+            "bitalloc whose checksums cover less); the service dropped it: recompute it with POST /v1/profiles "
+            "(re-run `bitalloc profile`)", record.id)
+
     table = load_table(folder, record.id)
     if table is None:
-        raise StoredProfileError(f"{damaged}): its candidate table fails its checks", record.id)
+        raise damaged("its candidate table fails its checks")
     try:
         data = (folder / "calibration.npy").read_bytes()
     except OSError as e:
-        raise StoredProfileError(f"{damaged}): calibration.npy: {e.strerror}", record.id) from None
+        raise damaged(f"calibration.npy: {e.strerror}") from None
     if hashlib.sha256(data).hexdigest() != c.get("tokens_sha256"):
-        raise StoredProfileError(f"{damaged}): calibration.npy does not match its sha256", record.id)
+        raise damaged("calibration.npy does not match its sha256")
     tokens = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
     calibration = Calibration(tokens=tokens, text_sha256=c["text_sha256"], source=c["source"], seed=c["seed"])
     return StoredProfile(record=record, table=table, calibration=calibration)
