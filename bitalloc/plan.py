@@ -9,6 +9,7 @@ and module. `apply` and the exports then never meet a plan whose parts say diffe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -240,7 +241,8 @@ def plan_inconsistency(plan: Plan) -> str | None:
     derived = summarize(plan.assignments)
     for name in Summary.model_fields:
         got, want = getattr(plan.summary, name), getattr(derived, name)
-        same = abs(got - want) <= 1e-5 * max(1.0, abs(want)) if isinstance(want, float) else got == want
+        # floats: the summary rounds to 6 decimals / 6 significant digits; NaN and inf never match
+        same = math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-12) if isinstance(want, float) else got == want
         if not same:
             return f"summary.{name} is {got}, its assignments give {want}"
     return None

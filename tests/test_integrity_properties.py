@@ -133,6 +133,8 @@ def plan_problems(plan: Plan) -> list[str]:
             problems.append(f"{a.module}: label {a.label} for {o.label}")
         if not o.fits(in_f) or a.storage_bits != o.storage_bits(out_f, in_f):
             problems.append(f"{a.module}: storage_bits {a.storage_bits}")
+        if a.rows is not None and not (0 <= a.rows[0] < a.rows[1] and a.rows[1] - a.rows[0] == out_f):
+            problems.append(f"{a.module}: rows {a.rows} for {out_f} rows")
         if (a.module, a.rows) in seen or (a.rows is None and any(m == a.module for m, _ in seen)):
             problems.append(f"{a.module} twice")
         seen.add((a.module, a.rows))
@@ -146,7 +148,7 @@ def plan_problems(plan: Plan) -> list[str]:
         problems.append("summary counts")
     for got, want in [(s.storage_bits_per_weight, bits / max(weights, 1)), (s.nominal_bits_per_weight, nominal / max(weights, 1)),
                       (s.predicted_delta_loss, loss)]:
-        if not math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6):
+        if not math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-12):
             problems.append(f"summary value {got} != {want}")
     return problems
 
