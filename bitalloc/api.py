@@ -19,7 +19,8 @@ from .errors import BadInputError, BudgetInfeasibleError
 from .models import LoadedModel, as_loaded, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
 from .options import QuantOption, default_options
 from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
-from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
+from .plan import sig6 as _sig
 from .profile.artifact import Profile
 from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 from .profile.statistics import collect_statistics
@@ -374,11 +375,9 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
     tied = record["tied_embeddings"]
     head, emb = record["output_embedding"], record["input_embedding"]
     assignments = []
-    nominal_sum = 0.0
     errors = table.errors[error_model]
     for g, k in enumerate(solution.choice):
         name, (out_f, in_f), opt = table.groups[g], table.shapes[g], table.options[k]
-        nominal_sum += opt.bits * out_f * in_f
         tied_to = [emb] if tied and name == head else ([head] if tied and name == emb else [])
         assignments.append(
             Assignment(
@@ -392,8 +391,6 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                 tied_to=tied_to,
             )
         )
-    n = table.num_weights
-    storage = sum(a.storage_bits for a in assignments)
     return Plan(
         bitalloc_version=bitalloc_version(),
         model=ModelSpec(source=record["source"], architecture=record["architecture"], content_hash=record["content_hash"]),
@@ -407,21 +404,10 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                           details={k: _sig(v) if isinstance(v, float) else v for k, v in solution.details.items()}),
         seed=seed,
         budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
-        summary=Summary(
-            planned_modules=len(assignments),
-            planned_weights=n,
-            nominal_bits_per_weight=round(nominal_sum / n, 6),
-            storage_bits_per_weight=round(storage / n, 6),
-            storage_bytes=-(-storage // 8),
-            fp16_bytes=2 * n,
-            predicted_delta_loss=_sig(sum(a.predicted_delta_loss for a in assignments)),
-        ),
+        summary=summarize(assignments),
         latency=None if timing is None else _latency_spec(timing, solution.choice),
         assignments=assignments,
         constraints=None if constraints is None else constraints.to_dict(),
     )
 
 
-def _sig(x: float) -> float:
-    """Six significant digits: what the estimate supports, and stable in JSON."""
-    return float(f"{float(x):.6g}")

@@ -46,6 +46,26 @@ class CandidateTable:
         return self.options.index(option)
 
 
+def table_inconsistency(table: CandidateTable) -> str | None:
+    """What in a read-back table disagrees with itself (array shapes, duplicate groups, storage bits not
+    those of the option and shape), or None; the first problem found, naming the group and option."""
+    n, k = len(table.groups), len(table.options)
+    if len(table.shapes) != n:
+        return f"{n} groups but {len(table.shapes)} shapes"
+    if len(set(table.groups)) != n:
+        return f"group {next(g for g in table.groups if table.groups.count(g) > 1)} is listed twice"
+    for name, a in [("storage_bits", table.storage_bits), *((f"errors[{m}]", e) for m, e in table.errors.items())]:
+        if np.shape(a) != (n, k):
+            return f"{name} has shape {list(np.shape(a))}, not [{n} groups, {k} options]"
+    for g, (name, (out_f, in_f)) in enumerate(zip(table.groups, table.shapes)):
+        for j, o in enumerate(table.options):
+            want = float(o.storage_bits(out_f, in_f)) if o.fits(in_f) else np.nan
+            got = float(table.storage_bits[g, j])
+            if not (got == want or (np.isnan(got) and np.isnan(want))):
+                return f"{name}: storage bits of {o.label} are {got:g}, its shape {out_f}x{in_f} needs {want:g}"
+    return None
+
+
 def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, float]:
     """(fisher, local) predicted loss increase of storing `weight` [out, in] as `option` with `quantizer`."""
     return option_errors(weight, [option], stats, quantizer)[0]

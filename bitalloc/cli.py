@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import BadInputError, BitallocError
+from .service.limits import DEFAULT_JOB_TIMEOUT_S
 
 DEFAULT_SIGNALS_TEXT = ("fisher", "trace", "salience", "spikes", "table")  # = profile.pipeline.DEFAULT_SIGNALS, without importing torch
 
@@ -546,14 +547,17 @@ def serve_cmd(
     allow_root: List[str] = typer.Option([], "--allow-root", help="model and calibration paths must lie under this folder (repeatable)"),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="let requests name hub ids (the server downloads them)"),
     max_body: int = typer.Option(64 * 1024, "--max-body", help="largest request body in bytes"),
+    job_timeout: float = typer.Option(DEFAULT_JOB_TIMEOUT_S, "--job-timeout", help="seconds a job may run before it is failed and its worker replaced"),
 ) -> None:
     """Serve profiles and plans over HTTP (needs the `serve` extra). Token: $BITALLOC_TOKEN or printed at start."""
     try:
         from .service.app import serve
     except ImportError as e:
         raise BadInputError(f"bitalloc serve needs {e.name}: pip install 'bitalloc[serve]'") from None
+    from .service.limits import ServiceLimits
+
     serve(host=host, port=port, store_path=store, workers=workers, allowed_roots=allow_root, allow_hub=allow_hub,
-          max_body_bytes=max_body)
+          max_body_bytes=max_body, limits=ServiceLimits(job_timeout_s=job_timeout))
 
 
 @app.command("export")

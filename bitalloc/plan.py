@@ -1,8 +1,15 @@
-"""The Plan: what every planned module is stored as, why, and how it was decided. Versioned JSON."""
+"""The Plan: what every planned module is stored as, why, and how it was decided. Versioned JSON.
+
+Loading checks the schema, then the plan against itself: every derived field (an assignment's label
+and storage bits from its option and shape, the summary from the assignments) is recomputed, and a
+plan that disagrees, assigns a module twice or assigns nothing is refused, naming the first field
+and module. `apply` and the exports then never meet a plan whose parts say different things.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -179,14 +186,66 @@ class Plan(_Strict):
             )
         try:
             # Strict: "14" is not an int and "yes" not a bool, exactly as plan-v1.json says.
-            return cls.model_validate_json(text, strict=True)
+            plan = cls.model_validate_json(text, strict=True)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             raise BadInputError(f"{origin} is not a valid plan: {where}: {err['msg']} ({e.error_count()} error(s))") from None
+        if (problem := plan_inconsistency(plan)) is not None:
+            raise BadInputError(f"{origin} is not a consistent plan: {problem}; it was edited or damaged: re-create it "
+                                "with `bitalloc plan`")
+        return plan
 
     def options_by_module(self) -> dict[str, QuantOption]:
         return {a.module: a.option.to_option() for a in self.assignments}
+
+
+def sig6(x: float) -> float:
+    """Six significant digits: what the estimates support, and stable in JSON."""
+    return float(f"{float(x):.6g}")
+
+
+def summarize(assignments: list[Assignment]) -> Summary:
+    """The plan's summary, derived from its assignments (weights, bits per weight, bytes, predicted ΔNLL)."""
+    n = sum(a.shape[0] * a.shape[1] for a in assignments)
+    nominal = sum(a.option.bits * a.shape[0] * a.shape[1] for a in assignments)
+    storage = sum(a.storage_bits for a in assignments)
+    return Summary(planned_modules=len(assignments), planned_weights=n,
+                   nominal_bits_per_weight=round(nominal / n, 6) if n else 0.0,
+                   storage_bits_per_weight=round(storage / n, 6) if n else 0.0, storage_bytes=-(-storage // 8),
+                   fp16_bytes=2 * n, predicted_delta_loss=sig6(sum(a.predicted_delta_loss for a in assignments)))
+
+
+def plan_inconsistency(plan: Plan) -> str | None:
+    """The first derived field that disagrees with what it is derived from, naming field and module; or None."""
+    if not plan.assignments:
+        return "assignments is empty (a plan assigns at least one module)"
+    seen: dict[str, list[tuple[int, int] | None]] = {}
+    for i, a in enumerate(plan.assignments):
+        where = f"assignments[{i}] ({a.module})"
+        if min(a.shape) < 1:
+            return f"{where}: shape {list(a.shape)} has no weights"
+        if a.rows is not None and not (0 <= a.rows[0] < a.rows[1] and a.rows[1] - a.rows[0] == a.shape[0]):
+            return f"{where}: rows {list(a.rows)} do not span its shape's {a.shape[0]} rows"
+        option = a.option.to_option()
+        if a.label != option.label:
+            return f"{where}: label {a.label!r} is not its option's label {option.label!r}"
+        if not option.fits(a.shape[1]):
+            return f"{where}: option {option.label} does not tile rows of {a.shape[1]} weights"
+        if a.storage_bits != (want := option.storage_bits(*a.shape)):
+            return f"{where}: storage_bits {a.storage_bits} is not {want}, what {option.label} needs for shape {list(a.shape)}"
+        rows = seen.setdefault(a.module, [])
+        if None in rows or (rows and a.rows is None) or any(r[0] < a.rows[1] and a.rows[0] < r[1] for r in rows):
+            return f"{where}: module {a.module} is assigned twice"
+        rows.append(a.rows)
+    derived = summarize(plan.assignments)
+    for name in Summary.model_fields:
+        got, want = getattr(plan.summary, name), getattr(derived, name)
+        # floats: the summary rounds to 6 decimals / 6 significant digits; NaN and inf never match
+        same = math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-12) if isinstance(want, float) else got == want
+        if not same:
+            return f"summary.{name} is {got}, its assignments give {want}"
+    return None
 
 
 def plan_json_schema() -> dict:

@@ -23,7 +23,7 @@ from bitalloc.exports import available_exports, export_plan
 from bitalloc.exports import gguf as gguf_export
 from bitalloc.exports.common import untied_fused_groups
 from bitalloc.options import parse_option
-from bitalloc.plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from bitalloc.plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
 
 HIDDEN, KV, MLP = 576, 192, 1536
 SHAPES = {  # leaf -> [out, in]
@@ -47,16 +47,12 @@ def make_plan(labels: dict[str, str], arch: str = "LlamaForCausalLM", source: st
         assignments.append(Assignment(module=module, shape=shape, option=OptionSpec.of(o), label=o.label,
                                       storage_bits=o.storage_bits(*shape), predicted_delta_loss=0.0, tied_to=tied))
     weights = sum(a.shape[0] * a.shape[1] for a in assignments)
-    bits = sum(a.storage_bits for a in assignments)
     return Plan(
         bitalloc_version="0.test", model=ModelSpec(source=source, architecture=arch, content_hash="0" * 16),
         calibration={}, error_model="fisher", options=sorted({a.label for a in assignments}),
         solver=SolverSpec(name="ilp", settings={}, status="optimal", objective=0.0), seed=0,
         budget=BudgetSpec(kind="bits", value=4.0, text="4bits", max_storage_bits=4.0 * weights),
-        summary=Summary(planned_modules=len(assignments), planned_weights=weights,
-                        nominal_bits_per_weight=4.0, storage_bits_per_weight=bits / weights,
-                        storage_bytes=-(-bits // 8), fp16_bytes=2 * weights, predicted_delta_loss=0.0),
-        assignments=assignments)
+        summary=summarize(assignments), assignments=assignments)
 
 
 def layers(n_layers: int, label_of) -> dict[str, str]:
@@ -385,6 +381,19 @@ def test_untied_fused_layers_are_an_error_naming_the_fix(tmp_path, target):
     assert not (tmp_path / SCHEMAS[target][0]).exists()
     result = export_plan(plan, target, tmp_path, allow_untied=True)
     assert sum("fused layer model.layers." in u for u in result.unsupported) == 2
+
+
+def test_fused_shards_are_compared_by_option_not_label():
+    """Two options with one label (int4-g64-sym with fp16 vs fp32 scales) are two schemes to vLLM."""
+    plan = make_plan(layers(1, tied(lambda i, leaf: "int4-g64-sym")))
+    assert untied_fused_groups(plan) == []
+    k = next(i for i, a in enumerate(plan.assignments) if a.module.endswith("k_proj"))
+    wide = plan.assignments[k].option.model_copy(update={"scale_bits": 32})
+    assert wide.to_option().label == plan.assignments[k].label
+    edited = plan.model_copy(update={"assignments": [a.model_copy(update={"option": wide}) if i == k else a
+                                                     for i, a in enumerate(plan.assignments)]})
+    assert untied_fused_groups(edited) == [
+        "model.layers.0.self_attn.qkv_proj: q_proj=int4-g64-sym, k_proj=int4-g64-sym, v_proj=int4-g64-sym"]
 
 
 def test_torchao_configs_by_option(tmp_path):

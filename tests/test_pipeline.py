@@ -415,7 +415,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     """INT, FP8, MXFP4, NVFP4 and keep offered together: the plan mixes them within the budget and
     apply() writes exactly each option's quantize-dequantize values, whichever format a module has."""
     from bitalloc.options import parse_option
-    from bitalloc.plan import OptionSpec
+    from bitalloc.plan import OptionSpec, summarize
 
     labels = ["int4-g32-asym", "int8-ch-sym", "fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "fp16"]
     options = [parse_option(x) for x in labels]
@@ -431,7 +431,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
                                  storage_bits=options[i % len(options)].storage_bits(*a.shape)))
         for i, a in enumerate(plan.assignments)
     ]
-    cycled = Plan.from_json(plan.model_copy(update=dict(assignments=assignments)).to_json())
+    cycled = Plan.from_json(plan.model_copy(update=dict(assignments=assignments, summary=summarize(assignments))).to_json())
     original = copy.deepcopy(model)
     bitalloc.apply(model, cycled)
     for a in cycled.assignments:

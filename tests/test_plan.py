@@ -289,3 +289,53 @@ def test_inconsistent_fp_option_in_plan_is_bad_input(fp_plan, tmp_path, change, 
     with pytest.raises(BadInputError, match="not a valid plan") as info:
         Plan.load(_write(tmp_path, doc))
     assert needle in str(info.value) and "assignments" in str(info.value)
+
+
+# ---- internal consistency: derived fields are recomputed on load --------------------------------
+
+def _append_copy_of_first(d: dict) -> None:
+    d["assignments"].append(dict(d["assignments"][0]))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["assignments"][0]["option"].update(bits=8), r"assignments\[0\] \(\S+\): label 'int\d\S+' is not its option's label 'int8"),
+    (lambda d: d["assignments"][1].update(label="int8-ch-asym"), r"assignments\[1\] \(\S+\): label 'int8-ch-asym' is not"),
+    (lambda d: d["assignments"][2].update(storage_bits=d["assignments"][2]["storage_bits"] + 1), r"assignments\[2\] \(\S+\): storage_bits \d+ is not \d+"),
+    (lambda d: d["assignments"][3].update(shape=[d["assignments"][3]["shape"][0] // 2, d["assignments"][3]["shape"][1]]), r"assignments\[3\] \(\S+\): storage_bits"),
+    (_append_copy_of_first, r"assignments\[14\] \((\S+)\): module \1 is assigned twice"),
+    (lambda d: d.update(assignments=[]), "assignments is empty"),
+    (lambda d: d["summary"].update(storage_bytes=d["summary"]["storage_bytes"] + 1), r"summary.storage_bytes is \d+, its assignments give"),
+    (lambda d: d["summary"].update(nominal_bits_per_weight=2.0), "summary.nominal_bits_per_weight is 2.0"),
+    (lambda d: d["summary"].update(predicted_delta_loss=d["summary"]["predicted_delta_loss"] * 2), "summary.predicted_delta_loss"),
+    (lambda d: d["summary"].update(planned_modules=13), "summary.planned_modules is 13, its assignments give 14"),
+])
+def test_inconsistent_plan_is_refused_naming_field_and_module(tiny_plan, tmp_path, edit, needle):
+    doc = _doc(tiny_plan)
+    edit(doc)
+    assert list(validator(plan_json_schema()).iter_errors(doc)) == []  # the schema alone cannot see it
+    with pytest.raises(BadInputError, match="not a consistent plan") as info:
+        Plan.load(_write(tmp_path, doc))
+    import re
+
+    assert re.search(needle, str(info.value)), str(info.value)
+    assert "re-create it with `bitalloc plan`" in str(info.value)
+
+
+def test_row_groups_that_tile_a_module_are_consistent_and_overlapping_ones_are_not(tiny_plan):
+    from bitalloc.plan import plan_inconsistency, summarize
+
+    a = next(x for x in tiny_plan.assignments if x.shape[0] % 2 == 0)
+    half = a.shape[0] // 2
+    o = a.option.to_option()
+
+    def split(rows):
+        parts = [a.model_copy(update={"rows": r, "shape": (r[1] - r[0], a.shape[1]),
+                                      "storage_bits": o.storage_bits(r[1] - r[0], a.shape[1])}) for r in rows]
+        rest = [x for x in tiny_plan.assignments if x.module != a.module] + parts
+        return tiny_plan.model_copy(update={"assignments": rest, "summary": summarize(rest)})
+
+    assert plan_inconsistency(split([(0, half), (half, a.shape[0])])) is None
+    assert "is assigned twice" in plan_inconsistency(split([(0, half + 1), (half - 1, a.shape[0] - 2)]))
+    assert "do not span" in plan_inconsistency(split([(0, half), (half, a.shape[0])]).model_copy(update={
+        "assignments": [x.model_copy(update={"rows": (5, 4)}) if x.rows == (0, half) else x
+                        for x in split([(0, half), (half, a.shape[0])]).assignments]}))

@@ -35,7 +35,7 @@ def test_profile_round_trip_and_reuse(tmp_path, calib_ids, monkeypatch):
     assert m.shape == (64, 128) and m.fisher.shape == (64,) and m.h_diag.shape == (128,)
     assert m.trace.probes >= 2 and m.salience.column["hessian"].shape == (128,) and m.spikes.input.channel_max.shape == (128,)
     doc = json.loads((out / "profile.json").read_text())
-    assert doc["version"] == 2 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
+    assert doc["version"] == 3 and doc["key"] == prof.key and doc["format"] == "bitalloc-profile"
 
     loaded = Profile.load(out)
     assert loaded.key == prof.key and loaded.settings == prof.settings
@@ -83,27 +83,69 @@ def test_damaged_profile_is_recomputed_never_used(tmp_path, calib_ids):
     Profile.load(out)  # repaired
 
 
-def test_version_1_profile_folders_are_still_read(tmp_path, calib_ids):
-    """Version 1 kept one .npz member per array; version 2 packs them (one read instead of thousands)."""
-    from bitalloc.profile.artifact import npz_bytes, unpack_arrays
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_profile_versions_are_refused(tmp_path, calib_ids, version):
+    """Versions 1 and 2 checksummed the arrays only: their profile.json cannot be verified, so they are refused."""
+    from bitalloc.profile.artifact import npz_bytes, unpack_arrays, arrays_checksum
 
     out = tmp_path / "prof"
-    prof = profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "spikes", "table")))
+    profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "table")))
     doc = json.loads((out / "profile.json").read_text())
     with np.load(out / "tensors.npz") as z:
         assert z.files == ["packed"]
         arrays = unpack_arrays(z["packed"], doc["arrays"])
-    assert len(arrays) > 100 and arrays["table/storage_bits"].flags.writeable
-    old = tmp_path / "v1"
+    old = tmp_path / f"v{version}"
     old.mkdir()
-    (old / "tensors.npz").write_bytes(npz_bytes(arrays))
-    del doc["arrays"]
-    doc["version"] = 1
+    if version == 1:  # one .npz member per array
+        (old / "tensors.npz").write_bytes(npz_bytes(arrays))
+        del doc["arrays"]
+    else:
+        (old / "tensors.npz").write_bytes((out / "tensors.npz").read_bytes())
+    doc.update(version=version, checksum=arrays_checksum(arrays))  # what those versions wrote: a valid arrays checksum
     (old / "profile.json").write_text(json.dumps(doc))
-    again = Profile.load(old)
-    np.testing.assert_array_equal(again.table.errors["fisher"], prof.table.errors["fisher"])
-    np.testing.assert_array_equal(again.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms,
-                                  prof.module("model.layers.1.mlp.up_proj").spikes.input.channel_rms)
+    with pytest.raises(BadInputError, match=f"version {version}, whose checksum does not cover profile.json.*"
+                                            "re-run `bitalloc profile`"):
+        Profile.load(old)
+
+
+EDITS = {  # one edit to profile.json each, as issue 15 found them accepted
+    "option bits": lambda d: d["profile"]["table"]["options"][0].update(bits=8),
+    "shape": lambda d: d["profile"]["modules"][0].update(shape=[64, 32]),
+    "module name": lambda d: d["profile"]["modules"][0].update(name="model.layers.0.self_attn.x_proj"),
+    "seed": lambda d: d["profile"]["settings"].update(seed=d["profile"]["settings"].get("seed", 0) + 1),
+    "key": lambda d: d.update(key="0" * 64),
+    "table group": lambda d: d["profile"]["table"]["groups"].reverse(),
+    "array index": lambda d: d["arrays"]["table/storage_bits"].__setitem__(1, [1]),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_any_edit_to_profile_json_is_refused(tmp_path, calib_ids, edit):
+    from bitalloc.replan import load_profile
+
+    out = tmp_path / "prof"
+    profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "table")))
+    doc = json.loads((out / "profile.json").read_text())
+    EDITS[edit](doc)
+    (out / "profile.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match="checksum.*re-run `bitalloc profile`"):
+        load_profile(out)
+
+
+def test_an_edit_with_a_recomputed_checksum_is_caught_by_the_consistency_checks(tmp_path, calib_ids):
+    """The checksum finds damage and careless edits; the storage bits recomputed from option and shape find the rest."""
+    from bitalloc.profile.artifact import profile_checksum, unpack_arrays
+
+    out = tmp_path / "prof"
+    profile_model(make_llama(), calib_ids, out, **make(signals=("fisher", "table")))
+    doc = json.loads((out / "profile.json").read_text())
+    doc["profile"]["table"]["options"][0].update(bits=8)  # int3 -> int8, storage bits still those of int3
+    with np.load(out / "tensors.npz") as z:
+        doc["checksum"] = profile_checksum(doc, unpack_arrays(z["packed"], doc["arrays"]))
+    (out / "profile.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match="inconsistent: candidate table: model.layers.0.self_attn.q_proj: storage bits "
+                                            "of int8-g32-asym .*re-run `bitalloc profile`"):
+        Profile.load(out)
 
 
 def test_newer_profile_version_is_refused(tmp_path, calib_ids):

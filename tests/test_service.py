@@ -148,7 +148,8 @@ def profile_id(client, files) -> str:
 def test_every_route_but_healthz_needs_the_token(server):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     for method, path in [("GET", "/v1/plans"), ("GET", "/v1/jobs/job_x"), ("GET", "/v1/plans/plan_x"),
-                         ("POST", "/v1/plans"), ("POST", "/v1/profiles"), ("GET", "/openapi.json")]:
+                         ("POST", "/v1/plans"), ("POST", "/v1/profiles"), ("GET", "/openapi.json"),
+                         ("DELETE", "/v1/jobs/job_x")]:
         assert_error(httpx.request(method, server.url + path), 401, "Bearer")
         assert_error(httpx.request(method, server.url + path, headers={"Authorization": "Bearer wrong"}), 401)
     doc = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
@@ -303,6 +304,65 @@ def test_export_route_uses_the_export_registry(client, files, profile_id, tmp_pa
     assert any("llama-quantize --tensor-type-file" in n for n in notes)
 
 
+# ---- limits, cancel, fair queue, allowed roots --------------------------------------------------------
+
+
+def test_a_blocking_job_is_cancelled_while_other_requests_complete(client, files, profile_id):
+    """One worker, busy with a long evolutionary search: a plan from the stored profile still comes at once,
+    DELETE cancels the search (failed, with the reason; its worker replaced), and the next queued job runs."""
+    base = {"profile_id": profile_id, "budget": "5bits", "solver": "evolutionary"}
+    too_much = client.post("/v1/plans", json={**base, "solver_settings": {"trials": 100_000_000}})
+    assert_error(too_much, 400, "solver_settings.trials", "up to 5000")
+    assert_error(client.post("/v1/plans", json={**base, "solver_settings": {"timeout_s": "forever"}}), 400,
+                 "solver_settings.timeout_s")
+    blocking = client.post("/v1/plans", json={**base, "seed": 7, "solver_settings": {"trials": 5000, "population": 64}},
+                           headers={"X-Bitalloc-Client": "alice"})
+    assert blocking.status_code == 202, blocking.text
+    job_id = blocking.json()["job"]["id"]
+    running = wait_job(client, job_id, until=("running", "done", "failed"))
+    assert running["state"] == "running", running
+
+    at_once = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "3.5bits"},
+                          headers={"X-Bitalloc-Client": "bob"})
+    assert at_once.status_code == 200 and at_once.json()["state"] == "done", at_once.text
+    queued = client.post("/v1/plans", json={**base, "seed": 8, "solver_settings": {"trials": 3, "population": 2}},
+                         headers={"X-Bitalloc-Client": "bob"})
+    assert queued.status_code == 202 and queued.json()["job"]["state"] == "queued", queued.text
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "running"  # still blocking the only worker
+
+    cancelled = client.delete(f"/v1/jobs/{job_id}")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "failed" and "cancelled by a client" in cancelled.json()["error"]
+    done = wait_job(client, queued.json()["job"]["id"], timeout=120)
+    assert done["state"] == "done", done
+    assert client.get(f"/v1/plans/{done['plan_id']}").json()["plan"]["solver"]["name"] == "evolutionary"
+    final = client.get(f"/v1/jobs/{job_id}").json()
+    assert final["state"] == "failed" and final["attempts"] == 1 and final["requeues"] == 0, final  # not retried
+    assert client.get(f"/v1/plans/{blocking.json()['plan_id']}").status_code == 404  # and it stored nothing
+    assert_error(client.delete(f"/v1/jobs/{job_id}"), 409, "has finished (failed)")
+    assert_error(client.delete("/v1/jobs/job_unknown"), 404, "no job")
+
+
+def test_a_model_file_linked_outside_the_allowed_root_is_refused(client, files):
+    """--allow-root checks every file in the model folder, resolved, not only the folder's own path."""
+    linked = files["root"] / "linked-llama"
+    linked.mkdir(exist_ok=True)
+    for f in files["model"].iterdir():
+        target = f
+        if f.name == "model.safetensors":  # the weights lie outside the root
+            target = files["outside"] / f.name
+            target.write_bytes(f.read_bytes())
+        if not (linked / f.name).exists():
+            (linked / f.name).symlink_to(target)
+    r = client.post("/v1/profiles", json={**profile_body(files), "model": str(linked)})
+    assert_error(r, 400, "model.safetensors resolves to", str(files["outside"]), "outside the allowed roots")
+    (linked / "model.safetensors").unlink()
+    (linked / "model.safetensors").symlink_to(files["model"] / "model.safetensors")  # a link inside the root is fine
+    r = client.post("/v1/profiles", json={**profile_body(files, seed=5), "model": str(linked)})
+    assert r.status_code == 202, r.text
+    assert client.delete(f"/v1/jobs/{r.json()['job']['id']}").json()["state"] == "failed"  # not needed: free the worker
+
+
 # ---- restart -----------------------------------------------------------------------------------------
 
 
@@ -419,3 +479,95 @@ def test_a_solver_that_scores_on_the_model_plans_in_a_job_with_the_weights(tmp_p
     assert plan["solver"]["name"] == "evolutionary" and plan["summary"]["storage_bits_per_weight"] <= 5.0
     assert [p for p, _ in stages] == sorted(p for p, _ in stages)  # progress only moves forward
     assert store.get_profile(spec.profile_id).meta["num_weights"] == plan["summary"]["planned_weights"]
+
+
+def test_fair_queue_alternates_clients(tmp_path):
+    """Alice queues three jobs, then Bob one: Bob's runs second, not fourth."""
+    from bitalloc.service.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    ids = {}
+    for name, client in [("a1", "alice"), ("a2", "alice"), ("a3", "alice"), ("b1", "bob")]:
+        ids[store.create_job("plan", {"n": name}, None, client=client)[0].id] = name
+        time.sleep(0.002)  # distinct creation times
+    order = []
+    while (job := store.claim_job("w")) is not None:
+        order.append(ids[job.id])
+        time.sleep(0.002)
+    assert order == ["a1", "b1", "a2", "a3"]
+
+
+def test_timed_out_and_cancelled_jobs_fail_with_the_reason_and_are_never_requeued(tmp_path):
+    from bitalloc.service.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    slow, _ = store.create_job("plan", {"n": 1}, "slow")
+    queued, _ = store.create_job("plan", {"n": 2}, "queued")
+    claimed = store.claim_job("host:1:0")
+    assert claimed.id == slow.id and claimed.claimed is not None
+    assert store.expire_jobs(60.0, now=claimed.claimed + 59) == []
+    (expired,) = store.expire_jobs(60.0, now=claimed.claimed + 61)
+    assert expired.lease_owner == "host:1:0"  # the worker the pool kills
+    after = store.get_job(slow.id)
+    assert after.state == "failed" and after.error.startswith("timed out: ran over the server's job limit of 60 s")
+    assert not store.finish_job(slow.id, "host:1:0", {"plan_id": "x"})  # the old worker cannot record a result
+    before = store.cancel_job(queued.id, "cancelled by a client")
+    assert before.state == "queued" and store.get_job(queued.id).error == "cancelled by a client"
+    assert store.cancel_job(queued.id, "again") is None  # finished jobs stay as they are
+    assert store.requeue_dead(lambda job: True, 3) == []  # failed is final: a restart re-queues neither
+    assert store.claim_job("host:1:1") is None
+    assert {store.get_job(j).state for j in (slow.id, queued.id)} == {"failed"}
+
+
+def test_solver_settings_over_the_server_maxima_are_refused():
+    from bitalloc.errors import BadInputError
+    from bitalloc.service.limits import ServiceLimits
+
+    limits = ServiceLimits(job_timeout_s=10)
+    limits.check_solver_settings("evolutionary", {"trials": 5000, "timeout_s": None, "seed": 3})
+    limits.check_solver_settings("ilp", {"time_limit_s": 300})
+    for solver, settings, needle in [("evolutionary", {"trials": 5001}, "trials"),
+                                     ("evolutionary", {"trials": True}, "trials"),
+                                     ("evolutionary", {"timeout_s": -1}, "timeout_s"),
+                                     ("ilp", {"time_limit_s": 1e9}, "time_limit_s"),
+                                     ("dp", {"max_work": float("inf")}, "max_work")]:
+        with pytest.raises(BadInputError, match=f"solver_settings.{needle} .*stop after 10 s"):
+            limits.check_solver_settings(solver, settings)
+    with pytest.raises(BadInputError, match="--job-timeout"):
+        ServiceLimits(job_timeout_s=0)
+
+
+def test_a_damaged_stored_profile_is_refused_and_forgotten(tmp_path, model_dir):
+    """The service's profile files are verified on read: the table's checksum covers its header (groups,
+    options) and the calibration tokens have their sha256 in the profile's row. A failure drops the row,
+    so the next request for the same profile recomputes it."""
+    import numpy as np
+
+    from bitalloc.errors import BadInputError
+    from bitalloc.service.app import _profile_spec
+    from bitalloc.service.schemas import CalibrationIn, OptionsIn
+    from bitalloc.service.sources import SourceRules
+    from bitalloc.service.store import SQLiteStore
+    from bitalloc.service.work import PlanSpec, build_profile, plan_from_stored
+
+    store = SQLiteStore(tmp_path / "s")
+    spec = _profile_spec(str(model_dir), CalibrationIn(path=str(model_dir / "calib.txt"), seq_len=SEQ_LEN, tokens=96),
+                         OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules())
+    record, _, _ = build_profile(store, spec, None, lambda p, s: None)
+    folder = store.profile_dir(record.id)
+    (folder / "calibration.npy").write_bytes((folder / "calibration.npy").read_bytes()[:-1] + b"\x07")
+    with pytest.raises(BadInputError, match="calibration.npy does not match its sha256.*re-run `bitalloc profile`"):
+        plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
+    assert store.get_profile(record.id) is None  # forgotten: a new request profiles again
+
+    record, _, _ = build_profile(store, spec, None, lambda p, s: None)
+    (table,) = folder.glob("table-*.npz")
+    with np.load(table) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(bytes(arrays["header"]).decode())
+    header["options"][0]["bits"] = 8  # the arrays untouched: only the header's checksum coverage sees this
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(table, **arrays)
+    with pytest.warns(UserWarning, match="checksum"), pytest.raises(BadInputError, match="candidate table fails its checks"):
+        plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
+    assert store.get_profile(record.id) is None

@@ -33,12 +33,13 @@ def fused_groups(modules) -> dict[str, list[str]]:
 
 
 def untied_fused_groups(plan: Plan) -> list[str]:
-    """One line per fused layer whose shards the plan gives different options."""
-    labels = {a.module: a.label for a in plan.assignments}
+    """One line per fused layer whose shards the plan gives different options (compared as options:
+    a label is derived text, and two shards must share the stored format, not its name)."""
+    options = {a.module: a.option.to_option() for a in plan.assignments}
     lines = []
-    for fused, shards in fused_groups(labels).items():
-        if len({labels[s] for s in shards}) > 1:
-            lines.append(f"{fused}: " + ", ".join(f"{s.rpartition('.')[2]}={labels[s]}" for s in shards))
+    for fused, shards in fused_groups(options).items():
+        if len({options[s] for s in shards}) > 1:
+            lines.append(f"{fused}: " + ", ".join(f"{s.rpartition('.')[2]}={options[s].label}" for s in shards))
     return lines
 
 

@@ -63,8 +63,7 @@ def gptqmodel_config(plan: Plan) -> tuple[dict, list[str]]:
             dynamic[f"+:{exact_regex(module)}"] = gptq_fields(o)
     # vLLM matches dynamic keys against fused layers; a tied group gets one key for the fused name.
     for fused, shards in fused_groups(options).items():
-        labels = {options[s].label for s in shards}
-        if len(labels) == 1 and (o := options[shards[0]]) != base:
+        if len({options[s] for s in shards}) == 1 and (o := options[shards[0]]) != base:
             ok, _ = gptq_expressible(o)
             dynamic[f"{'+' if ok else '-'}:{exact_regex(fused)}"] = gptq_fields(o) if ok else {}
     unsupported += marlin_lines(options)

@@ -2,16 +2,21 @@
 
 On disk a profile is a folder:
   profile.json   {"format", "version", "key", "checksum", "arrays", "profile": the dataclasses as JSON}
+                 `checksum` (version 3) covers all of it: every field of profile.json but itself, and
+                 every array's bytes
   tensors.npz    one uint8 member "packed": every array's bytes back to back; "arrays" in profile.json
                  says where each one lies ({name: [dtype, shape, offset]}), named by its path in the JSON
                  ({"__array__": "modules/3/fisher"})
 Version 1 stored one .npz member per array; a SmolLM2 profile has ~2500 arrays, and opening that
 many zip members took most of the time of re-planning from a profile (~1 s), so version 2 packs
-them (one read, one hash). Version 1 folders are still read.
+them (one read, one hash). Versions 1 and 2 checksummed the arrays only, so an edit to profile.json
+(an option's bits, a shape, a module name, the seed, the key) went unnoticed; version 3's checksum
+covers the metadata too. Older folders cannot be verified and are refused (re-run `bitalloc profile`).
 tensors.npz is written first and profile.json last, both atomically, so a folder with a profile.json
 is complete. `key` is the sha256 of everything that determines the contents (weights, calibration,
-modules, settings, code); `checksum` covers the arrays. A folder whose key differs from the one asked
-for, whose checksum fails, or that does not parse is reported and recomputed, never used.
+modules, settings, code). A folder whose key differs from the one asked for, whose checksum fails,
+or that does not parse is reported and recomputed, never used. The checksum finds damage and
+edits, not forgery: whoever can write the folder can also recompute it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..candidates import CandidateTable
+from ..candidates import CandidateTable, table_inconsistency
 from ..errors import BadInputError
 from ..io import atomic_write_bytes, atomic_write_text, canonical_json
 from ..options import QuantOption
@@ -37,7 +42,7 @@ from .salience import Salience
 from .spikes import ProjectionSpikes, SiteSpikes
 
 PROFILE_FORMAT = "bitalloc-profile"
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -79,8 +84,9 @@ class Profile:
                 "calibration_tokens": encode(self.calibration_tokens, "calibration_tokens", arrays)}
         packed, index = pack_arrays(arrays)
         atomic_write_bytes(folder / "tensors.npz", npz_bytes({"packed": packed}))
-        doc = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "key": self.key,
-               "checksum": arrays_checksum(arrays), "arrays": index, "profile": body}
+        doc = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "key": self.key, "arrays": index, "profile": body}
+        doc = json.loads(canonical_json(doc))  # the checksum is of what load() will parse: tuples are lists, keys str
+        doc["checksum"] = profile_checksum(doc, arrays)
         atomic_write_text(folder / "profile.json", canonical_json(doc))
         return folder
 
@@ -95,30 +101,58 @@ class Profile:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run `bitalloc profile`") from None
-        if doc.get("format") != PROFILE_FORMAT:
+        rerun = "recompute the profile: re-run `bitalloc profile`"
+        if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
             raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
-        if int(doc.get("version", 0)) > PROFILE_VERSION:
-            raise BadInputError(f"{path} is profile version {doc['version']}, newer than this bitalloc reads "
+        version = doc.get("version")
+        if type(version) is not int:
+            raise BadInputError(f"{path} has profile version {version!r}, not a whole number (damaged or edited); {rerun}")
+        if version > PROFILE_VERSION:
+            raise BadInputError(f"{path} is profile version {version}, newer than this bitalloc reads "
                                 f"({PROFILE_VERSION}); upgrade bitalloc")
+        if version < 3:
+            raise BadInputError(f"{path} is profile version {version}, whose checksum does not cover profile.json, so "
+                                f"edits to it cannot be detected; {rerun}")
         if key is not None and doc.get("key") != key:
-            raise BadInputError(f"{path} was computed for other weights, calibration or settings; recompute it: "
-                                "re-run `bitalloc profile`")
+            raise BadInputError(f"{path} was computed for other weights, calibration or settings; {rerun}")
         try:
             with np.load(folder / "tensors.npz", allow_pickle=False) as z:
-                if int(doc.get("version", 0)) >= 2:
-                    arrays = unpack_arrays(z["packed"], doc["arrays"])
-                else:
-                    arrays = {n: z[n] for n in z.files}
-        except Exception as e:  # OSError, ValueError, zipfile.BadZipFile (CRC): all mean damaged
-            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); recompute the profile: re-run `bitalloc profile`") from None
-        if arrays_checksum(arrays) != doc.get("checksum"):
-            raise BadInputError(f"{folder / 'tensors.npz'} does not match its checksum (damaged or edited); recompute the profile: "
-                                "re-run `bitalloc profile`")
-        body = doc["profile"]
-        return cls(key=doc["key"], settings=decode(body["settings"], arrays), modules=decode(body["modules"], arrays),
-                   interactions=decode(body["interactions"], arrays),
-                   table=None if body["table"] is None else decode_table(body["table"], arrays),
-                   calibration_tokens=decode(body.get("calibration_tokens"), arrays))
+                arrays = unpack_arrays(z["packed"], doc["arrays"])
+        except Exception as e:  # OSError, ValueError, zipfile.BadZipFile (CRC), a bad index: all mean damaged
+            raise BadInputError(f"{folder / 'tensors.npz'} is missing or damaged ({e}); {rerun}") from None
+        if profile_checksum(doc, arrays) != doc.get("checksum"):
+            raise BadInputError(f"{folder} does not match its checksum (profile.json or tensors.npz damaged or edited); "
+                                f"{rerun}")
+        # Only a folder whose checksum was recomputed after an edit can fail from here on.
+        try:
+            body = doc["profile"]
+            profile = cls(key=doc["key"], settings=decode(body["settings"], arrays),
+                          modules=decode(body["modules"], arrays), interactions=decode(body["interactions"], arrays),
+                          table=None if body["table"] is None else decode_table(body["table"], arrays),
+                          calibration_tokens=decode(body.get("calibration_tokens"), arrays))
+            problem = profile_inconsistency(profile)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            problem = f"it does not describe a profile ({type(e).__name__}: {e})"
+        if problem is not None:
+            raise BadInputError(f"{path} passes its checksum but is inconsistent: {problem}; {rerun}")
+        return profile
+
+
+def profile_inconsistency(profile: Profile) -> str | None:
+    """What in a read-back profile disagrees with itself (module types, the table, shapes), or None."""
+    if not isinstance(profile.key, str) or not isinstance(profile.settings, dict):
+        return "key or settings of the wrong type"
+    if not all(isinstance(m, ModuleProfile) for m in profile.modules):
+        return "modules holds something other than module profiles"
+    if profile.table is None:
+        return None
+    if (problem := table_inconsistency(profile.table)) is not None:
+        return f"candidate table: {problem}"
+    shapes = dict(zip(profile.table.groups, profile.table.shapes))
+    for m in profile.modules:
+        if m.name in shapes and tuple(m.shape) != shapes[m.name]:
+            return f"module {m.name} has shape {list(m.shape)}, the candidate table says {list(shapes[m.name])}"
+    return None
 
 
 def try_load(folder: Path, key: str) -> Profile | None:
@@ -223,6 +257,12 @@ def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
         h.update(a.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def profile_checksum(doc: dict, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of profile.json's content (all fields but `checksum`) and of every array."""
+    meta = canonical_json({k: v for k, v in doc.items() if k != "checksum"})
+    return "sha256:" + hashlib.sha256((meta + arrays_checksum(arrays)).encode()).hexdigest()
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -31,7 +31,7 @@ from ..errors import BadInputError
 from ..io import atomic_write_bytes, canonical_json
 from ..models import weight_matrix
 from ..options import QuantOption, parse_option
-from .artifact import ModuleProfile, Profile, arrays_checksum, decode, encode, npz_bytes, try_load
+from .artifact import ModuleProfile, Profile, decode, encode, npz_bytes, profile_checksum, try_load
 from .hessian_trace import hutchinson_traces
 from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
 from .salience import salience
@@ -212,7 +212,8 @@ class _Parts:
     def put(self, unit: str, value) -> None:
         arrays: dict[str, np.ndarray] = {}
         body = _encode_part(value, arrays)
-        header = {"key": self.key, "checksum": arrays_checksum(arrays), "body": body}
+        header = json.loads(canonical_json({"key": self.key, "body": body}))  # as get() will parse it
+        header["checksum"] = profile_checksum(header, arrays)  # covers the body too, not only the arrays
         arrays["__header__"] = np.frombuffer(canonical_json(header).encode(), dtype=np.uint8)
         atomic_write_bytes(self.folder / f"{unit}.npz", npz_bytes(arrays))
 
@@ -226,7 +227,7 @@ class _Parts:
             header = json.loads(bytes(arrays.pop("__header__")).decode())
             if header["key"] != self.key:
                 return None  # another run's leftovers: recompute (and overwrite)
-            if header["checksum"] != arrays_checksum(arrays):
+            if header["checksum"] != profile_checksum(header, arrays):
                 raise ValueError("checksum mismatch")
             return _decode_part(header["body"], arrays)
         except Exception as e:  # damaged: recompute, never use

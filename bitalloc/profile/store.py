@@ -2,8 +2,11 @@
 
 Re-planning at another budget, with another solver or another error model reuses the table
 instead of recomputing calibration statistics. An entry is a single .npz holding the arrays and
-a JSON header with the key and a checksum of the arrays; anything that fails to load, or whose
-key or checksum disagrees, is treated as absent (and overwritten), never used.
+a JSON header with the key and a checksum of the header and the arrays (version 1 covered the
+arrays only, so an edited option or module name went unnoticed; its entries are not found under
+version 2's keys and are recomputed); anything that fails to load, whose key or checksum
+disagrees, or whose storage bits are not those of its options and shapes, is treated as absent
+(and overwritten), never used.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..candidates import ERROR_MODELS, CandidateTable
+from ..candidates import ERROR_MODELS, CandidateTable, table_inconsistency
 from ..io import atomic_write_bytes, canonical_json
 from ..options import QuantOption
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -51,8 +54,9 @@ def _arrays(table: CandidateTable) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
+def _checksum(header: dict, arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
+    h.update(canonical_json({k: v for k, v in header.items() if k != "checksum"}).encode())
     for name in sorted(arrays):
         h.update(name.encode())
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
@@ -63,11 +67,11 @@ def save_table(cache_dir: Path, key: str, table: CandidateTable) -> Path:
     arrays = _arrays(table)
     header = {
         "key": key,
-        "checksum": _checksum(arrays),
         "groups": table.groups,
         "options": [o.to_dict() for o in table.options],
         "quantizer": table.quantizer,
     }
+    header["checksum"] = _checksum(header, arrays)
     buf = io.BytesIO()
     np.savez(buf, header=np.frombuffer(canonical_json(header).encode(), dtype=np.uint8), **arrays)
     return atomic_write_bytes(Path(cache_dir) / f"table-{key[:32]}.npz", buf.getvalue())
@@ -81,9 +85,9 @@ def load_table(cache_dir: Path, key: str) -> CandidateTable | None:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
             arrays = {name: z[name] for name in z.files if name != "header"}
-        if header["key"] != key or header["checksum"] != _checksum(arrays):
+        if header["key"] != key or header["checksum"] != _checksum(header, arrays):
             raise ValueError("key or checksum mismatch")
-        return CandidateTable(
+        table = CandidateTable(
             groups=list(header["groups"]),
             shapes=[tuple(int(v) for v in s) for s in arrays["shapes"]],
             options=[QuantOption.from_dict(d) for d in header["options"]],
@@ -91,6 +95,9 @@ def load_table(cache_dir: Path, key: str) -> CandidateTable | None:
             errors={m: arrays[f"err_{m}"] for m in ERROR_MODELS},
             quantizer=header.get("quantizer", "rtn"),
         )
+        if (problem := table_inconsistency(table)) is not None:
+            raise ValueError(problem)
+        return table
     except Exception as e:  # any damage means: recompute
         warnings.warn(f"ignoring damaged profile cache entry {path.name} ({e}); recomputing", stacklevel=2)
         return None

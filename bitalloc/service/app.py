@@ -29,6 +29,7 @@ from ..io import atomic_write_bytes, atomic_write_text, canonical_json
 from ..plan import Plan
 from ..targets import resolve_formats
 from .jobs import WorkerPool
+from .limits import ServiceLimits
 from .schemas import (CalibrationIn, ConstraintsIn, ErrorOut, JobOut, OptionsIn, PlanHistory, PlanHistoryItem, PlanIn, PlanRow,
                       PlanOut, PlanResponse, ProfileIn, ProfileOut, ProfileResponse)
 from .sources import ProfileSpec, SourceRules, checked_model_source, checked_path, file_sha256, model_fingerprint
@@ -36,8 +37,8 @@ from .store import DONE, Job, PlanRecord, ProfileRecord, Store
 from .work import PlanSpec, check_plan_spec, plan_from_stored
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
-_ERRORS = {400: "bad input", 401: "unauthorized", 404: "not found", 405: "method not allowed", 413: "request too large",
-           422: "budget infeasible", 500: "internal error"}
+_ERRORS = {400: "bad input", 401: "unauthorized", 404: "not found", 405: "method not allowed", 409: "conflict",
+           413: "request too large", 422: "budget infeasible", 500: "internal error"}
 
 
 class ApiError(HTTPException):
@@ -45,7 +46,7 @@ class ApiError(HTTPException):
 
 
 def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), pool: WorkerPool | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ServiceLimits = ServiceLimits()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if pool is not None:
@@ -68,6 +69,11 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
                                 "(BITALLOC_TOKEN, or the one printed at start)", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorized)]
+
+    def client_of(request: Request) -> str:
+        """Whose job this is, for the fair queue: the X-Bitalloc-Client header, else the peer address."""
+        named = request.headers.get("x-bitalloc-client", "").strip()
+        return named[:128] if named else (request.client.host if request.client else "unknown")
     errors = {code: {"model": ErrorOut} for code in (400, 401, 404, 413, 422)}
     _install_error_handlers(app)
 
@@ -81,7 +87,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
 
     @app.post("/v1/profiles", dependencies=auth, response_model=ProfileResponse, status_code=202, tags=["profiles"],
               responses={**errors, 200: {"model": ProfileResponse, "description": "the profile was stored before"}})
-    def post_profile(body: ProfileIn) -> JSONResponse:
+    def post_profile(body: ProfileIn, client: str = Depends(client_of)) -> JSONResponse:
         """Profile a model on calibration text in a worker process; the same request returns the same profile."""
         spec = _profile_spec(body.model, body.calibration, body.options, body.include_lm_head, body.include_embeddings,
                              rules)
@@ -91,7 +97,8 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             out = ProfileResponse(profile_id=profile.id, state=DONE, job=_job_out(job) if job else None,
                                   profile=_profile_out(profile))
             return JSONResponse(out.model_dump(mode="json"), status_code=200)
-        job, _ = store.create_job("profile", {"profile": spec.to_dict()}, dedupe_key=f"profile:{spec.profile_id}")
+        job, _ = store.create_job("profile", {"profile": spec.to_dict()}, dedupe_key=f"profile:{spec.profile_id}",
+                                  client=client)
         out = ProfileResponse(profile_id=spec.profile_id, state=job.state, job=_job_out(job), profile=None)
         return JSONResponse(out.model_dump(mode="json"), status_code=202)
 
@@ -105,7 +112,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
 
     @app.post("/v1/plans", dependencies=auth, response_model=PlanResponse, tags=["plans"],
               responses={**errors, 202: {"model": PlanResponse, "description": "a job makes the plan (see job)"}})
-    def post_plan(body: PlanIn) -> JSONResponse:
+    def post_plan(body: PlanIn, client: str = Depends(client_of)) -> JSONResponse:
         """A plan at once when the profile is stored, otherwise a job that profiles and then plans."""
         if body.profile_id is not None:
             profile_id, families = body.profile_id, _families(body.formats, body.target)
@@ -119,7 +126,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             spec = _profile_spec(body.model, body.calibration, options, body.include_lm_head, body.include_embeddings,
                                  rules)
             profile_id, families, spec_dict = spec.profile_id, None, spec.to_dict()
-        plan_spec = _plan_spec(body, families)
+        plan_spec = _plan_spec(body, families, limits)
         plan_id = plan_spec.plan_id(profile_id)
         if (existing := store.get_plan(plan_id)) is not None:
             return _plan_response(plan_id, profile_id, None, existing)
@@ -131,7 +138,8 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             return _plan_response(plan_id, profile_id, None, record)
         if spec_dict is None:  # a stored profile and a solver that needs the model's weights
             spec_dict = store.get_profile(profile_id).meta["spec"]
-        job, _ = store.create_job("plan", {"profile": spec_dict, "plan": plan_spec.to_dict()}, dedupe_key=f"plan:{plan_id}")
+        job, _ = store.create_job("plan", {"profile": spec_dict, "plan": plan_spec.to_dict()}, dedupe_key=f"plan:{plan_id}",
+                                  client=client)
         return _plan_response(plan_id, profile_id, job, None)
 
     @app.get("/v1/jobs/{job_id}", dependencies=auth, response_model=JobOut, responses=errors, tags=["jobs"])
@@ -140,6 +148,20 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
         if job is None:
             raise ApiError(404, f"no job {job_id!r}; job ids come from POST /v1/profiles or /v1/plans")
         return _job_out(job)
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=auth, response_model=JobOut,
+                responses={**errors, 409: {"model": ErrorOut}}, tags=["jobs"])
+    def cancel_job(job_id: str) -> JobOut:
+        """Cancel a queued or running job: it is marked failed ("cancelled") and its worker is replaced."""
+        before = store.cancel_job(job_id, f"cancelled by a client (DELETE /v1/jobs/{job_id})")
+        if before is None:
+            job = store.get_job(job_id)
+            if job is None:
+                raise ApiError(404, f"no job {job_id!r}; job ids come from POST /v1/profiles or /v1/plans")
+            raise ApiError(409, f"job {job_id} has finished ({job.state}); only queued or running jobs can be cancelled")
+        if before.state == "running" and pool is not None:
+            pool.stop_owner(before.lease_owner)
+        return _job_out(store.get_job(job_id))
 
     @app.get("/v1/plans", dependencies=auth, response_model=PlanHistory, responses=errors, tags=["plans"])
     def list_plans(model: str | None = Query(None, max_length=4096, description="model source or content hash"),
@@ -201,7 +223,7 @@ def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] 
     return tuple(resolve_formats(formats, target))
 
 
-def _plan_spec(body: PlanIn, families: tuple[str, ...] | None) -> PlanSpec:
+def _plan_spec(body: PlanIn, families: tuple[str, ...] | None, limits: ServiceLimits) -> PlanSpec:
     from ..constraints import Constraints
 
     c: ConstraintsIn = body.constraints
@@ -213,6 +235,7 @@ def _plan_spec(body: PlanIn, families: tuple[str, ...] | None) -> PlanSpec:
                                             allow=tuple(c.allow), ties=tuple(c.ties)),
                     families=families)
     check_plan_spec(spec)
+    limits.check_solver_settings(spec.solver, body.solver_settings)
     return spec
 
 
@@ -373,7 +396,7 @@ def _version() -> str:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | Path | None = None, workers: int = 1,
           allowed_roots: list[str] | tuple[str, ...] = (), allow_hub: bool = False,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ServiceLimits = ServiceLimits()) -> None:
     """Run the API under uvicorn until interrupted; jobs, profiles and plans persist in the store."""
     import uvicorn
 
@@ -387,8 +410,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | Path | No
         print(f"bitalloc serve: no BITALLOC_TOKEN set; this run's token is {token}", file=sys.stderr, flush=True)
     store = SQLiteStore(store_path or default_store_dir())
     rules = SourceRules.of(list(allowed_roots), allow_hub)
-    app = create_app(store, token, rules, WorkerPool(store, workers), max_body_bytes)
-    print(f"bitalloc serve: http://{host}:{port} (store {store.root}, {workers} worker(s), "
+    app = create_app(store, token, rules, WorkerPool(store, workers, rules=rules, limits=limits), max_body_bytes, limits)
+    print(f"bitalloc serve: http://{host}:{port} (store {store.root}, {workers} worker(s), job timeout {limits.job_timeout_s:g} s, "
           f"roots: {', '.join(map(str, rules.allowed_roots)) or 'any'}, hub: {'on' if allow_hub else 'off'})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -9,6 +9,10 @@ are content keys, so even a second computation stores nothing new.
 
 Workers die with the server (PR_SET_PDEATHSIG on Linux, and a parent check in the loop), so
 a killed server leaves no worker behind to race the restarted one.
+
+A job cancelled by a client (DELETE /v1/jobs/{id}) or past the job timeout is marked failed first,
+then its worker is killed and replaced: a solver cannot be interrupted from outside its process,
+and the mark first means the old worker can no longer record a result.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import time
 import traceback
 
 from ..errors import BitallocError
-from .sources import ProfileSpec
+from .limits import ServiceLimits
+from .sources import ProfileSpec, SourceRules, checked_model_source, checked_path
 from .store import RUNNING, Job, SQLiteStore, Store
 from .work import PlanSpec, build_profile, make_plan, open_profile, store_plan
 
@@ -34,12 +39,18 @@ MAX_ATTEMPTS = 3
 POLL_S = 0.2
 
 
-def run_job(store: Store, job: Job, progress) -> dict:
-    """Do the work of one job; returns its result ({"profile_id"} or {"profile_id", "plan_id"})."""
+def run_job(store: Store, job: Job, progress, rules: SourceRules = SourceRules()) -> dict:
+    """Do the work of one job; returns its result ({"profile_id"} or {"profile_id", "plan_id"}).
+
+    The model and calibration paths are checked against `rules` again here, just before they are
+    opened: a file may have been replaced by a link since the request was accepted."""
     spec = ProfileSpec.from_dict(job.request["profile"])
     profile = store.get_profile(spec.profile_id)
     loaded = None
+    if profile is None or job.kind == "plan":
+        checked_model_source(spec.source, rules)
     if profile is None:
+        checked_path(spec.calib_path, "calibration path", rules)
         profile, loaded, _ = build_profile(store, spec, job.id, progress)
     if job.kind == "profile":
         return {"profile_id": profile.id}
@@ -97,7 +108,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def worker_main(store_root: str, index: int, parent_pid: int) -> None:
+def worker_main(store_root: str, index: int, parent_pid: int, rules: SourceRules = SourceRules()) -> None:
     """One worker process: claim, run, record; until the parent is gone."""
     _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -111,10 +122,10 @@ def worker_main(store_root: str, index: int, parent_pid: int) -> None:
         if job is None:
             time.sleep(POLL_S)
             continue
-        _run_claimed(store, job, owner)
+        _run_claimed(store, job, owner, rules)
 
 
-def _run_claimed(store: Store, job: Job, owner: str) -> None:
+def _run_claimed(store: Store, job: Job, owner: str, rules: SourceRules = SourceRules()) -> None:
     state = {"progress": None, "stage": None}
     stop = threading.Event()
 
@@ -129,7 +140,7 @@ def _run_claimed(store: Store, job: Job, owner: str) -> None:
     beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
     beater.start()
     try:
-        result = run_job(store, job, progress)
+        result = run_job(store, job, progress, rules)
     except BitallocError as e:
         store.fail_job(job.id, owner, str(e))
     except Exception as e:  # an internal failure: recorded on the job, the worker lives on
@@ -143,38 +154,63 @@ def _run_claimed(store: Store, job: Job, owner: str) -> None:
 
 
 class WorkerPool:
-    """N worker processes plus a reaper thread that re-queues jobs of dead owners and restarts workers."""
+    """N worker processes plus a reaper thread that re-queues jobs of dead owners, fails jobs past the
+    job timeout, and restarts workers."""
 
-    def __init__(self, store: Store, workers: int, reap_every_s: float = 2.0):
+    def __init__(self, store: Store, workers: int, reap_every_s: float = 2.0, rules: SourceRules = SourceRules(),
+                 limits: ServiceLimits = ServiceLimits()):
         self.store = store
         self.n = workers
         self.reap_every_s = reap_every_s
+        self.rules = rules
+        self.limits = limits
         self._ctx = mp.get_context("spawn")  # no fork of a threaded server process
         self._procs: list[mp.Process | None] = [None] * workers
+        self._procs_lock = threading.Lock()  # the reaper and a cancel request both replace workers
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
 
     def start(self) -> list[str]:
         """Re-queue jobs left running by a dead process, then start the workers; returns the re-queued ids."""
         requeued = self.store.requeue_dead(owner_is_dead, MAX_ATTEMPTS)
-        for i in range(self.n):
-            self._spawn(i)
+        with self._procs_lock:
+            for i in range(self.n):
+                self._spawn(i)
         self._reaper = threading.Thread(target=self._reap_loop, name="job-reaper", daemon=True)
         self._reaper.start()
         return requeued
 
     def _spawn(self, i: int) -> None:
-        p = self._ctx.Process(target=worker_main, args=(str(self.store.root), i, os.getpid()), name=f"bitalloc-worker-{i}",
-                              daemon=True)
+        p = self._ctx.Process(target=worker_main, args=(str(self.store.root), i, os.getpid(), self.rules),
+                              name=f"bitalloc-worker-{i}", daemon=True)
         p.start()
         self._procs[i] = p
 
+    def stop_owner(self, owner: str | None) -> bool:
+        """Kill the worker holding a lease (its job was cancelled or timed out) and start a fresh one."""
+        host, _, rest = (owner or "").partition(":")
+        pid_text, _, index_text = rest.partition(":")
+        if host != socket.gethostname() or not index_text.isdigit() or int(index_text) >= self.n:
+            return False
+        i = int(index_text)
+        with self._procs_lock:
+            p = self._procs[i]
+            if p is None or str(p.pid) != pid_text or self._stop.is_set():
+                return False
+            p.kill()
+            p.join(10)
+            self._spawn(i)
+        return True
+
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.reap_every_s):
-            for i, p in enumerate(self._procs):
-                if p is not None and not p.is_alive() and not self._stop.is_set():
-                    p.join(0)
-                    self._spawn(i)
+            with self._procs_lock:
+                for i, p in enumerate(self._procs):
+                    if p is not None and not p.is_alive() and not self._stop.is_set():
+                        p.join(0)
+                        self._spawn(i)
+            for job in self.store.expire_jobs(self.limits.job_timeout_s):
+                self.stop_owner(job.lease_owner)
             self.store.requeue_dead(owner_is_dead, MAX_ATTEMPTS)
 
     def stop(self) -> None:

@@ -1,8 +1,9 @@
 """Model and calibration sources named in requests: checked against the server's rules, and keyed.
 
 A request may name a local model (directory or .gguf) or calibration file only inside the allowed
-roots when roots are configured (symlinks and '..' resolved first), and a hub id only when the
-server allows the hub. The profile id is a content key: the model files' bytes, the calibration
+roots when roots are configured (symlinks and '..' resolved first, and for a model folder every
+file in it: a model.safetensors linked to a file outside the roots is refused), and a hub id only
+when the server allows the hub. The profile id is a content key: the model files' bytes, the calibration
 text's bytes and every setting that shapes the candidate table, so the same work always gets the
 same id, whatever path or spelling named it.
 """
@@ -33,6 +34,13 @@ class SourceRules:
     def of(cls, roots: list[str] | tuple[str, ...] = (), allow_hub: bool = False) -> "SourceRules":
         return cls(tuple(Path(r).expanduser().resolve() for r in roots), allow_hub)
 
+    def inside(self, resolved: Path) -> bool:
+        """Whether a resolved path may be opened (any path when no roots are configured)."""
+        return not self.allowed_roots or any(resolved.is_relative_to(root) for root in self.allowed_roots)
+
+    def roots_text(self) -> str:
+        return ", ".join(str(r) for r in self.allowed_roots)
+
 
 def looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or "\\" in source
@@ -47,12 +55,24 @@ def checked_path(text: str, what: str, rules: SourceRules) -> Path:
         raise BadInputError(f"{what} {text!r} is not an absolute path; the server resolves no relative paths, "
                             "pass e.g. /data/models/tiny")
     resolved = p.resolve()
-    if rules.allowed_roots and not any(resolved.is_relative_to(root) for root in rules.allowed_roots):
-        roots = ", ".join(str(r) for r in rules.allowed_roots)
-        raise BadInputError(f"{what} {text!r} is outside the allowed roots ({roots}); place it under one of them")
+    if not rules.inside(resolved):
+        raise BadInputError(f"{what} {text!r} is outside the allowed roots ({rules.roots_text()}); place it under one of them")
     if not resolved.exists():
         raise BadInputError(f"{what} {text!r} does not exist on the server")
     return resolved
+
+
+def check_folder_inside(folder: Path, what: str, text: str, rules: SourceRules) -> None:
+    """Every file and folder under `folder` must resolve inside the allowed roots: a loader opens
+    config, tokenizer and weight files by name, and one symlinked elsewhere would be read."""
+    if not rules.allowed_roots:
+        return
+    for entry in sorted(folder.rglob("*")):  # rglob does not descend into symlinked folders; the check below sees them
+        target = entry.resolve()
+        if not rules.inside(target):
+            raise BadInputError(f"{what} {text!r}: {entry.relative_to(folder)} resolves to {str(target)!r}, outside the "
+                                f"allowed roots ({rules.roots_text()}); copy the file under one of them instead of "
+                                "linking it")
 
 
 def checked_model_source(source: str, rules: SourceRules) -> str:
@@ -63,6 +83,7 @@ def checked_model_source(source: str, rules: SourceRules) -> str:
             return str(path)
         # the rule load_model follows, checked here so the request fails, not the job
         if path.is_dir() and ((path / "config.json").is_file() or len(list(path.glob("*.gguf"))) == 1):
+            check_folder_inside(path, "model path", source, rules)
             return str(path)
         raise BadInputError(f"model path {source!r} is neither a .gguf file nor a directory with config.json "
                             "(+ safetensors) or exactly one .gguf file")

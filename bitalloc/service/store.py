@@ -8,7 +8,13 @@ inserted. Ids of profiles and plans are content keys, so inserting one twice is 
 Jobs move queued -> running -> done | failed. A worker claims a job inside one write
 transaction (`UPDATE ... WHERE state='queued'`), holds a lease (owner + heartbeat), and can
 finish only while it still holds that lease; a job whose owner died is re-queued, counting
-attempts, and given up after `max_attempts`.
+attempts, and given up after `max_attempts`. A job cancelled by a client or stopped by the job
+timeout is marked failed with the reason; failed is final, so it is never re-queued.
+
+Fair queue: a free worker takes the oldest queued job of the client served least recently (a
+client never served first). One client's hundred queued jobs therefore alternate with another
+client's one, instead of running ahead of it. A client is the request's X-Bitalloc-Client header
+(or its address): it shares the work out, it is not an identity to trust.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class Job:
     created: float
     updated: float
     note: str | None  # e.g. "re-queued: worker host:123:0 died"
+    client: str | None = None  # who asked (fair queue)
+    claimed: float | None = None  # when a worker last claimed it (job timeout)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class Store(Protocol):
     root: Path
 
     def profile_dir(self, profile_id: str) -> Path: ...
-    def create_job(self, kind: str, request: dict, dedupe_key: str | None) -> tuple[Job, bool]: ...
+    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None) -> tuple[Job, bool]: ...
     def get_job(self, job_id: str) -> Job | None: ...
     def find_job(self, dedupe_key: str) -> Job | None: ...
     def claim_job(self, owner: str) -> Job | None: ...
@@ -86,8 +94,11 @@ class Store(Protocol):
     def finish_job(self, job_id: str, owner: str, result: dict) -> bool: ...
     def fail_job(self, job_id: str, owner: str, error: str) -> bool: ...
     def requeue_dead(self, is_dead: Callable[[Job], bool], max_attempts: int) -> list[str]: ...
+    def cancel_job(self, job_id: str, reason: str) -> Job | None: ...
+    def expire_jobs(self, max_run_s: float, now: float | None = None) -> list[Job]: ...
     def put_profile(self, record: ProfileRecord) -> bool: ...
     def get_profile(self, profile_id: str) -> ProfileRecord | None: ...
+    def forget_profile(self, profile_id: str) -> None: ...
     def put_plan(self, record: PlanRecord) -> bool: ...
     def get_plan(self, plan_id: str) -> PlanRecord | None: ...
     def list_plans(self, model: str | None = None, limit: int = 100) -> list[PlanRecord]: ...
@@ -117,6 +128,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- at most one live job per piece of work: a second request joins the first
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live ON jobs(dedupe_key) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+-- jobs.client and jobs.claimed are added by _add_columns (stores made before them lack them)
 CREATE TABLE IF NOT EXISTS profiles (
     id TEXT PRIMARY KEY,
     model_source TEXT NOT NULL,
@@ -157,6 +169,15 @@ class SQLiteStore:
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)  # idempotent (IF NOT EXISTS): a restart reopens the same store
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns added after the first stores: client (fair queue), claimed (job timeout)."""
+        with self._write() as db:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in (("client", "TEXT"), ("claimed", "REAL")):
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -185,7 +206,7 @@ class SQLiteStore:
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    def create_job(self, kind: str, request: dict, dedupe_key: str | None) -> tuple[Job, bool]:
+    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None) -> tuple[Job, bool]:
         """(job, created): with a dedupe_key already live, the live job and False."""
         now = time.time()
         job_id = "job_" + uuid.uuid4().hex
@@ -196,8 +217,8 @@ class SQLiteStore:
                 if row is not None:
                     return _job(row), False
             db.execute(
-                "INSERT INTO jobs (id, kind, state, request, dedupe_key, created, updated) VALUES (?,?,?,?,?,?,?)",
-                (job_id, kind, QUEUED, json.dumps(request, sort_keys=True), dedupe_key, now, now),
+                "INSERT INTO jobs (id, kind, state, request, dedupe_key, created, updated, client) VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, kind, QUEUED, json.dumps(request, sort_keys=True), dedupe_key, now, now, client),
             )
         return self.get_job(job_id), True
 
@@ -211,16 +232,19 @@ class SQLiteStore:
         return None if row is None else _job(row)
 
     def claim_job(self, owner: str) -> Job | None:
-        """The oldest queued job, now running under `owner`; None when the queue is empty."""
+        """The next queued job by the fair rule (module docstring), now running under `owner`; None when none is queued."""
         now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state='queued' ORDER BY created, id LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs AS j WHERE state='queued' ORDER BY "
+                "COALESCE((SELECT MAX(claimed) FROM jobs AS k WHERE k.client IS j.client), 0), created, id LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
                 "UPDATE jobs SET state='running', lease_owner=?, heartbeat=?, attempts=attempts+1, "
-                "progress=0, stage='claimed', updated=? WHERE id=? AND state='queued'",
-                (owner, now, now, row["id"]),
+                "progress=0, stage='claimed', updated=?, claimed=? WHERE id=? AND state='queued'",
+                (owner, now, now, now, row["id"]),
             )
         return self.get_job(row["id"])
 
@@ -281,6 +305,31 @@ class SQLiteStore:
                 changed.append(job.id)
         return changed
 
+    def cancel_job(self, job_id: str, reason: str) -> Job | None:
+        """Mark a queued or running job failed with `reason`; the job as it was (its lease owner is
+        the worker to stop), or None when it had finished already."""
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id=? AND state IN ('queued','running')", (job_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='failed', error=?, stage='failed', lease_owner=NULL, updated=? WHERE id=?",
+                       (reason, now, job_id))
+        return _job(row)
+
+    def expire_jobs(self, max_run_s: float, now: float | None = None) -> list[Job]:
+        """Fail the running jobs claimed more than max_run_s ago; the jobs as they were (to stop their workers)."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state='running' AND claimed < ?", (now - max_run_s,)).fetchall()
+            for row in rows:
+                db.execute("UPDATE jobs SET state='failed', error=?, stage='failed', lease_owner=NULL, updated=? "
+                           "WHERE id=? AND state='running'",
+                           (f"timed out: ran over the server's job limit of {max_run_s:g} s; ask for less work "
+                            "(smaller solver_settings, fewer calibration tokens) or raise `bitalloc serve --job-timeout`",
+                            now, row["id"]))
+        return [_job(r) for r in rows]
+
     # ---- profiles and plans ------------------------------------------------------------------
 
     def put_profile(self, record: ProfileRecord) -> bool:
@@ -301,6 +350,11 @@ class SQLiteStore:
         return ProfileRecord(id=row["id"], model_source=row["model_source"], model_hash=row["model_hash"],
                              architecture=row["architecture"], meta=json.loads(row["meta"]), created=row["created"],
                              job_id=row["job_id"])
+
+    def forget_profile(self, profile_id: str) -> None:
+        """Drop a profile's row (its files failed their checks), so the next request for it recomputes it."""
+        with self._write() as db:
+            db.execute("DELETE FROM profiles WHERE id=?", (profile_id,))
 
     def put_plan(self, record: PlanRecord) -> bool:
         """Insert; False when a plan with this id exists already (same profile and settings)."""
@@ -352,6 +406,7 @@ def _job(row: sqlite3.Row) -> Job:
         result=None if row["result"] is None else json.loads(row["result"]), attempts=row["attempts"],
         requeues=row["requeues"], completions=row["completions"], lease_owner=row["lease_owner"],
         heartbeat=row["heartbeat"], created=row["created"], updated=row["updated"], note=row["note"],
+        client=row["client"], claimed=row["claimed"],
     )
 
 

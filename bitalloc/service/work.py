@@ -64,13 +64,14 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     buf = io.BytesIO()
     np.save(buf, calib.tokens.numpy(), allow_pickle=False)
     atomic_write_bytes(folder / "calibration.npy", buf.getvalue())
+    tokens_sha256 = hashlib.sha256(buf.getvalue()).hexdigest()
     meta = {
         "spec": spec.to_dict(),
         "content_hash": loaded.content_hash,
         "architecture": type(loaded.model).__name__,
         "model_record": api.model_record(loaded),
         "calibration": {"text_sha256": calib.text_sha256, "source": calib.source, "seed": calib.seed,
-                        "settings": calib.settings()},
+                        "settings": calib.settings(), "tokens_sha256": tokens_sha256},
         "modules": table.groups,
         "options": [o.label for o in table.options],
         "num_weights": table.num_weights,
@@ -143,7 +144,11 @@ def open_profile(store: Store, profile_id: str) -> StoredProfile | None:
     record = store.get_profile(profile_id)
     if record is None:
         return None
-    stored = _read_profile(store.profile_dir(profile_id), record)
+    try:
+        stored = _read_profile(store.profile_dir(profile_id), record)
+    except StoredProfileError:
+        store.forget_profile(profile_id)
+        raise
     with _loaded_lock:
         _loaded_profiles[profile_id] = stored
         while len(_loaded_profiles) > _KEEP_PROFILES:
@@ -152,13 +157,36 @@ def open_profile(store: Store, profile_id: str) -> StoredProfile | None:
 
 
 def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
+    """The stored profile's files, verified: the table against its checksum (header and arrays) and
+    storage bits, the calibration tokens against the sha256 in the profile's row."""
+    c = record.meta["calibration"]
+
+    def damaged(what: str) -> StoredProfileError:
+        return StoredProfileError(
+            f"stored profile {record.id} in {folder} failed its checks: {what} (damaged, edited, or written by an older "
+            "bitalloc whose checksums cover less); the service dropped it: recompute it with POST /v1/profiles "
+            "(re-run `bitalloc profile`)", record.id)
+
     table = load_table(folder, record.id)
     if table is None:
-        raise RuntimeError(f"profile {record.id}: its candidate table in {folder} is missing or damaged")
-    c = record.meta["calibration"]
-    tokens = torch.from_numpy(np.load(folder / "calibration.npy", allow_pickle=False))
+        raise damaged("its candidate table fails its checks")
+    try:
+        data = (folder / "calibration.npy").read_bytes()
+    except OSError as e:
+        raise damaged(f"calibration.npy: {e.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != c.get("tokens_sha256"):
+        raise damaged("calibration.npy does not match its sha256")
+    tokens = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
     calibration = Calibration(tokens=tokens, text_sha256=c["text_sha256"], source=c["source"], seed=c["seed"])
     return StoredProfile(record=record, table=table, calibration=calibration)
+
+
+class StoredProfileError(BadInputError):
+    """A stored profile failed its checks; the store forgets it, so the next request recomputes it."""
+
+    def __init__(self, message: str, profile_id: str):
+        super().__init__(message)
+        self.profile_id = profile_id
 
 
 # ---- plans -------------------------------------------------------------------------------------------
