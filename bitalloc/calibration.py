@@ -97,5 +97,8 @@ def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "
     """Use given windows [n, seq_len] as they are (tests, pipelines that tokenize themselves)."""
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise BadInputError(f"calibration token ids must be an integer tensor [windows, seq_len], got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise BadInputError(f"calibration token ids have shape {list(tokens.shape)}; need at least 1 window of at least 2 "
+                            "tokens, [windows, seq_len] (each window predicts its tokens after the first)")
     digest = "sha256:" + hashlib.sha256(tokens.long().numpy().tobytes()).hexdigest()
     return Calibration(tokens=tokens.long(), text_sha256=digest, source=source, seed=seed)
