@@ -95,9 +95,13 @@ class Profile:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run `bitalloc profile`") from None
-        if doc.get("format") != PROFILE_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
             raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
-        if int(doc.get("version", 0)) > PROFILE_VERSION:
+        version = doc.get("version", 0)
+        if type(version) is not int:
+            raise BadInputError(f"{path} has profile version {version!r}, not a whole number (damaged or edited); "
+                                "recompute it: re-run `bitalloc profile`")
+        if version > PROFILE_VERSION:
             raise BadInputError(f"{path} is profile version {doc['version']}, newer than this bitalloc reads "
                                 f"({PROFILE_VERSION}); upgrade bitalloc")
         if key is not None and doc.get("key") != key:
@@ -105,7 +109,7 @@ class Profile:
                                 "re-run `bitalloc profile`")
         try:
             with np.load(folder / "tensors.npz", allow_pickle=False) as z:
-                if int(doc.get("version", 0)) >= 2:
+                if version >= 2:
                     arrays = unpack_arrays(z["packed"], doc["arrays"])
                 else:
                     arrays = {n: z[n] for n in z.files}
