@@ -28,7 +28,7 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
         if actual != plan.model.content_hash:
             raise PlanMismatchError(
                 f"plan was made for weights {plan.model.content_hash[:19]}…, this model has {actual[:19]}…; "
-                "re-plan for this model, or skip the check (--force / check_hash=False)"
+                "re-plan for this model, or skip the check (--skip-hash-check / check_hash=False)"
             )
 
 
