@@ -217,6 +217,12 @@ def meta_model(inp):
     return bitalloc.plan(model, "4bits", inp["ids"], cache_dir=False)
 
 
+def apply_to_meta_model(inp):
+    with torch.device("meta"):
+        model = make_llama()
+    return bitalloc.apply(model, bitalloc.Plan.load(inp["plan"]), check_hash=False)
+
+
 def nan_cost_table(inp):
     from bitalloc.api import PlanContext, solve_table
     from bitalloc.candidates import CandidateTable
@@ -254,6 +260,13 @@ def api_rows() -> list[Row]:
         Row("meta-device", 2, "the model's weights are on the meta device", call=meta_model),
         Row("budget-api-1e309", 2, "budget '1e309bits' is not a finite number",
             call=lambda inp: bitalloc.plan(make_llama(), "1e309bits", inp["ids"], cache_dir=False)),
+        Row("evaluate-ids-0x32", 2, "evaluation windows have shape [0, 32]",
+            call=lambda inp: bitalloc.evaluate(make_llama(), inp["ids"][:0])),
+        Row("evaluate-ids-4x1", 2, "evaluation windows have shape [4, 1]",
+            call=lambda inp: bitalloc.evaluate(make_llama(), inp["ids"][:, :1])),
+        Row("evaluate-ids-out-of-vocab", 2, f"evaluation windows contain id {VOCAB + 5}",
+            call=lambda inp: bitalloc.evaluate(make_llama(), inp["ids"] + VOCAB + 5 - inp["ids"].max())),
+        Row("apply-meta-device", 2, "the model's weights are on the meta device", call=apply_to_meta_model),
         Row("nan-cost-table", 2, "candidate table: predicted fisher error of b", call=nan_cost_table,
             contains=("not finite",)),
     ]
