@@ -27,7 +27,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise OutputPathError(f"{flag} {str(path)!r} cannot be used: {e.strerror}; choose another path") from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise OutputPathError(f"{flag} {str(path)!r} is a folder, but a file is written there; "
-                              f"give a file path, e.g. {flag} {path / 'plan.json'}")
+                              "give the path of a file (e.g. one inside that folder)")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputPathError(f"{flag} {str(path)!r} exists and is not a regular file ({_kind(st.st_mode)}); "
                               "bitalloc would replace it: choose a path to a regular file")

@@ -552,3 +552,20 @@ def test_non_finite_statistics_name_module_and_signal(calib_ids):
     names = ["model.layers.1.mlp.gate_proj"]  # its input is inf (norm) and the loss NaN: both of its statistics
     with pytest.raises(NonFiniteError, match=r"^statistics of model.layers.1.mlp.gate_proj: fisher is not finite"):
         collect_statistics(model, names, calibration_from_tokens(calib_ids))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any folder")
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
+    from bitalloc.errors import OutputPathError
+    from bitalloc.io import check_output_dir, check_output_file
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputPathError, match="is not writable"):
+            check_output_file(locked / "plan.json")
+        with pytest.raises(OutputPathError, match="is not writable"):
+            check_output_dir(locked / "new" / "profile")
+    finally:
+        locked.chmod(0o700)
