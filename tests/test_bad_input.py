@@ -395,7 +395,7 @@ def run_main(argv, monkeypatch, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_sigint_stops_a_profile_with_130_and_the_rerun_resumes(model_dir, tmp_path):
+def test_sigint_stops_a_profile_with_130_and_keeps_its_finished_parts(model_dir, tmp_path):
     import signal
     import subprocess
     import time
