@@ -15,8 +15,9 @@ from .budget import Budget, parse_budget
 from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
 from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from .constraints import Constraints, constraint_masks
-from .errors import BadInputError, BudgetInfeasibleError
-from .models import LoadedModel, as_loaded, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
+from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
+from .io import check_output_dir
+from .models import LoadedModel, as_loaded, check_token_ids, check_weights, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
 from .options import QuantOption, default_options
 from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
@@ -41,6 +42,12 @@ def bitalloc_version() -> str:
 
 
 def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    calib = _calibration(calibration, loaded, seq_len, tokens, seed)
+    check_token_ids(loaded.model, calib.tokens, "calibration token ids")
+    return calib
+
+
+def _calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
     if isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, torch.Tensor):
@@ -121,8 +128,11 @@ def profile_model(
     if stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
         raise BadInputError(f"signal(s) {', '.join(whole)} need the whole model; with --stream choose from "
                             f"{','.join(sorted(STREAMED_SIGNALS))} (e.g. --signals fisher,table)")
+    check_output_dir(out)
     loaded = _open_streamed(model_or_source, "ilp", trust_remote_code) if stream else \
         as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    if not stream:
+        check_weights(loaded.model)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
@@ -213,6 +223,8 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
         raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}")
     loaded = _open_streamed(model_or_source, solver, trust_remote_code) if stream else \
         as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    if not stream:  # a streamed model's weights are read block by block; its statistics are checked instead
+        check_weights(loaded.model)
     options = list(options) if options else default_options()
     calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
     module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
@@ -316,8 +328,9 @@ def solve_table(
     masks = constraint_masks(table, constraints)
     n = table.num_weights
     max_bits = budget.max_storage_bits(n)
+    cost = _finite_costs(table, error_model)
     problem = solvers.Problem(
-        cost=np.nan_to_num(table.errors[error_model], nan=0.0),
+        cost=cost,
         storage_bits=np.where(masks.allowed, table.storage_bits, np.nan),
         max_storage_bits=max_bits,
         group_names=tuple(table.groups),
@@ -355,6 +368,22 @@ def solve_table(
             score.restore()
     return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
                       constraints if constraints.active else None, timing)
+
+
+def _finite_costs(table: CandidateTable, error_model: str) -> np.ndarray:
+    """The table's predicted errors, 0 where an option does not fit (no storage, never chosen).
+
+    A NaN or Inf error of an option that fits is a broken profile, not a free option: solving it
+    would pick that option "optimally" (issue 15), so it is refused, naming module and option.
+    """
+    errors = np.asarray(table.errors[error_model], dtype=np.float64)
+    bad = table.allowed & ~np.isfinite(errors)
+    if bad.any():
+        i, j = (int(x[0]) for x in np.nonzero(bad))
+        raise NonFiniteError(f"candidate table: predicted {error_model} error of {table.groups[i]} as "
+                             f"{table.options[j].label} is not finite ({errors[i, j]}; {int(bad.sum())} such cell(s)); "
+                             "the profile is damaged: re-run `bitalloc profile` (check the weights for NaN/Inf)")
+    return np.where(table.allowed, errors, 0.0)
 
 
 def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .errors import PlanMismatchError
 from .formats import quantize_dequantize
-from .models import set_weight_matrix, weight_matrix, weights_hash
+from .models import check_weights, set_weight_matrix, weight_matrix, weights_hash
 from .options import QuantOption
 from .plan import Plan
 from .quantizers.materialize import quantize_model
@@ -16,6 +16,7 @@ from .quantizers.materialize import quantize_model
 def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) -> None:
     """Raise PlanMismatchError unless every planned module exists with the planned shape
     (and, with check_hash, the weights are the ones the plan was made for)."""
+    check_weights(model)  # meta-device or NaN/Inf weights: refused with the module's name, not a traceback
     names = dict(model.named_modules())
     for a in plan.assignments:
         if a.module not in names:
@@ -28,7 +29,7 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
         if actual != plan.model.content_hash:
             raise PlanMismatchError(
                 f"plan was made for weights {plan.model.content_hash[:19]}…, this model has {actual[:19]}…; "
-                "re-plan for this model, or skip the check (--force / check_hash=False)"
+                "re-plan for this model, or skip the check (--skip-hash-check / check_hash=False)"
             )
 
 

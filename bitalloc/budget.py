@@ -64,8 +64,8 @@ def parse_budget(text: str | Budget) -> Budget:
         raise BadInputError(f"unknown budget unit {m.group(2)!r} in {text!r}: {_EXAMPLES}")
     kind, factor = _UNITS[unit]
     value = number * factor
-    if not math.isfinite(value):
-        raise BadInputError(f"budget {text!r} is too large to be a number; {_EXAMPLES}")
+    if not math.isfinite(value):  # '1e309bits' parses as inf; no solver can use it
+        raise BadInputError(f"budget {text!r} is not a finite number: write a number with a unit, {_EXAMPLES}")
     if value <= 0:
         raise BadInputError(f"budget must be positive, got {text!r}: {_EXAMPLES}")
     if kind == "percent" and value > 100:

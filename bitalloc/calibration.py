@@ -95,7 +95,16 @@ def make_calibration(
 
 def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>") -> Calibration:
     """Use given windows [n, seq_len] as they are (tests, pipelines that tokenize themselves)."""
-    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise BadInputError(f"calibration token ids must be an integer tensor [windows, seq_len], got {tuple(tokens.shape)} {tokens.dtype}")
+    check_windows(tokens, "calibration token ids")
     digest = "sha256:" + hashlib.sha256(tokens.long().numpy().tobytes()).hexdigest()
     return Calibration(tokens=tokens.long(), text_sha256=digest, source=source, seed=seed)
+
+
+def check_windows(tokens: torch.Tensor, what: str) -> None:
+    """Token windows must be an integer tensor [windows >= 1, seq_len >= 2]: each window predicts its tokens after the first."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise BadInputError(f"{what} must be an integer tensor [windows, seq_len], got {got}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise BadInputError(f"{what} have shape {list(tokens.shape)}; need at least 1 window of at least 2 tokens, "
+                            "[windows, seq_len] (each window predicts its tokens after the first)")

@@ -145,9 +145,10 @@ def plan_cmd(
     )
     settings = _solver_settings(solver_setting)
     latency_target = _latency_target(latency_profile, latency_tokens, max_latency)
-    # fail on a bad budget or range before loading anything
+    # fail on a bad budget, range or output path before loading anything
     budgets = parse_budget_range(pareto) if pareto is not None else None
     one_budget = parse_budget(budget) if budget is not None else None
+    _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     table, loaded, calibration = api.prepare(
         model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
@@ -172,6 +173,16 @@ def plan_cmd(
     out.print(f"wrote {target}")
 
 
+def _check_plan_out(out_path: Path | None, pareto: str | None) -> None:
+    """--out of `plan`: a file (default plan.json), or with --pareto a folder (default pareto/)."""
+    from .io import check_output_dir, check_output_file
+
+    if pareto is not None:
+        check_output_dir(out_path or Path("pareto"))
+    else:
+        check_output_file(out_path or Path("plan.json"))
+
+
 def _constraints(min_bits, max_bits, pin, allow, tie):
     from .constraints import Constraints, parse_rule
 
@@ -189,6 +200,7 @@ def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, out_
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
     budgets = parse_budget_range(pareto) if pareto is not None else None
     one_budget = parse_budget(budget) if budget is not None else None
+    _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     kwargs = dict(model=model, calibration=calib, protect_spikes=protect_spikes, **common)
     if budgets is not None:
@@ -282,9 +294,11 @@ def profile_cmd(
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
+    from .io import check_output_dir
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
+    check_output_dir(out_dir)
     chosen = tuple(s.strip() for s in signals.split(",") if s.strip())
     options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=None)
     start = time.perf_counter()
@@ -332,8 +346,10 @@ def report_cmd(
     error_model: str = typer.Option("fisher", "--error-model", help="with a profile: which table prediction to set against --measured"),
 ) -> None:
     """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
+    from .io import check_output_file
     from .report import write_report
 
+    check_output_file(out_path)
     write_report(source, out_path, measured=measured, error_model=error_model)
     out.print(f"wrote {out_path}")
 
@@ -348,7 +364,7 @@ def eval_cmd(
     seq_len: int = typer.Option(512, "--seq-len"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    force: bool = typer.Option(False, "--force", help="apply a plan made for different weights"),
+    skip_hash_check: bool = typer.Option(False, "--skip-hash-check", "--force", help="apply a plan made for different weights (their hash differs); --force is the old name"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Perplexity; with --plan also KL divergence and top-1 agreement against the unquantized model."""
@@ -358,9 +374,13 @@ def eval_cmd(
     from .calibration import make_calibration, read_text
     from .quantizers import needs_hessian
     from .evaluate import evaluate, evaluation_windows
-    from .models import load_model
+    from .models import check_token_ids, load_model
     from .plan import Plan
 
+    if windows < 1:
+        raise BadInputError(f"--windows must be at least 1, got {windows}")
+    if seq_len < 2:
+        raise BadInputError(f"--seq-len must be at least 2, got {seq_len} (a window scores every token after its first)")
     plan = Plan.load(plan_path) if plan_path else None  # fail on a bad plan before loading the model
     use = (quantizer or plan.quantizer) if plan is not None else None
     if use is not None and needs_hessian(use) and calib is None:
@@ -369,6 +389,7 @@ def eval_cmd(
     body = read_text(text)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows)
+    check_token_ids(loaded.model, ids, "evaluation windows")
     reference = None
     scored = loaded.model
     if plan is not None:
@@ -379,7 +400,7 @@ def eval_cmd(
             calibration = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", seq_len)),
                                            tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)),
                                            source=calib.name).tokens
-        scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not force, quantizer=use,
+        scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not skip_hash_check, quantizer=use,
                        calibration=calibration, progress=not as_json)
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
@@ -398,7 +419,8 @@ def apply_cmd(
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),
     seq_len: int = typer.Option(512, "--seq-len"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out folder; also skip the weights-hash check"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+    skip_hash_check: bool = typer.Option(False, "--skip-hash-check", help="apply a plan made for different weights (their hash differs from the plan's)"),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
     dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -408,7 +430,7 @@ def apply_cmd(
     import torch
 
     from .models import load_model
-    from .pack import save_checkpoint
+    from .pack import prepare_checkpoint_out, save_checkpoint
     from .plan import Plan
 
     dtypes = {"model": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -418,7 +440,9 @@ def apply_cmd(
     if fmt != "compressed-tensors":
         raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors "
                             "(other targets: `bitalloc export`)")
-    plan = Plan.load(plan_path)  # fail on a bad plan before loading the model
+    for note in prepare_checkpoint_out(out_path, force)[1]:  # stderr: --json keeps stdout one object
+        print(f"note: {note}", file=sys.stderr)
+    plan = Plan.load(plan_path)  # fail on a bad plan or --out before loading the model
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = None
     if calib is not None:
@@ -427,7 +451,7 @@ def apply_cmd(
         ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
                                source=str(calib)).tokens
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
-                             check_hash=not force, allow_untied=allow_untied,
+                             check_hash=not skip_hash_check, allow_untied=allow_untied,
                              dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
     if as_json:
         print(json.dumps(report.to_dict(), sort_keys=True))
@@ -467,8 +491,10 @@ def latency_cmd(
     no_model_timing: bool = typer.Option(False, "--no-model-timing", help="skip timing the whole model's forward pass"),
 ) -> None:
     """Measure this machine's kernel latencies for every option at MODEL's layer shapes (a hardware profile)."""
+    from .io import check_output_file
     from .latency.api import measure_latency
 
+    check_output_file(out_path)
     options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=target)
     if threads is not None:
         if threads < 1:
@@ -528,14 +554,21 @@ def show_cmd(plan_path: Path = typer.Argument(..., help="a plan JSON file")) -> 
 @app.command("schema")
 def schema_cmd(out_path: Optional[Path] = typer.Option(None, "--out", help="write here instead of printing")) -> None:
     """The JSON Schema of plan files (what bitalloc/schema/plan-v1.json holds)."""
-    from .io import atomic_write_text, canonical_json
+    from .io import atomic_write_text, canonical_json, check_output_file
     from .plan import plan_json_schema
 
+    if out_path is not None:
+        check_output_file(out_path)
     text = canonical_json(plan_json_schema())
     if out_path is None:
         print(text, end="")
     else:
         atomic_write_text(out_path, text)
+
+
+SERVE_WITHOUT_ROOT_WARNING = (
+    "WARNING: bitalloc serve runs without --allow-root: any file this process can read may be named as a model or "
+    "calibration text by anyone holding the token; pass --allow-root FOLDER (repeatable) to confine requests")
 
 
 @app.command("serve")
@@ -556,6 +589,8 @@ def serve_cmd(
         raise BadInputError(f"bitalloc serve needs {e.name}: pip install 'bitalloc[serve]'") from None
     from .service.limits import ServiceLimits
 
+    if not allow_root:
+        print(SERVE_WITHOUT_ROOT_WARNING, file=sys.stderr, flush=True)
     serve(host=host, port=port, store_path=store, workers=workers, allowed_roots=allow_root, allow_hub=allow_hub,
           max_body_bytes=max_body, limits=ServiceLimits(job_timeout_s=job_timeout))
 
@@ -580,8 +615,11 @@ def export_cmd(
         raise BadInputError("pass a plan and a target, e.g. `bitalloc export plan.json --to gguf` (`--list` shows targets)")
     if to not in available_exports():
         raise BadInputError(f"unknown export target {to!r}; choose one of {', '.join(available_exports())}")
-    plan = Plan.load(plan_path)
+    from .io import check_output_dir
+
     out = out_dir if out_dir is not None else plan_path.with_name(f"{plan_path.stem}-{to}")
+    check_output_dir(out)
+    plan = Plan.load(plan_path)
     result = export_plan(plan, to, out, allow_untied=allow_untied)
     for f in result.files:
         print(f"wrote {f}")
@@ -593,22 +631,55 @@ def export_cmd(
         print(note)
 
 
+# What a Ctrl-C leaves behind, per command (the one line printed with exit code 130).
+KEPT_ON_INTERRUPT = {
+    "profile": "finished blocks are kept in the --out folder's parts/; run the same command again to resume from them",
+    "plan": "no plan was written; a --profile folder is unchanged",
+    "apply": "--out was not changed; the unfinished temporary folder is removed (or by the next apply)",
+    "latency": "no hardware profile was written",
+}
+
+
+def _interrupted() -> None:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "bitalloc")
+    kept = KEPT_ON_INTERRUPT.get(command, "nothing was written")
+    print(f"interrupted: `bitalloc {command}` stopped by Ctrl-C; {kept}", file=sys.stderr)
+    sys.exit(130)
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Usage errors: click's own, and those of the click that newer typer versions vendor as typer._click."""
+    import click
+
+    kinds = [click.ClickException]
+    try:
+        from typer import _click  # typer >= 0.2x
+    except ImportError:
+        pass
+    else:
+        kinds.append(_click.ClickException)
+    return tuple(kinds)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except BitallocError as e:
         # One line whatever the terminal width, so scripts can grep it.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside the command (typer turns one inside into Exit(130), returned below)
+        _interrupted()
     except (typer.Exit, typer.Abort) as e:
         sys.exit(getattr(e, "exit_code", 1))
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except _click_errors() as e:  # usage errors carry their own exit code (2)
+        e.show()
+        sys.exit(e.exit_code)
+    # Without standalone mode typer returns an exit code instead of exiting: 130 is a Ctrl-C.
+    if rc == 130:
+        _interrupted()
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,11 @@ class PlanVersionError(BadInputError):
 
 class ProfileMismatchError(BadInputError):
     """A profile folder was made for other weights, modules or calibration text than the ones given."""
+
+
+class OutputPathError(BadInputError):
+    """An output location (--out) cannot take what would be written there: wrong kind of entry, or not writable."""
+
+
+class NonFiniteError(BadInputError):
+    """A weight, a statistic or a predicted cost is NaN or infinite; planning on it would be garbage."""

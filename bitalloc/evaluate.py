@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import sequential_windows, tokenize
+from .calibration import check_windows, sequential_windows, tokenize
+from .models import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ def evaluate(
 
     model and reference: a module, or its per-window log-probabilities from `reference_logprobs`
     (so a model already run on these windows is not run again)."""
+    check_windows(windows, "evaluation windows")
+    for m in (model, reference):
+        if isinstance(m, nn.Module):
+            check_token_ids(m, windows, "evaluation windows")
     nll_sum = kl_sum = agree = 0.0
     n = 0
     for i, w in enumerate(tqdm(windows, desc="evaluate", disable=not progress, unit="win")):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadInputError
+from .errors import BadInputError, NonFiniteError
 
 try:  # GPT-2 style models store linear layers as Conv1D with weight [in, out].
     from transformers.pytorch_utils import Conv1D
@@ -61,8 +61,13 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged GGUF fails anywhere in its reader (struct.error, IndexError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "gguf_file" in kwargs:
+            raise BadInputError(f"could not read GGUF file {source!r} ({type(e).__name__}: {first[:200]}); the file is "
+                                "damaged or incomplete (a cut-off download?): download or convert it again") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         raise BadInputError(
             f"could not load model {source!r}: {first}. Offline? pass a local directory or .gguf file; "
             "custom code needs --trust-remote-code"
@@ -89,6 +94,39 @@ def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32, devi
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return LoadedModel(model=model, source=f"{p} (config only, random weights)")
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse weights that are not loaded (meta device) or not finite, naming the module; before any profiling."""
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise BadInputError("the model's weights are on the meta device (not loaded, e.g. built under "
+                                "init_empty_weights or device_map='meta'); load them first, e.g. from_pretrained(..., "
+                                "device_map='cpu'), or pass the model's path")
+        finite = torch.isfinite(p.detach())
+        if not bool(finite.all()):
+            module, _, kind = name.rpartition(".")
+            first = [int(i) for i in (~finite).nonzero()[0]]
+            raise NonFiniteError(f"{kind} of {module or name} is not finite: {int((~finite).sum())} NaN/Inf value(s), "
+                                 f"first at {first}; the checkpoint is damaged (or saved from a diverged run): "
+                                 "load an intact copy")
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids [windows, seq_len] outside the model's vocabulary or longer than its positions."""
+    cfg = getattr(model, "config", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
+    if vocab is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise BadInputError(f"{what} contain id {bad}, outside the model's vocabulary of {vocab} (ids 0..{vocab - 1}); "
+                                "tokenize with the model's own tokenizer")
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if positions is not None and ids.ndim == 2 and ids.shape[1] > positions:
+        raise BadInputError(f"{what}: {ids.shape[1]} tokens per window is more than the model's {positions} positions; "
+                            f"use at most {positions} (--seq-len)")
 
 
 def as_loaded(model_or_source: Any, tokenizer: Any = None, **load_kwargs) -> LoadedModel:

@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from .apply import check_plan_matches
-from .errors import BadInputError, BitallocError
+from .errors import BadInputError, BitallocError, OutputPathError
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
 from .formats.fp import grouped, pow2, round_to_element
 from .formats.mx import mx_shared_exponent
 from .formats.nvfp4 import nvfp4_scales
 from .formats.int import fp16_round_up
-from .io import atomic_write_text, canonical_json
+from .io import atomic_write_text, canonical_json, check_output_dir
 from .models import is_linear
 from .options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK
 from .plan import Plan
@@ -106,15 +106,13 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
     The caller's model is left unchanged.
     """
-    out = Path(out)
+    out, leftovers = prepare_checkpoint_out(out, force)
     dtype = dtype or next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise BadInputError(f"checkpoint dtype must be float32, float16 or bfloat16, not {dtype}")
     check_plan_matches(model, plan, check_hash)
     warnings = check_expressible(plan, allow_untied)
     _check_modules(model, plan)
-    if out.exists() and not force:
-        raise BadInputError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
     _library()  # fail before the (slow) quantization if compressed-tensors is missing
 
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
@@ -139,8 +137,39 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     report.out = out
     report.files = [out / p.name for p in files]
     report.warnings = warnings
-    report.notes = scale_notes + serving_notes(plan) + _dtype_notes(dtype, plan)
+    report.notes = leftovers + scale_notes + serving_notes(plan) + _dtype_notes(dtype, plan)
     return report
+
+
+def prepare_checkpoint_out(out: str | os.PathLike, force: bool) -> tuple[Path, list[str]]:
+    """The --out folder of a checkpoint, checked before the model loads: a folder or nothing, existing only
+    with force; leftovers of a killed earlier run are cleaned up first (their notes are returned)."""
+    out = check_output_dir(out)
+    notes = clean_leftovers(out) if out.parent.is_dir() else []
+    if out.exists() and not force:
+        restored = "".join(f" ({n})" for n in notes if n.startswith("restored"))
+        raise OutputPathError(f"--out {str(out)!r} already exists{restored}; pass --force (force=True) to replace it, "
+                              "or choose another --out")
+    return out, notes
+
+
+def clean_leftovers(out: Path) -> list[str]:
+    """Remove what a killed earlier write of `out` left beside it (see _replace_dir); notes saying what was done.
+
+    .OUT.*.tmp: an unfinished checkpoint, removed. .OUT.*.old: the previous checkpoint moved aside;
+    if `out` itself is missing the kill came between the two renames, so the previous one is put back.
+    """
+    notes = []
+    for leftover in sorted(out.parent.glob(f".{out.name}.*.tmp")) + sorted(out.parent.glob(f".{out.name}.*.old")):
+        if not leftover.is_dir() or leftover.is_symlink():
+            continue
+        previous = leftover / out.name
+        if leftover.suffix == ".old" and previous.is_dir() and not os.path.lexists(out):
+            os.replace(previous, out)
+            notes.append(f"restored {out} from {leftover.name}, left by an interrupted earlier run")
+        shutil.rmtree(leftover, ignore_errors=True)
+        notes.append(f"removed {leftover.name}, left by an interrupted earlier run")
+    return notes
 
 
 def _dtype_notes(dtype: torch.dtype, plan: Plan) -> list[str]:

@@ -79,6 +79,14 @@ class Assignment(_Strict):
     predicted_latency_s: float | None = Field(None, description="this layer's kernel latency on the plan's hardware profile")
     tied_to: list[str] = Field(default_factory=list, description="other modules sharing this tensor")
 
+    @model_validator(mode="after")
+    def _option_fits_shape(self) -> "Assignment":
+        # A group size that does not divide the input features cannot be quantized or packed (apply/eval/export).
+        if not self.option.to_option().fits(self.shape[1]):
+            raise ValueError(f"group_size {self.option.group_size} does not divide the {self.shape[1]} input features of "
+                             f"{self.module}; re-create the plan with `bitalloc plan`")
+        return self
+
 
 class Summary(_Strict):
     planned_modules: int

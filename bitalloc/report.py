@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .io import atomic_write_text
+from .io import atomic_write_text, check_output_file
 
 
 def write_report(source: str | Path, out: str | Path, measured: str | Path | None = None,
@@ -41,6 +41,7 @@ def write_report(source: str | Path, out: str | Path, measured: str | Path | Non
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise BadInputError(f"report output {str(out)!r} must end in .html, e.g. --out report.html")
+    check_output_file(out)
     rows = read_measured(measured) if measured is not None else None
     if source.is_dir() or source.name == "profile.json":
         from .profile.artifact import Profile

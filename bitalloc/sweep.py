@@ -15,7 +15,7 @@ from .budget import Budget, parse_budget
 from .calibration import Calibration
 from .candidates import CandidateTable
 from .errors import BadInputError
-from .io import atomic_write_bytes, atomic_write_text, canonical_json
+from .io import atomic_write_bytes, atomic_write_text, canonical_json, check_output_dir
 from .models import LoadedModel
 from .plan import Plan
 from .solvers import frontier_points
@@ -65,7 +65,7 @@ class Pareto:
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """plan-<budget>.json per point, pareto.json (the table as data) and pareto.png."""
-        out = Path(out_dir)
+        out = check_output_dir(out_dir)
         written = [p.save(out / f"plan-{p.budget.text}.json") for p in self.plans]
         rows = [{"budget": p.budget.text, "storage_bits_per_weight": p.summary.storage_bits_per_weight,
                  "predicted_delta_loss": p.summary.predicted_delta_loss, "storage_bytes": p.summary.storage_bytes,

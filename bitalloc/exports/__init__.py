@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import BadInputError
+from ..io import check_output_dir
 from ..plan import Plan
 
 
@@ -46,7 +47,7 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
         fn, _ = _EXPORTERS[target]
     except KeyError:
         raise BadInputError(f"unknown export target {target!r}; choose one of {', '.join(sorted(_EXPORTERS))}") from None
-    return fn(plan, Path(out), **options)
+    return fn(plan, check_output_dir(out), **options)
 
 
 # Each target registers itself on import.

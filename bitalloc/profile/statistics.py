@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
+from ..errors import NonFiniteError
 
 
 @dataclass
@@ -103,6 +104,18 @@ def collect_statistics(
             stats[name] = ModuleStats(fisher=fisher, token_share=id_counts[name] / n_inputs)
         else:
             stats[name] = ModuleStats(fisher=fisher, hessian=xtx[name] / n_inputs)
+        check_finite_stats(name, stats[name])
+    return stats
+
+
+def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
+    """Refuse NaN/Inf statistics, naming module and signal: every error computed from them would be garbage."""
+    for signal in ("fisher", "hessian", "token_share"):
+        t = getattr(stats, signal)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"statistics of {name}: {signal} is not finite ({int((~torch.isfinite(t)).sum())} "
+                                 "NaN/Inf value(s)); the calibration forward or backward overflowed: check the weights "
+                                 "for NaN/Inf and calibrate in float32")
     return stats
 
 

@@ -36,7 +36,7 @@ from ..checkpoint import StreamedModel, materialize, outside_modules, release
 from ..errors import BadInputError
 from ..models import decoder_blocks
 from ..options import QuantOption
-from .statistics import ModuleStats, _accumulate_xtx
+from .statistics import ModuleStats, _accumulate_xtx, check_finite_stats
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
 
@@ -158,8 +158,8 @@ class _Accumulators:
             raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
         fisher = self.grad_sq.pop(name) / n_predicted
         if isinstance(module, nn.Embedding):
-            return ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs)
-        return ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs)
+            return check_finite_stats(name, ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs))
+        return check_finite_stats(name, ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs))
 
 
 def iter_block_statistics(
