@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from torch import nn
@@ -13,37 +11,7 @@ from .models import weight_matrix
 from .options import QuantOption
 from .profile.statistics import ModuleStats
 from .quantizers import needs_hessian, quantize_weight_options
-
-# Error models the table carries. "fisher" is the planner's default: see profile/statistics.py.
-# "local" is the unweighted layer output error tr(ΔW H ΔWᵀ), kept to compare against.
-ERROR_MODELS = ("fisher", "local")
-
-
-@dataclass
-class CandidateTable:
-    """Row g = one group (today: one whole module), column k = one option.
-
-    storage_bits[g, k] is NaN where option k cannot tile group g (group size not dividing the row).
-    errors[model][g, k] is the predicted increase of mean next-token NLL (nats) under that model.
-    """
-
-    groups: list[str]
-    shapes: list[tuple[int, int]]
-    options: list[QuantOption]
-    storage_bits: np.ndarray
-    errors: dict[str, np.ndarray] = field(default_factory=dict)
-    quantizer: str = "rtn"  # whose ΔW the errors are: the quantizer the plan will be applied with
-
-    @property
-    def num_weights(self) -> int:
-        return int(sum(o * i for o, i in self.shapes))
-
-    @property
-    def allowed(self) -> np.ndarray:
-        return np.isfinite(self.storage_bits)
-
-    def option_index(self, option: QuantOption) -> int:
-        return self.options.index(option)
+from .table import ERROR_MODELS, CandidateTable  # noqa: F401  (numpy-only home; re-exported here)
 
 
 def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..candidates import ERROR_MODELS, CandidateTable
+from ..table import ERROR_MODELS, CandidateTable
 from ..io import atomic_write_bytes, canonical_json
 from ..options import QuantOption
 

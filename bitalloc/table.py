@@ -1,0 +1,41 @@
+"""The candidate table as data: storage bits and predicted errors per (group, option). numpy only,
+so re-planning from a saved profile (and every solver) runs without torch; candidates.py fills it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .options import QuantOption
+
+# Error models the table carries. "fisher" is the planner's default: see profile/statistics.py.
+# "local" is the unweighted layer output error tr(ΔW H ΔWᵀ), kept to compare against.
+ERROR_MODELS = ("fisher", "local")
+
+
+@dataclass
+class CandidateTable:
+    """Row g = one group (today: one whole module), column k = one option.
+
+    storage_bits[g, k] is NaN where option k cannot tile group g (group size not dividing the row).
+    errors[model][g, k] is the predicted increase of mean next-token NLL (nats) under that model.
+    """
+
+    groups: list[str]
+    shapes: list[tuple[int, int]]
+    options: list[QuantOption]
+    storage_bits: np.ndarray
+    errors: dict[str, np.ndarray] = field(default_factory=dict)
+    quantizer: str = "rtn"  # whose ΔW the errors are: the quantizer the plan will be applied with
+
+    @property
+    def num_weights(self) -> int:
+        return int(sum(o * i for o, i in self.shapes))
+
+    @property
+    def allowed(self) -> np.ndarray:
+        return np.isfinite(self.storage_bits)
+
+    def option_index(self, option: QuantOption) -> int:
+        return self.options.index(option)
