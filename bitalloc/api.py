@@ -17,6 +17,7 @@ from .errors import BadInputError, BudgetInfeasibleError
 from .options import QuantOption
 from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
+from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench and the notebook use api.default_cache_dir)
 from .table import CandidateTable
 
 if TYPE_CHECKING:  # these import torch; the functions that need them import them when called
