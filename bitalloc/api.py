@@ -15,14 +15,14 @@ from .config import CalibrationSpec, ProfileConfig, SolveConfig
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError
 from .options import QuantOption
-from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, Summary
 from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench and the notebook use api.default_cache_dir)
 from .table import CandidateTable
 
-if TYPE_CHECKING:  # these import torch; the functions that need them import them when called
+if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where they are called
     from .calibration import Calibration
     from .checkpoint import StreamedModel
+    from .latency.planning import LatencyInputs, LatencyTarget
     from .models import LoadedModel
     from .profile.artifact import Profile
 
@@ -374,6 +374,8 @@ def solve_table(
     if latency_target is not None:
         if latency is not None or max_latency is not None or constraints.max_latency is not None:
             raise BadInputError("give the latency either as a hardware profile (latency_target) or as a matrix with a cap, not both")
+        from .latency.planning import latency_inputs
+
         timing = latency_inputs(latency_target, context.model["architecture"], table.shapes, table.options, table.allowed)
         latency, max_latency = timing.matrix, timing.max_layers_s
     if max_latency is None:
