@@ -26,7 +26,8 @@ import torch
 from .. import api, solvers
 from ..budget import parse_budget
 from ..calibration import Calibration, make_calibration, read_text
-from ..table import ERROR_MODELS, CandidateTable
+from ..config import check_solver_names
+from ..table import CandidateTable
 from ..constraints import Constraints
 from ..errors import BadInputError
 from ..io import atomic_write_bytes, atomic_write_text, canonical_json
@@ -204,10 +205,7 @@ class PlanSpec:
 def check_plan_spec(spec: PlanSpec) -> None:
     """Everything about the plan settings that can be checked without a profile."""
     parse_budget(spec.budget)
-    if spec.solver not in solvers.available_solvers():
-        raise BadInputError(f"unknown solver {spec.solver!r}; available: {', '.join(solvers.available_solvers())}")
-    if spec.error_model not in ERROR_MODELS:
-        raise BadInputError(f"unknown error model {spec.error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    check_solver_names(spec.solver, spec.error_model)
     accepted = set(solvers.base.solver_settings(spec.solver)) - {"score"}
     unknown = sorted(k for k, _ in spec.solver_settings if k not in accepted)
     if unknown:
