@@ -30,8 +30,13 @@ def lazy_exports(package: str, where: dict[str, str]) -> tuple[Callable[[str], o
     module.__class__ = _ExportingPackage
 
     def __getattr__(name: str) -> object:
-        if name not in where:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if name not in where:  # a submodule (`bitalloc.api`), as when the package imported everything eagerly
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{name}":
+                    raise
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
         value = getattr(importlib.import_module(where[name], package), name)
         setattr(module, name, value)  # later lookups skip __getattr__
         return value

@@ -64,6 +64,9 @@ def test_exports_resolve_to_the_api_functions():
     assert set(bitalloc.__all__) <= set(dir(bitalloc))
     with pytest.raises(AttributeError):
         bitalloc.no_such_name  # noqa: B018
+    # submodules stay reachable as attributes, as when the package imported them eagerly (and cost nothing more)
+    loaded, result = heavy_modules_after("import bitalloc; print('SOLVERS=' + ','.join(bitalloc.solvers.available_solvers()))")
+    assert loaded == [] and "SOLVERS=dp,evolutionary,ilp,lagrangian" in result.stdout
 
 
 def test_replan_from_profile_folder_is_numpy_only(tmp_path, calib_ids):
