@@ -72,11 +72,6 @@ class ProfileConfig:
             raise BadInputError("options must be QuantOption objects (see bitalloc.default_options)")
         check_quantizer(self.quantizer)
 
-    def with_calibration(self, **changes) -> "ProfileConfig":
-        from dataclasses import replace
-
-        return replace(self, calibration=replace(self.calibration, **changes))
-
 
 @dataclass(frozen=True)
 class SolveConfig:
