@@ -4,25 +4,30 @@
     plan = bitalloc.plan("model.gguf", budget="3.2bits", calibration="wiki.valid.tokens")
     plan.save("plan.json")
     model = bitalloc.apply(model, bitalloc.Plan.load("plan.json"))
+
+Every name below loads on first use (PEP 562), so `import bitalloc` and the command line start
+without torch or transformers; only the steps that touch a model import them.
 """
 
-from .api import plan, plan_from_table, profile
-from .replan import pareto_from_profile, plan_from_profile
-from .constraints import Constraints
-from .sweep import Pareto, pareto, pareto_from_table
-from .apply import apply
-from .budget import Budget, parse_budget
-from .errors import BadInputError, BitallocError, BudgetInfeasibleError, PlanMismatchError, PlanVersionError
-from .evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
-from .models import LoadedModel, load_model
-from .checkpoint import StreamedModel, open_streamed
-from .options import QuantOption, default_options
-from .plan import Plan
-from .pack import CheckpointReport, save_checkpoint
+from .lazy import lazy_exports
 
-__all__ = [
-    "plan", "plan_from_table", "profile", "pareto", "pareto_from_table", "Pareto", "Constraints", "apply", "evaluate", "evaluation_windows", "reference_logprobs",
-    "Plan", "Budget", "parse_budget", "QuantOption", "default_options", "LoadedModel", "load_model", "StreamedModel", "open_streamed",
-    "EvalResult", "BitallocError", "BadInputError", "BudgetInfeasibleError", "PlanMismatchError",
-    "PlanVersionError", "save_checkpoint", "CheckpointReport", "plan_from_profile", "pareto_from_profile",
-]
+_WHERE = {
+    **dict.fromkeys(("plan", "plan_from_table", "profile", "solve"), ".api"),
+    **dict.fromkeys(("pareto_from_profile", "plan_from_profile"), ".replan"),
+    **dict.fromkeys(("CalibrationSpec", "ProfileConfig", "SolveConfig"), ".config"),
+    "Constraints": ".constraints",
+    **dict.fromkeys(("Pareto", "pareto", "pareto_from_table"), ".sweep"),
+    "apply": ".apply",
+    **dict.fromkeys(("Budget", "parse_budget"), ".budget"),
+    **dict.fromkeys(("BadInputError", "BitallocError", "BudgetInfeasibleError", "PlanMismatchError", "PlanVersionError"),
+                    ".errors"),
+    **dict.fromkeys(("EvalResult", "evaluate", "evaluation_windows", "reference_logprobs"), ".evaluate"),
+    **dict.fromkeys(("LoadedModel", "load_model"), ".models"),
+    **dict.fromkeys(("StreamedModel", "open_streamed"), ".checkpoint"),
+    **dict.fromkeys(("QuantOption", "default_options"), ".options"),
+    "Plan": ".plan",
+    **dict.fromkeys(("CheckpointReport", "save_checkpoint"), ".pack"),
+}
+
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -5,31 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import solvers
 from .budget import Budget, parse_budget
-from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
-from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
+from .config import CalibrationSpec, ProfileConfig, SolveConfig
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
 from .io import check_output_dir
-from .models import LoadedModel, as_loaded, check_token_ids, check_weights, input_embedding_name, output_embedding_name, select_modules, tied_embeddings
-from .options import QuantOption, default_options
-from .latency.planning import LatencyInputs, LatencyTarget, latency_inputs
+from .options import QuantOption
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
 from .plan import sig6 as _sig
-from .profile.artifact import Profile
-from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
-from .profile.statistics import collect_statistics
-from .profile.streamed import streamed_candidate_table
-from .checkpoint import StreamedModel, open_streamed
-from .quantizers import available_quantizers
-from .profile.store import cache_key, default_cache_dir, load_table, numerics_fingerprint, save_table
+from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench and the notebook use api.default_cache_dir)
+from .table import CandidateTable
 
+if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where they are called
+    from .calibration import Calibration
+    from .checkpoint import StreamedModel
+    from .latency.planning import LatencyInputs, LatencyTarget
+    from .models import LoadedModel
+    from .profile.artifact import Profile
 
 STREAMED_SIGNALS = {"fisher", "salience", "table"}  # the per-block signals (profile/pipeline.py)
 
@@ -42,12 +39,18 @@ def bitalloc_version() -> str:
 
 
 def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    from .models import check_token_ids
+
     calib = _calibration(calibration, loaded, seq_len, tokens, seed)
     check_token_ids(loaded.model, calib.tokens, "calibration token ids")
     return calib
 
 
 def _calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    import torch
+
+    from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
+
     if isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, torch.Tensor):
@@ -65,13 +68,19 @@ def profile(
     options: list[QuantOption],
     cache_dir: Path | None = None,
     progress: bool = False,
-    quantizer: str = "rtn",
+    quantizer: str = ProfileConfig.quantizer,
 ) -> CandidateTable:
     """Candidate table for these modules and options, from the cache when an identical one exists.
 
     quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
     calibration inputs).
     """
+    from .candidates import build_candidate_table
+    from .checkpoint import StreamedModel
+    from .profile.statistics import collect_statistics
+    from .profile.store import cache_key, load_table, numerics_fingerprint, save_table
+    from .profile.streamed import streamed_candidate_table
+
     key = cache_key(
         {
             "model": loaded.content_hash,
@@ -98,20 +107,22 @@ def profile(
 
 def profile_model(
     model_or_source: Any,
-    calibration: Any,
-    out: str | Path,
+    calibration: Any = None,
+    out: str | Path = "profile",
     *,
-    signals: tuple[str, ...] | list[str] = DEFAULT_SIGNALS,
+    config: ProfileConfig | None = None,
+    signals: tuple[str, ...] | list[str] | None = None,
     options: list[QuantOption] | None = None,
     tokenizer: Any = None,
-    seq_len: int = 512,
-    calib_tokens: int = 8192,
-    seed: int = 0,
-    include_lm_head: bool = False,
-    include_embeddings: bool = False,
+    seq_len: int = CalibrationSpec.seq_len,
+    calib_tokens: int = CalibrationSpec.tokens,
+    seed: int = CalibrationSpec.seed,
+    include_lm_head: bool = ProfileConfig.include_lm_head,
+    include_embeddings: bool = ProfileConfig.include_embeddings,
     progress: bool = False,
     trust_remote_code: bool = False,
-    stream: bool = False,
+    stream: bool = ProfileConfig.stream,
+    quantizer: str = ProfileConfig.quantizer,
     **settings: Any,
 ) -> Profile:
     """All requested sensitivity signals of the planned modules, saved as a profile folder `out`.
@@ -119,23 +130,31 @@ def profile_model(
     A complete profile in `out` for the same weights, calibration, modules and settings is read
     instead of recomputed; an interrupted one resumes from its finished blocks. `settings` are the
     fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
+    config: the ProfileConfig (calibration, options, planned modules, quantizer, stream); without it
+    one is built from calibration/options/seq_len/.../quantizer. The table's errors are `quantizer`'s.
     stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
     """
+    from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
+
+    if config is None:
+        config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head,
+                                 include_embeddings, quantizer, stream)
     try:
-        prof_settings = ProfileSettings(signals=tuple(signals), seed=seed, **settings)
+        prof_settings = ProfileSettings(signals=tuple(signals or DEFAULT_SIGNALS), seed=config.calibration.seed,
+                                        **settings)
     except TypeError as e:
         raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
-    if stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
+    if config.stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
         raise BadInputError(f"signal(s) {', '.join(whole)} need the whole model; with --stream choose from "
                             f"{','.join(sorted(STREAMED_SIGNALS))} (e.g. --signals fisher,table)")
     check_output_dir(out)
-    loaded = _open_streamed(model_or_source, "ilp", trust_remote_code) if stream else \
-        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
-    if not stream:
-        check_weights(loaded.model)
-    options = list(options) if options else default_options()
-    calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
-    module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
+    if "interactions" in prof_settings.signals:
+        from .quantizers import check_without_hessian
+
+        check_without_hessian(config.quantizer, "the interactions signal",
+                                 "profile interactions with --quantizer rtn (or rtn-mse), or drop 'interactions'")
+    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp")
+    options = list(config.options)
     parts = {
         "model": loaded.content_hash,
         "calibration": calib.settings(),
@@ -145,15 +164,21 @@ def profile_model(
         "bitalloc": bitalloc_version(),
         "code": code_fingerprint(),
     }
+    if config.quantizer != ProfileConfig.quantizer:  # the default stays out, so existing keys do not move
+        parts["quantizer"] = config.quantizer
     meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
-            "include_lm_head": include_lm_head, "include_embeddings": include_embeddings}
+            "include_lm_head": config.include_lm_head, "include_embeddings": config.include_embeddings}
+    from .checkpoint import StreamedModel
+
     return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
-                           options=options, meta=meta, progress=progress,
+                           options=options, meta=meta, progress=progress, quantizer=config.quantizer,
                            streamed_from=loaded if isinstance(loaded, StreamedModel) else None)
 
 
 def model_record(loaded: LoadedModel) -> dict:
     """What a plan needs to know about the model, so that planning from a profile needs no model."""
+    from .models import input_embedding_name, output_embedding_name, tied_embeddings
+
     model = loaded.model
     return {"source": loaded.source, "architecture": type(model).__name__, "content_hash": loaded.content_hash,
             "output_embedding": output_embedding_name(model), "input_embedding": input_embedding_name(model),
@@ -166,74 +191,112 @@ def plan(
     calibration: Any = None,
     *,
     tokenizer: Any = None,
-    solver: str = "ilp",
+    solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
     options: list[QuantOption] | None = None,
-    error_model: str = "fisher",
-    seq_len: int = 512,
-    calib_tokens: int = 8192,
-    seed: int = 0,
-    include_lm_head: bool = False,
-    include_embeddings: bool = False,
-    cache_dir: str | Path | None | bool = True,
+    error_model: str = SolveConfig.error_model,
+    seq_len: int = CalibrationSpec.seq_len,
+    calib_tokens: int = CalibrationSpec.tokens,
+    seed: int = SolveConfig.seed,
+    include_lm_head: bool = ProfileConfig.include_lm_head,
+    include_embeddings: bool = ProfileConfig.include_embeddings,
+    cache_dir: str | Path | None | bool = None,
     progress: bool = False,
     trust_remote_code: bool = False,
     constraints: Constraints | None = None,
     latency_target: LatencyTarget | None = None,
-    stream: bool = False,
-    quantizer: str = "rtn",
+    stream: bool = ProfileConfig.stream,
+    quantizer: str = ProfileConfig.quantizer,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
     model_or_source: an nn.Module (pass `tokenizer` if calibration is text), a LoadedModel, or a
     source string (hub id, directory, .gguf). calibration: text file path, token ids
-    [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
+    [windows, seq_len], or a Calibration. cache_dir: a folder for the profile cache, True = the
+    default cache (~/.cache/bitalloc or $BITALLOC_CACHE_DIR), None/False (default) = no cache.
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
     latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
     stream: profile with one decoder block in memory at a time (a local checkpoint path only; same table).
     quantizer: the quantizer the plan will be applied with (rtn or gptq); the candidate errors are
     that quantizer's, and the plan records it so `apply` uses it.
+    The keyword arguments build a ProfileConfig and a SolveConfig: see solve(prepare_profile(...)).
     """
-    budget = parse_budget(budget)
-    table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
-                                   error_model=error_model, seq_len=seq_len, calib_tokens=calib_tokens, seed=seed,
-                                   include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                                   cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code,
-                                   stream=stream, quantizer=quantizer)
-    return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
-                           error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
+    solve_config = SolveConfig(budget=budget, solver=solver, solver_settings=solver_settings or (),
+                               error_model=error_model, constraints=constraints or Constraints(),
+                               latency_target=latency_target, seed=seed)
+    config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
+                             quantizer, stream)
+    table, loaded, calib = prepare_profile(model_or_source, config, tokenizer=tokenizer, cache_dir=cache_dir,
+                                           progress=progress, trust_remote_code=trust_remote_code, solver=solver)
+    return solve(table, context_of(loaded, calib), solve_config)
 
 
-def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = "ilp",
-            options: list[QuantOption] | None = None, error_model: str = "fisher", seq_len: int = 512,
-            calib_tokens: int = 8192, seed: int = 0, include_lm_head: bool = False, include_embeddings: bool = False,
-            cache_dir: str | Path | None | bool = True, progress: bool = False,
-            trust_remote_code: bool = False, stream: bool = False,
-            quantizer: str = "rtn") -> tuple[CandidateTable, LoadedModel, Calibration]:
+def _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
+                    quantizer, stream) -> ProfileConfig:
+    """The ProfileConfig of the keyword-argument entry points (options None or empty: the default grid)."""
+    grid = {"options": tuple(options)} if options else {}
+    return ProfileConfig(calibration=CalibrationSpec(source=calibration, seq_len=seq_len, tokens=calib_tokens, seed=seed),
+                         include_lm_head=include_lm_head, include_embeddings=include_embeddings, quantizer=quantizer,
+                         stream=stream, **grid)
+
+
+def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = SolveConfig.solver,
+            options: list[QuantOption] | None = None, error_model: str = SolveConfig.error_model,
+            seq_len: int = CalibrationSpec.seq_len, calib_tokens: int = CalibrationSpec.tokens,
+            seed: int = CalibrationSpec.seed, include_lm_head: bool = ProfileConfig.include_lm_head,
+            include_embeddings: bool = ProfileConfig.include_embeddings,
+            cache_dir: str | Path | None | bool = None, progress: bool = False,
+            trust_remote_code: bool = False, stream: bool = ProfileConfig.stream,
+            quantizer: str = ProfileConfig.quantizer) -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Check the arguments, load the model, build the calibration and the candidate table.
 
+    The keyword form of prepare_profile (they build its ProfileConfig); solver and error_model are
+    checked here so that a typo fails before the model loads.
     stream: keep the weights in the checkpoint and profile one decoder block at a time
     (profile/streamed.py); the table, and its cache entry, are those of the whole-model path.
     """
-    if error_model not in ERROR_MODELS:
-        raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
-    if solver not in solvers.available_solvers():
-        raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
-    if quantizer not in available_quantizers():
-        raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}")
-    loaded = _open_streamed(model_or_source, solver, trust_remote_code) if stream else \
-        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
-    if not stream:  # a streamed model's weights are read block by block; its statistics are checked instead
-        check_weights(loaded.model)
-    options = list(options) if options else default_options()
-    calib = resolve_calibration(calibration, loaded, seq_len, calib_tokens, seed)
-    module_names = select_modules(loaded.model, include_lm_head, include_embeddings)
+    from .config import check_solver_names
+
+    check_solver_names(solver, error_model)
+    config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
+                             quantizer, stream)
+    return prepare_profile(model_or_source, config, tokenizer=tokenizer, cache_dir=cache_dir, progress=progress,
+                           trust_remote_code=trust_remote_code, solver=solver)
+
+
+def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: Any = None,
+                    cache_dir: str | Path | None | bool = None, progress: bool = False, trust_remote_code: bool = False,
+                    solver: str = SolveConfig.solver) -> tuple[CandidateTable, LoadedModel, Calibration]:
+    """Load the model, build the calibration windows and the candidate table that `config` describes.
+
+    cache_dir: a profile-cache folder, True = the default one, None/False = none.
+    solver: only to refuse streaming with a solver that scores plans on the loaded model.
+    """
+    from .profile.store import default_cache_dir
+
+    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    table = profile(loaded, calib, module_names, options, cache_dir=cache, progress=progress, quantizer=quantizer)
+    table = profile(loaded, calib, module_names, list(config.options), cache_dir=cache, progress=progress,
+                    quantizer=config.quantizer)
     return table, loaded, calib
 
 
+def _load_for_profile(model_or_source: Any, config: ProfileConfig, tokenizer: Any, trust_remote_code: bool,
+                      solver: str) -> tuple[LoadedModel, Calibration, list[str]]:
+    from .models import as_loaded, check_weights, select_modules
+
+    loaded = _open_streamed(model_or_source, solver, trust_remote_code) if config.stream else \
+        as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
+    if not config.stream:  # a streamed model's weights are read block by block; its statistics are checked instead
+        check_weights(loaded.model)
+    c = config.calibration
+    calib = resolve_calibration(c.source, loaded, c.seq_len, c.tokens, c.seed)
+    return loaded, calib, select_modules(loaded.model, config.include_lm_head, config.include_embeddings)
+
+
 def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> StreamedModel:
+    from .checkpoint import StreamedModel, open_streamed
+
     if isinstance(source, StreamedModel):
         return source
     if not isinstance(source, (str, Path)):
@@ -245,21 +308,32 @@ def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> Streame
     return open_streamed(str(source), trust_remote_code=trust_remote_code)
 
 
+def context_of(loaded: LoadedModel, calibration: Calibration) -> PlanContext:
+    """The PlanContext of a loaded model and its calibration (a scoring solver measures on both)."""
+    return PlanContext(model=model_record(loaded), calibration=calibration.settings(), score_model=loaded.model,
+                       score_tokens=calibration.tokens)
+
+
+def solve(table: CandidateTable, context: PlanContext, config: SolveConfig) -> Plan:
+    """The plan `config` chooses from `table` (SolveConfig's step); the plan records the table's quantizer."""
+    return solve_table(table, config.budget, context, **config.solve_kwargs())
+
+
 def plan_from_table(
     table: CandidateTable,
     budget: str | Budget,
     loaded: LoadedModel,
     calibration: Calibration,
     *,
-    solver: str = "ilp",
+    solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
-    error_model: str = "fisher",
-    seed: int = 0,
+    error_model: str = SolveConfig.error_model,
+    seed: int = SolveConfig.seed,
     constraints: Constraints | None = None,
     latency: np.ndarray | None = None,
     max_latency: float | None = None,
     latency_target: LatencyTarget | None = None,
-    score_windows: int = 4,
+    score_windows: int = SolveConfig.score_windows,
 ) -> Plan:
     """Solve an existing candidate table at a budget (re-planning without re-profiling).
 
@@ -269,9 +343,7 @@ def plan_from_table(
     score_windows: calibration windows the evolutionary solver's true objective is measured on
     (unless solver_settings has a score).
     """
-    context = PlanContext(model=model_record(loaded), calibration=calibration.settings(), score_model=loaded.model,
-                          score_tokens=calibration.tokens)
-    return solve_table(table, budget, context, solver=solver, solver_settings=solver_settings, error_model=error_model,
+    return solve_table(table, budget, context_of(loaded, calibration), solver=solver, solver_settings=solver_settings, error_model=error_model,
                        seed=seed, constraints=constraints, latency=latency, max_latency=max_latency,
                        latency_target=latency_target, score_windows=score_windows)
 
@@ -296,15 +368,15 @@ def solve_table(
     budget: str | Budget,
     context: PlanContext,
     *,
-    solver: str = "ilp",
+    solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
-    error_model: str = "fisher",
-    seed: int = 0,
+    error_model: str = SolveConfig.error_model,
+    seed: int = SolveConfig.seed,
     constraints: Constraints | None = None,
     latency: np.ndarray | None = None,
     max_latency: float | None = None,
     latency_target: LatencyTarget | None = None,
-    score_windows: int = 4,
+    score_windows: int = SolveConfig.score_windows,
 ) -> Plan:
     """plan_from_table's work, given what the plan records instead of a loaded model (see PlanContext)."""
     budget = parse_budget(budget)
@@ -315,6 +387,8 @@ def solve_table(
     if latency_target is not None:
         if latency is not None or max_latency is not None or constraints.max_latency is not None:
             raise BadInputError("give the latency either as a hardware profile (latency_target) or as a matrix with a cap, not both")
+        from .latency.planning import latency_inputs
+
         timing = latency_inputs(latency_target, context.model["architecture"], table.shapes, table.options, table.allowed)
         latency, max_latency = timing.matrix, timing.max_layers_s
     if max_latency is None:

@@ -84,7 +84,7 @@ def plan_cmd(
     seq_len: int = typer.Option(512, "--seq-len"),
     solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
-    quantizer: str = typer.Option("rtn", "--quantizer", help="quantizer the plan will be applied with: rtn, rtn-mse (clip search) or gptq; its errors fill the candidate table"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search) or gptq; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -121,7 +121,7 @@ def plan_cmd(
             solver=solver, solver_settings=_solver_settings(solver_setting), error_model=error_model, seed=seed,
             constraints=_constraints(min_bits, max_bits, pin, allow, tie),
             latency_target=_latency_target(latency_profile, latency_tokens, max_latency),
-            trust_remote_code=trust_remote_code))
+            trust_remote_code=trust_remote_code, quantizer=quantizer))
     if protect_spikes is not None:
         raise BadInputError("--protect-spikes reads the flagged projections from a profile: add --profile DIR "
                             "(bitalloc profile MODEL --signals fisher,spikes,table --out DIR)")
@@ -130,6 +130,7 @@ def plan_cmd(
     from . import api
 
     from .budget import parse_budget
+    from .config import ProfileConfig
     from .constraints import Constraints, parse_rule
     from .sweep import parse_budget_range, pareto_from_table
 
@@ -155,7 +156,7 @@ def plan_cmd(
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
         stream=stream,
-        quantizer=quantizer,
+        quantizer=quantizer or ProfileConfig.quantizer,
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
@@ -291,10 +292,12 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse or gptq; the table holds its errors"),
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
     from .io import check_output_dir
+    from .config import ProfileConfig
 
     if calib is None:
         raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
@@ -306,7 +309,8 @@ def profile_cmd(
                              calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, progress=True,
                              trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_abs_tol=trace_abs_tol,
                              trace_max_probes=trace_max_probes,
-                             spike_threshold=spike_threshold, interaction_option=interaction_option, stream=stream)
+                             spike_threshold=spike_threshold, interaction_option=interaction_option, stream=stream,
+                             quantizer=quantizer or ProfileConfig.quantizer)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
 

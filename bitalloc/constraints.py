@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .candidates import CandidateTable
+from .table import CandidateTable
 from .errors import BadInputError
 from .options import parse_option
 

@@ -13,14 +13,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .candidates import CandidateTable
-from .formats import quantize_dequantize
+from .table import CandidateTable
 from .models import set_weight_matrix, weight_matrix
+from .quantizers import check_without_hessian, weight_values
 
 
 class CalibrationScore:
     def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, cache_bytes: float = 2e9):
-        """tokens: [windows, seq_len] calibration ids (never the evaluation text)."""
+        """tokens: [windows, seq_len] calibration ids (never the evaluation text).
+
+        Trials hold the weights of the table's quantizer (rtn, rtn-mse); a Hessian quantizer (gptq)
+        is refused up front, since a trial has no layer inputs to run it on.
+        """
+        check_without_hessian(table.quantizer, "scoring plans on the model (evolutionary solver)",
+                              "plan with the ilp, lagrangian or dp solver, or profile with --quantizer rtn")
         self.model, self.table, self.tokens = model, table, tokens
         self.modules = [model.get_submodule(n) for n in table.groups]
         self.original = [weight_matrix(m).detach().clone() for m in self.modules]
@@ -41,7 +47,7 @@ class CalibrationScore:
     def _quantized(self, g: int, k: int) -> torch.Tensor:
         if (g, k) in self.cache:
             return self.cache[g, k]
-        w = quantize_dequantize(self.original[g], self.table.options[k])
+        w = weight_values(self.original[g], self.table.options[k], self.table.quantizer)
         size = w.numel() * w.element_size()
         if self.cached_bytes + size <= self.cache_bytes:
             self.cache[g, k] = w

@@ -340,12 +340,13 @@ class Replan:
 def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: str | Budget, *, solver: str = "ilp",
            options: list[QuantOption] | None = None, error_model: str = "fisher", constraints: Constraints | None = None,
            solver_settings: dict | None = None, seed: int = 0, learnable_scales: bool | None = None,
-           progress: bool = False) -> Replan:
+           progress: bool = False, quantizer: str | None = None) -> Replan:
     """Re-plan a prepared model at `budget` from sensitivities of its current float weights; re-wrap.
 
     calibration: token ids [windows, seq_len] (keep it small: one forward + backward per window) or a
     Calibration. options: the candidate grid; default the one the current plan was solved over.
-    The planned modules stay those of the current plan.
+    The planned modules stay those of the current plan. quantizer: whose errors the new table
+    measures; default the current plan's (the one it will be applied with).
     """
     from . import api  # api imports the profilers; only a re-plan needs them
 
@@ -360,7 +361,8 @@ def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: st
     wrappers = _unwrap(model)
     try:
         loaded = LoadedModel(model=model, source=old.model.source)
-        table = api.profile(loaded, calib, names, grid, cache_dir=None, progress=progress)
+        table = api.profile(loaded, calib, names, grid, cache_dir=None, progress=progress,
+                            quantizer=quantizer or old.quantizer)
         new = api.plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
                                   error_model=error_model, seed=seed, constraints=constraints)
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import Budget
+from .config import check_table_quantizer
 from .constraints import Constraints
 from .errors import BadInputError, ProfileMismatchError
 from .profile.artifact import Profile
@@ -130,18 +131,23 @@ def plan_from_profile(
     latency_target=None,
     score_windows: int = 4,
     trust_remote_code: bool = False,
+    quantizer: str | None = None,
 ):
     """Plan from a profile folder's candidate table, without the model (see the module docstring).
 
     model: optional; checked against the profile (weights, modules), and needed only by solvers that
     score plans on the model (evolutionary). calibration: optional text file, checked against the
     profile's. protect_spikes: 'fp16' | 'fp8' | '8bits' keeps the profile's flagged projections at
-    that precision or above. seed: default the profile's.
+    that precision or above. seed: default the profile's. quantizer: the one the plan will be applied
+    with; None = the profile's. Another one is refused: the table holds the profile's quantizer's errors.
     """
     from .api import PlanContext, solve_table
 
     where = "the profile" if isinstance(profile_or_dir, Profile) else str(profile_or_dir)
     profile = load_profile(profile_or_dir)
+    check_table_quantizer(profile.table.quantizer, quantizer, where,
+                          f"drop --quantizer to plan for {profile.table.quantizer}, or re-run `bitalloc profile` with "
+                          f"--quantizer {quantizer}")
     if calibration is not None:
         check_calibration_matches(profile, calibration, where)
     score_model = score_tokens = None

@@ -9,16 +9,19 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .budget import Budget, parse_budget
-from .calibration import Calibration
-from .candidates import CandidateTable
+from .config import SolveConfig
 from .errors import BadInputError
 from .io import atomic_write_bytes, atomic_write_text, canonical_json, check_output_dir
-from .models import LoadedModel
 from .plan import Plan
 from .solvers import frontier_points
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+    from .models import LoadedModel
+    from .table import CandidateTable
 
 _RANGE = re.compile(r"^\s*([0-9]*\.?[0-9]+):([0-9]*\.?[0-9]+):([0-9]*\.?[0-9]+)\s*([a-zA-Z%]+)\s*$")
 _MAX_POINTS = 200
@@ -122,8 +125,9 @@ def pareto_from_table(table: CandidateTable, budgets: list[Budget] | str, loaded
     return Pareto(plans, [bool(v) for v in on])
 
 
-def pareto(model_or_source: Any, budgets: list[Budget] | str, calibration: Any = None, *, solver: str = "ilp",
-           solver_settings: dict | None = None, constraints=None, error_model: str = "fisher", seed: int = 0,
+def pareto(model_or_source: Any, budgets: list[Budget] | str, calibration: Any = None, *, solver: str = SolveConfig.solver,
+           solver_settings: dict | None = None, constraints=None, error_model: str = SolveConfig.error_model,
+           seed: int = SolveConfig.seed,
            **prepare_kwargs) -> Pareto:
     """Profile once, plan at every budget ('3.0:5.0:0.25bits' or a list of Budgets)."""
     from .api import prepare

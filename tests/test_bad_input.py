@@ -115,7 +115,7 @@ def plan_rows() -> list[Row]:
         Row("profile-version-abc", 2, "", ("plan", "--profile", "{profile_abc}", "--budget", "4bits"),
             contains=("version 'abc'", "re-run `bitalloc profile`")),
         # ---- token windows ----
-        Row("plan-seq-len-1", 2, "need seq_len >= 2", ("plan", "{model}", "--calib", "{calib}", "--budget", "4bits",
+        Row("plan-seq-len-1", 2, "need calibration seq_len >= 2", ("plan", "{model}", "--calib", "{calib}", "--budget", "4bits",
                                                       "--seq-len", "1", "--calib-tokens", "64", "--no-cache")),
         Row("plan-seq-len-over-positions", 2, "calibration token ids: 256 tokens per window is more than the model's 128 positions",
             ("plan", "{model}", "--calib", "{calib}", "--budget", "4bits", "--seq-len", "256", "--calib-tokens", "256", "--no-cache")),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import bitalloc
-import bitalloc.api
-from bitalloc.profile import store
+from bitalloc import candidates
+from bitalloc.profile import statistics, store
 
 from conftest import make_llama
 
@@ -22,8 +22,9 @@ class Spy:
         self.collect_calls = 0
         self.built, self.loaded = [], []
         self.forbid_collect = False
-        real_collect, real_build, real_load = (bitalloc.api.collect_statistics, bitalloc.api.build_candidate_table,
-                                               bitalloc.api.load_table)
+        # api imports these where it calls them (lazily, so `import bitalloc` stays torch-free): patch their homes
+        real_collect, real_build, real_load = (statistics.collect_statistics, candidates.build_candidate_table,
+                                               store.load_table)
 
         def collect(*a, **k):
             if self.forbid_collect:
@@ -41,9 +42,9 @@ class Spy:
             self.loaded.append(t)
             return t
 
-        monkeypatch.setattr(bitalloc.api, "collect_statistics", collect)
-        monkeypatch.setattr(bitalloc.api, "build_candidate_table", build)
-        monkeypatch.setattr(bitalloc.api, "load_table", load)
+        monkeypatch.setattr(statistics, "collect_statistics", collect)
+        monkeypatch.setattr(candidates, "build_candidate_table", build)
+        monkeypatch.setattr(store, "load_table", load)
 
 
 def assert_same_table(a, b):
@@ -159,3 +160,14 @@ def test_store_round_trip(tmp_path, monkeypatch, calib_ids):
 def test_default_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path / "c"))
     assert store.default_cache_dir() == tmp_path / "c"
+
+
+def test_python_api_writes_no_cache_unless_asked(tmp_path, monkeypatch, calib_ids):
+    """A training pipeline calling bitalloc.plan(model, ...) leaves no files behind; cache_dir=True opts in."""
+    cache = tmp_path / "default-cache"
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(cache))
+    bitalloc.plan(make_llama(), "4bits", calib_ids)
+    bitalloc.pareto(make_llama(), "3.5:4.0:0.5bits", calib_ids)
+    assert not cache.exists() or not any(cache.rglob("*"))
+    bitalloc.plan(make_llama(), "4bits", calib_ids, cache_dir=True)
+    assert len(cache_files(cache)) == 1

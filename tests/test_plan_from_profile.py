@@ -16,6 +16,7 @@ import torch
 
 import bitalloc
 from bitalloc import models
+from bitalloc.profile import statistics
 from bitalloc.api import plan_from_table, profile_model
 from bitalloc.calibration import calibration_from_tokens
 from bitalloc.constraints import Constraints
@@ -50,7 +51,7 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(models, "as_loaded", refuse)
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(bitalloc.api, "collect_statistics", refuse)
+    monkeypatch.setattr(statistics, "collect_statistics", refuse)
 
 
 def test_plan_from_profile_equals_plan_from_the_model(spiked, monkeypatch):

@@ -111,7 +111,7 @@ def test_streamed_table_equals_whole_table_and_shares_its_cache_entry(model_dir,
     # same cache key: a whole-model run's entry serves the streamed run (which then computes nothing)
     cache = tmp_path / "cache"
     api.prepare(str(model_dir), calib, cache_dir=cache, **kw)
-    monkeypatch.setattr(api, "streamed_candidate_table", lambda *a, **k: pytest.fail("cache entry not reused"))
+    monkeypatch.setattr(streamed, "streamed_candidate_table", lambda *a, **k: pytest.fail("cache entry not reused"))
     again, _, _ = api.prepare(str(model_dir), calib, cache_dir=cache, stream=True, **kw)
     np.testing.assert_array_equal(again.errors["fisher"], whole.errors["fisher"])
 

@@ -1,10 +1,12 @@
-"""Measured kernel latencies: kernels per device, timing, hardware profiles, the latency model."""
+"""Measured kernel latencies: kernels per device, timing, hardware profiles, the latency model.
 
-from .kernels import Kernel, kernels_for, register_kernel
-from .measure import measure_profile
-from .predict import LatencyModel
-from .profile import HardwareProfile
-from .runtime import attach_kernels, time_forward
+Exports load on first use (PEP 562): planning against a hardware profile needs only numpy and
+pydantic, while kernels, measurement and runtime import torch."""
 
-__all__ = ["Kernel", "kernels_for", "register_kernel", "measure_profile", "LatencyModel", "HardwareProfile",
-           "attach_kernels", "time_forward"]
+from ..lazy import lazy_exports
+
+_WHERE = {"Kernel": ".kernels", "kernels_for": ".kernels", "register_kernel": ".kernels", "measure_profile": ".measure",
+          "LatencyModel": ".predict", "HardwareProfile": ".profile", "attach_kernels": ".runtime",
+          "time_forward": ".runtime"}
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -32,14 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from ..candidates import CandidateTable, table_inconsistency
+from ..table import CandidateTable, table_inconsistency
 from ..errors import BadInputError
 from ..io import atomic_write_bytes, atomic_write_text, canonical_json
 from ..options import QuantOption
-from .hessian_trace import TraceEstimate
-from .interactions import Interaction
-from .salience import Salience
-from .spikes import ProjectionSpikes, SiteSpikes
+from .records import Interaction, ProjectionSpikes, Salience, SiteSpikes, TraceEstimate
 
 PROFILE_FORMAT = "bitalloc-profile"
 PROFILE_VERSION = 3
@@ -214,14 +211,16 @@ def encode_table(table: CandidateTable, arrays: dict[str, np.ndarray]) -> dict:
     for m, e in table.errors.items():
         arrays[f"table/errors/{m}"] = e
     return {"groups": table.groups, "shapes": [list(s) for s in table.shapes],
-            "options": [o.to_dict() for o in table.options], "error_models": sorted(table.errors)}
+            "options": [o.to_dict() for o in table.options], "error_models": sorted(table.errors),
+            "quantizer": table.quantizer}
 
 
 def decode_table(doc: dict, arrays: dict[str, np.ndarray]) -> CandidateTable:
     return CandidateTable(groups=list(doc["groups"]), shapes=[tuple(s) for s in doc["shapes"]],
                           options=[QuantOption.from_dict(d) for d in doc["options"]],
                           storage_bits=arrays["table/storage_bits"],
-                          errors={m: arrays[f"table/errors/{m}"] for m in doc["error_models"]})
+                          errors={m: arrays[f"table/errors/{m}"] for m in doc["error_models"]},
+                          quantizer=doc.get("quantizer", "rtn"))  # before the field: always rtn
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:

@@ -20,8 +20,6 @@ samples of a weight never depend on which others still probe) but stops accumula
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -31,49 +29,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..models import Conv1D
-
-
-@dataclass
-class TraceEstimate:
-    """Running Hutchinson estimate for one weight [out, in]; group_trace sums rows in blocks of group_rows."""
-
-    numel: int
-    group_rows: int
-    probes: int = 0
-    total: float = 0.0  # Σ over probes of v·Hv
-    total_sq: float = 0.0  # Σ over probes of (v·Hv)²
-    group_total: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [row blocks] Σ over probes
-    stopped_by: str | None = None  # "relative" | "absolute" | "max_probes"; None while probing
-
-    @property
-    def trace(self) -> float:
-        return self.total / self.probes if self.probes else math.nan
-
-    @property
-    def stderr(self) -> float:
-        """Standard error of the running mean (sample std / √probes)."""
-        n = self.probes
-        if n < 2:
-            return math.inf
-        var = max(self.total_sq / n - (self.total / n) ** 2, 0.0) * n / (n - 1)
-        return math.sqrt(var / n)
-
-    @property
-    def rel_stderr(self) -> float:
-        t = abs(self.trace)
-        return self.stderr / t if t > 0 else math.inf
-
-    @property
-    def per_param(self) -> float:
-        return self.trace / self.numel
-
-    @property
-    def group_trace(self) -> np.ndarray:
-        return self.group_total / max(self.probes, 1)
-
-    def predicted_delta_loss(self, dw_sq_sum: float) -> float:
-        """HAWQ-V2 eq. 6: ½ · tr(H)/n · ‖ΔW‖²."""
-        return 0.5 * self.per_param * dw_sq_sum
+from .records import TraceEstimate
 
 
 def _param(module: nn.Module) -> tuple[torch.Tensor, bool]:

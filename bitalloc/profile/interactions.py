@@ -14,34 +14,19 @@ siblings reading the same tensor (q/k/v, gate/up) and producer → consumer stag
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import quantize_dequantize
 from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
+from ..quantizers import weight_values
+from .records import Interaction
 
 if TYPE_CHECKING:
     import networkx as nx
-
-
-@dataclass
-class Interaction:
-    a: str
-    b: str
-    relation: str  # "sibling" (same input) or "sequential" (a's stage feeds b's)
-    option: str
-    single_a: float
-    single_b: float
-    joint: float
-
-    @property
-    def correction(self) -> float:
-        return self.joint - self.single_a - self.single_b
 
 
 def block_index(model: nn.Module, name: str) -> int | None:
@@ -91,12 +76,13 @@ def candidate_pairs(graph: nx.DiGraph, blocks: set[int] | None = None) -> list[t
 
 
 @contextlib.contextmanager
-def quantized(model: nn.Module, assign: dict[str, QuantOption]):
-    """Within the block, the named modules hold their RTN weights; the originals come back after."""
+def quantized(model: nn.Module, assign: dict[str, QuantOption], quantizer: str = "rtn"):
+    """Within the block, the named modules hold their quantized weights (`quantizer`: rtn or rtn-mse); the
+    originals come back after."""
     original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in assign}
     try:
         for n, opt in assign.items():
-            set_weight_matrix(model.get_submodule(n), quantize_dequantize(original[n], opt))
+            set_weight_matrix(model.get_submodule(n), weight_values(original[n], opt, quantizer))
         yield model
     finally:
         for n, w in original.items():
@@ -116,18 +102,18 @@ def mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
 
 def measure_interactions(model: nn.Module, pairs: list[tuple[str, str, str]], option: QuantOption,
                          windows: torch.Tensor, progress: bool = False,
-                         singles: dict[str, float] | None = None) -> list[Interaction]:
+                         singles: dict[str, float] | None = None, quantizer: str = "rtn") -> list[Interaction]:
     """Joint and single loss increases for each pair under `option` (singles measured once per module;
-    pass `singles` to reuse ones measured before)."""
+    pass `singles` to reuse ones measured before). quantizer: the profile's, rtn or rtn-mse."""
     base = mean_nll(model, windows)
     singles = dict(singles or {})
     needed = sorted({n for a, b, _ in pairs for n in (a, b)} - set(singles))
     for n in tqdm(needed, desc=f"single ablations {option.label}", disable=not progress, unit="module"):
-        with quantized(model, {n: option}):
+        with quantized(model, {n: option}, quantizer):
             singles[n] = mean_nll(model, windows) - base
     result = []
     for a, b, rel in tqdm(pairs, desc=f"pair ablations {option.label}", disable=not progress, unit="pair"):
-        with quantized(model, {a: option, b: option}):
+        with quantized(model, {a: option, b: option}, quantizer):
             joint = mean_nll(model, windows) - base
         result.append(Interaction(a=a, b=b, relation=rel, option=option.label, single_a=singles[a],
                                   single_b=singles[b], joint=joint))

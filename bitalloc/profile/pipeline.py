@@ -85,11 +85,13 @@ def code_fingerprint() -> str:
 
 def compute_profile(model: nn.Module, module_names: list[str], calibration: Calibration, key: str,
                     settings: ProfileSettings, out: Path, *, options: list[QuantOption] | None = None,
-                    meta: dict | None = None, progress: bool = False, streamed_from=None) -> Profile:
+                    meta: dict | None = None, progress: bool = False, streamed_from=None,
+                    quantizer: str = "rtn") -> Profile:
     """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts).
 
     streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; per-block signals are then
     computed one loaded block at a time (profile/streamed.py). Only fisher, salience and table stream.
+    quantizer: whose ΔW the table's errors measure (config.ProfileConfig.quantizer; recorded in the table).
     """
     out = Path(out)
     if (done := try_load(out, key)) is not None:
@@ -111,12 +113,12 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                 # each part: one block's (or the outside modules') stats, while their weights are loaded
                 for part in iter_block_statistics(streamed_from, todo, calibration, progress=progress):
                     b = block_index(model, next(iter(part)))
-                    parts.put(_block_unit(b), _block_signals(model, blocks[b], part, settings, options))
+                    parts.put(_block_unit(b), _block_signals(model, blocks[b], part, settings, options, quantizer))
                 missing = []
             else:
                 stats = collect_statistics(model, todo, calibration, progress=progress)
             for b in tqdm(missing, desc="profile blocks", disable=not progress, unit="block"):
-                parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options))
+                parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options, quantizer))
                 for n in blocks[b]:
                     del stats[n]  # free H as we go
     if "spikes" in sig and parts.get("spikes") is None:
@@ -141,7 +143,8 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
             got = parts.get(f"interactions-block-{b:03d}")
             if got is None:
-                got = measure_interactions(model, candidate_pairs(graph, {b}), option, windows, singles=singles)
+                got = measure_interactions(model, candidate_pairs(graph, {b}), option, windows, singles=singles,
+                                           quantizer=quantizer)
                 parts.put(f"interactions-block-{b:03d}", got)
             for r in got:
                 singles.setdefault(r.a, r.single_a)
@@ -158,7 +161,7 @@ def _block_unit(b: int | None) -> str:
     return "block-outside" if b is None else f"block-{b:03d}"
 
 
-def _block_signals(model, names, stats, settings: ProfileSettings, options) -> dict:
+def _block_signals(model, names, stats, settings: ProfileSettings, options, quantizer: str = "rtn") -> dict:
     result = {"fisher": {}, "h_diag": {}, "salience": {}, "table": None}
     for n in names:
         s = stats[n]
@@ -170,7 +173,7 @@ def _block_signals(model, names, stats, settings: ProfileSettings, options) -> d
                                                  group_rows=settings.group_rows, group_cols=settings.group_cols,
                                                  damp=settings.salience_damp)
     if "table" in settings.signals and options:
-        result["table"] = build_candidate_table(model, names, stats, options)
+        result["table"] = build_candidate_table(model, names, stats, options, quantizer=quantizer)
     return result
 
 
@@ -200,7 +203,8 @@ def _concat(tables: list[CandidateTable]) -> CandidateTable:
     first = tables[0]
     return CandidateTable(groups=[g for t in tables for g in t.groups], shapes=[s for t in tables for s in t.shapes],
                           options=first.options, storage_bits=np.concatenate([t.storage_bits for t in tables]),
-                          errors={m: np.concatenate([t.errors[m] for t in tables]) for m in first.errors})
+                          errors={m: np.concatenate([t.errors[m] for t in tables]) for m in first.errors},
+                          quantizer=first.quantizer)
 
 
 class _Parts:

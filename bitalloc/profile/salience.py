@@ -12,27 +12,13 @@ Gini coefficient of the per-column salience (0 = even, → 1 = all in one column
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .records import Salience
+
 SALIENCE_KINDS = ("hessian", "activation")
-
-
-@dataclass
-class Salience:
-    """Per-column sums [in], group sums [row blocks, column groups], and clustering, per kind."""
-
-    group_rows: int
-    group_cols: int
-    column: dict[str, np.ndarray]
-    groups: dict[str, np.ndarray]
-    top1pct_share: dict[str, float]
-    gini: dict[str, float]
-
-    def total(self, kind: str = "hessian") -> float:
-        return float(self.column[kind].sum())
 
 
 def element_salience(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> dict[str, torch.Tensor]:

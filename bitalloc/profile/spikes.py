@@ -14,7 +14,6 @@ Per site (a projection's input or output), over every calibration token:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,32 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
+from .records import ProjectionSpikes, SiteSpikes
 
 # max |x| over median channel RMS. A Gaussian channel at 8k tokens reaches ~4.5; on SmolLM2-135M six
 # down_proj inputs exceed 300 (layers 1, 2, 9, 11, 28, 29: 400 to 23000) and the next is 281.
 DEFAULT_THRESHOLD = 300.0
-
-
-@dataclass
-class SiteSpikes:
-    """Spike statistics of one activation site [tokens, channels]."""
-
-    tokens: int
-    max_abs: float
-    channel_max: np.ndarray  # [channels] max |x|
-    channel_rms: np.ndarray  # [channels]
-    kurtosis: float
-    ratio: float  # max_abs / median(channel_rms)
-    top_channels: np.ndarray  # [k] channel ids, largest max |x| first
-    top_tokens: np.ndarray  # [k, 3] (window, position, channel), largest |x| first
-    top_values: np.ndarray  # [k] |x| at those tokens
-    flagged: bool
-
-
-@dataclass
-class ProjectionSpikes:
-    input: SiteSpikes
-    output: SiteSpikes
 
 
 class _SiteAccumulator:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..candidates import ERROR_MODELS, CandidateTable, table_inconsistency
+from ..table import ERROR_MODELS, CandidateTable, table_inconsistency
 from ..io import atomic_write_bytes, canonical_json
 from ..options import QuantOption
 

@@ -84,6 +84,28 @@ def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = 
     return fn(weight, option, hessian=hessian, **settings)
 
 
+def check_without_hessian(quantizer: str, what: str, fix: str) -> None:
+    """Refuse a Hessian quantizer (gptq) for a step that quantizes weights without their layer inputs."""
+    if quantizer in _NEEDS_HESSIAN:
+        raise BadInputError(f"{what} quantizes each weight without its layer's calibration Hessian, so it cannot "
+                            f"follow the {quantizer} quantizer; {fix}")
+
+
+def weight_values(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn") -> torch.Tensor:
+    """The values `weight` [out, in] takes stored as `option` by a quantizer that needs no Hessian (same dtype).
+
+    For the steps that swap weights in place (a scoring solver's trials, measured interactions);
+    rtn is formats.quantize_dequantize exactly. Callers refuse Hessian quantizers up front
+    (check_without_hessian), naming their step.
+    """
+    if quantizer == "rtn":
+        from ..formats import quantize_dequantize
+
+        return quantize_dequantize(weight, option)
+    check_without_hessian(quantizer, "quantize-dequantize", "use rtn or rtn-mse")
+    return quantize_weight(weight, option, quantizer).values.to(weight.dtype)
+
+
 def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], quantizer: str = "rtn",
                             hessian: torch.Tensor | None = None, chunk: int = 16,
                             **settings: Any) -> Iterator[QuantizedWeight]:

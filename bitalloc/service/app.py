@@ -90,7 +90,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
     def post_profile(body: ProfileIn, client: str = Depends(client_of)) -> JSONResponse:
         """Profile a model on calibration text in a worker process; the same request returns the same profile."""
         spec = _profile_spec(body.model, body.calibration, body.options, body.include_lm_head, body.include_embeddings,
-                             rules)
+                             rules, body.quantizer)
         profile = store.get_profile(spec.profile_id)
         if profile is not None:
             job = store.get_job(profile.job_id) if profile.job_id else None
@@ -118,13 +118,14 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             profile_id, families = body.profile_id, _families(body.formats, body.target)
             if store.get_profile(profile_id) is None:
                 raise ApiError(404, f"no profile {profile_id!r}; POST /v1/profiles first, or send model + calibration")
+            _check_profile_quantizer(store.get_profile(profile_id), body.quantizer)
             spec_dict = None
         else:
             options = body.options or OptionsIn(formats=body.formats, target=body.target)
             if body.options is not None and (body.formats is not None or body.target is not None):
                 raise BadInputError("give formats/target either in options (the profile's grid) or at the top level, not both")
             spec = _profile_spec(body.model, body.calibration, options, body.include_lm_head, body.include_embeddings,
-                                 rules)
+                                 rules, body.quantizer)
             profile_id, families, spec_dict = spec.profile_id, None, spec.to_dict()
         plan_spec = _plan_spec(body, families, limits)
         plan_id = plan_spec.plan_id(profile_id)
@@ -191,9 +192,18 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
 # ---- request -> specs ------------------------------------------------------------------------------
 
 
+def _check_profile_quantizer(profile, quantizer: str | None) -> None:
+    """A plan request naming a quantizer must name the stored profile's: its table holds that one's errors."""
+    from ..config import check_table_quantizer
+
+    check_table_quantizer(profile.meta["spec"].get("quantizer", "rtn"), quantizer, f"profile {profile.id}",
+                          "drop quantizer, or POST /v1/profiles with this quantizer and plan from that profile")
+
+
 def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, include_lm_head: bool,
-                  include_embeddings: bool, rules: SourceRules) -> ProfileSpec:
+                  include_embeddings: bool, rules: SourceRules, quantizer: str | None = None) -> ProfileSpec:
     from ..api import bitalloc_version
+    from ..config import ProfileConfig, check_quantizer
     from ..options import default_options
     from ..profile.store import numerics_fingerprint
 
@@ -208,13 +218,16 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                                include_keep=options.keep, formats=resolve_formats(options.formats, options.target))
     except ValueError as e:  # an option the formats cannot represent, e.g. bits 9
         raise BadInputError(f"options: {e}; e.g. bits [2, 3, 4, 8], group_sizes [32, 64, \"ch\"]") from None
+    if quantizer is not None:
+        check_quantizer(quantizer)
     if not grid:
         raise BadInputError("options: no candidate options left (keep false and formats ['keep']); add a format family")
     return ProfileSpec(source=source, model=model_fingerprint(source), calib_path=str(calib_path),
                        calib_sha256=file_sha256(calib_path), seq_len=calibration.seq_len,
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                       code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()})
+                       code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},
+                       quantizer=quantizer or ProfileConfig.quantizer)
 
 
 def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] | None:

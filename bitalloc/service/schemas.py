@@ -49,6 +49,8 @@ class ProfileIn(_Request):
     options: OptionsIn = OptionsIn()
     include_lm_head: bool = False
     include_embeddings: bool = False
+    quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plans will be applied with (rtn, "
+                                     "rtn-mse, gptq; default rtn); the table holds its errors")
 
 
 class ConstraintsIn(_Request):
@@ -68,6 +70,8 @@ class PlanIn(_Request):
     options: Optional[OptionsIn] = None
     include_lm_head: bool = False
     include_embeddings: bool = False
+    quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plan will be applied with; "
+                                     "default rtn, or with profile_id the profile's (another one is refused)")
     budget: str = Field(max_length=64, description="'3.2bits', '1.5GB', '800MB', '2GiB' or '30%' of fp16")
     solver: str = Field("ilp", max_length=64)
     solver_settings: dict[str, Scalar] = Field({}, max_length=32)

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ProfileConfig
 from ..errors import BadInputError
 from ..io import canonical_json
 
@@ -141,6 +142,7 @@ class ProfileSpec:
     include_lm_head: bool = False
     include_embeddings: bool = False
     code: dict = field(default_factory=dict)  # bitalloc version + numerics fingerprint
+    quantizer: str = ProfileConfig.quantizer  # whose ΔW the table's errors measure
 
     def key_parts(self) -> dict:
         return {
@@ -150,6 +152,8 @@ class ProfileSpec:
             "options": self.options,
             "modules": {"lm_head": self.include_lm_head, "embeddings": self.include_embeddings},
             "code": self.code,
+            # the default stays out of the key, so profiles stored before this field keep their ids
+            **({} if self.quantizer == ProfileConfig.quantizer else {"quantizer": self.quantizer}),
         }
 
     @property
@@ -160,7 +164,7 @@ class ProfileSpec:
         return {"source": self.source, "model": self.model, "calib_path": self.calib_path,
                 "calib_sha256": self.calib_sha256, "seq_len": self.seq_len, "calib_tokens": self.calib_tokens,
                 "seed": self.seed, "options": self.options, "include_lm_head": self.include_lm_head,
-                "include_embeddings": self.include_embeddings, "code": self.code}
+                "include_embeddings": self.include_embeddings, "code": self.code, "quantizer": self.quantizer}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProfileSpec":

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,8 @@ import torch
 from .. import api, solvers
 from ..budget import parse_budget
 from ..calibration import Calibration, make_calibration, read_text
-from ..candidates import ERROR_MODELS, CandidateTable
+from ..config import check_solver_names
+from ..table import CandidateTable
 from ..constraints import Constraints
 from ..errors import BadInputError
 from ..io import atomic_write_bytes, atomic_write_text, canonical_json
@@ -56,7 +57,7 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     options = [QuantOption.from_dict(d) for d in spec.options]
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
     with _counted_steps(progress):
-        table = api.profile(loaded, calib, modules, options, cache_dir=None)
+        table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer)
     progress(0.95, "saving profile")
     profile_id = spec.profile_id
     folder = store.profile_dir(profile_id)
@@ -232,10 +233,7 @@ class PlanSpec:
 def check_plan_spec(spec: PlanSpec) -> None:
     """Everything about the plan settings that can be checked without a profile."""
     parse_budget(spec.budget)
-    if spec.solver not in solvers.available_solvers():
-        raise BadInputError(f"unknown solver {spec.solver!r}; available: {', '.join(solvers.available_solvers())}")
-    if spec.error_model not in ERROR_MODELS:
-        raise BadInputError(f"unknown error model {spec.error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    check_solver_names(spec.solver, spec.error_model)
     accepted = set(solvers.base.solver_settings(spec.solver)) - {"score"}
     unknown = sorted(k for k, _ in spec.solver_settings if k not in accepted)
     if unknown:
@@ -252,9 +250,9 @@ def narrow_table(table: CandidateTable, families: tuple[str, ...] | None) -> Can
         offered = sorted({o.family for o in table.options})
         raise BadInputError(f"the profile offers none of the formats {', '.join(families)} (it has {', '.join(offered)}); "
                             "choose among those or make a profile with these formats")
-    return CandidateTable(groups=table.groups, shapes=table.shapes, options=[table.options[k] for k in keep],
-                          storage_bits=table.storage_bits[:, keep],
-                          errors={m: e[:, keep] for m, e in table.errors.items()})
+    # replace() carries every other field (the quantizer among them) over unchanged
+    return replace(table, options=[table.options[k] for k in keep], storage_bits=table.storage_bits[:, keep],
+                   errors={m: e[:, keep] for m, e in table.errors.items()})
 
 
 def make_plan(stored: StoredProfile, spec: PlanSpec, loaded: LoadedModel | None = None) -> Plan:

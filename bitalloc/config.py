@@ -1,0 +1,136 @@
+"""The settings of the two pipeline steps as frozen, validated objects; their defaults live here only.
+
+ProfileConfig: what a candidate table is measured with (calibration windows, option grid, planned
+modules, quantizer, streaming). Every entry point that profiles (api.plan/prepare/profile_model,
+sweep.pareto, the CLI, the service, qat.replan) builds one and hands it on whole, so no setting can
+be dropped on the way (issue 12: the quantizer was lost on four paths).
+SolveConfig: how a plan is chosen from a table (budget, solver + settings, error model,
+constraints, latency target, seed).
+
+Both import neither torch nor transformers: the CLI builds them before any model is loaded, and
+re-planning from a saved profile stays numpy-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget, parse_budget
+from .constraints import Constraints
+from .errors import BadInputError
+from .options import QuantOption, default_options
+from .table import ERROR_MODELS
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration windows a profile is measured on.
+
+    source: a text file path, token ids [windows, seq_len] or a calibration.Calibration (the latter
+    two are used as they are: seq_len and tokens then only describe text sources).
+    tokens: calibration tokens drawn as random windows of seq_len; seed: which windows.
+    """
+
+    source: Any = None
+    seq_len: int = 512
+    tokens: int = 8192
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.source, (str, Path, type(None))) and (self.seq_len < 2 or self.tokens < self.seq_len):
+            raise BadInputError(f"need calibration seq_len >= 2 and tokens >= seq_len, got {self.seq_len} and {self.tokens}")
+
+
+def _default_grid() -> tuple[QuantOption, ...]:
+    return tuple(default_options())
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Everything the candidate table depends on besides the model's weights.
+
+    options: the candidate grid (default options.default_options()). include_lm_head /
+    include_embeddings: plan the output head / input embedding too. quantizer: whose ΔW the
+    candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq).
+    stream: profile one decoder block at a time from a local checkpoint (same table).
+    """
+
+    calibration: CalibrationSpec = CalibrationSpec()
+    options: tuple[QuantOption, ...] = field(default_factory=_default_grid)
+    include_lm_head: bool = False
+    include_embeddings: bool = False
+    quantizer: str = "rtn"
+    stream: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", tuple(self.options))
+        if not self.options:
+            raise BadInputError("no candidate options to profile; offer at least one (e.g. default_options())")
+        if not all(isinstance(o, QuantOption) for o in self.options):
+            raise BadInputError("options must be QuantOption objects (see bitalloc.default_options)")
+        check_quantizer(self.quantizer)
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How a plan is chosen from a candidate table.
+
+    budget: '3.2bits', '1.5GB', '30%' or a Budget. solver_settings: passed to the solver (e.g.
+    backend, time_limit_s). latency_target: a latency.planning.LatencyTarget (predict and cap the
+    latency). score_windows: calibration windows a scoring solver (evolutionary) measures on.
+    """
+
+    budget: Budget | str
+    solver: str = "ilp"
+    solver_settings: tuple[tuple[str, Any], ...] = ()
+    error_model: str = "fisher"
+    constraints: Constraints = Constraints()
+    latency_target: Any = None
+    seed: int = 0
+    score_windows: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+        settings = self.solver_settings.items() if isinstance(self.solver_settings, dict) else self.solver_settings
+        object.__setattr__(self, "solver_settings", tuple(sorted((str(k), v) for k, v in settings)))
+        check_solver_names(self.solver, self.error_model)
+        if self.constraints is None:
+            object.__setattr__(self, "constraints", Constraints())
+
+    def solve_kwargs(self) -> dict:
+        """The keyword arguments of api.solve_table / plan_from_table (everything but the budget)."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "budget"}
+        kw["solver_settings"] = dict(self.solver_settings)
+        return kw
+
+
+def check_solver_names(solver: str, error_model: str) -> None:
+    """BadInputError unless `solver` is registered and `error_model` is one the table carries."""
+    from . import solvers
+
+    if error_model not in ERROR_MODELS:
+        raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    if solver not in solvers.available_solvers():
+        raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")
+
+
+def check_quantizer(name: str) -> None:
+    """BadInputError unless `name` is a registered quantizer (imports the quantizers, hence torch)."""
+    from .quantizers import available_quantizers
+
+    if name not in available_quantizers():
+        raise BadInputError(f"unknown quantizer {name!r}; choose one of {', '.join(available_quantizers())}")
+
+
+def check_table_quantizer(table_quantizer: str, wanted: str | None, where: str, fix: str) -> None:
+    """Refuse to plan for quantizer `wanted` from a table whose errors are `table_quantizer`'s.
+
+    The errors a table holds are those of one quantizer's ΔW; a plan solved on RTN errors and applied
+    with GPTQ would be chosen for the wrong errors, so a mismatch is an error, never a silent switch.
+    wanted None: use the table's quantizer.
+    """
+    if wanted is not None and wanted != table_quantizer:
+        raise BadInputError(f"{where} holds {table_quantizer} errors, not {wanted}; {fix}")
+
