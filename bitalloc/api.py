@@ -171,6 +171,7 @@ def plan(
     latency_target: LatencyTarget | None = None,
     stream: bool = False,
     quantizer: str = "rtn",
+    verify: Any = False,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -182,6 +183,8 @@ def plan(
     stream: profile with one decoder block in memory at a time (a local checkpoint path only; same table).
     quantizer: the quantizer the plan will be applied with (rtn or gptq); the candidate errors are
     that quantizer's, and the plan records it so `apply` uses it.
+    verify: True or a verify.VerifySettings: measure the plan on held-back calibration windows, repair
+    it, and never return one that measures worse than the best fitting uniform option (bitalloc/verify.py).
     """
     budget = parse_budget(budget)
     table, loaded, calib = prepare(model_or_source, calibration, tokenizer=tokenizer, solver=solver, options=options,
@@ -190,7 +193,8 @@ def plan(
                                    cache_dir=cache_dir, progress=progress, trust_remote_code=trust_remote_code,
                                    stream=stream, quantizer=quantizer)
     return plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
-                           error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target)
+                           error_model=error_model, seed=seed, constraints=constraints, latency_target=latency_target,
+                           verify=verify)
 
 
 def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = "ilp",
@@ -247,6 +251,7 @@ def plan_from_table(
     max_latency: float | None = None,
     latency_target: LatencyTarget | None = None,
     score_windows: int = 4,
+    verify: Any = False,
 ) -> Plan:
     """Solve an existing candidate table at a budget (re-planning without re-profiling).
 
@@ -255,12 +260,43 @@ def plan_from_table(
     latency / max_latency: the raw form — [modules, options] seconds and a cap on their sum.
     score_windows: calibration windows the evolutionary solver's true objective is measured on
     (unless solver_settings has a score).
+    verify: True or a verify.VerifySettings: check the plan against measured loss on the calibration's
+    held-back windows and repair it (see plan()).
     """
     context = PlanContext(model=model_record(loaded), calibration=calibration.settings(), score_model=loaded.model,
                           score_tokens=calibration.tokens)
-    return solve_table(table, budget, context, solver=solver, solver_settings=solver_settings, error_model=error_model,
-                       seed=seed, constraints=constraints, latency=latency, max_latency=max_latency,
-                       latency_target=latency_target, score_windows=score_windows)
+    settings = dict(solver=solver, solver_settings=solver_settings, error_model=error_model, seed=seed,
+                    constraints=constraints, latency=latency, max_latency=max_latency, latency_target=latency_target,
+                    score_windows=score_windows)
+    if verify and (latency is not None or latency_target is not None or (constraints and constraints.max_latency)):
+        raise BadInputError("--verify does not handle latency profiles or limits yet: drop one of them")
+    if verify and isinstance(loaded, StreamedModel):
+        raise BadInputError("--verify runs the whole model on held-back calibration windows; drop --stream")
+    plan = solve_table(table, budget, context, **settings)
+    if not verify:
+        return plan
+    return _verified(plan, table, parse_budget(budget), loaded, calibration, verify, context, settings)
+
+
+def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedModel, calibration: Calibration,
+              verify: Any, context: PlanContext, settings: dict) -> Plan:
+    from .verify import VerifySettings, verify_plan
+
+    constraints = settings["constraints"] or Constraints()
+    error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights)
+
+    def uniform(k: int) -> Plan:
+        choice = np.full(len(table.groups), k, dtype=np.int64)
+        solution = solvers.Solution(choice=choice, objective=float(table.errors[error_model][:, k].sum()),
+                                    storage_bits=float(table.storage_bits[:, k].sum()), status="feasible",
+                                    solver="uniform", details={"chosen_by": "verify: measured better than the solved plan"})
+        return _make_plan(table, solution, budget, max_bits, context, error_model, settings["seed"],
+                          constraints if constraints.active else None)
+
+    return verify_plan(plan, table, loaded.model, calibration, verify if isinstance(verify, VerifySettings) else VerifySettings(),
+                       error_model=error_model, allowed=constraint_masks(table, constraints).allowed,
+                       max_storage_bits=max_bits, resolve=lambda t: solve_table(t, budget, context, **settings),
+                       uniform_plan=uniform)
 
 
 @dataclass(frozen=True)

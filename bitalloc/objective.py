@@ -14,14 +14,22 @@ import torch
 from torch import nn
 
 from .candidates import CandidateTable
+from .errors import BadInputError
 from .formats import quantize_dequantize
 from .models import set_weight_matrix, weight_matrix
+from .quantizers import needs_hessian, quantize_weight
 
 
 class CalibrationScore:
-    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, cache_bytes: float = 2e9):
-        """tokens: [windows, seq_len] calibration ids (never the evaluation text)."""
-        self.model, self.table, self.tokens = model, table, tokens
+    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, cache_bytes: float = 2e9,
+                 quantizer: str = "rtn"):
+        """tokens: [windows, seq_len] calibration ids (never the evaluation text).
+
+        quantizer: what a module's weight becomes under an option (one that needs no layer Hessian)."""
+        if needs_hessian(quantizer):
+            raise BadInputError(f"the {quantizer} quantizer quantizes block by block with layer Hessians, so single "
+                                "modules cannot be swapped and measured; measure with a plan made for rtn")
+        self.model, self.table, self.tokens, self.quantizer = model, table, tokens, quantizer
         self.modules = [model.get_submodule(n) for n in table.groups]
         self.original = [weight_matrix(m).detach().clone() for m in self.modules]
         self.current = [-1] * len(self.modules)  # option loaded per module; -1 = original
@@ -31,17 +39,23 @@ class CalibrationScore:
         self.calls = 0
 
     def __call__(self, choice: np.ndarray) -> float:
-        for g, k in enumerate(np.asarray(choice, dtype=np.int64).tolist()):
-            if self.current[g] != k:
-                set_weight_matrix(self.modules[g], self._quantized(g, k))
-                self.current[g] = k
+        self.load(choice)
         self.calls += 1
         return mean_nll(self.model, self.tokens)
+
+    def load(self, choice: np.ndarray) -> None:
+        """Swap every module's weight to its chosen option; -1 = the original weight."""
+        for g, k in enumerate(np.asarray(choice, dtype=np.int64).tolist()):
+            if self.current[g] != k:
+                set_weight_matrix(self.modules[g], self.original[g] if k == -1 else self._quantized(g, k))
+                self.current[g] = k
 
     def _quantized(self, g: int, k: int) -> torch.Tensor:
         if (g, k) in self.cache:
             return self.cache[g, k]
-        w = quantize_dequantize(self.original[g], self.table.options[k])
+        opt = self.table.options[k]
+        w = quantize_dequantize(self.original[g], opt) if self.quantizer == "rtn" else \
+            quantize_weight(self.original[g], opt, self.quantizer).values.to(self.original[g].dtype)
         size = w.numel() * w.element_size()
         if self.cached_bytes + size <= self.cache_bytes:
             self.cache[g, k] = w
