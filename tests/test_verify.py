@@ -151,3 +151,25 @@ def test_family_scales_attribute_measured_cost_by_predicted_share():
     # a mixed part splits its cost by predicted share: 1 of 9 to a, 8 of 9 to b; clipped to [0.25, 4]
     assert fit_family_scales([(np.array([0, 1]), 900.0, choice)], raw, family) == {"a": 4.0, "b": 4.0}
     assert option_family(bitalloc.QuantOption("int", 3, 64, False)) == "int3"
+
+
+def test_cli_verify_writes_the_measurements(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BITALLOC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bitalloc.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    out = tmp_path / "plan.json"
+    r = run("plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", "--seq-len", "16",
+            "--calib-tokens", "64", "--verify", "--verify-windows", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    v = Plan.load(out).verification
+    assert v.slice["windows"] == 3 and v.slice["seq_len"] == 16 and v.slice["source"] == "calib.txt"
+    assert "verified on 3×16 held-back calibration tokens" in r.stdout.replace("\n", " ")
+    assert v.final.kl <= min(u.loss.kl for u in v.uniform)
