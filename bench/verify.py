@@ -13,6 +13,7 @@ that finished is kept when a later one is interrupted) and prints the table.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -35,24 +36,30 @@ def main() -> None:
     ap.add_argument("--budgets", default="3.5,4")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=512, help="calibration (and so verification) window length")
+    ap.add_argument("--grid", choices=("default", "asym"), default="default",
+                    help="candidate options: bitalloc's default grid, or only its asymmetric INT options + keep (half the profiling)")
     ap.add_argument("--verify-windows", type=int, default=2)
     ap.add_argument("--verify-rounds", type=int, default=2)
     args = ap.parse_args()
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
     model = loaded.model
-    calib = resolve_calibration(args.calib, loaded, 512, args.calib_tokens, seed=0)
+    calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
+    options = [o for o in bitalloc.default_options() if args.grid == "default" or o.fmt == "keep" or not o.symmetric]
     t0 = time.perf_counter()
-    table = profile(loaded, calib, select_modules(model), bitalloc.default_options(),
-                    cache_dir=bitalloc.api.default_cache_dir(), progress=True)
+    table = profile(loaded, calib, select_modules(model), options, cache_dir=bitalloc.api.default_cache_dir(), progress=True)
     profile_s = time.perf_counter() - t0
+    print(f"profile {profile_s:.0f}s", flush=True)
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, 512, args.windows)
-    reference = bitalloc.reference_logprobs(model, windows, progress=True)
-    base = bitalloc.evaluate(reference, windows)
-    print(f"profile {profile_s:.0f}s; unquantized test ppl {base.ppl:.3f} ({base.windows}x{base.seq_len})", flush=True)
     settings = VerifySettings(windows=args.verify_windows, max_rounds=args.verify_rounds)
+    reference = base = None
 
     def test_score(plan) -> dict:
+        nonlocal reference, base
+        if reference is None:  # after the first verification, so that its numbers are saved first
+            reference = bitalloc.reference_logprobs(model, windows, progress=True)
+            base = bitalloc.evaluate(reference, windows)
         quantized = bitalloc.apply(_copy(model), plan)
         return bitalloc.evaluate(quantized, windows, reference=reference).to_dict()
 
@@ -66,9 +73,18 @@ def main() -> None:
         verified = plan_from_table(table, budget, loaded, calib, verify=settings)
         verify_s = time.perf_counter() - t
         v = verified.verification
+        result = {"budget": budget, "calibration": calib.settings(), "verify_settings": vars(settings),
+                  "options": [o.label for o in options], "verify_seconds": verify_s, "profile_seconds": profile_s,
+                  "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+                  "solved_labels": [a.label for a in solved.assignments], "verification": v.model_dump(mode="json")}
+        atomic_write_text(Path(args.out) / f"verify-{b:g}bits.json", canonical_json(result))  # kept if the test scoring is cut short
+        print(f"{budget}: verified in {verify_s:.0f}s: {v.outcome}; solved ΔNLL {v.solved.predicted_delta_nll:.4f} predicted / "
+              f"{v.solved.delta_nll:.4f} measured, KL {v.solved.kl:.4f}; final ΔNLL {v.final.delta_nll:.4f}, KL {v.final.kl:.4f}",
+              flush=True)
         solved_test = test_score(solved)
         verified_test = solved_test if verified.assignments == solved.assignments else test_score(verified)
         result = {"budget": budget, "calibration": calib.settings(), "verify_settings": vars(settings),
+                  "options": [o.label for o in options],
                   "profile_seconds": profile_s, "verify_seconds": verify_s, "threads": torch.get_num_threads(),
                   "load_average": os.getloadavg()[0], "test_reference": base.to_dict(),
                   "solved": {"summary": solved.summary.model_dump(), "test": solved_test,
@@ -87,8 +103,6 @@ def main() -> None:
 
 
 def _copy(model):
-    import copy
-
     return copy.deepcopy(model)
 
 
