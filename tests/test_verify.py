@@ -139,6 +139,10 @@ def test_bad_verify_input_is_one_clear_error(setup):
     with pytest.raises(BadInputError, match="latency"):
         latency = np.where(table.allowed, table.storage_bits * 1e-12, np.nan)
         plan_from_table(table, "4bits", loaded, setup[2], latency=latency, max_latency=1.0, verify=True)
+    gptq = copy.copy(table)
+    gptq.quantizer = "gptq"  # quantizes block by block: single modules cannot be swapped in and measured
+    with pytest.raises(BadInputError, match="gptq quantizer quantizes block by block"):
+        plan_from_table(gptq, "4bits", loaded, setup[2], verify=True)
 
 
 def test_family_scales_attribute_measured_cost_by_predicted_share():
