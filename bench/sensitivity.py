@@ -17,11 +17,17 @@ wikitext-2 *test* windows, and reports the Spearman rank correlation of each sig
   Σ Fisher, Hessian / activation salience totals, salience top-1% share, input spike ratio, max |x|,
   kurtosis.
 Then additivity: whole blocks, all ablated modules at once, and the dataflow-graph pairs of one block,
-jointly vs the sum of their single effects. Prints tables, writes bench/out/sensitivity.json + .png.
+jointly vs the sum of their single effects. Then the error model calibrated on a handful of measured
+points (bitalloc/verify.py's per-option-family scale, fitted to whole-block swaps measured on held-back
+*validation* windows that profiling did not use) and the rank correlation before and after.
+Prints tables, writes bench/out/sensitivity.json + .png.
+
+    python bench/sensitivity.py --calibrate-only   # just the calibration step, on the rows already in sensitivity.json
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,6 +46,7 @@ from bitalloc.models import select_modules, weight_matrix
 from bitalloc.options import parse_option
 from bitalloc.profile.interactions import candidate_pairs, dataflow_graph
 from bitalloc.profile.store import default_cache_dir
+from bitalloc.verify import fit_family_scales, held_out_slice, option_family
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
@@ -87,11 +94,22 @@ def main() -> None:
     ap.add_argument("--trace-tokens", type=int, default=128, help="first tokens of each window a probe uses")
     ap.add_argument("--pair-block", type=int, default=9, help="block whose dataflow pairs are measured jointly")
     ap.add_argument("--profile-dir", default=None, help="profile folder (default: <cache>/profile-smollm2-bench)")
+    ap.add_argument("--calibration-blocks", default="4,14,24", help="blocks whose whole-block swaps fit the family scales")
+    ap.add_argument("--calibration-windows", type=int, default=2, help="held-back validation windows they are measured on")
+    ap.add_argument("--calibrate-only", action="store_true", help="only the calibration step, on the rows in sensitivity.json")
     args = ap.parse_args()
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
     model = bench_model = loaded.model
     calib = resolve_calibration(args.calib, loaded, 512, 8192, seed=0)
+    if args.calibrate_only:
+        path = Path(args.out) / "sensitivity.json"
+        saved = json.loads(path.read_text())
+        saved["calibration"] = calibrate_error_model(model, saved["rows"], calib, args)
+        saved["table_text"] = saved["table_text"].split("\n\nError model calibrated")[0] + "\n\n" + saved["calibration"]["text"]
+        print(saved["calibration"]["text"])
+        atomic_write_text(path, canonical_json(saved))
+        return
     names = select_modules(model)
     t0 = time.perf_counter()
     prof = profile_model(loaded, calib, args.profile_dir or default_cache_dir() / "profile-smollm2-bench",
@@ -185,14 +203,53 @@ def main() -> None:
     flagged = [m.name for m in prof.modules if m.spikes.input.flagged]
     lines += ["", f"Activation spikes flagged (input max|x| / median channel RMS > {prof.settings['spike_threshold']:g}): "
                   + ", ".join(f"{n} ({prof.module(n).spikes.input.ratio:.0f})" for n in flagged)]
+    calibration = calibrate_error_model(model, rows, calib, args)
+    lines += ["", calibration["text"]]
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)
     atomic_write_text(out / "sensitivity.json", canonical_json({
         "rows": rows, "summary": summary, "additivity": additivity, "pairs": pair_rows, "base": base.to_dict(),
         "flagged_spikes": flagged, "profile_seconds": profile_s, "trace_probes": prof.modules[0].trace.probes,
-        "table_text": report}))
+        "calibration": calibration, "table_text": report}))
     plot(rows, out / "sensitivity.png")
+
+
+def calibrate_error_model(model, rows: list[dict], calib, args) -> dict:
+    """Fit one scale per option family to whole-block swaps measured on held-back validation windows
+    (never the test text the rows were measured on), and rank-correlate the rows before and after."""
+    slice_tokens, slice_record = held_out_slice(calib, args.calibration_windows)
+    blocks = [int(x) for x in args.calibration_blocks.split(",")]
+    labels = sorted({r["option"] for r in rows})
+    modules = [r["module"] for r in rows if r["option"] == labels[0] and any(f".{i}." in r["module"] for i in blocks)]
+    fisher = {(r["module"], r["option"]): r["fisher"] for r in rows}
+    raw = np.array([[fisher[m, o] for o in labels] for m in modules])  # [modules, options]
+    family = [option_family(parse_option(o)) for o in labels]
+    base_nll = bitalloc.evaluate(model, slice_tokens).nll
+    points, swaps = [], []
+    for i in tqdm(blocks, desc="calibration block swaps", unit="block"):
+        idx = np.array([g for g, m in enumerate(modules) if f".{i}." in m])
+        for k, o in enumerate(labels):
+            measured = with_options(model, {modules[g]: parse_option(o) for g in idx},
+                                    lambda m: bitalloc.evaluate(m, slice_tokens).nll) - base_nll
+            points.append((idx, measured, np.full(len(modules), k)))
+            swaps.append({"block": i, "option": o, "measured": measured, "predicted": float(raw[idx, k].sum())})
+    scales = fit_family_scales(points, raw, family)
+    measured = np.array([r["measured"] for r in rows])
+    before = np.array([r["fisher"] for r in rows])
+    after = np.array([r["fisher"] * scales.get(option_family(parse_option(r["option"])), 1.0) for r in rows])
+    rho_before, rho_after = float(spearmanr(before, measured)[0]), float(spearmanr(after, measured)[0])
+    pos = measured > 0
+    text = "\n".join([
+        f"Error model calibrated on {len(points)} measured points: whole-block swaps of blocks {blocks} at "
+        f"{', '.join(labels)}, ΔNLL on {slice_record['windows']}×{slice_record['seq_len']} held-back validation tokens "
+        f"(windows {slice_record['window_index']}); one scale per option family (measured/predicted, bitalloc/verify.py):",
+        "", "| family | scale |", "|---|---|", *[f"| {f} | {s:.3f} |" for f, s in sorted(scales.items())], "",
+        f"fisher vs the {len(rows)} single-module test ablations: Spearman ρ (all) {rho_before:.3f} before → "
+        f"{rho_after:.3f} after; median measured/predicted {np.median(measured[pos] / before[pos]):.3g} → "
+        f"{np.median(measured[pos] / after[pos]):.3g} (within one option ρ is unchanged by a per-family scale)"])
+    return {"scales": scales, "swaps": swaps, "slice": slice_record, "spearman_before": rho_before,
+            "spearman_after": rho_after, "text": text}
 
 
 def plot(rows: list[dict], path: Path) -> None:

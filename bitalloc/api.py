@@ -207,6 +207,7 @@ def plan(
     latency_target: LatencyTarget | None = None,
     stream: bool = ProfileConfig.stream,
     quantizer: str = ProfileConfig.quantizer,
+    verify: Any = False,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -220,6 +221,8 @@ def plan(
     quantizer: the quantizer the plan will be applied with (rtn or gptq); the candidate errors are
     that quantizer's, and the plan records it so `apply` uses it.
     The keyword arguments build a ProfileConfig and a SolveConfig: see solve(prepare_profile(...)).
+    verify: True or a verify.VerifySettings: measure the plan on held-back calibration windows, repair
+    it, and never return one that measures worse than the best fitting uniform option (bitalloc/verify.py).
     """
     solve_config = SolveConfig(budget=budget, solver=solver, solver_settings=solver_settings or (),
                                error_model=error_model, constraints=constraints or Constraints(),
@@ -228,7 +231,11 @@ def plan(
                              quantizer, stream)
     table, loaded, calib = prepare_profile(model_or_source, config, tokenizer=tokenizer, cache_dir=cache_dir,
                                            progress=progress, trust_remote_code=trust_remote_code, solver=solver)
-    return solve(table, context_of(loaded, calib), solve_config)
+    context = context_of(loaded, calib)
+    plan = solve(table, context, solve_config)
+    if not verify:
+        return plan
+    return _verified(plan, table, solve_config.budget, loaded, calib, verify, context, solve_config.solve_kwargs())
 
 
 def _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
@@ -334,6 +341,7 @@ def plan_from_table(
     max_latency: float | None = None,
     latency_target: LatencyTarget | None = None,
     score_windows: int = SolveConfig.score_windows,
+    verify: Any = False,
 ) -> Plan:
     """Solve an existing candidate table at a budget (re-planning without re-profiling).
 
@@ -342,10 +350,43 @@ def plan_from_table(
     latency / max_latency: the raw form — [modules, options] seconds and a cap on their sum.
     score_windows: calibration windows the evolutionary solver's true objective is measured on
     (unless solver_settings has a score).
+    verify: True or a verify.VerifySettings: check the plan against measured loss on the calibration's
+    held-back windows and repair it (see plan()).
     """
-    return solve_table(table, budget, context_of(loaded, calibration), solver=solver, solver_settings=solver_settings, error_model=error_model,
-                       seed=seed, constraints=constraints, latency=latency, max_latency=max_latency,
-                       latency_target=latency_target, score_windows=score_windows)
+    context = context_of(loaded, calibration)
+    settings = dict(solver=solver, solver_settings=solver_settings, error_model=error_model, seed=seed,
+                    constraints=constraints, latency=latency, max_latency=max_latency, latency_target=latency_target,
+                    score_windows=score_windows)
+    plan = solve_table(table, budget, context, **settings)
+    if not verify:
+        return plan
+    return _verified(plan, table, parse_budget(budget), loaded, calibration, verify, context, settings)
+
+
+def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedModel, calibration: Calibration,
+              verify: Any, context: PlanContext, settings: dict) -> Plan:
+    from .checkpoint import StreamedModel
+    from .verify import VerifySettings, verify_plan
+
+    constraints = settings["constraints"] or Constraints()
+    if settings.get("latency") is not None or settings.get("latency_target") is not None or constraints.max_latency:
+        raise BadInputError("--verify does not handle latency profiles or limits yet: drop one of them")
+    if isinstance(loaded, StreamedModel):
+        raise BadInputError("--verify runs the whole model on held-back calibration windows; drop --stream")
+    error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights)
+
+    def uniform(k: int) -> Plan:
+        choice = np.full(len(table.groups), k, dtype=np.int64)
+        solution = solvers.Solution(choice=choice, objective=float(table.errors[error_model][:, k].sum()),
+                                    storage_bits=float(table.storage_bits[:, k].sum()), status="feasible",
+                                    solver="uniform", details={"chosen_by": "verify: measured better than the solved plan"})
+        return _make_plan(table, solution, budget, max_bits, context, error_model, settings["seed"],
+                          constraints if constraints.active else None)
+
+    return verify_plan(plan, table, loaded.model, calibration, verify if isinstance(verify, VerifySettings) else VerifySettings(),
+                       error_model=error_model, allowed=constraint_masks(table, constraints).allowed,
+                       max_storage_bits=max_bits, resolve=lambda t: solve_table(t, budget, context, **settings),
+                       uniform_plan=uniform)
 
 
 @dataclass(frozen=True)

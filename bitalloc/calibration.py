@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,11 @@ class Calibration:
     text_sha256: str
     source: str
     seed: int
+    # Windows of the same text that profiling does not use (text order) and their positions among the
+    # text's non-overlapping windows: what `verify` measures plans on. Not part of settings(), so the
+    # profile and its cache key are unchanged.
+    held_out: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    held_out_index: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -78,9 +83,12 @@ def sequential_windows(ids: torch.Tensor, seq_len: int, n_windows: int | None = 
 def random_windows(ids: torch.Tensor, seq_len: int, n_windows: int, seed: int) -> torch.Tensor:
     """n distinct non-overlapping windows picked with `seed`, kept in text order."""
     all_windows = sequential_windows(ids, seq_len)
+    return all_windows[_random_pick(all_windows.shape[0], n_windows, seed)]
+
+
+def _random_pick(available: int, n_windows: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(all_windows.shape[0], generator=g)[:n_windows].sort().values
-    return all_windows[pick]
+    return torch.randperm(available, generator=g)[:n_windows].sort().values
 
 
 def make_calibration(
@@ -89,15 +97,26 @@ def make_calibration(
     if seq_len < 2 or tokens < seq_len:
         raise BadInputError(f"need seq_len >= 2 and calibration tokens >= seq_len, got {seq_len} and {tokens}")
     ids = tokenize(tokenizer, text)
-    windows = random_windows(ids, seq_len, tokens // seq_len, seed)
-    return Calibration(tokens=windows, text_sha256=text_sha256(text), source=source, seed=seed)
+    all_windows = sequential_windows(ids, seq_len)
+    pick = _random_pick(all_windows.shape[0], tokens // seq_len, seed)  # the random_windows pick
+    unused = sorted(set(range(all_windows.shape[0])) - set(pick.tolist()))
+    return Calibration(tokens=all_windows[pick], text_sha256=text_sha256(text), source=source, seed=seed,
+                       held_out=all_windows[unused], held_out_index=tuple(unused))
 
 
-def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>") -> Calibration:
-    """Use given windows [n, seq_len] as they are (tests, pipelines that tokenize themselves)."""
+def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>",
+                            held_out: torch.Tensor | None = None) -> Calibration:
+    """Use given windows [n, seq_len] as they are (tests, pipelines that tokenize themselves).
+
+    held_out: other windows [m, seq_len] of calibration text, kept out of profiling, that `verify`
+    measures plans on (never evaluation text)."""
     check_windows(tokens, "calibration token ids")
+    if held_out is not None:
+        check_windows(held_out, "held-out token ids")
     digest = "sha256:" + hashlib.sha256(tokens.long().numpy().tobytes()).hexdigest()
-    return Calibration(tokens=tokens.long(), text_sha256=digest, source=source, seed=seed)
+    return Calibration(tokens=tokens.long(), text_sha256=digest, source=source, seed=seed,
+                       held_out=None if held_out is None else held_out.long(),
+                       held_out_index=() if held_out is None else tuple(range(held_out.shape[0])))
 
 
 def check_windows(tokens: torch.Tensor, what: str) -> None:

@@ -110,8 +110,13 @@ def plan_cmd(
     profile_dir: Optional[Path] = typer.Option(None, "--profile", help="plan from this profile folder (`bitalloc profile --out`): its candidate table, no model needed; with MODEL, checks they match"),
     protect_spikes: Optional[str] = typer.Option(None, "--protect-spikes", help="keep the profile's spike-flagged projections at fp16, fp8 (float >= 8 bits or fp16) or 8bits (any >= 8 bits); needs --profile"),
     stream: bool = typer.Option(False, "--stream", help="profile one decoder block at a time, weights read from the checkpoint (local directory or .gguf): memory ~ one block + activations, same table"),
+    verify: bool = typer.Option(False, "--verify", help="measure the plan on held-back calibration windows, repair it, and never return one worse there than the best fitting uniform option"),
+    verify_windows: int = typer.Option(2, "--verify-windows", help="held-back calibration windows --verify measures on (the last ones profiling did not use)"),
+    verify_rounds: int = typer.Option(2, "--verify-rounds", help="repair rounds of --verify"),
 ) -> None:
     """Profile MODEL on calibration text (or read --profile DIR) and write a plan that fits BUDGET."""
+    if verify and (profile_dir is not None or pareto is not None):
+        raise BadInputError("--verify checks one plan on the loaded model: drop --profile/--pareto, or drop --verify")
     if profile_dir is not None:
         grid_flags = (bits, group_sizes, no_keep, formats, target, include_lm_head, include_embeddings)
         if grid_flags != ("2,3,4,5,6,8", "32,64,128,ch", False, None, None, False, False):
@@ -167,6 +172,10 @@ def plan_cmd(
         out.print(sweep.table(), markup=False, soft_wrap=True)
         out.print(f"wrote {len(sweep.plans)} plans, pareto.json and pareto.png to {folder}")
         return
+    if verify:
+        from .verify import VerifySettings
+
+        common["verify"] = VerifySettings(windows=verify_windows, max_rounds=verify_rounds)
     plan = api.plan_from_table(table, one_budget, loaded, calibration, **common)
     target = out_path or Path("plan.json")
     plan.save(target)
@@ -261,6 +270,13 @@ def _print_summary(plan, seconds: float) -> None:
         limit = f" (limit {lat.max_s * 1e3:.4g} ms)" if lat.max_s is not None else ""
         out.print(f"predicted latency on {lat.profile} ({lat.device}), {lat.tokens} token(s): planned layers "
                   f"{lat.layers_s * 1e3:.4g} ms; {whole}{limit}")
+    if (v := plan.verification) is not None:
+        sl = v.slice
+        best = min(v.uniform, key=lambda u: getattr(u.loss, v.metric), default=None)
+        out.print(f"verified on {sl['windows']}×{sl['seq_len']} held-back calibration tokens ({v.metric}): solved plan "
+                  f"ΔNLL {v.solved.delta_nll:.4g} measured / {v.solved.predicted_delta_nll:.4g} predicted, KL {v.solved.kl:.4g}; "
+                  f"returned the {v.outcome} plan: ΔNLL {v.final.delta_nll:.4g}, KL {v.final.kl:.4g}"
+                  + (f"; best uniform {best.label}: ΔNLL {best.loss.delta_nll:.4g}, KL {best.loss.kl:.4g}" if best else ""))
 
 
 def _solver_status(spec) -> str:

@@ -37,12 +37,16 @@ class CalibrationScore:
         self.calls = 0
 
     def __call__(self, choice: np.ndarray) -> float:
-        for g, k in enumerate(np.asarray(choice, dtype=np.int64).tolist()):
-            if self.current[g] != k:
-                set_weight_matrix(self.modules[g], self._quantized(g, k))
-                self.current[g] = k
+        self.load(choice)
         self.calls += 1
         return mean_nll(self.model, self.tokens)
+
+    def load(self, choice: np.ndarray) -> None:
+        """Swap every module's weight to its chosen option; -1 = the original weight."""
+        for g, k in enumerate(np.asarray(choice, dtype=np.int64).tolist()):
+            if self.current[g] != k:
+                set_weight_matrix(self.modules[g], self.original[g] if k == -1 else self._quantized(g, k))
+                self.current[g] = k
 
     def _quantized(self, g: int, k: int) -> torch.Tensor:
         if (g, k) in self.cache:

@@ -135,6 +135,51 @@ class LatencySpec(_Strict):
     max_s: float | None = Field(None, description="the latency limit the plan was solved under, if any")
 
 
+class MeasuredLoss(_Strict):
+    """A plan's predicted and measured loss on the verification slice (nats per scored token)."""
+
+    storage_bits_per_weight: float
+    predicted_delta_nll: float = Field(description="Σ of the candidate table's predictions (the plan's error model)")
+    calibrated_delta_nll: float | None = Field(
+        None, description="the same after the measured corrections (family scales, module factors); null before any")
+    delta_nll: float = Field(description="measured mean NLL minus the unquantized model's, on the slice")
+    kl: float = Field(description="measured mean KL(unquantized || quantized), on the slice")
+
+
+class RepairRound(_Strict):
+    """One round of the repair loop (bitalloc/verify.py)."""
+
+    measurements: int = Field(description="slice measurements this round took (parts swapped back + the re-solved plan)")
+    module: str | None = Field(description="the module whose measured cost most exceeded its prediction; null if none did")
+    module_measured: float | None = Field(None, description="its measured cost in the plan (restoring it), in the metric")
+    module_predicted: float | None = Field(None, description="its calibrated prediction before this round")
+    family_scales: dict[str, float] = Field(description="measured/predicted per option family, fitted so far")
+    changed_modules: int = Field(description="modules whose option the re-solve changed")
+    plan: MeasuredLoss | None = Field(description="the re-solved plan; null when the re-solve changed nothing")
+
+
+class UniformCheck(_Strict):
+    label: str = Field(description="the option every module takes")
+    loss: MeasuredLoss
+
+
+class Verification(_Strict):
+    """The plan checked against measured loss on held-back calibration windows, repaired, and compared
+    with the best uniform options that fit the same budget (bitalloc/verify.py)."""
+
+    metric: Literal["kl", "delta_nll"] = Field(description="what the repair loop and the guarantee compare")
+    slice: dict = Field(description="the held-back calibration windows: source, text hash, seq_len, windows, "
+                        "window_index (position among the text's non-overlapping windows), selection")
+    reference_nll: float = Field(description="the unquantized model's mean NLL on the slice")
+    solved: MeasuredLoss = Field(description="the plan as first solved")
+    rounds: list[RepairRound]
+    uniform: list[UniformCheck] = Field(description="the measured uniform options that fit the budget")
+    final: MeasuredLoss
+    outcome: Literal["solved", "repaired", "uniform", "solved-unchecked"] = Field(
+        description="which plan was returned: as solved, a repaired one, or the best uniform option (it measured "
+        "better); solved-unchecked: no uniform option fits every module under the constraints")
+
+
 class Plan(_Strict):
     format: Literal["bitalloc.plan"] = PLAN_FORMAT
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -154,14 +199,19 @@ class Plan(_Strict):
     assignments: list[Assignment]
     constraints: dict | None = Field(None, description="constraints the plan was solved under (bit bounds, pins, "
                                      "option filters, ties, latency limit); null if none")
+    verification: Verification | None = Field(
+        None, description="predicted vs measured loss on held-back calibration windows, the repair loop and the "
+        "uniform guarantee (bitalloc plan --verify); absent if the plan was not verified")
 
     @model_serializer(mode="wrap")
     def _omit_rtn_quantizer(self, handler):
-        # RTN plans are written exactly as before the quantizer field existed: byte-identical, and
-        # readable by earlier bitalloc versions (which reject unknown fields).
+        # RTN plans (and unverified ones) are written exactly as before these fields existed:
+        # byte-identical, and readable by earlier bitalloc versions (which reject unknown fields).
         d = handler(self)
         if d.get("quantizer") == "rtn":
             d.pop("quantizer")
+        if d.get("verification", 0) is None:
+            d.pop("verification")
         return d
 
     def to_json(self) -> str:

@@ -1,0 +1,179 @@
+"""Issue 13 item 3: plans verified against measured loss on held-back calibration windows, repaired,
+and never returned worse there than the best fitting uniform option."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+import bitalloc
+from bitalloc.api import plan_from_table, prepare
+from bitalloc.calibration import calibration_from_tokens, make_calibration, sequential_windows, tokenize
+from bitalloc.errors import BadInputError
+from bitalloc.models import weights_hash
+from bitalloc.plan import SCHEMA_PATH, Plan
+from bitalloc.verify import VerifySettings, fit_family_scales, option_family
+
+from conftest import CALIB_TEXT, make_llama
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1234))
+    calib = calibration_from_tokens(ids[:4], held_out=ids[4:])  # profile on 4 windows, verify on the other 2
+    table, loaded, calib = prepare(make_llama(), calib, cache_dir=False)
+    return table, loaded, calib
+
+
+def crafted(table, factor_of):
+    """The table with each module's predicted errors multiplied by factor_of(name)."""
+    t = copy.copy(table)
+    errors = table.errors["fisher"].copy()
+    for g, name in enumerate(table.groups):
+        errors[g] *= factor_of(name)
+    t.errors = {**table.errors, "fisher": errors}
+    return t
+
+
+def wrong_attention(name: str) -> float:
+    # v/o projections predicted 100x too cheap, q/k 100x too dear: the additive prediction is wrong where it matters
+    return 0.01 if ("v_proj" in name or "o_proj" in name) else 100.0 if ("q_proj" in name or "k_proj" in name) else 1.0
+
+
+def measured_kl(plan: Plan, loaded, windows: torch.Tensor) -> float:
+    """The plan's KL to the unquantized model on `windows`, measured from scratch on a copy."""
+    quantized = bitalloc.apply(copy.deepcopy(loaded.model), plan)
+    return bitalloc.evaluate(quantized, windows, reference=loaded.model).kl
+
+
+def test_held_out_windows_are_the_unused_ones_and_leave_the_profile_as_it_was(tokenizer):
+    calib = make_calibration(tokenizer, CALIB_TEXT, seq_len=16, tokens=64, seed=3)
+    all_windows = sequential_windows(tokenize(tokenizer, CALIB_TEXT), 16)
+    used = {tuple(w.tolist()) for w in calib.tokens}
+    assert calib.n_windows == 4 and len(calib.held_out_index) == all_windows.shape[0] - 4 > 4
+    for i, w in zip(calib.held_out_index, calib.held_out):
+        assert torch.equal(all_windows[i], w) and tuple(w.tolist()) not in used
+    # what profiling sees (windows and settings, hence the cache key) is what random_windows always picked
+    assert torch.equal(calib.tokens, bitalloc.calibration.random_windows(tokenize(tokenizer, CALIB_TEXT), 16, 4, 3))
+    assert "held_out" not in json.dumps(calib.settings())
+
+
+def test_guarantee_fires_when_the_repair_is_not_allowed_to_run(setup):
+    table, loaded, calib = setup
+    before = weights_hash(loaded.model)
+    plan = plan_from_table(crafted(table, wrong_attention), "4bits", loaded, calib,
+                           verify=VerifySettings(max_rounds=0, uniform_candidates=2))
+    v = plan.verification
+    best_uniform = min(v.uniform, key=lambda u: u.loss.kl)
+    # the solved plan measured worse than uniform int3-g32-asym, so the uniform plan is returned
+    assert v.solved.kl > best_uniform.loss.kl
+    assert v.outcome == "uniform" and plan.solver.name == "uniform"
+    assert {a.label for a in plan.assignments} == {best_uniform.label}
+    assert v.final.kl == best_uniform.loss.kl
+    assert plan.summary.storage_bits_per_weight <= 4.0
+    assert measured_kl(plan, loaded, calib.held_out[-2:]) == pytest.approx(v.final.kl, rel=1e-4)
+    assert weights_hash(loaded.model) == before  # the model is left as it was
+
+
+def test_repair_finds_the_mispredicted_modules_and_beats_uniform(setup):
+    table, loaded, calib = setup
+    plan = plan_from_table(crafted(table, wrong_attention), "4bits", loaded, calib,
+                           verify=VerifySettings(max_rounds=2))
+    v = plan.verification
+    assert v.outcome == "repaired"
+    # each round located a module that the crafted table under-predicts, with measured >> predicted
+    for r in v.rounds:
+        assert r.module.endswith(("v_proj", "o_proj")) and r.module_measured > 10 * r.module_predicted
+    solved_kl, best_uniform_kl = v.solved.kl, min(u.loss.kl for u in v.uniform)
+    assert v.final.kl <= best_uniform_kl < solved_kl
+    assert v.final.kl < 0.7 * solved_kl
+    assert measured_kl(plan, loaded, calib.held_out[-2:]) == pytest.approx(v.final.kl, rel=1e-4)
+    assert plan.summary.storage_bits_per_weight <= 4.0
+    # the plan states the table's own predictions; the calibrated ones are in verification
+    rows = {g: table.errors["fisher"][g] * wrong_attention(n) for g, n in enumerate(table.groups)}
+    for g, a in enumerate(plan.assignments):
+        assert a.predicted_delta_loss == pytest.approx(rows[g][table.option_index(a.option.to_option())], rel=1e-5)
+    assert v.final.calibrated_delta_nll > v.final.predicted_delta_nll  # the corrections raised the predictions
+
+
+def test_one_module_predicted_100x_too_cheap_is_found_and_given_bits(setup):
+    table, loaded, calib = setup
+    target = "model.layers.0.self_attn.o_proj"
+    mis = crafted(table, lambda n: 1e-4 if n == target else 1.0)
+    g = table.groups.index(target)
+    unverified = plan_from_table(mis, "3.5bits", loaded, calib)
+    assert unverified.assignments[g].option.bits == 2  # the solver trusted the prediction
+    plan = plan_from_table(mis, "3.5bits", loaded, calib, verify=VerifySettings(max_rounds=1))
+    v = plan.verification
+    assert v.rounds[0].module == target
+    assert plan.assignments[g].option.bits > 2
+    assert v.final.kl < v.solved.kl and v.final.kl <= min(u.loss.kl for u in v.uniform)
+
+
+def test_verified_plans_are_byte_identical_and_schema_valid(setup, tmp_path):
+    table, loaded, calib = setup
+    mis = crafted(table, wrong_attention)
+    a = plan_from_table(mis, "4bits", loaded, calib, verify=True).save(tmp_path / "a.json")
+    b = plan_from_table(mis, "4bits", loaded, calib, verify=True).save(tmp_path / "b.json")
+    assert a.read_bytes() == b.read_bytes()
+    raw = json.loads(a.read_text())
+    jsonschema.validate(raw, json.loads(SCHEMA_PATH.read_text()))
+    assert Plan.load(a).verification == Plan.from_json(a.read_text()).verification
+    assert raw["verification"]["slice"]["windows"] == 2
+    # an unverified plan is written exactly as before: no verification key at all
+    assert "verification" not in json.loads(plan_from_table(table, "4bits", loaded, calib).to_json())
+
+
+def test_bad_verify_input_is_one_clear_error(setup):
+    table, loaded, _ = setup
+    no_held_out = calibration_from_tokens(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1234)))
+    with pytest.raises(BadInputError, match="calibration windows that profiling did not use"):
+        plan_from_table(table, "4bits", loaded, no_held_out, verify=True)
+    with pytest.raises(BadInputError, match="unknown verify metric"):
+        VerifySettings(metric="ppl")
+    with pytest.raises(BadInputError, match="latency"):
+        latency = np.where(table.allowed, table.storage_bits * 1e-12, np.nan)
+        plan_from_table(table, "4bits", loaded, setup[2], latency=latency, max_latency=1.0, verify=True)
+    gptq = copy.copy(table)
+    gptq.quantizer = "gptq"  # quantizes block by block: single modules cannot be swapped in and measured
+    with pytest.raises(BadInputError, match="cannot follow the gptq quantizer"):
+        plan_from_table(gptq, "4bits", loaded, setup[2], verify=True)
+
+
+def test_family_scales_attribute_measured_cost_by_predicted_share():
+    raw = np.array([[1.0, 4.0], [2.0, 8.0], [3.0, 12.0]])  # 3 modules x 2 options (families a, b)
+    family = ["a", "b"]
+    choice = np.array([0, 1, 1])
+    # part {0}: all family a, measured 2x; part {1, 2}: all family b, measured 0.5x
+    scales = fit_family_scales([(np.array([0]), 2.0, choice), (np.array([1, 2]), 10.0, choice)], raw, family)
+    assert scales == {"a": 2.0, "b": 0.5}
+    # a mixed part splits its cost by predicted share: 1 of 9 to a, 8 of 9 to b; clipped to [0.25, 4]
+    assert fit_family_scales([(np.array([0, 1]), 900.0, choice)], raw, family) == {"a": 4.0, "b": 4.0}
+    assert option_family(bitalloc.QuantOption("int", 3, 64, False)) == "int3"
+
+
+def test_cli_verify_writes_the_measurements(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BITALLOC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bitalloc.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    out = tmp_path / "plan.json"
+    r = run("plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", "--seq-len", "16",
+            "--calib-tokens", "64", "--verify", "--verify-windows", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    v = Plan.load(out).verification
+    assert v.slice["windows"] == 3 and v.slice["seq_len"] == 16 and v.slice["source"] == "calib.txt"
+    assert "verified on 3×16 held-back calibration tokens" in r.stdout.replace("\n", " ")
+    assert v.final.kl <= min(u.loss.kl for u in v.uniform)
