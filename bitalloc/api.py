@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 
 from . import solvers
-from .budget import Budget, parse_budget
-from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
+from .budget import UNPLANNED_BITS, Budget, parse_budget
+from .calibration import (BUILTIN_CALIBRATION, SELF_CALIBRATION, Calibration, builtin_text, calibration_from_tokens,
+                          make_calibration, read_text)
 from .candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError
@@ -40,14 +42,22 @@ def bitalloc_version() -> str:
 
 
 def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    """None: the built-in set; "self": text sampled from the model; a path: that text file; ids: as given."""
     if isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, torch.Tensor):
         return calibration_from_tokens(calibration, seed=seed)
+    if calibration is None:
+        return make_calibration(loaded.tokenizer, builtin_text(), seq_len=seq_len, tokens=tokens, seed=seed,
+                                source=f"builtin:{BUILTIN_CALIBRATION}")
+    if isinstance(calibration, str) and calibration == SELF_CALIBRATION:
+        from .calibration_self import self_calibration
+
+        return self_calibration(loaded.model, loaded.tokenizer, seq_len=seq_len, tokens=tokens, seed=seed)
     if isinstance(calibration, (str, Path)):
         text = read_text(calibration)
         return make_calibration(loaded.tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=Path(calibration).name)
-    raise BadInputError("calibration is required: pass a text file path (e.g. wiki.valid.tokens) or token ids [windows, seq_len]")
+    raise BadInputError("calibration must be a text file path, 'self', token ids [windows, seq_len], or None (the built-in set)")
 
 
 def profile(
@@ -146,7 +156,12 @@ def model_record(loaded: LoadedModel) -> dict:
     model = loaded.model
     return {"source": loaded.source, "architecture": type(model).__name__, "content_hash": loaded.content_hash,
             "output_embedding": output_embedding_name(model), "input_embedding": input_embedding_name(model),
-            "tied_embeddings": tied_embeddings(model)}
+            "tied_embeddings": tied_embeddings(model), "total_weights": total_weights(model)}
+
+
+def total_weights(model: torch.nn.Module) -> int:
+    """Elements of every parameter, a tied tensor counted once (named_parameters dedups shared ones)."""
+    return int(sum(p.numel() for _, p in model.named_parameters()))
 
 
 def plan(
@@ -175,7 +190,8 @@ def plan(
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
     model_or_source: an nn.Module (pass `tokenizer` if calibration is text), a LoadedModel, or a
-    source string (hub id, directory, .gguf). calibration: text file path, token ids
+    source string (hub id, directory, .gguf). calibration: None (the built-in set,
+    bitalloc/data/calibration/), "self" (sampled from the model with `seed`), a text file path, token ids
     [windows, seq_len], or a Calibration. cache_dir: True = default cache, False/None = no cache.
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
     latency_target: hardware profile (+ tokens, optional whole-forward limit) to predict and cap latency.
@@ -314,7 +330,9 @@ def solve_table(
                             "(modules x options)")
     masks = constraint_masks(table, constraints)
     n = table.num_weights
-    max_bits = budget.max_storage_bits(n)
+    total = context.model.get("total_weights")  # absent in profiles made before whole-model sizes
+    unplanned = None if total is None else total - n
+    max_bits = budget.max_storage_bits(n, unplanned)
     problem = solvers.Problem(
         cost=np.nan_to_num(table.errors[error_model], nan=0.0),
         storage_bits=np.where(masks.allowed, table.storage_bits, np.nan),
@@ -328,8 +346,9 @@ def solve_table(
     if max_bits < lo:
         under = " under these constraints" if constraints.active else ""
         raise BudgetInfeasibleError(
-            f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)}{under} "
-            f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or offer fewer bits (--bits)"
+            f"budget {budget.text}{_scope_text(budget)} is below the smallest feasible {budget.describe(lo, n, unplanned)}{under} "
+            f"(feasible: {budget.describe(lo, n, unplanned)} to {budget.describe(hi, n, unplanned)}); "
+            "raise the budget or offer fewer bits (--bits)"
         )
     settings = dict(solver_settings or {})
     accepted = solvers.base.solver_settings(solver)
@@ -353,7 +372,11 @@ def solve_table(
         if score is not None:
             score.restore()
     return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
-                      constraints if constraints.active else None, timing)
+                      constraints if constraints.active else None, timing, masks.tie_kinds, unplanned)
+
+
+def _scope_text(budget: Budget) -> str:
+    return " (whole model)" if budget.scope == "model" else ""
 
 
 def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
@@ -369,7 +392,7 @@ def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
 
 
 def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_model, seed, constraints=None,
-               timing: LatencyInputs | None = None) -> Plan:
+               timing: LatencyInputs | None = None, tie_kinds: tuple[str, ...] = (), unplanned: int | None = None) -> Plan:
     record = context.model
     tied = record["tied_embeddings"]
     head, emb = record["output_embedding"], record["input_embedding"]
@@ -394,6 +417,8 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
         )
     n = table.num_weights
     storage = sum(a.storage_bits for a in assignments)
+    storage_bytes = -(-storage // 8)
+    unplanned_bytes = None if unplanned is None else -(-unplanned * UNPLANNED_BITS // 8)
     return Plan(
         bitalloc_version=bitalloc_version(),
         model=ModelSpec(source=record["source"], architecture=record["architecture"], content_hash=record["content_hash"]),
@@ -406,15 +431,20 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                           bound=None if solution.bound is None else _sig(solution.bound),
                           details={k: _sig(v) if isinstance(v, float) else v for k, v in solution.details.items()}),
         seed=seed,
-        budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
+        budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits),
+                          scope=budget.scope),
         summary=Summary(
             planned_modules=len(assignments),
             planned_weights=n,
             nominal_bits_per_weight=round(nominal_sum / n, 6),
             storage_bits_per_weight=round(storage / n, 6),
-            storage_bytes=-(-storage // 8),
+            storage_bytes=storage_bytes,
             fp16_bytes=2 * n,
             predicted_delta_loss=_sig(sum(a.predicted_delta_loss for a in assignments)),
+            ties=dict(sorted(Counter(tie_kinds).items())),
+            unplanned_weights=unplanned,
+            unplanned_bytes=unplanned_bytes,
+            model_bytes=None if unplanned_bytes is None else storage_bytes + unplanned_bytes,
         ),
         latency=None if timing is None else _latency_spec(timing, solution.choice),
         assignments=assignments,

@@ -20,6 +20,7 @@ class Calibration:
     text_sha256: str
     source: str
     seed: int
+    sampling: str = "random non-overlapping windows"
 
     @property
     def seq_len(self) -> int:
@@ -36,9 +37,24 @@ class Calibration:
             "seq_len": self.seq_len,
             "windows": self.n_windows,
             "tokens": self.n_windows * self.seq_len,
-            "sampling": "random non-overlapping windows",
+            "sampling": self.sampling,
             "seed": self.seed,
         }
+
+
+# The set used when no calibration is given (bitalloc/data/calibration/README.md: what it is, its license).
+BUILTIN_CALIBRATION = "austen"
+SELF_CALIBRATION = "self"  # --calib self: text sampled from the model itself (calibration_self.py)
+
+
+def builtin_text(name: str = BUILTIN_CALIBRATION) -> str:
+    """The text of a calibration set shipped inside the package."""
+    from importlib.resources import files
+
+    path = files("bitalloc") / "data" / "calibration" / f"{name}.txt"
+    if not path.is_file():
+        raise BadInputError(f"no built-in calibration set {name!r}; the built-in set is {BUILTIN_CALIBRATION!r}")
+    return path.read_text(encoding="utf-8")
 
 
 def read_text(path: str | Path) -> str:

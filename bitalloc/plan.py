@@ -81,13 +81,23 @@ class Summary(_Strict):
     storage_bytes: int
     fp16_bytes: int
     predicted_delta_loss: float
+    # Added after the first v1 plans; null where the plan (or its profile) predates them.
+    ties: dict[str, int] | None = Field(None, description="ties the solver honoured, as tied groups per kind: qkv, "
+                                        "gate_up, w1_w3, experts_gate_up, experts_down (the default 'fused' ties) or the "
+                                        "--tie regex; {} = none")
+    unplanned_weights: int | None = Field(None, ge=0, description="elements of the tensors the plan does not cover "
+                                          "(embedding, head, norms, biases)")
+    unplanned_bytes: int | None = Field(None, ge=0, description="their storage at 16 bits (fp16/bf16) each")
+    model_bytes: int | None = Field(None, ge=0, description="storage_bytes + unplanned_bytes: the whole model")
 
 
 class BudgetSpec(_Strict):
     kind: Literal["bits", "bytes", "percent"]
     value: float
     text: str
-    max_storage_bits: float
+    max_storage_bits: float = Field(description="the planned weights' storage limit the solver met")
+    scope: Literal["planned", "model"] = Field("planned", description="planned: the budget is of the planned weights; "
+                                               "model: of the whole model, unplanned tensors at 16 bits included")
 
 
 class ModelSpec(_Strict):
