@@ -98,5 +98,5 @@ def test_whole_model_scope_subtracts_the_unplanned_tensors_at_16_bits():
     assert parse_budget(parse_budget("4bits"), "model").scope == "model"
     with pytest.raises(BadInputError, match="unknown budget scope 'layers'"):
         parse_budget("4bits", "layers")
-    with pytest.raises(BadInputError, match="predates them"):
+    with pytest.raises(BadInputError, match="which this profile predates"):
         b.max_storage_bits(n, None)
