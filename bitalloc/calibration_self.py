@@ -10,6 +10,7 @@ follows the float logits).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 import torch
@@ -61,6 +62,8 @@ def self_calibration(model: torch.nn.Module, tokenizer: Any, *, seq_len: int = 5
 
 def _sample(model, ids: torch.Tensor, seq_len: int, g: torch.Generator, banned: list[int], device) -> torch.Tensor:
     """Extend ids [batch, prompt] to [batch, seq_len] by top-k temperature sampling, with the KV cache."""
+    # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids.to(device), use_cache=True)
     past, seq = out.past_key_values, ids
     while seq.shape[1] < seq_len:
@@ -72,6 +75,6 @@ def _sample(model, ids: torch.Tensor, seq_len: int, g: torch.Generator, banned: 
         seq = torch.cat([seq, nxt], dim=1)
         if seq.shape[1] == seq_len:
             break
-        out = model(input_ids=nxt.to(device), past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt.to(device), use_cache=True, **{cache_arg: past})
         past = out.past_key_values
     return seq
