@@ -375,6 +375,8 @@ def test_pareto_writes_one_plan_per_point_and_a_plot(model_dir, cli_env, tmp_pat
         assert f"| {b}.00bits |" in text
     points = json.loads((folder / "pareto.json").read_text())["points"]
     assert [p["on_frontier"] for p in points] == [True, True, True]
+    assert [p["model_bytes"] for p in points] == [p.summary.model_bytes for p in plans]  # whole model per point
+    assert f"| {plans[0].summary.model_bytes / 1e6:.2f} |" in text
 
 
 @pytest.mark.parametrize("solver, settings", [("lagrangian", ()), ("dp", ("--solver-setting", "resolution_bits=64")),
