@@ -1,7 +1,7 @@
 """bitalloc: mixed-precision bit allocation for LLM weights under a budget.
 
     import bitalloc
-    plan = bitalloc.plan("model.gguf", budget="3.2bits", calibration="wiki.valid.tokens")
+    plan = bitalloc.plan("model.gguf", budget="3.2bits")   # built-in calibration set; or calibration="text.txt" / "self"
     plan.save("plan.json")
     model = bitalloc.apply(model, bitalloc.Plan.load("plan.json"))
 

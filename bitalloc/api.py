@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -39,6 +40,7 @@ def bitalloc_version() -> str:
 
 
 def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
+    """None: the built-in set; "self": text sampled from the model; a path: that text file; ids: as given."""
     from .models import check_token_ids
 
     calib = _calibration(calibration, loaded, seq_len, tokens, seed)
@@ -49,16 +51,24 @@ def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tok
 def _calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
     import torch
 
-    from .calibration import Calibration, calibration_from_tokens, make_calibration, read_text
+    from .calibration import (BUILTIN_CALIBRATION, SELF_CALIBRATION, Calibration, builtin_text, calibration_from_tokens,
+                              make_calibration, read_text)
 
     if isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, torch.Tensor):
         return calibration_from_tokens(calibration, seed=seed)
+    if calibration is None:
+        return make_calibration(loaded.tokenizer, builtin_text(), seq_len=seq_len, tokens=tokens, seed=seed,
+                                source=f"builtin:{BUILTIN_CALIBRATION}")
+    if isinstance(calibration, str) and calibration == SELF_CALIBRATION:
+        from .calibration_self import self_calibration
+
+        return self_calibration(loaded.model, loaded.tokenizer, seq_len=seq_len, tokens=tokens, seed=seed)
     if isinstance(calibration, (str, Path)):
         text = read_text(calibration)
         return make_calibration(loaded.tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=Path(calibration).name)
-    raise BadInputError("calibration is required: pass a text file path (e.g. wiki.valid.tokens) or token ids [windows, seq_len]")
+    raise BadInputError("calibration must be a text file path, 'self', token ids [windows, seq_len], or None (the built-in set)")
 
 
 def profile(
@@ -182,7 +192,12 @@ def model_record(loaded: LoadedModel) -> dict:
     model = loaded.model
     return {"source": loaded.source, "architecture": type(model).__name__, "content_hash": loaded.content_hash,
             "output_embedding": output_embedding_name(model), "input_embedding": input_embedding_name(model),
-            "tied_embeddings": tied_embeddings(model)}
+            "tied_embeddings": tied_embeddings(model), "total_weights": total_weights(model)}
+
+
+def total_weights(model: torch.nn.Module) -> int:
+    """Elements of every parameter, a tied tensor counted once (named_parameters dedups shared ones)."""
+    return int(sum(p.numel() for _, p in model.named_parameters()))
 
 
 def plan(
@@ -212,7 +227,8 @@ def plan(
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
     model_or_source: an nn.Module (pass `tokenizer` if calibration is text), a LoadedModel, or a
-    source string (hub id, directory, .gguf). calibration: text file path, token ids
+    source string (hub id, directory, .gguf). calibration: None (the built-in set,
+    bitalloc/data/calibration/), "self" (sampled from the model with `seed`), a text file path, token ids
     [windows, seq_len], or a Calibration. cache_dir: a folder for the profile cache, True = the
     default cache (~/.cache/bitalloc or $BITALLOC_CACHE_DIR), None/False (default) = no cache.
     constraints: bit bounds, pins, option filters, ties (see bitalloc.constraints).
@@ -442,7 +458,9 @@ def solve_table(
                             "(modules x options)")
     masks = constraint_masks(table, constraints)
     n = table.num_weights
-    max_bits = budget.max_storage_bits(n)
+    total = context.model.get("total_weights")  # absent in profiles made before whole-model sizes
+    unplanned = None if total is None else total - n
+    max_bits = budget.max_storage_bits(n, unplanned)
     cost = _finite_costs(table, error_model)
     problem = solvers.Problem(
         cost=cost,
@@ -457,8 +475,9 @@ def solve_table(
     if max_bits < lo:
         under = " under these constraints" if constraints.active else ""
         raise BudgetInfeasibleError(
-            f"budget {budget.text} is below the smallest feasible {budget.describe(lo, n)}{under} "
-            f"(feasible: {budget.describe(lo, n)} to {budget.describe(hi, n)}); raise the budget or offer fewer bits (--bits)"
+            f"budget {budget.text}{_scope_text(budget)} is below the smallest feasible {budget.describe(lo, n, unplanned)}{under} "
+            f"(feasible: {budget.describe(lo, n, unplanned)} to {budget.describe(hi, n, unplanned)}); "
+            "raise the budget or offer fewer bits (--bits)"
         )
     settings = dict(solver_settings or {})
     accepted = solvers.base.solver_settings(solver)
@@ -482,7 +501,11 @@ def solve_table(
         if score is not None:
             score.restore()
     return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
-                      constraints if constraints.active else None, timing)
+                      constraints if constraints.active else None, timing, masks.tie_kinds, unplanned)
+
+
+def _scope_text(budget: Budget) -> str:
+    return " (whole model)" if budget.scope == "model" else ""
 
 
 def _finite_costs(table: CandidateTable, error_model: str) -> np.ndarray:
@@ -514,7 +537,7 @@ def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
 
 
 def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_model, seed, constraints=None,
-               timing: LatencyInputs | None = None) -> Plan:
+               timing: LatencyInputs | None = None, tie_kinds: tuple[str, ...] = (), unplanned: int | None = None) -> Plan:
     record = context.model
     tied = record["tied_embeddings"]
     head, emb = record["output_embedding"], record["input_embedding"]
@@ -547,8 +570,9 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                           bound=None if solution.bound is None else _sig(solution.bound),
                           details={k: _sig(v) if isinstance(v, float) else v for k, v in solution.details.items()}),
         seed=seed,
-        budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits)),
-        summary=summarize(assignments),
+        budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits),
+                          scope=budget.scope),
+        summary=summarize(assignments, ties=dict(sorted(Counter(tie_kinds).items())), unplanned_weights=unplanned),
         latency=None if timing is None else _latency_spec(timing, solution.choice),
         assignments=assignments,
         constraints=None if constraints is None else constraints.to_dict(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import BadInputError
 
@@ -25,37 +25,62 @@ _PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-
 _EXAMPLES = "e.g. '3.2bits' (average storage bits per planned weight), '1.5GB', '800MB', '2GiB' or '30%' (of fp16 size)"
 
 
+SCOPES = ("planned", "model")
+UNPLANNED_BITS = 16  # unplanned tensors (embedding, head, norms, biases) are stored as fp16/bf16
+
+
 @dataclass(frozen=True)
 class Budget:
-    """kind: 'bits' (storage bits per planned weight), 'bytes' (total), or 'percent' (of fp16 size)."""
+    """kind: 'bits' (storage bits per weight), 'bytes' (total), or 'percent' (of fp16 size).
+
+    scope: 'planned' = of the planned weights only; 'model' = of the whole model, the unplanned
+    tensors counted at UNPLANNED_BITS (a constant the planned weights' budget is reduced by)."""
 
     kind: str
     value: float
     text: str
+    scope: str = "planned"
 
-    def max_storage_bits(self, num_weights: int) -> float:
+    def max_storage_bits(self, num_weights: int, unplanned_weights: int | None = 0) -> float:
         """The budget as total storage bits for `num_weights` planned weights."""
+        n, fixed = self._whole(num_weights, unplanned_weights)
         if self.kind == "bits":
-            return self.value * num_weights
-        if self.kind == "bytes":
-            return self.value * 8
-        return self.value / 100 * 16 * num_weights
+            total = self.value * n
+        elif self.kind == "bytes":
+            total = self.value * 8
+        else:
+            total = self.value / 100 * 16 * n
+        return total - fixed
 
-    def describe(self, storage_bits: float, num_weights: int) -> str:
-        """Express a storage amount in this budget's own unit (for error messages)."""
+    def describe(self, storage_bits: float, num_weights: int, unplanned_weights: int | None = 0) -> str:
+        """Express a planned-weight storage amount in this budget's own unit and scope (for error messages)."""
+        n, fixed = self._whole(num_weights, unplanned_weights)
+        bits = storage_bits + fixed
         if self.kind == "bits":
-            return f"{storage_bits / num_weights:.4g}bits"
+            return f"{bits / n:.4g}bits"
         if self.kind == "bytes":
-            return f"{storage_bits / 8 / 1e6:.4g}MB"
-        return f"{storage_bits / (16 * num_weights) * 100:.4g}%"
+            return f"{bits / 8 / 1e6:.4g}MB"
+        return f"{bits / (16 * n) * 100:.4g}%"
+
+    def _whole(self, num_weights: int, unplanned_weights: int | None) -> tuple[int, int]:
+        """(weights the budget is over, storage bits fixed outside the plan)."""
+        if self.scope == "planned":
+            return num_weights, 0
+        if unplanned_weights is None:
+            raise BadInputError("a whole-model budget (--budget-scope model) needs the size of the unplanned tensors, "
+                                "which this profile predates; re-run `bitalloc profile`, or use --budget-scope planned")
+        return num_weights + unplanned_weights, unplanned_weights * UNPLANNED_BITS
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "value": self.value, "text": self.text}
+        return {"kind": self.kind, "value": self.value, "text": self.text, "scope": self.scope}
 
 
-def parse_budget(text: str | Budget) -> Budget:
+def parse_budget(text: str | Budget, scope: str | None = None) -> Budget:
+    """scope: 'planned' (default) or 'model'; None keeps a Budget's own scope."""
+    if scope is not None and scope not in SCOPES:
+        raise BadInputError(f"unknown budget scope {scope!r}: 'planned' (the planned weights) or 'model' (the whole model)")
     if isinstance(text, Budget):
-        return text
+        return text if scope is None else replace(text, scope=scope)
     m = _PATTERN.match(str(text))
     if not m:
         raise BadInputError(f"cannot read budget {text!r}: write a number with a unit, {_EXAMPLES}")
@@ -70,4 +95,4 @@ def parse_budget(text: str | Budget) -> Budget:
         raise BadInputError(f"budget must be positive, got {text!r}: {_EXAMPLES}")
     if kind == "percent" and value > 100:
         raise BadInputError(f"a percentage budget is of the fp16 size and cannot exceed 100%, got {text!r}: {_EXAMPLES}")
-    return Budget(kind, value, str(text).strip())
+    return Budget(kind, value, str(text).strip(), scope or "planned")

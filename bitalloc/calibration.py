@@ -25,6 +25,7 @@ class Calibration:
     # profile and its cache key are unchanged.
     held_out: torch.Tensor | None = field(default=None, compare=False, repr=False)
     held_out_index: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    sampling: str = "random non-overlapping windows"
 
     @property
     def seq_len(self) -> int:
@@ -41,9 +42,24 @@ class Calibration:
             "seq_len": self.seq_len,
             "windows": self.n_windows,
             "tokens": self.n_windows * self.seq_len,
-            "sampling": "random non-overlapping windows",
+            "sampling": self.sampling,
             "seed": self.seed,
         }
+
+
+# The set used when no calibration is given (bitalloc/data/calibration/README.md: what it is, its license).
+BUILTIN_CALIBRATION = "austen"
+SELF_CALIBRATION = "self"  # --calib self: text sampled from the model itself (calibration_self.py)
+
+
+def builtin_text(name: str = BUILTIN_CALIBRATION) -> str:
+    """The text of a calibration set shipped inside the package."""
+    from importlib.resources import files
+
+    path = files("bitalloc") / "data" / "calibration" / f"{name}.txt"
+    if not path.is_file():
+        raise BadInputError(f"no built-in calibration set {name!r}; the built-in set is {BUILTIN_CALIBRATION!r}")
+    return path.read_text(encoding="utf-8")
 
 
 def read_text(path: str | Path) -> str:

@@ -18,6 +18,9 @@ from .service.limits import DEFAULT_JOB_TIMEOUT_S
 
 DEFAULT_SIGNALS_TEXT = ("fisher", "trace", "salience", "spikes", "table")  # = profile.pipeline.DEFAULT_SIGNALS, without importing torch
 
+CALIB_HELP = ("calibration text file (e.g. wiki.valid.tokens); 'self' = text sampled from the model (data-free, --seed); "
+              "default: the built-in set (public-domain English prose, bitalloc/data/calibration/)")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
 out = Console()
 
@@ -79,7 +82,8 @@ def _solver_settings(items: list[str]) -> dict:
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
+    budget_scope: str = typer.Option("planned", "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model: unplanned embedding, head, norms at 16 bits included)"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
     solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
@@ -96,7 +100,7 @@ def plan_cmd(
     max_bits: Optional[int] = typer.Option(None, "--max-bits", help="every planned module gets at most this many bits"),
     pin: List[str] = typer.Option([], "--pin", help="REGEX=OPTION: modules matching REGEX take OPTION, e.g. 'lm_head=fp16' (repeatable)"),
     allow: List[str] = typer.Option([], "--allow", help="REGEX=LABEL_REGEX: modules matching REGEX choose only options whose label matches, e.g. 'down_proj=int[4-8].*' (repeatable)"),
-    tie: List[str] = typer.Option([], "--tie", help="'fused' (q/k/v and gate/up share an option per block) or a module REGEX whose matches share one (repeatable)"),
+    tie: List[str] = typer.Option([], "--tie", help="default 'fused': q/k/v, gate/up and each projection across a block's experts share an option (what serving stacks fuse); 'none' lifts it; or a module REGEX whose matches share one (repeatable)"),
     pareto: Optional[str] = typer.Option(None, "--pareto", help="sweep budgets START:STOP:STEP, e.g. 3.0:5.0:0.25bits: one plan per point in --out, plus pareto.png"),
     latency_profile: Optional[Path] = typer.Option(None, "--latency-profile", help="hardware profile (profiles/*.json, `bitalloc latency`): the plan reports its predicted latency"),
     latency_tokens: int = typer.Option(1, "--latency-tokens", help="tokens per forward the latency is for: 1 = a decode step, e.g. 512 = a prefill"),
@@ -122,7 +126,7 @@ def plan_cmd(
         if grid_flags != ("2,3,4,5,6,8", "32,64,128,ch", False, None, None, False, False):
             raise BadInputError("--profile fixes the options and planned modules (its candidate table); drop --bits/"
                                 "--group-sizes/--no-keep/--formats/--target/--include-*, narrow with --allow or --min-bits instead")
-        return _plan_from_profile_cmd(profile_dir, model, calib, budget, pareto, out_path, protect_spikes, dict(
+        return _plan_from_profile_cmd(profile_dir, model, calib, budget, pareto, budget_scope, out_path, protect_spikes, dict(
             solver=solver, solver_settings=_solver_settings(solver_setting), error_model=error_model, seed=seed,
             constraints=_constraints(min_bits, max_bits, pin, allow, tie),
             latency_target=_latency_target(latency_profile, latency_tokens, max_latency),
@@ -141,19 +145,13 @@ def plan_cmd(
 
     if (budget is None) == (pareto is None):
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
-    if calib is None:
-        raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
     options = _option_grid(bits, group_sizes, keep=not no_keep, formats=formats, target=target)
-    constraints = Constraints(
-        min_bits=min_bits, max_bits=max_bits,
-        pins=tuple(parse_rule(p, "--pin") for p in pin), allow=tuple(parse_rule(a, "--allow") for a in allow),
-        ties=tuple(tie),
-    )
+    constraints = _constraints(min_bits, max_bits, pin, allow, tie)
     settings = _solver_settings(solver_setting)
     latency_target = _latency_target(latency_profile, latency_tokens, max_latency)
     # fail on a bad budget, range or output path before loading anything
-    budgets = parse_budget_range(pareto) if pareto is not None else None
-    one_budget = parse_budget(budget) if budget is not None else None
+    budgets = _scoped(parse_budget_range(pareto), budget_scope) if pareto is not None else None
+    one_budget = parse_budget(budget, budget_scope) if budget is not None else None
     _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     table, loaded, calibration = api.prepare(
@@ -194,13 +192,20 @@ def _check_plan_out(out_path: Path | None, pareto: str | None) -> None:
 
 
 def _constraints(min_bits, max_bits, pin, allow, tie):
-    from .constraints import Constraints, parse_rule
+    from .constraints import Constraints, parse_rule, parse_ties
 
     return Constraints(min_bits=min_bits, max_bits=max_bits, pins=tuple(parse_rule(p, "--pin") for p in pin),
-                       allow=tuple(parse_rule(a, "--allow") for a in allow), ties=tuple(tie))
+                       allow=tuple(parse_rule(a, "--allow") for a in allow), ties=parse_ties(tie))
 
 
-def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, out_path, protect_spikes, common: dict) -> None:
+def _scoped(budgets: list, scope: str) -> list:
+    from .budget import parse_budget
+
+    return [parse_budget(b, scope) for b in budgets]
+
+
+def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, budget_scope, out_path, protect_spikes,
+                           common: dict) -> None:
     """`bitalloc plan --profile DIR`: solve the profile's table; MODEL and --calib, if given, are checked against it."""
     from .budget import parse_budget
     from .replan import plan_from_profile, pareto_from_profile
@@ -208,8 +213,8 @@ def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, out_
 
     if (budget is None) == (pareto is None):
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
-    budgets = parse_budget_range(pareto) if pareto is not None else None
-    one_budget = parse_budget(budget) if budget is not None else None
+    budgets = _scoped(parse_budget_range(pareto), budget_scope) if pareto is not None else None
+    one_budget = parse_budget(budget, budget_scope) if budget is not None else None
     _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     kwargs = dict(model=model, calibration=calib, protect_spikes=protect_spikes, **common)
@@ -247,7 +252,8 @@ def _latency_target(profile_path: Path | None, tokens: int, max_latency: str | N
 
 def _print_summary(plan, seconds: float) -> None:
     s = plan.summary
-    table = Table(title=f"plan for {plan.model.source} at {plan.budget.text}")
+    scope = " (whole model)" if plan.budget.scope == "model" else ""
+    table = Table(title=f"plan for {plan.model.source} at {plan.budget.text}{scope}")
     table.add_column("option")
     table.add_column("modules", justify="right")
     table.add_column("weights", justify="right")
@@ -265,6 +271,8 @@ def _print_summary(plan, seconds: float) -> None:
         f"(nominal {s.nominal_bits_per_weight:.4f}), {s.storage_bytes / 1e6:.2f} MB vs {s.fp16_bytes / 1e6:.2f} MB fp16; "
         f"predicted ΔNLL {s.predicted_delta_loss:.4g} nats; solver {plan.solver.name} ({_solver_status(plan.solver)}); {seconds:.1f}s"
     )
+    out.print(_model_size_line(s), soft_wrap=True)
+    out.print(_ties_line(plan), soft_wrap=True)
     if (lat := plan.latency) is not None:
         whole = f"{lat.predicted_s * 1e3:.4g} ms per forward" if lat.predicted_s is not None else "whole forward unknown (model not timed in the profile)"
         limit = f" (limit {lat.max_s * 1e3:.4g} ms)" if lat.max_s is not None else ""
@@ -279,6 +287,30 @@ def _print_summary(plan, seconds: float) -> None:
                   + (f"; best uniform {best.label}: ΔNLL {best.loss.delta_nll:.4g}, KL {best.loss.kl:.4g}" if best else ""))
 
 
+def _model_size_line(s) -> str:
+    if s.model_bytes is None:
+        return "whole model: unknown (the plan's profile predates whole-model sizes)"
+    return (f"whole model {s.model_bytes / 1e6:.2f} MB = planned weights {s.storage_bytes / 1e6:.2f} MB + unplanned tensors "
+            f"(embedding, head, norms; {s.unplanned_weights:,} at 16 bits) {s.unplanned_bytes / 1e6:.2f} MB")
+
+
+_TIE_KINDS = {"qkv": "q/k/v", "gate_up": "gate/up", "w1_w3": "w1/w3", "experts_gate_up": "experts' gate/up",
+              "experts_down": "experts' down"}
+
+
+def _ties_line(plan) -> str:
+    ties = plan.summary.ties
+    if ties is None:
+        return "ties: not recorded (plan predates them)"
+    specs = (plan.constraints or {}).get("ties", [])
+    if not ties:
+        why = "lifted (--tie none)" if not specs else "none matched"
+        return f"ties: none ({why}); `bitalloc apply` refuses q/k/v or gate/up with different options"
+    parts = ", ".join(f"{n} {_TIE_KINDS.get(kind, repr(kind))}" for kind, n in ties.items())
+    default = " (default --tie fused: what serving stacks fuse; --tie none lifts it)" if "fused" in specs else ""
+    return f"ties: {parts} groups share one option{default}"
+
+
 def _solver_status(spec) -> str:
     from .solvers.base import relative_gap
 
@@ -291,7 +323,7 @@ def _solver_status(spec) -> str:
 @app.command("profile")
 def profile_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     signals: str = typer.Option(",".join(DEFAULT_SIGNALS_TEXT), "--signals", help="comma-separated: trace,fisher,salience,spikes,interactions,table"),
     out_dir: Path = typer.Option(Path("profile"), "--out", help="profile folder to write (profile.json + tensors.npz); an unfinished one is resumed"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),
@@ -315,8 +347,6 @@ def profile_cmd(
     from .io import check_output_dir
     from .config import ProfileConfig
 
-    if calib is None:
-        raise BadInputError("--calib is required: pass a calibration text file, e.g. --calib ../shared/data/wikitext2/wiki.valid.tokens")
     check_output_dir(out_dir)
     chosen = tuple(s.strip() for s in signals.split(",") if s.strip())
     options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=None)

@@ -18,11 +18,21 @@ from .options import parse_option
 
 # "fused": what serving stacks fuse into one matmul: q/k/v of an attention block, gate/up
 # (w1/w3 in Mixtral-style experts) of an MLP. Keyed by the parent module, so per block.
+# In an MoE block the experts' weights are one fused tensor per projection in vLLM's FusedMoE
+# (w13 = every expert's gate/up, w2 = every expert's down) and SGLang / TensorRT-LLM alike, so
+# all experts of a block share one option per projection. Tried first: an expert's gate/up are
+# tied across the experts, not only with each other.
+FUSED_EXPERTS = (
+    (re.compile(r"^(.*\.experts)\.\d+\.(gate_proj|up_proj|w1|w3)$"), "experts_gate_up"),
+    (re.compile(r"^(.*\.experts)\.\d+\.(down_proj|w2)$"), "experts_down"),
+)
 FUSED = (
     (re.compile(r"^(.*)\.(q_proj|k_proj|v_proj)$"), "qkv"),
     (re.compile(r"^(.*)\.(gate_proj|up_proj)$"), "gate_up"),
     (re.compile(r"^(.*)\.(w1|w3)$"), "w1_w3"),
 )
+# The default: plans deploy to the serving stacks as they are (`--tie none` lifts it).
+DEFAULT_TIES = ("fused",)
 
 
 @dataclass(frozen=True)
@@ -30,20 +40,23 @@ class Constraints:
     """min_bits / max_bits: bounds on every planned module's nominal bits (fp16 counts 16).
     pins: (module regex, option label): matching modules take exactly that option.
     allow: (module regex, option-label regex): matching modules choose only among matching options.
-    ties: "fused" (q/k/v and gate/up per block) or module regexes whose matches share one option;
-    a regex with groups ties the modules whose groups match alike (e.g. one tie per layer).
+    ties: "fused" (q/k/v, gate/up per block and each projection across a block's experts: what
+    serving stacks fuse; the default, a no-op where a model has none) or module regexes whose
+    matches share one option; a regex with groups ties the modules whose groups match alike (e.g.
+    one tie per layer). () = no ties.
     max_latency: predicted seconds; needs a latency matrix."""
 
     min_bits: int | None = None
     max_bits: int | None = None
     pins: tuple[tuple[str, str], ...] = ()
     allow: tuple[tuple[str, str], ...] = ()
-    ties: tuple[str, ...] = ()
+    ties: tuple[str, ...] = DEFAULT_TIES
     max_latency: float | None = None
 
     @property
     def active(self) -> bool:
-        return self != Constraints()
+        """Anything beyond the bare option grid (the default fused ties count: the plan records them)."""
+        return self != Constraints(ties=())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,6 +70,19 @@ class Constraints:
 class Masks:
     allowed: np.ndarray  # [G, K] what each group may choose
     ties: tuple[tuple[int, ...], ...] = field(default=())
+    tie_kinds: tuple[str, ...] = field(default=())  # per tie: qkv, gate_up, experts_down, ... or the user's regex
+
+
+def parse_ties(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """--tie values: none given = the default (fused); 'none' alone = no ties."""
+    items = tuple(items)
+    if not items:
+        return DEFAULT_TIES
+    if "none" in items:
+        if len(items) > 1:
+            raise BadInputError(f"--tie none lifts every tie and cannot be combined with --tie {' '.join(i for i in items if i != 'none')}")
+        return ()
+    return items
 
 
 def parse_rule(text: str, flag: str) -> tuple[str, str]:
@@ -125,12 +151,13 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
                 applied = " ".join(flags + allow_flags.get(g, []))
                 raise BadInputError(f"module {names[g]} has no option left after {applied}; widen the bounds or filters")
     ties = _ties(names, constraints.ties)
-    for tie, origin in ties:
+    for tie, origin, _ in ties:
         if not allowed[list(tie)].all(axis=0).any():
             members = ", ".join(names[g] for g in tie)
+            lift = " or --tie none" if origin == "fused" else ""
             raise BadInputError(f"tie '{origin}' groups {members}, which share no allowed option "
-                                "(check --pin/--min-bits/--max-bits/--allow for them)")
-    return Masks(allowed, tuple(t for t, _ in ties))
+                                f"(check --pin/--min-bits/--max-bits/--allow for them{lift})")
+    return Masks(allowed, tuple(t for t, _, _ in ties), tuple(k for _, _, k in ties))
 
 
 def _matching(names: list[str], regex: str, where: str) -> np.ndarray:
@@ -141,23 +168,26 @@ def _matching(names: list[str], regex: str, where: str) -> np.ndarray:
     return hits
 
 
-def _ties(names: list[str], specs: tuple[str, ...]) -> list[tuple[tuple[int, ...], str]]:
+def _ties(names: list[str], specs: tuple[str, ...]) -> list[tuple[tuple[int, ...], str, str]]:
+    """(group indices, the spec that tied them, kind) per tie, in module order."""
     out = []
     for spec in specs:
         groups: dict[tuple, list[int]] = {}
         if spec == "fused":
             for g, n in enumerate(names):
-                for pattern, kind in FUSED:
+                for pattern, kind in (*FUSED_EXPERTS, *FUSED):
                     if m := pattern.match(n):
                         groups.setdefault((m.group(1), kind), []).append(g)
+                        break
         else:
             pattern = _compile(spec, f"tie '{spec}'")
             for g, n in enumerate(names):
                 if m := pattern.search(n):
                     groups.setdefault(m.groups(), []).append(g)
-        found = [tuple(v) for _, v in sorted(groups.items(), key=lambda kv: kv[1][0]) if len(v) > 1]
-        if not found:
-            what = "q/k/v or gate/up modules of one block" if spec == "fused" else "two modules (with equal groups)"
-            raise BadInputError(f"tie '{spec}' matches no {what}; planned modules look like {names[0]!r}")
-        out.extend((t, spec) for t in found)
+        found = [(tuple(v), key[-1] if spec == "fused" else spec)
+                 for key, v in sorted(groups.items(), key=lambda kv: kv[1][0]) if len(v) > 1]
+        # fused finding nothing is fine (e.g. GPT-2's c_attn is already one matrix); a regex must tie something
+        if not found and spec != "fused":
+            raise BadInputError(f"tie '{spec}' matches no two modules (with equal groups); planned modules look like {names[0]!r}")
+        out.extend((t, spec, kind) for t, kind in found)
     return out

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from .budget import UNPLANNED_BITS
 from .errors import BadInputError, PlanVersionError
 from .io import atomic_write_text, canonical_json
 from .options import QuantOption
@@ -96,13 +97,23 @@ class Summary(_Strict):
     storage_bytes: int
     fp16_bytes: int
     predicted_delta_loss: float
+    # Added after the first v1 plans; null where the plan (or its profile) predates them.
+    ties: dict[str, int] | None = Field(None, description="ties the solver honoured, as tied groups per kind: qkv, "
+                                        "gate_up, w1_w3, experts_gate_up, experts_down (the default 'fused' ties) or the "
+                                        "--tie regex; {} = none")
+    unplanned_weights: int | None = Field(None, ge=0, description="elements of the tensors the plan does not cover "
+                                          "(embedding, head, norms, biases)")
+    unplanned_bytes: int | None = Field(None, ge=0, description="their storage at 16 bits (fp16/bf16) each")
+    model_bytes: int | None = Field(None, ge=0, description="storage_bytes + unplanned_bytes: the whole model")
 
 
 class BudgetSpec(_Strict):
     kind: Literal["bits", "bytes", "percent"]
     value: float
     text: str
-    max_storage_bits: float
+    max_storage_bits: float = Field(description="the planned weights' storage limit the solver met")
+    scope: Literal["planned", "model"] = Field("planned", description="planned: the budget is of the planned weights; "
+                                               "model: of the whole model, unplanned tensors at 16 bits included")
 
 
 class ModelSpec(_Strict):
@@ -263,15 +274,24 @@ def sig6(x: float) -> float:
     return float(f"{float(x):.6g}")
 
 
-def summarize(assignments: list[Assignment]) -> Summary:
-    """The plan's summary, derived from its assignments (weights, bits per weight, bytes, predicted ΔNLL)."""
+def summarize(assignments: list[Assignment], ties: dict[str, int] | None = None,
+              unplanned_weights: int | None = None) -> Summary:
+    """The plan's summary, derived from its assignments (weights, bits per weight, bytes, predicted ΔNLL).
+
+    ties (the ties the solver honoured) and unplanned_weights (elements outside the plan) are not
+    derivable from the assignments and are taken as given; the whole-model bytes follow from them.
+    """
     n = sum(a.shape[0] * a.shape[1] for a in assignments)
     nominal = sum(a.option.bits * a.shape[0] * a.shape[1] for a in assignments)
     storage = sum(a.storage_bits for a in assignments)
+    storage_bytes = -(-storage // 8)
+    unplanned_bytes = None if unplanned_weights is None else -(-unplanned_weights * UNPLANNED_BITS // 8)
     return Summary(planned_modules=len(assignments), planned_weights=n,
                    nominal_bits_per_weight=round(nominal / n, 6) if n else 0.0,
-                   storage_bits_per_weight=round(storage / n, 6) if n else 0.0, storage_bytes=-(-storage // 8),
-                   fp16_bytes=2 * n, predicted_delta_loss=sig6(sum(a.predicted_delta_loss for a in assignments)))
+                   storage_bits_per_weight=round(storage / n, 6) if n else 0.0, storage_bytes=storage_bytes,
+                   fp16_bytes=2 * n, predicted_delta_loss=sig6(sum(a.predicted_delta_loss for a in assignments)),
+                   ties=ties, unplanned_weights=unplanned_weights, unplanned_bytes=unplanned_bytes,
+                   model_bytes=None if unplanned_bytes is None else storage_bytes + unplanned_bytes)
 
 
 def plan_inconsistency(plan: Plan) -> str | None:
@@ -296,7 +316,7 @@ def plan_inconsistency(plan: Plan) -> str | None:
         if None in rows or (rows and a.rows is None) or any(r[0] < a.rows[1] and a.rows[0] < r[1] for r in rows):
             return f"{where}: module {a.module} is assigned twice"
         rows.append(a.rows)
-    derived = summarize(plan.assignments)
+    derived = summarize(plan.assignments, plan.summary.ties, plan.summary.unplanned_weights)
     for name in Summary.model_fields:
         got, want = getattr(plan.summary, name), getattr(derived, name)
         # floats: the summary rounds to 6 decimals / 6 significant digits; NaN and inf never match

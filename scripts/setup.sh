@@ -6,6 +6,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+# BITALLOC_VENV: an existing, set-up environment to use as it is (CI's fresh-copy quickstart check).
+if [ -n "${BITALLOC_VENV:-}" ] && [ -x "$BITALLOC_VENV/bin/python" ]; then
+  "$BITALLOC_VENV/bin/python" -c "import torch, bitalloc; print(f'bitalloc ready ($BITALLOC_VENV): torch {torch.__version__}')"
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -84,7 +84,6 @@ def plan_rows() -> list[Row]:
             (*P, "--pareto", "3:1e309:1bits")),
         Row("pareto-range", 2, "cannot read", (*P, "--pareto", "5:3")),
         # ---- missing or unreadable inputs ----
-        Row("calib-flag-missing", 2, "--calib is required", ("plan", "{model}", "--budget", "4bits", *FAST)),
         Row("calib-file-missing", 2, "text file", ("plan", "{model}", "--calib", "nope.txt", "--budget", "4bits", *FAST)),
         Row("calib-empty", 2, "text file", ("plan", "{model}", "--calib", "empty.txt", "--budget", "4bits", *FAST),
             setup=file("empty.txt", "  \n")),
@@ -187,7 +186,6 @@ def other_command_rows() -> list[Row]:
         Row("apply-format", 2, "unknown checkpoint format", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--format", "gguf")),
         Row("export-no-target", 2, "pass a plan and a target", ("export", "{plan}")),
         Row("export-unknown-target", 2, "unknown export target 'nope'", ("export", "{plan}", "--to", "nope")),
-        Row("profile-calib-missing", 2, "--calib is required", ("profile", "{model}", "--out", "prof")),
         Row("profile-signal-unknown", 2, "unknown signal(s) nope", ("profile", "{model}", "--calib", "{calib}",
                                                                     "--signals", "nope", "--out", "prof")),
         Row("latency-threads-0", 2, "--threads must be at least 1", ("latency", "--model", "{model}", "--out", "l.json",

@@ -82,3 +82,21 @@ def test_percent_over_100_rejected(text):
 def test_unknown_unit_is_named():
     with pytest.raises(BadInputError, match="'parsecs'"):
         parse_budget("3.2parsecs")
+
+
+def test_whole_model_scope_subtracts_the_unplanned_tensors_at_16_bits():
+    n, unplanned = 1000, 200
+    # bytes: the whole model's bytes minus the unplanned tensors' 16 bits each
+    assert parse_budget("1000B", "model").max_storage_bits(n, unplanned) == 8000 - 16 * 200
+    # bits per weight: over every weight of the model
+    assert parse_budget("4bits", "model").max_storage_bits(n, unplanned) == 4 * 1200 - 16 * 200
+    # percent of the whole model's fp16 size
+    assert parse_budget("50%", "model").max_storage_bits(n, unplanned) == 0.5 * 16 * 1200 - 16 * 200
+    b = parse_budget("1000B", "model")
+    assert b.describe(b.max_storage_bits(n, unplanned), n, unplanned) == "0.001MB"  # back in the budget's own terms
+    assert parse_budget("1000B").max_storage_bits(n, unplanned) == 8000  # the default scope: planned weights only
+    assert parse_budget(parse_budget("4bits"), "model").scope == "model"
+    with pytest.raises(BadInputError, match="unknown budget scope 'layers'"):
+        parse_budget("4bits", "layers")
+    with pytest.raises(BadInputError, match="which this profile predates"):
+        b.max_storage_bits(n, None)

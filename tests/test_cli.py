@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
 import bitalloc
 from bitalloc.plan import SCHEMA_PATH, Plan, plan_json_schema
@@ -110,7 +112,114 @@ def test_show_prints_summary(cli_plan, cli_env):
     assert f"{plan.summary.planned_modules} modules" in text
 
 
-# ---- bad input: exit code 2, one message, no traceback -----------------------------------------
+# ---- the headline command: no --calib, default ties, whole-model size --------------------------
+
+
+@pytest.fixture(scope="module")
+def headline_model_dir(model_dir, tmp_path_factory):
+    """model_dir's tiny Llama with a 1024-token context, so the default 512-token windows fit (a context
+    shorter than --seq-len is refused); same weights, since Llama has no learned position embeddings."""
+    d = tmp_path_factory.mktemp("tiny-llama-1k")
+    for f in model_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    config = json.loads((d / "config.json").read_text())
+    config["max_position_embeddings"] = 1024
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def headline(headline_model_dir, cli_env, tmp_path_factory):
+    """`bitalloc plan --budget 3.2bits MODEL` exactly as the README gives it (writes ./plan.json)."""
+    cwd = tmp_path_factory.mktemp("headline")
+    r = run_cli(cli_env, "plan", "--budget", "3.2bits", headline_model_dir, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd / "plan.json", " ".join(r.stdout.split())
+
+
+def test_headline_plan_uses_the_builtin_calibration_set(headline):
+    import hashlib
+    from importlib.resources import files
+
+    path, stdout = headline
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    plan = Plan.load(path)
+    text = (files("bitalloc") / "data" / "calibration" / "austen.txt").read_bytes()
+    assert plan.calibration["source"] == "builtin:austen"
+    assert plan.calibration["text_sha256"] == "sha256:" + hashlib.sha256(text).hexdigest()
+    assert plan.calibration["tokens"] == 8192 and plan.calibration["seq_len"] == 512 and plan.calibration["seed"] == 0
+    assert plan.summary.storage_bits_per_weight <= 3.2 and plan.budget.scope == "planned"
+
+
+def test_headline_plan_ties_what_serving_stacks_fuse(headline):
+    path, stdout = headline
+    plan = Plan.load(path)
+    by = {a.module: a.label for a in plan.assignments}
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        assert len({by[f"{p}.self_attn.{x}_proj"] for x in "qkv"}) == 1
+        assert by[f"{p}.mlp.gate_proj"] == by[f"{p}.mlp.up_proj"]
+    assert plan.summary.ties == {"gate_up": 2, "qkv": 2}
+    assert plan.constraints["ties"] == ["fused"]
+    assert "ties: 2 gate/up, 2 q/k/v groups share one option (default --tie fused" in stdout
+
+
+def test_headline_plan_reports_the_whole_model(headline):
+    path, stdout = headline
+    s = Plan.load(path).summary
+    model = make_llama()
+    params = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    assert s.unplanned_weights == params - s.planned_weights
+    assert s.unplanned_weights >= model.model.embed_tokens.weight.numel()  # embedding (= head) + norms
+    assert s.unplanned_bytes == 2 * s.unplanned_weights and s.model_bytes == s.storage_bytes + s.unplanned_bytes
+    assert f"whole model {s.model_bytes / 1e6:.2f} MB = planned weights {s.storage_bytes / 1e6:.2f} MB" in stdout
+
+
+def test_default_plan_applies_with_default_flags_and_reloads(headline, model_dir, cli_env, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from test_checkpoint import load_with_model_compressor
+
+    path, _ = headline
+    out = tmp_path / "ck"
+    r = run_cli(cli_env, "apply", model_dir, "--plan", path, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = Plan.load(path)
+    reloaded = load_with_model_compressor(out, make_llama)
+    simulated = bitalloc.apply(make_llama(), plan)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, simulated(ids).logits)
+
+
+def test_tie_none_lifts_the_default_ties(model_dir, cli_env, tmp_path):
+    out = tmp_path / "untied.json"
+    r = plan_with(cli_env, model_dir, out, "--budget", "3.2bits", "--tie", "none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = Plan.load(out)
+    assert plan.summary.ties == {} and plan.constraints is None
+    assert "ties: none (lifted (--tie none))" in " ".join(r.stdout.split())
+    r = plan_with(cli_env, model_dir, out, "--budget", "3.2bits", "--tie", "none", "--tie", "fused")
+    assert_bad_input(r, "--tie none lifts every tie")
+
+
+def test_whole_model_budget_is_solved_with_unplanned_bytes_fixed(model_dir, cli_env, tmp_path):
+    out = tmp_path / "model.json"
+    r = plan_with(cli_env, model_dir, out, "--budget", "0.07MB", "--budget-scope", "model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = Plan.load(out)
+    s = plan.summary
+    assert plan.budget.scope == "model" and plan.budget.max_storage_bits == 0.07e6 * 8 - 16 * s.unplanned_weights
+    assert s.model_bytes <= 70_000 < s.unplanned_bytes + s.fp16_bytes
+    planned = tmp_path / "planned.json"  # the same number over the planned weights alone allows more
+    assert plan_with(cli_env, model_dir, planned, "--budget", "0.07MB").returncode == 0
+    assert Plan.load(planned).summary.storage_bytes > s.storage_bytes
+    r = plan_with(cli_env, model_dir, out, "--budget", "0.05MB", "--budget-scope", "model")
+    assert_bad_input(r, "budget 0.05MB (whole model) is below the smallest feasible")
+    r = plan_with(cli_env, model_dir, out, "--budget", "3bits", "--budget-scope", "layers")
+    assert_bad_input(r, "unknown budget scope 'layers'")
+
+
 
 
 def test_malformed_budget(model_dir, cli_env):
@@ -123,9 +232,9 @@ def test_negative_budget(model_dir, cli_env):
     assert_bad_input(r, "'-1bits'", "positive")
 
 
-def test_missing_calib_option(model_dir, cli_env):
-    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", *PLAN_ARGS)
-    assert_bad_input(r, "--calib is required")
+def test_self_calibration_needs_tokenizer_sized_settings(model_dir, cli_env):
+    r = run_cli(cli_env, "plan", model_dir, "--budget", "4bits", "--calib", "self", "--calib-tokens", "8", "--seq-len", "16")
+    assert_bad_input(r, "tokens >= seq_len")
 
 
 def test_calibration_file_missing(model_dir, cli_env, tmp_path):
@@ -280,6 +389,8 @@ def test_pareto_writes_one_plan_per_point_and_a_plot(model_dir, cli_env, tmp_pat
         assert f"| {b}.00bits |" in text
     points = json.loads((folder / "pareto.json").read_text())["points"]
     assert [p["on_frontier"] for p in points] == [True, True, True]
+    assert [p["model_bytes"] for p in points] == [p.summary.model_bytes for p in plans]  # whole model per point
+    assert f"| {plans[0].summary.model_bytes / 1e6:.2f} |" in text
 
 
 @pytest.mark.parametrize("solver, settings", [("lagrangian", ()), ("dp", ("--solver-setting", "resolution_bits=64")),

@@ -7,7 +7,7 @@ import pytest
 
 from bitalloc import BadInputError
 from bitalloc.candidates import CandidateTable
-from bitalloc.constraints import Constraints, constraint_masks, parse_rule
+from bitalloc.constraints import Constraints, constraint_masks, parse_rule, parse_ties
 from bitalloc.options import QuantOption
 
 OPTIONS = [QuantOption.int_(2, 64), QuantOption.int_(4, 64), QuantOption.int_(4, 128), QuantOption.int_(8, None, True),
@@ -30,9 +30,46 @@ def allowed_labels(masks, name):
 
 
 def test_no_constraints_keep_the_table():
-    m = constraint_masks(table(), Constraints())
+    m = constraint_masks(table(), Constraints(ties=()))
     np.testing.assert_array_equal(m.allowed, table().allowed)
-    assert m.ties == () and not Constraints().active
+    assert m.ties == () and not Constraints(ties=()).active
+
+
+def test_default_ties_are_the_fused_ones_and_none_lifts_them():
+    assert Constraints().ties == ("fused",) and Constraints().active  # recorded in the plan
+    assert parse_ties([]) == ("fused",) and parse_ties(["none"]) == () and parse_ties([r"mlp\.(\w+)"]) == (r"mlp\.(\w+)",)
+    with pytest.raises(BadInputError, match="--tie none lifts every tie"):
+        parse_ties(["none", "fused"])
+    m = constraint_masks(table(), Constraints())
+    assert m.tie_kinds == ("qkv", "gate_up", "qkv", "gate_up")
+
+
+def test_fused_matching_nothing_is_no_tie_not_an_error():
+    # GPT-2's c_attn / c_fc are already single matrices: nothing to tie, and the default must not fail
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    bits = np.array([[o.storage_bits(64, 256) for o in OPTIONS]] * 3, dtype=float)
+    t = CandidateTable(names, [(64, 256)] * 3, OPTIONS, bits, {"fisher": np.ones_like(bits)})
+    m = constraint_masks(t, Constraints())
+    assert m.ties == () and m.tie_kinds == ()
+
+
+def test_fused_ties_each_projection_across_a_blocks_experts():
+    # Qwen-MoE / DeepSeek naming: experts.N.{gate,up,down}_proj, plus a shared expert that fuses like a dense MLP
+    names = [f"model.layers.{b}.mlp.experts.{e}.{p}_proj" for b in range(2) for e in range(3) for p in ("gate", "up", "down")]
+    names += ["model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.up_proj"]
+    names += [f"model.layers.0.block_sparse_moe.experts.{e}.{w}" for e in range(2) for w in ("w1", "w2", "w3")]  # Mixtral
+    bits = np.array([[o.storage_bits(64, 256) for o in OPTIONS]] * len(names), dtype=float)
+    t = CandidateTable(names, [(64, 256)] * len(names), OPTIONS, bits, {"fisher": np.ones_like(bits)})
+    m = constraint_masks(t, Constraints())
+    got = {kind: [] for kind in m.tie_kinds}
+    for tie, kind in zip(m.ties, m.tie_kinds):
+        got[kind].append(sorted(names[g] for g in tie))
+    assert got["experts_gate_up"][0] == sorted(f"model.layers.0.mlp.experts.{e}.{p}_proj" for e in range(3) for p in ("gate", "up"))
+    assert got["experts_down"][1] == [f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(3)]
+    assert got["experts_gate_up"][2] == sorted(f"model.layers.0.block_sparse_moe.experts.{e}.{w}" for e in range(2) for w in ("w1", "w3"))
+    assert got["experts_down"][2] == [f"model.layers.0.block_sparse_moe.experts.{e}.w2" for e in range(2)]
+    assert got["gate_up"] == [["model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.up_proj"]]
+    assert len(m.ties) == 2 * 2 + 2 + 1  # per block: experts' gate/up and down; Mixtral block: 2; shared expert: 1
 
 
 def test_bit_bounds():

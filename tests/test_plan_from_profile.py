@@ -214,11 +214,13 @@ def test_latency_target_from_a_profile_matches_planning_from_the_model(tmp_path,
     model = make_llama()
     hardware = synthetic_profile(model)
     profile_model(model, calib_ids, tmp_path / "p", signals=("fisher", "table"), options=LAT_OPTIONS)
-    free = plan_from_profile(tmp_path / "p", "5bits", latency_target=LatencyTarget(hardware, tokens=1))
+    untied = Constraints(ties=())  # the limit below is 0.8x an untied plan's latency: ties would make it infeasible
+    free = plan_from_profile(tmp_path / "p", "5bits", latency_target=LatencyTarget(hardware, tokens=1), constraints=untied)
     assert free.latency.predicted_s == pytest.approx(OTHER_S + free.latency.layers_s, rel=1e-5)
     limit = OTHER_S + 0.8 * free.latency.layers_s
     target = LatencyTarget(hardware, tokens=1, max_latency=limit)
-    direct = bitalloc.plan(model, "5bits", calib_ids, options=LAT_OPTIONS, cache_dir=False, latency_target=target)
-    got = plan_from_profile(tmp_path / "p", "5bits", latency_target=target)
+    direct = bitalloc.plan(model, "5bits", calib_ids, options=LAT_OPTIONS, cache_dir=False, latency_target=target,
+                           constraints=untied)
+    got = plan_from_profile(tmp_path / "p", "5bits", latency_target=target, constraints=untied)
     assert got.to_json() == direct.to_json()
     assert got.latency.predicted_s <= limit * (1 + 1e-6) < free.latency.predicted_s  # the limit binds

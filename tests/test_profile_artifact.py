@@ -231,7 +231,6 @@ def test_cli_profile_report_and_plan_report(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("args,fix", [
-    (["profile", "MODEL"], "--calib is required"),
     (["profile", "MODEL", "--calib", "CALIB", "--signals", "trace,bogus"], "unknown signal"),
     (["report", "nowhere"], "does not exist"),
     (["report", "PROF", "--out", "report.txt"], "must end in .html"),

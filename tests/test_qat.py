@@ -30,7 +30,8 @@ def mixed_plan(model, ids, budget="5bits", **kw):
     if len(names) > 8:  # llama (14 modules): one fp16 module too; gpt2 (8) stays all-quantized
         pins += ((names[6], "fp16"),)
     return bitalloc.plan(model, budget, ids, options=OPTIONS, cache_dir=False,
-                         constraints=bitalloc.Constraints(pins=tuple((f"^{n}$".replace(".", r"\."), o) for n, o in pins)), **kw)
+                         constraints=bitalloc.Constraints(pins=tuple((f"^{n}$".replace(".", r"\."), o) for n, o in pins),
+                                                          ties=()), **kw)  # q/k/v deliberately differ
 
 
 def logits(model, ids):

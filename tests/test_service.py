@@ -203,6 +203,18 @@ def test_plan_for_a_model_without_profile_is_a_job(client, files):
     assert plan["summary"]["storage_bytes"] <= 0.30 * plan["summary"]["fp16_bytes"]
 
 
+def test_plan_without_calibration_uses_the_builtin_set_and_deployable_ties(client, files):
+    r = client.post("/v1/plans", json={"model": str(files["model"]), "budget": "3.2bits"})  # the headline request
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"], timeout=300)
+    assert job["state"] == "done", str(job)
+    plan = client.get(f"/v1/plans/{job['plan_id']}").json()["plan"]
+    assert plan["calibration"]["source"] == "builtin:austen" and plan["calibration"]["tokens"] == 8192
+    s = plan["summary"]
+    assert s["ties"] == {"gate_up": 2, "qkv": 2} and plan["constraints"]["ties"] == ["fused"]
+    assert s["model_bytes"] == s["storage_bytes"] + s["unplanned_bytes"] and s["unplanned_bytes"] == 2 * s["unplanned_weights"] > 0
+
+
 def test_formats_narrow_a_stored_profile(client, profile_id):
     r = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "9bits", "formats": ["int"]})
     assert r.status_code == 200, r.text

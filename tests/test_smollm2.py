@@ -21,51 +21,71 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitex
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(GGUF).is_file(), reason="set BITALLOC_SMOLLM2_GGUF (scripts/fetch_smollm2.sh)"),
-    pytest.mark.skipif(not (DATA / "wiki.valid.tokens").is_file(), reason="needs ../shared/data/wikitext2"),
 ]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cache: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     # conftest pins one thread for the tiny models; a 135M model wants every core.
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, timeout=1200, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "BITALLOC_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, timeout=1800,
+                          env=env, cwd=cwd)
 
 
-def test_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducible(tmp_path):
-    calib = str(DATA / "wiki.valid.tokens")
-    # 2048 calibration tokens (the CLI default is 8192) keep CI time bounded.
-    few = ("--calib-tokens", "2048")
-    first = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "a.json"),
-                    "--cache-dir", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def headline_cache(tmp_path_factory) -> Path:
+    """The profile cache the headline command fills and the quickstart check below reads."""
+    return Path(os.environ.get("BITALLOC_SMOLLM2_CACHE") or tmp_path_factory.mktemp("smollm2-cache"))
+
+
+def test_headline_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducible(tmp_path, headline_cache):
+    cache = headline_cache
+    # The README's headline command exactly: built-in calibration set, 8192 tokens, default ties.
+    first = run_cli("plan", "--budget", "3.2bits", GGUF, cache=cache, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    plan = Plan.load(tmp_path / "a.json")
+    plan = Plan.load(tmp_path / "plan.json")
     assert plan.summary.storage_bits_per_weight <= 3.2
     # every linear layer of the 30 decoder blocks (7 per block), nothing else
     assert plan.summary.planned_modules == 30 * 7
     assert plan.summary.planned_weights == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
     assert sum(a.storage_bits for a in plan.assignments) <= 3.2 * plan.summary.planned_weights
-    assert plan.calibration["source"] == "wiki.valid.tokens"
-    assert "storage" in first.stdout and "bits/weight" in first.stdout
+    assert plan.calibration["source"] == "builtin:austen" and plan.calibration["tokens"] == 8192
+    # unplanned: the tied embedding (49152 x 576) and 2 norms per block + the final one, at 16 bits
+    assert plan.summary.unplanned_weights == 49152 * 576 + 61 * 576
+    assert plan.summary.model_bytes == plan.summary.storage_bytes + 2 * plan.summary.unplanned_weights
+    assert plan.summary.ties == {"gate_up": 30, "qkv": 30}
+    out = " ".join(first.stdout.split())
+    assert "storage" in out and "bits/weight" in out and "whole model" in out and "ties: 30 gate/up, 30 q/k/v" in out
 
     # The same command again (profile from the cache): the same file, byte for byte. A full recompute
     # without the cache is checked byte for byte on the tiny models (test_cli), where it is cheap.
-    second = run_cli("plan", "--budget", "3.2bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "b.json"),
-                     "--cache-dir", str(tmp_path / "cache"))
+    second = run_cli("plan", "--budget", "3.2bits", GGUF, "--out", str(tmp_path / "b.json"), cache=cache)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert (tmp_path / "plan.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
     # Re-planning at another budget from the cached profile, then evaluating the plan.
-    third = run_cli("plan", "--budget", "4.5bits", GGUF, "--calib", calib, *few, "--out", str(tmp_path / "c.json"),
-                    "--cache-dir", str(tmp_path / "cache"))
+    third = run_cli("plan", "--budget", "4.5bits", GGUF, "--out", str(tmp_path / "c.json"), cache=cache)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "calibration windows" not in third.stderr  # profile came from the cache
-    low, high = Plan.load(tmp_path / "a.json"), Plan.load(tmp_path / "c.json")
+    low, high = Plan.load(tmp_path / "plan.json"), Plan.load(tmp_path / "c.json")
     assert high.summary.predicted_delta_loss < low.summary.predicted_delta_loss
 
+    if not (DATA / "wiki.test.raw").is_file():
+        pytest.skip("evaluation needs ../shared/data/wikitext2/wiki.test.raw (the plans above were checked)")
     ev = run_cli("eval", GGUF, "--text", str(DATA / "wiki.test.raw"), "--plan", str(tmp_path / "c.json"),
-                 "--windows", "2", "--json")
+                 "--windows", "2", "--json", cache=cache)
     assert ev.returncode == 0, ev.stderr[-2000:]
     result = json.loads(ev.stdout)
     assert result["windows"] == 2 and result["seq_len"] == 512
     # 4.5 bits/weight on SmolLM2 keeps the model usable: unquantized ppl is ~36 on these windows
     assert 20 < result["ppl"] < 80 and 0 < result["kl"] < 0.5 and result["top1"] > 0.7
+
+
+def test_quickstart_runs_in_a_copy_without_shared(headline_cache):
+    """scripts/quickstart.sh (the README's first command) needs nothing outside the repository: run it in a
+    copy of the tracked files with no ../shared beside it, reusing this venv, the model and the headline cache."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BITALLOC_SMOLLM2_CACHE": str(headline_cache)}
+    done = subprocess.run(["bash", str(root / "scripts" / "check_quickstart_copy.sh")], capture_output=True, text=True,
+                          timeout=1800, env=env, cwd=root)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "quickstart from a fresh copy without ../shared: ok" in done.stdout

@@ -124,8 +124,8 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             options = body.options or OptionsIn(formats=body.formats, target=body.target)
             if body.options is not None and (body.formats is not None or body.target is not None):
                 raise BadInputError("give formats/target either in options (the profile's grid) or at the top level, not both")
-            spec = _profile_spec(body.model, body.calibration, options, body.include_lm_head, body.include_embeddings,
-                                 rules, body.quantizer)
+            spec = _profile_spec(body.model, body.calibration or CalibrationIn(), options, body.include_lm_head,
+                                 body.include_embeddings, rules, body.quantizer)
             profile_id, families, spec_dict = spec.profile_id, None, spec.to_dict()
         plan_spec = _plan_spec(body, families, limits)
         plan_id = plan_spec.plan_id(profile_id)
@@ -207,10 +207,16 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
     from ..options import default_options
     from ..profile.store import numerics_fingerprint
 
+    from ..calibration import BUILTIN_CALIBRATION, builtin_text, text_sha256
+
     source = checked_model_source(model, rules)
-    calib_path = checked_path(calibration.path, "calibration path", rules)
-    if not calib_path.is_file():
-        raise BadInputError(f"calibration path {calibration.path!r} is not a file; pass a UTF-8 text file")
+    if calibration.path is None:  # the built-in set, keyed by its text like any file
+        calib_path, calib_sha256 = f"builtin:{BUILTIN_CALIBRATION}", text_sha256(builtin_text())
+    else:
+        calib_path = checked_path(calibration.path, "calibration path", rules)
+        if not calib_path.is_file():
+            raise BadInputError(f"calibration path {calibration.path!r} is not a file; pass a UTF-8 text file")
+        calib_sha256 = file_sha256(calib_path)
     if calibration.tokens < calibration.seq_len:
         raise BadInputError(f"calibration tokens ({calibration.tokens}) must be at least seq_len ({calibration.seq_len})")
     try:
@@ -223,7 +229,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
     if not grid:
         raise BadInputError("options: no candidate options left (keep false and formats ['keep']); add a format family")
     return ProfileSpec(source=source, model=model_fingerprint(source), calib_path=str(calib_path),
-                       calib_sha256=file_sha256(calib_path), seq_len=calibration.seq_len,
+                       calib_sha256=calib_sha256, seq_len=calibration.seq_len,
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                        code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},

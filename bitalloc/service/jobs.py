@@ -50,7 +50,8 @@ def run_job(store: Store, job: Job, progress, rules: SourceRules = SourceRules()
     if profile is None or job.kind == "plan":
         checked_model_source(spec.source, rules)
     if profile is None:
-        checked_path(spec.calib_path, "calibration path", rules)
+        if not spec.calib_path.startswith("builtin:"):  # the built-in set is package data, not a file named by the request
+            checked_path(spec.calib_path, "calibration path", rules)
         profile, loaded, _ = build_profile(store, spec, job.id, progress)
     if job.kind == "profile":
         return {"profile_id": profile.id}

@@ -26,7 +26,8 @@ class _Request(BaseModel):
 
 
 class CalibrationIn(_Request):
-    path: str = Field(description="absolute path on the server of a UTF-8 calibration text (e.g. wiki.valid.tokens)")
+    path: Optional[str] = Field(None, description="absolute path on the server of a UTF-8 calibration text (e.g. "
+                                "wiki.valid.tokens); null = the built-in set (bitalloc/data/calibration/)")
     seq_len: int = Field(512, ge=2, le=32768, description="tokens per calibration window")
     tokens: int = Field(8192, ge=2, le=4_000_000, description="calibration tokens (random windows of seq_len)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -45,7 +46,7 @@ class OptionsIn(_Request):
 
 class ProfileIn(_Request):
     model: str = Field(max_length=4096, description="absolute path of a model directory or .gguf file, or a hub id")
-    calibration: CalibrationIn
+    calibration: CalibrationIn = CalibrationIn()
     options: OptionsIn = OptionsIn()
     include_lm_head: bool = False
     include_embeddings: bool = False
@@ -58,7 +59,9 @@ class ConstraintsIn(_Request):
     max_bits: Optional[int] = Field(None, ge=1, le=16)
     pins: list[tuple[str, str]] = Field([], max_length=256, description="[module regex, option label] pairs")
     allow: list[tuple[str, str]] = Field([], max_length=256, description="[module regex, option-label regex] pairs")
-    ties: list[str] = Field([], max_length=256, description="'fused' or module regexes whose matches share one option")
+    ties: list[str] = Field(["fused"], max_length=256, description="'fused' (the default: q/k/v, gate/up and each "
+                            "projection across a block's experts, what serving stacks fuse) or module regexes whose "
+                            "matches share one option; [] = no ties")
 
 
 class PlanIn(_Request):
@@ -85,8 +88,6 @@ class PlanIn(_Request):
     def _one_profile(self) -> "PlanIn":
         if (self.profile_id is None) == (self.model is None):
             raise ValueError("give exactly one of profile_id (a stored profile) and model (+ calibration)")
-        if self.model is not None and self.calibration is None:
-            raise ValueError("a plan for a model needs calibration settings ({\"path\": ...})")
         if self.profile_id is not None and (self.calibration is not None or self.options is not None):
             raise ValueError("with profile_id the profile's calibration and options are fixed; drop calibration/options")
         return self

@@ -25,7 +25,7 @@ import torch
 
 from .. import api, solvers
 from ..budget import parse_budget
-from ..calibration import Calibration, make_calibration, read_text
+from ..calibration import Calibration, builtin_text, make_calibration, read_text
 from ..config import check_solver_names
 from ..table import CandidateTable
 from ..constraints import Constraints
@@ -50,9 +50,10 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     # trust_remote_code is never taken from a request: a model's own Python never runs here.
     loaded = load_model(spec.source, trust_remote_code=False)
     progress(0.15, "tokenizing calibration text")
-    text = read_text(spec.calib_path)
+    builtin = spec.calib_path.startswith("builtin:")
+    text = builtin_text(spec.calib_path.removeprefix("builtin:")) if builtin else read_text(spec.calib_path)
     calib = make_calibration(loaded.tokenizer, text, seq_len=spec.seq_len, tokens=spec.calib_tokens, seed=spec.seed,
-                             source=Path(spec.calib_path).name)
+                             source=spec.calib_path if builtin else Path(spec.calib_path).name)
     modules = select_modules(loaded.model, spec.include_lm_head, spec.include_embeddings)
     options = [QuantOption.from_dict(d) for d in spec.options]
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
