@@ -391,9 +391,9 @@ def eval_cmd(
 def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
-    out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse or gptq (gptq needs --calib); default: the plan's own"),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors"),
+    out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, gptq or imatrix (gptq/imatrix need --calib); default: the plan's own"),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a .gguf MODEL and a --target llama.cpp plan)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -414,10 +414,16 @@ def apply_cmd(
               "float32": "float32", "fp32": "float32"}
     if dtype not in dtypes:
         raise BadInputError(f"unknown --dtype {dtype!r}; choose model, bfloat16, float16 or float32")
-    if fmt != "compressed-tensors":
-        raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors "
+    if fmt not in ("compressed-tensors", "gguf"):
+        raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors or gguf "
                             "(other targets: `bitalloc export`)")
     plan = Plan.load(plan_path)  # fail on a bad plan before loading the model
+    if fmt == "gguf":
+        from .gguf_file import gguf_layout
+
+        gguf_layout(plan, model)  # refuse a bad plan, source or architecture before any work
+        if out_path.exists() and not force:
+            raise BadInputError(f"{out_path} exists; pass --force to replace it")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = None
     if calib is not None:
@@ -425,6 +431,9 @@ def apply_cmd(
 
         ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
                                source=str(calib)).tokens
+    if fmt == "gguf":
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, force, as_json)
+        return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not force, allow_untied=allow_untied,
                              dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
@@ -444,6 +453,29 @@ def apply_cmd(
     out.print(f"checkpoint size {report.checkpoint_bytes / 1e6:.2f} MB in {len(report.files)} safetensors file(s)")
     for line in report.warnings + report.notes:
         out.print(f"note: {line}")
+
+
+def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, force: bool, as_json: bool) -> None:
+    from collections import Counter
+
+    from .gguf_file import write_gguf
+
+    layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not force, progress=not as_json)
+    size = out_path.stat().st_size
+    planned = layout.planned
+    weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)
+    planned_bits = sum(planned[a.module].nbytes * 8 for a in plan.assignments)
+    types = dict(sorted(Counter(t.ggml_type for t in planned.values()).items()))
+    report = {"file": str(out_path), "file_bytes": size, "predicted_file_bytes": layout.file_bytes,
+              "planned_tensor_types": types, "planned_bits_per_weight": planned_bits / weights if weights else 0.0,
+              "plan_storage_bits_per_weight": plan.summary.storage_bits_per_weight}
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    out.print(f"wrote {out_path}: {size:,} bytes (predicted {layout.file_bytes:,})")
+    out.print("planned tensors: " + ", ".join(f"{n} × {t}" for t, n in types.items()))
+    out.print(f"planned tensors {report['planned_bits_per_weight']:.4f} bits/weight "
+              f"(plan: {plan.summary.storage_bits_per_weight:.4f})")
 
 
 @app.command("latency")
