@@ -156,7 +156,7 @@ def test_refuses_a_type_the_row_cannot_hold(tiny_gguf, gguf_plan, tmp_path):
     bad = _with_option(gguf_plan, a.module, "Q4_K")
     bad = bad.model_copy(update={"assignments": [x.model_copy(update={"shape": (a.shape[0], 160)}) if x.module == a.module
                                                  else x for x in bad.assignments]})
-    with pytest.raises(BadInputError, match=rf"{a.module} .*Q4_K.*row width 160; types that fit: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0"):
+    with pytest.raises(BadInputError, match=rf"{a.module} .*Q4_K.*row width 160; types that fit: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL"):
         gguf_layout(bad, tiny_gguf)
     nongguf = _with_option(gguf_plan, a.module, "int4-g32-asym")
     with pytest.raises(BadInputError, match="not a GGUF type.*--target llama.cpp"):

@@ -88,7 +88,7 @@ def test_blocks_dequantize_to_the_values(name, weighted):
     assert rel < 2.0 ** -(t.bits - 1), rel
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_importance_weights_lower_the_weighted_error(name):
     # llama.cpp's point of an imatrix: the importance-weighted squared error goes down.
     w, importance = _weights(out_f=64, seed=1)

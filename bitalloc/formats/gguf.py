@@ -38,7 +38,9 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the last axis one element after another in float32 (the C loop's order)."""
+    """Sum over the last axis one element after another in float32 (the C loop's order).
+
+    np.sum adds pairwise (another rounding), np.cumsum is left to right but slower on short rows."""
     total = terms[..., 0].copy()
     for i in range(1, terms.shape[-1]):
         total += terms[..., i]
@@ -367,13 +369,160 @@ def q6_k(w, importance):
     return _rows(blocks, values.reshape(-1, QK_K), w)
 
 
+def _superblock_weights(w: np.ndarray, importance: np.ndarray | None, sub: int, sigma_scale: float) -> np.ndarray:
+    """Per-weight weights [n_super, 256/sub, sub] of Q2_K/Q3_K: qw · sqrt(sigma2 + x²), or x² without qw.
+
+    sigma2 = sigma_scale · sum x² / 256 over the super-block (Q2_K: 1, Q3_K: 2)."""
+    x = w.reshape(-1, QK_K)
+    xs = x.reshape(len(x), -1, sub)
+    if importance is None:
+        return xs * xs
+    sigma2 = F32(sigma_scale) * seq_sum(x * x) / F32(QK_K)
+    qw = np.broadcast_to(importance.reshape(1, -1, QK_K // sub, sub), (w.shape[0], importance.size // QK_K, QK_K // sub, sub))
+    return qw.reshape(xs.shape) * np.sqrt(sigma2[:, None, None] + xs * xs)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """256 two-bit codes -> 64 bytes, ggml's order: byte j/4 + l of each 128 holds L[j+l], L[j+l+32], +64, +96."""
+    L = L.astype(np.uint8)
+    out = []
+    for j in range(0, QK_K, 128):
+        q = [L[:, j + 32 * k: j + 32 * (k + 1)] for k in range(4)]
+        out.append(q[0] | (q[1] << 2) | (q[2] << 4) | (q[3] << 6))
+    return np.concatenate(out, axis=1)
+
+
+def q3_k(w, importance):
+    x = w.reshape(-1, QK_K)
+    weights = _superblock_weights(w, importance, 16, 2.0)  # [n_super, 16, 16]
+    sw = seq_sum(weights)
+    scales, L = make_qx_quants(x.reshape(-1, 16), 4, weights.reshape(-1, 16))
+    d_block, Ls = make_qx_quants(scales.reshape(-1, 16), 32, sw)  # Ls in [0, 64): scale code + 32
+    d = fp16(d_block)
+    sc = (Ls - 32).astype(F32)  # what the packed 6-bit codes decode to
+    dl = d[:, None] * sc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(x.reshape(-1, 16, 16) / dl[..., None]), -4, 3) + 4
+    L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    Ls8 = Ls.astype(np.uint8)
+    scales_b = np.zeros((len(x), 12), dtype=np.uint8)
+    scales_b[:, :8] = (Ls8[:, :8] & 0xF) | ((Ls8[:, 8:] & 0xF) << 4)
+    for j in range(16):
+        scales_b[:, 8 + j % 4] |= (Ls8[:, j] >> 4) << (2 * (j // 4))
+    high = L > 3  # the high bit of code j goes to bit j // 32 of hmask[j % 32]
+    hmask = np.zeros((len(x), 32), dtype=np.uint8)
+    for k in range(8):
+        hmask |= high[:, 32 * k: 32 * (k + 1)].astype(np.uint8) << k
+    blocks = np.concatenate([hmask, _pack_2bit(np.where(high, L - 4, L)), scales_b, fp16_bytes(d_block)], axis=1)
+    values = dl[..., None] * (L.reshape(-1, 16, 16) - 4).astype(F32)
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def q2_k(w, importance):
+    """quantize_row_q2_K_impl. llama.cpp needs an imatrix for it; without one, unit importance."""
+    if importance is None:
+        importance = np.ones(w.shape[1], dtype=F32)
+    x = w.reshape(-1, QK_K)
+    weights = _superblock_weights(w, importance, 16, 1.0)
+    sw = seq_sum(weights)
+    scales, mins, L = make_qkx3_quants(x.reshape(-1, 16), 3, weights.reshape(-1, 16))
+    dm, Ls = make_qp_quants(scales.reshape(-1, 16), 15, sw)
+    mm, Lm = make_qp_quants(mins.reshape(-1, 16), 15, sw)
+    Ls, Lm = Ls.astype(np.uint8) & 0xF, Lm.astype(np.uint8) & 0xF  # stored as one byte: Ls | Lm << 4
+    dl = fp16(dm)[:, None] * Ls.astype(F32)
+    ml = fp16(mm)[:, None] * Lm.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((x.reshape(-1, 16, 16) + ml[..., None]) / dl[..., None]), 0, 3)
+    L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    blocks = np.concatenate([Ls | (Lm << 4), _pack_2bit(L), fp16_bytes(dm), fp16_bytes(mm)], axis=1)
+    values = dl[..., None] * L.reshape(-1, 16, 16).astype(F32) - ml[..., None]
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+# ggml-common.h kvalues_iq4nl: the 16 non-uniform levels of IQ4_NL / IQ4_XS.
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32)
+
+
+def best_index_iq4(x: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8(16, kvalues_iq4nl, x): the nearest level, the upper one unless strictly farther."""
+    v = IQ4NL_VALUES
+    mu = np.clip(np.searchsorted(v, x, side="right"), 1, 15)  # v[mu-1] <= x < v[mu]
+    lower = (x - v[mu - 1].astype(F32)) < (v[mu].astype(F32) - x)
+    idx = np.where(lower, mu - 1, mu)
+    return np.where(x <= F32(v[0]), 0, np.where(x >= F32(v[-1]), 15, idx))
+
+
+def _iq4_block_scales(x: np.ndarray, weight: np.ndarray, ntry: int = 7) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's per-32 scale search: d with least weighted error, [n_blocks]."""
+    amax, vmax = first_absmax(x)
+    v0 = F32(IQ4NL_VALUES[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+
+        def sums(inv):
+            q = IQ4NL_VALUES[best_index_iq4(inv[:, None] * x)].astype(F32)
+            return seq_sum(weight * q * x), seq_sum(weight * q * q)
+
+        sumqx, sumq2 = sums(F32(1) / (-vmax / v0))
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(F32(itry + IQ4NL_VALUES[0]) / vmax)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(F32)
+            best = np.where(better, d * sumqx, best).astype(F32)
+    return np.where(amax < GROUP_MAX_EPS, F32(0), d).astype(F32)
+
+
+def _iq4_weights(x: np.ndarray, importance: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """x: [n_super, super]; qw · sqrt(sigma2 + x²) with sigma2 = 2 · mean x² over the super-block, or x²."""
+    if importance is None:
+        return x * x
+    sigma2 = seq_sum(x * x) * F32(2.0 / x.shape[1])
+    qw = np.broadcast_to(importance.reshape(1, -1, x.shape[1]), (n_rows, importance.size // x.shape[1], x.shape[1]))
+    return qw.reshape(x.shape) * np.sqrt(sigma2[:, None] + x * x)
+
+
+def iq4_nl(w, importance):
+    """quantize_iq4_nl (ntry 7, what llama-quantize runs; x² weights without an imatrix)."""
+    x = w.reshape(-1, 32)
+    d = _iq4_block_scales(x, _iq4_weights(x, importance, w.shape[0]))
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    L = best_index_iq4(inv[:, None] * x)
+    blocks = np.concatenate([fp16_bytes(d), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * IQ4NL_VALUES[L].astype(F32), w)
+
+
+def iq4_xs(w, importance):
+    x = w.reshape(-1, QK_K)
+    weights = _iq4_weights(x, importance, w.shape[0])
+    scales = _iq4_block_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(-1, 8)
+    _, max_scale = first_absmax(scales)
+    d = -max_scale / F32(32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+        ls = np.clip(nearest_int(inv[:, None] * scales), -32, 31)
+        dl = d[:, None] * ls.astype(F32)
+        idl = np.where(dl != 0, F32(1) / dl, F32(0)).astype(F32)
+    L = best_index_iq4(idl[..., None] * x.reshape(-1, 8, 32)).reshape(-1, QK_K)
+    codes = (ls + 32).astype(np.uint8)
+    scales_l = (codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4)
+    scales_h = np.zeros(len(x), dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= (codes[:, ib] >> 4).astype(np.uint16) << (2 * ib)
+    qs = np.concatenate([pack_nibbles(L[:, 32 * i: 32 * (i + 1)], 16) for i in range(8)], axis=1)
+    blocks = np.concatenate([fp16_bytes(d), scales_h.reshape(-1, 1).view(np.uint8), scales_l, qs], axis=1)
+    values = (fp16(d)[:, None] * (codes.astype(np.int32) - 32).astype(F32))[..., None] * IQ4NL_VALUES[L].reshape(-1, 8, 32).astype(F32)
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
 def _rows(blocks: np.ndarray, values: np.ndarray, w: np.ndarray) -> GGUFQuantized:
     out_f = w.shape[0]
     return GGUFQuantized(np.ascontiguousarray(blocks.reshape(out_f, -1)), values.reshape(w.shape).astype(F32))
 
 
 QUANTIZERS = {"Q8_0": q8_0, "Q6_K": q6_k, "Q5_K": q5_k, "Q5_1": q5_1, "Q5_0": q5_0, "Q4_K": q4_k,
-              "Q4_1": q4_1, "Q4_0": q4_0}
+              "Q4_1": q4_1, "Q4_0": q4_0, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "Q3_K": q3_k, "Q2_K": q2_k}
 
 
 def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
