@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import gguf
 import gguf.quants as gq
 import numpy as np
@@ -112,3 +117,37 @@ def test_format_registry_and_quantizers():
     assert not np.array_equal(qi.blocks, q.blocks)
     with pytest.raises(BadInputError, match="GGUF types only"):
         quantize_weight(wt, QuantOption.int_(4, 32), "imatrix", hessian=h)
+
+
+# ---- against llama.cpp itself ------------------------------------------------------------------
+
+
+def _llama_cpp_quantizer(tmp_path: Path) -> Path:
+    """bench/llama_cpp/quantize_rows.c linked against llama.cpp's libggml-base.a (the code
+    llama-quantize runs); skips unless BITALLOC_LLAMA_CPP_BIN names a llama.cpp build's bin/."""
+    bin_dir = os.environ.get("BITALLOC_LLAMA_CPP_BIN")
+    if not bin_dir:
+        pytest.skip("set BITALLOC_LLAMA_CPP_BIN to a llama.cpp build's bin/ to compare with llama.cpp")
+    lib = Path(bin_dir).resolve().parent / "ggml" / "src" / "libggml-base.a"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not lib.is_file() or cc is None:
+        pytest.skip(f"no {lib} or no C compiler")
+    exe = tmp_path / "quantize_rows"
+    src = Path(__file__).parent.parent / "bench" / "llama_cpp" / "quantize_rows.c"
+    subprocess.run([cc, "-O2", str(src), str(lib), "-lm", "-lpthread", "-lstdc++", "-fopenmp", "-o", str(exe)],
+                   check=True, capture_output=True)
+    return exe
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bit_exact_with_llama_cpp(tmp_path, weighted):
+    exe = _llama_cpp_quantizer(tmp_path)
+    w, importance = _weights(out_f=24, in_f=512, seed=3)
+    w.tofile(tmp_path / "w.f32")
+    importance.tofile(tmp_path / "imp.f32")
+    for name in QUANTIZERS:
+        out = tmp_path / f"{name}.bin"
+        subprocess.run([str(exe), str(int(gguf.GGMLQuantizationType[name])), "24", "512", str(tmp_path / "w.f32"),
+                        str(tmp_path / "imp.f32") if weighted else "-", str(out)], check=True)
+        ours = gguf_quantize(w, name, importance if weighted else None).blocks
+        assert np.array_equal(np.fromfile(out, dtype=np.uint8).reshape(ours.shape), ours), name

@@ -101,8 +101,12 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
 
 
 def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float = -0.9,
-                     rdelta: float = 0.05, nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale-and-min search (squared error): (scale, the_min, L) with value = scale · L - the_min."""
+                     rdelta: float = 0.05, nstep: int = 36, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale-and-min search: (scale, the_min, L) with value = scale · L - the_min.
+
+    Also make_qkx2_quants (the reference quantizers' version, given weights): its rounding
+    clip(nearest_int(v), 0, nmax) equals qkx3's v > 0 ? nearest_int(min(v, nmax)) : 0 for every v.
+    use_mad: weigh absolute instead of squared errors (Q2_K's reference)."""
     w = x * x if weights is None else weights
     xmin = np.minimum(x.min(axis=-1), F32(0))
     xmax = x.max(axis=-1)
@@ -114,8 +118,9 @@ def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin:
         iscale = F32(nmax) / span
         scale = F32(1) / iscale
         L = np.clip(nearest_int(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+        err = (lambda d: np.abs(d)) if use_mad else (lambda d: d * d)
         diff = scale[:, None] * L.astype(F32) + xmin[:, None] - x
-        best = seq_sum(w * (diff * diff))
+        best = seq_sum(w * err(diff))
         cur_min = xmin.copy()
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (xmax - cur_min)  # ggml: max - (best) min
@@ -130,7 +135,7 @@ def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin:
             this_min = np.where(positive, F32(0), this_min).astype(F32)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
             diff = this_scale[:, None] * lf + this_min[:, None] - x
-            mad = seq_sum(w * (diff * diff))
+            mad = seq_sum(w * err(diff))
             better = (D > 0) & (mad < best)
             L = np.where(better[:, None], l, L)
             best = np.where(better, mad, best)
@@ -139,6 +144,39 @@ def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin:
     scale = np.where(flat, F32(0), scale).astype(F32)
     L = np.where(flat[:, None], 0, L)
     return scale, (-np.where(flat, xmin, cur_min)).astype(F32), L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q3_K reference's symmetric search (do_rmse): x²-weighted, then coordinate descent on each L."""
+    amax, vmax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    w = x * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = np.clip(nearest_int((F32(-nmax) / vmax)[:, None] * x), -nmax, nmax - 1)
+        Lf = L.astype(F32)
+        sumlx, suml2 = seq_sum(w * x * Lf), seq_sum(w * Lf * Lf)
+        active = ~zero
+        for _ in range(5):
+            changed = np.zeros(len(x), dtype=bool)
+            for i in range(x.shape[1]):
+                wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                nf = new_l.astype(F32)
+                slx2 = slx + wi * xi * nf
+                sl22 = sl2 + wi * nf * nf
+                accept = (active & (slx > 0) & (new_l != L[:, i]) & (sl22 > 0)
+                          & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22))
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx2, sumlx).astype(F32)
+                suml2 = np.where(accept, sl22, suml2).astype(F32)
+                changed |= accept
+            active &= changed
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + nmax)
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -304,13 +342,33 @@ def _pack_k_scales(Ls: np.ndarray, Lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _max_scaled(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference K-quants' sub-block scale codes: (max / levels, nearest_int(v · levels / max))."""
+    vmax = np.maximum(v.max(axis=-1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv = np.where(vmax > 0, F32(levels) / vmax, F32(0)).astype(F32)
+    return vmax / F32(levels), nearest_int(inv[:, None] * v)
+
+
 def _k_scale_min(w: np.ndarray, importance: np.ndarray | None, nmax: int):
-    """Q4_K / Q5_K: (d, dmin, Ls, Lm, L, d·sc, dmin·m) for each 256-weight super-block."""
+    """Q4_K / Q5_K: (d, dmin, Ls, Lm, L, d·sc, dmin·m) for each 256-weight super-block.
+
+    With importance: quantize_row_q{4,5}_K_impl; without: quantize_row_q{4,5}_K_ref (what
+    llama-quantize runs without an imatrix)."""
     x = w.reshape(-1, QK_K)
-    weights, sw = _k_weights(x, importance, w.shape[0])
-    scales, mins, L = make_qkx3_quants(x.reshape(-1, 32), nmax, weights.reshape(-1, 32))
-    d_block, Ls = make_qp_quants(scales.reshape(-1, 8), 63, sw)
-    m_block, Lm = make_qp_quants(mins.reshape(-1, 8), 63, sw)
+    if importance is None:
+        xs = x.reshape(-1, 32)
+        av_x = np.sqrt(seq_sum(xs * xs) / F32(32))
+        weights = av_x[:, None] + np.abs(xs)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = make_qkx3_quants(xs, nmax, weights, rmin, 0.1, nstep)
+        d_block, Ls = _max_scaled(scales.reshape(-1, 8), 63)
+        m_block, Lm = _max_scaled(mins.reshape(-1, 8), 63)
+    else:
+        weights, sw = _k_weights(x, importance, w.shape[0])
+        scales, mins, L = make_qkx3_quants(x.reshape(-1, 32), nmax, weights.reshape(-1, 32))
+        d_block, Ls = make_qp_quants(scales.reshape(-1, 8), 63, sw)
+        m_block, Lm = make_qp_quants(mins.reshape(-1, 8), 63, sw)
     Ls, Lm = np.minimum(63, Ls), np.minimum(63, Lm)
     d, dmin = fp16(d_block), fp16(m_block)
     dl = d[:, None] * Ls.astype(F32)  # [n_super, 8]
@@ -393,11 +451,22 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
 
 
 def q3_k(w, importance):
+    """quantize_row_q3_K_impl with importance, quantize_row_q3_K_ref without."""
     x = w.reshape(-1, QK_K)
-    weights = _superblock_weights(w, importance, 16, 2.0)  # [n_super, 16, 16]
-    sw = seq_sum(weights)
-    scales, L = make_qx_quants(x.reshape(-1, 16), 4, weights.reshape(-1, 16))
-    d_block, Ls = make_qx_quants(scales.reshape(-1, 16), 32, sw)  # Ls in [0, 64): scale code + 32
+    if importance is None:
+        scales, L = make_q3_quants(x.reshape(-1, 16), 4)
+        scales = scales.reshape(-1, 16)
+        _, max_scale = first_absmax(scales)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-32) / max_scale
+            Ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+            d_block = np.where(max_scale != 0, F32(1) / iscale, F32(0)).astype(F32)
+        Ls = np.where((max_scale != 0)[:, None], Ls, 0)  # ggml leaves all scale bytes zero
+    else:
+        weights = _superblock_weights(w, importance, 16, 2.0)  # [n_super, 16, 16]
+        sw = seq_sum(weights)
+        scales, L = make_qx_quants(x.reshape(-1, 16), 4, weights.reshape(-1, 16))
+        d_block, Ls = make_qx_quants(scales.reshape(-1, 16), 32, sw)  # Ls in [0, 64): scale code + 32
     d = fp16(d_block)
     sc = (Ls - 32).astype(F32)  # what the packed 6-bit codes decode to
     dl = d[:, None] * sc
@@ -419,15 +488,19 @@ def q3_k(w, importance):
 
 
 def q2_k(w, importance):
-    """quantize_row_q2_K_impl. llama.cpp needs an imatrix for it; without one, unit importance."""
-    if importance is None:
-        importance = np.ones(w.shape[1], dtype=F32)
+    """quantize_row_q2_K_impl with importance, quantize_row_q2_K_ref without."""
     x = w.reshape(-1, QK_K)
-    weights = _superblock_weights(w, importance, 16, 1.0)
-    sw = seq_sum(weights)
-    scales, mins, L = make_qkx3_quants(x.reshape(-1, 16), 3, weights.reshape(-1, 16))
-    dm, Ls = make_qp_quants(scales.reshape(-1, 16), 15, sw)
-    mm, Lm = make_qp_quants(mins.reshape(-1, 16), 15, sw)
+    if importance is None:
+        xs = x.reshape(-1, 16)
+        scales, mins, L = make_qkx3_quants(xs, 3, np.abs(xs), -0.5, 0.1, 15, use_mad=True)
+        dm, Ls = _max_scaled(scales.reshape(-1, 16), 15)
+        mm, Lm = _max_scaled(mins.reshape(-1, 16), 15)
+    else:
+        weights = _superblock_weights(w, importance, 16, 1.0)
+        sw = seq_sum(weights)
+        scales, mins, L = make_qkx3_quants(x.reshape(-1, 16), 3, weights.reshape(-1, 16))
+        dm, Ls = make_qp_quants(scales.reshape(-1, 16), 15, sw)
+        mm, Lm = make_qp_quants(mins.reshape(-1, 16), 15, sw)
     Ls, Lm = Ls.astype(np.uint8) & 0xF, Lm.astype(np.uint8) & 0xF  # stored as one byte: Ls | Lm << 4
     dl = fp16(dm)[:, None] * Ls.astype(F32)
     ml = fp16(mm)[:, None] * Lm.astype(F32)
