@@ -201,3 +201,23 @@ def test_cli_apply_format_gguf(tiny_gguf, gguf_plan, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: writing a GGUF needs the source model as a .gguf")
     assert not (tmp_path / "other.gguf").exists()
+
+
+def test_export_to_gguf_writes_the_plans_exact_types(gguf_plan, tmp_path):
+    from bitalloc.exports import export_plan
+
+    result = export_plan(gguf_plan, "gguf", tmp_path / "exp")
+    lines = (tmp_path / "exp" / "tensor-types.txt").read_text().split()
+    written = dict(line.split("=") for line in lines)
+    assert not result.unsupported  # no nearest mapping, no fallback
+    for a in gguf_plan.assignments:
+        layer, leaf = a.module.split(".")[2], a.module.split(".")[-1]
+        gguf_leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[leaf]
+        assert written[rf"^blk\.{layer}\.{gguf_leaf}\.weight$"] == ("F16" if a.label == "fp16" else a.label)
+    a = gguf_plan.assignments[0]
+    bad = _with_option(gguf_plan, a.module, "Q6_K")
+    bad = bad.model_copy(update={"assignments": [x.model_copy(update={"shape": (a.shape[0], 96)}) if x.module == a.module
+                                                 else x for x in bad.assignments]})
+    with pytest.raises(BadInputError, match=r"Q6_K to a tensor with rows of 96 weights.*types that fit: .*Q8_0"):
+        export_plan(bad, "gguf", tmp_path / "bad")

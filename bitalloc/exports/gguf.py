@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import BadInputError
 from ..io import atomic_write_text
-from ..options import QuantOption
+from ..options import GGUF_TYPES, QuantOption
 from ..plan import Assignment, Plan
 from . import ExportResult, register_export
 from .common import require_whole_modules
@@ -97,8 +97,16 @@ def nearest_int_type(o: QuantOption, row_width: int | None) -> GGUFType:
 
 
 def choose_type(o: QuantOption, row_width: int) -> tuple[str, str, str]:
-    """(type, width-blind type, note on a format change) for one tensor."""
+    """(type, width-blind type, note on a format change) for one tensor.
+
+    A GGUF option (a --target llama.cpp plan) is its own type, exactly: never mapped, never swapped."""
     sizes = type_sizes()
+    if o.fmt == "gguf":
+        if row_width % o.group_size:
+            fitting = [t for t, (block, _) in sizes.items() if t in GGUF_TYPES and row_width % block == 0]
+            raise BadInputError(f"the plan gives {o.element} to a tensor with rows of {row_width} weights, which its "
+                                f"{o.group_size}-weight blocks do not divide; types that fit: {', '.join(fitting)}")
+        return o.element, o.element, ""
     if o.fmt == "keep":
         return KEEP_TYPE, KEEP_TYPE, ""
     exact = FP_TYPES.get(o.label) if o.fmt == "fp" else None
@@ -149,7 +157,10 @@ def gguf_tensor_types(plan: Plan) -> tuple[list[TensorType], list[str]]:
             continue
         o = a.option.to_option()
         width = a.shape[1]
-        chosen, blind, note = choose_type(o, width)
+        try:
+            chosen, blind, note = choose_type(o, width)
+        except BadInputError as e:
+            raise BadInputError(f"{tensor} ({a.module}): {e}") from None
         why = []
         if note:
             why.append(f"{note} {chosen}")
