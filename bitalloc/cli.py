@@ -77,7 +77,7 @@ def _solver_settings(items: list[str]) -> dict:
 @app.command("plan")
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL, a size is the whole GGUF file's"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (e.g. wiki.valid.tokens)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -157,6 +157,11 @@ def plan_cmd(
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
+    if target == "llama.cpp" and one_budget is not None and one_budget.kind == "bytes" and str(model).endswith(".gguf"):
+        from .gguf_file import whole_file_budget
+
+        # What a llama.cpp user sees is the file: embeddings, norms and metadata count too.
+        one_budget = whole_file_budget(one_budget, model, table.groups, type(loaded.model).__name__)
     if budgets is not None:
         sweep = pareto_from_table(table, budgets, loaded, calibration, **common)
         folder = out_path or Path("pareto")

@@ -142,14 +142,51 @@ def gguf_layout(plan: Plan, source: str | Path) -> GGUFLayout:
             entries.append(TensorEntry(t.name, t.tensor_type.name, int(t.n_bytes)))
         else:
             entries.append(TensorEntry(t.name, types[a.module], _tensor_nbytes(types[a.module], *a.shape), a.module))
-    align = int(_field(reader, "general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
-    # GGUF v3 layout: magic, version, tensor count, KV count; the KVs (copied, same sizes); one tensor
-    # info per tensor (name, n_dims, dims, type, offset); padding; each tensor's data padded.
+    align = _alignment(reader)
+    data = sum(_pad(e.nbytes, align) for e in entries)
+    return GGUFLayout(Path(source), arch, tuple(entries), _header_bytes(reader) + data)
+
+
+def _alignment(reader) -> int:
+    return int(_field(reader, "general.alignment") or _gguf().GGUF_DEFAULT_ALIGNMENT)
+
+
+def _header_bytes(reader) -> int:
+    """Bytes before the tensor data of a file written from `reader`'s metadata and tensor list.
+
+    GGUF v3: magic, version, tensor count, KV count; the KVs (copied, so the same sizes); one tensor
+    info per tensor (name, n_dims, dims, type, offset); padding to the alignment."""
     kv_bytes = sum(sum(p.nbytes for p in f.parts) for f in reader.fields.values() if not f.name.startswith("GGUF."))
     info_bytes = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in reader.tensors)
-    header = _pad(4 + 4 + 8 + 8 + kv_bytes + info_bytes, align)
-    data = sum(_pad(e.nbytes, align) for e in entries)
-    return GGUFLayout(Path(source), arch, tuple(entries), header + data)
+    return _pad(4 + 4 + 8 + 8 + kv_bytes + info_bytes, _alignment(reader))
+
+
+def whole_file_budget(budget, source: str | Path, modules: list[str], architecture: str):
+    """A byte budget for the whole GGUF file turned into one for the planned tensors.
+
+    What does not depend on the plan is subtracted: header and metadata, every unplanned tensor
+    (embeddings, norms, ...), and each planned tensor's worst-case padding to the alignment."""
+    from .budget import Budget
+
+    gguf = _gguf()
+    reader = _reader(source)
+    n_blocks = max((int(m.split(".")[2]) for m in modules if m.startswith("model.layers.")), default=-1) + 1
+    name_map = gguf.get_tensor_name_map(gguf_arch(architecture), n_blocks)
+    names = {t.name for t in reader.tensors}
+    planned = set()
+    for m in modules:
+        base = name_map.get_name(m)
+        if base == "output" and "output.weight" not in names:
+            base = "token_embd"  # a tied head is the token embedding in GGUF
+        planned.add(f"{base}.weight")
+    align = _alignment(reader)
+    fixed = _header_bytes(reader) + sum(_pad(int(t.n_bytes), align) for t in reader.tensors if t.name not in planned)
+    fixed += (align - 1) * len(planned)
+    left = budget.value - fixed
+    if left <= 0:
+        raise BadInputError(f"a {budget.text} GGUF file cannot hold this model: metadata and unplanned tensors alone "
+                            f"take {fixed / 1e6:.2f} MB; give a larger --budget")
+    return Budget("bytes", left, f"{budget.text} whole GGUF file ({fixed:,} bytes fixed)")
 
 
 def _row_order(tensor: str, out_f: int, reader) -> np.ndarray:

@@ -221,3 +221,25 @@ def test_export_to_gguf_writes_the_plans_exact_types(gguf_plan, tmp_path):
                                                  else x for x in bad.assignments]})
     with pytest.raises(BadInputError, match=r"Q6_K to a tensor with rows of 96 weights.*types that fit: .*Q8_0"):
         export_plan(bad, "gguf", tmp_path / "bad")
+
+
+def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, calib_ids, tmp_path):
+    from bitalloc.budget import parse_budget
+    from bitalloc.gguf_file import whole_file_budget
+
+    loaded = load_model(str(tiny_gguf))
+    table, loaded, calib = api.prepare(loaded, calib_ids, options=default_options(formats=["gguf", "keep"]),
+                                       cache_dir=False)
+    sizes = []
+    for text in ("700KB", "900KB"):
+        budget = whole_file_budget(parse_budget(text), tiny_gguf, table.groups, "LlamaForCausalLM")
+        assert "whole GGUF file" in budget.text and budget.value < parse_budget(text).value
+        plan = api.plan_from_table(table, budget, loaded, calib)
+        out = tmp_path / f"{text}.gguf"
+        write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out)
+        sizes.append(out.stat().st_size)
+        assert sizes[-1] <= parse_budget(text).value
+        assert sizes[-1] > parse_budget(text).value - 20_000  # the budget is used, not wasted
+    assert sizes[0] < sizes[1]
+    with pytest.raises(BadInputError, match="cannot hold this model"):
+        whole_file_budget(parse_budget("100KB"), tiny_gguf, table.groups, "LlamaForCausalLM")
