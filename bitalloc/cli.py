@@ -600,6 +600,7 @@ def export_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for the exported files (default: PLAN-TARGET/ next to the plan)"),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="export even if fused q/k/v or gate/up shards have different options (listed as unsupported)"),
     list_targets: bool = typer.Option(False, "--list", help="list the export targets and exit"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="gguf: the plan's calibration text; also writes imatrix.gguf (mean x² per input column) for llama-quantize --imatrix"),
 ) -> None:
     """Write a plan in the form a serving stack or quantization library reads."""
     from .exports import available_exports, export_plan
@@ -615,7 +616,19 @@ def export_cmd(
         raise BadInputError(f"unknown export target {to!r}; choose one of {', '.join(available_exports())}")
     plan = Plan.load(plan_path)
     out = out_dir if out_dir is not None else plan_path.with_name(f"{plan_path.stem}-{to}")
-    result = export_plan(plan, to, out, allow_untied=allow_untied)
+    extra = {}
+    if calib is not None:
+        if to != "gguf":
+            raise BadInputError(f"--calib is for --to gguf (it writes imatrix.gguf); {to} takes no calibration")
+        from .calibration import make_calibration, read_text
+        from .models import load_model
+
+        loaded = load_model(plan.model.source)
+        c = plan.calibration  # the plan's own windows: same length, count and seed
+        ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", 512)),
+                               tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)), source=calib.name).tokens
+        extra = dict(model=loaded.model, calibration=ids, calibration_source=calib.name)
+    result = export_plan(plan, to, out, allow_untied=allow_untied, **extra)
     for f in result.files:
         print(f"wrote {f}")
     for line in result.unsupported:

@@ -243,3 +243,27 @@ def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, calib_ids, tmp_
     assert sizes[0] < sizes[1]
     with pytest.raises(BadInputError, match="cannot hold this model"):
         whole_file_budget(parse_budget("100KB"), tiny_gguf, table.groups, "LlamaForCausalLM")
+
+
+def test_export_writes_an_imatrix_llama_quantize_reads(tiny_gguf, gguf_plan, calib_ids, tmp_path):
+    from bitalloc.calibration import Calibration
+    from bitalloc.exports import export_plan
+    from bitalloc.profile.statistics import collect_statistics
+
+    loaded = load_model(str(tiny_gguf))
+    result = export_plan(gguf_plan, "gguf", tmp_path / "exp", model=loaded.model, calibration=calib_ids,
+                         calibration_source="calib.txt")
+    path = tmp_path / "exp" / "imatrix.gguf"
+    assert path in result.files and any(f"--imatrix {path}" in n for n in result.notes)
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.datasets").contents() == ["calib.txt"]
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
+    # llama-quantize's importance = in_sum2 / counts, the diag of the Hessian the plan was profiled with.
+    names = {f"model.layers.{i}.self_attn.q_proj": f"blk.{i}.attn_q.weight" for i in range(2)}
+    names |= {f"model.layers.{i}.mlp.down_proj": f"blk.{i}.ffn_down.weight" for i in range(2)}
+    stats = collect_statistics(loaded.model, list(names), Calibration(calib_ids, "", "calib.txt", 0))
+    for module, tensor in names.items():
+        importance = tensors[f"{tensor}.in_sum2"] / tensors[f"{tensor}.counts"][0]
+        np.testing.assert_allclose(importance, torch.diagonal(stats[module].hessian).double().numpy(), rtol=1e-5)
+    assert "token_embd.weight.in_sum2" in tensors  # the tied output head reads the token embedding

@@ -194,18 +194,43 @@ def f16_gguf_name(source: str) -> str:
     return f"{stem}-F16.gguf"
 
 
+IMATRIX_FILE = "imatrix.gguf"
+
+
+def _write_imatrix(plan: Plan, out: Path, model, calibration, dataset: str) -> Path:
+    """imatrix.gguf from the mean x² of every linear layer's inputs over the calibration windows."""
+    from .gguf_imatrix import imatrix_modules, input_square_sums, write_imatrix
+
+    gguf = _gguf()
+    modules = imatrix_modules(model)
+    name_map = gguf.get_tensor_name_map(gguf_arch(plan.model.architecture), block_count(plan))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    names = {}
+    for m in modules:
+        base = name_map.get_name(m)
+        if base is not None:
+            names[m] = f"{'token_embd' if base == 'output' and tied else base}.weight"
+    sums, count = input_square_sums(model, calibration, modules)
+    return write_imatrix(out / IMATRIX_FILE, sums, count, names, dataset, int(calibration.shape[1]))
+
+
 @register_export("gguf", "llama.cpp: a --tensor-type-file for llama-quantize and its command line")
-def export_gguf(plan: Plan, out: Path, **_) -> ExportResult:
+def export_gguf(plan: Plan, out: Path, model=None, calibration=None, calibration_source: str = "", **_) -> ExportResult:
+    """model + calibration (token ids [windows, seq_len]): also write imatrix.gguf for llama-quantize."""
     require_whole_modules(plan, "gguf")
     rows, unmapped = gguf_tensor_types(plan)
     if not rows:
         raise BadInputError("no planned module maps to a GGUF tensor; nothing to export")
     path = atomic_write_text(out / TENSOR_TYPE_FILE, "\n".join(tensor_type_lines(rows)) + "\n")
+    files = [path]
+    if model is not None and calibration is not None:
+        files.append(_write_imatrix(plan, out, model, calibration, calibration_source))
     fallbacks = [r for r in rows if r.fallback]
     unsupported = [f"{r.tensor} ({r.module}, {r.label}): {r.fallback}" for r in fallbacks] + unmapped
     source = f16_gguf_name(plan.model.source)
     target = source.replace("-F16.gguf", "-bitalloc.gguf")
-    command = f"llama-quantize --tensor-type-file {path} {source} {target} {base_ftype(rows, plan)}"
+    imatrix = f"--imatrix {files[1]} " if len(files) > 1 else ""
+    command = f"llama-quantize {imatrix}--tensor-type-file {path} {source} {target} {base_ftype(rows, plan)}"
     notes = [
         f"{len(fallbacks)} of {len(rows)} tensors fell back to another GGUF type (listed above)",
         f"run: {command}",
@@ -213,4 +238,7 @@ def export_gguf(plan: Plan, out: Path, **_) -> ExportResult:
         f"`python convert_hf_to_gguf.py MODEL_DIR --outtype f16 --outfile {source}`; quantizing an already "
         "quantized GGUF needs --allow-requantize and loses quality",
     ]
-    return ExportResult("gguf", [path], unsupported, notes)
+    if len(files) == 1 and plan.quantizer == "imatrix":
+        notes.append("the plan was made with importance weights; pass --calib (the plan's calibration text) to also "
+                     f"write {IMATRIX_FILE} for llama-quantize --imatrix")
+    return ExportResult("gguf", files, unsupported, notes)
