@@ -22,7 +22,7 @@ from bitalloc.cli import app, main
 from bitalloc.errors import BadInputError
 from bitalloc.gguf_file import gguf_layout, write_gguf
 from bitalloc.models import load_model
-from bitalloc.options import QuantOption, default_options, parse_option
+from bitalloc.options import QuantOption, parse_option
 from bitalloc.plan import OptionSpec, Plan
 
 HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 256
@@ -95,11 +95,21 @@ def calib_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (4, 32), generator=g)
 
 
+# A spread of the types (block 32 and 256, with and without a min, non-linear); the two-parameter
+# min searches of Q4_1/Q5_1/Q5_K/Q2_K cost the most and are covered in test_gguf_types.py.
+TYPES = ["Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K"]
+OPTIONS = [QuantOption.gguf(t) for t in TYPES] + [QuantOption.keep()]
+
+
 @pytest.fixture(scope="module")
-def gguf_plan(tiny_gguf, calib_ids) -> Plan:
-    loaded = load_model(str(tiny_gguf))
-    return api.plan(loaded, "5bits", calib_ids, options=default_options(formats=["gguf", "keep"]),
-                    cache_dir=False, quantizer="imatrix")
+def gguf_table(tiny_gguf, calib_ids):
+    return api.prepare(load_model(str(tiny_gguf)), calib_ids, options=OPTIONS, cache_dir=False, quantizer="imatrix")
+
+
+@pytest.fixture(scope="module")
+def gguf_plan(gguf_table) -> Plan:
+    table, loaded, calib = gguf_table
+    return api.plan_from_table(table, "5bits", loaded, calib)
 
 
 def _logits(model, ids):
@@ -116,7 +126,7 @@ def test_the_source_fixture_loads_in_transformers_like_the_hf_model(tiny_gguf):
 def test_written_gguf_matches_the_plan_and_the_simulation(tiny_gguf, gguf_plan, calib_ids, tmp_path):
     assert gguf_plan.quantizer == "imatrix"
     labels = {a.label for a in gguf_plan.assignments}
-    assert labels <= {o.label for o in default_options(formats=["gguf", "keep"])} and len(labels) >= 2
+    assert labels <= {o.label for o in OPTIONS} and len(labels) >= 2
     out = tmp_path / "tiny-bitalloc.gguf"
     model = load_model(str(tiny_gguf)).model
     layout = write_gguf(model, gguf_plan, tiny_gguf, out, calibration=calib_ids)
@@ -223,20 +233,18 @@ def test_export_to_gguf_writes_the_plans_exact_types(gguf_plan, tmp_path):
         export_plan(bad, "gguf", tmp_path / "bad")
 
 
-def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, calib_ids, tmp_path):
+def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, gguf_table, calib_ids, tmp_path):
     from bitalloc.budget import parse_budget
     from bitalloc.gguf_file import whole_file_budget
 
-    loaded = load_model(str(tiny_gguf))
-    table, loaded, calib = api.prepare(loaded, calib_ids, options=default_options(formats=["gguf", "keep"]),
-                                       cache_dir=False)
+    table, loaded, calib = gguf_table
     sizes = []
     for text in ("700KB", "900KB"):
         budget = whole_file_budget(parse_budget(text), tiny_gguf, table.groups, "LlamaForCausalLM")
         assert "whole GGUF file" in budget.text and budget.value < parse_budget(text).value
         plan = api.plan_from_table(table, budget, loaded, calib)
         out = tmp_path / f"{text}.gguf"
-        write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out)
+        write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out, calibration=calib_ids)
         sizes.append(out.stat().st_size)
         assert sizes[-1] <= parse_budget(text).value
         assert sizes[-1] > parse_budget(text).value - 20_000  # the budget is used, not wasted
