@@ -81,19 +81,19 @@ def _solver_settings(items: list[str]) -> dict:
 @app.command("plan")
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL, a size is the whole GGUF file's"),
     budget_scope: str = typer.Option("planned", "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model: unplanned embedding, head, norms at 16 bits included)"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
     solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search) or gptq; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search), gptq, or imatrix (llama.cpp's, GGUF types); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
-    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
-    target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, any"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep (default int,keep, or the target's)"),
+    target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, llama.cpp (GGUF types), any"),
     seed: int = typer.Option(0, "--seed"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),
     min_bits: Optional[int] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16)"),
@@ -163,6 +163,11 @@ def plan_cmd(
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
+    if target == "llama.cpp" and one_budget is not None and one_budget.kind == "bytes" and str(model).endswith(".gguf"):
+        from .gguf_file import whole_file_budget
+
+        # What a llama.cpp user sees is the file: embeddings, norms and metadata count too.
+        one_budget = whole_file_budget(one_budget, model, table.groups, type(loaded.model).__name__)
     if budgets is not None:
         sweep = pareto_from_table(table, budgets, loaded, calibration, **common)
         folder = out_path or Path("pareto")
@@ -463,9 +468,9 @@ def eval_cmd(
 def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
-    out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse or gptq (gptq needs --calib); default: the plan's own"),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors"),
+    out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, gptq or imatrix (gptq/imatrix need --calib); default: the plan's own"),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a .gguf MODEL and a --target llama.cpp plan)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -487,12 +492,22 @@ def apply_cmd(
               "float32": "float32", "fp32": "float32"}
     if dtype not in dtypes:
         raise BadInputError(f"unknown --dtype {dtype!r}; choose model, bfloat16, float16 or float32")
-    if fmt != "compressed-tensors":
-        raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors "
+    if fmt not in ("compressed-tensors", "gguf"):
+        raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors or gguf "
                             "(other targets: `bitalloc export`)")
-    for note in prepare_checkpoint_out(out_path, force)[1]:  # stderr: --json keeps stdout one object
-        print(f"note: {note}", file=sys.stderr)
-    plan = Plan.load(plan_path)  # fail on a bad plan or --out before loading the model
+    if fmt == "gguf":
+        from .gguf_file import gguf_layout
+        from .io import check_output_file
+
+        check_output_file(out_path)
+        plan = Plan.load(plan_path)
+        gguf_layout(plan, model)  # refuse a bad plan, source or architecture before any work
+        if out_path.exists() and not force:
+            raise BadInputError(f"{out_path} exists; pass --force to replace it")
+    else:
+        for note in prepare_checkpoint_out(out_path, force)[1]:  # stderr: --json keeps stdout one object
+            print(f"note: {note}", file=sys.stderr)
+        plan = Plan.load(plan_path)  # fail on a bad plan or --out before loading the model
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = None
     if calib is not None:
@@ -500,6 +515,9 @@ def apply_cmd(
 
         ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
                                source=str(calib)).tokens
+    if fmt == "gguf":
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json)
+        return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not skip_hash_check, allow_untied=allow_untied,
                              dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
@@ -521,6 +539,30 @@ def apply_cmd(
         out.print(f"note: {line}")
 
 
+def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool) -> None:
+    from collections import Counter
+
+    from .gguf_file import write_gguf
+
+    layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not skip_hash_check,
+                        progress=not as_json)
+    size = out_path.stat().st_size
+    planned = layout.planned
+    weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)
+    planned_bits = sum(planned[a.module].nbytes * 8 for a in plan.assignments)
+    types = dict(sorted(Counter(t.ggml_type for t in planned.values()).items()))
+    report = {"file": str(out_path), "file_bytes": size, "predicted_file_bytes": layout.file_bytes,
+              "planned_tensor_types": types, "planned_bits_per_weight": planned_bits / weights if weights else 0.0,
+              "plan_storage_bits_per_weight": plan.summary.storage_bits_per_weight}
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    out.print(f"wrote {out_path}: {size:,} bytes (predicted {layout.file_bytes:,})")
+    out.print("planned tensors: " + ", ".join(f"{n} × {t}" for t, n in types.items()))
+    out.print(f"planned tensors {report['planned_bits_per_weight']:.4f} bits/weight "
+              f"(plan: {plan.summary.storage_bits_per_weight:.4f})")
+
+
 @app.command("latency")
 def latency_cmd(
     model: list[str] = typer.Option(..., "--model", help="model whose planned-layer shapes to time (hub id, directory, .gguf, or config.json with --config-only); repeatable"),
@@ -534,7 +576,7 @@ def latency_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice); recorded in the profile"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths to time"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes to time; ch = per channel"),
-    formats: Optional[str] = typer.Option(None, "--formats", help="format families to time: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,keep (default int,keep, or the target's)"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families to time: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep (default int,keep, or the target's)"),
     target: Optional[str] = typer.Option(None, "--target", help="time the formats of a hardware target: cpu, a100, h100, b200, any"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also time the output head"),
     config_only: bool = typer.Option(False, "--config-only", help="build the model from config.json with random weights (timing needs no trained values)"),
@@ -652,6 +694,7 @@ def export_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for the exported files (default: PLAN-TARGET/ next to the plan)"),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="export even if fused q/k/v or gate/up shards have different options (listed as unsupported)"),
     list_targets: bool = typer.Option(False, "--list", help="list the export targets and exit"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="gguf: the plan's calibration text; also writes imatrix.gguf (mean x² per input column) for llama-quantize --imatrix"),
 ) -> None:
     """Write a plan in the form a serving stack or quantization library reads."""
     from .exports import available_exports, export_plan
@@ -670,7 +713,19 @@ def export_cmd(
     out = out_dir if out_dir is not None else plan_path.with_name(f"{plan_path.stem}-{to}")
     check_output_dir(out)
     plan = Plan.load(plan_path)
-    result = export_plan(plan, to, out, allow_untied=allow_untied)
+    extra = {}
+    if calib is not None:
+        if to != "gguf":
+            raise BadInputError(f"--calib is for --to gguf (it writes imatrix.gguf); {to} takes no calibration")
+        from .calibration import make_calibration, read_text
+        from .models import load_model
+
+        loaded = load_model(plan.model.source)
+        c = plan.calibration  # the plan's own windows: same length, count and seed
+        ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", 512)),
+                               tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)), source=calib.name).tokens
+        extra = dict(model=loaded.model, calibration=ids, calibration_source=calib.name)
+    result = export_plan(plan, to, out, allow_untied=allow_untied, **extra)
     for f in result.files:
         print(f"wrote {f}")
     for line in result.unsupported:

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from .errors import BadInputError
 
-KNOWN_FORMATS = ("int", "fp", "keep")
+KNOWN_FORMATS = ("int", "fp", "gguf", "keep")
 KEEP_BITS = 16  # "keep" stores the weight as fp16/bf16
 
 
@@ -56,8 +56,44 @@ MX_BLOCK = 32  # OCP MX v1.0 §5: k = 32 elements share one E8M0 scale
 NVFP4_BLOCK = 16
 NVFP4_TENSOR_SCALE_BITS = 32  # one fp32 second-level scale per tensor
 
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """One llama.cpp tensor type's block (ggml-common.h): `block` weights stored in `block_bytes`.
+
+    bits: width of each weight's code; the rest of the block (fp16 super-scales, packed sub-block
+    scales and mins) is the per-block overhead. has_min: the block stores a min (zero-point) too.
+    """
+
+    block: int
+    block_bytes: int
+    bits: int
+    has_min: bool
+
+    @property
+    def overhead_bits(self) -> int:
+        return self.block_bytes * 8 - self.block * self.bits
+
+
+# Linear GGUF types, most bits first; sizes as gguf.GGML_QUANT_SIZES (tests check they agree).
+GGUF_TYPES = {
+    "Q8_0": GGUFLayout(32, 34, 8, False),
+    "Q6_K": GGUFLayout(256, 210, 6, False),
+    "Q5_K": GGUFLayout(256, 176, 5, True),
+    "Q5_1": GGUFLayout(32, 24, 5, True),
+    "Q5_0": GGUFLayout(32, 22, 5, False),
+    "Q4_K": GGUFLayout(256, 144, 4, True),
+    "Q4_1": GGUFLayout(32, 20, 4, True),
+    "Q4_0": GGUFLayout(32, 18, 4, False),
+    "IQ4_NL": GGUFLayout(32, 18, 4, False),
+    "IQ4_XS": GGUFLayout(256, 136, 4, False),
+    "Q3_K": GGUFLayout(256, 110, 3, False),
+    "Q2_K": GGUFLayout(256, 84, 2, True),
+}
+
 # Families offered by default_options(formats=...), coarser than options: what hardware supports.
-FORMAT_FAMILIES = ("int", "fp8", "fp6", "fp4", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "keep")
+FORMAT_FAMILIES = ("int", "fp8", "fp6", "fp4", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "gguf", "keep")
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +106,8 @@ class QuantOption:
     weight's own bit width (as GPTQ/AWQ pack it). For fmt "fp", `element` names the element
     format and `scale_fmt` the scale's (fp16 per channel/group, fp32 per tensor, e8m0 for MX,
     e4m3 for NVFP4); tensor_scale_bits is stored once per tensor on top (NVFP4's fp32 scale).
+    For fmt "gguf", `element` names the llama.cpp tensor type (Q4_K, ...), group_size is its block
+    and scale_bits its whole per-block overhead (super-scales, sub-block scales and mins).
     """
 
     fmt: str = "int"
@@ -90,7 +128,9 @@ class QuantOption:
         if self.fmt != "fp" and self.group_size == 0:
             raise ValueError(f"group_size must be positive or None (per channel) for {self.fmt}; "
                              "0 (one scale per tensor) is for fp formats only")
-        if self.fmt != "fp" and (self.element or self.scale_fmt != "fp16" or self.tensor_scale_bits):
+        if self.fmt == "gguf":
+            self._check_gguf()
+        elif self.fmt != "fp" and (self.element or self.scale_fmt != "fp16" or self.tensor_scale_bits):
             raise ValueError(f"{self.fmt} options take no element, scale_fmt or tensor scale")
         if self.fmt == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"int bits must be 2..8, got {self.bits}")
@@ -120,6 +160,21 @@ class QuantOption:
         ok, why = layouts[self.scale_fmt]
         if not ok:
             raise ValueError(why)
+
+    def _check_gguf(self) -> None:
+        if self.element not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {self.element!r}; known: {', '.join(GGUF_TYPES)}")
+        t = GGUF_TYPES[self.element]
+        layout = (t.bits, t.block, not t.has_min, t.overhead_bits, 0, "fp16", 0)
+        if (self.bits, self.group_size, self.symmetric, self.scale_bits, self.zero_bits, self.scale_fmt,
+                self.tensor_scale_bits) != layout:
+            raise ValueError(f"GGUF type {self.element} has a fixed layout; build it with QuantOption.gguf({self.element!r})")
+
+    @classmethod
+    def gguf(cls, ggml_type: str) -> "QuantOption":
+        """A llama.cpp tensor type: its block, code width and exact per-block overhead."""
+        t = GGUF_TYPES[ggml_type]
+        return cls("gguf", t.bits, t.block, not t.has_min, t.overhead_bits, 0, ggml_type)
 
     @classmethod
     def int_(cls, bits: int, group_size: int | None, symmetric: bool = False) -> "QuantOption":
@@ -158,7 +213,7 @@ class QuantOption:
     def family(self) -> str:
         """The FORMAT_FAMILIES entry that offers this option (int, fp8, mxfp4, nvfp4, keep, ...)."""
         scheme = self.scheme
-        if scheme in ("int", "keep", "nvfp4"):
+        if scheme in ("int", "keep", "nvfp4", "gguf"):
             return scheme
         return f"{'mx' if scheme == 'mx' else ''}fp{self.bits}"
 
@@ -169,6 +224,8 @@ class QuantOption:
             return "fp16"
         if scheme == "nvfp4":
             return "nvfp4"
+        if scheme == "gguf":
+            return self.element
         if scheme == "mx":
             return f"mxfp{self.bits}" + ("" if self.element == "e2m1" else self.element)
         g = "ch" if self.group_size is None else ("tensor" if self.group_size == 0 else f"g{self.group_size}")
@@ -235,10 +292,18 @@ def default_options(
         "mxfp6": lambda: [QuantOption.mx("e2m3"), QuantOption.mx("e3m2")],
         "mxfp8": lambda: [QuantOption.mx("e4m3"), QuantOption.mx("e5m2")],
         "nvfp4": lambda: [QuantOption.nvfp4()],
+        "gguf": lambda: [QuantOption.gguf(t) for t in _gguf_implemented()],
         "keep": lambda: [QuantOption.keep()] if include_keep else [],
     }
     opts = {o for f in families for o in per_family[f]()}
     return sorted(opts, key=option_sort_key)
+
+
+def _gguf_implemented() -> list[str]:
+    """GGUF types bitalloc can quantize (formats/gguf.py), the ones the gguf family offers."""
+    from .formats.gguf import QUANTIZERS  # formats import this module; import on use
+
+    return list(QUANTIZERS)
 
 
 def option_sort_key(o: QuantOption) -> tuple:
@@ -249,7 +314,7 @@ def option_sort_key(o: QuantOption) -> tuple:
 _INT_LABEL = re.compile(r"int(\d+)-(ch|g\d+)-(sym|asym)")
 _FP_LABEL = re.compile(r"fp(\d+)(e\dm\d)-(ch|tensor|g\d+)")
 _MX_LABEL = re.compile(r"mxfp(\d+)(e\dm\d)?")
-LABEL_EXAMPLES = "'int4-g64-asym', 'int8-ch-sym', 'fp8e4m3-ch', 'fp8e4m3-tensor', 'fp4e2m1-g32', 'mxfp4', 'mxfp6e3m2', 'nvfp4' or 'fp16'"
+LABEL_EXAMPLES = "'int4-g64-asym', 'int8-ch-sym', 'fp8e4m3-ch', 'fp8e4m3-tensor', 'fp4e2m1-g32', 'mxfp4', 'mxfp6e3m2', 'nvfp4', 'Q4_K' or 'fp16'"
 
 
 def parse_option(label: str) -> QuantOption:
@@ -259,6 +324,8 @@ def parse_option(label: str) -> QuantOption:
     try:
         if label == "nvfp4":
             return QuantOption.nvfp4()
+        if label.upper() in GGUF_TYPES:
+            return QuantOption.gguf(label.upper())
         if m := _INT_LABEL.fullmatch(label):
             group = None if m[2] == "ch" else int(m[2][1:])
             if group == 0:

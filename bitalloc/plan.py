@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from .budget import UNPLANNED_BITS
 from .errors import BadInputError, PlanVersionError
 from .io import atomic_write_text, canonical_json
-from .options import QuantOption
+from .options import GGUF_TYPES, QuantOption
 
 SCHEMA_VERSION = 1
 PLAN_FORMAT = "bitalloc.plan"
@@ -32,7 +32,7 @@ _FP_FIELDS = ("element", "scale_fmt", "tensor_scale_bits")
 
 
 class OptionSpec(_Strict):
-    fmt: Literal["int", "fp", "keep"]
+    fmt: Literal["int", "fp", "gguf", "keep"]
     bits: int = Field(ge=2, le=16)
     group_size: int | None = Field(
         None, ge=0, description="weights per scale along the input; null = per output channel; 0 = one scale per tensor")
@@ -40,8 +40,9 @@ class OptionSpec(_Strict):
     scale_bits: int = Field(ge=0)
     zero_bits: int = Field(ge=0)
     # Added after the first v1 plans (which are INT/keep only); the defaults are what those meant.
-    element: Literal["", "e4m3", "e5m2", "e2m3", "e3m2", "e2m1"] = Field(
-        "", description="fp element format (sign, exponent, mantissa bits); empty for int and keep")
+    element: Literal["", "e4m3", "e5m2", "e2m3", "e3m2", "e2m1", *GGUF_TYPES] = Field(
+        "", description="fp element format (sign, exponent, mantissa bits), or the ggml tensor type of a gguf "
+        "option (Q4_K, ...); empty for int and keep")
     scale_fmt: Literal["fp16", "fp32", "e8m0", "e4m3"] = Field(
         "fp16", description="storage format of each scale: fp16, fp32 (per tensor), e8m0 (MX), e4m3 (NVFP4)")
     tensor_scale_bits: int = Field(0, ge=0, description="bits stored once per tensor on top of the group scales (NVFP4: 32)")
@@ -54,9 +55,9 @@ class OptionSpec(_Strict):
     @model_serializer(mode="wrap")
     def _omit_fp_defaults(self, handler):
         # INT/keep options are written exactly as before the FP fields existed, so their plans stay
-        # byte-identical and readable by earlier bitalloc versions; FP options write all fields.
+        # byte-identical and readable by earlier bitalloc versions; FP and GGUF options write all fields.
         d = handler(self)
-        if self.fmt != "fp":
+        if self.fmt in ("int", "keep"):
             for key in _FP_FIELDS:
                 d.pop(key, None)
         return d

@@ -3,6 +3,7 @@
 A family is listed where the target has kernels for it (weight-only INT dequantization runs
 everywhere; FP8 tensor cores from Hopper on; MX and NVFP4 block-scaled MMA from Blackwell on).
 Plain FP6/FP4 with fp16 scales have no native kernels anywhere, so only "any" offers them.
+llama.cpp runs its own GGUF tensor types (and F16 for what stays unquantized).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "a100": ("int", "keep"),
     "h100": ("int", "fp8", "keep"),
     "b200": ("int", "fp8", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "keep"),
+    "llama.cpp": ("gguf", "keep"),
     "any": FORMAT_FAMILIES,
 }
 

@@ -206,7 +206,9 @@ def test_default_options_formats():
     assert by_family["fp8"] == [f"fp8{e}-{g}" for e in ("e4m3", "e5m2") for g in ("tensor", "g32", "g64", "g128", "ch")]
     assert by_family["fp6"] == [f"fp6{e}-{g}" for e in ("e2m3", "e3m2") for g in ("g32", "g64", "g128", "ch")]
     assert by_family["fp4"] == ["fp4e2m1-g32", "fp4e2m1-g64", "fp4e2m1-g128", "fp4e2m1-ch"]
-    assert len(ALL_FAMILIES) == 48 + 10 + 8 + 4 + 1 + 2 + 2 + 1 + 1
+    assert by_family["gguf"] == ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
+                                 "Q6_K", "Q8_0"]
+    assert len(ALL_FAMILIES) == 48 + 10 + 8 + 4 + 1 + 2 + 2 + 1 + 12 + 1
     assert [o.label for o in default_options(formats=["fp8"], group_sizes=[None])] == ["fp8e4m3-tensor", "fp8e4m3-ch",
                                                                                        "fp8e5m2-tensor", "fp8e5m2-ch"]
     assert QuantOption.keep() not in default_options(formats=FORMAT_FAMILIES, include_keep=False)

@@ -12,12 +12,14 @@ from bitalloc.targets import TARGETS, resolve_formats
 def test_every_target_names_known_families_and_keeps_int_and_keep():
     for name, families in TARGETS.items():
         assert set(families) <= set(FORMAT_FAMILIES), name
-        assert "int" in families and "keep" in families, name
+        # llama.cpp runs its own GGUF types, not bitalloc's INT grid; every hardware target runs INT.
+        assert ("int" in families) != (name == "llama.cpp") and "keep" in families, name
         default_options(formats=families)  # builds
     assert set(TARGETS["any"]) == set(FORMAT_FAMILIES)
     assert set(TARGETS["h100"]) == {"int", "fp8", "keep"}
     assert {"mxfp4", "mxfp6", "mxfp8", "nvfp4", "fp8"} <= set(TARGETS["b200"])
     assert set(TARGETS["cpu"]) == {"int", "keep"}
+    assert set(TARGETS["llama.cpp"]) == {"gguf", "keep"}
 
 
 def test_resolve_formats():
@@ -30,9 +32,9 @@ def test_resolve_formats():
 
 
 @pytest.mark.parametrize("formats, target, needles", [
-    ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, keep"]),
+    ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, gguf, keep"]),
     ("", None, ["no format families", "int,fp8,keep"]),
-    (None, "tpu", ["'tpu'", "cpu, a100, h100, b200, any"]),
+    (None, "tpu", ["'tpu'", "cpu, a100, h100, b200, llama.cpp, any"]),
     ("int,nvfp4,mxfp4", "h100", ["nvfp4, mxfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
 ])
 def test_resolve_formats_errors(formats, target, needles):

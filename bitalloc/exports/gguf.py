@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import BadInputError
 from ..io import atomic_write_text
-from ..options import QuantOption
+from ..options import GGUF_TYPES, QuantOption
 from ..plan import Assignment, Plan
 from . import ExportResult, register_export
 from .common import require_whole_modules
@@ -97,8 +97,16 @@ def nearest_int_type(o: QuantOption, row_width: int | None) -> GGUFType:
 
 
 def choose_type(o: QuantOption, row_width: int) -> tuple[str, str, str]:
-    """(type, width-blind type, note on a format change) for one tensor."""
+    """(type, width-blind type, note on a format change) for one tensor.
+
+    A GGUF option (a --target llama.cpp plan) is its own type, exactly: never mapped, never swapped."""
     sizes = type_sizes()
+    if o.fmt == "gguf":
+        if row_width % o.group_size:
+            fitting = [t for t, (block, _) in sizes.items() if t in GGUF_TYPES and row_width % block == 0]
+            raise BadInputError(f"the plan gives {o.element} to a tensor with rows of {row_width} weights, which its "
+                                f"{o.group_size}-weight blocks do not divide; types that fit: {', '.join(fitting)}")
+        return o.element, o.element, ""
     if o.fmt == "keep":
         return KEEP_TYPE, KEEP_TYPE, ""
     exact = FP_TYPES.get(o.label) if o.fmt == "fp" else None
@@ -149,7 +157,10 @@ def gguf_tensor_types(plan: Plan) -> tuple[list[TensorType], list[str]]:
             continue
         o = a.option.to_option()
         width = a.shape[1]
-        chosen, blind, note = choose_type(o, width)
+        try:
+            chosen, blind, note = choose_type(o, width)
+        except BadInputError as e:
+            raise BadInputError(f"{tensor} ({a.module}): {e}") from None
         why = []
         if note:
             why.append(f"{note} {chosen}")
@@ -183,18 +194,43 @@ def f16_gguf_name(source: str) -> str:
     return f"{stem}-F16.gguf"
 
 
+IMATRIX_FILE = "imatrix.gguf"
+
+
+def _write_imatrix(plan: Plan, out: Path, model, calibration, dataset: str) -> Path:
+    """imatrix.gguf from the mean x² of every linear layer's inputs over the calibration windows."""
+    from .gguf_imatrix import imatrix_modules, input_square_sums, write_imatrix
+
+    gguf = _gguf()
+    modules = imatrix_modules(model)
+    name_map = gguf.get_tensor_name_map(gguf_arch(plan.model.architecture), block_count(plan))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    names = {}
+    for m in modules:
+        base = name_map.get_name(m)
+        if base is not None:
+            names[m] = f"{'token_embd' if base == 'output' and tied else base}.weight"
+    sums, count = input_square_sums(model, calibration, modules)
+    return write_imatrix(out / IMATRIX_FILE, sums, count, names, dataset, int(calibration.shape[1]))
+
+
 @register_export("gguf", "llama.cpp: a --tensor-type-file for llama-quantize and its command line")
-def export_gguf(plan: Plan, out: Path, **_) -> ExportResult:
+def export_gguf(plan: Plan, out: Path, model=None, calibration=None, calibration_source: str = "", **_) -> ExportResult:
+    """model + calibration (token ids [windows, seq_len]): also write imatrix.gguf for llama-quantize."""
     require_whole_modules(plan, "gguf")
     rows, unmapped = gguf_tensor_types(plan)
     if not rows:
         raise BadInputError("no planned module maps to a GGUF tensor; nothing to export")
     path = atomic_write_text(out / TENSOR_TYPE_FILE, "\n".join(tensor_type_lines(rows)) + "\n")
+    files = [path]
+    if model is not None and calibration is not None:
+        files.append(_write_imatrix(plan, out, model, calibration, calibration_source))
     fallbacks = [r for r in rows if r.fallback]
     unsupported = [f"{r.tensor} ({r.module}, {r.label}): {r.fallback}" for r in fallbacks] + unmapped
     source = f16_gguf_name(plan.model.source)
     target = source.replace("-F16.gguf", "-bitalloc.gguf")
-    command = f"llama-quantize --tensor-type-file {path} {source} {target} {base_ftype(rows, plan)}"
+    imatrix = f"--imatrix {files[1]} " if len(files) > 1 else ""
+    command = f"llama-quantize {imatrix}--tensor-type-file {path} {source} {target} {base_ftype(rows, plan)}"
     notes = [
         f"{len(fallbacks)} of {len(rows)} tensors fell back to another GGUF type (listed above)",
         f"run: {command}",
@@ -202,4 +238,7 @@ def export_gguf(plan: Plan, out: Path, **_) -> ExportResult:
         f"`python convert_hf_to_gguf.py MODEL_DIR --outtype f16 --outfile {source}`; quantizing an already "
         "quantized GGUF needs --allow-requantize and loses quality",
     ]
-    return ExportResult("gguf", [path], unsupported, notes)
+    if len(files) == 1 and plan.quantizer == "imatrix":
+        notes.append("the plan was made with importance weights; pass --calib (the plan's calibration text) to also "
+                     f"write {IMATRIX_FILE} for llama-quantize --imatrix")
+    return ExportResult("gguf", files, unsupported, notes)

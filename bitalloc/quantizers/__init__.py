@@ -27,6 +27,8 @@ class QuantizedWeight:
       symmetric codes are signed in [-2^(b-1), 2^(b-1)-1], asymmetric unsigned in [0, 2^b-1].
     scale / zero: [out, n_groups] float32 (per-channel: n_groups = 1); zero is all-zero when symmetric.
     Formats without integer codes (fp, mx, nvfp4, keep) leave codes/scale/zero as None.
+    blocks: GGUF options only: the tensor's bytes as a GGUF file stores them, [out, row_bytes] uint8
+      (numpy), with values == what those bytes dequantize to.
     """
 
     option: QuantOption
@@ -34,6 +36,7 @@ class QuantizedWeight:
     codes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
+    blocks: Any = None
 
 
 Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **settings)
@@ -125,3 +128,4 @@ def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], qu
 from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
 from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq")
 from . import rtn_mse as _rtn_mse  # noqa: E402,F401  (registers "rtn-mse")
+from . import imatrix as _imatrix  # noqa: E402,F401  (registers "imatrix")

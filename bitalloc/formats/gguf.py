@@ -1,0 +1,622 @@
+"""GGUF (llama.cpp) tensor types: llama.cpp's own quantizers, block bytes included.
+
+Each function follows ggml/src/ggml-quants.c (llama.cpp): the reference quantizers
+(`quantize_row_*_ref`) when no importance weights are given, and the importance-weighted ones
+(`quantize_row_*_impl`, what llama-quantize runs with an imatrix) when they are. Importance weights
+are llama-imatrix's: mean x² per input column, i.e. diag(H) of the layer input.
+
+Vectorized across blocks, sequential within a block: every float32 sum runs in ggml's order (one
+element after another), so the search takes the same decisions as the C loops. Results are the
+exact block bytes (`blocks`, [out, in / block * block_bytes] uint8, what a GGUF file stores) and
+the values those bytes dequantize to, computed in ggml's dequantization order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..options import GGUF_TYPES, QuantOption
+from . import register_format
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: a group with a smaller max is all zero
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class GGUFQuantized:
+    blocks: np.ndarray  # [out, row_bytes] uint8, the tensor's data as a GGUF file stores it
+    values: np.ndarray  # [out, in] float32, what those bytes dequantize to
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int (the 1.5·2^23 trick): round half to even, as int32."""
+    return np.rint(v).astype(np.int32)
+
+
+def seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Sum over the last axis one element after another in float32 (the C loop's order).
+
+    np.sum adds pairwise (another rounding), np.cumsum is left to right but slower on short rows."""
+    total = terms[..., 0].copy()
+    for i in range(1, terms.shape[-1]):
+        total += terms[..., i]
+    return total
+
+
+def fp16(x: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16 then back: round to nearest even fp16, as float32."""
+    return np.asarray(x, F32).astype(np.float16).astype(F32)
+
+
+def fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, F32).astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max |x|, the signed value that reaches it first) per row, as ggml's `if (ax > amax)` loop."""
+    idx = np.abs(x).argmax(axis=-1)[..., None]
+    signed = np.take_along_axis(x, idx, axis=-1)[..., 0]
+    return np.abs(signed), signed
+
+
+def roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf: halves away from zero."""
+    t = np.trunc(x)
+    return t + np.sign(x) * (np.abs(x - t) >= F32(0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale searches (ggml-quants.c "Helper functions"); x: [n_groups, n] float32, weights likewise.
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search (rmse_type 1): L in [0, 2·nmax), value = scale · (L - nmax)."""
+    amax, vmax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = x * x if qw is None else qw
+
+        def try_scale(iscale):
+            l = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+            lf = l.astype(F32)
+            return l, seq_sum(w * x * lf), seq_sum(w * lf * lf)
+
+        l, sumlx, suml2 = try_scale(F32(-nmax) / vmax)
+        L = l + nmax
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            l, sumlx, suml2 = try_scale(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better[:, None], l + nmax, L)
+            scale = np.where(better, sumlx / suml2, scale).astype(F32)
+            best = np.where(better, scale * sumlx, best).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
+
+
+def make_qkx3_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float = -0.9,
+                     rdelta: float = 0.05, nstep: int = 36, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale-and-min search: (scale, the_min, L) with value = scale · L - the_min.
+
+    Also make_qkx2_quants (the reference quantizers' version, given weights): its rounding
+    clip(nearest_int(v), 0, nmax) equals qkx3's v > 0 ? nearest_int(min(v, nmax)) : 0 for every v.
+    use_mad: weigh absolute instead of squared errors (Q2_K's reference)."""
+    w = x * x if weights is None else weights
+    xmin = np.minimum(x.min(axis=-1), F32(0))
+    xmax = x.max(axis=-1)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
+    flat = xmax <= xmin
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        span = xmax - xmin
+        iscale = F32(nmax) / span
+        scale = F32(1) / iscale
+        L = np.clip(nearest_int(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+        err = (lambda d: np.abs(d)) if use_mad else (lambda d: d * d)
+        diff = scale[:, None] * L.astype(F32) + xmin[:, None] - x
+        best = seq_sum(w * err(diff))
+        cur_min = xmin.copy()
+        for step in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (xmax - cur_min)  # ggml: max - (best) min
+            v = iscale[:, None] * (x - cur_min[:, None])
+            l = np.where(v > 0, nearest_int(np.minimum(v, F32(nmax))), 0)
+            lf = l.astype(F32)
+            sum_l, sum_l2, sum_xl = seq_sum(w * lf), seq_sum(w * lf * lf), seq_sum(w * lf * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            positive = this_min > 0
+            this_min = np.where(positive, F32(0), this_min).astype(F32)
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
+            diff = this_scale[:, None] * lf + this_min[:, None] - x
+            mad = seq_sum(w * err(diff))
+            better = (D > 0) & (mad < best)
+            L = np.where(better[:, None], l, L)
+            best = np.where(better, mad, best)
+            scale = np.where(better, this_scale, scale).astype(F32)
+            cur_min = np.where(better, this_min, cur_min).astype(F32)
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    L = np.where(flat[:, None], 0, L)
+    return scale, (-np.where(flat, xmin, cur_min)).astype(F32), L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q3_K reference's symmetric search (do_rmse): x²-weighted, then coordinate descent on each L."""
+    amax, vmax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    w = x * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = np.clip(nearest_int((F32(-nmax) / vmax)[:, None] * x), -nmax, nmax - 1)
+        Lf = L.astype(F32)
+        sumlx, suml2 = seq_sum(w * x * Lf), seq_sum(w * Lf * Lf)
+        active = ~zero
+        for _ in range(5):
+            changed = np.zeros(len(x), dtype=bool)
+            for i in range(x.shape[1]):
+                wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                nf = new_l.astype(F32)
+                slx2 = slx + wi * xi * nf
+                sl22 = sl2 + wi * nf * nf
+                accept = (active & (slx > 0) & (new_l != L[:, i]) & (sl22 > 0)
+                          & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22))
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx2, sumlx).astype(F32)
+                suml2 = np.where(accept, sl22, suml2).astype(F32)
+                changed |= accept
+            active &= changed
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + nmax)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive values (sub-block scales/mins) to nmax levels, weighted: (scale, L), x ≈ scale · L."""
+    xmax = np.maximum(x.max(axis=-1), F32(0))
+    zero = xmax < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / xmax
+        L = nearest_int(iscale[:, None] * x)
+        scale = F32(1) / iscale
+        diff = x - scale[:, None] * L.astype(F32)
+        best = seq_sum(qw * diff * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(step) + F32(nmax)) / xmax
+            scale_is = F32(1) / iscale_is
+            l = np.minimum(nmax, nearest_int(iscale_is[:, None] * x))
+            diff = x - scale_is[:, None] * l.astype(F32)
+            mse = seq_sum(qw * diff * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_is, iscale).astype(F32)
+        L = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        Lf = L.astype(F32)
+        sumlx, suml2 = seq_sum(qw * x * Lf), seq_sum(qw * Lf * Lf)
+        active = np.ones(len(x), dtype=bool)
+        for _ in range(5):  # coordinate descent on each L (ggml: itry < 5, stop when nothing changes)
+            changed = np.zeros(len(x), dtype=bool)
+            for i in range(x.shape[1]):
+                w, xi, li = qw[:, i], x[:, i], L[:, i].astype(F32)
+                slx = sumlx - w * xi * li
+                sl2 = suml2 - w * li * li
+                ok = active & (slx > 0) & (sl2 > 0)
+                new_l = np.minimum(nmax, nearest_int(xi * sl2 / slx))
+                nf = new_l.astype(F32)
+                slx2 = slx + w * xi * nf
+                sl22 = sl2 + w * nf * nf
+                accept = ok & (new_l != L[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx2, sumlx).astype(F32)
+                suml2 = np.where(accept, sl22, suml2).astype(F32)
+                changed |= accept
+            active &= changed
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit packing shared by several types.
+
+
+def pack_nibbles(L: np.ndarray, half: int) -> np.ndarray:
+    """[n, 2·half] codes -> [n, half] bytes: low nibble L[j], high nibble L[j + half]."""
+    L = L.astype(np.uint8)
+    return (L[:, :half] & 0x0F) | ((L[:, half:] & 0x0F) << 4)
+
+
+def pack_high_bits(L: np.ndarray) -> np.ndarray:
+    """Bit 4 of 32 codes -> 4 bytes, code j at bit j (Q5_0/Q5_1's qh, a little-endian uint32)."""
+    return np.packbits((L.astype(np.uint8) >> 4) & 1, axis=-1, bitorder="little")
+
+
+def row_sigma2(x: np.ndarray) -> np.ndarray:
+    """sum x² / n over each row (ggml's sigma2 of the legacy importance-weighted quantizers)."""
+    return seq_sum(x * x) / F32(x.shape[-1])
+
+
+def legacy_weights(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """[rows, n_blocks, 32] weights qw · sqrt(sigma2 + x²) of quantize_row_q{4,5}_{0,1}_impl."""
+    sigma2 = row_sigma2(w)[:, None, None]
+    x = w.reshape(w.shape[0], -1, 32)
+    return importance.reshape(1, -1, 32) * np.sqrt(sigma2 + x * x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The types. Each takes w [out, in] float32 and importance [in] float32 or None.
+
+
+def q8_0(w: np.ndarray, importance: np.ndarray | None) -> GGUFQuantized:
+    x = w.reshape(-1, 32)  # llama.cpp's Q8_0 ignores importance weights
+    d = np.abs(x).max(axis=-1) / F32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    q = roundf(x * inv[:, None]).astype(np.int8)
+    blocks = np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
+    values = q.astype(F32) * fp16(d)[:, None]
+    return _rows(blocks, values, w)
+
+
+def _q_sym(w: np.ndarray, importance: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d, L) of Q4_0 (nmax 8) / Q5_0 (nmax 16): value = d · (L - nmax)."""
+    x = w.reshape(-1, 32)
+    if importance is None:
+        _, vmax = first_absmax(x)
+        d = vmax / F32(-nmax)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+        L = np.minimum(2 * nmax - 1, np.trunc(x * inv[:, None] + F32(nmax + 0.5)).astype(np.int32))
+        return d, L
+    return make_qx_quants(x, nmax, legacy_weights(w, importance).reshape(-1, 32))
+
+
+def _q_asym(w: np.ndarray, importance: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, m, L) of Q4_1 (nmax 15) / Q5_1 (nmax 31): value = d · L + m."""
+    x = w.reshape(-1, 32)
+    if importance is None:
+        lo, hi = x.min(axis=-1), x.max(axis=-1)
+        d = (hi - lo) / F32(nmax)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+        L = np.minimum(nmax, np.trunc((x - lo[:, None]) * inv[:, None] + F32(0.5)).astype(np.int32))
+        return d, lo, L
+    d, the_min, L = make_qkx3_quants(x, nmax, legacy_weights(w, importance).reshape(-1, 32))
+    return d, -the_min, L
+
+
+def q4_0(w, importance):
+    d, L = _q_sym(w, importance, 8)
+    blocks = np.concatenate([fp16_bytes(d), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * (L - 8).astype(F32), w)
+
+
+def q5_0(w, importance):
+    d, L = _q_sym(w, importance, 16)
+    blocks = np.concatenate([fp16_bytes(d), pack_high_bits(L), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * (L - 16).astype(F32), w)
+
+
+def q4_1(w, importance):
+    d, m, L = _q_asym(w, importance, 15)
+    blocks = np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * L.astype(F32) + fp16(m)[:, None], w)
+
+
+def q5_1(w, importance):
+    d, m, L = _q_asym(w, importance, 31)
+    blocks = np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_high_bits(L), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * L.astype(F32) + fp16(m)[:, None], w)
+
+
+def _k_weights(x: np.ndarray, importance: np.ndarray | None, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q{4,5}_K_impl's per-weight weights [n_super, 8, 32] and their sums [n_super, 8]."""
+    sigma2 = F32(2) * seq_sum(x * x) / F32(QK_K)  # x: [n_super, 256]
+    xs = x.reshape(-1, 8, 32)
+    if importance is None:
+        weights = np.sqrt(sigma2)[:, None, None] + np.abs(xs)
+    else:
+        qw = np.broadcast_to(importance.reshape(1, -1, 8, 32), (n_rows, importance.size // QK_K, 8, 32))
+        weights = qw.reshape(-1, 8, 32) * np.sqrt(sigma2[:, None, None] + xs * xs)
+    return weights.astype(F32), seq_sum(weights)
+
+
+def _pack_k_scales(Ls: np.ndarray, Lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins -> the 12 bytes of Q4_K/Q5_K (ggml-quants.c, get_scale_min_k4)."""
+    Ls, Lm = Ls.astype(np.uint8), Lm.astype(np.uint8)
+    out = np.zeros((len(Ls), 12), dtype=np.uint8)
+    out[:, 0:4] = Ls[:, 0:4] | ((Ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = Lm[:, 0:4] | ((Lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (Ls[:, 4:8] & 0x0F) | ((Lm[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def _max_scaled(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference K-quants' sub-block scale codes: (max / levels, nearest_int(v · levels / max))."""
+    vmax = np.maximum(v.max(axis=-1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv = np.where(vmax > 0, F32(levels) / vmax, F32(0)).astype(F32)
+    return vmax / F32(levels), nearest_int(inv[:, None] * v)
+
+
+def _k_scale_min(w: np.ndarray, importance: np.ndarray | None, nmax: int):
+    """Q4_K / Q5_K: (d, dmin, Ls, Lm, L, d·sc, dmin·m) for each 256-weight super-block.
+
+    With importance: quantize_row_q{4,5}_K_impl; without: quantize_row_q{4,5}_K_ref (what
+    llama-quantize runs without an imatrix)."""
+    x = w.reshape(-1, QK_K)
+    if importance is None:
+        xs = x.reshape(-1, 32)
+        av_x = np.sqrt(seq_sum(xs * xs) / F32(32))
+        weights = av_x[:, None] + np.abs(xs)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = make_qkx3_quants(xs, nmax, weights, rmin, 0.1, nstep)
+        d_block, Ls = _max_scaled(scales.reshape(-1, 8), 63)
+        m_block, Lm = _max_scaled(mins.reshape(-1, 8), 63)
+    else:
+        weights, sw = _k_weights(x, importance, w.shape[0])
+        scales, mins, L = make_qkx3_quants(x.reshape(-1, 32), nmax, weights.reshape(-1, 32))
+        d_block, Ls = make_qp_quants(scales.reshape(-1, 8), 63, sw)
+        m_block, Lm = make_qp_quants(mins.reshape(-1, 8), 63, sw)
+    Ls, Lm = np.minimum(63, Ls), np.minimum(63, Lm)
+    d, dmin = fp16(d_block), fp16(m_block)
+    dl = d[:, None] * Ls.astype(F32)  # [n_super, 8]
+    ml = dmin[:, None] * Lm.astype(F32)
+    xs = x.reshape(-1, 8, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((xs + ml[..., None]) / dl[..., None]), 0, nmax)
+    L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 8, 32)).reshape(-1, QK_K)
+    return d_block, m_block, Ls, Lm, L, dl, ml
+
+
+def q4_k(w, importance):
+    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 15)
+    qs = np.concatenate([pack_nibbles(L[:, j:j + 64], 32) for j in range(0, QK_K, 64)], axis=1)
+    blocks = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), _pack_k_scales(Ls, Lm), qs], axis=1)
+    values = dl[..., None] * L.reshape(-1, 8, 32).astype(F32) - ml[..., None]
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def q5_k(w, importance):
+    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 31)
+    qs = np.concatenate([pack_nibbles(L[:, j:j + 64], 32) for j in range(0, QK_K, 64)], axis=1)
+    high = (L.reshape(-1, 8, 32).astype(np.uint8) >> 4) & 1  # sub-block s sets bit s of qh[j]
+    qh = np.zeros((len(L), 32), dtype=np.uint8)
+    for s in range(8):
+        qh |= high[:, s] << s
+    blocks = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), _pack_k_scales(Ls, Lm), qh, qs], axis=1)
+    values = dl[..., None] * L.reshape(-1, 8, 32).astype(F32) - ml[..., None]
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def q6_k(w, importance):
+    x = w.reshape(-1, 16)  # 16 sub-blocks of 16 per super-block
+    qw = None
+    if importance is not None:
+        qw = np.broadcast_to(importance.reshape(1, -1, 16), (w.shape[0], importance.size // 16, 16)).reshape(-1, 16)
+    scales, L = make_qx_quants(x, 32, qw)
+    scales, L = scales.reshape(-1, 16), L.reshape(-1, 16, 16)
+    max_abs, max_scale = first_absmax(scales)
+    zero = max_abs < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(-128) / max_scale
+        d_block = np.where(zero, F32(0), F32(1) / iscale).astype(F32)
+        sc = np.where(zero[:, None], 0, np.minimum(127, nearest_int(iscale[:, None] * scales))).astype(np.int8)
+        dl = fp16(d_block)[:, None] * sc.astype(F32)
+        requant = np.clip(nearest_int(x.reshape(-1, 16, 16) / dl[..., None]), -32, 31) + 32
+    L = np.where((dl != 0)[..., None], requant, L)
+    L = np.where(zero[:, None, None], 0, L).reshape(-1, QK_K).astype(np.uint8)
+    ql, qh = [], []
+    for j in range(0, QK_K, 128):  # ggml's interleaving of 4 × 32 codes per 128
+        q = [L[:, j + 32 * k: j + 32 * (k + 1)] for k in range(4)]
+        ql += [(q[0] & 0xF) | ((q[2] & 0xF) << 4), (q[1] & 0xF) | ((q[3] & 0xF) << 4)]
+        qh.append((q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6))
+    blocks = np.concatenate([*ql, *qh, sc.view(np.uint8), fp16_bytes(d_block)], axis=1)
+    values = dl[..., None] * (L.reshape(-1, 16, 16).astype(np.int32) - 32).astype(F32)
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def _superblock_weights(w: np.ndarray, importance: np.ndarray | None, sub: int, sigma_scale: float) -> np.ndarray:
+    """Per-weight weights [n_super, 256/sub, sub] of Q2_K/Q3_K: qw · sqrt(sigma2 + x²), or x² without qw.
+
+    sigma2 = sigma_scale · sum x² / 256 over the super-block (Q2_K: 1, Q3_K: 2)."""
+    x = w.reshape(-1, QK_K)
+    xs = x.reshape(len(x), -1, sub)
+    if importance is None:
+        return xs * xs
+    sigma2 = F32(sigma_scale) * seq_sum(x * x) / F32(QK_K)
+    qw = np.broadcast_to(importance.reshape(1, -1, QK_K // sub, sub), (w.shape[0], importance.size // QK_K, QK_K // sub, sub))
+    return qw.reshape(xs.shape) * np.sqrt(sigma2[:, None, None] + xs * xs)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """256 two-bit codes -> 64 bytes, ggml's order: byte j/4 + l of each 128 holds L[j+l], L[j+l+32], +64, +96."""
+    L = L.astype(np.uint8)
+    out = []
+    for j in range(0, QK_K, 128):
+        q = [L[:, j + 32 * k: j + 32 * (k + 1)] for k in range(4)]
+        out.append(q[0] | (q[1] << 2) | (q[2] << 4) | (q[3] << 6))
+    return np.concatenate(out, axis=1)
+
+
+def q3_k(w, importance):
+    """quantize_row_q3_K_impl with importance, quantize_row_q3_K_ref without."""
+    x = w.reshape(-1, QK_K)
+    if importance is None:
+        scales, L = make_q3_quants(x.reshape(-1, 16), 4)
+        scales = scales.reshape(-1, 16)
+        _, max_scale = first_absmax(scales)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-32) / max_scale
+            Ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+            d_block = np.where(max_scale != 0, F32(1) / iscale, F32(0)).astype(F32)
+        Ls = np.where((max_scale != 0)[:, None], Ls, 0)  # ggml leaves all scale bytes zero
+    else:
+        weights = _superblock_weights(w, importance, 16, 2.0)  # [n_super, 16, 16]
+        sw = seq_sum(weights)
+        scales, L = make_qx_quants(x.reshape(-1, 16), 4, weights.reshape(-1, 16))
+        d_block, Ls = make_qx_quants(scales.reshape(-1, 16), 32, sw)  # Ls in [0, 64): scale code + 32
+    d = fp16(d_block)
+    sc = (Ls - 32).astype(F32)  # what the packed 6-bit codes decode to
+    dl = d[:, None] * sc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(x.reshape(-1, 16, 16) / dl[..., None]), -4, 3) + 4
+    L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    Ls8 = Ls.astype(np.uint8)
+    scales_b = np.zeros((len(x), 12), dtype=np.uint8)
+    scales_b[:, :8] = (Ls8[:, :8] & 0xF) | ((Ls8[:, 8:] & 0xF) << 4)
+    for j in range(16):
+        scales_b[:, 8 + j % 4] |= (Ls8[:, j] >> 4) << (2 * (j // 4))
+    high = L > 3  # the high bit of code j goes to bit j // 32 of hmask[j % 32]
+    hmask = np.zeros((len(x), 32), dtype=np.uint8)
+    for k in range(8):
+        hmask |= high[:, 32 * k: 32 * (k + 1)].astype(np.uint8) << k
+    blocks = np.concatenate([hmask, _pack_2bit(np.where(high, L - 4, L)), scales_b, fp16_bytes(d_block)], axis=1)
+    values = dl[..., None] * (L.reshape(-1, 16, 16) - 4).astype(F32)
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def q2_k(w, importance):
+    """quantize_row_q2_K_impl with importance, quantize_row_q2_K_ref without."""
+    x = w.reshape(-1, QK_K)
+    if importance is None:
+        xs = x.reshape(-1, 16)
+        scales, mins, L = make_qkx3_quants(xs, 3, np.abs(xs), -0.5, 0.1, 15, use_mad=True)
+        dm, Ls = _max_scaled(scales.reshape(-1, 16), 15)
+        mm, Lm = _max_scaled(mins.reshape(-1, 16), 15)
+    else:
+        weights = _superblock_weights(w, importance, 16, 1.0)
+        sw = seq_sum(weights)
+        scales, mins, L = make_qkx3_quants(x.reshape(-1, 16), 3, weights.reshape(-1, 16))
+        dm, Ls = make_qp_quants(scales.reshape(-1, 16), 15, sw)
+        mm, Lm = make_qp_quants(mins.reshape(-1, 16), 15, sw)
+    Ls, Lm = Ls.astype(np.uint8) & 0xF, Lm.astype(np.uint8) & 0xF  # stored as one byte: Ls | Lm << 4
+    dl = fp16(dm)[:, None] * Ls.astype(F32)
+    ml = fp16(mm)[:, None] * Lm.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((x.reshape(-1, 16, 16) + ml[..., None]) / dl[..., None]), 0, 3)
+    L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    blocks = np.concatenate([Ls | (Lm << 4), _pack_2bit(L), fp16_bytes(dm), fp16_bytes(mm)], axis=1)
+    values = dl[..., None] * L.reshape(-1, 16, 16).astype(F32) - ml[..., None]
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+# ggml-common.h kvalues_iq4nl: the 16 non-uniform levels of IQ4_NL / IQ4_XS.
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32)
+
+
+def best_index_iq4(x: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8(16, kvalues_iq4nl, x): the nearest level, the upper one unless strictly farther."""
+    v = IQ4NL_VALUES
+    mu = np.clip(np.searchsorted(v, x, side="right"), 1, 15)  # v[mu-1] <= x < v[mu]
+    lower = (x - v[mu - 1].astype(F32)) < (v[mu].astype(F32) - x)
+    idx = np.where(lower, mu - 1, mu)
+    return np.where(x <= F32(v[0]), 0, np.where(x >= F32(v[-1]), 15, idx))
+
+
+def _iq4_block_scales(x: np.ndarray, weight: np.ndarray, ntry: int = 7) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's per-32 scale search: d with least weighted error, [n_blocks]."""
+    amax, vmax = first_absmax(x)
+    v0 = F32(IQ4NL_VALUES[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+
+        def sums(inv):
+            q = IQ4NL_VALUES[best_index_iq4(inv[:, None] * x)].astype(F32)
+            return seq_sum(weight * q * x), seq_sum(weight * q * q)
+
+        sumqx, sumq2 = sums(F32(1) / (-vmax / v0))
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(F32(itry + IQ4NL_VALUES[0]) / vmax)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(F32)
+            best = np.where(better, d * sumqx, best).astype(F32)
+    return np.where(amax < GROUP_MAX_EPS, F32(0), d).astype(F32)
+
+
+def _iq4_weights(x: np.ndarray, importance: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """x: [n_super, super]; qw · sqrt(sigma2 + x²) with sigma2 = 2 · mean x² over the super-block, or x²."""
+    if importance is None:
+        return x * x
+    sigma2 = seq_sum(x * x) * F32(2.0 / x.shape[1])
+    qw = np.broadcast_to(importance.reshape(1, -1, x.shape[1]), (n_rows, importance.size // x.shape[1], x.shape[1]))
+    return qw.reshape(x.shape) * np.sqrt(sigma2[:, None] + x * x)
+
+
+def iq4_nl(w, importance):
+    """quantize_iq4_nl (ntry 7, what llama-quantize runs; x² weights without an imatrix)."""
+    x = w.reshape(-1, 32)
+    d = _iq4_block_scales(x, _iq4_weights(x, importance, w.shape[0]))
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    L = best_index_iq4(inv[:, None] * x)
+    blocks = np.concatenate([fp16_bytes(d), pack_nibbles(L, 16)], axis=1)
+    return _rows(blocks, fp16(d)[:, None] * IQ4NL_VALUES[L].astype(F32), w)
+
+
+def iq4_xs(w, importance):
+    x = w.reshape(-1, QK_K)
+    weights = _iq4_weights(x, importance, w.shape[0])
+    scales = _iq4_block_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(-1, 8)
+    _, max_scale = first_absmax(scales)
+    d = -max_scale / F32(32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+        ls = np.clip(nearest_int(inv[:, None] * scales), -32, 31)
+        dl = d[:, None] * ls.astype(F32)
+        idl = np.where(dl != 0, F32(1) / dl, F32(0)).astype(F32)
+    L = best_index_iq4(idl[..., None] * x.reshape(-1, 8, 32)).reshape(-1, QK_K)
+    codes = (ls + 32).astype(np.uint8)
+    scales_l = (codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4)
+    scales_h = np.zeros(len(x), dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= (codes[:, ib] >> 4).astype(np.uint16) << (2 * ib)
+    qs = np.concatenate([pack_nibbles(L[:, 32 * i: 32 * (i + 1)], 16) for i in range(8)], axis=1)
+    blocks = np.concatenate([fp16_bytes(d), scales_h.reshape(-1, 1).view(np.uint8), scales_l, qs], axis=1)
+    values = (fp16(d)[:, None] * (codes.astype(np.int32) - 32).astype(F32))[..., None] * IQ4NL_VALUES[L].reshape(-1, 8, 32).astype(F32)
+    return _rows(blocks, values.reshape(-1, QK_K), w)
+
+
+def _rows(blocks: np.ndarray, values: np.ndarray, w: np.ndarray) -> GGUFQuantized:
+    out_f = w.shape[0]
+    return GGUFQuantized(np.ascontiguousarray(blocks.reshape(out_f, -1)), values.reshape(w.shape).astype(F32))
+
+
+QUANTIZERS = {"Q8_0": q8_0, "Q6_K": q6_k, "Q5_K": q5_k, "Q5_1": q5_1, "Q5_0": q5_0, "Q4_K": q4_k,
+              "Q4_1": q4_1, "Q4_0": q4_0, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "Q3_K": q3_k, "Q2_K": q2_k}
+
+
+def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
+                  importance: torch.Tensor | np.ndarray | None = None) -> GGUFQuantized:
+    """Quantize `weight` [out, in] to `ggml_type` as llama.cpp does; importance [in]: mean x² per
+    input column (llama-imatrix's values); None = llama.cpp's reference quantizer."""
+    if ggml_type not in QUANTIZERS:
+        raise ValueError(f"no GGUF quantizer for {ggml_type}; implemented: {', '.join(QUANTIZERS)}")
+    w = weight.detach().float().cpu().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, F32)
+    block = GGUF_TYPES[ggml_type].block
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"{ggml_type} quantizes rows in blocks of {block}; shape {list(w.shape)} does not fit")
+    if importance is not None:
+        importance = importance.detach().float().cpu().numpy() if isinstance(importance, torch.Tensor) else np.asarray(importance, F32)
+        importance = importance.reshape(-1).astype(F32)
+        if importance.size != w.shape[1]:
+            raise ValueError(f"importance has {importance.size} entries, the weight {w.shape[1]} input columns")
+    return QUANTIZERS[ggml_type](np.ascontiguousarray(w, dtype=F32), importance)
+
+
+@register_format("gguf")
+def gguf_quantize_dequantize(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    """llama.cpp's reference quantizer (no importance weights) of option.element."""
+    return torch.from_numpy(gguf_quantize(weight, option.element).values).to(weight.dtype)

@@ -1,0 +1,277 @@
+"""`bitalloc apply --format gguf`: a complete GGUF written by bitalloc, on a tiny Llama GGUF built here.
+
+Widths 256/512 so that every GGUF type (256-weight K-quant blocks included) fits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from typer.testing import CliRunner
+
+from bitalloc import api
+from bitalloc.apply import apply
+from bitalloc.cli import app, main
+from bitalloc.errors import BadInputError
+from bitalloc.gguf_file import gguf_layout, write_gguf
+from bitalloc.models import load_model
+from bitalloc.options import QuantOption, parse_option
+from bitalloc.plan import OptionSpec, Plan
+
+HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 256
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute (rotary halves interleaved per head)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
+    """An F16 Llama GGUF as convert_hf_to_gguf.py writes one: byte-level BPE tokenizer, tied embeddings."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=2,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    sd = {k: v.detach().numpy() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(MLP)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_vocab_size(VOCAB)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = list(bytes_to_unicode().values())
+    tokens[255] = tokens[104] + tokens[101]  # one merge ("h e" -> "he") so the BPE has one
+    w.add_token_list(tokens)
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges([f"{tokens[104]} {tokens[101]}"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    f16 = lambda k: sd[k].astype(np.float16)  # noqa: E731
+    w.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(f16(p + "self_attn.q_proj.weight"), HEADS))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(f16(p + "self_attn.k_proj.weight"), KV_HEADS))
+        w.add_tensor(f"blk.{i}.attn_v.weight", f16(p + "self_attn.v_proj.weight"))
+        w.add_tensor(f"blk.{i}.attn_output.weight", f16(p + "self_attn.o_proj.weight"))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", f16(p + "mlp.gate_proj.weight"))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", f16(p + "mlp.up_proj.weight"))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", f16(p + "mlp.down_proj.weight"))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("src") / "tiny-F16.gguf")
+
+
+@pytest.fixture(scope="module")
+def calib_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, VOCAB, (4, 32), generator=g)
+
+
+# A spread of the types (block 32 and 256, with and without a min, non-linear); the two-parameter
+# min searches of Q4_1/Q5_1/Q5_K/Q2_K cost the most and are covered in test_gguf_types.py.
+TYPES = ["Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K"]
+OPTIONS = [QuantOption.gguf(t) for t in TYPES] + [QuantOption.keep()]
+
+
+@pytest.fixture(scope="module")
+def gguf_table(tiny_gguf, calib_ids):
+    return api.prepare(load_model(str(tiny_gguf)), calib_ids, options=OPTIONS, cache_dir=False, quantizer="imatrix")
+
+
+@pytest.fixture(scope="module")
+def gguf_plan(gguf_table) -> Plan:
+    table, loaded, calib = gguf_table
+    return api.plan_from_table(table, "5bits", loaded, calib)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_the_source_fixture_loads_in_transformers_like_the_hf_model(tiny_gguf):
+    loaded = load_model(str(tiny_gguf))
+    assert loaded.model.config.hidden_size == HIDDEN
+    assert loaded.tokenizer.decode(loaded.tokenizer("hello world").input_ids) == "hello world"
+
+
+def test_written_gguf_matches_the_plan_and_the_simulation(tiny_gguf, gguf_plan, calib_ids, tmp_path):
+    assert gguf_plan.quantizer == "imatrix"
+    labels = {a.label for a in gguf_plan.assignments}
+    assert labels <= {o.label for o in OPTIONS} and len(labels) >= 2
+    out = tmp_path / "tiny-bitalloc.gguf"
+    model = load_model(str(tiny_gguf)).model
+    layout = write_gguf(model, gguf_plan, tiny_gguf, out, calibration=calib_ids)
+    # Size and per-tensor types are what the plan predicted before any quantization.
+    assert out.stat().st_size == layout.file_bytes == gguf_layout(gguf_plan, tiny_gguf).file_bytes
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for a in gguf_plan.assignments:
+        entry = layout.planned[a.module]
+        expected = "F16" if a.label == "fp16" else a.label
+        assert types[entry.name] == entry.ggml_type == expected
+        # The planned tensor's bytes are exactly the plan's storage bits.
+        assert entry.nbytes * 8 == a.storage_bits
+    src = gguf.GGUFReader(tiny_gguf)
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.attention.head_count_kv"):
+        assert reader.get_field(key).contents() == src.get_field(key).contents()
+    # transformers' GGUF loader reads the file and runs the plan's simulated weights exactly.
+    written = load_model(str(out)).model
+    simulated = apply(load_model(str(tiny_gguf)).model, gguf_plan, calibration=calib_ids)
+    assert torch.equal(_logits(written, calib_ids), _logits(simulated, calib_ids))
+    # A plan file round-trips with its GGUF types.
+    assert Plan.from_json(gguf_plan.to_json()).assignments[0].option == gguf_plan.assignments[0].option
+
+
+def _with_option(plan: Plan, module: str, label: str) -> Plan:
+    o = parse_option(label)
+    assignments = [a.model_copy(update={"option": OptionSpec.of(o), "label": o.label,
+                                        "storage_bits": o.storage_bits(*a.shape)}) if a.module == module else a
+                   for a in plan.assignments]
+    return plan.model_copy(update={"assignments": assignments})
+
+
+def test_refuses_a_type_the_row_cannot_hold(tiny_gguf, gguf_plan, tmp_path):
+    # Every type fits the tiny model's 256/512 rows; a plan claiming a 160-wide row must not get Q4_K.
+    a = gguf_plan.assignments[0]
+    bad = _with_option(gguf_plan, a.module, "Q4_K")
+    bad = bad.model_copy(update={"assignments": [x.model_copy(update={"shape": (a.shape[0], 160)}) if x.module == a.module
+                                                 else x for x in bad.assignments]})
+    with pytest.raises(BadInputError, match=rf"{a.module} .*Q4_K.*row width 160; types that fit: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL"):
+        gguf_layout(bad, tiny_gguf)
+    nongguf = _with_option(gguf_plan, a.module, "int4-g32-asym")
+    with pytest.raises(BadInputError, match="not a GGUF type.*--target llama.cpp"):
+        write_gguf(load_model(str(tiny_gguf)).model, nongguf, tiny_gguf, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_refuses_unsupported_architecture_before_any_work(tiny_gguf, gguf_plan, tmp_path):
+    src = gguf.GGUFReader(tiny_gguf)
+    other = tmp_path / "qwen.gguf"
+    w = gguf.GGUFWriter(other, "qwen2")
+    for t in src.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(BadInputError, match=r"writes GGUF files for llama models only; this one is 'qwen2'"):
+        gguf_layout(gguf_plan, other)
+    with pytest.raises(BadInputError, match=r"needs the source model as a \.gguf file"):
+        gguf_layout(gguf_plan, tmp_path)
+
+
+def test_cli_apply_format_gguf(tiny_gguf, gguf_plan, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path / "cache"))
+    rtn_plan = gguf_plan.model_copy(update={"quantizer": "rtn"})
+    plan_path = rtn_plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out.gguf"
+    runner = CliRunner()
+    r = runner.invoke(app, ["apply", str(tiny_gguf), "--plan", str(plan_path), "--format", "gguf", "--out", str(out),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stdout
+    report = json.loads(lines[0])
+    assert report["file_bytes"] == out.stat().st_size == gguf_layout(rtn_plan, tiny_gguf).file_bytes
+    # Bad input: one `error:` line, exit 2, before the model is loaded.
+    monkeypatch.setattr("sys.argv", ["bitalloc", "apply", str(tmp_path), "--plan", str(plan_path), "--format", "gguf",
+                                     "--out", str(tmp_path / "other.gguf")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: writing a GGUF needs the source model as a .gguf")
+    assert not (tmp_path / "other.gguf").exists()
+
+
+def test_export_to_gguf_writes_the_plans_exact_types(gguf_plan, tmp_path):
+    from bitalloc.exports import export_plan
+
+    result = export_plan(gguf_plan, "gguf", tmp_path / "exp")
+    lines = (tmp_path / "exp" / "tensor-types.txt").read_text().split()
+    written = dict(line.split("=") for line in lines)
+    assert not result.unsupported  # no nearest mapping, no fallback
+    for a in gguf_plan.assignments:
+        layer, leaf = a.module.split(".")[2], a.module.split(".")[-1]
+        gguf_leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[leaf]
+        assert written[rf"^blk\.{layer}\.{gguf_leaf}\.weight$"] == ("F16" if a.label == "fp16" else a.label)
+    a = gguf_plan.assignments[0]
+    bad = _with_option(gguf_plan, a.module, "Q6_K")
+    bad = bad.model_copy(update={"assignments": [x.model_copy(update={"shape": (a.shape[0], 96)}) if x.module == a.module
+                                                 else x for x in bad.assignments]})
+    with pytest.raises(BadInputError, match=r"Q6_K to a tensor with rows of 96 weights.*types that fit: .*Q8_0"):
+        export_plan(bad, "gguf", tmp_path / "bad")
+
+
+def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, gguf_table, calib_ids, tmp_path):
+    from bitalloc.budget import parse_budget
+    from bitalloc.gguf_file import whole_file_budget
+
+    table, loaded, calib = gguf_table
+    sizes = []
+    for text in ("700KB", "900KB"):
+        budget = whole_file_budget(parse_budget(text), tiny_gguf, table.groups, "LlamaForCausalLM")
+        assert "whole GGUF file" in budget.text and budget.value < parse_budget(text).value
+        plan = api.plan_from_table(table, budget, loaded, calib)
+        out = tmp_path / f"{text}.gguf"
+        write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out, calibration=calib_ids)
+        sizes.append(out.stat().st_size)
+        assert sizes[-1] <= parse_budget(text).value
+        assert sizes[-1] > parse_budget(text).value - 20_000  # the budget is used, not wasted
+    assert sizes[0] < sizes[1]
+    with pytest.raises(BadInputError, match="cannot hold this model"):
+        whole_file_budget(parse_budget("100KB"), tiny_gguf, table.groups, "LlamaForCausalLM")
+
+
+def test_export_writes_an_imatrix_llama_quantize_reads(tiny_gguf, gguf_plan, calib_ids, tmp_path):
+    from bitalloc.calibration import Calibration
+    from bitalloc.exports import export_plan
+    from bitalloc.profile.statistics import collect_statistics
+
+    loaded = load_model(str(tiny_gguf))
+    result = export_plan(gguf_plan, "gguf", tmp_path / "exp", model=loaded.model, calibration=calib_ids,
+                         calibration_source="calib.txt")
+    path = tmp_path / "exp" / "imatrix.gguf"
+    assert path in result.files and any(f"--imatrix {path}" in n for n in result.notes)
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.datasets").contents() == ["calib.txt"]
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
+    # llama-quantize's importance = in_sum2 / counts, the diag of the Hessian the plan was profiled with.
+    names = {f"model.layers.{i}.self_attn.q_proj": f"blk.{i}.attn_q.weight" for i in range(2)}
+    names |= {f"model.layers.{i}.mlp.down_proj": f"blk.{i}.ffn_down.weight" for i in range(2)}
+    stats = collect_statistics(loaded.model, list(names), Calibration(calib_ids, "", "calib.txt", 0))
+    for module, tensor in names.items():
+        importance = tensors[f"{tensor}.in_sum2"] / tensors[f"{tensor}.counts"][0]
+        np.testing.assert_allclose(importance, torch.diagonal(stats[module].hessian).double().numpy(), rtol=1e-5)
+    assert "token_embd.weight.in_sum2" in tensors  # the tied output head reads the token embedding
