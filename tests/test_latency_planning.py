@@ -131,14 +131,14 @@ def test_cli_latency_flags(cli_env, model_dir, tmp_path):
     profile = synthetic_profile(load_model(str(model_dir)).model)
     profile_path = profile.save(tmp_path / "synthetic.json")
     calib = model_dir / "calib.txt"
-    bad = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", calib, "--max-latency", "40ms", "--no-cache")
+    bad = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", calib, "--max-latency", "40ms", "--no-cache", "--seq-len", "64", "--calib-tokens", "256")
     assert bad.returncode == 2 and "--max-latency needs --latency-profile" in error_text(bad)
     bad = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", calib, "--latency-profile", profile_path,
-                  "--max-latency", "soon", "--no-cache")
+                  "--max-latency", "soon", "--no-cache", "--seq-len", "64", "--calib-tokens", "256")
     assert bad.returncode == 2 and "cannot read latency 'soon'" in error_text(bad)
     out = tmp_path / "plan.json"
     ok = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", calib, "--bits", "2,4,8", "--group-sizes", "32,ch",
-                 "--latency-profile", profile_path, "--max-latency", "100ms", "--out", out, "--no-cache")
+                 "--latency-profile", profile_path, "--max-latency", "100ms", "--out", out, "--no-cache", "--seq-len", "64", "--calib-tokens", "256")
     assert ok.returncode == 0, ok.stderr
     saved = json.loads(out.read_text())
     assert saved["latency"]["max_s"] == 0.1 and saved["latency"]["predicted_s"] <= 0.1
@@ -163,12 +163,12 @@ def test_cli_latency_measures_a_profile_that_plans_can_use(cli_env, model_dir, t
     # a plan over the same grid reads it
     plan_out = tmp_path / "plan.json"
     r = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", model_dir / "calib.txt", "--bits", "4,8",
-                "--group-sizes", "32,ch", "--latency-profile", out, "--out", plan_out, "--no-cache")
+                "--group-sizes", "32,ch", "--latency-profile", out, "--out", plan_out, "--no-cache", "--seq-len", "64", "--calib-tokens", "256")
     assert r.returncode == 0, r.stderr
     assert bitalloc.Plan.load(plan_out).latency.predicted_s > 0
     # an option the profile never timed is named, with the fix
     r = run_cli(cli_env, "plan", model_dir, "--budget", "6bits", "--calib", model_dir / "calib.txt", "--bits", "3,4,8",
-                "--group-sizes", "32,ch", "--latency-profile", out, "--no-cache", "--out", tmp_path / "p3.json")
+                "--group-sizes", "32,ch", "--latency-profile", out, "--no-cache", "--out", tmp_path / "p3.json", "--seq-len", "64", "--calib-tokens", "256")
     assert r.returncode == 2 and "no timing for option int3" in error_text(r)
 
 

@@ -1,0 +1,67 @@
+"""RTN with importance-weighted scales ("rtn-w"): round to nearest, each group's stored scale (and
+zero-point) chosen to minimise Σ_j h_j (w_j − q_j)² with h = diag H, the mean x_j² of the layer's
+calibration inputs (scale_search.py). Every format family gets it: INT (sym/asym, any group size),
+fp8/fp6/fp4 with fp16 or fp32 scales, MX (E8M0) and NVFP4 (E4M3 block scales).
+
+It needs calibration (H) like GPTQ, but only H's diagonal, and no column loop: the candidate table
+stays within about the cost of RTN's. Without H (an embedding) the planner uses plain RTN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.fp import grouped
+from ..formats.int import _grouped, int_dequantize
+from ..options import QuantOption
+from . import QuantizedWeight, register_quantizer
+from .rtn import rtn
+from .scale_search import (DEFAULT_GRID, SearchGrid, search_fp_scales, search_int_scales, search_mx_scales,
+                           search_nvfp4_scales)
+
+
+def importance(hessian: torch.Tensor) -> torch.Tensor:
+    """Per-input-column importance h [in] = diag H (mean x² of each input), float32, ≥ 0."""
+    return torch.diagonal(hessian).detach().float().clamp(min=0)
+
+
+def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor,
+                      grid: SearchGrid = DEFAULT_GRID) -> QuantizedWeight:
+    """Quantize `weight` [out, in] as `option` with scales searched under column importances h [in].
+
+    INT returns codes/scale/zero ([out, n_groups]) as RTN does; fp/mx/nvfp4 return the scale they
+    chose as `scale` ([out, n_groups]; fp32 per tensor: [1, 1]; mx: 2^X; nvfp4: the E4M3 block
+    scale, under formats/nvfp4.py's tensor scale), for packers.
+    """
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    if h.shape != (in_f,):
+        raise ValueError(f"importance has shape {tuple(h.shape)}, the weight has {in_f} inputs")
+    scheme = option.scheme
+    if scheme == "int":
+        g = in_f if option.group_size is None else option.group_size
+        wg = _grouped(w, option.group_size)  # [out, n_groups, g]
+        q, s, z = search_int_scales(wg, h.view(1, in_f // g, g), option, grid)
+        codes = q.reshape(out_f, in_f).to(torch.int32)
+        s, z = s.squeeze(-1), z.squeeze(-1)
+        return QuantizedWeight(option, int_dequantize(codes, s, z), codes, s, z)
+    if scheme == "fp":
+        wg = grouped(w, option.group_size)
+        hg = grouped(h.expand(out_f, in_f), option.group_size)
+        values, s = search_fp_scales(wg, hg, option, grid)
+        return QuantizedWeight(option, values.reshape(out_f, in_f), scale=s.squeeze(-1))
+    if scheme == "mx":
+        values, s = search_mx_scales(w, h, option)
+        return QuantizedWeight(option, values, scale=s)
+    if scheme == "nvfp4" and w.abs().amax() > 0:
+        values, b = search_nvfp4_scales(w, h, grid)
+        return QuantizedWeight(option, values, scale=b)
+    return rtn(w, option)  # keep, or an all-zero NVFP4 weight
+
+
+@register_quantizer("rtn-w", needs_hessian=True)
+def rtn_w(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
+          steps: int = DEFAULT_GRID.steps, min_ratio: float = DEFAULT_GRID.min_ratio,
+          refits: int = DEFAULT_GRID.refits) -> QuantizedWeight:
+    """Round to nearest with scales searched under h = diag(hessian) (hessian: [in, in], the layer's H)."""
+    return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, refits))
