@@ -18,6 +18,8 @@ from bitalloc.models import select_modules, weight_matrix
 from bitalloc.options import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantize_weight, quantize_weight_options
+from bitalloc.quantizers.gptq import hessian_factor
+from bitalloc.quantizers.scale_search import search_int_scales
 from bitalloc.quantizers.materialize import quantize_model
 from bitalloc.quantizers.sequential import _first_block_inputs, _stages
 
@@ -68,11 +70,15 @@ def test_codes_scales_reproduce_values_exactly(opt, act_order):
 @pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True)])
 def test_identity_hessian_is_rtn(opt):
     # H = I: the inverse Hessian is diagonal, so no error is fed forward and every group's weights
-    # are the original ones when its scale is taken: GPTQ rounds exactly like RTN.
+    # are the original ones when its scale is taken: min/max GPTQ rounds exactly like RTN, and GPTQ
+    # with the weighted scale search (equal column weights) exactly like rtn-w with H = I.
     W, _ = correlated_layer()
-    r = quantize_weight(W, opt, "rtn")
-    g = quantize_weight(W, opt, "gptq", hessian=torch.eye(W.shape[1]))
-    assert torch.equal(g.codes, r.codes) and torch.equal(g.scale, r.scale) and torch.equal(g.zero, r.zero)
+    eye = torch.eye(W.shape[1])
+    for gptq_name, rtn_name in (("gptq-minmax", "rtn"), ("gptq", "rtn-w")):
+        r = quantize_weight(W, opt, rtn_name, hessian=eye)
+        g = quantize_weight(W, opt, gptq_name, hessian=eye)
+        assert torch.equal(g.codes, r.codes) and torch.equal(g.scale, r.scale) and torch.equal(g.zero, r.zero)
+    assert not torch.equal(quantize_weight(W, opt, "gptq", hessian=eye).scale, quantize_weight(W, opt, "rtn").scale)
 
 
 def test_act_order_keeps_natural_group_layout_and_helps():
@@ -83,8 +89,14 @@ def test_act_order_keeps_natural_group_layout_and_helps():
     opt = QuantOption.int_(3, 32, False)
     plain = quantize_weight(W, opt, "gptq", hessian=H)
     ordered = quantize_weight(W, opt, "gptq", hessian=H, act_order=True)
-    # static groups: the scales are the RTN scales of the original weight, in natural group order
-    assert torch.equal(ordered.scale, quantize_weight(W, opt, "rtn").scale)
+    # static groups: the scales are chosen from the original weight, in natural group order — by
+    # min/max (RTN's) for gptq-minmax, by the search under GPTQ's column weights 1/U_jj² for gptq
+    minmax = quantize_weight(W, opt, "gptq-minmax", hessian=H, act_order=True)
+    assert torch.equal(minmax.scale, quantize_weight(W, opt, "rtn").scale)
+    fac = hessian_factor(H, act_order=True)
+    h = torch.empty(W.shape[1]).index_copy_(0, fac.perm, 1.0 / torch.diagonal(fac.hinv) ** 2)
+    _, s_searched, _ = search_int_scales(W.reshape(W.shape[0], -1, 32), h.view(1, -1, 32), opt)
+    assert torch.equal(ordered.scale, s_searched.squeeze(-1))
     assert not torch.equal(ordered.codes, plain.codes)
     rtn = layer_error(quantize_weight(W, opt, "rtn").values, W, H)
     assert layer_error(ordered.values, W, H) < 0.8 * rtn

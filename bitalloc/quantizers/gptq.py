@@ -6,13 +6,18 @@ Follows IST-DASLab's reference `fasterquant`: damping λ = damp · mean(diag H),
 batch updates of `block_size` columns (§4, "lazy batch-updates"), optional act-order (§4 and the
 reference's `--act-order`: columns in order of decreasing diag H).
 
-Group scales. Natural order: each group's scale and zero-point come from the error-updated weights
-when the loop reaches the group's first column (as the reference does), with formats/int.py's rules
-(fp16-representable scales, integer zero-points), so stored codes reproduce the values exactly.
-Per-channel: one scale per row from the whole (dead-zeroed) weight before the loop (reference).
-Act-order: "static groups" — every group's scale is taken from the original weight before the loop,
-so the codes/scales stay in natural group order (what packers write) even though the columns are
-visited in a permuted order.
+Group scales. Natural order: each group's scale and zero-point are chosen from the error-updated
+weights when the loop reaches the group's first column (as the reference does). Per-channel: one
+scale per row from the whole (dead-zeroed) weight before the loop (reference). Act-order: "static
+groups" — every group's scale is taken from the original weight before the loop, so the codes/scales
+stay in natural group order (what packers write) even though the columns are visited in a permuted
+order. The choice itself is the importance-weighted scale search (scale_search.py) with column
+weights h_j = 1 / [H_F⁻¹]_jj = 1 / U_jj², U the Cholesky factor below: in GPTQ, rounding column j
+by e_j (then compensating the columns after it) raises the layer error by e_j² / [H_F⁻¹]_jj (paper
+eq. 3, OBS), so these are the weights GPTQ's own objective puts on each column's rounding error —
+diag H would be the weights if nothing were compensated (RTN). `scale_search=False` (the quantizer
+"gptq-minmax") keeps the reference's min/max scales: the GPTQ of bitalloc before the search existed.
+Either way scales are fp16 values and zero-points integers, so stored codes reproduce the values.
 
 Formats: INT only. Non-int options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN; see
 `GPTQ_FORMATS` and the note in `gptq` below.
@@ -28,6 +33,7 @@ from ..formats.int import int_dequantize, int_range, int_scales
 from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
+from .scale_search import search_int_scales
 
 GPTQ_FORMATS = ("int",)  # formats GPTQ rounds itself; others are quantized with RTN
 
@@ -91,19 +97,28 @@ def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Hessi
 
 @register_quantizer("gptq", needs_hessian=True)
 def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+         block_size: int = 128, act_order: bool = False, scale_search: bool = True) -> QuantizedWeight:
     """GPTQ-quantize `weight` [out, in] as `option` given the layer input Hessian `hessian` [in, in].
 
     damp: fraction of mean(diag H) added to the diagonal. block_size: columns per lazy batch update.
     act_order: visit columns by decreasing diag H, with static (pre-computed) group scales.
+    scale_search: choose group scales by the weighted search (default) or by min/max (reference).
     Non-int formats and keep are quantized by RTN (GPTQ with fp element rounding is not implemented).
     """
-    return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order)[0]
+    return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order,
+                     scale_search=scale_search)[0]
+
+
+@register_quantizer("gptq-minmax", needs_hessian=True)
+def gptq_minmax(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
+                **settings) -> QuantizedWeight:
+    """GPTQ with the reference's min/max group scales (bitalloc's "gptq" before the weighted search)."""
+    return gptq(weight, option, hessian, **settings, scale_search=False)
 
 
 @register_batched("gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
-              block_size: int = 128, act_order: bool = False) -> list[QuantizedWeight]:
+              block_size: int = 128, act_order: bool = False, scale_search: bool = True) -> list[QuantizedWeight]:
     """GPTQ of one weight under several options at once (the candidate table's inner loop).
 
     GPTQ treats every output row independently given H, so the options' copies of the weight are
@@ -113,13 +128,19 @@ def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     int_opts = [o for o in options if o.fmt in GPTQ_FORMATS]
     done = {}
     if int_opts:
-        for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order)):
+        for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order, scale_search)):
             done[o] = q
     return [done[o] if o in done else rtn(weight, o) for o in options]
 
 
+@register_batched("gptq-minmax")
+def gptq_minmax_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor,
+                     **settings) -> list[QuantizedWeight]:
+    return gptq_many(weight, options, hessian, **settings, scale_search=False)
+
+
 def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float,
-              block_size: int, act_order: bool) -> list[QuantizedWeight]:
+              block_size: int, act_order: bool, scale_search: bool) -> list[QuantizedWeight]:
     out_f, in_f = weight.shape
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
@@ -135,9 +156,22 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     scale = [torch.empty(out_f, in_f // g) for g in sizes]  # [out, n_groups] per option
     zero = [torch.empty(out_f, in_f // g) for g in sizes]
     static = [act_order or o.group_size is None for o in options]
+    # Column weights of the scale search: 1 / [H_F⁻¹]_jj, GPTQ's cost per unit² of rounding error
+    # in column j (see the module docstring); visiting order, and natural order for static groups.
+    h_visit = 1.0 / torch.diagonal(fac.hinv) ** 2  # [in]
+    h_natural = h_visit if fac.perm is None else torch.empty_like(h_visit).index_copy_(0, fac.perm, h_visit)
+
+    def choose(w: torch.Tensor, h: torch.Tensor, o: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) [out, n_groups, 1] of groups w [out, n_groups, g] with column weights h."""
+        if scale_search:
+            _, s, z = search_int_scales(w, h, o)
+            return s, z
+        return int_scales(w, o)
+
     for j, o in enumerate(options):
         if static[j]:
-            s, z = int_scales(W0.reshape(out_f, in_f // sizes[j], sizes[j]), o)  # [out, n_groups, 1]
+            g = sizes[j]
+            s, z = choose(W0.reshape(out_f, in_f // g, g), h_natural.view(1, in_f // g, g), o)  # [out, n_groups, 1]
             scale[j][:], zero[j][:] = s.squeeze(-1), z.squeeze(-1)
     ranges = [int_range(o) for o in options]
     lo = torch.cat([torch.full((out_f,), float(r[0])) for r in ranges])  # [K*out]
@@ -176,7 +210,7 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
                     else:
                         late = Wt[i2:c + g, r] - Hinv[i1:c, i2:c + g].T @ Err1[:i, r]
                         current = torch.cat([W1[i:, r], late], dim=0)
-                    s, z = int_scales(current.T.unsqueeze(1), o)  # [out, 1, 1]
+                    s, z = choose(current.T.unsqueeze(1), h_visit[c:c + g].view(1, 1, g), o)  # [out, 1, 1]
                     scale[j][:, k], zero[j][:, k] = s.view(-1), z.view(-1)
                     cur_s[r], cur_z[r] = s.view(-1), z.view(-1)
             w = W1[i]
