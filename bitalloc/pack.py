@@ -295,19 +295,23 @@ def _scale_as_fp16(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
 def _fp8_tensors(q: QuantizedWeight, original: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
     option = q.option
     el = ELEMENTS["e4m3"]
-    # The fp quantizers return only values; the scale is the one formats/fp.py derives from the
-    # original weight, and every value must then be an exact E4M3 multiple of it.
-    amax = grouped(original, option.group_size).abs().amax(dim=-1)  # [out, n_groups] or [1, 1]
-    scale = amax / el.max_value
-    if option.scale_fmt == "fp16":
-        scale = fp16_round_up(scale)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # RTN returns only values; its scale is the one formats/fp.py derives from the original weight.
+    # A quantizer that chose its own scales (rtn-w) returns them. Every value must then be an exact
+    # E4M3 multiple of the scale.
+    if q.scale is not None:
+        scale = q.scale.float()  # [out, n_groups] or [1, 1]
+    else:
+        amax = grouped(original, option.group_size).abs().amax(dim=-1)  # [out, n_groups] or [1, 1]
+        scale = amax / el.max_value
+        if option.scale_fmt == "fp16":
+            scale = fp16_round_up(scale)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     elements = grouped(q.values.float(), option.group_size) / scale.unsqueeze(-1)
     fp8 = elements.to(torch.float8_e4m3fn)
     # compressed-tensors dequantizes as fp8.to(scale dtype) * scale: it must give back the values exactly.
     if not torch.equal(fp8.float() * scale.unsqueeze(-1), grouped(q.values.float(), option.group_size)):
-        raise BitallocError(f"{option.label}: the quantized values are not E4M3 multiples of the RTN scales "
-                            "(a quantizer with other scales?); cannot pack them exactly")
+        raise BitallocError(f"{option.label}: the quantized values are not E4M3 multiples of their scales "
+                            "(a quantizer that does not return the scales it chose?); cannot pack them exactly")
     tensors = {"weight": fp8.reshape(q.values.shape).contiguous()}
     if option.group_size == 0:
         tensors["weight_scale"] = scale.reshape(1).float()  # one fp32 scale per tensor
@@ -323,8 +327,8 @@ def _fp4_elements(q: QuantizedWeight, scale: torch.Tensor, block: int) -> torch.
     # values = e2m1 · scale rounded to fp32, so divide, round to the grid, and demand the product back exactly.
     elements = round_to_element(values / scale, "e2m1")
     if not torch.equal(elements * scale, values):
-        raise BitallocError(f"{q.option.label}: the quantized values are not E2M1 multiples of the RTN block scales "
-                            "(a quantizer with other scales?); cannot pack them exactly")
+        raise BitallocError(f"{q.option.label}: the quantized values are not E2M1 multiples of their block scales "
+                            "(a quantizer that does not return the scales it chose?); cannot pack them exactly")
     return elements.reshape(q.values.shape)
 
 
@@ -337,6 +341,8 @@ def _nvfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torc
         elements = torch.zeros(out_f, in_f)
     else:
         block_scale, global_scale = nvfp4_scales(original)
+        if q.scale is not None:  # E4M3 block scales a quantizer chose itself (rtn-w), same tensor scale
+            block_scale = q.scale.float().unsqueeze(-1)
         scale = torch.where(block_scale > 0, block_scale * global_scale, torch.ones_like(block_scale))
         elements = _fp4_elements(q, scale, NVFP4_BLOCK)
     # compressed-tensors keeps the reciprocal global scale (448·6 / amax) and dequantizes as
@@ -351,8 +357,12 @@ def _nvfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torc
 def _mxfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
-    amax = grouped(original, MX_BLOCK).abs().amax(dim=-1, keepdim=True)  # [out, in/32, 1]
-    exponent = mx_shared_exponent(amax, ELEMENTS["e2m1"].emax)
+    if q.scale is not None:  # 2^X per block, chosen by the quantizer (rtn-w)
+        _, e = torch.frexp(q.scale.float().unsqueeze(-1))
+        exponent = e.to(torch.int32) - 1  # [out, in/32, 1]
+    else:
+        amax = grouped(original, MX_BLOCK).abs().amax(dim=-1, keepdim=True)  # [out, in/32, 1]
+        exponent = mx_shared_exponent(amax, ELEMENTS["e2m1"].emax)
     elements = _fp4_elements(q, pow2(exponent), MX_BLOCK)
     return {
         "weight_packed": pack_fp4_to_uint8(elements),  # uint8 [out, in/2]

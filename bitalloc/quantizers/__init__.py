@@ -26,7 +26,10 @@ class QuantizedWeight:
     codes: [out, in] int32 integer codes (int formats), with values == (codes - zero) * scale per group;
       symmetric codes are signed in [-2^(b-1), 2^(b-1)-1], asymmetric unsigned in [0, 2^b-1].
     scale / zero: [out, n_groups] float32 (per-channel: n_groups = 1); zero is all-zero when symmetric.
-    Formats without integer codes (fp, mx, nvfp4, keep) leave codes/scale/zero as None.
+    Formats without integer codes (fp, mx, nvfp4, keep) leave codes and zero None; their scale is None
+    when it is the format's own rule applied to the weight (RTN), else the scale the quantizer chose
+    and the packers store: fp the fp16 (per tensor: fp32, [1, 1]) scale, mx 2^X, nvfp4 the E4M3 block
+    scale (under formats/nvfp4.py's fp32 tensor scale); values == elements · scale per group.
     blocks: GGUF options only: the tensor's bytes as a GGUF file stores them, [out, row_bytes] uint8
       (numpy), with values == what those bytes dequantize to.
     """

@@ -51,7 +51,7 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
         values, s = search_fp_scales(wg, hg, option, grid)
         return QuantizedWeight(option, values.reshape(out_f, in_f), scale=s.squeeze(-1))
     if scheme == "mx":
-        values, s = search_mx_scales(w, h, option)
+        values, s = search_mx_scales(w, h, option, grid)
         return QuantizedWeight(option, values, scale=s)
     if scheme == "nvfp4" and w.abs().amax() > 0:
         values, b = search_nvfp4_scales(w, h, grid)
@@ -62,6 +62,6 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
 @register_quantizer("rtn-w", needs_hessian=True)
 def rtn_w(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
           steps: int = DEFAULT_GRID.steps, min_ratio: float = DEFAULT_GRID.min_ratio,
-          refits: int = DEFAULT_GRID.refits) -> QuantizedWeight:
+          halvings: int = DEFAULT_GRID.halvings, refits: int = DEFAULT_GRID.refits) -> QuantizedWeight:
     """Round to nearest with scales searched under h = diag(hessian) (hessian: [in, in], the layer's H)."""
-    return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, refits))
+    return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, halvings, refits))

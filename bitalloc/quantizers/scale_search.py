@@ -38,13 +38,16 @@ class SearchGrid:
 
     steps: clip ratios r = 1 − k·(1 − min_ratio)/steps, k = 1..steps: the group's range (asym: both
     ends, [r·min, r·max]) or max-abs (sym) shrunk by r before the min/max rule — the clipping sweep
-    of rtn-mse and llama.cpp's sweep of nmax ± 0.9 code steps (which is r ≈ 0.8–1.1 at 4 bits).
+    of rtn-mse, and of llama.cpp's sweep of nmax ± 0.9 code steps (r ≈ 0.8–1.1 at 4 bits).
+    halvings: then, per group, the ratios half a grid step either side of the best one, and again
+    with half that step (a bisection that ends at (1 − min_ratio) / (steps · 2^halvings)).
     refits: rounds of the closed-form weighted least-squares refit of the best candidate's scale
     (and min) to its codes (make_qkx2_quants), each kept only if it lowers the error.
     """
 
-    steps: int = 5
+    steps: int = 4
     min_ratio: float = 0.5
+    halvings: int = 2
     refits: int = 2
 
 
@@ -96,24 +99,33 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
     lo, hi = int_range(option)
     s0, z0 = int_scales(w, option)  # candidate 0: the min/max rule, exactly as RTN stores it
     q, err0 = _int_error(w, h, s0, z0, lo, hi)
-    best = [err0, s0, z0, q]
+    best = [err0, s0, z0, q, torch.ones_like(s0)]  # error, scale, zero, codes, clip ratio
     if option.symmetric:
         amax = w.abs().amax(dim=-1, keepdim=True)
-        wmin = None
     else:
         wmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
         span = w.amax(dim=-1, keepdim=True).clamp(min=0) - wmin
-    for r in _ratios(grid):
+
+    def try_ratio(r: torch.Tensor) -> None:
+        """The min/max rule on the range shrunk by r [R, G, 1], the scale rounded to the nearest fp16."""
         if option.symmetric:
-            s = _fp16_nearest(amax * (r / hi))
-            z = z0
+            s, z = _fp16_nearest(amax * r / hi), z0
         else:
-            s = _fp16_nearest(span * (r / hi))
-            z = torch.round(wmin * (-r) / s).clamp_(lo, hi)
+            s = _fp16_nearest(span * r / hi)
+            z = torch.round(wmin * -r / s).clamp_(lo, hi)
         ok = _usable(s)
         s, z = torch.where(ok, s, s0), torch.where(ok, z, z0)
         q, err = _int_error(w, h, s, z, lo, hi)
-        _keep_better(best, err, s, z, q)
+        _keep_better(best, err, s, z, q, r)
+
+    for r in _ratios(grid):
+        try_ratio(torch.full_like(s0, r))
+    step = (1.0 - grid.min_ratio) / max(grid.steps, 1)
+    for _ in range(grid.halvings if grid.steps else 0):
+        step /= 2
+        centre = best[4]
+        for r in (centre - step, (centre + step).clamp(max=1.0)):
+            try_ratio(r)
     if grid.refits:
         Sw, Sx = h.sum(-1, keepdim=True), (h * w).sum(-1, keepdim=True)
     for _ in range(grid.refits):
@@ -137,8 +149,8 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         s = torch.where(ok, s, s0)
         z = z0 if option.symmetric else torch.where(ok, torch.round(-b / s).clamp_(lo, hi), z0)
         q, err = _int_error(w, h, s, z, lo, hi)
-        _keep_better(best, err, s, z, q)
-    _, s, z, q = best
+        _keep_better(best, err, s, z, q, best[4])
+    _, s, z, q, _ = best
     return q, s, z
 
 
@@ -187,7 +199,8 @@ def search_fp_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
 # ---- MX: power-of-two (E8M0) block scales ------------------------------------------------------
 
 
-def search_mx_scales(weight: torch.Tensor, h: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
+def search_mx_scales(weight: torch.Tensor, h: torch.Tensor, option: QuantOption,
+                     grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor]:
     """MX blocks of 32: the E8M0 exponent X per block from {X_spec − 1, X_spec, X_spec + 1}.
 
     weight [out, in], h [in]. X_spec (OCP MX §6.3) may clip the block max by up to 25% (E2M1); X + 1
@@ -199,7 +212,7 @@ def search_mx_scales(weight: torch.Tensor, h: torch.Tensor, option: QuantOption)
     hh = grouped(h.expand_as(weight).float(), MX_BLOCK)
     x0 = mx_shared_exponent(w.abs().amax(dim=-1, keepdim=True), el.emax)
     best = None
-    for dx in (0, 1, -1):  # spec's exponent first: ties keep it
+    for dx in (0, 1, -1) if grid.steps else (0,):  # spec's exponent first: ties keep it
         x = (x0 + dx).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
         _, err = _element_error(w, hh, pow2(x), el)
         if best is None:
