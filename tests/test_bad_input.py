@@ -183,7 +183,7 @@ def other_command_rows() -> list[Row]:
         Row("eval-plan-other-weights", 2, "plan was made for weights", (*E, "--plan", "{plan_other}", "--seq-len", "16",
                                                                         "--windows", "2")),
         Row("apply-dtype", 2, "unknown --dtype 'int3'", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--dtype", "int3")),
-        Row("apply-format", 2, "unknown checkpoint format", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--format", "gguf")),
+        Row("apply-format", 2, "unknown checkpoint format", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--format", "onnx")),
         Row("export-no-target", 2, "pass a plan and a target", ("export", "{plan}")),
         Row("export-unknown-target", 2, "unknown export target 'nope'", ("export", "{plan}", "--to", "nope")),
         Row("profile-signal-unknown", 2, "unknown signal(s) nope", ("profile", "{model}", "--calib", "{calib}",

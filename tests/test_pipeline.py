@@ -179,9 +179,10 @@ def test_text_calibration_needs_tokenizer(text_files):
         bitalloc.plan(make_llama(), "4bits", text_files[0], cache_dir=False, seq_len=16, calib_tokens=64)
 
 
-def test_missing_calibration_is_bad_input():
-    with pytest.raises(BadInputError, match="calibration is required"):
-        bitalloc.plan(make_llama(), "4bits", None, cache_dir=False)
+def test_unreadable_calibration_is_bad_input():
+    # None is the built-in set (issue 16); something that is no text, ids or Calibration is refused
+    with pytest.raises(BadInputError, match="calibration must be a text file path"):
+        bitalloc.plan(make_llama(), "4bits", 42, cache_dir=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(solver="nosuch"), "unknown solver"),
@@ -211,7 +212,8 @@ def test_plan_is_optimal_for_its_table(family_model, calib_ids):
     table = bitalloc.profile(loaded, calib, select_modules(model), default_options())
     gaps = {}
     for b in (4, 6):
-        plan = bitalloc.plan_from_table(table, f"{b}bits", loaded, calib)
+        # untied: exact_optimum enumerates every module on its own
+        plan = bitalloc.plan_from_table(table, f"{b}bits", loaded, calib, constraints=bitalloc.Constraints(ties=()))
         best = exact_optimum(table, "fisher", b * table.num_weights)
         rows = [table.groups.index(a.module) for a in plan.assignments]
         ks = [table.option_index(a.option.to_option()) for a in plan.assignments]
@@ -420,7 +422,8 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     labels = ["int4-g32-asym", "int8-ch-sym", "fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "fp16"]
     options = [parse_option(x) for x in labels]
     model = make_llama()
-    plan = bitalloc.plan(model, "6bits", calib_ids, options=options, cache_dir=False)
+    plan = bitalloc.plan(model, "6bits", calib_ids, options=options, cache_dir=False,
+                         constraints=bitalloc.Constraints(ties=()))  # untied: each module picks its own format
     assert sorted(plan.options) == sorted(labels)
     assert len({a.label for a in plan.assignments}) >= 2  # 6 bits lies between the options: the solver mixes
     assert any(a.option.fmt == "fp" for a in plan.assignments)  # and takes FP/MX/NVFP4 where they pay
@@ -445,7 +448,8 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
             assert max(len(torch.unique(b.abs())) for b in after.reshape(-1, 16)) <= 8
     assert {a.label for a in cycled.assignments} == set(labels)
     # a budget only the 4-bit block formats meet (INT4 g32 asym is 4.625): all MXFP4/NVFP4 and a little more
-    low = bitalloc.plan(make_llama(), "4.4bits", calib_ids, options=options, cache_dir=False)
+    low = bitalloc.plan(make_llama(), "4.4bits", calib_ids, options=options, cache_dir=False,
+                        constraints=bitalloc.Constraints(ties=()))
     assert low.summary.storage_bits_per_weight <= 4.4
     assert sum(a.label in ("mxfp4", "nvfp4") for a in low.assignments) >= len(low.assignments) // 2
     # the predicted loss falls as the budget grows, across formats
