@@ -552,6 +552,29 @@ def test_non_finite_statistics_name_module_and_signal(calib_ids):
         collect_statistics(model, names, calibration_from_tokens(calib_ids))
 
 
+@pytest.mark.parametrize("signal, starts", [
+    ("trace", "statistics of model.layers.1.mlp.gate_proj: trace is not finite"),
+    ("spikes", "statistics of model.layers.1.mlp.gate_proj: spikes (input) is not finite"),
+])
+def test_non_finite_trace_and_spikes_name_module_and_signal(calib_ids, tmp_path, signal, starts):
+    """The Hutchinson trace and the activation spikes are refused like fisher/hessian, and never kept as a part."""
+    from bitalloc.calibration import calibration_from_tokens
+    from bitalloc.errors import NonFiniteError
+    from bitalloc.profile.pipeline import ProfileSettings, compute_profile
+
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    out = tmp_path / "profile"
+    settings = ProfileSettings(signals=(signal,), trace_min_probes=2, trace_max_probes=4, trace_windows=2)
+    with pytest.raises(NonFiniteError) as refused:
+        compute_profile(model, ["model.layers.1.mlp.gate_proj"], calibration_from_tokens(calib_ids), "sha256:k",
+                        settings, out)
+    assert str(refused.value).startswith(starts), refused.value
+    assert "\n" not in str(refused.value)
+    assert not any(out.rglob("*.npz"))  # a resumed run must not start from NaN sums
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any folder")
 def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
     from bitalloc.errors import OutputPathError

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..calibration import Calibration
 from ..models import Conv1D
 from .records import TraceEstimate
+from .statistics import refuse_non_finite
 
 
 def _param(module: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -124,6 +125,9 @@ def hutchinson_traces(
                     _one_probe(model, ids[k % n_win], unique, slot, params, module_names, active, state, seed, k)
                     bar.update(1)
                 done = min(done + n_win, max_probes)
+                for i in active:  # before the round is kept (on_round): a resumed run never starts from NaN sums
+                    s = state[module_names[i]]
+                    refuse_non_finite(module_names[i], "trace", np.concatenate([[s.total, s.total_sq], s.group_total]))
                 if done >= min_probes:
                     largest = max(abs(s.trace) for s in state.values())
                     for i in active:

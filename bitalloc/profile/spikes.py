@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from .records import ProjectionSpikes, SiteSpikes
+from .statistics import refuse_non_finite
 
 # max |x| over median channel RMS. A Gaussian channel at 8k tokens reaches ~4.5; on SmolLM2-135M six
 # down_proj inputs exceed 300 (layers 1, 2, 9, 11, 28, 29: 400 to 23000) and the next is 281.
@@ -95,4 +96,8 @@ def collect_spikes(model: nn.Module, module_names: list[str], calibration: Calib
     finally:
         for h in handles:
             h.remove()
+    for n, sites in acc.items():
+        for site, a in zip(("input", "output"), sites):
+            # kurtosis NaN (a constant site) and ratio inf (median RMS 0) are defined outcomes; the sums are not
+            refuse_non_finite(n, f"spikes ({site})", np.concatenate([a.moments, a.ch_max.numpy(), a.ch_sq.numpy()]))
     return {n: ProjectionSpikes(input=a.finish(threshold), output=b.finish(threshold)) for n, (a, b) in acc.items()}

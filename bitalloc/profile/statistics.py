@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -109,14 +110,23 @@ def collect_statistics(
 
 
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
-    """Refuse NaN/Inf statistics, naming module and signal: every error computed from them would be garbage."""
+    """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
     for signal in ("fisher", "hessian", "token_share"):
         t = getattr(stats, signal)
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"statistics of {name}: {signal} is not finite ({int((~torch.isfinite(t)).sum())} "
-                                 "NaN/Inf value(s)); the calibration forward or backward overflowed: check the weights "
-                                 "for NaN/Inf and calibrate in float32")
+        if t is not None:
+            refuse_non_finite(name, signal, t)
     return stats
+
+
+def refuse_non_finite(name: str, signal: str, values: torch.Tensor | np.ndarray | float) -> None:
+    """Refuse NaN/Inf statistics, naming module and signal: every error computed from them would be garbage."""
+    if isinstance(values, torch.Tensor):
+        bad = int((~torch.isfinite(values)).sum())
+    else:
+        bad = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
+    if bad:
+        raise NonFiniteError(f"statistics of {name}: {signal} is not finite ({bad} NaN/Inf value(s)); the calibration "
+                             "forward or backward overflowed: check the weights for NaN/Inf and calibrate in float32")
 
 
 def _accumulate_xtx(window_inputs: dict[str, torch.Tensor], xtx: dict[str, torch.Tensor]) -> None:
