@@ -672,7 +672,7 @@ def serve_cmd(
     allow_root: List[str] = typer.Option([], "--allow-root", help="model and calibration paths must lie under this folder (repeatable)"),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="let requests name hub ids (the server downloads them)"),
     max_body: int = typer.Option(64 * 1024, "--max-body", help="largest request body in bytes"),
-    job_timeout: float = typer.Option(DEFAULT_JOB_TIMEOUT_S, "--job-timeout", help="seconds a job may run before it is failed and its worker replaced"),
+    job_timeout: float = typer.Option(DEFAULT_JOB_TIMEOUT_S, "--job-timeout", help="seconds a job may run before it is failed and its worker replaced; also the most a request's timeout_s may ask for"),
 ) -> None:
     """Serve profiles and plans over HTTP (needs the `serve` extra). Token: $BITALLOC_TOKEN or printed at start."""
     try:

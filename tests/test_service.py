@@ -355,6 +355,32 @@ def test_a_blocking_job_is_cancelled_while_other_requests_complete(client, files
     assert_error(client.delete("/v1/jobs/job_unknown"), 404, "no job")
 
 
+def test_a_job_past_its_requests_timeout_fails_with_the_reason_while_the_next_completes(client, files, profile_id):
+    """timeout_s ends the one job that asked for it (failed, with the reason, not retried, nothing stored); the
+    job queued behind it on the only worker then runs; a timeout above the server's --job-timeout is refused."""
+    base = {"profile_id": profile_id, "budget": "5bits", "solver": "evolutionary"}
+    assert_error(client.post("/v1/plans", json={**base, "timeout_s": 4000}), 400,
+                 "timeout_s = 4000:", "at most 3600 s", "--job-timeout")
+    assert_error(client.post("/v1/profiles", json={**profile_body(files), "timeout_s": 4000}), 400, "at most 3600 s")
+    assert_error(client.post("/v1/plans", json={**base, "timeout_s": 0}), 400, "timeout_s")
+    blocking = client.post("/v1/plans", json={**base, "seed": 9, "timeout_s": 1,
+                                              "solver_settings": {"trials": 5000, "population": 64}})
+    assert blocking.status_code == 202 and blocking.json()["job"]["timeout_s"] == 1, blocking.text
+    queued = client.post("/v1/plans", json={**base, "seed": 10, "solver_settings": {"trials": 3, "population": 2}})
+    assert queued.status_code == 202 and queued.json()["job"]["timeout_s"] is None, queued.text
+    job_id = blocking.json()["job"]["id"]
+    started = time.time()
+    failed = wait_job(client, job_id, timeout=60)
+    assert failed["state"] == "failed", failed  # 5000 trials of 64 take far longer than the 1 s it asked for
+    assert failed["error"].startswith("timed out: ran over its request's timeout_s of 1 s"), failed
+    assert time.time() - started < 30  # ended by its limit (checked every 2 s), not by running out of trials
+    done = wait_job(client, queued.json()["job"]["id"], timeout=120)
+    assert done["state"] == "done", done
+    final = client.get(f"/v1/jobs/{job_id}").json()
+    assert final["state"] == "failed" and final["attempts"] == 1 and final["requeues"] == 0, final  # not retried
+    assert client.get(f"/v1/plans/{blocking.json()['plan_id']}").status_code == 404  # and it stored nothing
+
+
 def test_a_model_file_linked_outside_the_allowed_root_is_refused(client, files):
     """--allow-root checks every file in the model folder, resolved, not only the folder's own path."""
     linked = files["root"] / "linked-llama"
@@ -398,6 +424,8 @@ def test_restart_in_the_middle_of_a_job_requeues_it_and_it_completes_once(client
 
     server.kill9()  # the worker dies with it (PR_SET_PDEATHSIG)
     db = sqlite3.connect(files["store"] / "bitalloc.db")
+    # in file order: the cancelled jobs and the one past its request's timeout_s
+    failed = db.execute("SELECT id, attempts, error FROM jobs WHERE state='failed' ORDER BY id").fetchall()
     state, attempts = db.execute("SELECT state, attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
     assert (state, attempts) == ("running", 1)  # as the dead process left it
     assert db.execute("SELECT COUNT(*) FROM profiles WHERE id=?", (profile_id,)).fetchone() == (0,)
@@ -411,6 +439,8 @@ def test_restart_in_the_middle_of_a_job_requeues_it_and_it_completes_once(client
     completions, = db.execute("SELECT completions FROM jobs WHERE id=?", (job_id,)).fetchone()
     assert completions == 1
     assert db.execute("SELECT COUNT(*) FROM profiles WHERE id=?", (profile_id,)).fetchone() == (1,)
+    # jobs that failed before the restart (cancelled, timed out) stay failed: none was re-queued or re-run
+    assert db.execute("SELECT id, attempts, error FROM jobs WHERE state='failed' ORDER BY id").fetchall() == failed
     assert db.execute("SELECT COUNT(*) FROM jobs WHERE dedupe_key=?", (f"profile:{profile_id}",)).fetchone() == (1,)
     # the stored profile survived too: the same request now returns it at once
     again = client.post("/v1/profiles", json=profile_body(files, tokens=SLOW_TOKENS, calib="calib_large"))
@@ -531,6 +561,26 @@ def test_timed_out_and_cancelled_jobs_fail_with_the_reason_and_are_never_requeue
     assert {store.get_job(j).state for j in (slow.id, queued.id)} == {"failed"}
 
 
+def test_a_requests_own_timeout_ends_its_job_and_never_extends_the_servers(tmp_path):
+    from bitalloc.service.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    short, _ = store.create_job("plan", {"n": 1}, "short", timeout_s=5.0)
+    long_, _ = store.create_job("plan", {"n": 2}, "long", timeout_s=600.0)  # above the server's 60: 60 holds
+    plain, _ = store.create_job("plan", {"n": 3}, "plain")
+    claimed = {store.claim_job(f"host:1:{i}").id: i for i in range(3)}
+    assert store.get_job(short.id).timeout_s == 5.0 and store.get_job(plain.id).timeout_s is None
+    t0 = max(store.get_job(j).claimed for j in claimed)
+    assert store.expire_jobs(60.0, now=t0 + 4) == []
+    (expired,) = store.expire_jobs(60.0, now=t0 + 6)
+    assert expired.id == short.id and expired.lease_owner == f"host:1:{claimed[short.id]}"
+    assert store.get_job(short.id).error.startswith("timed out: ran over its request's timeout_s of 5 s")
+    assert {j.id for j in store.expire_jobs(60.0, now=t0 + 61)} == {long_.id, plain.id}
+    assert store.get_job(long_.id).error.startswith("timed out: ran over the server's job limit of 60 s")
+    assert store.requeue_dead(lambda job: True, 3) == []  # a restart re-queues none of them
+    assert {store.get_job(j).state for j in claimed} == {"failed"}
+
+
 def test_solver_settings_over_the_server_maxima_are_refused():
     from bitalloc.errors import BadInputError
     from bitalloc.service.limits import ServiceLimits
@@ -547,6 +597,10 @@ def test_solver_settings_over_the_server_maxima_are_refused():
             limits.check_solver_settings(solver, settings)
     with pytest.raises(BadInputError, match="--job-timeout"):
         ServiceLimits(job_timeout_s=0)
+    assert limits.request_timeout(None) is None and limits.request_timeout(10) == 10.0
+    for bad in (10.5, 0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(BadInputError, match=r"^timeout_s = .*at most 10 s \(bitalloc serve --job-timeout\)"):
+            limits.request_timeout(bad)
 
 
 def test_a_damaged_stored_profile_is_refused_and_forgotten(tmp_path, model_dir):

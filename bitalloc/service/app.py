@@ -89,6 +89,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
               responses={**errors, 200: {"model": ProfileResponse, "description": "the profile was stored before"}})
     def post_profile(body: ProfileIn, client: str = Depends(client_of)) -> JSONResponse:
         """Profile a model on calibration text in a worker process; the same request returns the same profile."""
+        timeout_s = limits.request_timeout(body.timeout_s)
         spec = _profile_spec(body.model, body.calibration, body.options, body.include_lm_head, body.include_embeddings,
                              rules, body.quantizer)
         profile = store.get_profile(spec.profile_id)
@@ -98,7 +99,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
                                   profile=_profile_out(profile))
             return JSONResponse(out.model_dump(mode="json"), status_code=200)
         job, _ = store.create_job("profile", {"profile": spec.to_dict()}, dedupe_key=f"profile:{spec.profile_id}",
-                                  client=client)
+                                  client=client, timeout_s=timeout_s)
         out = ProfileResponse(profile_id=spec.profile_id, state=job.state, job=_job_out(job), profile=None)
         return JSONResponse(out.model_dump(mode="json"), status_code=202)
 
@@ -114,6 +115,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
               responses={**errors, 202: {"model": PlanResponse, "description": "a job makes the plan (see job)"}})
     def post_plan(body: PlanIn, client: str = Depends(client_of)) -> JSONResponse:
         """A plan at once when the profile is stored, otherwise a job that profiles and then plans."""
+        timeout_s = limits.request_timeout(body.timeout_s)  # checked even when no job is needed: one answer per request
         if body.profile_id is not None:
             profile_id, families = body.profile_id, _families(body.formats, body.target)
             if store.get_profile(profile_id) is None:
@@ -140,7 +142,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
         if spec_dict is None:  # a stored profile and a solver that needs the model's weights
             spec_dict = store.get_profile(profile_id).meta["spec"]
         job, _ = store.create_job("plan", {"profile": spec_dict, "plan": plan_spec.to_dict()}, dedupe_key=f"plan:{plan_id}",
-                                  client=client)
+                                  client=client, timeout_s=timeout_s)
         return _plan_response(plan_id, profile_id, job, None)
 
     @app.get("/v1/jobs/{job_id}", dependencies=auth, response_model=JobOut, responses=errors, tags=["jobs"])
@@ -269,8 +271,8 @@ def _job_out(job: Job) -> JobOut:
     if plan_id is None and job.kind == "plan":
         plan_id = PlanSpec.from_dict(request["plan"]).plan_id(profile_id)
     return JobOut(id=job.id, kind=job.kind, state=job.state, progress=job.progress, stage=job.stage, error=job.error,
-                  attempts=job.attempts, requeues=job.requeues, note=job.note, created=job.created, updated=job.updated,
-                  profile_id=profile_id, plan_id=plan_id)
+                  attempts=job.attempts, requeues=job.requeues, timeout_s=job.timeout_s, note=job.note, created=job.created,
+                  updated=job.updated, profile_id=profile_id, plan_id=plan_id)
 
 
 def _profile_out(p: ProfileRecord) -> ProfileOut:

@@ -4,6 +4,8 @@ A request names its solver settings (the evolutionary search's `trials`, the ILP
 a value above the server's maximum is refused (400) rather than lowered, so the plan a client gets is the
 plan it asked for. Every job runs under `job_timeout_s` from its claim: past that the server marks it
 failed with the reason and kills its worker (a fresh one takes its place); a failed job is never re-queued.
+A request may ask for a shorter limit of its own (`timeout_s`); one above `job_timeout_s` is refused (400)
+naming the cap, for the same reason: a client that asked for an hour should not silently get less.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class ServiceLimits:
     def __post_init__(self) -> None:
         if not self.job_timeout_s > 0:
             raise BadInputError(f"--job-timeout must be a positive number of seconds, got {self.job_timeout_s}")
+
+    def request_timeout(self, timeout_s: float | None) -> float | None:
+        """A request's own job timeout (None: the server's); BadInputError naming the cap when above it."""
+        if timeout_s is None:
+            return None
+        if isinstance(timeout_s, bool) or not 0 < timeout_s <= self.job_timeout_s:  # NaN fails too
+            shown = repr(timeout_s) if isinstance(timeout_s, bool) else f"{timeout_s:g}"
+            raise BadInputError(f"timeout_s = {shown}: this server runs a job for at most {self.job_timeout_s:g} s "
+                                f"(bitalloc serve --job-timeout); ask for a timeout_s above 0 and up to "
+                                f"{self.job_timeout_s:g}, or leave it out to get that limit")
+        return float(timeout_s)
 
     def check_solver_settings(self, solver: str, settings: Mapping[str, object]) -> None:
         """BadInputError naming the first setting that is not a number within the server's maximum."""

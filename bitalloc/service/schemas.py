@@ -44,7 +44,15 @@ class OptionsIn(_Request):
     target: Optional[str] = Field(None, description="hardware target restricting the formats: cpu, a100, h100, b200, any")
 
 
+def _timeout_field():
+    return Field(None, gt=0, allow_inf_nan=False,
+                 description="seconds the job may run once a worker claims it (at most the server's --job-timeout; "
+                 "a larger value is refused); past it the job is failed with the reason and never retried. "
+                 "null = the server's --job-timeout. A request that joins a live job for the same work gets that job")
+
+
 class ProfileIn(_Request):
+    timeout_s: Optional[float] = _timeout_field()
     model: str = Field(max_length=4096, description="absolute path of a model directory or .gguf file, or a hub id")
     calibration: CalibrationIn = CalibrationIn()
     options: OptionsIn = OptionsIn()
@@ -69,6 +77,7 @@ class PlanIn(_Request):
 
     profile_id: Optional[str] = Field(None, max_length=64)
     model: Optional[str] = Field(None, max_length=4096)
+    timeout_s: Optional[float] = _timeout_field()
     calibration: Optional[CalibrationIn] = None
     options: Optional[OptionsIn] = None
     include_lm_head: bool = False
@@ -102,6 +111,7 @@ class JobOut(BaseModel):
     error: Optional[str]
     attempts: int = Field(description="times a worker claimed the job")
     requeues: int = Field(description="times it was re-queued because its worker died")
+    timeout_s: Optional[float] = Field(None, description="the request's own job timeout; null = the server's --job-timeout")
     note: Optional[str]
     created: float
     updated: float

@@ -9,7 +9,8 @@ Jobs move queued -> running -> done | failed. A worker claims a job inside one w
 transaction (`UPDATE ... WHERE state='queued'`), holds a lease (owner + heartbeat), and can
 finish only while it still holds that lease; a job whose owner died is re-queued, counting
 attempts, and given up after `max_attempts`. A job cancelled by a client or stopped by the job
-timeout is marked failed with the reason; failed is final, so it is never re-queued.
+timeout (the server's, or the shorter one its request asked for) is marked failed with the reason;
+failed is final, so it is never re-queued.
 
 Fair queue: a free worker takes the oldest queued job of the client served least recently (a
 client never served first). One client's hundred queued jobs therefore alternate with another
@@ -53,6 +54,7 @@ class Job:
     note: str | None  # e.g. "re-queued: worker host:123:0 died"
     client: str | None = None  # who asked (fair queue)
     claimed: float | None = None  # when a worker last claimed it (job timeout)
+    timeout_s: float | None = None  # the request's own job timeout; None = the server's
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class Store(Protocol):
     root: Path
 
     def profile_dir(self, profile_id: str) -> Path: ...
-    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None) -> tuple[Job, bool]: ...
+    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None,
+                   timeout_s: float | None = None) -> tuple[Job, bool]: ...
     def get_job(self, job_id: str) -> Job | None: ...
     def find_job(self, dedupe_key: str) -> Job | None: ...
     def claim_job(self, owner: str) -> Job | None: ...
@@ -128,7 +131,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- at most one live job per piece of work: a second request joins the first
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live ON jobs(dedupe_key) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
--- jobs.client and jobs.claimed are added by _add_columns (stores made before them lack them)
+-- jobs.client, jobs.claimed and jobs.timeout_s are added by _add_columns (stores made before them lack them)
 CREATE TABLE IF NOT EXISTS profiles (
     id TEXT PRIMARY KEY,
     model_source TEXT NOT NULL,
@@ -172,10 +175,10 @@ class SQLiteStore:
         self._add_columns()
 
     def _add_columns(self) -> None:
-        """Columns added after the first stores: client (fair queue), claimed (job timeout)."""
+        """Columns added after the first stores: client (fair queue), claimed and timeout_s (job timeout)."""
         with self._write() as db:
             have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in (("client", "TEXT"), ("claimed", "REAL")):
+            for name, kind in (("client", "TEXT"), ("claimed", "REAL"), ("timeout_s", "REAL")):
                 if name not in have:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
@@ -206,8 +209,9 @@ class SQLiteStore:
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None) -> tuple[Job, bool]:
-        """(job, created): with a dedupe_key already live, the live job and False."""
+    def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None,
+                   timeout_s: float | None = None) -> tuple[Job, bool]:
+        """(job, created): with a dedupe_key already live, the live job (with its own timeout) and False."""
         now = time.time()
         job_id = "job_" + uuid.uuid4().hex
         with self._write() as db:
@@ -217,8 +221,9 @@ class SQLiteStore:
                 if row is not None:
                     return _job(row), False
             db.execute(
-                "INSERT INTO jobs (id, kind, state, request, dedupe_key, created, updated, client) VALUES (?,?,?,?,?,?,?,?)",
-                (job_id, kind, QUEUED, json.dumps(request, sort_keys=True), dedupe_key, now, now, client),
+                "INSERT INTO jobs (id, kind, state, request, dedupe_key, created, updated, client, timeout_s) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (job_id, kind, QUEUED, json.dumps(request, sort_keys=True), dedupe_key, now, now, client, timeout_s),
             )
         return self.get_job(job_id), True
 
@@ -318,16 +323,21 @@ class SQLiteStore:
         return _job(row)
 
     def expire_jobs(self, max_run_s: float, now: float | None = None) -> list[Job]:
-        """Fail the running jobs claimed more than max_run_s ago; the jobs as they were (to stop their workers)."""
+        """Fail the running jobs claimed longer ago than their limit: the request's timeout_s where it asked for
+        one below max_run_s, else max_run_s (the server's). The jobs as they were (to stop their workers)."""
         now = time.time() if now is None else now
         with self._write() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state='running' AND claimed < ?", (now - max_run_s,)).fetchall()
+            rows = db.execute("SELECT * FROM jobs WHERE state='running' AND claimed < ? - MIN(COALESCE(timeout_s, ?), ?)",
+                              (now, max_run_s, max_run_s)).fetchall()
             for row in rows:
+                if row["timeout_s"] is not None and row["timeout_s"] < max_run_s:
+                    reason = (f"timed out: ran over its request's timeout_s of {row['timeout_s']:g} s; ask for less work "
+                              f"(smaller solver_settings, fewer calibration tokens) or a longer timeout_s (up to {max_run_s:g})")
+                else:
+                    reason = (f"timed out: ran over the server's job limit of {max_run_s:g} s; ask for less work "
+                              "(smaller solver_settings, fewer calibration tokens) or raise `bitalloc serve --job-timeout`")
                 db.execute("UPDATE jobs SET state='failed', error=?, stage='failed', lease_owner=NULL, updated=? "
-                           "WHERE id=? AND state='running'",
-                           (f"timed out: ran over the server's job limit of {max_run_s:g} s; ask for less work "
-                            "(smaller solver_settings, fewer calibration tokens) or raise `bitalloc serve --job-timeout`",
-                            now, row["id"]))
+                           "WHERE id=? AND state='running'", (reason, now, row["id"]))
         return [_job(r) for r in rows]
 
     # ---- profiles and plans ------------------------------------------------------------------
@@ -406,7 +416,7 @@ def _job(row: sqlite3.Row) -> Job:
         result=None if row["result"] is None else json.loads(row["result"]), attempts=row["attempts"],
         requeues=row["requeues"], completions=row["completions"], lease_owner=row["lease_owner"],
         heartbeat=row["heartbeat"], created=row["created"], updated=row["updated"], note=row["note"],
-        client=row["client"], claimed=row["claimed"],
+        client=row["client"], claimed=row["claimed"], timeout_s=row["timeout_s"],
     )
 
 
