@@ -223,6 +223,20 @@ def test_formats_narrow_a_stored_profile(client, profile_id):
     assert {a["option"]["fmt"] for a in plan["assignments"]} == {"int"}
 
 
+def test_a_whole_model_budget_counts_the_unplanned_tensors(client, profile_id):
+    planned = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "6bits"}).json()["plan"]["plan"]
+    r = client.post("/v1/plans", json={"profile_id": profile_id, "budget": "6bits", "budget_scope": "model"})
+    assert r.status_code == 200, r.text
+    whole = r.json()["plan"]["plan"]
+    assert whole["budget"]["scope"] == "model"
+    s = whole["summary"]
+    # 6 bits per weight over every weight of the model, the 16-bit embedding and norms included
+    assert s["model_bytes"] * 8 <= 6 * (s["planned_weights"] + s["unplanned_weights"])
+    assert s["storage_bytes"] < planned["summary"]["storage_bytes"]  # the unplanned tensors take their share
+    assert_error(client.post("/v1/plans", json={"profile_id": profile_id, "budget": "6bits", "budget_scope": "all"}),
+                 400, "budget_scope")
+
+
 def test_history_lists_plans_by_model(client, files, profile_id):
     by_path = client.get("/v1/plans", params={"model": str(files["model"])}).json()["plans"]
     assert by_path, "no plans for the model"

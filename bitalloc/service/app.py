@@ -254,7 +254,7 @@ def _plan_spec(body: PlanIn, families: tuple[str, ...] | None, limits: ServiceLi
                     error_model=body.error_model, seed=body.seed,
                     constraints=Constraints(min_bits=c.min_bits, max_bits=c.max_bits, pins=tuple(c.pins),
                                             allow=tuple(c.allow), ties=tuple(c.ties)),
-                    families=families)
+                    families=families, budget_scope=body.budget_scope)
     check_plan_spec(spec)
     limits.check_solver_settings(spec.solver, body.solver_settings)
     return spec

@@ -85,6 +85,9 @@ class PlanIn(_Request):
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plan will be applied with; "
                                      "default rtn, or with profile_id the profile's (another one is refused)")
     budget: str = Field(max_length=64, description="'3.2bits', '1.5GB', '800MB', '2GiB' or '30%' of fp16")
+    budget_scope: Literal["planned", "model"] = Field(
+        "planned", description="what the budget limits: the planned weights, or the whole model (embedding, head and "
+        "norms at 16 bits included), as `bitalloc plan --budget-scope`")
     solver: str = Field("ilp", max_length=64)
     solver_settings: dict[str, Scalar] = Field({}, max_length=32)
     error_model: str = Field("fisher", max_length=32)

@@ -205,11 +205,15 @@ class PlanSpec:
     seed: int = 0
     constraints: Constraints = Constraints()
     families: tuple[str, ...] | None = None  # narrow the profile's options to these format families
+    budget_scope: str = "planned"  # what the budget limits: the planned weights or the whole model
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "solver": self.solver, "solver_settings": dict(self.solver_settings),
-                "error_model": self.error_model, "seed": self.seed, "constraints": self.constraints.to_dict(),
-                "families": None if self.families is None else list(self.families)}
+        d = {"budget": self.budget, "solver": self.solver, "solver_settings": dict(self.solver_settings),
+             "error_model": self.error_model, "seed": self.seed, "constraints": self.constraints.to_dict(),
+             "families": None if self.families is None else list(self.families)}
+        if self.budget_scope != "planned":  # only when set, so plans stored before the field keep their ids
+            d["budget_scope"] = self.budget_scope
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanSpec":
@@ -219,7 +223,8 @@ class PlanSpec:
                                   ties=tuple(c["ties"]), max_latency=c["max_latency"])
         return cls(budget=d["budget"], solver=d["solver"], solver_settings=tuple(sorted(d["solver_settings"].items())),
                    error_model=d["error_model"], seed=d["seed"], constraints=constraints,
-                   families=None if d["families"] is None else tuple(d["families"]))
+                   families=None if d["families"] is None else tuple(d["families"]),
+                   budget_scope=d.get("budget_scope", "planned"))
 
     def plan_id(self, profile_id: str) -> str:
         key = canonical_json({"profile": profile_id, "plan": self.to_dict()})
@@ -233,7 +238,7 @@ class PlanSpec:
 
 def check_plan_spec(spec: PlanSpec) -> None:
     """Everything about the plan settings that can be checked without a profile."""
-    parse_budget(spec.budget)
+    parse_budget(spec.budget, spec.budget_scope)
     check_solver_names(spec.solver, spec.error_model)
     accepted = set(solvers.base.solver_settings(spec.solver)) - {"score"}
     unknown = sorted(k for k, _ in spec.solver_settings if k not in accepted)
@@ -258,7 +263,8 @@ def narrow_table(table: CandidateTable, families: tuple[str, ...] | None) -> Can
 
 def make_plan(stored: StoredProfile, spec: PlanSpec, loaded: LoadedModel | None = None) -> Plan:
     """The plan for a stored profile; `loaded` (the model) only for solvers that score on it."""
-    return api.solve_table(narrow_table(stored.table, spec.families), spec.budget, stored.context(loaded),
+    return api.solve_table(narrow_table(stored.table, spec.families), parse_budget(spec.budget, spec.budget_scope),
+                           stored.context(loaded),
                            solver=spec.solver, solver_settings=dict(spec.solver_settings),
                            error_model=spec.error_model, seed=spec.seed, constraints=spec.constraints)
 
