@@ -51,8 +51,8 @@ def resolve_calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tok
 def _calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: int, seed: int) -> Calibration:
     import torch
 
-    from .calibration import (BUILTIN_CALIBRATION, SELF_CALIBRATION, Calibration, builtin_text, calibration_from_tokens,
-                              make_calibration, read_text)
+    from .calibration import (BUILTIN_CALIBRATION, BUILTIN_PREFIX, SELF_CALIBRATION, Calibration, builtin_text,
+                              calibration_from_tokens, make_calibration, read_text)
 
     if isinstance(calibration, Calibration):
         return calibration
@@ -60,7 +60,7 @@ def _calibration(calibration: Any, loaded: LoadedModel, seq_len: int, tokens: in
         return calibration_from_tokens(calibration, seed=seed)
     if calibration is None:
         return make_calibration(loaded.tokenizer, builtin_text(), seq_len=seq_len, tokens=tokens, seed=seed,
-                                source=f"builtin:{BUILTIN_CALIBRATION}")
+                                source=f"{BUILTIN_PREFIX}{BUILTIN_CALIBRATION}")
     if isinstance(calibration, str) and calibration == SELF_CALIBRATION:
         from .calibration_self import self_calibration
 

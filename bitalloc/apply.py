@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -34,16 +36,31 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
 
 
 def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str | None = None,
-          calibration: torch.Tensor | None = None, progress: bool = False, **settings) -> nn.Module:
+          calibration: torch.Tensor | None = None, progress: bool = False, *, tokenizer: Any = None,
+          **settings) -> nn.Module:
     """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
-    Hessians (gptq); settings go to the quantizer (gptq: damp, block_size, act_order).
+    Hessians (gptq, rtn-w); without it, `tokenizer` rebuilds the plan's own windows (built-in set or
+    self; calibration.calibration_for_plan). settings go to the quantizer (gptq: damp, block_size, act_order).
     """
     check_plan_matches(model, plan, check_hash)
     quantizer = quantizer or plan.quantizer
+    calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, **settings)
     return model
+
+
+def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any) -> Any:
+    """`calibration` as given; else, when `quantizer` needs layer Hessians and a tokenizer is at hand, the
+    plan's own windows rebuilt on the (still unquantized) model; else None."""
+    from .quantizers import needs_hessian
+
+    if calibration is not None or tokenizer is None or not needs_hessian(quantizer):
+        return calibration
+    from .calibration import calibration_for_plan
+
+    return calibration_for_plan(plan.calibration, tokenizer, model).tokens
 
 
 def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:

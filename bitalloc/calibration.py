@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadInputError
+from .errors import BadInputError, CalibrationMismatchError
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,89 @@ def builtin_text(name: str = BUILTIN_CALIBRATION) -> str:
     if not path.is_file():
         raise BadInputError(f"no built-in calibration set {name!r}; the built-in set is {BUILTIN_CALIBRATION!r}")
     return path.read_text(encoding="utf-8")
+
+
+BUILTIN_PREFIX = "builtin:"  # plan.calibration.source of a shipped set: "builtin:austen"
+ACCEPT_OTHER_TEXT = "--skip-calib-hash-check (check_calib_hash=False)"
+
+
+def plan_calibration_text(recorded: dict, text_path: str | Path | None = None, check_hash: bool = True) -> str | None:
+    """The text a plan's calibration windows were cut from; None when they were sampled from the model (self).
+
+    recorded: plan.calibration (source, text_sha256, seq_len, tokens, seed). text_path: a text given
+    instead (--calib); its sha256 must be the recorded one unless check_hash is False. Without it a
+    built-in set is the shipped text, and a plan calibrated on a file is refused (the file is needed).
+    Reads no model, so callers can refuse before loading one.
+    """
+    source, want = recorded.get("source"), recorded.get("text_sha256")
+    if text_path is not None:
+        text = read_text(text_path)
+        got = text_sha256(text)
+        if check_hash and got != want:
+            raise CalibrationMismatchError(
+                f"calibration text {Path(text_path).name!r} has {got}, the plan was calibrated on {source!r} with {want}; "
+                f"pass the text the plan was calibrated on, or calibrate on this one with {ACCEPT_OTHER_TEXT}")
+        return text
+    if not source:
+        raise BadInputError("the plan records no calibration source; pass the text it was calibrated on with --calib FILE")
+    if source == SELF_CALIBRATION:
+        return None
+    if source.startswith(BUILTIN_PREFIX):
+        name = source.removeprefix(BUILTIN_PREFIX)
+        text = builtin_text(name)
+        got = text_sha256(text)
+        if check_hash and got != want:
+            raise CalibrationMismatchError(
+                f"this bitalloc's built-in calibration set {name!r} has {got}, the plan was calibrated on {want} (another "
+                f"version's set); pass that text with --calib FILE, or calibrate on this one with {ACCEPT_OTHER_TEXT}")
+        return text
+    if source.startswith("<"):  # "<token ids>", "<text>": handed over in Python, no file to name
+        raise BadInputError(
+            f"the plan was calibrated on {source} given in Python, which cannot be rebuilt from the plan; apply it in Python "
+            f"with the same ids (calibration=ids), or pass a text with --calib FILE and {ACCEPT_OTHER_TEXT}")
+    raise BadInputError(f"the plan was calibrated on the text file {source!r}; pass it with --calib FILE "
+                        f"(its sha256 must be {want})")
+
+
+def rebuildable_without_text(recorded: dict) -> bool:
+    """Whether a plan's calibration windows can be rebuilt without a text from the user (built-in set, self)."""
+    source = str(recorded.get("source") or "")
+    return source == SELF_CALIBRATION or source.startswith(BUILTIN_PREFIX)
+
+
+def calibration_for_plan(recorded: dict, tokenizer: Any, model: Any = None, text_path: str | Path | None = None,
+                         check_hash: bool = True) -> "Calibration":
+    """The calibration windows a plan was made with, rebuilt from what it recorded (plan.calibration).
+
+    builtin:NAME: the shipped text; self: sampled again from `model` (the unquantized one) with the
+    recorded seed, its ids' sha256 checked against the recorded one; a file: `text_path` (see
+    plan_calibration_text). Windows always use the recorded seq_len, tokens and seed, so applying a
+    plan quantizes with the layer statistics its candidate table was measured on.
+    """
+    text = plan_calibration_text(recorded, text_path, check_hash)
+    try:
+        seq_len, tokens, seed = int(recorded["seq_len"]), int(recorded["tokens"]), int(recorded["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError("the plan records no calibration windows (seq_len, tokens, seed); re-plan with this bitalloc") from None
+    if text is None:
+        from .calibration_self import self_calibration
+
+        if model is None:
+            raise BadInputError("the plan was calibrated on text sampled from the model (self); rebuilding it needs the unquantized model")
+        calib = self_calibration(model, tokenizer, seq_len=seq_len, tokens=tokens, seed=seed)
+        if check_hash and calib.text_sha256 != recorded.get("text_sha256"):
+            raise CalibrationMismatchError(
+                f"the self-calibration windows sampled again have {calib.text_sha256}, the plan's had "
+                f"{recorded.get('text_sha256')} (sampling follows the float logits: another machine, thread count or dtype "
+                f"samples other text); use these windows with {ACCEPT_OTHER_TEXT}, or pass a text with --calib FILE")
+    else:
+        source = Path(text_path).name if text_path is not None else str(recorded["source"])
+        calib = make_calibration(tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=source)
+    if model is not None:
+        from .models import check_token_ids
+
+        check_token_ids(model, calib.tokens, "calibration token ids")
+    return calib
 
 
 def read_text(path: str | Path) -> str:

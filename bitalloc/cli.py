@@ -21,6 +21,11 @@ DEFAULT_SIGNALS_TEXT = ("fisher", "trace", "salience", "spikes", "table")  # = p
 CALIB_HELP = ("calibration text file (e.g. wiki.valid.tokens); 'self' = text sampled from the model (data-free, --seed); "
               "default: the built-in set (public-domain English prose, bitalloc/data/calibration/)")
 
+PLAN_CALIB_HELP = ("the plan's calibration text, for quantizers with layer Hessians (gptq, rtn-w, imatrix): needed only when "
+                   "the plan was calibrated on a file (built-in and self plans rebuild their windows); its sha256 must be the plan's")
+SKIP_CALIB_HASH_HELP = ("calibrate on a --calib text whose sha256 differs from the plan's (or on self-calibration windows that "
+                        "sampled differently); the windows keep the plan's seq_len, tokens and seed")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
 out = Console()
 
@@ -415,19 +420,19 @@ def eval_cmd(
     text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
     plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (with its quantizer) before scoring"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (rtn, rtn-mse, gptq)"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for Hessian-based quantizers (gptq), e.g. wiki.valid.tokens; windows as the plan recorded"),
-    seq_len: int = typer.Option(512, "--seq-len"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per evaluation window"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", "--force", help="apply a plan made for different weights (their hash differs); --force is the old name"),
+    skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Perplexity; with --plan also KL divergence and top-1 agreement against the unquantized model."""
     import copy
 
     from .apply import apply
-    from .calibration import make_calibration, read_text
-    from .quantizers import needs_hessian
+    from .calibration import read_text
     from .evaluate import evaluate, evaluation_windows
     from .models import check_token_ids, load_model
     from .plan import Plan
@@ -438,9 +443,8 @@ def eval_cmd(
         raise BadInputError(f"--seq-len must be at least 2, got {seq_len} (a window scores every token after its first)")
     plan = Plan.load(plan_path) if plan_path else None  # fail on a bad plan before loading the model
     use = (quantizer or plan.quantizer) if plan is not None else None
-    if use is not None and needs_hessian(use) and calib is None:
-        raise BadInputError(f"applying the plan with {use} needs calibration text for the layer Hessians: "
-                            "pass --calib FILE (e.g. wiki.valid.tokens, the text the plan was calibrated on)")
+    if plan is not None:
+        _check_plan_calibration(plan, use, calib, not skip_calib_hash_check)
     body = read_text(text)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows)
@@ -449,12 +453,7 @@ def eval_cmd(
     scored = loaded.model
     if plan is not None:
         reference = loaded.model
-        calibration = None
-        if calib is not None:
-            c = plan.calibration  # the plan's own windows: same length, count and seed
-            calibration = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", seq_len)),
-                                           tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)),
-                                           source=calib.name).tokens
+        calibration = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
         scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not skip_hash_check, quantizer=use,
                        calibration=calibration, progress=not as_json)
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
@@ -469,13 +468,12 @@ def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, gptq or imatrix (gptq/imatrix need --calib); default: the plan's own"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, gptq or imatrix; default: the plan's own"),
     fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a .gguf MODEL and a --target llama.cpp plan)"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text for quantizers that need layer Hessians (gptq)"),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", help="apply a plan made for different weights (their hash differs from the plan's)"),
+    skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
     dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -508,13 +506,10 @@ def apply_cmd(
         for note in prepare_checkpoint_out(out_path, force)[1]:  # stderr: --json keeps stdout one object
             print(f"note: {note}", file=sys.stderr)
         plan = Plan.load(plan_path)  # fail on a bad plan or --out before loading the model
+    use = quantizer or plan.quantizer
+    _check_plan_calibration(plan, use, calib, not skip_calib_hash_check)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    ids = None
-    if calib is not None:
-        from .calibration import make_calibration, read_text
-
-        ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=seq_len, tokens=calib_tokens,
-                               source=str(calib)).tokens
+    ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
     if fmt == "gguf":
         _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json)
         return
@@ -537,6 +532,26 @@ def apply_cmd(
     out.print(f"checkpoint size {report.checkpoint_bytes / 1e6:.2f} MB in {len(report.files)} safetensors file(s)")
     for line in report.warnings + report.notes:
         out.print(f"note: {line}")
+
+
+def _check_plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: bool) -> None:
+    """Before loading the model: refuse a plan whose calibration `quantizer` needs but cannot get (a file
+    plan without --calib, a --calib text that is not the plan's)."""
+    from .calibration import plan_calibration_text
+    from .quantizers import needs_hessian
+
+    if needs_hessian(quantizer):
+        plan_calibration_text(plan.calibration, calib, check_hash)
+
+
+def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: bool, loaded):
+    """The plan's own calibration windows (token ids) when `quantizer` needs layer Hessians, else None."""
+    from .calibration import calibration_for_plan
+    from .quantizers import needs_hessian
+
+    if not needs_hessian(quantizer):
+        return None
+    return calibration_for_plan(plan.calibration, loaded.tokenizer, loaded.model, calib, check_hash).tokens
 
 
 def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool) -> None:
@@ -694,7 +709,8 @@ def export_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for the exported files (default: PLAN-TARGET/ next to the plan)"),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="export even if fused q/k/v or gate/up shards have different options (listed as unsupported)"),
     list_targets: bool = typer.Option(False, "--list", help="list the export targets and exit"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="gguf: the plan's calibration text; also writes imatrix.gguf (mean x² per input column) for llama-quantize --imatrix"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="gguf: the plan's calibration text (its sha256 must be the plan's); also writes imatrix.gguf (mean x² per input column) for llama-quantize --imatrix, which an imatrix plan calibrated on the built-in set or self gets without it"),
+    skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
 ) -> None:
     """Write a plan in the form a serving stack or quantization library reads."""
     from .exports import available_exports, export_plan
@@ -714,17 +730,20 @@ def export_cmd(
     check_output_dir(out)
     plan = Plan.load(plan_path)
     extra = {}
-    if calib is not None:
-        if to != "gguf":
-            raise BadInputError(f"--calib is for --to gguf (it writes imatrix.gguf); {to} takes no calibration")
-        from .calibration import make_calibration, read_text
-        from .models import load_model
+    if calib is not None and to != "gguf":
+        raise BadInputError(f"--calib is for --to gguf (it writes imatrix.gguf); {to} takes no calibration")
+    # imatrix.gguf carries the importance weights an imatrix plan was made with: written whenever the plan's
+    # windows can be had (a built-in or self plan rebuilds them; a file plan needs --calib)
+    if to == "gguf" and (calib is not None or plan.quantizer == "imatrix"):
+        from .calibration import calibration_for_plan, plan_calibration_text, rebuildable_without_text
 
-        loaded = load_model(plan.model.source)
-        c = plan.calibration  # the plan's own windows: same length, count and seed
-        ids = make_calibration(loaded.tokenizer, read_text(calib), seq_len=int(c.get("seq_len", 512)),
-                               tokens=int(c.get("tokens", 8192)), seed=int(c.get("seed", 0)), source=calib.name).tokens
-        extra = dict(model=loaded.model, calibration=ids, calibration_source=calib.name)
+        if calib is not None or rebuildable_without_text(plan.calibration):
+            from .models import load_model
+
+            plan_calibration_text(plan.calibration, calib, not skip_calib_hash_check)  # refuse other text before loading
+            loaded = load_model(plan.model.source)
+            c = calibration_for_plan(plan.calibration, loaded.tokenizer, loaded.model, calib, not skip_calib_hash_check)
+            extra = dict(model=loaded.model, calibration=c.tokens, calibration_source=c.source)
     result = export_plan(plan, to, out, allow_untied=allow_untied, **extra)
     for f in result.files:
         print(f"wrote {f}")

@@ -29,6 +29,10 @@ class ProfileMismatchError(BadInputError):
     """A profile folder was made for other weights, modules or calibration text than the ones given."""
 
 
+class CalibrationMismatchError(BadInputError):
+    """Calibration text or windows are not the ones a plan was calibrated on (their sha256 differs)."""
+
+
 class OutputPathError(BadInputError):
     """An output location (--out) cannot take what would be written there: wrong kind of entry, or not writable."""
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import check_plan_matches
+from .apply import check_plan_matches, plan_windows
 from .errors import BadInputError, BitallocError, OutputPathError
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
 from .formats.fp import grouped, pow2, round_to_element
@@ -101,7 +101,8 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
     a plan whose q/k/v or gate/up of a block differ (transformers loads it, vLLM does not) with a warning.
     quantizer: None = the one the plan was made for (plan.quantizer).
-    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq).
+    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq, rtn-w);
+    without it, `tokenizer` rebuilds the plan's own windows (apply.plan_windows).
     dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
     The caller's model is left unchanged.
@@ -115,9 +116,11 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     _check_modules(model, plan)
     _library()  # fail before the (slow) quantization if compressed-tensors is missing
 
+    quantizer = quantizer or plan.quantizer
+    calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
-    qweights = quantize_model(simulated, options, quantizer or plan.quantizer, calibration, progress=progress)
+    qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
     tensors, scale_notes = _state_dict(model, qweights, dtype)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)

@@ -275,3 +275,24 @@ def test_export_writes_an_imatrix_llama_quantize_reads(tiny_gguf, gguf_plan, cal
         importance = tensors[f"{tensor}.in_sum2"] / tensors[f"{tensor}.counts"][0]
         np.testing.assert_allclose(importance, torch.diagonal(stats[module].hessian).double().numpy(), rtol=1e-5)
     assert "token_embd.weight.in_sum2" in tensors  # the tied output head reads the token embedding
+
+
+def test_export_of_a_builtin_imatrix_plan_writes_its_imatrix_without_calib(tiny_gguf, tmp_path, monkeypatch, capsys):
+    from bitalloc.calibration import builtin_text, make_calibration
+    from bitalloc.exports import export_plan
+
+    loaded = load_model(str(tiny_gguf))
+    plan = api.plan(loaded, "5bits", options=OPTIONS, quantizer="imatrix", seq_len=16, calib_tokens=64, seed=2,
+                    cache_dir=False)
+    assert plan.calibration["source"] == "builtin:austen"
+    plan_path = plan.save(tmp_path / "plan.json")
+    monkeypatch.setattr("sys.argv", ["bitalloc", "export", str(plan_path), "--to", "gguf", "--out", str(tmp_path / "cli")])
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code == 0, capsys.readouterr().err
+    assert "--imatrix" in capsys.readouterr().out
+    # The plan's own windows (shipped text, recorded seq_len/tokens/seed), as if passed explicitly.
+    ids = make_calibration(loaded.tokenizer, builtin_text(), seq_len=16, tokens=64, seed=2).tokens
+    export_plan(plan, "gguf", tmp_path / "api", model=loaded.model, calibration=ids, calibration_source="builtin:austen")
+    assert (tmp_path / "cli" / "imatrix.gguf").read_bytes() == (tmp_path / "api" / "imatrix.gguf").read_bytes()

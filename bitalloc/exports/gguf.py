@@ -239,6 +239,6 @@ def export_gguf(plan: Plan, out: Path, model=None, calibration=None, calibration
         "quantized GGUF needs --allow-requantize and loses quality",
     ]
     if len(files) == 1 and plan.quantizer == "imatrix":
-        notes.append("the plan was made with importance weights; pass --calib (the plan's calibration text) to also "
-                     f"write {IMATRIX_FILE} for llama-quantize --imatrix")
+        notes.append("the plan was made with importance weights; `bitalloc export --to gguf` also writes "
+                     f"{IMATRIX_FILE} for llama-quantize --imatrix (with --calib FILE when the plan was calibrated on a file)")
     return ExportResult("gguf", files, unsupported, notes)

@@ -24,8 +24,8 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     """
     if needs_hessian(quantizer):
         if calibration is None:
-            raise BadInputError(f"the {quantizer} quantizer needs calibration text to collect layer Hessians; "
-                                "pass calibration (--calib wiki.valid.tokens) or use --quantizer rtn")
+            raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; pass "
+                                "calibration=ids, or tokenizer= to rebuild the plan's own, or use quantizer='rtn'")
         from .sequential import quantize_sequential
 
         return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
