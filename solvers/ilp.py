@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -215,7 +217,7 @@ def _solve_highs(cost, bits, lat, keep, rhs, lat_rhs, start, time_limit_s, gap_r
     lp.a_matrix_.index_ = index.astype(np.int32)
     lp.a_matrix_.value_ = value
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n
-    h = highspy.Highs()
+    h = _silent_highs(highspy)
     for option, val in (("output_flag", False), ("threads", 1), ("random_seed", 1), ("time_limit", float(time_limit_s)),
                         ("mip_rel_gap", float(gap_rel))):
         h.setOptionValue(option, val)
@@ -253,3 +255,17 @@ def _lp_bound(problem: Problem) -> float:
     cost = np.where(problem.allowed, problem.cost, np.inf)
     bits = np.where(problem.allowed, problem.storage_bits, np.inf)
     return lp_greedy(frontier(cost, bits), problem.max_storage_bits).lp_value
+
+
+def _silent_highs(highspy):
+    """A Highs instance, its licence banner kept off stdout: the constructor prints it to file
+    descriptor 1 before any option can silence it, which would break `--json` output and the summary."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -353,3 +353,17 @@ def test_evolutionary_improves_a_true_objective_the_table_gets_wrong():
     assert sol.settings["score"] == "table + interaction"  # a callback is recorded by its description
     assert sol.bound is None  # no bound on a true objective
     assert_feasible(p, sol)
+
+
+def test_the_highs_backend_prints_nothing():
+    # HiGHS prints a licence banner from its first constructor in a process; on stdout it would break
+    # `plan --json`. A fresh interpreter, so that this is that first constructor.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from bitalloc.solvers import Problem, solve; "
+            "p = Problem(np.array([[0.0, 1.0], [0.0, 2.0]]), np.array([[64.0, 32.0], [64.0, 32.0]]), 96.0); "
+            "sol = solve(p, 'ilp', backend='highs'); assert sol.status == 'optimal' and list(sol.choice) == [1, 0]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
