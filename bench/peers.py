@@ -219,12 +219,12 @@ def main() -> None:
     for q in quantizers:
         if q != "imatrix":
             score_uniform(q)
-    report(done, base.ppl, args, out, peer_bpw)
+    report(done, base.ppl, args, out, peer_bpw, Path(source).name)
 
 
-def report(rows: dict[str, dict], base_ppl: float, args, out: Path, peer_bpw: dict[str, float]) -> None:
+def report(rows: dict[str, dict], base_ppl: float, args, out: Path, peer_bpw: dict[str, float], source: str) -> None:
     ordered = sorted(rows.values(), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
-    lines = [f"SmolLM2-135M (F32 from the Q4_1 GGUF): ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
+    lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
              f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens", "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
     for r in ordered:
@@ -244,11 +244,11 @@ def report(rows: dict[str, dict], base_ppl: float, args, out: Path, peer_bpw: di
     atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
                                                           "seq_len": args.seq_len, "calib": Path(args.calib).name,
                                                           "calib_tokens": args.calib_tokens, "rows": ordered}))
-    plot(ordered, base_ppl, out / "peers.png")
+    plot(ordered, base_ppl, out / "peers.png", source)
     print(md)
 
 
-def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
+def plot(rows: list[dict], base_ppl: float, path: Path, source: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +270,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     ax.axhline(base_ppl, color="grey", lw=0.8, label=f"F32 {base_ppl:.2f}")
     ax.set_xlabel("bits per weight over the decoder linears (scales included)")
     ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_title("SmolLM2-135M: bitalloc vs llama.cpp (same weights, same text)")
+    ax.set_title(f"{source}: bitalloc vs llama.cpp (same weights, same text)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
