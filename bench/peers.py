@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--llama-perplexity", action="store_true", help="also score the peer files with llama-perplexity")
     ap.add_argument("--fresh", action="store_true", help="forget rows measured by an earlier run")
+    ap.add_argument("--report-only", action="store_true", help="write the table and plot from the rows measured so far")
     args = ap.parse_args()
     out = Path(args.out)
     bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
@@ -152,13 +153,17 @@ def main() -> None:
               f"({time.strftime('%H:%M:%S')})", flush=True)
 
     source = args.gguf or default_gguf()
+    if args.report_only:
+        return report(done, args, out, Path(source).name)
     chunks = args.calib_tokens // args.seq_len
     f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), chunks, args.seq_len)
     loaded = load_model(str(f32))
     model = loaded.model
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = reference_logprobs(model, windows, progress=True)
-    base = evaluate(reference, windows)
+    if "F32" not in done:
+        base = evaluate(reference, windows)
+        record({"row": "F32", "kind": "reference", "bpw": 32.0, "ppl": base.ppl, "kl": 0.0, "top1": 1.0})
 
     def score(name: str, scored: torch.nn.Module, bpw: float, **extra) -> None:
         result = evaluate(scored, windows, reference=reference, progress=True)
@@ -219,11 +224,13 @@ def main() -> None:
     for q in quantizers:
         if q != "imatrix":
             score_uniform(q)
-    report(done, base.ppl, args, out, peer_bpw, Path(source).name)
+    report(done, args, out, Path(source).name)
 
 
-def report(rows: dict[str, dict], base_ppl: float, args, out: Path, peer_bpw: dict[str, float], source: str) -> None:
-    ordered = sorted(rows.values(), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
+def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
+    base_ppl = rows["F32"]["ppl"]
+    peer_bpw = {r["row"]: r["bpw"] for r in rows.values() if r["kind"] == "llama.cpp"}
+    ordered = sorted((r for r in rows.values() if r["kind"] != "reference"), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
     lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
              f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens", "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
