@@ -93,7 +93,7 @@ def plan_cmd(
     seq_len: int = typer.Option(512, "--seq-len"),
     solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search), gptq, or imatrix (llama.cpp's, GGUF types); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search), rtn-w (importance-weighted scales), gptq, gptq-minmax, or imatrix (llama.cpp's, GGUF types); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -350,7 +350,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse or gptq; the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; the table holds its errors"),
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
@@ -419,7 +419,7 @@ def eval_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
     text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
     plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (with its quantizer) before scoring"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (rtn, rtn-mse, gptq)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (rtn, rtn-mse, rtn-w, gptq, gptq-minmax, imatrix)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per evaluation window"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
@@ -468,7 +468,7 @@ def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, gptq or imatrix; default: the plan's own"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; default: the plan's own"),
     fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a .gguf MODEL and a --target llama.cpp plan)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
