@@ -237,15 +237,15 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     for r in ordered:
         types = ", ".join(f"{n}×{t}" for t, n in (r.get("types") or {}).items())
         lines.append(f"| {r['row']} | {r['bpw']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2%} | {types} |")
-    lines += ["", "At each llama.cpp mix's own size, the best bitalloc row vs the mix made with an imatrix:", "",
-              "| llama.cpp mix | bpw | ppl (+imatrix) | best bitalloc row at ≤ that bpw | ppl |", "|---|---|---|---|---|"]
-    for name, bpw in peer_bpw.items():
-        if "+imatrix" not in name or name not in rows:
-            continue
-        ours = [r for r in rows.values() if r["kind"] == "bitalloc" and r["bpw"] <= bpw + 1e-9]
-        best = min(ours, key=lambda r: r["ppl"]) if ours else None
-        lines.append(f"| {name} | {bpw:.4f} | {rows[name]['ppl']:.3f} | {best['row'] if best else '—'} | "
-                     f"{best['ppl']:.3f} |" if best else f"| {name} | {bpw:.4f} | {rows[name]['ppl']:.3f} | — | — |")
+    labels = sorted({r["row"].split(" @")[0] for r in rows.values() if r["kind"] == "bitalloc"})
+    lines += ["", "At each llama.cpp mix's own bits per weight (ppl; bitalloc plans solved for exactly that budget):", "",
+              "| mix | bpw | llama.cpp | llama.cpp +imatrix | " + " | ".join(labels) + " |",
+              "|---|---|---|---|" + "---|" * len(labels)]
+    mixes = {name.removesuffix(" +imatrix"): bpw for name, bpw in peer_bpw.items()}
+    for name, bpw in sorted(mixes.items(), key=lambda m: m[1]):
+        cells = [rows.get(n, {}).get("ppl") for n in (name, f"{name} +imatrix")]
+        cells += [rows.get(f"{label} @{round(bpw, 4)}", {}).get("ppl") for label in labels]
+        lines.append(f"| {name.split()[1]} | {bpw:.4f} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
     md = "\n".join(lines) + "\n"
     atomic_write_text(out / "peers.md", md)
     atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
