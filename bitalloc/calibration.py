@@ -76,32 +76,34 @@ def plan_calibration_text(recorded: dict, text_path: str | Path | None = None, c
     """
     source, want = recorded.get("source"), recorded.get("text_sha256")
     if text_path is not None:
-        text = read_text(text_path)
-        got = text_sha256(text)
-        if check_hash and got != want:
-            raise CalibrationMismatchError(
-                f"calibration text {Path(text_path).name!r} has {got}, the plan was calibrated on {source!r} with {want}; "
-                f"pass the text the plan was calibrated on, or calibrate on this one with {ACCEPT_OTHER_TEXT}")
-        return text
+        return _hash_checked(read_text(text_path), want, check_hash,
+                             f"calibration text {Path(text_path).name!r} has {{got}}, the plan was calibrated on {source!r} "
+                             f"with {want}; pass the text the plan was calibrated on, or calibrate on this one with "
+                             f"{ACCEPT_OTHER_TEXT}")
     if not source:
         raise BadInputError("the plan records no calibration source; pass the text it was calibrated on with --calib FILE")
     if source == SELF_CALIBRATION:
         return None
     if source.startswith(BUILTIN_PREFIX):
         name = source.removeprefix(BUILTIN_PREFIX)
-        text = builtin_text(name)
-        got = text_sha256(text)
-        if check_hash and got != want:
-            raise CalibrationMismatchError(
-                f"this bitalloc's built-in calibration set {name!r} has {got}, the plan was calibrated on {want} (another "
-                f"version's set); pass that text with --calib FILE, or calibrate on this one with {ACCEPT_OTHER_TEXT}")
-        return text
+        return _hash_checked(builtin_text(name), want, check_hash,
+                             f"this bitalloc's built-in calibration set {name!r} has {{got}}, the plan was calibrated on "
+                             f"{want} (another version's set); pass that text with --calib FILE, or calibrate on this one "
+                             f"with {ACCEPT_OTHER_TEXT}")
     if source.startswith("<"):  # "<token ids>", "<text>": handed over in Python, no file to name
         raise BadInputError(
             f"the plan was calibrated on {source} given in Python, which cannot be rebuilt from the plan; apply it in Python "
             f"with the same ids (calibration=ids), or pass a text with --calib FILE and {ACCEPT_OTHER_TEXT}")
     raise BadInputError(f"the plan was calibrated on the text file {source!r}; pass it with --calib FILE "
                         f"(its sha256 must be {want})")
+
+
+def _hash_checked(text: str, want: str | None, check_hash: bool, mismatch: str) -> str:
+    """text, refused when its sha256 is not the plan's `want`; mismatch: the message, {got} = the hash found."""
+    got = text_sha256(text)
+    if check_hash and got != want:
+        raise CalibrationMismatchError(mismatch.replace("{got}", got))  # not format(): names may hold braces
+    return text
 
 
 def rebuildable_without_text(recorded: dict) -> bool:
