@@ -119,7 +119,7 @@ def llama_perplexity(bin_dir: Path, path: Path, text: str, ctx: int, chunks: int
 
 
 def plan_types(plan) -> dict[str, int]:
-    return dict(sorted(Counter(a.option for a in plan.assignments).items()))
+    return dict(sorted(Counter(a.label for a in plan.assignments).items()))
 
 
 def main() -> None:
