@@ -238,14 +238,15 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
         types = ", ".join(f"{n}×{t}" for t, n in (r.get("types") or {}).items())
         lines.append(f"| {r['row']} | {r['bpw']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2%} | {types} |")
     labels = sorted({r["row"].split(" @")[0] for r in rows.values() if r["kind"] == "bitalloc"})
-    lines += ["", "At each llama.cpp mix's own bits per weight (ppl; bitalloc plans solved for exactly that budget):", "",
+    lines += ["", "At each llama.cpp mix's own bits per weight, ppl / KL (bitalloc plans solved for exactly that budget):", "",
               "| mix | bpw | llama.cpp | llama.cpp +imatrix | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
     mixes = {name.removesuffix(" +imatrix"): bpw for name, bpw in peer_bpw.items()}
     for name, bpw in sorted(mixes.items(), key=lambda m: m[1]):
-        cells = [rows.get(n, {}).get("ppl") for n in (name, f"{name} +imatrix")]
-        cells += [rows.get(f"{label} @{round(bpw, 4)}", {}).get("ppl") for label in labels]
-        lines.append(f"| {name.split()[1]} | {bpw:.4f} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+        cells = [rows.get(n) for n in (name, f"{name} +imatrix")]
+        cells += [rows.get(f"{label} @{round(bpw, 4)}") for label in labels]
+        lines.append(f"| {name.split()[1]} | {bpw:.4f} | " +
+                     " | ".join("—" if c is None else f"{c['ppl']:.3f} / {c['kl']:.4f}" for c in cells) + " |")
     md = "\n".join(lines) + "\n"
     atomic_write_text(out / "peers.md", md)
     atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
