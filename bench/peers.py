@@ -131,6 +131,9 @@ def main() -> None:
                     help="bitalloc rows: INT-grid plans with each quantizer; 'imatrix' = --target llama.cpp plans")
     ap.add_argument("--uniform", default=UNIFORM, help="uniform INT rows (each with rtn and rtn-w)")
     ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
+    ap.add_argument("--without-types", default="", help="also plan --target llama.cpp rows that may not use these "
+                    "types (e.g. Q4_1,Q5_1: SmolLM2's weights sit on a Q4_1 grid, which those types store losslessly)")
+    ap.add_argument("--budgets", default="", help="bitalloc rows only at these of the mixes' bits per weight")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -171,6 +174,8 @@ def main() -> None:
 
     peer_bpw = {name: decoder_linear_bits(path)[0] for name, path in peer_files.items()}
     budgets = sorted({round(b, 4) for b in peer_bpw.values()})
+    if args.budgets:
+        budgets = [b for b in budgets if b in {float(x) for x in args.budgets.split(",")}]
 
     def score_peers(with_imatrix: bool) -> None:
         for name, path in peer_files.items():
@@ -189,16 +194,17 @@ def main() -> None:
         return api.prepare(model, args.calib, tokenizer=loaded.tokenizer, options=options, calib_tokens=args.calib_tokens,
                            seq_len=args.seq_len, quantizer=quantizer, cache_dir=True, progress=True)
 
-    def score_plans(quantizer: str) -> None:
-        label = "llama.cpp-types" if quantizer == "imatrix" else quantizer
+    def score_plans(quantizer: str, without: tuple[str, ...] = ()) -> None:
+        label = ("llama.cpp-types" if quantizer == "imatrix" else quantizer) + "".join(f" -{t}" for t in without)
         todo = [b for b in budgets if f"bitalloc {label} @{b}" not in done]
         if not todo:
             return
         table, _, calibration = table_for(quantizer)
         # llama.cpp keeps q/k/v and gate/up as separate tensors: nothing to tie; the INT plans tie as `plan` does
         ties = () if quantizer == "imatrix" else parse_ties([])
+        allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
         for b in todo:
-            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties))
+            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties, allow=allow))
             scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
             score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",
                   quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss)
@@ -220,6 +226,8 @@ def main() -> None:
     quantizers = [q for q in args.quantizers.split(",") if q]
     for q in quantizers:
         score_plans(q)
+        if q == "imatrix" and args.without_types:
+            score_plans(q, tuple(args.without_types.split(",")))
     score_peers(with_imatrix=False)
     for q in quantizers:
         if q != "imatrix":
@@ -241,9 +249,10 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     lines += ["", "At each llama.cpp mix's own bits per weight, ppl / KL (bitalloc plans solved for exactly that budget):", "",
               "| mix | bpw | llama.cpp | llama.cpp +imatrix | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
-    mixes = {name.removesuffix(" +imatrix"): bpw for name, bpw in peer_bpw.items()}
-    for name, bpw in sorted(mixes.items(), key=lambda m: m[1]):
-        cells = [rows.get(n) for n in (name, f"{name} +imatrix")]
+    # one line per mix and size: with and without an imatrix, llama.cpp may choose other types (IQ4_XS here)
+    mixes = sorted({(name.removesuffix(" +imatrix"), round(bpw, 4)) for name, bpw in peer_bpw.items()}, key=lambda m: m[1])
+    for name, bpw in mixes:
+        cells = [rows[n] if n in rows and round(rows[n]["bpw"], 4) == bpw else None for n in (name, f"{name} +imatrix")]
         cells += [rows.get(f"{label} @{round(bpw, 4)}") for label in labels]
         lines.append(f"| {name.split()[1]} | {bpw:.4f} | " +
                      " | ".join("—" if c is None else f"{c['ppl']:.3f} / {c['kl']:.4f}" for c in cells) + " |")
