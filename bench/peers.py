@@ -266,32 +266,39 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
 
 
 def plot(rows: list[dict], base_ppl: float, path: Path, source: str) -> None:
+    """ppl and KL against bits per weight; KL (log scale) orders the rows where ppl is within noise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, (ax_ppl, ax_kl) = plt.subplots(1, 2, figsize=(14, 5.5))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         key = ("llama.cpp +imatrix" if "+imatrix" in r["row"] else "llama.cpp") if r["kind"] == "llama.cpp" else \
-            (f"bitalloc {r['quantizer']}" if r["kind"] == "bitalloc" else f"uniform {r['quantizer']}")
+            (r["row"].split(" @")[0] if r["kind"] == "bitalloc" else f"uniform {r['quantizer']}")
         groups.setdefault(key, []).append(r)
     for key, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
         style = "s--" if key.startswith("llama.cpp") else ("x:" if key.startswith("uniform") else "o-")
-        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], style, label=key)
-        if key.startswith("llama.cpp"):
-            for r in rs:
-                ax.annotate(r["row"].split()[1], (r["bpw"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(base_ppl, color="grey", lw=0.8, label=f"F32 {base_ppl:.2f}")
-    ax.set_xlabel("bits per weight over the decoder linears (scales included)")
-    ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_title(f"{source}: bitalloc vs llama.cpp (same weights, same text)")
-    ax.legend(fontsize=8)
+        for ax, metric in ((ax_ppl, "ppl"), (ax_kl, "kl")):
+            points = [r for r in rs if metric == "ppl" or r["kl"] > 0]  # KL 0 (lossless) has no place on a log axis
+            ax.plot([r["bpw"] for r in points], [r[metric] for r in points], style, label=key)
+            if key.startswith("llama.cpp"):
+                for r in points:
+                    ax.annotate(r["row"].split()[1], (r["bpw"], r[metric]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+    ax_ppl.axhline(base_ppl, color="grey", lw=0.8, label=f"F32 {base_ppl:.2f}")
+    ax_ppl.set_ylabel("WikiText-2 test perplexity")
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("KL to the F32 model, nats per token")
+    for ax in (ax_ppl, ax_kl):
+        ax.set_xlabel("bits per weight over the decoder linears (scales included)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{source}: bitalloc vs llama.cpp (same weights, same text)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
 
 
