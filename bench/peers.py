@@ -75,7 +75,7 @@ def make_peer_files(bin_dir: Path, source: str, calib: str, work: Path, types: l
                     ctx: int) -> tuple[Path, dict[str, Path]]:
     """The F32 weights every row starts from, the imatrix on the calibration text, and the peer files."""
     work.mkdir(parents=True, exist_ok=True)
-    f32 = work / "smollm2-f32.gguf"
+    f32 = work / "f32.gguf"
     if not f32.exists():
         run([tool(bin_dir, "llama-quantize"), "--allow-requantize", source, f32, "F32", "2"], work / "f32.log")
     imatrix = work / "imatrix.gguf"
@@ -125,11 +125,12 @@ def plan_types(plan) -> dict[str, int]:
 def main() -> None:
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--llama-cpp-bin", default=os.environ.get("BITALLOC_LLAMA_CPP_BIN", str(ROOT / "bench" / "llama_cpp" / "build" / "bin")))
-    ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="folder for the GGUF files")
+    ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"),
+                    help="folder for the GGUF files (one subfolder per source model)")
     ap.add_argument("--peer-types", default=PEER_TYPES)
     ap.add_argument("--quantizers", default="imatrix,rtn,rtn-w",
                     help="bitalloc rows: INT-grid plans with each quantizer; 'imatrix' = --target llama.cpp plans")
-    ap.add_argument("--uniform", default=UNIFORM, help="uniform INT rows (each with rtn and rtn-w)")
+    ap.add_argument("--uniform", default=UNIFORM, help="uniform INT rows (each with every INT --quantizers entry)")
     ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
     ap.add_argument("--without-types", default="", help="also plan --target llama.cpp rows that may not use these "
                     "types (e.g. Q4_1,Q5_1: SmolLM2's weights sit on a Q4_1 grid, which those types store losslessly)")
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="write the table and plot from the rows measured so far")
     args = ap.parse_args()
     out = Path(args.out)
-    bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
+    bin_dir = Path(args.llama_cpp_bin)
     rows_file = out / "peers.rows.jsonl"
     if args.fresh and rows_file.exists():
         rows_file.unlink()
@@ -159,6 +160,7 @@ def main() -> None:
     if args.report_only:
         return report(done, args, out, Path(source).name)
     chunks = args.calib_tokens // args.seq_len
+    work = Path(args.work) / Path(source).stem  # the F32 copy, imatrix and peer files belong to one source model
     f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), chunks, args.seq_len)
     loaded = load_model(str(f32))
     model = loaded.model
