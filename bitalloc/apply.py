@@ -51,16 +51,18 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     return model
 
 
-def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any) -> Any:
+def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any,
+                 text_path: Any = None, check_hash: bool = True) -> Any:
     """`calibration` as given; else, when `quantizer` needs layer Hessians and a tokenizer is at hand, the
-    plan's own windows rebuilt on the (still unquantized) model; else None."""
+    plan's own windows rebuilt on the (still unquantized) model (from `text_path` for a plan calibrated on
+    a file: calibration.calibration_for_plan); else None."""
     from .quantizers import needs_hessian
 
     if calibration is not None or tokenizer is None or not needs_hessian(quantizer):
         return calibration
     from .calibration import calibration_for_plan
 
-    return calibration_for_plan(plan.calibration, tokenizer, model).tokens
+    return calibration_for_plan(plan.calibration, tokenizer, model, text_path, check_hash).tokens
 
 
 def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:

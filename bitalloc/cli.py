@@ -546,12 +546,9 @@ def _check_plan_calibration(plan, quantizer: str, calib: Optional[Path], check_h
 
 def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: bool, loaded):
     """The plan's own calibration windows (token ids) when `quantizer` needs layer Hessians, else None."""
-    from .calibration import calibration_for_plan
-    from .quantizers import needs_hessian
+    from .apply import plan_windows
 
-    if not needs_hessian(quantizer):
-        return None
-    return calibration_for_plan(plan.calibration, loaded.tokenizer, loaded.model, calib, check_hash).tokens
+    return plan_windows(loaded.model, plan, quantizer, None, loaded.tokenizer, calib, check_hash)
 
 
 def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool) -> None:
