@@ -162,7 +162,7 @@ def profile_model(
         from .quantizers import check_without_hessian
 
         check_without_hessian(config.quantizer, "the interactions signal",
-                                 "profile interactions with --quantizer rtn (or rtn-mse), or drop 'interactions'")
+                                 "profile interactions with --quantizer rtn, rtn-mse or rtn-w, or drop 'interactions'")
     loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp")
     options = list(config.options)
     parts = {
@@ -490,7 +490,8 @@ def solve_table(
                                 "(bitalloc plan MODEL --profile DIR) or choose another solver (ilp, lagrangian, dp)")
         from .objective import CalibrationScore
 
-        score = CalibrationScore(context.score_model, table, context.score_tokens[:score_windows])
+        score = CalibrationScore(context.score_model, table, context.score_tokens[:score_windows],
+                                 importance_tokens=context.score_tokens)
         settings["score"] = score
     try:
         solution = solvers.solve(problem, solver, **settings)

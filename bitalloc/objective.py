@@ -15,21 +15,30 @@ from torch import nn
 
 from .table import CandidateTable
 from .models import set_weight_matrix, weight_matrix
-from .quantizers import check_without_hessian, weight_values
+from .quantizers import check_without_hessian, importance_only, weight_values
 
 
 class CalibrationScore:
-    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, cache_bytes: float = 2e9):
+    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, cache_bytes: float = 2e9,
+                 importance_tokens: torch.Tensor | None = None):
         """tokens: [windows, seq_len] calibration ids (never the evaluation text).
 
-        Trials hold the weights of the table's quantizer (rtn, rtn-mse); a Hessian quantizer (gptq)
-        is refused up front, since a trial has no layer inputs to run it on.
+        Trials hold the weights of the table's quantizer (rtn, rtn-mse, rtn-w); a sequential Hessian
+        quantizer (gptq) is refused up front, since a trial has no layer inputs to run it on.
+        importance_tokens: the windows the table was profiled on (default `tokens`); an rtn-w table's
+        trials take diag H from them on the unquantized model, so they hold the table's weights.
         """
         check_without_hessian(table.quantizer, "scoring plans on the model (evolutionary solver)",
                               "plan with the ilp, lagrangian or dp solver, or profile with --quantizer rtn")
         self.model, self.table, self.tokens = model, table, tokens
         self.modules = [model.get_submodule(n) for n in table.groups]
         self.original = [weight_matrix(m).detach().clone() for m in self.modules]
+        self.importance: dict[str, torch.Tensor | None] = {}
+        if importance_only(table.quantizer):
+            from .profile.statistics import input_importance
+
+            self.importance = input_importance(model, list(table.groups), tokens if importance_tokens is None
+                                               else importance_tokens)
         self.current = [-1] * len(self.modules)  # option loaded per module; -1 = original
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
@@ -51,7 +60,8 @@ class CalibrationScore:
     def _quantized(self, g: int, k: int) -> torch.Tensor:
         if (g, k) in self.cache:
             return self.cache[g, k]
-        w = weight_values(self.original[g], self.table.options[k], self.table.quantizer)
+        w = weight_values(self.original[g], self.table.options[k], self.table.quantizer,
+                          self.importance.get(self.table.groups[g]))
         size = w.numel() * w.element_size()
         if self.cached_bytes + size <= self.cache_bytes:
             self.cache[g, k] = w

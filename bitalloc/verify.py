@@ -96,11 +96,12 @@ def held_out_slice(calibration: Calibration, windows: int) -> tuple[torch.Tensor
 class SliceMeter:
     """Measured loss of assignments (choice[g] = option index, -1 = original weight) on the slice."""
 
-    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, metric: str):
+    def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, metric: str,
+                 profiled_tokens: torch.Tensor | None = None):
         # gptq quantizes block by block from layer inputs: single modules cannot be swapped in and measured
         check_without_hessian(table.quantizer, "--verify (measuring single-module swaps)",
-                              "verify a plan made with --quantizer rtn (or rtn-mse), or drop --verify")
-        self.score = CalibrationScore(model, table, tokens)
+                              "verify a plan made with --quantizer rtn, rtn-mse or rtn-w, or drop --verify")
+        self.score = CalibrationScore(model, table, tokens, importance_tokens=profiled_tokens)
         self.tokens, self.metric = tokens, metric
         self.score.restore()
         self.reference = reference_logprobs(model, tokens)
@@ -140,7 +141,7 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
     """
     tokens, slice_record = held_out_slice(calibration, settings.windows)
     raw = table.errors[error_model]
-    meter = SliceMeter(model, table, tokens, settings.metric)
+    meter = SliceMeter(model, table, tokens, settings.metric, profiled_tokens=calibration.tokens)
     try:
         family = [option_family(o) for o in table.options]
         scales = {f: 1.0 for f in sorted(set(family))}

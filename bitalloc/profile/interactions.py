@@ -76,13 +76,15 @@ def candidate_pairs(graph: nx.DiGraph, blocks: set[int] | None = None) -> list[t
 
 
 @contextlib.contextmanager
-def quantized(model: nn.Module, assign: dict[str, QuantOption], quantizer: str = "rtn"):
-    """Within the block, the named modules hold their quantized weights (`quantizer`: rtn or rtn-mse); the
-    originals come back after."""
+def quantized(model: nn.Module, assign: dict[str, QuantOption], quantizer: str = "rtn",
+              importance: dict[str, torch.Tensor | None] | None = None):
+    """Within the block, the named modules hold their quantized weights (`quantizer`: rtn, rtn-mse, or rtn-w
+    with each module's `importance`); the originals come back after."""
     original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in assign}
     try:
         for n, opt in assign.items():
-            set_weight_matrix(model.get_submodule(n), weight_values(original[n], opt, quantizer))
+            set_weight_matrix(model.get_submodule(n), weight_values(original[n], opt, quantizer,
+                                                                    (importance or {}).get(n)))
         yield model
     finally:
         for n, w in original.items():
@@ -102,18 +104,20 @@ def mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
 
 def measure_interactions(model: nn.Module, pairs: list[tuple[str, str, str]], option: QuantOption,
                          windows: torch.Tensor, progress: bool = False,
-                         singles: dict[str, float] | None = None, quantizer: str = "rtn") -> list[Interaction]:
+                         singles: dict[str, float] | None = None, quantizer: str = "rtn",
+                         importance: dict[str, torch.Tensor | None] | None = None) -> list[Interaction]:
     """Joint and single loss increases for each pair under `option` (singles measured once per module;
-    pass `singles` to reuse ones measured before). quantizer: the profile's, rtn or rtn-mse."""
+    pass `singles` to reuse ones measured before). quantizer: the profile's, rtn, rtn-mse or rtn-w (with
+    `importance`, statistics.input_importance on the profile's calibration windows)."""
     base = mean_nll(model, windows)
     singles = dict(singles or {})
     needed = sorted({n for a, b, _ in pairs for n in (a, b)} - set(singles))
     for n in tqdm(needed, desc=f"single ablations {option.label}", disable=not progress, unit="module"):
-        with quantized(model, {n: option}, quantizer):
+        with quantized(model, {n: option}, quantizer, importance):
             singles[n] = mean_nll(model, windows) - base
     result = []
     for a, b, rel in tqdm(pairs, desc=f"pair ablations {option.label}", disable=not progress, unit="pair"):
-        with quantized(model, {a: option, b: option}, quantizer):
+        with quantized(model, {a: option, b: option}, quantizer, importance):
             joint = mean_nll(model, windows) - base
         result.append(Interaction(a=a, b=b, relation=rel, option=option.label, single_a=singles[a],
                                   single_b=singles[b], joint=joint))

@@ -36,7 +36,8 @@ from .hessian_trace import hutchinson_traces
 from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
 from .salience import salience
 from .spikes import DEFAULT_THRESHOLD, collect_spikes
-from .statistics import collect_statistics
+from ..quantizers import importance_only
+from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
 
 SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
@@ -139,12 +140,15 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         graph = dataflow_graph(model, module_names, calibration.tokens[0, :16])
         windows = calibration.tokens[: settings.interaction_windows]
         singles: dict[str, float] = {}
+        importance = None
+        if importance_only(quantizer):  # rtn-w swaps hold the table's weights: diag H of the same windows
+            importance = input_importance(model, module_names, calibration.tokens)
         wanted = [b for b in blocks if b is not None and (settings.interaction_blocks is None or b in settings.interaction_blocks)]
         for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
             got = parts.get(f"interactions-block-{b:03d}")
             if got is None:
                 got = measure_interactions(model, candidate_pairs(graph, {b}), option, windows, singles=singles,
-                                           quantizer=quantizer)
+                                           quantizer=quantizer, importance=importance)
                 parts.put(f"interactions-block-{b:03d}", got)
             for r in got:
                 singles.setdefault(r.a, r.single_a)

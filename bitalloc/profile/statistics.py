@@ -109,6 +109,53 @@ def collect_statistics(
     return stats
 
 
+@torch.no_grad()
+def input_importance(model: nn.Module, module_names: list[str], windows: torch.Tensor,
+                     progress: bool = False) -> dict[str, torch.Tensor | None]:
+    """diag H [in] per planned linear (None for an embedding) from forward passes over `windows` [n, seq_len].
+
+    What importance-weighted quantizers (rtn-w) need at apply time. It is the diagonal of the H that
+    collect_statistics gives on the same windows, bit for bit: the same per-window XᵀX products summed
+    in the same order and divided by the same count (a diagonal of a sum is the sum of the diagonals,
+    element by element), so an applied weight is exactly the one whose error the candidate table holds.
+    Forward only: no gradients, and only [in] per module is kept.
+    """
+    modules = {n: model.get_submodule(n) for n in module_names}
+    window_inputs: dict[str, torch.Tensor] = {}
+    diag: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def grab(mod, args, output):
+            window_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        return grab
+
+    handles = [mod.register_forward_hook(hook(n)) for n, mod in modules.items() if not isinstance(mod, nn.Embedding)]
+    n_inputs = 0
+    try:
+        for window in tqdm(windows, desc="input importance", disable=not progress, unit="win"):
+            window_inputs.clear()
+            model(input_ids=window[None])
+            window_xtx: dict[str, torch.Tensor] = {}
+            _accumulate_xtx(window_inputs, window_xtx)
+            for n, prod in window_xtx.items():
+                d = torch.diagonal(prod)
+                diag[n] = diag[n] + d if n in diag else d.clone()
+            n_inputs += window.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    result: dict[str, torch.Tensor | None] = {}
+    for n, mod in modules.items():
+        if isinstance(mod, nn.Embedding):
+            result[n] = None
+            continue
+        if n not in diag:
+            raise RuntimeError(f"module {n} saw no input during calibration; is it used in forward?")
+        result[n] = diag[n] / n_inputs
+        refuse_non_finite(n, "input importance", result[n])
+    return result
+
+
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
     """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
     for signal in ("fisher", "hessian", "token_share"):

@@ -45,13 +45,20 @@ class QuantizedWeight:
 Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **settings)
 _QUANTIZERS: dict[str, Quantizer] = {}
 _NEEDS_HESSIAN: set[str] = set()
+_IMPORTANCE_ONLY: set[str] = set()
 
 
-def register_quantizer(name: str, needs_hessian: bool = False) -> Callable[[Quantizer], Quantizer]:
+def register_quantizer(name: str, needs_hessian: bool = False,
+                       importance_only: bool = False) -> Callable[[Quantizer], Quantizer]:
+    """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
+    be passed as that vector), so one forward pass gives every module's, and a single module can be
+    swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
-        if needs_hessian:
+        if needs_hessian or importance_only:
             _NEEDS_HESSIAN.add(name)
+        if importance_only:
+            _IMPORTANCE_ONLY.add(name)
         return fn
 
     return deco
@@ -77,6 +84,10 @@ def needs_hessian(name: str) -> bool:
     return name in _NEEDS_HESSIAN
 
 
+def importance_only(name: str) -> bool:
+    return name in _IMPORTANCE_ONLY
+
+
 def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",
                     hessian: torch.Tensor | None = None, **settings: Any) -> QuantizedWeight:
     """Quantize `weight` [out, in] as `option` with the named quantizer."""
@@ -91,25 +102,29 @@ def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = 
 
 
 def check_without_hessian(quantizer: str, what: str, fix: str) -> None:
-    """Refuse a Hessian quantizer (gptq) for a step that quantizes weights without their layer inputs."""
-    if quantizer in _NEEDS_HESSIAN:
+    """Refuse a sequential Hessian quantizer (gptq) for a step that swaps single weights in without
+    running the model block by block (importance-only quantizers, rtn-w, are fine there)."""
+    if quantizer in _NEEDS_HESSIAN and quantizer not in _IMPORTANCE_ONLY:
         raise BadInputError(f"{what} quantizes each weight without its layer's calibration Hessian, so it cannot "
                             f"follow the {quantizer} quantizer; {fix}")
 
 
-def weight_values(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn") -> torch.Tensor:
-    """The values `weight` [out, in] takes stored as `option` by a quantizer that needs no Hessian (same dtype).
+def weight_values(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",
+                  importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The values `weight` [out, in] takes stored as `option` (same dtype), for the steps that swap weights
+    in place (a scoring solver's trials, measured interactions, --verify).
 
-    For the steps that swap weights in place (a scoring solver's trials, measured interactions);
-    rtn is formats.quantize_dequantize exactly. Callers refuse Hessian quantizers up front
+    rtn is formats.quantize_dequantize exactly; an importance-only quantizer (rtn-w) needs `importance`,
+    the module's diag H [in] (statistics.input_importance; None for an embedding, which is rounded to
+    nearest as the candidate table does). Callers refuse sequential quantizers up front
     (check_without_hessian), naming their step.
     """
-    if quantizer == "rtn":
+    if quantizer == "rtn" or (quantizer in _IMPORTANCE_ONLY and importance is None):
         from ..formats import quantize_dequantize
 
         return quantize_dequantize(weight, option)
-    check_without_hessian(quantizer, "quantize-dequantize", "use rtn or rtn-mse")
-    return quantize_weight(weight, option, quantizer).values.to(weight.dtype)
+    check_without_hessian(quantizer, "quantize-dequantize", "use rtn, rtn-mse or rtn-w")
+    return quantize_weight(weight, option, quantizer, hessian=importance).values.to(weight.dtype)
 
 
 def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], quantizer: str = "rtn",

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import BadInputError
 from ..models import set_weight_matrix, weight_matrix
 from ..options import QuantOption
-from . import QuantizedWeight, needs_hessian, quantize_weight
+from . import QuantizedWeight, importance_only, needs_hessian, quantize_weight
 
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
@@ -20,20 +20,29 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
-    layer Hessian; those run block by block (quantizers/sequential.py).
+    layer Hessian: importance-only ones (rtn-w) take diag H from one forward pass of the unquantized
+    model (as the candidate table did); the others (gptq) run block by block (quantizers/sequential.py).
     """
+    importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
         if calibration is None:
             raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; pass "
                                 "calibration=ids, or tokenizer= to rebuild the plan's own, or use quantizer='rtn'")
-        from .sequential import quantize_sequential
+        if not importance_only(quantizer):
+            from .sequential import quantize_sequential
 
-        return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
+            return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
+        from ..profile.statistics import input_importance
+
+        importances = input_importance(model, list(options), _as_windows(calibration), progress=progress)
     result = {}
     for name, option in tqdm(options.items(), desc=f"quantize ({quantizer})", disable=not progress, unit="module"):
         module = model.get_submodule(name)
         w = weight_matrix(module).detach()
-        q = quantize_weight(w, option, quantizer, **settings)
+        if importances and importances[name] is None:  # an embedding: rounded to nearest, as in the table
+            q = quantize_weight(w, option, "rtn")
+        else:
+            q = quantize_weight(w, option, quantizer, hessian=importances.get(name), **settings)
         set_weight_matrix(module, q.values.to(w.dtype))
         result[name] = q
     return result

@@ -3,8 +3,11 @@ zero-point) chosen to minimise Σ_j h_j (w_j − q_j)² with h = diag H, the mea
 calibration inputs (scale_search.py). Every format family gets it: INT (sym/asym, any group size),
 fp8/fp6/fp4 with fp16 or fp32 scales, MX (E8M0) and NVFP4 (E4M3 block scales).
 
-It needs calibration (H) like GPTQ, but only H's diagonal, and no column loop: the candidate table
-stays within about the cost of RTN's. Without H (an embedding) the planner uses plain RTN.
+It needs calibration like GPTQ, but only H's diagonal from the unquantized model, and no column
+loop: the candidate table stays within about the cost of RTN's, and applying a plan takes one
+forward pass over the plan's calibration windows (statistics.input_importance) instead of GPTQ's
+block-by-block run, giving exactly the weights whose errors the table holds. Without H (an
+embedding) it is plain RTN, in the table and at apply.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from .scale_search import (DEFAULT_GRID, SearchGrid, search_fp_scales, search_in
 
 
 def importance(hessian: torch.Tensor) -> torch.Tensor:
-    """Per-input-column importance h [in] = diag H (mean x² of each input), float32, ≥ 0."""
-    return torch.diagonal(hessian).detach().float().clamp(min=0)
+    """Per-input-column importance h [in] = diag H (mean x² of each input), float32, ≥ 0.
+
+    hessian: H [in, in], or its diagonal [in] already (statistics.input_importance, at apply time)."""
+    h = hessian if hessian.dim() == 1 else torch.diagonal(hessian)
+    return h.detach().float().clamp(min=0)
 
 
 def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor,
@@ -59,9 +65,9 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
     return rtn(w, option)  # keep, or an all-zero NVFP4 weight
 
 
-@register_quantizer("rtn-w", needs_hessian=True)
+@register_quantizer("rtn-w", importance_only=True)
 def rtn_w(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
           steps: int = DEFAULT_GRID.steps, min_ratio: float = DEFAULT_GRID.min_ratio,
           halvings: int = DEFAULT_GRID.halvings, refits: int = DEFAULT_GRID.refits) -> QuantizedWeight:
-    """Round to nearest with scales searched under h = diag(hessian) (hessian: [in, in], the layer's H)."""
+    """Round to nearest with scales searched under h = diag(hessian) (hessian: the layer's H [in, in] or diag H [in])."""
     return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, halvings, refits))
