@@ -1,0 +1,93 @@
+"""How long applying a plan takes per quantizer on SmolLM2, and whether the applied weights are the table's.
+
+rtn-w needs diag H of each layer's inputs. It now takes it from one forward pass of the unquantized
+model over the plan's calibration windows (statistics.input_importance), which is also where the
+candidate table took it from; before, it ran block by block on already-quantized inputs like GPTQ
+(quantizers/sequential.py). This bench times both on the same uniform assignment and calibration
+windows, with rtn and gptq beside them, and reports how far each rtn-w result is from the weights
+whose errors the candidate table predicts (max |Δ| over all modules: 0 means exactly those).
+
+    python bench/apply_speed.py [--gguf PATH] [--calib FILE] [--option int4-g64-asym] [--tokens 8192]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_gguf, smollm2_arguments  # noqa: E402
+
+from bitalloc.calibration import make_calibration, read_text  # noqa: E402
+from bitalloc.models import load_model, select_modules, weight_matrix  # noqa: E402
+from bitalloc.options import parse_option  # noqa: E402
+from bitalloc.profile.statistics import collect_statistics  # noqa: E402
+from bitalloc.quantizers import quantize_weight  # noqa: E402
+from bitalloc.quantizers.materialize import quantize_model  # noqa: E402
+from bitalloc.quantizers.sequential import quantize_sequential  # noqa: E402
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    ap = smollm2_arguments(__doc__)
+    ap.add_argument("--option", default="int4-g64-asym")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model(args.gguf or default_gguf())
+    model = loaded.model.eval()
+    names = select_modules(model)
+    option = parse_option(args.option)
+    assign = {n: option for n in names}
+    calib = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=args.seq_len, tokens=args.tokens, seed=0)
+    stats = collect_statistics(model, names, calib)
+    table_values = {n: quantize_weight(weight_matrix(model.get_submodule(n)).detach(), option, "rtn-w",
+                                       hessian=stats[n].hessian).values for n in names}
+    del stats
+
+    rows = []
+    runs = {
+        "rtn": lambda m: quantize_model(m, assign, "rtn"),
+        "rtn-w (one forward pass, now)": lambda m: quantize_model(m, assign, "rtn-w", calib.tokens),
+        "rtn-w (block by block, before)": lambda m: quantize_sequential(m, assign, "rtn-w", calib.tokens),
+        "gptq (block by block)": lambda m: quantize_model(m, assign, "gptq", calib.tokens),
+    }
+    for label, run in runs.items():
+        m = copy.deepcopy(model)
+        got, wall, cpu = timed(lambda: run(m))
+        off = max(float((got[n].values - table_values[n]).abs().max()) for n in names) if "rtn-w" in label else None
+        rows.append({"quantizer": label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "max_abs_vs_table": off})
+        print(rows[-1], flush=True)
+        del m, got
+    load = os.getloadavg()[0]
+    base = next(r for r in rows if r["quantizer"].startswith("rtn-w (block"))["cpu_s"]
+    lines = [f"SmolLM2-135M, {len(names)} modules all {option.label}, {calib.n_windows}×{args.seq_len} calibration "
+             f"tokens ({Path(args.calib).name}); load average {load:.1f} (CPU s is the steadier figure)", "",
+             "| quantizer | wall s | CPU s | CPU vs rtn-w before | max abs diff to the table's weights |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        diff = "—" if r["max_abs_vs_table"] is None else f"{r['max_abs_vs_table']:.3g}"
+        lines.append(f"| {r['quantizer']} | {r['wall_s']} | {r['cpu_s']} | {r['cpu_s'] / base:.3f}× | {diff} |")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "apply_speed.md").write_text(text + "\n")
+    (out / "apply_speed.json").write_text(json.dumps({"rows": rows, "load_average": load, "option": option.label,
+                                                      "windows": calib.n_windows, "seq_len": args.seq_len}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
