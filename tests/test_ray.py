@@ -70,6 +70,25 @@ def test_profile_model_on_one_worker_is_bit_identical(cluster, calib_ids, tmp_pa
     assert local.key == on_ray.key  # one worker: the same profile, so the same key
 
 
+def test_service_profile_job_on_one_worker_is_bit_identical(cluster, model_dir, tmp_path):
+    # what `bitalloc serve --ray` does for a profile job: work.build_profile with the RaySpec
+    from bitalloc.profile.store import load_table
+    from bitalloc.service.app import _profile_spec
+    from bitalloc.service.schemas import CalibrationIn, OptionsIn
+    from bitalloc.service.sources import SourceRules
+    from bitalloc.service.store import SQLiteStore
+    from bitalloc.service.work import build_profile
+
+    spec = _profile_spec(str(model_dir), CalibrationIn(path=str(model_dir / "calib.txt"), seq_len=32, tokens=96),
+                         OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules())
+    tables = []
+    for name, ray_spec in (("local", None), ("ray", RaySpec(workers=1))):
+        store = SQLiteStore(tmp_path / name)
+        record, _, _ = build_profile(store, spec, None, lambda p, s: None, ray=ray_spec)
+        tables.append(load_table(store.profile_dir(record.id), record.id))
+    _same_table(*tables)
+
+
 def test_shard_sums_add_to_the_whole_calibration(calib):
     model = make_qwen2()
     names = select_modules(model, True, True)  # untied embedding and head: the embedding's token_share is summed too
