@@ -16,7 +16,9 @@ from bitalloc.config import RaySpec
 from bitalloc.errors import BadInputError
 from bitalloc.models import LoadedModel, load_model, select_modules
 from bitalloc.options import default_options
-from bitalloc.profile.distributed import SHARD_RTOL, RayPool, add_sums, ray_candidate_table, shard_bounds
+from bitalloc.profile.distributed import (SHARD_RTOL, RayPool, add_sums, merge_sites, ray_candidate_table,
+                                          shard_bounds, spike_accumulators)
+from bitalloc.profile.spikes import DEFAULT_THRESHOLD, collect_spikes
 from bitalloc.profile.statistics import DIVIDE_BY, ModuleStats, collect_statistics, finish_statistics, statistic_sums
 
 from conftest import make_llama, make_qwen2
@@ -57,7 +59,7 @@ def _rel_diff(a, b) -> float:
 
 def test_profile_model_on_one_worker_is_bit_identical(cluster, calib_ids, tmp_path):
     # compute_profile's hook: fisher, salience and the table of each block on the worker
-    signals = ("fisher", "salience", "table")
+    signals = ("fisher", "salience", "spikes", "table")
     options = default_options()[:6]
     local = api.profile_model(make_llama(), calib_ids, tmp_path / "local", signals=signals, options=options)
     on_ray = api.profile_model(make_llama(), calib_ids, tmp_path / "ray", signals=signals, options=options,
@@ -67,6 +69,9 @@ def test_profile_model_on_one_worker_is_bit_identical(cluster, calib_ids, tmp_pa
         assert a.name == b.name
         assert np.array_equal(a.fisher, b.fisher) and np.array_equal(a.h_diag, b.h_diag)
         assert a.salience.top1pct_share == b.salience.top1pct_share
+        for x, y in ((a.spikes.input, b.spikes.input), (a.spikes.output, b.spikes.output)):
+            assert (x.max_abs, x.kurtosis, x.ratio, x.tokens) == (y.max_abs, y.kurtosis, y.ratio, y.tokens)
+            assert np.array_equal(x.channel_rms, y.channel_rms) and np.array_equal(x.top_tokens, y.top_tokens)
     assert local.key == on_ray.key  # one worker: the same profile, so the same key
 
 
@@ -104,6 +109,28 @@ def test_shard_sums_add_to_the_whole_calibration(calib):
         torch.testing.assert_close(total.modules[n].fisher, whole.modules[n].fisher, rtol=1e-5, atol=0)
     # every field of ModuleStats is a mean over one of the counts: a new field needs its divisor
     assert {f.name for f in fields(ModuleStats)} == set(DIVIDE_BY)
+
+
+def test_spike_shards_merge_to_the_whole_calibration(calib):
+    # what RayPool.spikes does with three shards, here without a cluster
+    model = make_llama()
+    names = select_modules(model, False, False)
+    whole = collect_spikes(model, names, calib, top_k=4)
+    shards = [spike_accumulators(model, names, calibration_from_tokens(calib.tokens[a:b]), a, 4)
+              for a, b in shard_bounds(4, 3)]
+    merged = {n: tuple(merge_sites(merge_sites(s0, s1), s2) for s0, s1, s2 in zip(*(sh[n] for sh in shards)))
+              for n in names}
+    for n in names:
+        for site, acc in zip(("input", "output"), merged[n]):
+            got, want = acc.finish(DEFAULT_THRESHOLD), getattr(whole[n], site)
+            # maxima and the top tokens (window index in the whole calibration) are exact
+            assert got.max_abs == want.max_abs and np.array_equal(got.channel_max, want.channel_max)
+            assert np.array_equal(got.top_tokens, want.top_tokens) and np.array_equal(got.top_values, want.top_values)
+            assert got.tokens == want.tokens == 4 * 32
+            # the float64 moment sums only reassociate
+            np.testing.assert_allclose(got.channel_rms, want.channel_rms, rtol=1e-12)
+            assert got.kurtosis == pytest.approx(want.kurtosis, rel=1e-9)
+    assert any(int(t[0]) > 0 for n in names for t in merged[n][0].finish(DEFAULT_THRESHOLD).top_tokens)
 
 
 def test_shards_are_contiguous_in_window_order():
@@ -197,3 +224,15 @@ def test_killed_worker_is_retried_and_the_sums_are_unchanged(two_workers, calib,
             # bound is relative to the largest entry (the table cells stay within SHARD_RTOL, above)
             ref = getattr(single[n], f)
             assert float((t - ref).abs().max()) <= SHARD_RTOL * float(ref.abs().max())
+
+
+def test_two_worker_spikes_match_single_process(two_workers, calib):
+    model = two_workers.loaded.model
+    names = select_modules(model, False, False)
+    got = two_workers.spikes(names, calib, top_k=4, threshold=DEFAULT_THRESHOLD)
+    want = collect_spikes(model, names, calib, top_k=4)
+    for n in names:
+        for site in ("input", "output"):
+            g, w = getattr(got[n], site), getattr(want[n], site)
+            assert g.max_abs == w.max_abs and np.array_equal(g.top_tokens, w.top_tokens)
+            np.testing.assert_allclose(g.channel_rms, w.channel_rms, rtol=1e-12)

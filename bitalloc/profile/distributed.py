@@ -8,6 +8,8 @@ One profile's work is split two ways (issue 17):
   rows        the planned modules, one group per decoder block (and one for the modules outside the
               blocks), go to the actors round-robin with their finished statistics; each returns the
               group's table rows (or the block's signals) and the driver keeps them in module order.
+  spikes      the same shards, forward only; per-channel maxima and the top-k tokens merge exactly,
+              the float64 moment sums in shard order.
 Each actor loads the model from the source the driver loaded (a path or hub id; its content hash must
 equal the driver's), or gets the driver's in-memory model through the object store.
 
@@ -26,6 +28,8 @@ import resource
 import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from ..config import RaySpec
 from ..errors import BadInputError, BitallocError
@@ -112,6 +116,9 @@ class _Worker:
 
         return statistic_sums(model, module_names, calibration)
 
+    def spikes(self, module_names: list[str], calibration, first_window: int, top_k: int):
+        return spike_accumulators(self._model(), module_names, calibration, first_window, top_k)
+
     def call(self, fn: Callable, names: list[str], stats: dict, kwargs: dict):
         return fn(self._model(), names, stats, **kwargs)
 
@@ -169,6 +176,29 @@ class RayPool:
             total = part if total is None else add_sums(total, part)
         return finish_statistics(total)
 
+    def spikes(self, module_names: list[str], calibration, *, top_k: int, threshold: float) -> dict:
+        """spikes.collect_spikes(model, module_names, calibration, ...), the windows sharded over the actors.
+
+        Maxima and the top-k tokens merge exactly; the float64 moment sums reassociate (relative ~1e-15)."""
+        from .spikes import _SiteAccumulator  # noqa: F401  (the accumulators travel pickled)
+        from .records import ProjectionSpikes
+        from .statistics import refuse_non_finite
+
+        n, windows = self.spec.workers, calibration.n_windows
+        ray, actors = require_ray(), self.start()
+        refs = [actors[k].spikes.remote(module_names, _windows(calibration, a, b), a, top_k)
+                for k, (a, b) in enumerate(shard_bounds(windows, n))]
+        total = None
+        for k in range(n):
+            part = _get(ray, refs[k])
+            refs[k] = None
+            total = part if total is None else {m: tuple(merge_sites(x, y) for x, y in zip(total[m], part[m]))
+                                                for m in module_names}
+        for m, sites in total.items():
+            for site, a in zip(("input", "output"), sites):
+                refuse_non_finite(m, f"spikes ({site})", np.concatenate([a.moments, a.ch_max.numpy(), a.ch_sq.numpy()]))
+        return {m: ProjectionSpikes(input=a.finish(threshold), output=b.finish(threshold)) for m, (a, b) in total.items()}
+
     def map_groups(self, fn: Callable, groups: list[list[str]], stats: dict, **kwargs) -> Iterator:
         """fn(model, names, {n: stats[n]}, **kwargs) for every group of module names, on the actors
         round-robin; yields the results in group order."""
@@ -190,6 +220,46 @@ class RayPool:
             for a in self._actors:
                 ray.kill(a)
             self._actors, self._model_ref = [], []
+
+
+def spike_accumulators(model, module_names: list[str], calibration, first_window: int, top_k: int) -> dict:
+    """Per module the (input, output) spikes._SiteAccumulator of these windows, which are windows
+    first_window.. of the whole calibration (the top tokens record that index): one shard of collect_spikes."""
+    import torch
+
+    from .spikes import _SiteAccumulator
+
+    acc = {n: (_SiteAccumulator(top_k), _SiteAccumulator(top_k)) for n in module_names}
+    current = {"window": 0}
+
+    def hook(mod, args, output, name):
+        acc[name][0].add(args[0], current["window"])
+        acc[name][1].add(output, current["window"])
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in module_names]
+    try:
+        with torch.no_grad():
+            for i, window in enumerate(calibration.tokens):
+                current["window"] = first_window + i
+                model(input_ids=window[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def merge_sites(a, b):
+    """Two shards' _SiteAccumulator of one site as one (a's windows before b's)."""
+    import torch
+
+    out = type(a)(a.k)
+    out.n = a.n + b.n
+    out.moments = a.moments + b.moments
+    out.ch_max = torch.maximum(a.ch_max, b.ch_max)
+    out.ch_sq = a.ch_sq + b.ch_sq
+    # the order collect_spikes keeps, so ties resolve the same way: largest |x|, then earliest window, position
+    out.top = sorted(a.top + b.top, key=lambda t: (-t[0], t[1], t[2]))[: a.k]
+    return out
 
 
 def block_groups(model, module_names: list[str]) -> list[list[str]]:

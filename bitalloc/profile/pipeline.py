@@ -92,8 +92,8 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; per-block signals are then
     computed one loaded block at a time (profile/streamed.py). Only fisher, salience and table stream.
     quantizer: whose ΔW the table's errors measure (config.ProfileConfig.quantizer; recorded in the table).
-    ray_pool: a distributed.RayPool: the per-block signals' statistics and each block's signals are
-    computed on its Ray actors (the other signals stay in this process).
+    ray_pool: a distributed.RayPool: the per-block signals' statistics, each block's signals and the
+    spikes are computed on its Ray actors (trace and interactions stay in this process).
     """
     out = Path(out)
     if (done := try_load(out, key)) is not None:
@@ -132,8 +132,12 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                 for n in blocks[b]:
                     del stats[n]  # free H as we go
     if "spikes" in sig and parts.get("spikes") is None:
-        parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
-                                           threshold=settings.spike_threshold, progress=progress))
+        if ray_pool is not None:
+            parts.put("spikes", ray_pool.spikes(module_names, calibration, top_k=settings.spike_top_k,
+                                                threshold=settings.spike_threshold))
+        else:
+            parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
+                                               threshold=settings.spike_threshold, progress=progress))
     if "trace" in sig:
         state = parts.get("trace")
         state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,
