@@ -162,7 +162,7 @@ def profile_model(
     config: the ProfileConfig (calibration, options, planned modules, quantizer, stream); without it
     one is built from calibration/options/seq_len/.../quantizer. The table's errors are `quantizer`'s.
     stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
-    ray: fisher, salience and the table computed on a Ray cluster (profile/distributed.py).
+    ray: fisher, salience, spikes and the table computed on a Ray cluster (profile/distributed.py).
     """
     from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 
