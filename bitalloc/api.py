@@ -12,7 +12,7 @@ import numpy as np
 
 from . import solvers
 from .budget import Budget, parse_budget
-from .config import CalibrationSpec, ProfileConfig, SolveConfig
+from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
 from .io import check_output_dir
@@ -79,11 +79,14 @@ def profile(
     cache_dir: Path | None = None,
     progress: bool = False,
     quantizer: str = ProfileConfig.quantizer,
+    ray: RaySpec | None = None,
+    trust_remote_code: bool = False,
 ) -> CandidateTable:
     """Candidate table for these modules and options, from the cache when an identical one exists.
 
     quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
     calibration inputs).
+    ray: compute it on a Ray cluster (profile/distributed.py); trust_remote_code: for the workers' loads.
     """
     from .candidates import build_candidate_table
     from .checkpoint import StreamedModel
@@ -100,12 +103,21 @@ def profile(
             "quantizer": quantizer,
             "bitalloc": bitalloc_version(),
             "code": numerics_fingerprint(),
+            **_shards(ray),
         }
     )
     if cache_dir is not None and (table := load_table(cache_dir, key)) is not None:
         return table
     loaded.model.eval()
-    if isinstance(loaded, StreamedModel):  # weights stay on disk; one block is loaded at a time
+    if ray is not None:
+        from .profile.distributed import RayPool, ray_candidate_table
+
+        pool = RayPool(ray, loaded, trust_remote_code)
+        try:
+            table = ray_candidate_table(pool, module_names, calibration, options, quantizer=quantizer, progress=progress)
+        finally:
+            pool.close()
+    elif isinstance(loaded, StreamedModel):  # weights stay on disk; one block is loaded at a time
         table = streamed_candidate_table(loaded, module_names, calibration, options, progress=progress, quantizer=quantizer)
     else:
         stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
@@ -113,6 +125,12 @@ def profile(
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table
+
+
+def _shards(ray: RaySpec | None) -> dict:
+    """The cache-key entry of a sharded profile: k > 1 shards sum in another float32 order (distributed.py),
+    so such a table is cached apart from the single-process one, which one worker reproduces exactly."""
+    return {"shards": ray.workers} if ray is not None and ray.workers > 1 else {}
 
 
 def profile_model(
@@ -133,6 +151,7 @@ def profile_model(
     trust_remote_code: bool = False,
     stream: bool = ProfileConfig.stream,
     quantizer: str = ProfileConfig.quantizer,
+    ray: RaySpec | None = None,
     **settings: Any,
 ) -> Profile:
     """All requested sensitivity signals of the planned modules, saved as a profile folder `out`.
@@ -143,12 +162,13 @@ def profile_model(
     config: the ProfileConfig (calibration, options, planned modules, quantizer, stream); without it
     one is built from calibration/options/seq_len/.../quantizer. The table's errors are `quantizer`'s.
     stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
+    ray: fisher, salience, spikes and the table computed on a Ray cluster (profile/distributed.py).
     """
     from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
 
     if config is None:
         config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head,
-                                 include_embeddings, quantizer, stream)
+                                 include_embeddings, quantizer, stream, ray)
     try:
         prof_settings = ProfileSettings(signals=tuple(signals or DEFAULT_SIGNALS), seed=config.calibration.seed,
                                         **settings)
@@ -176,13 +196,23 @@ def profile_model(
     }
     if config.quantizer != ProfileConfig.quantizer:  # the default stays out, so existing keys do not move
         parts["quantizer"] = config.quantizer
+    parts.update(_shards(config.ray))
     meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
             "include_lm_head": config.include_lm_head, "include_embeddings": config.include_embeddings}
     from .checkpoint import StreamedModel
 
-    return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
-                           options=options, meta=meta, progress=progress, quantizer=config.quantizer,
-                           streamed_from=loaded if isinstance(loaded, StreamedModel) else None)
+    pool = None
+    if config.ray is not None:
+        from .profile.distributed import RayPool
+
+        pool = RayPool(config.ray, loaded, trust_remote_code)  # its actors start only if there is work for them
+    try:
+        return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
+                               options=options, meta=meta, progress=progress, quantizer=config.quantizer,
+                               streamed_from=loaded if isinstance(loaded, StreamedModel) else None, ray_pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def model_record(loaded: LoadedModel) -> dict:
@@ -223,6 +253,7 @@ def plan(
     stream: bool = ProfileConfig.stream,
     quantizer: str = ProfileConfig.quantizer,
     verify: Any = False,
+    ray: RaySpec | None = None,
 ) -> Plan:
     """Choose one option per planned module so that storage fits `budget` and predicted loss is least.
 
@@ -239,12 +270,13 @@ def plan(
     The keyword arguments build a ProfileConfig and a SolveConfig: see solve(prepare_profile(...)).
     verify: True or a verify.VerifySettings: measure the plan on held-back calibration windows, repair
     it, and never return one that measures worse than the best fitting uniform option (bitalloc/verify.py).
+    ray: a config.RaySpec: profile on a Ray cluster (profile/distributed.py).
     """
     solve_config = SolveConfig(budget=budget, solver=solver, solver_settings=solver_settings or (),
                                error_model=error_model, constraints=constraints or Constraints(),
                                latency_target=latency_target, seed=seed)
     config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
-                             quantizer, stream)
+                             quantizer, stream, ray)
     table, loaded, calib = prepare_profile(model_or_source, config, tokenizer=tokenizer, cache_dir=cache_dir,
                                            progress=progress, trust_remote_code=trust_remote_code, solver=solver)
     context = context_of(loaded, calib)
@@ -255,12 +287,12 @@ def plan(
 
 
 def _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
-                    quantizer, stream) -> ProfileConfig:
+                    quantizer, stream, ray=None) -> ProfileConfig:
     """The ProfileConfig of the keyword-argument entry points (options None or empty: the default grid)."""
     grid = {"options": tuple(options)} if options else {}
     return ProfileConfig(calibration=CalibrationSpec(source=calibration, seq_len=seq_len, tokens=calib_tokens, seed=seed),
                          include_lm_head=include_lm_head, include_embeddings=include_embeddings, quantizer=quantizer,
-                         stream=stream, **grid)
+                         stream=stream, ray=ray, **grid)
 
 
 def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = SolveConfig.solver,
@@ -270,19 +302,21 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
             include_embeddings: bool = ProfileConfig.include_embeddings,
             cache_dir: str | Path | None | bool = None, progress: bool = False,
             trust_remote_code: bool = False, stream: bool = ProfileConfig.stream,
-            quantizer: str = ProfileConfig.quantizer) -> tuple[CandidateTable, LoadedModel, Calibration]:
+            quantizer: str = ProfileConfig.quantizer,
+            ray: RaySpec | None = None) -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Check the arguments, load the model, build the calibration and the candidate table.
 
     The keyword form of prepare_profile (they build its ProfileConfig); solver and error_model are
     checked here so that a typo fails before the model loads.
     stream: keep the weights in the checkpoint and profile one decoder block at a time
     (profile/streamed.py); the table, and its cache entry, are those of the whole-model path.
+    ray: a config.RaySpec: statistics and rows on a Ray cluster (profile/distributed.py).
     """
     from .config import check_solver_names
 
     check_solver_names(solver, error_model)
     config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
-                             quantizer, stream)
+                             quantizer, stream, ray)
     return prepare_profile(model_or_source, config, tokenizer=tokenizer, cache_dir=cache_dir, progress=progress,
                            trust_remote_code=trust_remote_code, solver=solver)
 
@@ -300,7 +334,7 @@ def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: A
     loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     table = profile(loaded, calib, module_names, list(config.options), cache_dir=cache, progress=progress,
-                    quantizer=config.quantizer)
+                    quantizer=config.quantizer, ray=config.ray, trust_remote_code=trust_remote_code)
     return table, loaded, calib
 
 

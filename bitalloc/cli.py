@@ -83,6 +83,25 @@ def _solver_settings(items: list[str]) -> dict:
     return settings
 
 
+RAY_HELP = ("profile on a Ray cluster: 'auto' (the one $RAY_ADDRESS names or runs here, else a local one) or "
+            "its address; statistics and table rows are spread over --ray-workers; needs pip install 'bitalloc[ray]'")
+RAY_WORKERS_HELP = "Ray workers (default 2): each holds the model and takes a contiguous share of the calibration windows"
+
+
+def _ray_spec(address: Optional[str], workers: Optional[int]):
+    """The config.RaySpec of --ray/--ray-workers (None without --ray); refuses them before any model loads."""
+    if address is None:
+        if workers is not None:
+            raise BadInputError("--ray-workers needs --ray auto|ADDRESS")
+        return None
+    from .config import RaySpec
+    from .profile.distributed import require_ray
+
+    spec = RaySpec(address=address) if workers is None else RaySpec(address=address, workers=workers)
+    require_ray()
+    return spec
+
+
 @app.command("plan")
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
@@ -122,8 +141,13 @@ def plan_cmd(
     verify: bool = typer.Option(False, "--verify", help="measure the plan on held-back calibration windows, repair it, and never return one worse there than the best fitting uniform option"),
     verify_windows: int = typer.Option(2, "--verify-windows", help="held-back calibration windows --verify measures on (the last ones profiling did not use)"),
     verify_rounds: int = typer.Option(2, "--verify-rounds", help="repair rounds of --verify"),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
     """Profile MODEL on calibration text (or read --profile DIR) and write a plan that fits BUDGET."""
+    ray_spec = _ray_spec(ray, ray_workers)
+    if ray_spec is not None and profile_dir is not None:
+        raise BadInputError("--ray profiles the model, --profile DIR plans from a finished profile: drop one of them")
     if verify and (profile_dir is not None or pareto is not None):
         raise BadInputError("--verify checks one plan on the loaded model: drop --profile/--pareto, or drop --verify")
     if profile_dir is not None:
@@ -165,6 +189,7 @@ def plan_cmd(
         cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
         stream=stream,
         quantizer=quantizer or ProfileConfig.quantizer,
+        ray=ray_spec,
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
@@ -351,12 +376,15 @@ def profile_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; the table holds its errors"),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
     """Compute sensitivity signals of MODEL's planned layers on calibration text and save them as a profile."""
     from . import api
     from .io import check_output_dir
     from .config import ProfileConfig
 
+    ray_spec = _ray_spec(ray, ray_workers)
     check_output_dir(out_dir)
     chosen = tuple(s.strip() for s in signals.split(",") if s.strip())
     options = _option_grid(bits, group_sizes, keep=True, formats=formats, target=None)
@@ -366,7 +394,7 @@ def profile_cmd(
                              trust_remote_code=trust_remote_code, trace_tol=trace_tol, trace_abs_tol=trace_abs_tol,
                              trace_max_probes=trace_max_probes,
                              spike_threshold=spike_threshold, interaction_option=interaction_option, stream=stream,
-                             quantizer=quantizer or ProfileConfig.quantizer)
+                             quantizer=quantizer or ProfileConfig.quantizer, ray=ray_spec)
     _print_profile(prof)
     out.print(f"wrote {out_dir} ({time.perf_counter() - start:.0f}s)")
 
@@ -685,8 +713,11 @@ def serve_cmd(
     allow_hub: bool = typer.Option(False, "--allow-hub", help="let requests name hub ids (the server downloads them)"),
     max_body: int = typer.Option(64 * 1024, "--max-body", help="largest request body in bytes"),
     job_timeout: float = typer.Option(DEFAULT_JOB_TIMEOUT_S, "--job-timeout", help="seconds a job may run before it is failed and its worker replaced; also the most a request's timeout_s may ask for"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run profile jobs' statistics and table rows on this Ray cluster: 'auto' or its address; needs pip install 'bitalloc[ray]'"),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
     """Serve profiles and plans over HTTP (needs the `serve` extra). Token: $BITALLOC_TOKEN or printed at start."""
+    ray_spec = _ray_spec(ray, ray_workers)
     try:
         from .service.app import serve
     except ImportError as e:
@@ -696,7 +727,7 @@ def serve_cmd(
     if not allow_root:
         print(SERVE_WITHOUT_ROOT_WARNING, file=sys.stderr, flush=True)
     serve(host=host, port=port, store_path=store, workers=workers, allowed_roots=allow_root, allow_hub=allow_hub,
-          max_body_bytes=max_body, limits=ServiceLimits(job_timeout_s=job_timeout))
+          max_body_bytes=max_body, limits=ServiceLimits(job_timeout_s=job_timeout), ray=ray_spec)
 
 
 @app.command("export")

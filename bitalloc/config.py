@@ -43,6 +43,25 @@ class CalibrationSpec:
             raise BadInputError(f"need calibration seq_len >= 2 and tokens >= seq_len, got {self.seq_len} and {self.tokens}")
 
 
+@dataclass(frozen=True)
+class RaySpec:
+    """Where profiling statistics run when they are spread over a Ray cluster (profile/distributed.py).
+
+    address: "auto" = the cluster $RAY_ADDRESS names or one running on this machine, else a local one
+    started for the run; otherwise a cluster address (host:port, ray://host:port).
+    workers: Ray actors; each holds the model and gets a contiguous share of the calibration windows.
+    """
+
+    address: str = "auto"
+    workers: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise BadInputError(f"--ray-workers must be a whole number of at least 1, got {self.workers!r}")
+        if not isinstance(self.address, str) or not self.address.strip():
+            raise BadInputError("--ray needs 'auto' or a cluster address (host:port or ray://host:port)")
+
+
 def _default_grid() -> tuple[QuantOption, ...]:
     return tuple(default_options())
 
@@ -55,6 +74,8 @@ class ProfileConfig:
     include_embeddings: plan the output head / input embedding too. quantizer: whose ΔW the
     candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq).
     stream: profile one decoder block at a time from a local checkpoint (same table).
+    ray: spread statistics and table rows over a Ray cluster (same table: bit-identical with one
+    worker, float32 summation order otherwise; profile/distributed.py).
     """
 
     calibration: CalibrationSpec = CalibrationSpec()
@@ -63,9 +84,12 @@ class ProfileConfig:
     include_embeddings: bool = False
     quantizer: str = "rtn"
     stream: bool = False
+    ray: RaySpec | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "options", tuple(self.options))
+        if self.ray is not None and self.stream:
+            raise BadInputError("--ray workers hold the whole model, --stream never does: drop one of them")
         if not self.options:
             raise BadInputError("no candidate options to profile; offer at least one (e.g. default_options())")
         if not all(isinstance(o, QuantOption) for o in self.options):

@@ -87,12 +87,14 @@ def code_fingerprint() -> str:
 def compute_profile(model: nn.Module, module_names: list[str], calibration: Calibration, key: str,
                     settings: ProfileSettings, out: Path, *, options: list[QuantOption] | None = None,
                     meta: dict | None = None, progress: bool = False, streamed_from=None,
-                    quantizer: str = "rtn") -> Profile:
+                    quantizer: str = "rtn", ray_pool=None) -> Profile:
     """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts).
 
     streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; per-block signals are then
     computed one loaded block at a time (profile/streamed.py). Only fisher, salience and table stream.
     quantizer: whose ΔW the table's errors measure (config.ProfileConfig.quantizer; recorded in the table).
+    ray_pool: a distributed.RayPool: the per-block signals' statistics, each block's signals and the
+    spikes are computed on its Ray actors (trace and interactions stay in this process).
     """
     out = Path(out)
     if (done := try_load(out, key)) is not None:
@@ -116,6 +118,14 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                     b = block_index(model, next(iter(part)))
                     parts.put(_block_unit(b), _block_signals(model, blocks[b], part, settings, options, quantizer))
                 missing = []
+            elif ray_pool is not None:
+                stats = ray_pool.statistics(todo, calibration)
+                signals = ray_pool.map_groups(_block_signals, [blocks[b] for b in missing], stats, settings=settings,
+                                              options=options, quantizer=quantizer)
+                for b, got in zip(missing, tqdm(signals, total=len(missing), desc="profile blocks (ray)",
+                                                disable=not progress, unit="block")):
+                    parts.put(_block_unit(b), got)
+                missing = []
             else:
                 stats = collect_statistics(model, todo, calibration, progress=progress)
             for b in tqdm(missing, desc="profile blocks", disable=not progress, unit="block"):
@@ -123,8 +133,12 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                 for n in blocks[b]:
                     del stats[n]  # free H as we go
     if "spikes" in sig and parts.get("spikes") is None:
-        parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
-                                           threshold=settings.spike_threshold, progress=progress))
+        if ray_pool is not None:
+            parts.put("spikes", ray_pool.spikes(module_names, calibration, top_k=settings.spike_top_k,
+                                                threshold=settings.spike_threshold))
+        else:
+            parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
+                                               threshold=settings.spike_threshold, progress=progress))
     if "trace" in sig:
         state = parts.get("trace")
         state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,

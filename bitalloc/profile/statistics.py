@@ -11,7 +11,7 @@ For an embedding (one-hot inputs) H is diagonal, so we keep per-token-id sums in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -32,9 +32,33 @@ class ModuleStats:
     token_share: torch.Tensor | None = None
 
 
+@dataclass
+class StatisticSums:
+    """What collect_statistics averages, still as sums: per module a ModuleStats whose fields hold
+    Σ (∂L/∂y)², Σ x xᵀ and Σ token-id counts, and the token counts the means divide by.
+
+    Sums over disjoint calibration windows add field by field (profile/distributed.py reduces shards so).
+    """
+
+    modules: dict[str, ModuleStats]
+    n_inputs: int  # tokens fed in: what hessian and token_share are averaged over
+    n_predicted: int  # tokens with a next token: what fisher is averaged over
+
+
+# The count each ModuleStats field is a mean over; a new summed field adds its entry here.
+DIVIDE_BY = {"fisher": "n_predicted", "hessian": "n_inputs", "token_share": "n_inputs"}
+
+
 def collect_statistics(
     model: nn.Module, module_names: list[str], calibration: Calibration, progress: bool = False
 ) -> dict[str, ModuleStats]:
+    return finish_statistics(statistic_sums(model, module_names, calibration, progress=progress))
+
+
+def statistic_sums(
+    model: nn.Module, module_names: list[str], calibration: Calibration, progress: bool = False
+) -> StatisticSums:
+    """The sums behind collect_statistics, accumulated window by window in calibration order."""
     modules = {n: model.get_submodule(n) for n in module_names}
     xtx: dict[str, torch.Tensor] = {}
     grad_sq: dict[str, torch.Tensor] = {}
@@ -96,16 +120,24 @@ def collect_statistics(
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
 
-    stats = {}
+    sums = {}
     for name, mod in modules.items():
         if name not in grad_sq:
             raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
-        fisher = grad_sq[name] / n_predicted
         if isinstance(mod, nn.Embedding):
-            stats[name] = ModuleStats(fisher=fisher, token_share=id_counts[name] / n_inputs)
+            sums[name] = ModuleStats(fisher=grad_sq[name], token_share=id_counts[name])
         else:
-            stats[name] = ModuleStats(fisher=fisher, hessian=xtx[name] / n_inputs)
-        check_finite_stats(name, stats[name])
+            sums[name] = ModuleStats(fisher=grad_sq[name], hessian=xtx[name])
+    return StatisticSums(modules=sums, n_inputs=n_inputs, n_predicted=n_predicted)
+
+
+def finish_statistics(sums: StatisticSums) -> dict[str, ModuleStats]:
+    """Means from sums (each field divided by its DIVIDE_BY count), checked finite."""
+    stats = {}
+    for name, s in sums.modules.items():
+        means = {f.name: None if (t := getattr(s, f.name)) is None else t / getattr(sums, DIVIDE_BY[f.name])
+                 for f in fields(ModuleStats)}
+        stats[name] = check_finite_stats(name, ModuleStats(**means))
     return stats
 
 

@@ -417,8 +417,10 @@ def _version() -> str:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | Path | None = None, workers: int = 1,
           allowed_roots: list[str] | tuple[str, ...] = (), allow_hub: bool = False,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ServiceLimits = ServiceLimits()) -> None:
-    """Run the API under uvicorn until interrupted; jobs, profiles and plans persist in the store."""
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: ServiceLimits = ServiceLimits(), ray=None) -> None:
+    """Run the API under uvicorn until interrupted; jobs, profiles and plans persist in the store.
+
+    ray: a config.RaySpec: profile jobs compute their statistics and table rows on that Ray cluster."""
     import uvicorn
 
     from .store import SQLiteStore
@@ -431,9 +433,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | Path | No
         print(f"bitalloc serve: no BITALLOC_TOKEN set; this run's token is {token}", file=sys.stderr, flush=True)
     store = SQLiteStore(store_path or default_store_dir())
     rules = SourceRules.of(list(allowed_roots), allow_hub)
-    app = create_app(store, token, rules, WorkerPool(store, workers, rules=rules, limits=limits), max_body_bytes, limits)
+    app = create_app(store, token, rules, WorkerPool(store, workers, rules=rules, limits=limits, ray=ray), max_body_bytes, limits)
     print(f"bitalloc serve: http://{host}:{port} (store {store.root}, {workers} worker(s), job timeout {limits.job_timeout_s:g} s, "
-          f"roots: {', '.join(map(str, rules.allowed_roots)) or 'any'}, hub: {'on' if allow_hub else 'off'})",
+          f"roots: {', '.join(map(str, rules.allowed_roots)) or 'any'}, hub: {'on' if allow_hub else 'off'}"
+          + (f", ray: {ray.address} x {ray.workers} workers" if ray is not None else "") + ")",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

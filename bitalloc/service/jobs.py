@@ -39,11 +39,12 @@ MAX_ATTEMPTS = 3
 POLL_S = 0.2
 
 
-def run_job(store: Store, job: Job, progress, rules: SourceRules = SourceRules()) -> dict:
+def run_job(store: Store, job: Job, progress, rules: SourceRules = SourceRules(), ray=None) -> dict:
     """Do the work of one job; returns its result ({"profile_id"} or {"profile_id", "plan_id"}).
 
     The model and calibration paths are checked against `rules` again here, just before they are
-    opened: a file may have been replaced by a link since the request was accepted."""
+    opened: a file may have been replaced by a link since the request was accepted.
+    ray: a config.RaySpec: a profile's statistics and table rows run on that Ray cluster."""
     spec = ProfileSpec.from_dict(job.request["profile"])
     profile = store.get_profile(spec.profile_id)
     loaded = None
@@ -52,7 +53,7 @@ def run_job(store: Store, job: Job, progress, rules: SourceRules = SourceRules()
     if profile is None:
         if not spec.calib_path.startswith("builtin:"):  # the built-in set is package data, not a file named by the request
             checked_path(spec.calib_path, "calibration path", rules)
-        profile, loaded, _ = build_profile(store, spec, job.id, progress)
+        profile, loaded, _ = build_profile(store, spec, job.id, progress, ray=ray)
     if job.kind == "profile":
         return {"profile_id": profile.id}
     plan_spec = PlanSpec.from_dict(job.request["plan"])
@@ -109,7 +110,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def worker_main(store_root: str, index: int, parent_pid: int, rules: SourceRules = SourceRules()) -> None:
+def worker_main(store_root: str, index: int, parent_pid: int, rules: SourceRules = SourceRules(), ray=None) -> None:
     """One worker process: claim, run, record; until the parent is gone."""
     _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -123,10 +124,10 @@ def worker_main(store_root: str, index: int, parent_pid: int, rules: SourceRules
         if job is None:
             time.sleep(POLL_S)
             continue
-        _run_claimed(store, job, owner, rules)
+        _run_claimed(store, job, owner, rules, ray)
 
 
-def _run_claimed(store: Store, job: Job, owner: str, rules: SourceRules = SourceRules()) -> None:
+def _run_claimed(store: Store, job: Job, owner: str, rules: SourceRules = SourceRules(), ray=None) -> None:
     state = {"progress": None, "stage": None}
     stop = threading.Event()
 
@@ -141,7 +142,7 @@ def _run_claimed(store: Store, job: Job, owner: str, rules: SourceRules = Source
     beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
     beater.start()
     try:
-        result = run_job(store, job, progress, rules)
+        result = run_job(store, job, progress, rules, ray)
     except BitallocError as e:
         store.fail_job(job.id, owner, str(e))
     except Exception as e:  # an internal failure: recorded on the job, the worker lives on
@@ -159,8 +160,9 @@ class WorkerPool:
     job timeout, and restarts workers."""
 
     def __init__(self, store: Store, workers: int, reap_every_s: float = 2.0, rules: SourceRules = SourceRules(),
-                 limits: ServiceLimits = ServiceLimits()):
+                 limits: ServiceLimits = ServiceLimits(), ray=None):
         self.store = store
+        self.ray = ray  # config.RaySpec: where profile jobs compute (None: in the worker process)
         self.n = workers
         self.reap_every_s = reap_every_s
         self.rules = rules
@@ -182,7 +184,7 @@ class WorkerPool:
         return requeued
 
     def _spawn(self, i: int) -> None:
-        p = self._ctx.Process(target=worker_main, args=(str(self.store.root), i, os.getpid(), self.rules),
+        p = self._ctx.Process(target=worker_main, args=(str(self.store.root), i, os.getpid(), self.rules, self.ray),
                               name=f"bitalloc-worker-{i}", daemon=True)
         p.start()
         self._procs[i] = p

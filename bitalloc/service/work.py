@@ -44,8 +44,12 @@ Progress = Callable[[float, str], None]
 # ---- profiles --------------------------------------------------------------------------------------
 
 
-def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress: Progress) -> tuple[ProfileRecord, LoadedModel, Calibration]:
-    """Load the model, calibrate, build the candidate table; write the files, then the row."""
+def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress: Progress,
+                  ray=None) -> tuple[ProfileRecord, LoadedModel, Calibration]:
+    """Load the model, calibrate, build the candidate table; write the files, then the row.
+
+    ray: a config.RaySpec: the statistics and table rows run on that Ray cluster (the same profile:
+    bit-identical with one worker, within profile/distributed.SHARD_RTOL with more)."""
     progress(0.05, "loading model")
     # trust_remote_code is never taken from a request: a model's own Python never runs here.
     loaded = load_model(spec.source, trust_remote_code=False)
@@ -58,7 +62,7 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     options = [QuantOption.from_dict(d) for d in spec.options]
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
     with _counted_steps(progress):
-        table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer)
+        table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer, ray=ray)
     progress(0.95, "saving profile")
     profile_id = spec.profile_id
     folder = store.profile_dir(profile_id)
