@@ -25,11 +25,14 @@ from ..errors import NonFiniteError
 @dataclass
 class ModuleStats:
     """hessian: [in, in] mean x xᵀ (linear) or None; fisher: [out] (linear) or [vocab, hidden] (embedding);
-    token_share: [vocab] fraction of inputs that are each token id (embedding only)."""
+    token_share: [vocab] fraction of inputs that are each token id (embedding only);
+    fisher_trace: [windows, out rows] each window's empirical-Fisher trace per row (fisher_trace.py),
+    only from the streamed walk when asked for."""
 
     fisher: torch.Tensor
     hessian: torch.Tensor | None = None
     token_share: torch.Tensor | None = None
+    fisher_trace: torch.Tensor | None = None
 
 
 def collect_statistics(
@@ -111,7 +114,7 @@ def collect_statistics(
 
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
     """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
-    for signal in ("fisher", "hessian", "token_share"):
+    for signal in ("fisher", "hessian", "token_share", "fisher_trace"):
         t = getattr(stats, signal)
         if t is not None:
             refuse_non_finite(name, signal, t)
