@@ -176,7 +176,8 @@ def scenario(name: str, problem: Problem, weights: int, args) -> dict:
             r["gap"] = (r["objective"] - ref) / ref
     if not problem.has_latency_limit:
         budgets = [b * weights for b in (3.0, 3.5, 4.0, 4.5, 5.0)]
-        for solver in ("lagrangian", "ilp"):
+        free = problem.cost.shape[0] - sum(len(t) - 1 for t in problem.ties)
+        for solver in ("lagrangian", "ilp") if free <= args.pareto_ilp_max else ("lagrangian",):
             start = time.perf_counter()
             kw = {"backend": "highs", "time_limit_s": args.ilp_time_limit} if solver == "ilp" else {}
             points = pareto_sweep(problem, budgets, solver, **kw)
@@ -278,7 +279,8 @@ def measured_smollm2() -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=4.0, help="storage bits per weight")
-    ap.add_argument("--ilp-time-limit", type=float, default=300.0)
+    ap.add_argument("--ilp-time-limit", type=float, default=120.0)
+    ap.add_argument("--pareto-ilp-max", type=int, default=2000, help="largest free-decision count swept with the ILP")
     ap.add_argument("--evo-trials", type=int, default=40)
     ap.add_argument("--skip-untied", action="store_true", help="skip the MoE without ties (the largest ILP)")
     ap.add_argument("--windows", type=int, default=16, help="calibration windows of the memory model")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
-from ..checkpoint import StreamedModel, materialize, outside_modules, release
+from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
 from ..errors import BadInputError
 from ..models import decoder_blocks
 from ..options import QuantOption
@@ -112,6 +112,7 @@ def _loaded(loaded: StreamedModel, modules: list[tuple[str, nn.Module]]) -> Iter
     finally:
         for _, mod in modules:
             release(loaded, mod)
+        return_freed_memory()
 
 
 class _Accumulators:
@@ -231,7 +232,11 @@ def iter_block_statistics(
         # 1. prefix: record every block's call per window, and h₀
         calls: list[list[_BlockCall]] = []
         before_blocks: set[str] = set()
-        with _loaded(loaded, outside), torch.no_grad(), spikes.hooked(spiked_outside):  # only those before block 0 run
+        # the prefix passes never reach the head, and the head pass feeds zeros instead of embeddings: an
+        # untied vocabulary matrix (4.2 GB fp32 for Llama-3.1-70B) is loaded only where it is used
+        prefix_modules = _without(outside, model.get_output_embeddings())
+        head_modules = _without(outside, model.get_input_embeddings())
+        with _loaded(loaded, prefix_modules), torch.no_grad(), spikes.hooked(spiked_outside):  # only those before block 0 run
             seen = [mod.register_forward_hook(lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside]
             h0 = []
             try:
@@ -262,11 +267,11 @@ def iter_block_statistics(
         after = {n: m for n, m in planned_outside.items() if _owner(n, outside) not in before_blocks}
         spiked_after = {n: m for n, m in spiked_outside.items() if _owner(n, outside) not in before_blocks}
         if not statistics:
-            with _loaded(loaded, outside), spikes.hooked(spiked_after), torch.no_grad():
+            with _loaded(loaded, head_modules), spikes.hooked(spiked_after), torch.no_grad():
                 _head_pass(model, blocks, tokens, store.get(n_blocks), acc, spikes, backward=False)
             bar.close()
             return
-        with _loaded(loaded, outside), acc.hooked(after), spikes.hooked(spiked_after):
+        with _loaded(loaded, head_modules), acc.hooked(after), spikes.hooked(spiked_after):
             grad = _head_pass(model, blocks, tokens, store.get(n_blocks), acc, spikes)
         store.drop(n_blocks)
 
@@ -294,7 +299,7 @@ def iter_block_statistics(
 
         # 5. embeddings (planned modules before the blocks), then every outside module's stats
         if planned_outside:
-            with _loaded(loaded, outside):
+            with _loaded(loaded, prefix_modules if not after else outside):  # the head's own stats are popped here too
                 before = {n: m for n, m in planned_outside.items() if n not in after}
                 if before:
                     _embedding_backward(model, blocks, tokens, grad, acc, before)
@@ -310,6 +315,10 @@ def streamed_statistics(loaded: StreamedModel, module_names: list[str], calibrat
                                       progress=progress, fisher_trace=fisher_trace):
         stats.update(part)
     return {n: stats[n] for n in module_names}
+
+
+def _without(outside: list[tuple[str, nn.Module]], module: nn.Module | None) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in outside if m is not module]
 
 
 def _owner(name: str, outside: list[tuple[str, nn.Module]]) -> str:
@@ -356,6 +365,8 @@ def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeC
     n_windows, seq_len = tokens.shape
     grad = torch.zeros_like(h_last) if backward else None
     last = len(blocks) - 1
+    # the blocks are replayed, so what enters them is never used: zeros spare the embedding matrix
+    zeros = torch.zeros(1, min(HEAD_CHUNK_TOKENS, seq_len), model.get_input_embeddings().embedding_dim)
     for w in range(n_windows):
         acc.window = w
         for a in range(0, seq_len, HEAD_CHUNK_TOKENS):
@@ -367,7 +378,7 @@ def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeC
                 return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
 
             with _blocks_replaced(blocks, replay):
-                logits = model(input_ids=tokens[w : w + 1, a:b], use_cache=False).logits  # [1, b-a, vocab]
+                logits = model(inputs_embeds=zeros[:, : b - a], use_cache=False).logits  # [1, b-a, vocab]
             n = min(b, seq_len - 1) - a  # positions in this chunk that predict a next token
             if backward and n > 0:
                 loss = nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
