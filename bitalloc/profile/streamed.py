@@ -6,7 +6,8 @@ The model is a meta skeleton (checkpoint.StreamedModel); weights are read when n
   2. forward  block l alone is materialized and maps the saved boundary h_l to h_{l+1} (no grad).
   3. head     final norm + head materialized; the loss gradient g_N = ∂L/∂h_N at the last boundary
               (and the head's own statistics) come from the model's forward with the blocks
-              replaced by a replay that returns h_N, in token chunks so the logits stay small.
+              replaced by a replay that returns h_N, in token chunks so the logits stay small; it is
+              fed zeros as embeddings (the replay ignores them), so only the head is loaded.
   4. backward for l = N-1..0: block l is materialized again, recomputes h_{l+1} from h_l with
               autograd and backpropagates g_{l+1}; hooks accumulate H (inputs) and F (output
               gradients²) of its planned modules; g_l = ∂L/∂h_l goes down. The block's statistics
