@@ -29,10 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import smollm2_arguments  # noqa: E402
 
 MODES = ("whole", "stream")
 
@@ -109,13 +106,15 @@ def _reset_hwm() -> bool:
 def child(mode: str, gguf: str, calib: str, calib_tokens: int, seq_len: int, out: str) -> None:
     """One profiling run; writes its table (npz) and measurements (json) next to `out`."""
     parts = Breakdown()
-    parts.mark("start (python + numpy)")
+    parts.mark("start (python)")
+    import numpy as np
+
     from bitalloc import api
     from bitalloc.checkpoint import open_streamed
     from bitalloc.models import load_model, select_modules
     from bitalloc.options import default_options
 
-    parts.mark("imports (bitalloc, torch)")
+    parts.mark("imports (bitalloc, torch, numpy)")
     t0 = time.perf_counter()
     loaded = open_streamed(gguf) if mode == "stream" else load_model(gguf)
     parts.mark("open_streamed (config, tokenizer, skeleton, GGUF index)" if mode == "stream" else "load_model")
@@ -149,6 +148,8 @@ def child(mode: str, gguf: str, calib: str, calib_tokens: int, seq_len: int, out
 
 
 def compare(a: dict, b: dict) -> dict:
+    import numpy as np
+
     same_layout = a["groups"] == b["groups"] and np.array_equal(a["shapes"], b["shapes"]) and \
         np.array_equal(a["storage_bits"], b["storage_bits"], equal_nan=True)
     worst = {}
@@ -161,7 +162,27 @@ def compare(a: dict, b: dict) -> dict:
     return {"same_groups_shapes_bits": bool(same_layout), "max_rel_diff": worst}
 
 
+def child_main() -> None:
+    """The child's arguments without bench.common, which imports torch: its first step is measured before torch."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    for flag in ("--child", "--child-out", "--gguf", "--calib"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--calib-tokens", type=int, required=True)
+    ap.add_argument("--seq-len", type=int, required=True)
+    a = ap.parse_args()
+    child(a.child, a.gguf, a.calib, a.calib_tokens, a.seq_len, a.child_out)
+
+
 def main() -> None:
+    if "--child" in sys.argv:
+        child_main()
+        return
+    import numpy as np
+
+    from bench.common import smollm2_arguments
+
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
