@@ -169,8 +169,8 @@ def measured_ranking(result: dict) -> dict:
     return out
 
 
-def smollm2(probes: int) -> dict:
-    result = real_model(str(SMOLLM2), probes, seq_len=256, tokens=2048)
+def smollm2(probes: int, seq_len: int, tokens: int) -> dict:
+    result = real_model(str(SMOLLM2), probes, seq_len=seq_len, tokens=tokens)
     result["measured_ranking"] = measured_ranking(result)
     print(f"measured ΔNLL ranking: {result['measured_ranking']}", flush=True)
     return result
@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny test models (+ the trained tiny Qwen2 if present)")
     ap.add_argument("--smollm2", action="store_true")
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes per seed")
+    ap.add_argument("--seq-len", type=int, default=256, help="SmolLM2 calibration window")
+    ap.add_argument("--tokens", type=int, default=2048, help="SmolLM2 calibration tokens")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = OUT / "streamed_signals.json"
@@ -212,7 +214,7 @@ def main() -> None:
     if args.tiny:
         results.update(tiny(args.probes))
     if args.smollm2:
-        results["SmolLM2-135M"] = smollm2(args.probes)
+        results["SmolLM2-135M"] = smollm2(args.probes, args.seq_len, args.tokens)
     doc = {"models": results, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "load_average": os.getloadavg()}
     atomic_write_text(path, canonical_json(doc) + "\n")
