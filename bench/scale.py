@@ -263,17 +263,29 @@ def markdown(results: list[dict], memory: dict, measured: dict | None, meta: dic
 
 
 def measured_smollm2() -> dict | None:
-    path = OUT / "memory.json"
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    runs = doc["runs"]
-    out = {"calibration": f"{doc['calibration']['tokens']} tokens × seq_len {doc['calibration']['seq_len']}"}
-    for mode, r in runs.items():
-        out[f"{mode} peak RSS"] = f"{r['peak_rss_mb']:.0f} MB"
-    if "fixed_cost" in doc:
-        out["streamed fixed cost"] = ", ".join(f"{k} {v:.0f} MB" for k, v in doc["fixed_cost"].items())
-    return out
+    """SmolLM2 figures of bench/memory.py: peak RSS per mode (memory.json) and the streamed breakdown
+    (memory-stream-after.json: resident memory per step and the walk's increments over it)."""
+    out = {}
+    for path in (OUT / "memory.json", OUT / "memory-whole.json", OUT / "memory-stream-after.json"):
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        cal = f"{doc['calibration']['tokens']} tokens × {doc['calibration']['seq_len']}"
+        for mode, r in doc["runs"].items():
+            out[f"{mode} peak RSS ({cal}, {path.name})"] = f"{r['peak_rss_mb']:.0f} MB"
+            b = r.get("breakdown", {})
+            if b.get("steps"):
+                out[f"streamed resident after each step ({path.name})"] = ", ".join(
+                    f"{s['step']} {s['rss_mb']:.0f} MB" for s in b["steps"])
+                heads = [x for x in b["loads"] if x["load"].startswith("outside")]
+                bwd = [x for x in b["loads"] if not x["load"].startswith("outside") and x["pass"] == 2]
+                out[f"streamed walk increments ({path.name})"] = (
+                    f"head pass +{heads[1]['peak_mb'] - heads[1]['rss_before_mb']:.0f} MB, largest backward block "
+                    f"(+ table rows) +{max(x['peak_mb'] - x['rss_before_mb'] for x in bwd):.0f} MB; model for "
+                    f"{r['windows']} × {r['seq_len']}: " + ", ".join(
+                        f"{k} {_gb(v)}" for k, v in stream_memory(SMOLLM2, r["windows"], r["seq_len"]).items()
+                        if k in ("peak_head", "peak_backward")))
+    return out or None
 
 
 def main() -> None:
@@ -285,7 +297,15 @@ def main() -> None:
     ap.add_argument("--skip-untied", action="store_true", help="skip the MoE without ties (the largest ILP)")
     ap.add_argument("--windows", type=int, default=16, help="calibration windows of the memory model")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite scale.md from scale.json and the current bench/memory.py results (no solving)")
     args = ap.parse_args()
+    if args.markdown_only:
+        doc = json.loads((OUT / "scale.json").read_text())
+        text = markdown(doc["scenarios"], doc["memory"], measured_smollm2(), doc["meta"])
+        atomic_write_text(OUT / "scale.md", text)
+        print(text)
+        return
     options = default_options()
     results = []
     for seed, shape in enumerate((LLAMA_70B, MOE)):
