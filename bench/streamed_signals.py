@@ -180,6 +180,10 @@ def markdown(results: dict) -> str:
     lines = ["# Streamed trace (empirical Fisher) vs whole-model Hutchinson trace", "",
              "`python bench/streamed_signals.py` — Spearman ρ across modules; the noise ceiling is ρ between two "
              "independent Hutchinson runs (seeds 0, 1).", "",
+             "The tiny-* models are the tests' random-init models: far from a minimum, their loss Hessian is "
+             "indefinite (many negative traces), while the empirical Fisher is never negative, so their rows test "
+             "the plumbing, not the approximation. The trained rows are the ones that say how well the streamed "
+             "trace ranks modules.", "",
              "| model | modules | windows × tokens | probes/seed | ρ trace | ρ trace/param | ρ 64-row blocks | "
              "noise ceiling ρ | median EF / Hutchinson | Hutchinson < 0 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
