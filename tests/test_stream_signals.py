@@ -205,3 +205,21 @@ def test_profile_streams_spikes_alone_without_a_backward(model_dir, tmp_path, mo
     prof = api.profile_model(str(model_dir), model_dir / "calib.txt", tmp_path / "p", stream=True, signals=("spikes",),
                              seq_len=32, calib_tokens=128)
     assert all(m.spikes is not None and m.spikes.input.tokens == 128 for m in prof.modules)
+
+
+def test_an_untied_vocabulary_matrix_is_loaded_only_where_it_is_used(tmp_path, calib_ids):
+    """The prefix passes run without the head's weights, the head pass without the embedding's."""
+    _save("qwen2", tmp_path)  # untied embedding and head
+    loaded = open_streamed(str(tmp_path))
+    model = loaded.model
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    seen = []
+    h1 = emb.register_forward_pre_hook(lambda m, a: seen.append(("embedding", head.weight.is_meta)))
+    h2 = head.register_forward_pre_hook(lambda m, a: seen.append(("head", emb.weight.is_meta)))
+    try:
+        streamed.streamed_statistics(loaded, select_modules(model, include_lm_head=True), calibration_from_tokens(calib_ids))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert {s[0] for s in seen} == {"embedding", "head"}
+    assert all(other_is_meta for _, other_is_meta in seen)  # the other matrix was never loaded beside it
