@@ -200,8 +200,8 @@ def stream_memory(shape: Shape, windows: int, seq_len: int, head_chunk: int = 12
     g_l (backward) — whole [windows, T, hidden] tensors, on disk in between. H: one [in, in] per
     planned module (q/k/v and gate/up each keep their own copy). Activations: one window's autograd
     graph through the block, ≈ 12 [T, max(hidden, intermediate)] tensors + eager attention scores and
-    probabilities [heads, T, T] (heads = q_out/128). Outside: embedding + head (once if tied) and the
-    head chunk's logits, its softmax and its gradient.
+    probabilities [heads, T, T] (heads = q_out/128). Head pass: the head's matrix (the embedding is not
+    loaded there) and five [chunk, vocab] tensors (logits, log-softmax, their gradients, the loss's).
     """
     f = 4
     mods = [s for n, s in shape.modules() if n.startswith("model.layers.0.")]
@@ -211,14 +211,20 @@ def stream_memory(shape: Shape, windows: int, seq_len: int, head_chunk: int = 12
     heads = shape.q_out // 128
     width = max(shape.hidden, shape.intermediate if not shape.experts else shape.intermediate * 8)  # top-8 experts
     activations = (12 * seq_len * width + 2 * heads * seq_len * seq_len) * f
-    outside = shape.vocab * shape.hidden * f * (1 if shape.tied else 2)
-    head = outside + 3 * head_chunk * shape.vocab * f + 3 * boundary
+    outside = shape.vocab * shape.hidden * f  # one vocabulary matrix: the walk never loads embedding and head together
+    head = outside + 5 * head_chunk * shape.vocab * f + 3 * boundary  # logits, log-softmax, their gradients, CE
     backward = block_weights + 3 * boundary + hessians + activations
     return {"block_weights": block_weights, "boundary": boundary, "block_hessians": hessians,
             "block_activations_one_window": activations, "outside_weights": outside,
             "peak_forward": block_weights + 2 * boundary, "peak_backward": backward, "peak_head": head,
-            "peak_walk": max(backward, head), "whole_model_weights": block_weights * shape.blocks + outside,
+            "peak_walk": max(backward, head),
+            "whole_model_weights": block_weights * shape.blocks + outside * (1 if shape.tied else 2),
             "windows": windows, "seq_len": seq_len}
+
+
+def memory_model(windows: int, seq_len: int) -> dict:
+    return {"windows": windows, "seq_len": seq_len,
+            "models": {s.name: stream_memory(s, windows, seq_len) for s in (LLAMA_70B, MOE, SMOLLM2)}}
 
 
 def _gb(x: float) -> str:
@@ -250,7 +256,7 @@ def markdown(results: list[dict], memory: dict, measured: dict | None, meta: dic
         lines.append("")
     lines += ["## Streamed-profile memory model (per block, fp32)", "",
               f"{memory['windows']} windows × {memory['seq_len']} tokens; see `stream_memory` for what each part counts.", "",
-              "| model | block weights | one boundary | block H | activations (1 window) | embedding+head | "
+              "| model | block weights | one boundary | block H | activations (1 window) | vocabulary matrix | "
               "peak backward | peak head | whole-model weights |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in memory["models"].items():
         lines.append(f"| {name} | {_gb(m['block_weights'])} | {_gb(m['boundary'])} | {_gb(m['block_hessians'])} | "
@@ -274,7 +280,7 @@ def measured_smollm2() -> dict | None:
         for mode, r in doc["runs"].items():
             out[f"{mode} peak RSS ({cal}, {path.name})"] = f"{r['peak_rss_mb']:.0f} MB"
             b = r.get("breakdown", {})
-            if b.get("steps"):
+            if b.get("loads"):  # the streamed run's walk
                 out[f"streamed resident after each step ({path.name})"] = ", ".join(
                     f"{s['step']} {s['rss_mb']:.0f} MB" for s in b["steps"])
                 heads = [x for x in b["loads"] if x["load"].startswith("outside")]
@@ -300,10 +306,12 @@ def main() -> None:
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite scale.md from scale.json and the current bench/memory.py results (no solving)")
     args = ap.parse_args()
-    if args.markdown_only:
+    if args.markdown_only:  # the memory model is recomputed: it is cheap and may have changed
         doc = json.loads((OUT / "scale.json").read_text())
+        doc["memory"] = memory_model(doc["memory"]["windows"], doc["memory"]["seq_len"])
         text = markdown(doc["scenarios"], doc["memory"], measured_smollm2(), doc["meta"])
         atomic_write_text(OUT / "scale.md", text)
+        atomic_write_text(OUT / "scale.json", canonical_json(doc) + "\n")
         print(text)
         return
     options = default_options()
@@ -327,8 +335,7 @@ def main() -> None:
             for r in s["rows"]:
                 print(f"{s['scenario'][:60]:60s} {r['solver']:34s} {r['seconds']:8.2f}s "
                       + (f"gap {r['gap']:.2e}" if "gap" in r else r.get("refused", "")[:60]), flush=True)
-    memory = {"windows": args.windows, "seq_len": args.seq_len,
-              "models": {s.name: stream_memory(s, args.windows, args.seq_len) for s in (LLAMA_70B, MOE, SMOLLM2)}}
+    memory = memory_model(args.windows, args.seq_len)
     meta = {"options": len(options), "budget": args.budget, "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     text = markdown(results, memory, measured_smollm2(), meta)
     print(text)
