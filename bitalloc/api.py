@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where th
     from .models import LoadedModel
     from .profile.artifact import Profile
 
-STREAMED_SIGNALS = {"fisher", "salience", "table"}  # the per-block signals (profile/pipeline.py)
+# every signal but interactions; the trace streamed is the empirical-Fisher trace (profile/fisher_trace.py)
+STREAMED_SIGNALS = {"fisher", "trace", "salience", "spikes", "table"}
 
 
 def bitalloc_version() -> str:
@@ -161,7 +162,8 @@ def profile_model(
     fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
     config: the ProfileConfig (calibration, options, planned modules, quantizer, stream); without it
     one is built from calibration/options/seq_len/.../quantizer. The table's errors are `quantizer`'s.
-    stream: one decoder block in memory at a time (a local checkpoint path; signals fisher, salience, table).
+    stream: one decoder block in memory at a time (a local checkpoint path; every signal but interactions;
+    the trace is then the empirical-Fisher trace, settings trace_estimator="empirical-fisher").
     ray: fisher, salience, spikes and the table computed on a Ray cluster (profile/distributed.py).
     """
     from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
@@ -169,6 +171,8 @@ def profile_model(
     if config is None:
         config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head,
                                  include_embeddings, quantizer, stream, ray)
+    if config.stream and "trace" in (signals or DEFAULT_SIGNALS):
+        settings.setdefault("trace_estimator", "empirical-fisher")  # Hutchinson needs the whole model
     try:
         prof_settings = ProfileSettings(signals=tuple(signals or DEFAULT_SIGNALS), seed=config.calibration.seed,
                                         **settings)

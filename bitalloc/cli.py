@@ -374,7 +374,7 @@ def profile_cmd(
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; signals fisher,salience,table)"),
+    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; every signal but interactions; trace = empirical-Fisher trace)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
@@ -416,8 +416,11 @@ def _print_profile(prof) -> None:
     if any(m.trace for m in prof.modules):
         t = [m.trace for m in prof.modules if m.trace]
         rules = Counter(x.stopped_by or "?" for x in t)
-        out.print(f"Hessian trace: {min(x.probes for x in t)}-{max(x.probes for x in t)} probes per layer, largest relative "
-                  f"standard error {max(x.rel_stderr for x in t):.3f}; stopped by " + ", ".join(f"{r}: {c}" for r, c in sorted(rules.items())))
+        if prof.settings.get("trace_estimator") == "empirical-fisher":
+            out.print(f"trace: empirical-Fisher trace (streamed) over {t[0].probes} windows")
+        else:
+            out.print(f"Hessian trace: {min(x.probes for x in t)}-{max(x.probes for x in t)} probes per layer, largest relative "
+                      f"standard error {max(x.rel_stderr for x in t):.3f}; stopped by " + ", ".join(f"{r}: {c}" for r, c in sorted(rules.items())))
     flagged = [m.name for m in prof.modules if m.spikes and (m.spikes.input.flagged or m.spikes.output.flagged)]
     if any(m.spikes for m in prof.modules):
         out.print(f"activation spikes flagged in {len(flagged)} projection(s){': ' + ', '.join(flagged) if flagged else ''}")

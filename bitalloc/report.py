@@ -204,10 +204,15 @@ def profile_sections(profile, error_model: str = "fisher") -> list[tuple[str, st
             probes = [m.trace.probes for m in traced]
             worst = max(m.trace.rel_stderr for m in traced)
             rules = {r: sum(m.trace.stopped_by == r for m in traced) for r in ("relative", "absolute", "max_probes")}
+            if s.get("trace_estimator") == "empirical-fisher":  # streamed: one sample per window, no stopping rule
+                intro = (f"<p>empirical-Fisher trace (streamed profile; profile/fisher_trace.py), {max(probes)} windows; "
+                         f"largest relative standard error over windows {worst:.3f}</p>")
+            else:
+                intro = (f"<p>{min(probes)}-{max(probes)} Hutchinson probes per layer; largest relative standard error {worst:.3f} "
+                         f"(tolerance {s.get('trace_tol')}, absolute {s.get('trace_abs_tol')} of the largest |trace|); stopped by "
+                         + ", ".join(f"{r}: {c}" for r, c in rules.items()) + "</p>")
             sections.append(("Hessian trace estimate", (
-                f"<p>{min(probes)}-{max(probes)} Hutchinson probes per layer; largest relative standard error {worst:.3f} "
-                f"(tolerance {s.get('trace_tol')}, absolute {s.get('trace_abs_tol')} of the largest |trace|); stopped by "
-                + ", ".join(f"{r}: {c}" for r, c in rules.items()) + "</p>"
+                intro
                 + _table(["module", "trace", "std. error", "probes", "stopped by"],
                          [[m.name, f"{m.trace.trace:.4g}", f"{m.trace.stderr:.3g}", m.trace.probes, m.trace.stopped_by or "-"]
                           for m in traced]))))

@@ -57,24 +57,30 @@ def shard_bounds(n_windows: int, shards: int) -> list[tuple[int, int]]:
 
 
 def add_sums(a, b):
-    """StatisticSums a + b, field by field over every ModuleStats field (a new summed field is added too)."""
-    from .statistics import ModuleStats, StatisticSums
+    """StatisticSums a + b, field by field over every ModuleStats field (a new summed field is added too;
+    a per-window field, DIVIDE_BY None, is concatenated: a's windows come first)."""
+    from .statistics import DIVIDE_BY, ModuleStats, StatisticSums
 
     if a.modules.keys() != b.modules.keys():
         raise ValueError("shards summed different modules")
     modules = {}
     for name, x in a.modules.items():
         y = b.modules[name]
-        modules[name] = ModuleStats(**{f.name: _add(getattr(x, f.name), getattr(y, f.name), name, f.name)
+        modules[name] = ModuleStats(**{f.name: _add(getattr(x, f.name), getattr(y, f.name), name, f.name,
+                                                    per_window=DIVIDE_BY[f.name] is None)
                                        for f in fields(ModuleStats)})
     return StatisticSums(modules=modules, n_inputs=a.n_inputs + b.n_inputs, n_predicted=a.n_predicted + b.n_predicted)
 
 
-def _add(x, y, module: str, signal: str):
+def _add(x, y, module: str, signal: str, per_window: bool = False):
     if x is None and y is None:
         return None
     if x is None or y is None:
         raise ValueError(f"{module}: {signal} summed in one shard only")
+    if per_window:
+        import torch
+
+        return torch.cat([x, y])
     return x + y
 
 

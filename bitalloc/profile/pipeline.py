@@ -3,8 +3,9 @@
 Work is cut into units, each saved to `<out>/parts/<unit>.npz` (atomically, with the profile key in
 its header) the moment it finishes:
   block-NNN               fisher, H diagonal, salience and candidate-table rows of block NNN's modules
+                          (streamed: also their empirical-Fisher trace, profile/fisher_trace.py)
   spikes                  activation spikes of every module (one forward pass over the calibration)
-  trace                   the Hutchinson running sums, rewritten after every probe round
+  trace                   the Hutchinson running sums, rewritten after every probe round (whole model)
   interactions-block-NNN  measured pair corrections for pairs starting in block NNN
 A run that finds parts with the same key reuses them (an interrupted run resumes where it stopped;
 the trace continues from its last round with the same probes); parts with another key are ignored.
@@ -32,16 +33,21 @@ from ..io import atomic_write_bytes, canonical_json
 from ..models import weight_matrix
 from ..options import QuantOption, parse_option
 from .artifact import ModuleProfile, Profile, decode, encode, npz_bytes, profile_checksum, try_load
+from .fisher_trace import ESTIMATOR as FISHER_TRACE
+from .fisher_trace import fisher_trace_estimate
 from .hessian_trace import hutchinson_traces
 from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
 from .salience import salience
-from .spikes import DEFAULT_THRESHOLD, collect_spikes
 from ..quantizers import importance_only
+from .spikes import DEFAULT_THRESHOLD, SpikeCollector, collect_spikes
 from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
 
 SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
 DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
+# "hutchinson": tr ∇²_W L by Hessian-vector products (whole model); "empirical-fisher": the streamed
+# stand-in of profile/fisher_trace.py. Recorded in the profile's settings (and key).
+TRACE_ESTIMATORS = ("hutchinson", FISHER_TRACE)
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,14 @@ class ProfileSettings:
     interaction_windows: int = 2
     interaction_blocks: tuple[int, ...] | None = None  # None = all blocks
     seed: int = 0
+    trace_estimator: str = "hutchinson"  # one of TRACE_ESTIMATORS; "empirical-fisher" only when streamed
 
     def __post_init__(self):
         unknown = [s for s in self.signals if s not in SIGNALS]
         if unknown or not self.signals:
             raise BadInputError(f"unknown signal(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SIGNALS)}")
+        if self.trace_estimator not in TRACE_ESTIMATORS:
+            raise BadInputError(f"unknown trace estimator {self.trace_estimator!r}; choose from {', '.join(TRACE_ESTIMATORS)}")
         if "interactions" in self.signals:
             parse_option(self.interaction_option)
 
@@ -90,8 +99,9 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                     quantizer: str = "rtn", ray_pool=None) -> Profile:
     """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts).
 
-    streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; per-block signals are then
-    computed one loaded block at a time (profile/streamed.py). Only fisher, salience and table stream.
+    streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; every signal but interactions
+    is then computed on one walk that loads one block at a time (profile/streamed.py), the trace as the
+    empirical-Fisher trace (settings.trace_estimator must say so).
     quantizer: whose ΔW the table's errors measure (config.ProfileConfig.quantizer; recorded in the table).
     ray_pool: a distributed.RayPool: the per-block signals' statistics, each block's signals and the
     spikes are computed on its Ray actors (trace and interactions stay in this process).
@@ -102,23 +112,20 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     parts = _Parts(out / "parts", key)
     model.eval()
     sig = set(settings.signals)
+    streamed = streamed_from is not None
+    _check_trace_estimator(settings, streamed)
     blocks: dict[int | None, list[str]] = {}
     for n in module_names:
         blocks.setdefault(block_index(model, n), []).append(n)
-    per_block = sig & {"fisher", "salience", "table"}
-    if per_block:
+    per_block = sig & ({"fisher", "salience", "table", "trace"} if streamed else {"fisher", "salience", "table"})
+    if streamed:
+        _streamed_walk(streamed_from, module_names, calibration, blocks, parts, settings, options, quantizer,
+                       per_block, progress)
+    elif per_block:
         missing = [b for b in blocks if parts.get(_block_unit(b)) is None]
         if missing:
             todo = [n for b in missing for n in blocks[b]]
-            if streamed_from is not None:
-                from .streamed import iter_block_statistics
-
-                # each part: one block's (or the outside modules') stats, while their weights are loaded
-                for part in iter_block_statistics(streamed_from, todo, calibration, progress=progress):
-                    b = block_index(model, next(iter(part)))
-                    parts.put(_block_unit(b), _block_signals(model, blocks[b], part, settings, options, quantizer))
-                missing = []
-            elif ray_pool is not None:
+            if ray_pool is not None:
                 stats = ray_pool.statistics(todo, calibration)
                 signals = ray_pool.map_groups(_block_signals, [blocks[b] for b in missing], stats, settings=settings,
                                               options=options, quantizer=quantizer)
@@ -139,7 +146,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         else:
             parts.put("spikes", collect_spikes(model, module_names, calibration, top_k=settings.spike_top_k,
                                                threshold=settings.spike_threshold, progress=progress))
-    if "trace" in sig:
+    if "trace" in sig and not streamed:
         state = parts.get("trace")
         state = hutchinson_traces(model, module_names, calibration, tol=settings.trace_tol,
                                   abs_tol=settings.trace_abs_tol,
@@ -175,15 +182,49 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     return profile
 
 
+def _check_trace_estimator(settings: ProfileSettings, streamed: bool) -> None:
+    if "trace" not in settings.signals:
+        return
+    if streamed and settings.trace_estimator != FISHER_TRACE:
+        raise BadInputError(f"the {settings.trace_estimator} trace needs the whole model; streamed, the trace is "
+                            f"trace_estimator={FISHER_TRACE!r} (or drop --stream)")
+    if not streamed and settings.trace_estimator != "hutchinson":
+        raise BadInputError(f"trace_estimator={settings.trace_estimator!r} is the streamed walk's stand-in; "
+                            "profile with --stream, or use trace_estimator='hutchinson'")
+
+
+def _streamed_walk(loaded, module_names, calibration, blocks, parts, settings: ProfileSettings, options, quantizer,
+                   per_block: set, progress: bool) -> None:
+    """The per-block parts still missing and the spikes part, from one block-by-block walk (profile/streamed.py)."""
+    from .streamed import iter_block_statistics
+
+    missing = [b for b in blocks if parts.get(_block_unit(b)) is None] if per_block else []
+    want_spikes = "spikes" in settings.signals and parts.get("spikes") is None
+    if not missing and not want_spikes:
+        return
+    collector = SpikeCollector(module_names, settings.spike_top_k) if want_spikes else None
+    todo = [n for b in missing for n in blocks[b]]
+    # each part: one block's (or the outside modules') stats, while their weights are loaded
+    for part in iter_block_statistics(loaded, todo, calibration, progress=progress, spikes=collector,
+                                      statistics=bool(todo), fisher_trace="trace" in settings.signals):
+        b = block_index(loaded.model, next(iter(part)))
+        parts.put(_block_unit(b), _block_signals(loaded.model, blocks[b], part, settings, options, quantizer))
+    if collector is not None:
+        parts.put("spikes", collector.finish(settings.spike_threshold))
+
+
 def _block_unit(b: int | None) -> str:
     return "block-outside" if b is None else f"block-{b:03d}"
 
 
 def _block_signals(model, names, stats, settings: ProfileSettings, options, quantizer: str = "rtn") -> dict:
-    result = {"fisher": {}, "h_diag": {}, "salience": {}, "table": None}
+    result = {"fisher": {}, "h_diag": {}, "salience": {}, "trace": {}, "table": None}
     for n in names:
         s = stats[n]
         result["fisher"][n] = s.fisher.double().numpy()
+        if s.fisher_trace is not None and "trace" in settings.signals:
+            result["trace"][n] = fisher_trace_estimate(s.fisher_trace, model.get_submodule(n).weight.numel(),
+                                                       settings.group_rows)
         if s.hessian is not None:
             result["h_diag"][n] = torch.diagonal(s.hessian).double().numpy()
             if "salience" in settings.signals:
@@ -201,7 +242,7 @@ def _assemble(model, names, blocks, parts, key, settings, options, interactions,
     per_block = {b: parts.get(_block_unit(b)) for b in blocks}
     modules, tables = [], []
     for b, block_names in blocks.items():
-        got = per_block[b] or {"fisher": {}, "h_diag": {}, "salience": {}, "table": None}
+        got = per_block[b] or {"fisher": {}, "h_diag": {}, "salience": {}, "trace": {}, "table": None}
         if got["table"] is not None:
             tables.append(got["table"])
         for n in block_names:
@@ -210,7 +251,8 @@ def _assemble(model, names, blocks, parts, key, settings, options, interactions,
                 name=n, block=b, shape=(int(w.shape[0]), int(w.shape[1])),
                 fisher=got["fisher"].get(n) if "fisher" in settings.signals else None,
                 h_diag=got["h_diag"].get(n) if "fisher" in settings.signals else None,
-                trace=trace.get(n), salience=got["salience"].get(n), spikes=spikes.get(n)))
+                trace=trace.get(n) or got.get("trace", {}).get(n), salience=got["salience"].get(n),
+                spikes=spikes.get(n)))
     table = _concat(tables) if tables else None
     recorded = {**meta, **asdict(settings), "signals": list(settings.signals),
                 "options": [o.label for o in options] if table is not None else []}

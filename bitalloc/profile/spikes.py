@@ -14,6 +14,8 @@ Per site (a projection's input or output), over every calibration token:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,7 +42,8 @@ class _SiteAccumulator:
         self.ch_sq = None
         self.top: list[tuple[float, int, int, int]] = []  # (|x|, window, position, channel)
 
-    def add(self, x: torch.Tensor, window: int) -> None:
+    def add(self, x: torch.Tensor, window: int, offset: int = 0) -> None:
+        """x: the site's values at consecutive tokens of `window`, the first at position `offset`."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [seq, channels]; sums below accumulate in float64
         a = x.abs()
         x2 = x * x
@@ -53,7 +56,7 @@ class _SiteAccumulator:
         self.ch_sq = csq if self.ch_sq is None else self.ch_sq + csq
         tok_max, tok_ch = a.max(dim=1)
         vals, pos = tok_max.topk(min(self.k, tok_max.numel()))
-        self.top += [(float(v), window, int(p), int(tok_ch[p])) for v, p in zip(vals, pos)]
+        self.top += [(float(v), window, offset + int(p), int(tok_ch[p])) for v, p in zip(vals, pos)]
         self.top = sorted(self.top, key=lambda t: (-t[0], t[1], t[2]))[: self.k]
 
     def finish(self, threshold: float) -> SiteSpikes:
@@ -76,28 +79,47 @@ class _SiteAccumulator:
         )
 
 
+class SpikeCollector:
+    """Spike accumulators of named modules, fed by forward hooks; the caller says which window (and,
+    when a window arrives in token chunks, at which position the chunk starts) is running."""
+
+    def __init__(self, module_names: list[str], top_k: int = 8):
+        self.acc = {n: (_SiteAccumulator(top_k), _SiteAccumulator(top_k)) for n in module_names}
+        self.window = 0
+        self.offset = 0
+
+    @contextmanager
+    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Record the inputs and outputs of `modules` (those of them this collector tracks) while inside."""
+        def hook(mod, args, output, name):
+            self.acc[name][0].add(args[0], self.window, self.offset)
+            self.acc[name][1].add(output, self.window, self.offset)
+
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
+                   for n, m in modules.items() if n in self.acc]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def finish(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, ProjectionSpikes]:
+        for n, sites in self.acc.items():
+            for site, a in zip(("input", "output"), sites):
+                if a.ch_max is None:
+                    raise RuntimeError(f"module {n} was never called during the spikes pass; is it used in forward?")
+                # kurtosis NaN (a constant site) and ratio inf (median RMS 0) are defined outcomes; the sums are not
+                refuse_non_finite(n, f"spikes ({site})", np.concatenate([a.moments, a.ch_max.numpy(), a.ch_sq.numpy()]))
+        return {n: ProjectionSpikes(input=a.finish(threshold), output=b.finish(threshold)) for n, (a, b) in self.acc.items()}
+
+
 @torch.no_grad()
 def collect_spikes(model: nn.Module, module_names: list[str], calibration: Calibration, *, top_k: int = 8,
                    threshold: float = DEFAULT_THRESHOLD, progress: bool = False) -> dict[str, ProjectionSpikes]:
     """Spike statistics of every named module's input and output over all calibration windows."""
-    acc = {n: (_SiteAccumulator(top_k), _SiteAccumulator(top_k)) for n in module_names}
-    current = {"window": 0}
-    handles = []
-    for name in module_names:
-        def hook(mod, args, output, name=name):
-            acc[name][0].add(args[0], current["window"])
-            acc[name][1].add(output, current["window"])
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+    collector = SpikeCollector(module_names, top_k)
+    with collector.hooked({n: model.get_submodule(n) for n in module_names}):
         for i, window in enumerate(tqdm(calibration.tokens, desc="activation spikes", disable=not progress, unit="win")):
-            current["window"] = i
+            collector.window = i
             model(input_ids=window[None])
-    finally:
-        for h in handles:
-            h.remove()
-    for n, sites in acc.items():
-        for site, a in zip(("input", "output"), sites):
-            # kurtosis NaN (a constant site) and ratio inf (median RMS 0) are defined outcomes; the sums are not
-            refuse_non_finite(n, f"spikes ({site})", np.concatenate([a.moments, a.ch_max.numpy(), a.ch_sq.numpy()]))
-    return {n: ProjectionSpikes(input=a.finish(threshold), output=b.finish(threshold)) for n, (a, b) in acc.items()}
+    return collector.finish(threshold)

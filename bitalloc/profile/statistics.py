@@ -25,11 +25,14 @@ from ..errors import NonFiniteError
 @dataclass
 class ModuleStats:
     """hessian: [in, in] mean x xᵀ (linear) or None; fisher: [out] (linear) or [vocab, hidden] (embedding);
-    token_share: [vocab] fraction of inputs that are each token id (embedding only)."""
+    token_share: [vocab] fraction of inputs that are each token id (embedding only);
+    fisher_trace: [windows, out rows] each window's empirical-Fisher trace per row (fisher_trace.py),
+    only from the streamed walk when asked for."""
 
     fisher: torch.Tensor
     hessian: torch.Tensor | None = None
     token_share: torch.Tensor | None = None
+    fisher_trace: torch.Tensor | None = None
 
 
 @dataclass
@@ -45,8 +48,9 @@ class StatisticSums:
     n_predicted: int  # tokens with a next token: what fisher is averaged over
 
 
-# The count each ModuleStats field is a mean over; a new summed field adds its entry here.
-DIVIDE_BY = {"fisher": "n_predicted", "hessian": "n_inputs", "token_share": "n_inputs"}
+# The count each ModuleStats field is a mean over; a new summed field adds its entry here. None: a
+# field already kept per calibration window (rows [windows, ...]), which shards concatenate in order.
+DIVIDE_BY = {"fisher": "n_predicted", "hessian": "n_inputs", "token_share": "n_inputs", "fisher_trace": None}
 
 
 def collect_statistics(
@@ -135,8 +139,8 @@ def finish_statistics(sums: StatisticSums) -> dict[str, ModuleStats]:
     """Means from sums (each field divided by its DIVIDE_BY count), checked finite."""
     stats = {}
     for name, s in sums.modules.items():
-        means = {f.name: None if (t := getattr(s, f.name)) is None else t / getattr(sums, DIVIDE_BY[f.name])
-                 for f in fields(ModuleStats)}
+        means = {f.name: t if (t := getattr(s, f.name)) is None or DIVIDE_BY[f.name] is None
+                 else t / getattr(sums, DIVIDE_BY[f.name]) for f in fields(ModuleStats)}
         stats[name] = check_finite_stats(name, ModuleStats(**means))
     return stats
 
@@ -190,7 +194,7 @@ def input_importance(model: nn.Module, module_names: list[str], windows: torch.T
 
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
     """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
-    for signal in ("fisher", "hessian", "token_share"):
+    for signal in ("fisher", "hessian", "token_share", "fisher_trace"):
         t = getattr(stats, signal)
         if t is not None:
             refuse_non_finite(name, signal, t)

@@ -6,7 +6,8 @@ The model is a meta skeleton (checkpoint.StreamedModel); weights are read when n
   2. forward  block l alone is materialized and maps the saved boundary h_l to h_{l+1} (no grad).
   3. head     final norm + head materialized; the loss gradient g_N = ∂L/∂h_N at the last boundary
               (and the head's own statistics) come from the model's forward with the blocks
-              replaced by a replay that returns h_N, in token chunks so the logits stay small.
+              replaced by a replay that returns h_N, in token chunks so the logits stay small; it is
+              fed zeros as embeddings (the replay ignores them), so only the head is loaded.
   4. backward for l = N-1..0: block l is materialized again, recomputes h_{l+1} from h_l with
               autograd and backpropagates g_{l+1}; hooks accumulate H (inputs) and F (output
               gradients²) of its planned modules; g_l = ∂L/∂h_l goes down. The block's statistics
@@ -14,6 +15,9 @@ The model is a meta skeleton (checkpoint.StreamedModel); weights are read when n
   5. embed    only when a module before the blocks is planned: the prefix with autograd, fed g₀.
 Boundaries h_l [windows, T, hidden] live in a temporary folder (one file each) or in memory.
 The numbers equal collect_statistics on the whole model up to float summation order.
+The same walk feeds a spikes.SpikeCollector from the forward passes of steps 1-3 (equal to
+collect_spikes), and, when asked, each module's empirical-Fisher trace (fisher_trace.py) from the
+backward hooks of steps 3-5. With statistics=False it stops after step 3 (spikes only: no backward).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
-from ..checkpoint import StreamedModel, materialize, outside_modules, release
+from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
 from ..errors import BadInputError
 from ..models import decoder_blocks
 from ..options import QuantOption
+from .fisher_trace import row_sums
+from .spikes import SpikeCollector
 from .statistics import ModuleStats, _accumulate_xtx, check_finite_stats
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
@@ -107,16 +113,25 @@ def _loaded(loaded: StreamedModel, modules: list[tuple[str, nn.Module]]) -> Iter
     finally:
         for _, mod in modules:
             release(loaded, mod)
+        return_freed_memory()
 
 
 class _Accumulators:
-    """Running sums of collect_statistics: XᵀX, (∂L/∂y)², token-id counts, per planned module."""
+    """Running sums of collect_statistics: XᵀX, (∂L/∂y)², token-id counts, per planned module; with
+    fisher_trace also Σ_t g_{t,i}² ‖x_t‖² per row, per calibration window (`window`, set by the walk)."""
 
-    def __init__(self):
+    def __init__(self, fisher_trace: bool = False):
         self.xtx: dict[str, torch.Tensor] = {}
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.id_counts: dict[str, torch.Tensor] = {}
         self.window_inputs: dict[str, torch.Tensor] = {}
+        self.fisher_trace = fisher_trace
+        self.trace_rows: dict[str, dict[int, torch.Tensor]] = {}
+        self.window = 0
+
+    def _add_trace(self, name: str, rows: torch.Tensor) -> None:
+        per_window = self.trace_rows.setdefault(name, {})
+        per_window[self.window] = per_window[self.window] + rows if self.window in per_window else rows
 
     @contextmanager
     def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
@@ -137,12 +152,16 @@ class _Accumulators:
                 def on_grad(g, ids=ids, n=mod.num_embeddings):
                     g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
                     self.grad_sq.setdefault(name, torch.zeros(n, g.shape[-1])).index_add_(0, ids, g2)
+                    if self.fisher_trace:  # one-hot inputs: ‖x_t‖ = 1, row = token id
+                        self._add_trace(name, torch.zeros(n, dtype=torch.float64).index_add_(0, ids, g2.sum(1).double()))
             else:
-                self.window_inputs[name] = x.detach().reshape(-1, x.shape[-1])
+                self.window_inputs[name] = x_in = x.detach().reshape(-1, x.shape[-1])
 
-                def on_grad(g):
+                def on_grad(g, x_in=x_in):
                     g2 = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
                     self.grad_sq[name] = self.grad_sq[name] + g2 if name in self.grad_sq else g2
+                    if self.fisher_trace:
+                        self._add_trace(name, row_sums(x_in, g.detach().reshape(-1, g.shape[-1])))
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -153,13 +172,19 @@ class _Accumulators:
         _accumulate_xtx(self.window_inputs, self.xtx)
         self.window_inputs.clear()
 
-    def pop(self, name: str, module: nn.Module, n_inputs: int, n_predicted: int) -> ModuleStats:
+    def pop(self, name: str, module: nn.Module, n_inputs: int, n_predicted: int, n_windows: int) -> ModuleStats:
         if name not in self.grad_sq:
             raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
         fisher = self.grad_sq.pop(name) / n_predicted
+        trace = None
+        if self.fisher_trace:  # each window's trace, over its own predicted tokens
+            rows = self.trace_rows.pop(name)
+            trace = torch.stack([rows[w] for w in range(n_windows)]) / (n_predicted // n_windows)
         if isinstance(module, nn.Embedding):
-            return check_finite_stats(name, ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs))
-        return check_finite_stats(name, ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs))
+            return check_finite_stats(name, ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs,
+                                                        fisher_trace=trace))
+        return check_finite_stats(name, ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs,
+                                                    fisher_trace=trace))
 
 
 def iter_block_statistics(
@@ -169,12 +194,18 @@ def iter_block_statistics(
     *,
     boundaries_on_disk: bool = True,
     progress: bool = False,
+    spikes: SpikeCollector | None = None,
+    statistics: bool = True,
+    fisher_trace: bool = False,
 ) -> Iterator[dict[str, ModuleStats]]:
     """Statistics of the planned modules, one decoder block (or the outside modules) at a time.
 
     Each yielded dict holds the finished stats of one group of modules while their weights are
     loaded in `loaded.model` (so table rows can be computed right then); blocks come last to
     first, the outside modules (embeddings, head) last. Never more than one block is loaded.
+    spikes: fed from the forward passes (its modules' inputs and outputs, every window).
+    statistics: False walks forward only (for `spikes`) and yields nothing.
+    fisher_trace: also fill each ModuleStats.fisher_trace (fisher_trace.py).
     """
     model = loaded.model
     model.eval()
@@ -187,22 +218,31 @@ def iter_block_statistics(
     tokens = calibration.tokens  # [windows, T]
     n_windows, seq_len = tokens.shape
     n_inputs, n_predicted = n_windows * seq_len, n_windows * (seq_len - 1)
-    acc = _Accumulators()
+    acc = _Accumulators(fisher_trace)
+    spikes = spikes or SpikeCollector([])
+    spiked = {n: model.get_submodule(n) for n in spikes.acc}  # may differ from the planned (a resumed profile)
+    spiked_in_block = {l: {n: m for n, m in spiked.items() if n.startswith(f"{prefix}.{l}.")} for l in range(n_blocks)}
+    spiked_outside = {n: m for n, m in spiked.items() if not n.startswith(prefix + ".")}
     for p in model.parameters():
         p.requires_grad_(False)
 
     with tempfile.TemporaryDirectory(prefix="bitalloc-boundaries-") as tmp:
         store = _Boundaries(Path(tmp) if boundaries_on_disk else None)
-        bar = tqdm(total=2 * n_blocks, desc="streamed blocks", disable=not progress, unit="block")
+        bar = tqdm(total=(2 if statistics else 1) * n_blocks, desc="streamed blocks", disable=not progress, unit="block")
 
         # 1. prefix: record every block's call per window, and h₀
         calls: list[list[_BlockCall]] = []
         before_blocks: set[str] = set()
-        with _loaded(loaded, outside), torch.no_grad():
+        # the prefix passes never reach the head, and the head pass feeds zeros instead of embeddings: an
+        # untied vocabulary matrix (4.2 GB fp32 for Llama-3.1-70B) is loaded only where it is used
+        prefix_modules = _without(outside, model.get_output_embeddings())
+        head_modules = _without(outside, model.get_input_embeddings())
+        with _loaded(loaded, prefix_modules), torch.no_grad(), spikes.hooked(spiked_outside):  # only those before block 0 run
             seen = [mod.register_forward_hook(lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside]
             h0 = []
             try:
                 for w in range(n_windows):
+                    spikes.window, spikes.offset = w, 0
                     window_calls, first = _record_calls(model, blocks, tokens[w][None])
                     calls.append(window_calls)
                     h0.append(first)
@@ -214,15 +254,26 @@ def iter_block_statistics(
 
         # 2. forward, block by block
         for l in range(n_blocks):
-            with _loaded(loaded, [(f"{prefix}.{l}", blocks[l])]), torch.no_grad():
+            with _loaded(loaded, [(f"{prefix}.{l}", blocks[l])]), torch.no_grad(), spikes.hooked(spiked_in_block[l]):
                 h = store.get(l)
-                store.put(l + 1, torch.cat([calls[w][l](blocks[l], h[w : w + 1]) for w in range(n_windows)]))
+                out = []
+                for w in range(n_windows):
+                    spikes.window = w
+                    out.append(calls[w][l](blocks[l], h[w : w + 1]))
+                store.put(l + 1, torch.cat(out))
+                del out
             bar.update()
 
         # 3. head: g_N and the statistics of planned modules after the blocks
         after = {n: m for n, m in planned_outside.items() if _owner(n, outside) not in before_blocks}
-        with _loaded(loaded, outside), acc.hooked(after):
-            grad = _head_gradient(model, blocks, tokens, store.get(n_blocks), acc)
+        spiked_after = {n: m for n, m in spiked_outside.items() if _owner(n, outside) not in before_blocks}
+        if not statistics:
+            with _loaded(loaded, head_modules), spikes.hooked(spiked_after), torch.no_grad():
+                _head_pass(model, blocks, tokens, store.get(n_blocks), acc, spikes, backward=False)
+            bar.close()
+            return
+        with _loaded(loaded, head_modules), acc.hooked(after), spikes.hooked(spiked_after):
+            grad = _head_pass(model, blocks, tokens, store.get(n_blocks), acc, spikes)
         store.drop(n_blocks)
 
         # 4. backward, block by block
@@ -232,6 +283,7 @@ def iter_block_statistics(
                 grad_in = torch.empty_like(h)
                 with acc.hooked(in_block[l]):
                     for w in range(n_windows):
+                        acc.window = w
                         x = h[w : w + 1].clone().requires_grad_(True)
                         out = calls[w][l](blocks[l], x)
                         out.backward(grad[w : w + 1])
@@ -243,26 +295,31 @@ def iter_block_statistics(
                     store.drop(l)
                 bar.update()
                 if in_block[l]:
-                    yield {n: acc.pop(n, m, n_inputs, n_predicted) for n, m in in_block[l].items()}
+                    yield {n: acc.pop(n, m, n_inputs, n_predicted, n_windows) for n, m in in_block[l].items()}
         bar.close()
 
         # 5. embeddings (planned modules before the blocks), then every outside module's stats
         if planned_outside:
-            with _loaded(loaded, outside):
+            with _loaded(loaded, prefix_modules if not after else outside):  # the head's own stats are popped here too
                 before = {n: m for n, m in planned_outside.items() if n not in after}
                 if before:
                     _embedding_backward(model, blocks, tokens, grad, acc, before)
-                yield {n: acc.pop(n, m, n_inputs, n_predicted) for n, m in planned_outside.items()}
+                yield {n: acc.pop(n, m, n_inputs, n_predicted, n_windows) for n, m in planned_outside.items()}
 
 
 def streamed_statistics(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
-                        *, boundaries_on_disk: bool = True, progress: bool = False) -> dict[str, ModuleStats]:
+                        *, boundaries_on_disk: bool = True, progress: bool = False,
+                        fisher_trace: bool = False) -> dict[str, ModuleStats]:
     """collect_statistics(model, module_names, calibration) without ever loading more than one block."""
     stats: dict[str, ModuleStats] = {}
     for part in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
-                                      progress=progress):
+                                      progress=progress, fisher_trace=fisher_trace):
         stats.update(part)
     return {n: stats[n] for n in module_names}
+
+
+def _without(outside: list[tuple[str, nn.Module]], module: nn.Module | None) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in outside if m is not module]
 
 
 def _owner(name: str, outside: list[tuple[str, nn.Module]]) -> str:
@@ -302,23 +359,29 @@ def _record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) ->
     return calls, seen["h0"]
 
 
-def _head_gradient(model, blocks, tokens, h_last, acc: _Accumulators) -> torch.Tensor:
-    """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks."""
+def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeCollector,
+               backward: bool = True) -> torch.Tensor | None:
+    """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks
+    (backward=False: the head's forward only, for the spike hooks; returns None)."""
     n_windows, seq_len = tokens.shape
-    grad = torch.zeros_like(h_last)
+    grad = torch.zeros_like(h_last) if backward else None
     last = len(blocks) - 1
+    # the blocks are replayed, so what enters them is never used: zeros spare the embedding matrix
+    zeros = torch.zeros(1, min(HEAD_CHUNK_TOKENS, seq_len), model.get_input_embeddings().embedding_dim)
     for w in range(n_windows):
+        acc.window = w
         for a in range(0, seq_len, HEAD_CHUNK_TOKENS):
             b = min(a + HEAD_CHUNK_TOKENS, seq_len)
-            leaf = h_last[w : w + 1, a:b].clone().requires_grad_(True)
+            spikes.window, spikes.offset = w, a
+            leaf = h_last[w : w + 1, a:b].clone().requires_grad_(backward)
 
             def replay(i, *args, **kwargs):
                 return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
 
             with _blocks_replaced(blocks, replay):
-                logits = model(input_ids=tokens[w : w + 1, a:b], use_cache=False).logits  # [1, b-a, vocab]
+                logits = model(inputs_embeds=zeros[:, : b - a], use_cache=False).logits  # [1, b-a, vocab]
             n = min(b, seq_len - 1) - a  # positions in this chunk that predict a next token
-            if n > 0:
+            if backward and n > 0:
                 loss = nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
                 loss.backward()
                 grad[w, a:b] = leaf.grad[0]
@@ -342,6 +405,7 @@ def _embedding_backward(model, blocks, tokens, grad0, acc: _Accumulators, module
 def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
     """One window at a time: the prefix with autograd up to block 0's input h₀, then h₀.backward(∂L/∂h₀)."""
     for w in range(tokens.shape[0]):
+        acc.window = w
         got: list[torch.Tensor] = []
 
         def stop(i, *args, **kwargs):
