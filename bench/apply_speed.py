@@ -8,6 +8,7 @@ windows, with rtn and gptq beside them, and reports how far each rtn-w result is
 whose errors the candidate table predicts (max |Δ| over all modules: 0 means exactly those).
 
     python bench/apply_speed.py [--gguf PATH] [--calib FILE] [--option int4-g64-asym] [--tokens 8192]
+                                [--runs rtn,rtn-w,rtn-w-sequential,gptq] [--threads 1]
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def main() -> None:
     ap.add_argument("--option", default="int4-g64-asym")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--runs", default="rtn,rtn-w,rtn-w-sequential,gptq")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_model(args.gguf or default_gguf())
     model = loaded.model.eval()
@@ -59,33 +63,38 @@ def main() -> None:
 
     rows = []
     runs = {
-        "rtn": lambda m: quantize_model(m, assign, "rtn"),
-        "rtn-w (one forward pass, now)": lambda m: quantize_model(m, assign, "rtn-w", calib.tokens),
-        "rtn-w (block by block, before)": lambda m: quantize_sequential(m, assign, "rtn-w", calib.tokens),
-        "gptq (block by block)": lambda m: quantize_model(m, assign, "gptq", calib.tokens),
+        "rtn": ("rtn", lambda m: quantize_model(m, assign, "rtn")),
+        "rtn-w": ("rtn-w (one forward pass, now)", lambda m: quantize_model(m, assign, "rtn-w", calib.tokens)),
+        "rtn-w-sequential": ("rtn-w (block by block, before)",
+                             lambda m: quantize_sequential(m, assign, "rtn-w", calib.tokens)),
+        "gptq": ("gptq (block by block)", lambda m: quantize_model(m, assign, "gptq", calib.tokens)),
     }
-    for label, run in runs.items():
+    for key in args.runs.split(","):
+        label, run = runs[key]
         m = copy.deepcopy(model)
         got, wall, cpu = timed(lambda: run(m))
         off = max(float((got[n].values - table_values[n]).abs().max()) for n in names) if "rtn-w" in label else None
-        rows.append({"quantizer": label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "max_abs_vs_table": off})
+        rows.append({"quantizer": label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "max_abs_vs_table": off,
+                     "load_average": round(os.getloadavg()[0], 1)})
         print(rows[-1], flush=True)
         del m, got
-    load = os.getloadavg()[0]
-    base = next(r for r in rows if r["quantizer"].startswith("rtn-w (block"))["cpu_s"]
-    lines = [f"SmolLM2-135M, {len(names)} modules all {option.label}, {calib.n_windows}×{args.seq_len} calibration "
-             f"tokens ({Path(args.calib).name}); load average {load:.1f} (CPU s is the steadier figure)", "",
-             "| quantizer | wall s | CPU s | CPU vs rtn-w before | max abs diff to the table's weights |",
-             "|---|---|---|---|---|"]
+        write(rows, args, option, calib, len(names))  # after every row: a run cut short keeps what it measured
+
+
+def write(rows: list[dict], args, option, calib, modules: int) -> None:
+    lines = [f"SmolLM2-135M, {modules} modules all {option.label}, {calib.n_windows}×{args.seq_len} calibration "
+             f"tokens ({Path(args.calib).name}), {args.threads} torch thread(s); load average after each row in the "
+             "table (CPU s is the steadier figure on a shared machine)", "",
+             "| quantizer | wall s | CPU s | load | max abs diff to the table's weights |", "|---|---|---|---|---|"]
     for r in rows:
         diff = "—" if r["max_abs_vs_table"] is None else f"{r['max_abs_vs_table']:.3g}"
-        lines.append(f"| {r['quantizer']} | {r['wall_s']} | {r['cpu_s']} | {r['cpu_s'] / base:.3f}× | {diff} |")
+        lines.append(f"| {r['quantizer']} | {r['wall_s']} | {r['cpu_s']} | {r['load_average']} | {diff} |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "apply_speed.md").write_text(text + "\n")
-    (out / "apply_speed.json").write_text(json.dumps({"rows": rows, "load_average": load, "option": option.label,
+    (out / "apply_speed.json").write_text(json.dumps({"rows": rows, "option": option.label, "threads": args.threads,
                                                       "windows": calib.n_windows, "seq_len": args.seq_len}, indent=1))
 
 
