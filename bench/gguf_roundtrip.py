@@ -205,7 +205,9 @@ def main() -> None:
     budgets += [(f"bitalloc @{b}", b, None) for b in args.budgets.split(",") if b]
     todo = [b for b in budgets if b[0] not in done]
     if todo:
-        table, _, calibration = api.prepare(loaded, args.calib, options=options,
+        # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
+        # same weights, only the token embedding (unplanned) is F32 there; plans record `loaded`, the file's model.
+        table, _, calibration = api.prepare(load_model(str(f32)), args.calib, options=options,
                                             calib_tokens=args.calib_tokens, seq_len=args.seq_len, quantizer="imatrix",
                                             cache_dir=True, progress=True)
     for name, text, peer in todo:
@@ -235,7 +237,8 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
     ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "reference", r["file_bytes"]))
     for r in ordered:
         sim = lambda k: f"{r[k]:.3f}" if k in r else "—"  # noqa: E731
-        lines.append(f"| {r['row']} | {r['file_bytes']:,} | {r.get('predicted_file_bytes', 0):,} | {r['bpw']:.4f} | "
+        predicted = f"{r['predicted_file_bytes']:,}" if "predicted_file_bytes" in r else "—"
+        lines.append(f"| {r['row']} | {r['file_bytes']:,} | {predicted} | {r['bpw']:.4f} | "
                      f"{r['ppl_llama_perplexity']:.3f} ± {r['ppl_llama_perplexity_se']:.3f} | {r['ppl_half']:.3f} ± "
                      f"{r['ppl_half_se']:.3f} | {sim('sim_ppl_half')} | {r['ppl_all']:.3f} | {sim('sim_ppl_all')} | "
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
@@ -256,8 +259,14 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
             f"plans without {args.without_types or 'nothing'}.\n")
     if base:
+        same = {True: "identical to", False: "NOT identical to", None: "not checked against"}[base.get("same_tokens_as_llama_cpp")]
         head += (f"Reference F32: llama-perplexity {base['ppl_llama_perplexity']:.3f}, transformers 2nd half "
-                 f"{base['ppl_half']:.3f}, all {base['ppl_all']:.3f}.\n")
+                 f"{base['ppl_half']:.3f}, all {base['ppl_all']:.3f}. The evaluated tokens are {same} llama.cpp's "
+                 "(llama-tokenize on the same text).\n")
+    sims = [r["max_abs_weight_diff_file_vs_simulated"] for r in ordered if "max_abs_weight_diff_file_vs_simulated" in r]
+    if sims:
+        head += (f"Simulated plan vs the written file read by transformers: largest weight difference {max(sims):g} over "
+                 f"{len(sims)} plans (0: the same forward pass, so `bitalloc eval --plan` = the file's ppl).\n")
     md = head + "\n" + "\n".join(lines + pairs) + "\n"
     atomic_write_text(out / "gguf_roundtrip.md", md)
     atomic_write_text(out / "gguf_roundtrip.json", canonical_json({

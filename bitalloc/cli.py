@@ -214,17 +214,16 @@ def _scoped(budgets: list, scope: str | None, gguf_file: bool) -> list:
 def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, budget_scope, out_path, protect_spikes,
                            common: dict) -> None:
     """`bitalloc plan --profile DIR`: solve the profile's table; MODEL and --calib, if given, are checked against it."""
-    from .budget import parse_budget
-    from .replan import plan_from_profile, pareto_from_profile
+    from .budget import gguf_typed, parse_budget
+    from .replan import load_profile, plan_from_profile, pareto_from_profile
     from .sweep import parse_budget_range
 
     if (budget is None) == (pareto is None):
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
+    texts = parse_budget_range(pareto) if pareto is not None else [budget]
     gguf_file = False
-    if budget_scope is None:  # the default scope depends on whether the profile's plans are llama.cpp files
-        from .budget import gguf_typed
-        from .replan import load_profile
-
+    if budget_scope is None and any(parse_budget(b).kind == "bytes" for b in texts):
+        # a size budget's default scope depends on whether the profile's plans are llama.cpp files
         profile = load_profile(profile_dir)
         gguf_file = gguf_typed(profile.table.options, profile.settings["model"]["source"])
     budgets = _scoped(parse_budget_range(pareto), budget_scope, gguf_file) if pareto is not None else None
