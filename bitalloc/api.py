@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import solvers
-from .budget import Budget, parse_budget
+from .budget import Budget, Outside, gguf_typed, parse_budget
 from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
@@ -427,7 +427,8 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
         raise BadInputError("--verify does not handle latency profiles or limits yet: drop one of them")
     if isinstance(loaded, StreamedModel):
         raise BadInputError("--verify runs the whole model on held-back calibration windows; drop --stream")
-    error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights)
+    outside = outside_plan(table, context.model) if budget.scope == "model" else None
+    error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights, outside)
 
     def uniform(k: int) -> Plan:
         choice = np.full(len(table.groups), k, dtype=np.int64)
@@ -435,7 +436,7 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
                                     storage_bits=float(table.storage_bits[:, k].sum()), status="feasible",
                                     solver="uniform", details={"chosen_by": "verify: measured better than the solved plan"})
         return _make_plan(table, solution, budget, max_bits, context, error_model, settings["seed"],
-                          constraints if constraints.active else None)
+                          constraints if constraints.active else None, outside=outside)
 
     return verify_plan(plan, table, loaded.model, calibration, verify if isinstance(verify, VerifySettings) else VerifySettings(),
                        error_model=error_model, allowed=constraint_masks(table, constraints).allowed,
@@ -498,7 +499,8 @@ def solve_table(
     n = table.num_weights
     total = context.model.get("total_weights")  # absent in profiles made before whole-model sizes
     unplanned = None if total is None else total - n
-    max_bits = budget.max_storage_bits(n, unplanned)
+    outside = outside_plan(table, context.model) if budget.scope == "model" else None
+    max_bits = budget.max_storage_bits(n, outside)
     cost = _finite_costs(table, error_model)
     problem = solvers.Problem(
         cost=cost,
@@ -513,8 +515,8 @@ def solve_table(
     if max_bits < lo:
         under = " under these constraints" if constraints.active else ""
         raise BudgetInfeasibleError(
-            f"budget {budget.text}{_scope_text(budget)} is below the smallest feasible {budget.describe(lo, n, unplanned)}{under} "
-            f"(feasible: {budget.describe(lo, n, unplanned)} to {budget.describe(hi, n, unplanned)}); "
+            f"budget {budget.text}{_scope_text(outside)} is below the smallest feasible {budget.describe(lo, n, outside)}{under} "
+            f"(feasible: {budget.describe(lo, n, outside)} to {budget.describe(hi, n, outside)}); "
             "raise the budget or offer fewer bits (--bits)"
         )
     settings = dict(solver_settings or {})
@@ -540,11 +542,29 @@ def solve_table(
         if score is not None:
             score.restore()
     return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
-                      constraints if constraints.active else None, timing, masks.tie_kinds, unplanned)
+                      constraints if constraints.active else None, timing, masks.tie_kinds, unplanned, outside)
 
 
-def _scope_text(budget: Budget) -> str:
-    return " (whole model)" if budget.scope == "model" else ""
+def _scope_text(outside: Outside | None) -> str:
+    return "" if outside is None else f" (whole model: {outside.what} included)"
+
+
+def outside_plan(table: CandidateTable, model: dict) -> Outside | None:
+    """What a whole-model budget holds besides the planned weights, as the plan's target stores the model.
+
+    A plan in GGUF types (every option gguf or kept) of a .gguf model is a llama.cpp file: the file's
+    own header, metadata and unplanned tensors as stored (gguf_file.file_outside). Any other plan: the
+    unplanned tensors at 16 bits. None: a profile made before the model's total size was recorded."""
+    source = str(model.get("source", ""))
+    if gguf_typed(table.options, source):
+        from .gguf_file import file_outside
+
+        if not Path(source).expanduser().is_file():
+            raise BadInputError(f"a whole-file budget for a GGUF plan reads the source file {source!r}, which is not "
+                                "there; pass the model again, or use --budget-scope planned")
+        return file_outside(source, list(table.groups), model["architecture"])
+    total = model.get("total_weights")
+    return None if total is None else Outside.at_16_bits(total - table.num_weights)
 
 
 def _finite_costs(table: CandidateTable, error_model: str) -> np.ndarray:
@@ -576,7 +596,8 @@ def _latency_spec(timing: LatencyInputs, choice: np.ndarray) -> LatencySpec:
 
 
 def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_model, seed, constraints=None,
-               timing: LatencyInputs | None = None, tie_kinds: tuple[str, ...] = (), unplanned: int | None = None) -> Plan:
+               timing: LatencyInputs | None = None, tie_kinds: tuple[str, ...] = (), unplanned: int | None = None,
+               outside: Outside | None = None) -> Plan:
     record = context.model
     tied = record["tied_embeddings"]
     head, emb = record["output_embedding"], record["input_embedding"]
@@ -610,7 +631,7 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                           details={k: _sig(v) if isinstance(v, float) else v for k, v in solution.details.items()}),
         seed=seed,
         budget=BudgetSpec(kind=budget.kind, value=budget.value, text=budget.text, max_storage_bits=float(max_bits),
-                          scope=budget.scope),
+                          scope=budget.scope, fixed_bits=None if outside is None else float(outside.bits)),
         summary=summarize(assignments, ties=dict(sorted(Counter(tie_kinds).items())), unplanned_weights=unplanned),
         latency=None if timing is None else _latency_spec(timing, solution.choice),
         assignments=assignments,

@@ -30,20 +30,41 @@ UNPLANNED_BITS = 16  # unplanned tensors (embedding, head, norms, biases) are st
 
 
 @dataclass(frozen=True)
+class Outside:
+    """What the whole model stores besides the planned weights, as its target writes it.
+
+    weights: elements of the tensors the plan does not cover; bits: their storage plus anything else
+    the model's file holds whatever the plan (a GGUF file's header, metadata and padding)."""
+
+    weights: int
+    bits: float
+    what: str
+
+    @classmethod
+    def at_16_bits(cls, weights: int) -> "Outside":
+        return cls(weights, weights * UNPLANNED_BITS, f"unplanned tensors ({weights:,} weights) at {UNPLANNED_BITS} bits")
+
+
+@dataclass(frozen=True)
 class Budget:
     """kind: 'bits' (storage bits per weight), 'bytes' (total), or 'percent' (of fp16 size).
 
-    scope: 'planned' = of the planned weights only; 'model' = of the whole model, the unplanned
-    tensors counted at UNPLANNED_BITS (a constant the planned weights' budget is reduced by)."""
+    scope: 'planned' = of the planned weights only; 'model' = of the whole model as its target stores
+    it: what lies outside the plan (an `Outside`: the unplanned tensors at 16 bits, or for a GGUF
+    file everything the file holds besides the planned tensors) is a constant the planned weights'
+    budget is reduced by, and a bits or percent budget is over every weight of the model."""
 
     kind: str
     value: float
     text: str
     scope: str = "planned"
 
-    def max_storage_bits(self, num_weights: int, unplanned_weights: int | None = 0) -> float:
-        """The budget as total storage bits for `num_weights` planned weights."""
-        n, fixed = self._whole(num_weights, unplanned_weights)
+    def max_storage_bits(self, num_weights: int, outside: Outside | int | None = 0) -> float:
+        """The budget as total storage bits for `num_weights` planned weights.
+
+        outside: what the whole model holds besides them (an int: that many unplanned weights at 16
+        bits); only a 'model' budget uses it, and refuses None (a profile made before it was recorded)."""
+        n, fixed = self._whole(num_weights, outside)
         if self.kind == "bits":
             total = self.value * n
         elif self.kind == "bytes":
@@ -52,9 +73,9 @@ class Budget:
             total = self.value / 100 * 16 * n
         return total - fixed
 
-    def describe(self, storage_bits: float, num_weights: int, unplanned_weights: int | None = 0) -> str:
+    def describe(self, storage_bits: float, num_weights: int, outside: Outside | int | None = 0) -> str:
         """Express a planned-weight storage amount in this budget's own unit and scope (for error messages)."""
-        n, fixed = self._whole(num_weights, unplanned_weights)
+        n, fixed = self._whole(num_weights, outside)
         bits = storage_bits + fixed
         if self.kind == "bits":
             return f"{bits / n:.4g}bits"
@@ -62,17 +83,31 @@ class Budget:
             return f"{bits / 8 / 1e6:.4g}MB"
         return f"{bits / (16 * n) * 100:.4g}%"
 
-    def _whole(self, num_weights: int, unplanned_weights: int | None) -> tuple[int, int]:
+    def _whole(self, num_weights: int, outside: Outside | int | None) -> tuple[int, float]:
         """(weights the budget is over, storage bits fixed outside the plan)."""
         if self.scope == "planned":
             return num_weights, 0
-        if unplanned_weights is None:
+        if outside is None:
             raise BadInputError("a whole-model budget (--budget-scope model) needs the size of the unplanned tensors, "
                                 "which this profile predates; re-run `bitalloc profile`, or use --budget-scope planned")
-        return num_weights + unplanned_weights, unplanned_weights * UNPLANNED_BITS
+        if isinstance(outside, int):
+            outside = Outside.at_16_bits(outside)
+        return num_weights + outside.weights, outside.bits
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "value": self.value, "text": self.text, "scope": self.scope}
+
+
+def default_scope(kind: str, gguf_file: bool) -> str:
+    """The scope of a budget given without one: a size budget of a plan in GGUF types of a .gguf model is
+    the whole file a llama.cpp user sees ('model'); every other budget is of the planned weights."""
+    return "model" if gguf_file and kind == "bytes" else "planned"
+
+
+def gguf_typed(options, source: object) -> bool:
+    """Whether plans from these options of this model are llama.cpp files: every option a GGUF type (or
+    kept at 16 bits) and the model a .gguf (whose header, metadata and other tensors the file copies)."""
+    return str(source).endswith(".gguf") and all(o.fmt in ("gguf", "keep") for o in options)
 
 
 def parse_budget(text: str | Budget, scope: str | None = None) -> Budget:

@@ -106,7 +106,7 @@ def _ray_spec(address: Optional[str], workers: Optional[int]):
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL, a size is the whole GGUF file's"),
-    budget_scope: str = typer.Option("planned", "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model: unplanned embedding, head, norms at 16 bits included)"),
+    budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL, the whole GGUF file). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -167,7 +167,7 @@ def plan_cmd(
         raise BadInputError("pass MODEL (hub id, directory or .gguf) or --profile DIR (a folder from `bitalloc profile`)")
     from . import api
 
-    from .budget import parse_budget
+    from .budget import gguf_typed
     from .config import ProfileConfig
     from .constraints import Constraints, parse_rule
     from .sweep import parse_budget_range, pareto_from_table
@@ -179,8 +179,9 @@ def plan_cmd(
     settings = _solver_settings(solver_setting)
     latency_target = _latency_target(latency_profile, latency_tokens, max_latency)
     # fail on a bad budget, range or output path before loading anything
-    budgets = _scoped(parse_budget_range(pareto), budget_scope) if pareto is not None else None
-    one_budget = parse_budget(budget, budget_scope) if budget is not None else None
+    gguf_file = gguf_typed(options, model)
+    budgets = _scoped(parse_budget_range(pareto), budget_scope, gguf_file) if pareto is not None else None
+    one_budget = _scoped([budget], budget_scope, gguf_file)[0] if budget is not None else None
     _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     table, loaded, calibration = api.prepare(
@@ -193,11 +194,6 @@ def plan_cmd(
     )
     common = dict(solver=solver, solver_settings=settings, error_model=error_model, seed=seed, constraints=constraints,
                   latency_target=latency_target)
-    if target == "llama.cpp" and one_budget is not None and one_budget.kind == "bytes" and str(model).endswith(".gguf"):
-        from .gguf_file import whole_file_budget
-
-        # What a llama.cpp user sees is the file: embeddings, norms and metadata count too.
-        one_budget = whole_file_budget(one_budget, model, table.groups, type(loaded.model).__name__)
     if budgets is not None:
         sweep = pareto_from_table(table, budgets, loaded, calibration, **common)
         folder = out_path or Path("pareto")
@@ -233,23 +229,30 @@ def _constraints(min_bits, max_bits, pin, allow, tie):
                        allow=tuple(parse_rule(a, "--allow") for a in allow), ties=parse_ties(tie))
 
 
-def _scoped(budgets: list, scope: str) -> list:
-    from .budget import parse_budget
+def _scoped(budgets: list, scope: str | None, gguf_file: bool) -> list:
+    """Each budget in `scope`; without --budget-scope, budget.default_scope's (a size of a llama.cpp file: the file)."""
+    from .budget import default_scope, parse_budget
 
-    return [parse_budget(b, scope) for b in budgets]
+    return [parse_budget(b, scope or default_scope(parse_budget(b).kind, gguf_file)) for b in budgets]
 
 
 def _plan_from_profile_cmd(profile_dir: Path, model, calib, budget, pareto, budget_scope, out_path, protect_spikes,
                            common: dict) -> None:
     """`bitalloc plan --profile DIR`: solve the profile's table; MODEL and --calib, if given, are checked against it."""
-    from .budget import parse_budget
-    from .replan import plan_from_profile, pareto_from_profile
+    from .budget import gguf_typed, parse_budget
+    from .replan import load_profile, plan_from_profile, pareto_from_profile
     from .sweep import parse_budget_range
 
     if (budget is None) == (pareto is None):
         raise BadInputError("pass exactly one of --budget (one plan) and --pareto START:STOP:STEP (a sweep), e.g. --budget 3.2bits")
-    budgets = _scoped(parse_budget_range(pareto), budget_scope) if pareto is not None else None
-    one_budget = parse_budget(budget, budget_scope) if budget is not None else None
+    texts = parse_budget_range(pareto) if pareto is not None else [budget]
+    gguf_file = False
+    if budget_scope is None and any(parse_budget(b).kind == "bytes" for b in texts):
+        # a size budget's default scope depends on whether the profile's plans are llama.cpp files
+        profile = load_profile(profile_dir)
+        gguf_file = gguf_typed(profile.table.options, profile.settings["model"]["source"])
+    budgets = _scoped(parse_budget_range(pareto), budget_scope, gguf_file) if pareto is not None else None
+    one_budget = _scoped([budget], budget_scope, gguf_file)[0] if budget is not None else None
     _check_plan_out(out_path, pareto)
     start = time.perf_counter()
     kwargs = dict(model=model, calibration=calib, protect_spikes=protect_spikes, **common)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .budget import Outside
 from .errors import BadInputError
 from .formats.gguf import QUANTIZERS
 from .exports.gguf import FTYPE_OF, block_count, gguf_arch, gguf_tensor_name
@@ -161,13 +162,12 @@ def _header_bytes(reader) -> int:
     return _pad(4 + 4 + 8 + 8 + kv_bytes + info_bytes, _alignment(reader))
 
 
-def whole_file_budget(budget, source: str | Path, modules: list[str], architecture: str):
-    """A byte budget for the whole GGUF file turned into one for the planned tensors.
+def file_outside(source: str | Path, modules: list[str], architecture: str) -> Outside:
+    """What a GGUF file written from `source` holds besides the planned tensors of `modules`.
 
-    What does not depend on the plan is subtracted: header and metadata, every unplanned tensor
-    (embeddings, norms, ...), and each planned tensor's worst-case padding to the alignment."""
-    from .budget import Budget
-
+    The part of the file that does not depend on the plan: header and metadata, every unplanned
+    tensor as the source stores it (embeddings, norms, ...), and each planned tensor's worst-case
+    padding to the alignment. A whole-model budget of a GGUF-typed plan is of this file (budget.Outside)."""
     gguf = _gguf()
     reader = _reader(source)
     n_blocks = max((int(m.split(".")[2]) for m in modules if m.startswith("model.layers.")), default=-1) + 1
@@ -180,13 +180,10 @@ def whole_file_budget(budget, source: str | Path, modules: list[str], architectu
             base = "token_embd"  # a tied head is the token embedding in GGUF
         planned.add(f"{base}.weight")
     align = _alignment(reader)
-    fixed = _header_bytes(reader) + sum(_pad(int(t.n_bytes), align) for t in reader.tensors if t.name not in planned)
-    fixed += (align - 1) * len(planned)
-    left = budget.value - fixed
-    if left <= 0:
-        raise BadInputError(f"a {budget.text} GGUF file cannot hold this model: metadata and unplanned tensors alone "
-                            f"take {fixed / 1e6:.2f} MB; give a larger --budget")
-    return Budget("bytes", left, f"{budget.text} whole GGUF file ({fixed:,} bytes fixed)")
+    unplanned = [t for t in reader.tensors if t.name not in planned]
+    fixed = _header_bytes(reader) + sum(_pad(int(t.n_bytes), align) for t in unplanned) + (align - 1) * len(planned)
+    return Outside(sum(int(t.n_elements) for t in unplanned), fixed * 8,
+                   f"the GGUF file's header, metadata and unplanned tensors ({fixed:,} bytes)")
 
 
 def _row_order(tensor: str, out_f: int, reader) -> np.ndarray:

@@ -114,7 +114,11 @@ class BudgetSpec(_Strict):
     text: str
     max_storage_bits: float = Field(description="the planned weights' storage limit the solver met")
     scope: Literal["planned", "model"] = Field("planned", description="planned: the budget is of the planned weights; "
-                                               "model: of the whole model, unplanned tensors at 16 bits included")
+                                               "model: of the whole model as its target stores it (fixed_bits)")
+    # Added with whole-file GGUF budgets; null for planned-scope budgets and plans made before.
+    fixed_bits: float | None = Field(None, description="model scope: what the whole model stores besides the planned "
+                                     "weights, in bits (unplanned tensors at 16 bits; for a GGUF-typed plan of a .gguf "
+                                     "model, the file's header, metadata and unplanned tensors as stored)")
 
 
 class ModelSpec(_Strict):

@@ -100,3 +100,23 @@ def test_whole_model_scope_subtracts_the_unplanned_tensors_at_16_bits():
         parse_budget("4bits", "layers")
     with pytest.raises(BadInputError, match="which this profile predates"):
         b.max_storage_bits(n, None)
+
+
+def test_whole_model_scope_takes_what_the_target_stores_outside_the_plan():
+    from bitalloc.budget import Outside, default_scope, gguf_typed
+    from bitalloc.options import QuantOption, parse_option
+
+    n = 1000
+    # a GGUF file: 300 unplanned weights stored in 5000 bits, header included
+    file = Outside(300, 5000, "the file's header, metadata and unplanned tensors")
+    assert parse_budget("1000B", "model").max_storage_bits(n, file) == 8000 - 5000
+    assert parse_budget("4bits", "model").max_storage_bits(n, file) == 4 * 1300 - 5000
+    assert parse_budget("4bits", "model").max_storage_bits(n, 200) == \
+        parse_budget("4bits", "model").max_storage_bits(n, Outside.at_16_bits(200))
+    assert parse_budget("4bits").max_storage_bits(n, file) == 4000  # planned scope ignores it
+    # without --budget-scope: a size of a llama.cpp file is the file; everything else the planned weights
+    gguf = [QuantOption.gguf("Q4_K"), QuantOption.keep()]
+    assert gguf_typed(gguf, "m.gguf") and not gguf_typed(gguf, "hf-dir") and not gguf_typed(
+        [QuantOption.gguf("Q4_K"), parse_option("int4-g64-sym")], "m.gguf")
+    assert default_scope("bytes", True) == "model"
+    assert default_scope("bits", True) == default_scope("bytes", False) == "planned"

@@ -215,7 +215,7 @@ def test_whole_model_budget_is_solved_with_unplanned_bytes_fixed(model_dir, cli_
     assert plan_with(cli_env, model_dir, planned, "--budget", "0.07MB").returncode == 0
     assert Plan.load(planned).summary.storage_bytes > s.storage_bytes
     r = plan_with(cli_env, model_dir, out, "--budget", "0.05MB", "--budget-scope", "model")
-    assert_bad_input(r, "budget 0.05MB (whole model) is below the smallest feasible")
+    assert_bad_input(r, "budget 0.05MB (whole model: unplanned tensors", "at 16 bits included) is below the smallest feasible")
     r = plan_with(cli_env, model_dir, out, "--budget", "3bits", "--budget-scope", "layers")
     assert_bad_input(r, "unknown budget scope 'layers'")
 
@@ -427,3 +427,15 @@ def test_solvers_lists_one_line_each(cli_env):
     lines = r.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == sorted(bitalloc.solvers.available_solvers())
     assert {"ilp", "lagrangian", "dp", "evolutionary"} <= {line.split()[0] for line in lines}
+
+
+def test_a_size_budget_of_a_llama_cpp_file_is_the_whole_file_unless_scoped():
+    from bitalloc.cli import _scoped
+    from bitalloc.errors import BadInputError
+
+    assert [b.scope for b in _scoped(["95MB", "4.5bits", "30%"], None, True)] == ["model", "planned", "planned"]
+    assert [b.scope for b in _scoped(["95MB", "4.5bits"], None, False)] == ["planned", "planned"]
+    assert [b.scope for b in _scoped(["95MB", "4.5bits"], "planned", True)] == ["planned", "planned"]
+    assert [b.scope for b in _scoped(["95MB", "4.5bits"], "model", False)] == ["model", "model"]
+    with pytest.raises(BadInputError, match="unknown budget scope 'file'"):
+        _scoped(["95MB"], "file", True)

@@ -234,23 +234,35 @@ def test_export_to_gguf_writes_the_plans_exact_types(gguf_plan, tmp_path):
 
 
 def test_whole_file_budget_holds_for_the_written_file(tiny_gguf, gguf_table, calib_ids, tmp_path):
+    """A whole-model budget of a GGUF-typed plan is of the file: sizes and bits over every weight."""
+    import gguf
+
     from bitalloc.budget import parse_budget
-    from bitalloc.gguf_file import whole_file_budget
+    from bitalloc.errors import BudgetInfeasibleError
+    from bitalloc.gguf_file import file_outside
 
     table, loaded, calib = gguf_table
+    outside = file_outside(tiny_gguf, list(table.groups), "LlamaForCausalLM")
+    all_weights = sum(int(t.n_elements) for t in gguf.GGUFReader(tiny_gguf).tensors)
+    assert outside.weights == all_weights - table.num_weights
     sizes = []
-    for text in ("700KB", "900KB"):
-        budget = whole_file_budget(parse_budget(text), tiny_gguf, table.groups, "LlamaForCausalLM")
-        assert "whole GGUF file" in budget.text and budget.value < parse_budget(text).value
-        plan = api.plan_from_table(table, budget, loaded, calib)
+    for text in ("700KB", "900KB", "6bits"):
+        plan = api.plan_from_table(table, parse_budget(text, "model"), loaded, calib)
+        assert plan.budget.scope == "model" and plan.budget.fixed_bits == outside.bits
         out = tmp_path / f"{text}.gguf"
-        write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out, calibration=calib_ids)
-        sizes.append(out.stat().st_size)
-        assert sizes[-1] <= parse_budget(text).value
-        assert sizes[-1] > parse_budget(text).value - 20_000  # the budget is used, not wasted
+        layout = write_gguf(load_model(str(tiny_gguf)).model, plan, tiny_gguf, out, calibration=calib_ids)
+        size = out.stat().st_size
+        assert size == layout.file_bytes
+        limit = parse_budget(text).value if text.endswith("KB") else 6 * all_weights / 8
+        assert limit - 20_000 < size <= limit  # the budget holds for the file, and is used, not wasted
+        sizes.append(size)
     assert sizes[0] < sizes[1]
-    with pytest.raises(BadInputError, match="cannot hold this model"):
-        whole_file_budget(parse_budget("100KB"), tiny_gguf, table.groups, "LlamaForCausalLM")
+    # the same budget of the planned weights only is a larger file
+    planned = api.plan_from_table(table, parse_budget("700KB", "planned"), loaded, calib)
+    assert planned.summary.storage_bytes > api.plan_from_table(table, parse_budget("700KB", "model"), loaded,
+                                                               calib).summary.storage_bytes
+    with pytest.raises(BudgetInfeasibleError, match=r"100KB \(whole model: the GGUF file's header, metadata"):
+        api.plan_from_table(table, parse_budget("100KB", "model"), loaded, calib)
 
 
 def test_export_writes_an_imatrix_llama_quantize_reads(tiny_gguf, gguf_plan, calib_ids, tmp_path):
