@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -45,3 +46,17 @@ def with_options(model: nn.Module, assign: dict[str, QuantOption], score: Callab
         with torch.no_grad():
             for n, w in original.items():
                 weight_matrix(model.get_submodule(n)).copy_(w)
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """Rows a resumable bench recorded so far (one JSON object per line), by their "row" name."""
+    if not path.exists():
+        return {}
+    return {r["row"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def append_row(path: Path, done: dict[str, dict], row: dict) -> None:
+    """Record one finished row at once, so that a run cut short keeps it and a rerun skips it."""
+    done[row["row"]] = row
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")

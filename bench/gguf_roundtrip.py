@@ -56,7 +56,7 @@ from bitalloc.models import load_model
 from bitalloc.options import QuantOption
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
+from common import ROOT, append_row, default_gguf, read_rows, smollm2_arguments  # noqa: E402
 from peers import GGUF_TYPES, decoder_linear_bits, make_peer_files, run, tool  # noqa: E402
 
 PEERS = "Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M"
@@ -133,16 +133,12 @@ def main() -> None:
     args = ap.parse_args()
     out, bin_dir = Path(args.out), Path(args.llama_cpp_bin)
     rows_file = out / "gguf_roundtrip.rows.jsonl"
-    done = {}
-    if rows_file.exists():
-        done = {r["row"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    done = read_rows(rows_file)
     if args.report_only:
         return report(done, args, out)
 
     def record(row: dict) -> None:
-        done[row["row"]] = row
-        with open(rows_file, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_row(rows_file, done, row)
         print(f"{row['row']:<28} {row['file_bytes']:>11,} B  ppl all {row['ppl_all']:.3f}  half {row['ppl_half']:.3f}  "
               f"llama-perplexity {row['ppl_llama_perplexity']:.3f}  ({time.strftime('%H:%M:%S')})", flush=True)
 

@@ -47,7 +47,7 @@ from bitalloc.options import QuantOption, default_options, parse_option
 from bitalloc.quantizers.materialize import quantize_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
+from common import ROOT, append_row, default_gguf, read_rows, smollm2_arguments  # noqa: E402
 
 DECODER_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 PEER_TYPES = "Q2_K,Q3_K_S,Q3_K_M,IQ4_XS,Q4_K_S,Q4_K_M"
@@ -147,12 +147,10 @@ def main() -> None:
     rows_file = out / "peers.rows.jsonl"
     if args.fresh and rows_file.exists():
         rows_file.unlink()
-    done = {json.loads(line)["row"]: json.loads(line) for line in rows_file.read_text().splitlines()} if rows_file.exists() else {}
+    done = read_rows(rows_file)
 
     def record(row: dict) -> None:
-        done[row["row"]] = row
-        with open(rows_file, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_row(rows_file, done, row)
         print(f"{row['row']:<36} {row['bpw']:.4f} bpw  ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  "
               f"({time.strftime('%H:%M:%S')})", flush=True)
 
