@@ -14,7 +14,8 @@ Each actor loads the model from the source the driver loaded (a path or hub id; 
 equal the driver's), or gets the driver's in-memory model through the object store.
 
 Exactness: with one worker the actor does the single-process arithmetic in the same order, so the table
-is bit-identical (given the same torch thread count: Ray gives each actor one CPU). With k > 1 shards
+is bit-identical (given the same torch thread count: Ray gives each actor one CPU), and so it is with one
+window per shard (the shard order is then the window order). With shards of several windows
 the float32 sums associate differently, (w0+…+w3) + (w4+…+w7) instead of w0+…+w7, so H and F differ in
 their last bits, and every table cell lies within SHARD_RTOL (relative) of the single-process one.
 Failures: an actor whose process dies is restarted by Ray (it reloads the model on its next call) and
