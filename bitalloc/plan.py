@@ -220,7 +220,7 @@ class Plan(_Strict):
         "uniform guarantee (bitalloc plan --verify); absent if the plan was not verified")
 
     @model_serializer(mode="wrap")
-    def _omit_rtn_quantizer(self, handler):
+    def _omit_new_fields_at_their_defaults(self, handler):
         # RTN plans (and unverified ones) are written exactly as before these fields existed:
         # byte-identical, and readable by earlier bitalloc versions (which reject unknown fields).
         d = handler(self)
@@ -228,6 +228,8 @@ class Plan(_Strict):
             d.pop("quantizer")
         if d.get("verification", 0) is None:
             d.pop("verification")
+        if isinstance(d.get("budget"), dict) and d["budget"].get("fixed_bits", 0) is None:
+            d["budget"].pop("fixed_bits")  # planned-scope budgets, as before the field existed
         return d
 
     def to_json(self) -> str:
