@@ -30,7 +30,6 @@ import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 from ..config import RaySpec
 from ..errors import BadInputError, BitallocError
@@ -187,9 +186,7 @@ class RayPool:
         """spikes.collect_spikes(model, module_names, calibration, ...), the windows sharded over the actors.
 
         Maxima and the top-k tokens merge exactly; the float64 moment sums reassociate (relative ~1e-15)."""
-        from .spikes import _SiteAccumulator  # noqa: F401  (the accumulators travel pickled)
-        from .records import ProjectionSpikes
-        from .statistics import refuse_non_finite
+        from .spikes import SpikeCollector
 
         n, windows = self.spec.workers, calibration.n_windows
         ray, actors = require_ray(), self.start()
@@ -201,10 +198,9 @@ class RayPool:
             refs[k] = None
             total = part if total is None else {m: tuple(merge_sites(x, y) for x, y in zip(total[m], part[m]))
                                                 for m in module_names}
-        for m, sites in total.items():
-            for site, a in zip(("input", "output"), sites):
-                refuse_non_finite(m, f"spikes ({site})", np.concatenate([a.moments, a.ch_max.numpy(), a.ch_sq.numpy()]))
-        return {m: ProjectionSpikes(input=a.finish(threshold), output=b.finish(threshold)) for m, (a, b) in total.items()}
+        merged = SpikeCollector(module_names, top_k)
+        merged.acc = total
+        return merged.finish(threshold)  # the same finiteness check and records as collect_spikes
 
     def map_groups(self, fn: Callable, groups: list[list[str]], stats: dict, **kwargs) -> Iterator:
         """fn(model, names, {n: stats[n]}, **kwargs) for every group of module names, on the actors
@@ -234,25 +230,14 @@ def spike_accumulators(model, module_names: list[str], calibration, first_window
     first_window.. of the whole calibration (the top tokens record that index): one shard of collect_spikes."""
     import torch
 
-    from .spikes import _SiteAccumulator
+    from .spikes import SpikeCollector
 
-    acc = {n: (_SiteAccumulator(top_k), _SiteAccumulator(top_k)) for n in module_names}
-    current = {"window": 0}
-
-    def hook(mod, args, output, name):
-        acc[name][0].add(args[0], current["window"])
-        acc[name][1].add(output, current["window"])
-
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in module_names]
-    try:
-        with torch.no_grad():
-            for i, window in enumerate(calibration.tokens):
-                current["window"] = first_window + i
-                model(input_ids=window[None])
-    finally:
-        for h in handles:
-            h.remove()
-    return acc
+    collector = SpikeCollector(module_names, top_k)
+    with torch.no_grad(), collector.hooked({n: model.get_submodule(n) for n in module_names}):
+        for i, window in enumerate(calibration.tokens):
+            collector.window = first_window + i
+            model(input_ids=window[None])
+    return collector.acc
 
 
 def merge_sites(a, b):
