@@ -29,9 +29,6 @@ if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where th
     from .models import LoadedModel
     from .profile.artifact import Profile
 
-# every signal but interactions; the trace streamed is the empirical-Fisher trace (profile/fisher_trace.py)
-STREAMED_SIGNALS = {"fisher", "trace", "salience", "spikes", "table"}
-
 
 def bitalloc_version() -> str:
     try:
@@ -162,8 +159,8 @@ def profile_model(
     fields of ProfileSettings (trace_tol, trace_max_probes, spike_threshold, interaction_option, ...).
     config: the ProfileConfig (calibration, options, planned modules, quantizer, stream); without it
     one is built from calibration/options/seq_len/.../quantizer. The table's errors are `quantizer`'s.
-    stream: one decoder block in memory at a time (a local checkpoint path; every signal but interactions;
-    the trace is then the empirical-Fisher trace, settings trace_estimator="empirical-fisher").
+    stream: one decoder block in memory at a time (a local checkpoint path; every signal; the trace is then
+    the empirical-Fisher trace, settings trace_estimator="empirical-fisher").
     ray: fisher, salience, spikes and the table computed on a Ray cluster (profile/distributed.py).
     """
     from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
@@ -178,9 +175,6 @@ def profile_model(
                                         **settings)
     except TypeError as e:
         raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
-    if config.stream and (whole := sorted(set(prof_settings.signals) - STREAMED_SIGNALS)):
-        raise BadInputError(f"signal(s) {', '.join(whole)} need the whole model; with --stream choose from "
-                            f"{','.join(sorted(STREAMED_SIGNALS))} (e.g. --signals fisher,table)")
     check_output_dir(out)
     if "interactions" in prof_settings.signals:
         from .quantizers import check_without_hessian

@@ -377,7 +377,7 @@ def profile_cmd(
     interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; every signal but interactions; trace = empirical-Fisher trace)"),
+    stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),

@@ -41,8 +41,8 @@ def free_port() -> int:
 class Server:
     """`python -m bitalloc.cli serve` on a loopback port, with its own store and allowed root."""
 
-    def __init__(self, store: Path, root: Path, log: Path):
-        self.store, self.root, self.log = store, root, log
+    def __init__(self, store: Path, root: Path, log: Path, extra: tuple[str, ...] = ()):
+        self.store, self.root, self.log, self.extra = store, root, log, extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -50,7 +50,7 @@ class Server:
     def start(self) -> None:
         env = {**os.environ, "BITALLOC_TOKEN": TOKEN, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "bitalloc.cli", "serve", "--port", str(self.port), "--store", str(self.store),
-               "--allow-root", str(self.root), "--workers", "1", "--max-body", "4096"]
+               "--allow-root", str(self.root), "--workers", "1", "--max-body", "4096", *self.extra]
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -193,8 +193,6 @@ def test_profile_streams_trace_and_spikes(model_dir, tmp_path):
     with pytest.raises(BadInputError, match="--stream"):
         api.profile_model(str(model_dir), calib, tmp_path / "y", signals=("trace",), trace_estimator="empirical-fisher",
                           **kw)
-    with pytest.raises(BadInputError, match="interactions need the whole model"):
-        api.profile_model(str(model_dir), calib, tmp_path / "z", stream=True, signals=("interactions",), **kw)
 
 
 def test_profile_streams_spikes_alone_without_a_backward(model_dir, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ When everything is done the parts are folded into profile.json + tensors.npz and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -99,9 +100,10 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                     quantizer: str = "rtn", ray_pool=None) -> Profile:
     """The profile for these inputs: read from `out` when complete and matching, else computed (resuming parts).
 
-    streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; every signal but interactions
-    is then computed on one walk that loads one block at a time (profile/streamed.py), the trace as the
-    empirical-Fisher trace (settings.trace_estimator must say so).
+    streamed_from: the checkpoint.StreamedModel whose skeleton `model` is; the signals are then computed
+    with one block loaded at a time: one walk (profile/streamed.py) for every signal but interactions,
+    the trace as the empirical-Fisher trace (settings.trace_estimator must say so); the interactions by
+    profile/streamed_interactions.py.
     quantizer: whose ΔW the table's errors measure (config.ProfileConfig.quantizer; recorded in the table).
     ray_pool: a distributed.RayPool: the per-block signals' statistics, each block's signals and the
     spikes are computed on its Ray actors (trace and interactions stay in this process).
@@ -157,29 +159,54 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         parts.put("trace", state)
     interactions = []
     if "interactions" in sig:
-        option = parse_option(settings.interaction_option)
-        graph = dataflow_graph(model, module_names, calibration.tokens[0, :16])
-        windows = calibration.tokens[: settings.interaction_windows]
-        singles: dict[str, float] = {}
-        importance = None
-        if importance_only(quantizer):  # rtn-w swaps hold the table's weights: diag H of the same windows
-            importance = input_importance(model, module_names, calibration.tokens)
         wanted = [b for b in blocks if b is not None and (settings.interaction_blocks is None or b in settings.interaction_blocks)]
-        for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
-            got = parts.get(f"interactions-block-{b:03d}")
-            if got is None:
-                got = measure_interactions(model, candidate_pairs(graph, {b}), option, windows, singles=singles,
-                                           quantizer=quantizer, importance=importance)
-                parts.put(f"interactions-block-{b:03d}", got)
-            for r in got:
-                singles.setdefault(r.a, r.single_a)
-                singles.setdefault(r.b, r.single_b)
-            interactions += got
+        with contextlib.ExitStack() as stack:
+            measure = _interaction_meter(model, module_names, calibration, settings, quantizer, streamed_from, stack)
+            singles: dict[str, float] = {}
+            for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
+                got = parts.get(f"interactions-block-{b:03d}")
+                if got is None:
+                    got = measure(b, singles)
+                    parts.put(f"interactions-block-{b:03d}", got)
+                for r in got:
+                    singles.setdefault(r.a, r.single_a)
+                    singles.setdefault(r.b, r.single_b)
+                interactions += got
     profile = _assemble(model, module_names, blocks, parts, key, settings, options, interactions, meta or {})
     profile.calibration_tokens = calibration.tokens.numpy()
     profile.save(out)
     parts.clear()
     return profile
+
+
+def _interaction_meter(model, module_names, calibration, settings: ProfileSettings, quantizer: str, streamed_from,
+                       stack: contextlib.ExitStack):
+    """measure(block, singles) -> that block's Interaction records; the whole model's forward passes, or,
+    streamed, streamed_interactions.StreamedInteractions (its clean walk runs on the first call only,
+    so a resumed profile whose blocks are all done loads nothing)."""
+    option = parse_option(settings.interaction_option)
+    windows = calibration.tokens[: settings.interaction_windows]
+    if streamed_from is None:
+        graph = dataflow_graph(model, module_names, calibration.tokens[0, :16])
+        importance = None
+        if importance_only(quantizer):  # rtn-w swaps hold the table's weights: diag H of the same windows
+            importance = input_importance(model, module_names, calibration.tokens)
+        return lambda b, singles: measure_interactions(model, candidate_pairs(graph, {b}), option, windows,
+                                                       singles=singles, quantizer=quantizer, importance=importance)
+    from .streamed_interactions import StreamedInteractions
+
+    # the skeleton's weights are on the meta device: a meta forward gives the call order, no data needed
+    graph = dataflow_graph(model, module_names, torch.arange(16, device="meta"))
+    meter: list[StreamedInteractions] = []
+
+    def measure(b, singles):
+        if not meter:
+            meter.append(stack.enter_context(StreamedInteractions(
+                streamed_from, module_names, calibration.tokens, settings.interaction_windows,
+                importance=importance_only(quantizer))))
+        return meter[0].measure(candidate_pairs(graph, {b}), option, singles, quantizer)
+
+    return measure
 
 
 def _check_trace_estimator(settings: ProfileSettings, streamed: bool) -> None:

@@ -11,6 +11,7 @@ For an embedding (one-hot inputs) H is diagonal, so we keep per-token-id sums in
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -145,6 +146,52 @@ def finish_statistics(sums: StatisticSums) -> dict[str, ModuleStats]:
     return stats
 
 
+class ImportanceSums:
+    """input_importance's running sums, Σ over windows of diag(XᵀX) per planned linear, fed by forward hooks
+    one window at a time (end_window after each); a streamed walk feeds it block by block."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.window_inputs: dict[str, torch.Tensor] = {}
+        self.diag: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def hooked(self):
+        def hook(name: str):
+            def grab(mod, args, output):
+                self.window_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            return grab
+
+        handles = [mod.register_forward_hook(hook(n)) for n, mod in self.modules.items()
+                   if not isinstance(mod, nn.Embedding)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def end_window(self) -> None:
+        window_xtx: dict[str, torch.Tensor] = {}
+        _accumulate_xtx(self.window_inputs, window_xtx)
+        for n, prod in window_xtx.items():
+            d = torch.diagonal(prod)
+            self.diag[n] = self.diag[n] + d if n in self.diag else d.clone()
+        self.window_inputs.clear()
+
+    def finish(self, n_inputs: int) -> dict[str, torch.Tensor | None]:
+        """diag H per module (None for an embedding): the sums over `n_inputs` tokens."""
+        result: dict[str, torch.Tensor | None] = {}
+        for n, mod in self.modules.items():
+            if isinstance(mod, nn.Embedding):
+                result[n] = None
+                continue
+            if n not in self.diag:
+                raise RuntimeError(f"module {n} saw no input during calibration; is it used in forward?")
+            result[n] = self.diag[n] / n_inputs
+            refuse_non_finite(n, "input importance", result[n])
+        return result
+
+
 @torch.no_grad()
 def input_importance(model: nn.Module, module_names: list[str], windows: torch.Tensor,
                      progress: bool = False) -> dict[str, torch.Tensor | None]:
@@ -156,40 +203,14 @@ def input_importance(model: nn.Module, module_names: list[str], windows: torch.T
     element by element), so an applied weight is exactly the one whose error the candidate table holds.
     Forward only: no gradients, and only [in] per module is kept.
     """
-    modules = {n: model.get_submodule(n) for n in module_names}
-    window_inputs: dict[str, torch.Tensor] = {}
-    diag: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def grab(mod, args, output):
-            window_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
-        return grab
-
-    handles = [mod.register_forward_hook(hook(n)) for n, mod in modules.items() if not isinstance(mod, nn.Embedding)]
+    sums = ImportanceSums({n: model.get_submodule(n) for n in module_names})
     n_inputs = 0
-    try:
+    with sums.hooked():
         for window in tqdm(windows, desc="input importance", disable=not progress, unit="win"):
-            window_inputs.clear()
             model(input_ids=window[None])
-            window_xtx: dict[str, torch.Tensor] = {}
-            _accumulate_xtx(window_inputs, window_xtx)
-            for n, prod in window_xtx.items():
-                d = torch.diagonal(prod)
-                diag[n] = diag[n] + d if n in diag else d.clone()
+            sums.end_window()
             n_inputs += window.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-    result: dict[str, torch.Tensor | None] = {}
-    for n, mod in modules.items():
-        if isinstance(mod, nn.Embedding):
-            result[n] = None
-            continue
-        if n not in diag:
-            raise RuntimeError(f"module {n} saw no input during calibration; is it used in forward?")
-        result[n] = diag[n] / n_inputs
-        refuse_non_finite(n, "input importance", result[n])
-    return result
+    return sums.finish(n_inputs)
 
 
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:

@@ -359,34 +359,51 @@ def _record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) ->
     return calls, seen["h0"]
 
 
-def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeCollector,
-               backward: bool = True) -> torch.Tensor | None:
-    """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks
-    (backward=False: the head's forward only, for the spike hooks; returns None)."""
+def head_chunks(model, blocks, tokens, h_last, *, grad: bool = False,
+                before: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, int]]:
+    """(window w, chunk start a, leaf, logits, n) per token chunk of every window: the model's forward from
+    h_N[w, a:b] (the leaf, requiring grad when `grad`) through the final norm and head; n of the chunk's
+    positions predict a next token. before(w, a) runs just before each chunk's forward (for hooks' bookkeeping)."""
     n_windows, seq_len = tokens.shape
-    grad = torch.zeros_like(h_last) if backward else None
     last = len(blocks) - 1
     # the blocks are replayed, so what enters them is never used: zeros spare the embedding matrix
     zeros = torch.zeros(1, min(HEAD_CHUNK_TOKENS, seq_len), model.get_input_embeddings().embedding_dim)
     for w in range(n_windows):
-        acc.window = w
         for a in range(0, seq_len, HEAD_CHUNK_TOKENS):
             b = min(a + HEAD_CHUNK_TOKENS, seq_len)
-            spikes.window, spikes.offset = w, a
-            leaf = h_last[w : w + 1, a:b].clone().requires_grad_(backward)
+            if before is not None:
+                before(w, a)
+            leaf = h_last[w : w + 1, a:b].clone().requires_grad_(grad)
 
             def replay(i, *args, **kwargs):
                 return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
 
             with _blocks_replaced(blocks, replay):
                 logits = model(inputs_embeds=zeros[:, : b - a], use_cache=False).logits  # [1, b-a, vocab]
-            n = min(b, seq_len - 1) - a  # positions in this chunk that predict a next token
-            if backward and n > 0:
-                loss = nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
-                loss.backward()
-                grad[w, a:b] = leaf.grad[0]
-            acc.end_pass()
+            yield w, a, leaf, logits, min(b, seq_len - 1) - a
             del logits, leaf
+
+
+def chunk_nll(logits: torch.Tensor, tokens: torch.Tensor, w: int, a: int, n: int) -> torch.Tensor:
+    """Summed next-token NLL of one head chunk's n predicting positions."""
+    return nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
+
+
+def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeCollector,
+               backward: bool = True) -> torch.Tensor | None:
+    """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks
+    (backward=False: the head's forward only, for the spike hooks; returns None)."""
+    grad = torch.zeros_like(h_last) if backward else None
+
+    def before(w, a):
+        acc.window = w
+        spikes.window, spikes.offset = w, a
+
+    for w, a, leaf, logits, n in head_chunks(model, blocks, tokens, h_last, grad=backward, before=before):
+        if backward and n > 0:
+            chunk_nll(logits, tokens, w, a, n).backward()
+            grad[w, a : a + leaf.shape[1]] = leaf.grad[0]
+        acc.end_pass()
     return grad
 
 
