@@ -14,14 +14,15 @@ from bitalloc.api import plan
 from bitalloc.apply import apply
 from bitalloc.errors import BadInputError
 from bitalloc.formats.int import int_dequantize, int_range
-from bitalloc.models import select_modules, weight_matrix
+from bitalloc.models import decoder_blocks, select_modules, weight_matrix
 from bitalloc.options import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantize_weight, quantize_weight_options
 from bitalloc.quantizers.gptq import hessian_factor
 from bitalloc.quantizers.scale_search import search_int_scales
 from bitalloc.quantizers.materialize import quantize_model
-from bitalloc.quantizers.sequential import _first_block_inputs, _stages
+from bitalloc.blockwalk import record_calls
+from bitalloc.quantizers.sequential import _stages
 
 from conftest import FAMILIES, VOCAB
 from test_cli import cli_env  # noqa: F401  (fixture)
@@ -151,7 +152,8 @@ def test_stages_follow_the_blocks_dataflow(llama, gpt2):
     for name, model in (("llama", llama), ("gpt2", gpt2)):
         block = model.model.layers[0] if name == "llama" else model.transformer.h[0]
         planned = {n: QuantOption.int_(4, 32, False) for s in expect[name] for n in s}
-        stages = _stages(block, planned, _first_block_inputs(model, block, calib))
+        calls, h0 = record_calls(model, decoder_blocks(model)[1], calib[:1])
+        stages = _stages(block, planned, [(calls[0], h0)])
         assert [sorted(s) for s in stages] == [sorted(s) for s in expect[name]]
 
 

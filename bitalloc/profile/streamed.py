@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,10 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..blockwalk import BlockCall, StopForward, blocks_replaced, record_calls
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
-from ..errors import BadInputError
 from ..models import decoder_blocks
 from ..options import QuantOption
 from .fisher_trace import row_sums
@@ -45,26 +43,6 @@ from .spikes import SpikeCollector
 from .statistics import ModuleStats, _accumulate_xtx, check_finite_stats
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
-
-
-class _Stop(Exception):
-    """Raised by the recorder to end a forward pass once the wanted block input is seen."""
-
-
-@dataclass
-class _BlockCall:
-    """How the model called one block in one window, minus the hidden state."""
-
-    args: tuple
-    kwargs: dict
-    hidden_as_kwarg: bool
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.hidden_as_kwarg:
-            out = block(*self.args, hidden_states=hidden, **self.kwargs)
-        else:
-            out = block(hidden, *self.args, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
 
 
 class _Boundaries:
@@ -90,18 +68,6 @@ class _Boundaries:
             self.memory.pop(index, None)
         else:
             (self.folder / f"h{index:04d}.npy").unlink(missing_ok=True)
-
-
-@contextmanager
-def _blocks_replaced(blocks: nn.ModuleList, fn: Callable) -> Iterator[None]:
-    # An instance attribute shadows the class's forward; nn.Module.__call__ (and hooks) still run.
-    for i, blk in enumerate(blocks):
-        blk.forward = partial(fn, i)
-    try:
-        yield
-    finally:
-        for blk in blocks:
-            blk.__dict__.pop("forward", None)
 
 
 @contextmanager
@@ -231,7 +197,7 @@ def iter_block_statistics(
         bar = tqdm(total=(2 if statistics else 1) * n_blocks, desc="streamed blocks", disable=not progress, unit="block")
 
         # 1. prefix: record every block's call per window, and h₀
-        calls: list[list[_BlockCall]] = []
+        calls: list[list[BlockCall]] = []
         before_blocks: set[str] = set()
         # the prefix passes never reach the head, and the head pass feeds zeros instead of embeddings: an
         # untied vocabulary matrix (4.2 GB fp32 for Llama-3.1-70B) is loaded only where it is used
@@ -243,7 +209,7 @@ def iter_block_statistics(
             try:
                 for w in range(n_windows):
                     spikes.window, spikes.offset = w, 0
-                    window_calls, first = _record_calls(model, blocks, tokens[w][None])
+                    window_calls, first = record_calls(model, blocks, tokens[w][None])
                     calls.append(window_calls)
                     h0.append(first)
             finally:
@@ -327,38 +293,6 @@ def _owner(name: str, outside: list[tuple[str, nn.Module]]) -> str:
     return max((n for n, _ in outside if name == n or name.startswith(n + ".")), key=len, default=name)
 
 
-def _record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> tuple[list[_BlockCall], torch.Tensor]:
-    """One window's forward up to the last block: each block's call, and the input of block 0."""
-    calls: list[_BlockCall] = []
-    seen: dict[str, torch.Tensor] = {}
-    last = len(blocks) - 1
-
-    def recorder(i, *args, **kwargs):
-        if args:
-            hidden, call = args[0], _BlockCall(args[1:], kwargs, False)
-        else:
-            hidden, call = kwargs.pop("hidden_states"), _BlockCall((), kwargs, True)
-        if i == 0:
-            seen["h0"] = hidden
-        elif hidden is not seen["returned"]:  # the model changed block i-1's output before passing it on
-            raise BadInputError(f"{type(model).__name__} does not pass each block's output to the next block as is; "
-                                "streamed profiling cannot replay its blocks, drop --stream")
-        calls.append(call)
-        if i == last:
-            raise _Stop
-        seen["returned"] = hidden  # recorders are identities: the next block sees this very tensor
-        return hidden
-
-    with _blocks_replaced(blocks, recorder):
-        try:
-            model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        else:
-            raise RuntimeError("the forward pass never reached the last decoder block")
-    return calls, seen["h0"]
-
-
 def head_chunks(model, blocks, tokens, h_last, *, grad: bool = False,
                 before: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, int]]:
     """(window w, chunk start a, leaf, logits, n) per token chunk of every window: the model's forward from
@@ -378,7 +312,7 @@ def head_chunks(model, blocks, tokens, h_last, *, grad: bool = False,
             def replay(i, *args, **kwargs):
                 return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
 
-            with _blocks_replaced(blocks, replay):
+            with blocks_replaced(blocks, replay):
                 logits = model(inputs_embeds=zeros[:, : b - a], use_cache=False).logits  # [1, b-a, vocab]
             yield w, a, leaf, logits, min(b, seq_len - 1) - a
             del logits, leaf
@@ -427,12 +361,12 @@ def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
 
         def stop(i, *args, **kwargs):
             got.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
+            raise StopForward
 
-        with _blocks_replaced(blocks, stop):
+        with blocks_replaced(blocks, stop):
             try:
                 model(input_ids=tokens[w : w + 1], use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
         got[0].backward(grad0[w : w + 1])
         acc.end_pass()

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..blockwalk import record_calls
 from ..checkpoint import StreamedModel, outside_modules
 from ..models import decoder_blocks
 from ..options import QuantOption
 from .interactions import block_index, quantized
 from .records import Interaction
 from .statistics import ImportanceSums
-from .streamed import _Boundaries, _loaded, _record_calls, _without, chunk_nll, head_chunks
+from .streamed import _Boundaries, _loaded, _without, chunk_nll, head_chunks
 
 Variant = tuple[str, ...]  # the modules quantized together: one (a single) or two (a pair)
 
@@ -79,7 +80,7 @@ class StreamedInteractions:
         bar = tqdm(total=n_blocks, desc="interactions: clean walk", disable=not self.progress, unit="block")
         with sums.hooked():
             with _loaded(self.loaded, self.prefix_modules):
-                recorded = [_record_calls(self.model, self.blocks, tokens[w][None]) for w in range(tokens.shape[0])]
+                recorded = [record_calls(self.model, self.blocks, tokens[w][None]) for w in range(tokens.shape[0])]
                 sums.window_inputs.clear()  # an embedding has no importance; nothing else ran
             calls = [c for c, _ in recorded]
             self.calls = calls[:keep]
@@ -142,7 +143,7 @@ class StreamedInteractions:
             with _loaded(self.loaded, self.prefix_modules):
                 for v in (v for v in variants if start[v] < 0):
                     with self._quantized_in(v, option, outside, quantizer):
-                        streams[v] = torch.cat([_record_calls(self.model, self.blocks, self.windows[w][None])[1]
+                        streams[v] = torch.cat([record_calls(self.model, self.blocks, self.windows[w][None])[1]
                                                 for w in range(keep)])
         first = max(0, min(start.values()))
         bar = tqdm(total=n_blocks - first + 1, desc=f"interactions: {len(variants)} variants", disable=not self.progress,

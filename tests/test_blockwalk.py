@@ -1,0 +1,51 @@
+"""blockwalk: replaying a model's decoder blocks one at a time gives the whole model's hidden states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from bitalloc.blockwalk import record_calls
+from bitalloc.models import decoder_blocks
+
+from conftest import FAMILIES, VOCAB
+
+
+def _sliding_qwen2():
+    """Block 0 attends to an 8-token window, block 1 to everything: the blocks get different masks."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    return Qwen2ForCausalLM(config).eval()
+
+
+MODELS = {**FAMILIES, "qwen2-sliding-window": _sliding_qwen2}
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@torch.no_grad()
+def test_replayed_blocks_give_the_whole_models_hidden_states(family, calib_ids):
+    model = MODELS[family]() if family == "qwen2-sliding-window" else MODELS[family]().eval()
+    _, blocks = decoder_blocks(model)
+    ids = calib_ids[:1]
+    want = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    calls, h = record_calls(model, blocks, ids)
+    torch.testing.assert_close(h, want[0], rtol=0, atol=0)
+    for l, block in enumerate(blocks):
+        h = calls[l](block, h)
+        if l + 1 < len(blocks):  # the last entry of hidden_states has the final norm applied
+            torch.testing.assert_close(h, want[l + 1], rtol=0, atol=0)
+
+
+def test_the_sliding_window_model_really_gives_its_blocks_different_masks(calib_ids):
+    model = _sliding_qwen2()
+    blocks = decoder_blocks(model)[1]
+    calls, h0 = record_calls(model, blocks, calib_ids[:1])
+    masks = [c.kwargs["attention_mask"] for c in calls]
+    assert masks[0] is not None and masks[1] is not None and not torch.equal(masks[0], masks[1])
+    # so running block 1 with block 0's arguments (as GPTQ's pass once did) gives other hidden states
+    with torch.no_grad():
+        h1 = calls[0](blocks[0], h0)
+        assert (calls[0](blocks[1], h1) - calls[1](blocks[1], h1)).abs().max() > 1e-3
