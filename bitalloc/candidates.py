@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .models import weight_matrix
 from .options import QuantOption
 from .profile.statistics import ModuleStats
 from .quantizers import needs_hessian, quantize_weight_options
 from .table import ERROR_MODELS, CandidateTable  # noqa: F401  (numpy-only home; re-exported here)
+from .progress import steps
 
 
 def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, float]:
@@ -51,7 +51,7 @@ def build_candidate_table(
 ) -> CandidateTable:
     """Storage bits and predicted errors of every (module, option), with ΔW from `quantizer`."""
     shapes, bits_rows, err_rows = [], [], {m: [] for m in ERROR_MODELS}
-    for name in tqdm(module_names, desc="candidate errors", disable=not progress, unit="module"):
+    for name in steps(module_names, "candidate errors", show=progress, unit="module"):
         w = weight_matrix(model.get_submodule(name))
         out_f, in_f = w.shape
         shapes.append((int(out_f), int(in_f)))

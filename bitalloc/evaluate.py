@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import check_windows, sequential_windows, tokenize
 from .models import check_token_ids
+from .progress import steps
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def evaluation_windows(text_or_ids: str | torch.Tensor, tokenizer: Any = None, s
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> list[torch.Tensor]:
     """Log-probabilities of `model` per window (float32), to compare many quantized variants against."""
-    return [_logprobs(model, w) for w in tqdm(windows, desc="reference", disable=not progress, unit="win")]
+    return [_logprobs(model, w) for w in steps(windows, "reference", show=progress, unit="win")]
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def evaluate(
             check_token_ids(m, windows, "evaluation windows")
     nll_sum = kl_sum = agree = 0.0
     n = 0
-    for i, w in enumerate(tqdm(windows, desc="evaluate", disable=not progress, unit="win")):
+    for i, w in enumerate(steps(windows, "evaluate", show=progress, unit="win")):
         logp = model[i] if isinstance(model, list) else _logprobs(model, w)
         nll_sum += float(-logp.gather(1, w[1:, None]).sum())
         n += w.numel() - 1

@@ -8,12 +8,12 @@ import platform
 from typing import Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..options import QuantOption
 from .kernels import DEQUANT_DENSE, Kernel, LinearFn, kernels_for, reference_weight
 from .profile import HardwareProfile, KernelCheck, LatencyEntry
 from .timing import time_call
+from ..progress import Bar
 
 _DTYPE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -130,7 +130,7 @@ def measure_profile(
     kernel_for_option: dict[str, str] = {}
     entries: list[LatencyEntry] = []
     work = [(o, s) for o in options for s in shapes]
-    bar = tqdm(total=len(work) * len(tokens), desc="latency", unit="kernel", disable=not progress)
+    bar = Bar(len(work) * len(tokens), "latency", show=progress, unit="kernel")
     for option in options:
         chosen: Kernel | None = None
         for out_f, in_f in shapes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..models import weight_matrix
 from ..options import QuantOption
@@ -14,6 +13,7 @@ from .measure import choose_kernel, prepare_or_choose
 from .predict import LatencyModel, shape_signature
 from .profile import HardwareProfile, ModelTiming
 from .timing import Timing, time_call
+from ..progress import steps
 
 
 class KernelLinear(nn.Module):
@@ -42,7 +42,7 @@ def attach_kernels(model: nn.Module, options: dict[str, QuantOption], profile: H
     param = next(model.parameters())
     device, dtype = param.device, dtype or param.dtype
     used = {}
-    for name, option in tqdm(sorted(options.items()), desc="kernels", unit="module", disable=not progress):
+    for name, option in steps(sorted(options.items()), "kernels", show=progress, unit="module"):
         module = model.get_submodule(name)
         weight = weight_matrix(module).detach().float()
         bias = getattr(module, "bias", None)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 from ..config import RaySpec
 from ..errors import BadInputError, BitallocError
+from ..progress import steps
 
 MAX_RETRIES = 2  # restarts of a dead actor, and retries of the call it was running
 CPUS_PER_WORKER = 1
@@ -272,16 +273,14 @@ def block_groups(model, module_names: list[str]) -> list[list[str]]:
 def ray_candidate_table(pool: RayPool, module_names: list[str], calibration, options, *, quantizer: str = "rtn",
                         progress: bool = False):
     """candidates.build_candidate_table(model, names, collect_statistics(...), options) on the pool's actors."""
-    from tqdm.auto import tqdm
-
+    
     from ..candidates import build_candidate_table
     from .pipeline import _concat as concat_tables  # the one concatenation of table parts
 
     stats = pool.statistics(module_names, calibration)
     groups = block_groups(pool.loaded.model, module_names)
     rows = pool.map_groups(build_candidate_table, groups, stats, options=list(options), quantizer=quantizer)
-    return concat_tables(list(tqdm(rows, total=len(groups), desc="candidate errors (ray)", disable=not progress,
-                                   unit="block")))
+    return concat_tables(list(steps(rows, "candidate errors (ray)", show=progress, unit="block", total=len(groups))))
 
 
 def _windows(calibration, a: int, b: int):

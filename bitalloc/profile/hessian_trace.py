@@ -25,12 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..models import Conv1D
 from .records import TraceEstimate
 from .statistics import refuse_non_finite
+from ..progress import Bar
 
 
 def _param(module: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -109,7 +109,7 @@ def hutchinson_traces(
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in unique))
     done = max(s.probes for s in state.values())
-    bar = tqdm(total=max_probes, initial=done, desc="hessian trace probes", disable=not progress, unit="probe")
+    bar = Bar(max_probes, "hessian trace probes", show=progress, unit="probe", initial=done)
     try:
         # The math SDPA kernel has a double backward on every device; the fused ones may not.
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from ..quantizers import weight_values
 from .records import Interaction
+from ..progress import steps
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -112,11 +112,11 @@ def measure_interactions(model: nn.Module, pairs: list[tuple[str, str, str]], op
     base = mean_nll(model, windows)
     singles = dict(singles or {})
     needed = sorted({n for a, b, _ in pairs for n in (a, b)} - set(singles))
-    for n in tqdm(needed, desc=f"single ablations {option.label}", disable=not progress, unit="module"):
+    for n in steps(needed, f"single ablations {option.label}", show=progress, unit="module"):
         with quantized(model, {n: option}, quantizer, importance):
             singles[n] = mean_nll(model, windows) - base
     result = []
-    for a, b, rel in tqdm(pairs, desc=f"pair ablations {option.label}", disable=not progress, unit="pair"):
+    for a, b, rel in steps(pairs, f"pair ablations {option.label}", show=progress, unit="pair"):
         with quantized(model, {a: option, b: option}, quantizer, importance):
             joint = mean_nll(model, windows) - base
         result.append(Interaction(a=a, b=b, relation=rel, option=option.label, single_a=singles[a],

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..candidates import CandidateTable, build_candidate_table
@@ -43,6 +42,7 @@ from ..quantizers import importance_only
 from .spikes import DEFAULT_THRESHOLD, SpikeCollector, collect_spikes
 from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
+from ..progress import steps
 
 SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
 DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
@@ -131,13 +131,13 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
                 stats = ray_pool.statistics(todo, calibration)
                 signals = ray_pool.map_groups(_block_signals, [blocks[b] for b in missing], stats, settings=settings,
                                               options=options, quantizer=quantizer)
-                for b, got in zip(missing, tqdm(signals, total=len(missing), desc="profile blocks (ray)",
-                                                disable=not progress, unit="block")):
+                for b, got in zip(missing, steps(signals, "profile blocks (ray)", show=progress, unit="block",
+                                                 total=len(missing))):
                     parts.put(_block_unit(b), got)
                 missing = []
             else:
                 stats = collect_statistics(model, todo, calibration, progress=progress)
-            for b in tqdm(missing, desc="profile blocks", disable=not progress, unit="block"):
+            for b in steps(missing, "profile blocks", show=progress, unit="block"):
                 parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options, quantizer))
                 for n in blocks[b]:
                     del stats[n]  # free H as we go
@@ -163,7 +163,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
         with contextlib.ExitStack() as stack:
             measure = _interaction_meter(model, module_names, calibration, settings, quantizer, streamed_from, stack)
             singles: dict[str, float] = {}
-            for b in tqdm(wanted, desc="interaction blocks", disable=not progress, unit="block"):
+            for b in steps(wanted, "interaction blocks", show=progress, unit="block"):
                 got = parts.get(f"interactions-block-{b:03d}")
                 if got is None:
                     got = measure(b, singles)

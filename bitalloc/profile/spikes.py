@@ -20,11 +20,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from .records import ProjectionSpikes, SiteSpikes
 from .statistics import refuse_non_finite
+from ..progress import steps
 
 # max |x| over median channel RMS. A Gaussian channel at 8k tokens reaches ~4.5; on SmolLM2-135M six
 # down_proj inputs exceed 300 (layers 1, 2, 9, 11, 28, 29: 400 to 23000) and the next is 281.
@@ -119,7 +119,7 @@ def collect_spikes(model: nn.Module, module_names: list[str], calibration: Calib
     """Spike statistics of every named module's input and output over all calibration windows."""
     collector = SpikeCollector(module_names, top_k)
     with collector.hooked({n: model.get_submodule(n) for n in module_names}):
-        for i, window in enumerate(tqdm(calibration.tokens, desc="activation spikes", disable=not progress, unit="win")):
+        for i, window in enumerate(steps(calibration.tokens, "activation spikes", show=progress, unit="win")):
             collector.window = i
             model(input_ids=window[None])
     return collector.finish(threshold)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration
 from ..errors import NonFiniteError
+from ..progress import steps
 
 
 @dataclass
@@ -109,7 +109,7 @@ def statistic_sums(
     n_inputs = 0
     n_predicted = 0
     try:
-        for window in tqdm(calibration.tokens, desc="calibration windows", disable=not progress, unit="win"):
+        for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
             window_inputs.clear()
             ids = window[None]
             logits = model(input_ids=ids).logits
@@ -206,7 +206,7 @@ def input_importance(model: nn.Module, module_names: list[str], windows: torch.T
     sums = ImportanceSums({n: model.get_submodule(n) for n in module_names})
     n_inputs = 0
     with sums.hooked():
-        for window in tqdm(windows, desc="input importance", disable=not progress, unit="win"):
+        for window in steps(windows, "input importance", show=progress, unit="win"):
             model(input_ids=window[None])
             sums.end_window()
             n_inputs += window.shape[0]

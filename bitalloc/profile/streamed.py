@@ -30,7 +30,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..blockwalk import BlockCall, StopForward, blocks_replaced, record_calls
 from ..calibration import Calibration
@@ -41,6 +40,7 @@ from ..options import QuantOption
 from .fisher_trace import row_sums
 from .spikes import SpikeCollector
 from .statistics import ModuleStats, _accumulate_xtx, check_finite_stats
+from ..progress import Bar
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
 
@@ -194,7 +194,7 @@ def iter_block_statistics(
 
     with tempfile.TemporaryDirectory(prefix="bitalloc-boundaries-") as tmp:
         store = _Boundaries(Path(tmp) if boundaries_on_disk else None)
-        bar = tqdm(total=(2 if statistics else 1) * n_blocks, desc="streamed blocks", disable=not progress, unit="block")
+        bar = Bar((2 if statistics else 1) * n_blocks, "streamed blocks", show=progress, unit="block")
 
         # 1. prefix: record every block's call per window, and h₀
         calls: list[list[BlockCall]] = []

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..blockwalk import record_calls
 from ..checkpoint import StreamedModel, outside_modules
@@ -33,6 +32,7 @@ from .interactions import block_index, quantized
 from .records import Interaction
 from .statistics import ImportanceSums
 from .streamed import _Boundaries, _loaded, _without, chunk_nll, head_chunks
+from ..progress import Bar
 
 Variant = tuple[str, ...]  # the modules quantized together: one (a single) or two (a pair)
 
@@ -77,7 +77,7 @@ class StreamedInteractions:
         keep = self.windows.shape[0]
         sums = ImportanceSums(importance_of or {})
         n_blocks = len(self.blocks)
-        bar = tqdm(total=n_blocks, desc="interactions: clean walk", disable=not self.progress, unit="block")
+        bar = Bar(n_blocks, "interactions: clean walk", show=self.progress, unit="block")
         with sums.hooked():
             with _loaded(self.loaded, self.prefix_modules):
                 recorded = [record_calls(self.model, self.blocks, tokens[w][None]) for w in range(tokens.shape[0])]
@@ -146,8 +146,7 @@ class StreamedInteractions:
                         streams[v] = torch.cat([record_calls(self.model, self.blocks, self.windows[w][None])[1]
                                                 for w in range(keep)])
         first = max(0, min(start.values()))
-        bar = tqdm(total=n_blocks - first + 1, desc=f"interactions: {len(variants)} variants", disable=not self.progress,
-                   unit="block")
+        bar = Bar(n_blocks - first + 1, f"interactions: {len(variants)} variants", show=self.progress, unit="block")
         for l in range(first, n_blocks):
             active = [v for v in variants if start[v] <= l]
             in_block = {n for v in active for n in v if block_index(self.model, n) == l}

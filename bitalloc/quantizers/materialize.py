@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import BadInputError
 from ..models import set_weight_matrix, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, importance_only, needs_hessian, quantize_weight
+from ..progress import steps
 
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
@@ -36,7 +36,7 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
 
         importances = input_importance(model, list(options), _as_windows(calibration), progress=progress)
     result = {}
-    for name, option in tqdm(options.items(), desc=f"quantize ({quantizer})", disable=not progress, unit="module"):
+    for name, option in steps(options.items(), f"quantize ({quantizer})", show=progress, unit="module"):
         module = model.get_submodule(name)
         w = weight_matrix(module).detach()
         if importances and importances[name] is None:  # an embedding: rounded to nearest, as in the table

@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..blockwalk import BlockCall, StopForward, record_calls
 from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
+from ..progress import steps
 
 Inputs = list[tuple[BlockCall, torch.Tensor]]  # per calibration window: the block's call and its hidden input
 
@@ -51,7 +51,7 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
         if any(in_block.values()):
             recorded = [record_calls(model, blocks, window[None]) for window in calibration]
             hidden = [h0 for _, h0 in recorded]
-            bar = tqdm(range(len(blocks)), desc=f"{quantizer} blocks", disable=not progress, unit="block")
+            bar = steps(range(len(blocks)), f"{quantizer} blocks", show=progress, unit="block")
             for i in bar:
                 block = blocks[i]
                 inputs = [(calls[i], h) for (calls, _), h in zip(recorded, hidden)]

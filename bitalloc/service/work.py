@@ -15,7 +15,6 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -35,6 +34,7 @@ from ..models import LoadedModel, load_model, select_modules
 from ..options import QuantOption
 from ..plan import Plan
 from ..profile.store import load_table, save_table
+from ..progress import reporting
 from .sources import ProfileSpec
 from .store import PlanRecord, ProfileRecord, Store
 
@@ -61,7 +61,7 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
     modules = select_modules(loaded.model, spec.include_lm_head, spec.include_embeddings)
     options = [QuantOption.from_dict(d) for d in spec.options]
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
-    with _counted_steps(progress):
+    with reporting(_job_progress(progress)):
         table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer, ray=ray)
     progress(0.95, "saving profile")
     profile_id = spec.profile_id
@@ -93,34 +93,19 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
 _STEPS = {"calibration windows": (0.2, 0.6), "candidate errors": (0.6, 0.95)}
 
 
-@contextmanager
-def _counted_steps(progress: Progress, every_s: float = 0.5):
-    """Report the profiler's loops (its tqdm bars: windows, then modules) as job progress with counts.
-
-    Workers run one job per process, so swapping the loops' `tqdm` for the job's duration touches
-    nothing else; the originals come back afterwards.
-    """
-    from .. import candidates
-    from ..profile import statistics
-
+def _job_progress(progress: Progress, every_s: float = 0.5):
+    """A progress.Report that passes the profiler's loops (windows, then modules) on as job progress with
+    counts, at most every `every_s` seconds."""
     last = [0.0]
 
-    def counted(iterable, desc: str = "", **_):
-        lo, hi = _STEPS.get(desc, (0.2, 0.95))
-        total = len(iterable)
-        for i, item in enumerate(iterable):
-            now = time.monotonic()
-            if now - last[0] >= every_s:
-                last[0] = now
-                progress(lo + (hi - lo) * i / max(total, 1), f"profiling: {desc} {i}/{total}")
-            yield item
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            lo, hi = _STEPS.get(stage, (0.2, 0.95))
+            progress(lo + (hi - lo) * done / max(total, 1), f"profiling: {stage} {done}/{total}")
 
-    saved = statistics.tqdm, candidates.tqdm
-    statistics.tqdm = candidates.tqdm = counted
-    try:
-        yield
-    finally:
-        statistics.tqdm, candidates.tqdm = saved
+    return report
 
 
 @dataclass
