@@ -62,10 +62,10 @@ def self_calibration(model: torch.nn.Module, tokenizer: Any, *, seq_len: int = 5
 
 def _sample(model, ids: torch.Tensor, seq_len: int, g: torch.Generator, banned: list[int], device) -> torch.Tensor:
     """Extend ids [batch, prompt] to [batch, seq_len] by top-k temperature sampling, with the KV cache."""
-    # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated)
+    # transformers >= 5.2x names the KV cache `cache`, argument and output (`past_key_values` is deprecated)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids.to(device), use_cache=True)
-    past, seq = out.past_key_values, ids
+    past, seq = out[cache_arg], ids
     while seq.shape[1] < seq_len:
         logits = out.logits[:, -1, :].float().cpu() / TEMPERATURE  # [batch, vocab]
         logits[:, banned] = float("-inf")
@@ -76,5 +76,5 @@ def _sample(model, ids: torch.Tensor, seq_len: int, g: torch.Generator, banned: 
         if seq.shape[1] == seq_len:
             break
         out = model(input_ids=nxt.to(device), use_cache=True, **{cache_arg: past})
-        past = out.past_key_values
+        past = out[cache_arg]
     return seq
