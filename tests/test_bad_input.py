@@ -399,7 +399,9 @@ def test_sigint_stops_a_profile_with_130_and_keeps_its_finished_parts(model_dir,
     import time
 
     out = tmp_path / "prof"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", BITALLOC_CACHE_DIR=str(tmp_path / "cache"))
+    # PYTHONFAULTHANDLER: if it does not stop, SIGABRT makes it print where each thread is
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", BITALLOC_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONFAULTHANDLER="1")
     args = [sys.executable, "-m", "bitalloc.cli", "profile", str(model_dir), "--calib", str(model_dir / "calib.txt"),
             "--signals", "fisher,table,trace", "--trace-tol", "0", "--trace-abs-tol", "0", "--trace-max-probes", "100000",
             "--calib-tokens", "64", "--seq-len", "16", "--out", str(out)]
@@ -411,7 +413,12 @@ def test_sigint_stops_a_profile_with_130_and_keeps_its_finished_parts(model_dir,
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=60)
+            pytest.fail(f"still running 120 s after Ctrl-C; where it was:\n{stderr[-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr[-2000:]

@@ -172,6 +172,42 @@ def test_bad_worker_flags_are_one_error_line():
     assert (r.returncode, r.stderr) == (2, "error: --ray-workers needs --ray auto|ADDRESS\n")
 
 
+def test_serve_with_ray_runs_a_profile_job_over_http_on_the_cluster(cluster, model_dir, tmp_path):
+    # `bitalloc serve --ray ADDRESS` in a subprocess, joined to this test's cluster; a profile job posted over
+    # HTTP runs on one Ray worker and stores the same table as the job run in-process without Ray
+    httpx = pytest.importorskip("httpx")
+    from test_service import TOKEN, Server, wait_job
+
+    from bitalloc.profile.store import load_table
+    from bitalloc.service.app import _profile_spec
+    from bitalloc.service.schemas import CalibrationIn, OptionsIn
+    from bitalloc.service.sources import SourceRules
+    from bitalloc.service.store import SQLiteStore
+    from bitalloc.service.work import build_profile
+
+    calibration = {"path": str(model_dir / "calib.txt"), "seq_len": 32, "tokens": 96}
+    options = {"bits": [3, 4], "group_sizes": [32]}
+    address = ray.get_runtime_context().gcs_address
+    server = Server(tmp_path / "store", model_dir, tmp_path / "server.log", ("--ray", address, "--ray-workers", "1"))
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+            posted = client.post("/v1/profiles", json={"model": str(model_dir), "calibration": calibration,
+                                                       "options": options})
+            assert posted.status_code == 202, posted.text
+            job = wait_job(client, posted.json()["job"]["id"], timeout=300)
+            assert job["state"] == "done", job
+            profile_id = posted.json()["profile_id"]
+    finally:
+        server.stop()
+    assert "ray: " + address in server.log.read_text()  # the server said where its profile jobs run
+    served = load_table(SQLiteStore(tmp_path / "store").profile_dir(profile_id), profile_id)
+    spec = _profile_spec(str(model_dir), CalibrationIn(**calibration), OptionsIn(**options), False, False, SourceRules())
+    local = SQLiteStore(tmp_path / "local")
+    record, _, _ = build_profile(local, spec, None, lambda p, s: None)
+    _same_table(load_table(local.profile_dir(record.id), record.id), served)
+
+
 # Last in the file: the pool's two actors hold both CPUs of the test cluster until the module ends.
 @pytest.fixture(scope="module")
 def two_workers(cluster):
@@ -237,38 +273,3 @@ def test_two_worker_spikes_match_single_process(two_workers, calib):
             assert g.max_abs == w.max_abs and np.array_equal(g.top_tokens, w.top_tokens)
             np.testing.assert_allclose(g.channel_rms, w.channel_rms, rtol=1e-12)
 
-
-def test_serve_with_ray_runs_a_profile_job_over_http_on_the_cluster(cluster, model_dir, tmp_path):
-    # `bitalloc serve --ray ADDRESS` in a subprocess, joined to this test's cluster; a profile job posted over
-    # HTTP runs on one Ray worker and stores the same table as the job run in-process without Ray
-    httpx = pytest.importorskip("httpx")
-    from test_service import TOKEN, Server, wait_job
-
-    from bitalloc.profile.store import load_table
-    from bitalloc.service.app import _profile_spec
-    from bitalloc.service.schemas import CalibrationIn, OptionsIn
-    from bitalloc.service.sources import SourceRules
-    from bitalloc.service.store import SQLiteStore
-    from bitalloc.service.work import build_profile
-
-    calibration = {"path": str(model_dir / "calib.txt"), "seq_len": 32, "tokens": 96}
-    options = {"bits": [3, 4], "group_sizes": [32]}
-    address = ray.get_runtime_context().gcs_address
-    server = Server(tmp_path / "store", model_dir, tmp_path / "server.log", ("--ray", address, "--ray-workers", "1"))
-    server.start()
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
-            posted = client.post("/v1/profiles", json={"model": str(model_dir), "calibration": calibration,
-                                                       "options": options})
-            assert posted.status_code == 202, posted.text
-            job = wait_job(client, posted.json()["job"]["id"], timeout=300)
-            assert job["state"] == "done", job
-            profile_id = posted.json()["profile_id"]
-    finally:
-        server.stop()
-    assert "ray: " + address in server.log.read_text()  # the server said where its profile jobs run
-    served = load_table(SQLiteStore(tmp_path / "store").profile_dir(profile_id), profile_id)
-    spec = _profile_spec(str(model_dir), CalibrationIn(**calibration), OptionsIn(**options), False, False, SourceRules())
-    local = SQLiteStore(tmp_path / "local")
-    record, _, _ = build_profile(local, spec, None, lambda p, s: None)
-    _same_table(load_table(local.profile_dir(record.id), record.id), served)
