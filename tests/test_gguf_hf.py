@@ -170,3 +170,18 @@ def test_refuses_what_it_cannot_convert_faithfully(tmp_path, calib_ids):
     with pytest.raises(BadInputError, match=r"uses llama3 RoPE scaling, which bitalloc does not convert"):
         gguf_layout(plan, folder)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
+def test_pre_tokenizer_is_named_by_how_it_splits(name):
+    from bitalloc.gguf_hf import _reference_pre_tokenizers, pre_tokenizer_name
+
+    pre, ignore_merges = _reference_pre_tokenizers()[name]
+    tok = bpe_tokenizer("gpt-2")
+    tok.backend_tokenizer.pre_tokenizer = pre
+    spec = {"model": {"type": "BPE", "ignore_merges": ignore_merges}}
+    assert pre_tokenizer_name(tok, spec, "here") == name
+    # llama.cpp's llama-bpe ignores merges for whole-vocabulary words; the same split without it is none of them
+    if name == "llama-bpe":
+        with pytest.raises(BadInputError, match="splits text like none"):
+            pre_tokenizer_name(tok, {"model": {"type": "BPE", "ignore_merges": False}}, "here")
