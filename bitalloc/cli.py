@@ -509,7 +509,7 @@ def apply_cmd(
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", help="apply a plan made for different weights (their hash differs from the plan's)"),
     skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
-    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
+    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded; with --format gguf from a folder: as stored), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
@@ -533,7 +533,8 @@ def apply_cmd(
 
         check_output_file(out_path)
         plan = Plan.load(plan_path)
-        gguf_layout(plan, model)  # refuse a bad plan, source or architecture before any work
+        gguf_dtype = getattr(torch, dtypes[dtype]) if dtypes[dtype] else None
+        gguf_layout(plan, model, gguf_dtype)  # refuse a bad plan, source or architecture before any work
         if out_path.exists() and not force:
             raise BadInputError(f"{out_path} exists; pass --force to replace it")
     else:
@@ -545,7 +546,7 @@ def apply_cmd(
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
     if fmt == "gguf":
-        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json)
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype)
         return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not skip_hash_check, allow_untied=allow_untied,
@@ -585,13 +586,14 @@ def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: b
     return plan_windows(loaded.model, plan, quantizer, None, loaded.tokenizer, calib, check_hash)
 
 
-def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool) -> None:
+def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool,
+                dtype=None) -> None:
     from collections import Counter
 
     from .gguf_file import write_gguf
 
     layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not skip_hash_check,
-                        progress=not as_json)
+                        progress=not as_json, dtype=dtype)
     size = out_path.stat().st_size
     planned = layout.planned
     weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)

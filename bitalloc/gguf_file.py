@@ -87,8 +87,10 @@ def _field(reader, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def open_source(source: str | Path) -> Source:
-    """A .gguf file (copied) or a Hugging Face checkpoint folder (converted); refuses anything else."""
+def open_source(source: str | Path, dtype: torch.dtype | None = None) -> Source:
+    """A .gguf file (copied) or a Hugging Face checkpoint folder (converted); refuses anything else.
+
+    dtype: a folder's unplanned 2-D tensors in this dtype instead of the checkpoint's."""
     from . import gguf_hf
 
     path = Path(source).expanduser()
@@ -96,12 +98,15 @@ def open_source(source: str | Path) -> Source:
         arch = gguf_hf.gguf_architecture(path)
         metadata = gguf_hf.hf_metadata(path, arch)
         tensors = tuple(TensorEntry(t.name, t.ggml_type, _tensor_nbytes(t.ggml_type, *_rows_cols(t.shape)),
-                                    hf_name=t.hf_name, shape=t.shape) for t in gguf_hf.hf_tensors(path, arch))
+                                    hf_name=t.hf_name, shape=t.shape) for t in gguf_hf.hf_tensors(path, arch, dtype))
         return Source(path, arch, metadata, tensors, _gguf().GGUF_DEFAULT_ALIGNMENT)
     if path.suffix != ".gguf" or not path.is_file():
         raise BadInputError(f"writing a GGUF needs the source model as a .gguf file (its tokenizer and metadata are "
                             f"copied) or a Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
                             f"{str(source)!r} is neither")
+    if dtype is not None:
+        raise BadInputError(f"a .gguf source's unplanned tensors are copied as stored; a dtype for them ({dtype}) "
+                            "applies only when writing from a Hugging Face checkpoint folder")
     gguf = _gguf()
     reader = gguf.GGUFReader(path)
     metadata = {}
@@ -158,14 +163,16 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def gguf_layout(plan: Plan, source: str | Path | Source) -> GGUFLayout:
+def gguf_layout(plan: Plan, source: str | Path | Source, dtype: torch.dtype | None = None) -> GGUFLayout:
     """What `write_gguf` will write for `plan` from `source`: each tensor's type and bytes, the file size.
+
+    dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as the checkpoint stores them).
 
     Checks everything before any work: the source and its architecture, that every planned option is a
     GGUF type whose block divides the row, and that every planned module has a tensor in the source.
     """
     gguf = _gguf()
-    src = source if isinstance(source, Source) else open_source(source)
+    src = source if isinstance(source, Source) else open_source(source, dtype)
     arch = check_architecture(plan, src)
     types = {a.module: planned_ggml_type(a) for a in plan.assignments}
     name_map = gguf.get_tensor_name_map(gguf_arch(plan.model.architecture), block_count(plan))
@@ -257,18 +264,21 @@ def _ftype(layout: GGUFLayout, plan: Plan) -> int | None:
 
 
 def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path, quantizer: str | None = None,
-               calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False) -> GGUFLayout:
+               calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False,
+               dtype: torch.dtype | None = None) -> GGUFLayout:
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
     source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
     quantizer: rtn (llama.cpp's reference quantizers) or imatrix (importance from the layer inputs'
     mean x², as llama-quantize --imatrix; needs calibration); default: the plan's own.
+    dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
+    runs exactly the simulated plan, otherwise those tensors are rounded to it).
     """
     from .apply import check_plan_matches
     from .quantizers.materialize import quantize_model
 
     gguf = _gguf()
-    src = open_source(source)
+    src = open_source(source, dtype)
     layout = gguf_layout(plan, src)  # all checks before any quantization
     check_plan_matches(model, plan, check_hash)
     state = model.state_dict() if src.reader is None else {}

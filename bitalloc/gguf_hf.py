@@ -8,7 +8,8 @@ special ids, add_bos/eos and the chat template). Metadata is recorded through a 
 no file, so every key has the type gguf's own `add_*` gives it.
 
 Unplanned tensors keep their checkpoint dtype (F32, F16 or BF16; 1-D ones F32, as the converter
-stores norms and biases), so the file holds exactly the weights `bitalloc eval --plan` runs.
+stores norms and biases), so the file holds exactly the weights `bitalloc eval --plan` runs; a dtype
+may be asked for instead (the converter's default for a float32 checkpoint is F16).
 """
 
 from __future__ import annotations
@@ -245,8 +246,10 @@ class HFTensor:
 _GGML_OF = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def hf_tensors(directory: Path, arch: str) -> list[HFTensor]:
-    """Every checkpoint tensor under its GGUF name, in the checkpoint's order, stored as the converter does."""
+def hf_tensors(directory: Path, arch: str, dtype: torch.dtype | None = None) -> list[HFTensor]:
+    """Every checkpoint tensor under its GGUF name, in the checkpoint's order, stored as the converter does.
+
+    dtype: of the 2-D tensors (float32, float16 or bfloat16); None: as the checkpoint stores each."""
     import gguf
 
     from .checkpoint import SafetensorsIndex
@@ -254,6 +257,9 @@ def hf_tensors(directory: Path, arch: str) -> list[HFTensor]:
     hparams = hf_config(directory)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparams["num_hidden_layers"])
     tied = hparams.get("tie_word_embeddings", False)
+    wanted = dtype
+    if wanted is not None and wanted not in _GGML_OF:
+        raise BadInputError(f"GGUF tensors can be float32, float16 or bfloat16, not {wanted}")
     out = []
     for hf_name, (_, dtype, shape, _, _) in SafetensorsIndex(directory).entries.items():
         if tied and hf_name == "lm_head.weight":
@@ -264,7 +270,7 @@ def hf_tensors(directory: Path, arch: str) -> list[HFTensor]:
                                 "bitalloc converts plain Llama / Qwen2 checkpoints only")
         if dtype not in _GGML_OF:
             raise BadInputError(f"checkpoint tensor {hf_name} is {dtype}; bitalloc converts float32/float16/bfloat16 checkpoints")
-        out.append(HFTensor(name, hf_name, shape, "F32" if len(shape) == 1 else _GGML_OF[dtype]))
+        out.append(HFTensor(name, hf_name, shape, "F32" if len(shape) == 1 else _GGML_OF[wanted or dtype]))
     return out
 
 

@@ -117,18 +117,34 @@ def test_writes_gguf_from_a_checkpoint_folder(tmp_path, calib_ids, arch, pre, dt
         assert ids == expected
 
 
-def test_cli_apply_from_a_folder(tmp_path, calib_ids, monkeypatch):
+def test_cli_apply_from_a_folder_in_float16(tmp_path, calib_ids, monkeypatch):
+    """--dtype float16 (convert_hf_to_gguf's default for a float32 checkpoint): unplanned 2-D tensors F16,
+    the file as predicted, running the simulated plan with those tensors rounded to float16."""
+    from bitalloc.apply import apply
+
     monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path / "cache"))
     folder = save_checkpoint(tmp_path / "tiny", "llama", "gpt-2")
     loaded = load_model(str(folder))
     table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS, cache_dir=False, quantizer="rtn")
-    plan_path = api.plan_from_table(table, "4.5bits", loaded, calib).save(tmp_path / "plan.json")
+    plan = api.plan_from_table(table, "4.5bits", loaded, calib)
+    plan_path = plan.save(tmp_path / "plan.json")
     out = tmp_path / "out.gguf"
     r = CliRunner().invoke(app, ["apply", str(folder), "--plan", str(plan_path), "--format", "gguf", "--out", str(out),
-                                 "--json"])
+                                 "--dtype", "float16", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads([line for line in r.stdout.splitlines() if line.strip()][-1])
     assert report["file_bytes"] == report["predicted_file_bytes"] == out.stat().st_size
+    assert out.stat().st_size == gguf_layout(plan, folder, torch.float16).file_bytes < gguf_layout(plan, folder).file_bytes
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["token_embd.weight"] == "F16" and types["output_norm.weight"] == "F32"
+    simulated = apply(load_model(str(folder)).model, plan)
+    with torch.no_grad():
+        emb = simulated.model.embed_tokens.weight
+        emb.copy_(emb.half().float())
+        assert torch.equal(load_model(str(out)).model(calib_ids).logits, simulated(calib_ids).logits)
+    # a .gguf source's tensors are copied as stored: no dtype for them
+    with pytest.raises(BadInputError, match=r"copied as stored; a dtype for them .* only when writing from a Hugging Face"):
+        gguf_layout(plan, out, torch.float16)
 
 
 def _plan_for(folder: Path, calib_ids):
