@@ -105,8 +105,8 @@ def _ray_spec(address: Optional[str], workers: Optional[int]):
 @app.command("plan")
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL, a size is the whole GGUF file's"),
-    budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL, the whole GGUF file). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL (or a llama/qwen2 checkpoint folder), a size is the whole GGUF file's"),
+    budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL or a llama/qwen2 checkpoint folder, the whole GGUF file bitalloc writes). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),

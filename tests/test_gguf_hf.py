@@ -147,6 +147,30 @@ def test_cli_apply_from_a_folder_in_float16(tmp_path, calib_ids, monkeypatch):
         gguf_layout(plan, out, torch.float16)
 
 
+def test_whole_file_budget_of_a_folder_holds_for_the_written_file(tmp_path, calib_ids):
+    from bitalloc.budget import gguf_typed, parse_budget
+    from bitalloc.gguf_file import write_gguf
+
+    folder = save_checkpoint(tmp_path / "tiny", "llama", "gpt-2")
+    assert gguf_typed(OPTIONS, str(folder))  # a size budget of it defaults to the whole file
+    loaded = load_model(str(folder))
+    table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS, cache_dir=False, quantizer="rtn")
+    sizes = []
+    for text in ("900KB", "1.1MB"):
+        plan = api.plan_from_table(table, parse_budget(text, "model"), loaded, calib)
+        out = tmp_path / f"{text}.gguf"
+        layout = write_gguf(load_model(str(folder)).model, plan, folder, out)
+        limit = parse_budget(text).value
+        assert out.stat().st_size == layout.file_bytes and limit - 20_000 < layout.file_bytes <= limit
+        sizes.append(layout.file_bytes)
+    assert sizes[0] < sizes[1]
+    # a folder bitalloc cannot write has no file to budget: said so, with the way out
+    (folder / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(BadInputError, match=r"size budget of a llama.cpp plan is of the whole GGUF file, which bitalloc "
+                                            r"cannot write from this model: .*sentencepiece.*--budget-scope planned"):
+        api.plan_from_table(table, parse_budget("900KB", "model"), loaded, calib)
+
+
 def _plan_for(folder: Path, calib_ids):
     loaded = load_model(str(folder))
     table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS[:2], cache_dir=False, quantizer="rtn")
