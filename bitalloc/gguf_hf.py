@@ -264,6 +264,8 @@ def hf_tensors(directory: Path, arch: str, dtype: torch.dtype | None = None) -> 
     for hf_name, (_, dtype, shape, _, _) in SafetensorsIndex(directory).entries.items():
         if tied and hf_name == "lm_head.weight":
             continue  # a tied head is the token embedding; transformers ties it again at load
+        if hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+            continue  # buffers older checkpoints saved; ModelBase.prepare_tensors skips them too
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise BadInputError(f"checkpoint tensor {hf_name} in {directory} has no GGUF name in gguf's {arch} map; "
