@@ -546,17 +546,22 @@ def _scope_text(outside: Outside | None) -> str:
 def outside_plan(table: CandidateTable, model: dict) -> Outside | None:
     """What a whole-model budget holds besides the planned weights, as the plan's target stores the model.
 
-    A plan in GGUF types (every option gguf or kept) of a .gguf model is a llama.cpp file: the file's
-    own header, metadata and unplanned tensors as stored (gguf_file.file_outside). Any other plan: the
+    A plan in GGUF types (every option gguf or kept) of a .gguf model or a checkpoint folder bitalloc
+    converts is a llama.cpp file: the file's own header, metadata and unplanned tensors as written
+    (gguf_file.file_outside). Any other plan: the
     unplanned tensors at 16 bits. None: a profile made before the model's total size was recorded."""
     source = str(model.get("source", ""))
     if gguf_typed(table.options, source):
         from .gguf_file import file_outside
 
-        if not Path(source).expanduser().is_file():
+        if not Path(source).expanduser().exists():
             raise BadInputError(f"a whole-file budget for a GGUF plan reads the source file {source!r}, which is not "
                                 "there; pass the model again, or use --budget-scope planned")
-        return file_outside(source, list(table.groups), model["architecture"])
+        try:
+            return file_outside(source, list(table.groups), model["architecture"])
+        except BadInputError as e:  # a folder bitalloc cannot convert (tokenizer, RoPE): no file to budget
+            raise BadInputError(f"a size budget of a llama.cpp plan is of the whole GGUF file, which bitalloc cannot "
+                                f"write from this model: {e}. Plan with --budget-scope planned") from None
     total = model.get("total_weights")
     return None if total is None else Outside.at_16_bits(total - table.num_weights)
 

@@ -106,8 +106,24 @@ def default_scope(kind: str, gguf_file: bool) -> str:
 
 def gguf_typed(options, source: object) -> bool:
     """Whether plans from these options of this model are llama.cpp files: every option a GGUF type (or
-    kept at 16 bits) and the model a .gguf (whose header, metadata and other tensors the file copies)."""
-    return str(source).endswith(".gguf") and all(o.fmt in ("gguf", "keep") for o in options)
+    kept at 16 bits) and the model a .gguf (whose header, metadata and other tensors the file copies) or a
+    checkpoint folder of an architecture `bitalloc apply --format gguf` converts (gguf_hf.py)."""
+    if not all(o.fmt in ("gguf", "keep") for o in options):
+        return False
+    return str(source).endswith(".gguf") or _convertible_folder(str(source))
+
+
+def _convertible_folder(source: str) -> bool:
+    import json
+    from pathlib import Path
+
+    from .gguf_hf import HF_ARCHITECTURES
+
+    config = Path(source).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or [None]
+    return archs[0] in HF_ARCHITECTURES
 
 
 def parse_budget(text: str | Budget, scope: str | None = None) -> Budget:

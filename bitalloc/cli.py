@@ -105,8 +105,8 @@ def _ray_spec(address: Optional[str], workers: Optional[int]):
 @app.command("plan")
 def plan_cmd(
     model: Optional[str] = typer.Argument(None, help="hub id, local directory (config.json + safetensors) or .gguf file (optional with --profile)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL, a size is the whole GGUF file's"),
-    budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL, the whole GGUF file). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL (or a llama/qwen2 checkpoint folder), a size is the whole GGUF file's"),
+    budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL or a llama/qwen2 checkpoint folder, the whole GGUF file bitalloc writes). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(512, "--seq-len"),
@@ -503,13 +503,13 @@ def apply_cmd(
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; default: the plan's own"),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a .gguf MODEL and a --target llama.cpp plan)"),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a --target llama.cpp plan; MODEL a .gguf, whose metadata and tokenizer are copied, or a checkpoint folder, converted as convert_hf_to_gguf.py does; llama and qwen2)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", help="apply a plan made for different weights (their hash differs from the plan's)"),
     skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
     allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
-    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded), bfloat16, float16, float32"),
+    dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded; with --format gguf from a folder: as stored), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
@@ -533,7 +533,8 @@ def apply_cmd(
 
         check_output_file(out_path)
         plan = Plan.load(plan_path)
-        gguf_layout(plan, model)  # refuse a bad plan, source or architecture before any work
+        gguf_dtype = getattr(torch, dtypes[dtype]) if dtypes[dtype] else None
+        gguf_layout(plan, model, gguf_dtype)  # refuse a bad plan, source or architecture before any work
         if out_path.exists() and not force:
             raise BadInputError(f"{out_path} exists; pass --force to replace it")
     else:
@@ -545,7 +546,7 @@ def apply_cmd(
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
     if fmt == "gguf":
-        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json)
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype)
         return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not skip_hash_check, allow_untied=allow_untied,
@@ -585,13 +586,14 @@ def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: b
     return plan_windows(loaded.model, plan, quantizer, None, loaded.tokenizer, calib, check_hash)
 
 
-def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool) -> None:
+def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool,
+                dtype=None) -> None:
     from collections import Counter
 
     from .gguf_file import write_gguf
 
     layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not skip_hash_check,
-                        progress=not as_json)
+                        progress=not as_json, dtype=dtype)
     size = out_path.stat().st_size
     planned = layout.planned
     weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)

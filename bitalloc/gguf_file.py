@@ -1,10 +1,12 @@
-"""Write a complete GGUF (llama.cpp's model file) from a source GGUF and a plan in GGUF types.
+"""Write a complete GGUF (llama.cpp's model file) from a source model and a plan in GGUF types.
 
-Metadata (architecture, tokenizer, chat template, ...) is copied from the source GGUF; each planned
-module's tensor holds the block bytes bitalloc's quantizer produced (formats/gguf.py, llama.cpp's
-own algorithms), a planned `fp16` module is written as F16, and every other tensor (embeddings,
-norms, unplanned layers) is copied byte for byte. So the file runs exactly the weights that
-`bitalloc eval --plan` simulates, and its size is known before any quantization (`gguf_layout`).
+The source is a .gguf file or a Hugging Face checkpoint folder. From a .gguf, metadata (architecture,
+tokenizer, chat template, ...) is copied and every unplanned tensor (embeddings, norms, biases,
+unplanned layers) byte for byte; from a folder, both are converted as llama.cpp's
+convert_hf_to_gguf.py does (gguf_hf.py). Each planned module's tensor holds the block bytes
+bitalloc's quantizer produced (formats/gguf.py, llama.cpp's own algorithms), and a planned `fp16`
+module is written as F16. So the file runs exactly the weights that `bitalloc eval --plan`
+simulates, and its size is known before any quantization (`gguf_layout`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from .io import atomic_output
 from .options import GGUF_TYPES
 from .plan import Assignment, Plan
 
-# GGUF architectures whose tensors bitalloc can write back. llama's convert_hf_to_gguf.py permutes
-# the rows of attn_q / attn_k (rotary halves interleaved) and transformers' loader undoes it, so the
-# writer applies the same permutation; other architectures are added with their own conventions.
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architectures whose tensors bitalloc can write. llama's convert_hf_to_gguf.py permutes the
+# rows of attn_q / attn_k (rotary halves interleaved) and transformers' loader undoes it, so the writer
+# applies the same permutation (gguf_hf.PERMUTED); qwen2's converter (Qwen2Model) and transformers'
+# loader (no qwen2 TensorProcessor) keep the Hugging Face row order, and its q/k/v biases are plain
+# F32 tensors, copied or converted like any unplanned tensor.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _HEAD_COUNT = {"attn_q": "attention.head_count", "attn_k": "attention.head_count_kv"}
 
 
@@ -37,7 +41,25 @@ class TensorEntry:
     name: str  # GGUF tensor name, e.g. blk.0.attn_q.weight
     ggml_type: str  # GGMLQuantizationType name
     nbytes: int
-    module: str | None = None  # the planned module it is written from; None: copied from the source
+    module: str | None = None  # the planned module it is written from; None: copied/converted from the source
+    hf_name: str | None = None  # the checkpoint tensor it is converted from (a Hugging Face source)
+    shape: tuple[int, ...] = ()  # the source tensor's dimensions (their count is in the header)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model a GGUF is written from: its metadata (gguf.GGUFValue by key) and tensors, in file order."""
+
+    path: Path
+    architecture: str  # GGUF architecture name
+    metadata: dict[str, Any]
+    tensors: tuple[TensorEntry, ...]
+    alignment: int
+    reader: Any = None  # the GGUFReader of a .gguf source; None for a checkpoint folder
+
+    def value(self, key: str) -> Any:
+        v = self.metadata.get(key)
+        return None if v is None else v.value
 
 
 @dataclass(frozen=True)
@@ -60,18 +82,46 @@ def _gguf():
     return gguf
 
 
-def _reader(source: str | Path):
-    path = Path(source).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
-        raise BadInputError(f"writing a GGUF needs the source model as a .gguf file (its tokenizer and metadata are "
-                            f"copied); {str(source)!r} is not one. Convert a Hugging Face checkpoint with llama.cpp's "
-                            "convert_hf_to_gguf.py first and plan on that file")
-    return _gguf().GGUFReader(path)
-
-
 def _field(reader, key: str) -> Any:
     field = reader.get_field(key)
     return None if field is None else field.contents()
+
+
+def open_source(source: str | Path, dtype: torch.dtype | None = None) -> Source:
+    """A .gguf file (copied) or a Hugging Face checkpoint folder (converted); refuses anything else.
+
+    dtype: a folder's unplanned 2-D tensors in this dtype instead of the checkpoint's."""
+    from . import gguf_hf
+
+    path = Path(source).expanduser()
+    if gguf_hf.is_hf_folder(path):
+        arch = gguf_hf.gguf_architecture(path)
+        metadata = gguf_hf.hf_metadata(path, arch)
+        tensors = tuple(TensorEntry(t.name, t.ggml_type, _tensor_nbytes(t.ggml_type, *_rows_cols(t.shape)),
+                                    hf_name=t.hf_name, shape=t.shape) for t in gguf_hf.hf_tensors(path, arch, dtype))
+        return Source(path, arch, metadata, tensors, _gguf().GGUF_DEFAULT_ALIGNMENT)
+    if path.suffix != ".gguf" or not path.is_file():
+        raise BadInputError(f"writing a GGUF needs the source model as a .gguf file (its tokenizer and metadata are "
+                            f"copied) or a Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
+                            f"{str(source)!r} is neither")
+    if dtype is not None:
+        raise BadInputError(f"a .gguf source's unplanned tensors are copied as stored; a dtype for them ({dtype}) "
+                            "applies only when writing from a Hugging Face checkpoint folder")
+    gguf = _gguf()
+    reader = gguf.GGUFReader(path)
+    metadata = {}
+    for f in reader.fields.values():
+        if not f.name.startswith("GGUF."):  # the reader's own header pseudo-fields
+            sub_type = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            metadata[f.name] = gguf.GGUFValue(f.contents(), f.types[0], sub_type)
+    tensors = tuple(TensorEntry(t.name, t.tensor_type.name, int(t.n_bytes), shape=tuple(int(d) for d in t.shape))
+                    for t in reader.tensors)
+    align = int(_field(reader, "general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
+    return Source(path, str(_field(reader, "general.architecture")), metadata, tensors, align, reader)
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (1, shape[0]) if len(shape) == 1 else (int(np.prod(shape[:-1])), shape[-1])
 
 
 def planned_ggml_type(a: Assignment) -> str:
@@ -93,19 +143,18 @@ def planned_ggml_type(a: Assignment) -> str:
     return o.element
 
 
-def check_architecture(plan: Plan, reader) -> str:
+def check_architecture(plan: Plan, source: Source) -> str:
     """The source's GGUF architecture name; refuses architectures the writer does not support."""
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if source.architecture not in SUPPORTED_ARCHITECTURES:
         raise BadInputError(f"bitalloc writes GGUF files for {', '.join(SUPPORTED_ARCHITECTURES)} models only; "
-                            f"this one is {arch!r} ({plan.model.architecture}). Use `bitalloc export --to gguf` and "
-                            "llama-quantize for it")
-    return arch
+                            f"this one is {source.architecture!r} ({plan.model.architecture}). Use `bitalloc export --to gguf` "
+                            "and llama-quantize for it")
+    return source.architecture
 
 
 def _tensor_nbytes(ggml_type: str, out_f: int, in_f: int) -> int:
-    if ggml_type == "F16":
-        return out_f * in_f * 2
+    if ggml_type in ("F32", "F16", "BF16"):
+        return out_f * in_f * (4 if ggml_type == "F32" else 2)
     t = GGUF_TYPES[ggml_type]
     return out_f * (in_f // t.block) * t.block_bytes
 
@@ -114,15 +163,17 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def gguf_layout(plan: Plan, source: str | Path) -> GGUFLayout:
+def gguf_layout(plan: Plan, source: str | Path | Source, dtype: torch.dtype | None = None) -> GGUFLayout:
     """What `write_gguf` will write for `plan` from `source`: each tensor's type and bytes, the file size.
 
-    Checks everything before any work: the architecture, that every planned option is a GGUF type
-    whose block divides the row, and that every planned module has a tensor in the source.
+    dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as the checkpoint stores them).
+
+    Checks everything before any work: the source and its architecture, that every planned option is a
+    GGUF type whose block divides the row, and that every planned module has a tensor in the source.
     """
     gguf = _gguf()
-    reader = _reader(source)
-    arch = check_architecture(plan, reader)
+    src = source if isinstance(source, Source) else open_source(source, dtype)
+    arch = check_architecture(plan, src)
     types = {a.module: planned_ggml_type(a) for a in plan.assignments}
     name_map = gguf.get_tensor_name_map(gguf_arch(plan.model.architecture), block_count(plan))
     by_tensor: dict[str, Assignment] = {}
@@ -131,35 +182,35 @@ def gguf_layout(plan: Plan, source: str | Path) -> GGUFLayout:
         if tensor is None:
             raise BadInputError(f"module {a.module} has no GGUF tensor name in gguf's {arch} map; drop it from the plan")
         by_tensor[tensor] = a
-    source_names = {t.name for t in reader.tensors}
+    source_names = {t.name for t in src.tensors}
     missing = sorted(set(by_tensor) - source_names)
     if missing:
-        raise BadInputError(f"the source GGUF has no tensor {missing[0]} (for module {by_tensor[missing[0]].module}); "
-                            "use the .gguf the plan was made for")
+        raise BadInputError(f"the source has no tensor {missing[0]} (for module {by_tensor[missing[0]].module}); "
+                            "use the model the plan was made for")
     entries = []
-    for t in reader.tensors:
+    for t in src.tensors:
         a = by_tensor.get(t.name)
         if a is None:
-            entries.append(TensorEntry(t.name, t.tensor_type.name, int(t.n_bytes)))
+            entries.append(t)
         else:
-            entries.append(TensorEntry(t.name, types[a.module], _tensor_nbytes(types[a.module], *a.shape), a.module))
-    align = _alignment(reader)
-    data = sum(_pad(e.nbytes, align) for e in entries)
-    return GGUFLayout(Path(source), arch, tuple(entries), _header_bytes(reader) + data)
+            entries.append(TensorEntry(t.name, types[a.module], _tensor_nbytes(types[a.module], *a.shape), a.module,
+                                       t.hf_name, t.shape))
+    data = sum(_pad(e.nbytes, src.alignment) for e in entries)
+    return GGUFLayout(src.path, arch, tuple(entries), _header_bytes(src, entries) + data)
 
 
-def _alignment(reader) -> int:
-    return int(_field(reader, "general.alignment") or _gguf().GGUF_DEFAULT_ALIGNMENT)
+def _header_bytes(src: Source, entries) -> int:
+    """Bytes before the tensor data of the file written from `src`'s metadata and `entries`.
 
-
-def _header_bytes(reader) -> int:
-    """Bytes before the tensor data of a file written from `reader`'s metadata and tensor list.
-
-    GGUF v3: magic, version, tensor count, KV count; the KVs (copied, so the same sizes); one tensor
+    GGUF v3: magic, version, tensor count, KV count; each KV as gguf's writer packs it; one tensor
     info per tensor (name, n_dims, dims, type, offset); padding to the alignment."""
-    kv_bytes = sum(sum(p.nbytes for p in f.parts) for f in reader.fields.values() if not f.name.startswith("GGUF."))
-    info_bytes = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in reader.tensors)
-    return _pad(4 + 4 + 8 + 8 + kv_bytes + info_bytes, _alignment(reader))
+    gguf = _gguf()
+    packer = gguf.GGUFWriter(None, src.architecture)
+    kv_bytes = sum(len(packer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+                   + len(packer._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type))
+                   for key, v in src.metadata.items())
+    info_bytes = sum(8 + len(e.name.encode()) + 4 + 8 * len(e.shape) + 4 + 8 for e in entries)
+    return _pad(4 + 4 + 8 + 8 + kv_bytes + info_bytes, src.alignment)
 
 
 def file_outside(source: str | Path, modules: list[str], architecture: str) -> Outside:
@@ -169,31 +220,32 @@ def file_outside(source: str | Path, modules: list[str], architecture: str) -> O
     tensor as the source stores it (embeddings, norms, ...), and each planned tensor's worst-case
     padding to the alignment. A whole-model budget of a GGUF-typed plan is of this file (budget.Outside)."""
     gguf = _gguf()
-    reader = _reader(source)
+    src = open_source(source)
     n_blocks = max((int(m.split(".")[2]) for m in modules if m.startswith("model.layers.")), default=-1) + 1
     name_map = gguf.get_tensor_name_map(gguf_arch(architecture), n_blocks)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in src.tensors}
     planned = set()
     for m in modules:
         base = name_map.get_name(m)
         if base == "output" and "output.weight" not in names:
             base = "token_embd"  # a tied head is the token embedding in GGUF
         planned.add(f"{base}.weight")
-    align = _alignment(reader)
-    unplanned = [t for t in reader.tensors if t.name not in planned]
-    fixed = _header_bytes(reader) + sum(_pad(int(t.n_bytes), align) for t in unplanned) + (align - 1) * len(planned)
-    return Outside(sum(int(t.n_elements) for t in unplanned), fixed * 8,
-                   f"the GGUF file's header, metadata and unplanned tensors ({fixed:,} bytes)")
+    unplanned = [t for t in src.tensors if t.name not in planned]
+    fixed = (_header_bytes(src, src.tensors) + sum(_pad(t.nbytes, src.alignment) for t in unplanned)
+             + (src.alignment - 1) * len(planned))
+    weights = sum(int(np.prod(t.shape)) for t in unplanned)
+    return Outside(weights, fixed * 8, f"the GGUF file's header, metadata and unplanned tensors ({fixed:,} bytes)")
 
 
-def _row_order(tensor: str, out_f: int, reader) -> np.ndarray:
+def _row_order(tensor: str, out_f: int, src: Source) -> np.ndarray:
     """Row i of the GGUF tensor is row order[i] of the Hugging Face weight (llama's q/k permutation)."""
+    from .gguf_hf import PERMUTED
+
     kind = tensor.split(".")[-2]
-    if kind not in _HEAD_COUNT:
+    if kind not in _HEAD_COUNT or src.architecture not in PERMUTED:
         return np.arange(out_f)
-    arch = _field(reader, "general.architecture")
-    n_head = int(_field(reader, f"{arch}.{_HEAD_COUNT[kind]}"))
-    # convert_hf_to_gguf.py LlamaModel.permute: [n_head, 2, d/2] -> [n_head, d/2, 2]
+    n_head = int(src.value(f"{src.architecture}.{_HEAD_COUNT[kind]}"))
+    # convert_hf_to_gguf.py LlamaModel.permute: [n_head, 2, d/2] -> [n_head, d/2, 2] (weights and biases)
     return np.arange(out_f).reshape(n_head, 2, out_f // n_head // 2).swapaxes(1, 2).reshape(-1)
 
 
@@ -212,40 +264,46 @@ def _ftype(layout: GGUFLayout, plan: Plan) -> int | None:
 
 
 def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path, quantizer: str | None = None,
-               calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False) -> GGUFLayout:
+               calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False,
+               dtype: torch.dtype | None = None) -> GGUFLayout:
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
+    source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
     quantizer: rtn (llama.cpp's reference quantizers) or imatrix (importance from the layer inputs'
     mean x², as llama-quantize --imatrix; needs calibration); default: the plan's own.
+    dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
+    runs exactly the simulated plan, otherwise those tensors are rounded to it).
     """
     from .apply import check_plan_matches
     from .quantizers.materialize import quantize_model
 
     gguf = _gguf()
-    layout = gguf_layout(plan, source)  # all checks before any quantization
+    src = open_source(source, dtype)
+    layout = gguf_layout(plan, src)  # all checks before any quantization
     check_plan_matches(model, plan, check_hash)
-    reader = _reader(source)
+    state = model.state_dict() if src.reader is None else {}
+    by_name = {t.name: t for t in src.reader.tensors} if src.reader is not None else {}
     qweights = quantize_model(model, plan.options_by_module(), quantizer or plan.quantizer, calibration, progress=progress)
     ftype = _ftype(layout, plan)
     with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(tmp, layout.architecture)
-        align = _field(reader, "general.alignment")
-        if align:
-            writer.data_alignment = int(align)
-        for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+        if src.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            writer.data_alignment = src.alignment
+        for key, v in src.metadata.items():
+            if key == gguf.Keys.General.ARCHITECTURE:
                 continue  # written by GGUFWriter itself
-            value = f.contents()
-            if f.name == gguf.Keys.General.FILE_TYPE and ftype is not None:
-                value = ftype
-            sub_type = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, value, f.types[0], sub_type=sub_type)
+            value = ftype if key == gguf.Keys.General.FILE_TYPE and ftype is not None else v.value
+            writer.add_key_value(key, value, v.type, sub_type=v.sub_type)
         arrays = []
-        for entry, t in zip(layout.tensors, reader.tensors):
-            if entry.module is None:
+        for entry in layout.tensors:
+            if entry.module is not None:
+                data = _planned_bytes(qweights[entry.module], entry, src)
+                raw_type = gguf.GGMLQuantizationType[entry.ggml_type]
+            elif src.reader is not None:
+                t = by_name[entry.name]
                 data, raw_type = t.data, t.tensor_type
             else:
-                data = _planned_bytes(qweights[entry.module], entry, reader)
+                data = _converted(state[entry.hf_name], entry, src)
                 raw_type = gguf.GGMLQuantizationType[entry.ggml_type]
             if data.nbytes != entry.nbytes:
                 raise AssertionError(f"{entry.name}: {data.nbytes} bytes, layout says {entry.nbytes}")
@@ -260,7 +318,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     return layout
 
 
-def _planned_bytes(q, entry: TensorEntry, reader) -> np.ndarray:
+def _planned_bytes(q, entry: TensorEntry, src: Source) -> np.ndarray:
     """The planned tensor's data in GGUF row order: block bytes [out, row_bytes], or F16 [out, in]."""
     if entry.ggml_type == "F16":
         data = q.values.to(torch.float16).numpy()
@@ -269,4 +327,12 @@ def _planned_bytes(q, entry: TensorEntry, reader) -> np.ndarray:
             raise BadInputError(f"the quantizer returned no GGUF blocks for {entry.name} ({entry.ggml_type}); "
                                 "apply GGUF plans with --quantizer rtn or imatrix")
         data = q.blocks
-    return np.ascontiguousarray(data[_row_order(entry.name, data.shape[0], reader)])
+    return np.ascontiguousarray(data[_row_order(entry.name, data.shape[0], src)])
+
+
+def _converted(value: torch.Tensor, entry: TensorEntry, src: Source) -> np.ndarray:
+    """An unplanned checkpoint tensor as convert_hf_to_gguf.py stores it (its dtype, llama's q/k row order)."""
+    from .gguf_hf import HFTensor, tensor_bytes
+
+    data = tensor_bytes(value, HFTensor(entry.name, entry.hf_name, tuple(value.shape), entry.ggml_type))
+    return np.ascontiguousarray(data[_row_order(entry.name, data.shape[0], src)])

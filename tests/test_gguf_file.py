@@ -1,4 +1,4 @@
-"""`bitalloc apply --format gguf`: a complete GGUF written by bitalloc, on a tiny Llama GGUF built here.
+"""`bitalloc apply --format gguf`: a complete GGUF written by bitalloc, from tiny Llama / Qwen2 GGUFs built here.
 
 Widths 256/512 so that every GGUF type (256-weight K-quant blocks included) fits.
 """
@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from typer.testing import CliRunner
 
@@ -33,14 +33,29 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
-    """An F16 Llama GGUF as convert_hf_to_gguf.py writes one: byte-level BPE tokenizer, tied embeddings."""
+def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB):
+    """A tiny seeded Llama or Qwen2 (q/k/v biases, made non-zero so that a lost bias shows) from a config."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=2,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    sd = {k: v.detach().numpy() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
-    w = gguf.GGUFWriter(path, "llama")
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=2,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    model = Qwen2ForCausalLM(Qwen2Config(**common))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """An F16 GGUF as convert_hf_to_gguf.py writes one: byte-level BPE tokenizer, tied embeddings.
+
+    llama: attn_q/attn_k rows permuted (LlamaModel.permute); qwen2: Hugging Face row order, and the
+    q/k/v biases as F32 tensors (Qwen2Model)."""
+    sd = {k: v.detach().numpy() for k, v in tiny_hf_model(arch, seed).state_dict().items()}
+    w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny")
     w.add_block_count(2)
     w.add_context_length(128)
@@ -49,12 +64,13 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_vocab_size(VOCAB)
+    if arch == "llama":  # LlamaModel.set_gguf_parameters
+        w.add_vocab_size(VOCAB)
+        w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
     tokens = list(bytes_to_unicode().values())
     tokens[255] = tokens[104] + tokens[101]  # one merge ("h e" -> "he") so the BPE has one
     w.add_token_list(tokens)
@@ -64,13 +80,17 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     w.add_eos_token_id(2)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     f16 = lambda k: sd[k].astype(np.float16)  # noqa: E731
+    qk = (lambda w_, n: _permute(w_, n)) if arch == "llama" else (lambda w_, n: w_)  # noqa: E731
     w.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
     for i in range(2):
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(f16(p + "self_attn.q_proj.weight"), HEADS))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(f16(p + "self_attn.k_proj.weight"), KV_HEADS))
+        w.add_tensor(f"blk.{i}.attn_q.weight", qk(f16(p + "self_attn.q_proj.weight"), HEADS))
+        w.add_tensor(f"blk.{i}.attn_k.weight", qk(f16(p + "self_attn.k_proj.weight"), KV_HEADS))
         w.add_tensor(f"blk.{i}.attn_v.weight", f16(p + "self_attn.v_proj.weight"))
+        if arch == "qwen2":
+            for x in "qkv":
+                w.add_tensor(f"blk.{i}.attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"])
         w.add_tensor(f"blk.{i}.attn_output.weight", f16(p + "self_attn.o_proj.weight"))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_gate.weight", f16(p + "mlp.gate_proj.weight"))
@@ -86,7 +106,7 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("src") / "tiny-F16.gguf")
+    return write_tiny_gguf(tmp_path_factory.mktemp("src") / "tiny-F16.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -123,33 +143,64 @@ def test_the_source_fixture_loads_in_transformers_like_the_hf_model(tiny_gguf):
     assert loaded.tokenizer.decode(loaded.tokenizer("hello world").input_ids) == "hello world"
 
 
-def test_written_gguf_matches_the_plan_and_the_simulation(tiny_gguf, gguf_plan, calib_ids, tmp_path):
-    assert gguf_plan.quantizer == "imatrix"
-    labels = {a.label for a in gguf_plan.assignments}
+def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: Path) -> gguf.GGUFReader:
+    """Write `plan` from `source` and check the file: size and per-tensor types as predicted before any
+    quantization, and transformers' GGUF loader running exactly the plan's simulated weights."""
+    labels = {a.label for a in plan.assignments}
     assert labels <= {o.label for o in OPTIONS} and len(labels) >= 2
-    out = tmp_path / "tiny-bitalloc.gguf"
-    model = load_model(str(tiny_gguf)).model
-    layout = write_gguf(model, gguf_plan, tiny_gguf, out, calibration=calib_ids)
-    # Size and per-tensor types are what the plan predicted before any quantization.
-    assert out.stat().st_size == layout.file_bytes == gguf_layout(gguf_plan, tiny_gguf).file_bytes
+    model = load_model(str(source)).model
+    layout = write_gguf(model, plan, source, out, calibration=calib_ids)
+    assert out.stat().st_size == layout.file_bytes == gguf_layout(plan, source).file_bytes
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    for a in gguf_plan.assignments:
+    assert [t.name for t in reader.tensors] == [e.name for e in layout.tensors]
+    for a in plan.assignments:
         entry = layout.planned[a.module]
         expected = "F16" if a.label == "fp16" else a.label
         assert types[entry.name] == entry.ggml_type == expected
         # The planned tensor's bytes are exactly the plan's storage bits.
         assert entry.nbytes * 8 == a.storage_bits
+    written = load_model(str(out)).model
+    simulated = apply(load_model(str(source)).model, plan, calibration=calib_ids)
+    assert torch.equal(_logits(written, calib_ids), _logits(simulated, calib_ids))
+    return reader
+
+
+def test_written_gguf_matches_the_plan_and_the_simulation(tiny_gguf, gguf_plan, calib_ids, tmp_path):
+    assert gguf_plan.quantizer == "imatrix"
+    reader = check_written_file(tiny_gguf, gguf_plan, calib_ids, tmp_path / "tiny-bitalloc.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
     src = gguf.GGUFReader(tiny_gguf)
     assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.attention.head_count_kv"):
         assert reader.get_field(key).contents() == src.get_field(key).contents()
-    # transformers' GGUF loader reads the file and runs the plan's simulated weights exactly.
-    written = load_model(str(out)).model
-    simulated = apply(load_model(str(tiny_gguf)).model, gguf_plan, calibration=calib_ids)
-    assert torch.equal(_logits(written, calib_ids), _logits(simulated, calib_ids))
     # A plan file round-trips with its GGUF types.
     assert Plan.from_json(gguf_plan.to_json()).assignments[0].option == gguf_plan.assignments[0].option
+
+
+def test_qwen2_gguf_keeps_row_order_and_copies_biases(tmp_path, calib_ids):
+    """qwen2: no q/k permutation (convert_hf_to_gguf's Qwen2Model and transformers' loader keep HF order),
+    the q/k/v biases copied byte for byte; logits equal the simulated plan's."""
+    source = write_tiny_gguf(tmp_path / "tiny-qwen2-F16.gguf", "qwen2", seed=1)
+    loaded = load_model(str(source))
+    assert type(loaded.model).__name__ == "Qwen2ForCausalLM"
+    table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS, cache_dir=False, quantizer="imatrix")
+    plan = api.plan_from_table(table, "5bits", loaded, calib)
+    reader = check_written_file(source, plan, calib_ids, tmp_path / "tiny-qwen2-bitalloc.gguf")
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    biases = [t for t in reader.tensors if t.name.endswith(".bias")]
+    assert len(biases) == 6
+    for t in biases:
+        assert t.tensor_type.name == "F32" and bytes(t.data) == bytes(src[t.name].data)
+    assert reader.get_field("general.architecture").contents() == "qwen2"
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "qwen2"
+    # A planned attn_q in F16 holds the model's rows in their own order (llama's would be permuted).
+    f16 = _with_option(plan, "model.layers.0.self_attn.q_proj", "fp16")
+    out = tmp_path / "q-f16.gguf"
+    write_gguf(load_model(str(source)).model, f16, source, out, calibration=calib_ids)
+    q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
+    hf = load_model(str(source)).model.model.layers[0].self_attn.q_proj.weight.detach().to(torch.float16).numpy()
+    assert np.array_equal(np.asarray(q.data).reshape(hf.shape), hf)
 
 
 def _with_option(plan: Plan, module: str, label: str) -> Plan:
@@ -176,17 +227,17 @@ def test_refuses_a_type_the_row_cannot_hold(tiny_gguf, gguf_plan, tmp_path):
 
 def test_refuses_unsupported_architecture_before_any_work(tiny_gguf, gguf_plan, tmp_path):
     src = gguf.GGUFReader(tiny_gguf)
-    other = tmp_path / "qwen.gguf"
-    w = gguf.GGUFWriter(other, "qwen2")
+    other = tmp_path / "phi3.gguf"
+    w = gguf.GGUFWriter(other, "phi3")
     for t in src.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(BadInputError, match=r"writes GGUF files for llama models only; this one is 'qwen2'"):
+    with pytest.raises(BadInputError, match=r"writes GGUF files for llama, qwen2 models only; this one is 'phi3'"):
         gguf_layout(gguf_plan, other)
-    with pytest.raises(BadInputError, match=r"needs the source model as a \.gguf file"):
+    with pytest.raises(BadInputError, match=r"needs the source model as a \.gguf file .* or a Hugging Face checkpoint folder"):
         gguf_layout(gguf_plan, tmp_path)
 
 
