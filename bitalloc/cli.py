@@ -13,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import DEFAULT_SIGNALS, SIGNALS, CalibrationSpec, ProfileSettings, SolveConfig, VerifySettings
 from .errors import BadInputError, BitallocError
+from .options import DEFAULT_BITS, DEFAULT_GROUP_SIZES
+from .table import ERROR_MODELS
 from .service.limits import DEFAULT_JOB_TIMEOUT_S
 
-DEFAULT_SIGNALS_TEXT = ("fisher", "trace", "salience", "spikes", "table")  # = profile.pipeline.DEFAULT_SIGNALS, without importing torch
 
 CALIB_HELP = ("calibration text file (e.g. wiki.valid.tokens); 'self' = text sampled from the model (data-free, --seed); "
               "default: the built-in set (public-domain English prose, bitalloc/data/calibration/)")
@@ -28,6 +30,10 @@ SKIP_CALIB_HASH_HELP = ("calibrate on a --calib text whose sha256 differs from t
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed-precision bit allocation for LLM weights.")
 out = Console()
+
+
+BITS_TEXT = ",".join(map(str, DEFAULT_BITS))  # --bits as the default grid has it
+GROUP_SIZES_TEXT = ",".join("ch" if g is None else str(g) for g in DEFAULT_GROUP_SIZES)
 
 
 def _group_sizes(text: str) -> list[int | None]:
@@ -108,17 +114,17 @@ def plan_cmd(
     budget: Optional[str] = typer.Option(None, "--budget", help="'3.2bits' (avg storage bits/weight), '1.5GB', '800MB', '2GiB' or '30%' of fp16; with --target llama.cpp and a .gguf MODEL (or a llama/qwen2 checkpoint folder), a size is the whole GGUF file's"),
     budget_scope: Optional[str] = typer.Option(None, "--budget-scope", help="what --budget/--pareto limit: 'planned' (the planned weights) or 'model' (the whole model as its target stores it: unplanned embedding, head, norms at 16 bits; with --target llama.cpp and a .gguf MODEL or a llama/qwen2 checkpoint folder, the whole GGUF file bitalloc writes). Default: 'model' for a size budget of a llama.cpp file, else 'planned'"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    solver: str = typer.Option("ilp", "--solver", help="solver name; `bitalloc solvers` lists them"),
-    error_model: str = typer.Option("fisher", "--error-model", help="fisher (default) or local"),
+    calib_tokens: int = typer.Option(CalibrationSpec.tokens, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
+    seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
+    solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
+    error_model: str = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS)),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search), rtn-w (importance-weighted scales), gptq, gptq-minmax, or imatrix (llama.cpp's, GGUF types); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
-    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths offered"),
-    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes offered; ch = per channel"),
+    bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
+    group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
     formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep (default int,keep, or the target's)"),
     target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, llama.cpp (GGUF types), any"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(CalibrationSpec.seed, "--seed"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),
     min_bits: Optional[int] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16)"),
     max_bits: Optional[int] = typer.Option(None, "--max-bits", help="every planned module gets at most this many bits"),
@@ -139,8 +145,8 @@ def plan_cmd(
     protect_spikes: Optional[str] = typer.Option(None, "--protect-spikes", help="keep the profile's spike-flagged projections at fp16, fp8 (float >= 8 bits or fp16) or 8bits (any >= 8 bits); needs --profile"),
     stream: bool = typer.Option(False, "--stream", help="profile one decoder block at a time, weights read from the checkpoint (local directory or .gguf): memory ~ one block + activations, same table"),
     verify: bool = typer.Option(False, "--verify", help="measure the plan on held-back calibration windows, repair it, and never return one worse there than the best fitting uniform option"),
-    verify_windows: int = typer.Option(2, "--verify-windows", help="held-back calibration windows --verify measures on (the last ones profiling did not use)"),
-    verify_rounds: int = typer.Option(2, "--verify-rounds", help="repair rounds of --verify"),
+    verify_windows: int = typer.Option(VerifySettings.windows, "--verify-windows", help="held-back calibration windows --verify measures on (the last ones profiling did not use)"),
+    verify_rounds: int = typer.Option(VerifySettings.max_rounds, "--verify-rounds", help="repair rounds of --verify"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
@@ -152,7 +158,7 @@ def plan_cmd(
         raise BadInputError("--verify checks one plan on the loaded model: drop --profile/--pareto, or drop --verify")
     if profile_dir is not None:
         grid_flags = (bits, group_sizes, no_keep, formats, target, include_lm_head, include_embeddings)
-        if grid_flags != ("2,3,4,5,6,8", "32,64,128,ch", False, None, None, False, False):
+        if grid_flags != (BITS_TEXT, GROUP_SIZES_TEXT, False, None, None, False, False):
             raise BadInputError("--profile fixes the options and planned modules (its candidate table); drop --bits/"
                                 "--group-sizes/--no-keep/--formats/--target/--include-*, narrow with --allow or --min-bits instead")
         return _plan_from_profile_cmd(profile_dir, model, calib, budget, pareto, budget_scope, out_path, protect_spikes, dict(
@@ -362,19 +368,19 @@ def _solver_status(spec) -> str:
 def profile_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
-    signals: str = typer.Option(",".join(DEFAULT_SIGNALS_TEXT), "--signals", help="comma-separated: trace,fisher,salience,spikes,interactions,table"),
+    signals: str = typer.Option(",".join(DEFAULT_SIGNALS), "--signals", help="comma-separated: " + ",".join(SIGNALS)),
     out_dir: Path = typer.Option(Path("profile"), "--out", help="profile folder to write (profile.json + tensors.npz); an unfinished one is resumed"),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    seed: int = typer.Option(0, "--seed"),
-    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths of the candidate table"),
-    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes of the table; ch = per channel"),
+    calib_tokens: int = typer.Option(CalibrationSpec.tokens, "--calib-tokens"),
+    seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
+    seed: int = typer.Option(CalibrationSpec.seed, "--seed"),
+    bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths of the candidate table"),
+    group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes of the table; ch = per channel"),
     formats: Optional[str] = typer.Option(None, "--formats", help="format families of the table (default int,keep)"),
-    trace_tol: float = typer.Option(0.1, "--trace-tol", help="a layer stops probing when its trace has this relative standard error..."),
-    trace_abs_tol: float = typer.Option(0.01, "--trace-abs-tol", help="...or when its standard error is below this fraction of the largest layer's |trace| (layers with trace ~0)"),
-    trace_max_probes: int = typer.Option(64, "--trace-max-probes"),
-    spike_threshold: float = typer.Option(300.0, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
-    interaction_option: str = typer.Option("int3-g64-asym", "--interaction-option", help="option the pair ablations quantize with"),
+    trace_tol: float = typer.Option(ProfileSettings.trace_tol, "--trace-tol", help="a layer stops probing when its trace has this relative standard error..."),
+    trace_abs_tol: float = typer.Option(ProfileSettings.trace_abs_tol, "--trace-abs-tol", help="...or when its standard error is below this fraction of the largest layer's |trace| (layers with trace ~0)"),
+    trace_max_probes: int = typer.Option(ProfileSettings.trace_max_probes, "--trace-max-probes"),
+    spike_threshold: float = typer.Option(ProfileSettings.spike_threshold, "--spike-threshold", help="flag a projection whose max|x| / median channel RMS exceeds this"),
+    interaction_option: str = typer.Option(ProfileSettings.interaction_option, "--interaction-option", help="option the pair ablations quantize with"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
@@ -437,7 +443,7 @@ def report_cmd(
     source: Path = typer.Argument(..., help="a profile folder (bitalloc profile --out) or a plan .json"),
     out_path: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write"),
     measured: Optional[Path] = typer.Option(None, "--measured", help="measured single-module ΔNLL JSON (bench/sensitivity.py's bench/out/sensitivity.json): adds predicted vs measured"),
-    error_model: str = typer.Option("fisher", "--error-model", help="with a profile: which table prediction to set against --measured"),
+    error_model: str = typer.Option(SolveConfig.error_model, "--error-model", help="with a profile: which table prediction to set against --measured"),
 ) -> None:
     """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
     from .io import check_output_file
@@ -622,8 +628,8 @@ def latency_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="activation dtype: bfloat16 (default), float16 or float32"),
     samples: int = typer.Option(15, "--samples", help="timed samples per kernel (median and p10/p90 kept)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice); recorded in the profile"),
-    bits: str = typer.Option("2,3,4,5,6,8", "--bits", help="integer bit widths to time"),
-    group_sizes: str = typer.Option("32,64,128,ch", "--group-sizes", help="group sizes to time; ch = per channel"),
+    bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths to time"),
+    group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes to time; ch = per channel"),
     formats: Optional[str] = typer.Option(None, "--formats", help="format families to time: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep (default int,keep, or the target's)"),
     target: Optional[str] = typer.Option(None, "--target", help="time the formats of a hardware target: cpu, a100, h100, b200, any"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also time the output head"),

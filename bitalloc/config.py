@@ -6,6 +6,8 @@ sweep.pareto, the CLI, the service, qat.replan) builds one and hands it on whole
 be dropped on the way (issue 12: the quantizer was lost on four paths).
 SolveConfig: how a plan is chosen from a table (budget, solver + settings, error model,
 constraints, latency target, seed).
+ProfileSettings: how each signal of a profile folder is measured; VerifySettings: how a plan is
+checked against measured loss. The CLI's flags take their defaults from these classes.
 
 Both import neither torch nor transformers: the CLI builds them before any model is loaded, and
 re-planning from a saved profile stays numpy-only.
@@ -20,7 +22,7 @@ from typing import Any
 from .budget import Budget, parse_budget
 from .constraints import Constraints
 from .errors import BadInputError
-from .options import QuantOption, default_options
+from .options import QuantOption, default_options, parse_option
 from .table import ERROR_MODELS
 
 
@@ -158,3 +160,73 @@ def check_table_quantizer(table_quantizer: str, wanted: str | None, where: str, 
     if wanted is not None and wanted != table_quantizer:
         raise BadInputError(f"{where} holds {table_quantizer} errors, not {wanted}; {fix}")
 
+
+# ---- what a profile measures (profile/pipeline.py computes it) ---------------------------------------
+
+SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
+DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
+# "hutchinson": tr ∇²_W L by Hessian-vector products (whole model); "empirical-fisher": the streamed
+# stand-in of profile/fisher_trace.py. Recorded in the profile's settings (and key).
+HUTCHINSON, EMPIRICAL_FISHER = "hutchinson", "empirical-fisher"
+TRACE_ESTIMATORS = (HUTCHINSON, EMPIRICAL_FISHER)
+SPIKE_THRESHOLD = 300.0  # max|x| / median channel RMS above which a projection is flagged (profile/spikes.py)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How each signal of a profile folder is measured (part of its key)."""
+
+    signals: tuple[str, ...] = DEFAULT_SIGNALS
+    trace_tol: float = 0.1  # a weight stops when its trace's relative standard error is below this
+    trace_abs_tol: float = 0.01  # ... or its standard error is below this fraction of the largest |trace|
+    trace_min_probes: int = 8
+    trace_max_probes: int = 64
+    trace_windows: int | None = 4  # calibration windows the probes cycle over (None = all)
+    trace_tokens: int | None = None  # first tokens of each window the probes use (None = whole window)
+    group_rows: int = 64  # row blocks for trace and salience
+    group_cols: int = 128  # input-column groups for salience
+    salience_damp: float = 0.01
+    spike_top_k: int = 8
+    spike_threshold: float = SPIKE_THRESHOLD
+    interaction_option: str = "int3-g64-asym"
+    interaction_windows: int = 2
+    interaction_blocks: tuple[int, ...] | None = None  # None = all blocks
+    seed: int = 0
+    trace_estimator: str = HUTCHINSON  # one of TRACE_ESTIMATORS; EMPIRICAL_FISHER only when streamed
+
+    def __post_init__(self):
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown or not self.signals:
+            raise BadInputError(f"unknown signal(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SIGNALS)}")
+        if self.trace_estimator not in TRACE_ESTIMATORS:
+            raise BadInputError(f"unknown trace estimator {self.trace_estimator!r}; choose from {', '.join(TRACE_ESTIMATORS)}")
+        if "interactions" in self.signals:
+            parse_option(self.interaction_option)
+
+
+# ---- how a plan is verified against measured loss (verify.py runs it) -------------------------------
+
+VERIFY_METRICS = ("kl", "delta_nll")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How a plan is verified. windows: held-back calibration windows measured (the last ones of the
+    text that profiling did not use); metric: kl (to the unquantized model; never negative, steadier
+    on few tokens) or delta_nll; max_rounds: repair rounds; fanout: parts per localization level;
+    uniform_candidates: fitting uniform options measured (those with the least predicted loss)."""
+
+    windows: int = 2
+    metric: str = "kl"
+    max_rounds: int = 2
+    fanout: int = 4
+    uniform_candidates: int = 2
+
+    def __post_init__(self) -> None:
+        if self.metric not in VERIFY_METRICS:
+            raise BadInputError(f"unknown verify metric {self.metric!r}; choose one of {', '.join(VERIFY_METRICS)}")
+        for name in ("windows", "fanout", "uniform_candidates"):
+            if getattr(self, name) < (2 if name == "fanout" else 1):
+                raise BadInputError(f"verify {name} must be at least {2 if name == 'fanout' else 1}, got {getattr(self, name)}")
+        if self.max_rounds < 0:
+            raise BadInputError(f"verify max_rounds must be >= 0, got {self.max_rounds}")

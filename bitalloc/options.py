@@ -264,9 +264,13 @@ class QuantOption:
         return cls(**d)
 
 
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)  # the default grid's INT widths
+DEFAULT_GROUP_SIZES = (32, 64, 128, None)  # ... and group sizes (None: one scale per output channel)
+
+
 def default_options(
-    bits: Iterable[int] = (2, 3, 4, 5, 6, 8),
-    group_sizes: Iterable[int | None] = (32, 64, 128, None),
+    bits: Iterable[int] = DEFAULT_BITS,
+    group_sizes: Iterable[int | None] = DEFAULT_GROUP_SIZES,
     symmetric: Iterable[bool] = (False, True),
     include_keep: bool = True,
     formats: Iterable[str] | None = None,

@@ -23,7 +23,6 @@ So the returned plan is never worse, on the slice and in `metric`, than every un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,6 +31,7 @@ from torch import nn
 
 from .plan import sig6 as _sig
 from .calibration import Calibration
+from .config import VerifySettings  # noqa: F401  (re-exported)
 from .table import CandidateTable
 from .errors import BadInputError
 from .evaluate import evaluate, reference_logprobs
@@ -40,7 +40,6 @@ from .quantizers import check_without_hessian
 from .options import QuantOption
 from .plan import MeasuredLoss, Plan, RepairRound, UniformCheck, Verification
 
-METRICS = ("kl", "delta_nll")
 # A handful of measurements fit each family scale; bound it so that one noisy part can neither make a
 # family free (scale 0) nor rule it out.
 FAMILY_SCALE_RANGE = (0.25, 4.0)
@@ -48,29 +47,6 @@ FAMILY_SCALE_RANGE = (0.25, 4.0)
 # where the additive model is least trustworthy (SmolLM2 at 4 bits: int2 fitted at 0.29, and the
 # re-solved plan measured KL 0.64 on the slice against 0.29 as solved; bench/out/verify-4bits-two-sided-scales.json).
 REPAIR_SCALE_RANGE = (1.0, FAMILY_SCALE_RANGE[1])
-
-
-@dataclass(frozen=True)
-class VerifySettings:
-    """How a plan is verified. windows: held-back calibration windows measured (the last ones of the
-    text that profiling did not use); metric: kl (to the unquantized model; never negative, steadier
-    on few tokens) or delta_nll; max_rounds: repair rounds; fanout: parts per localization level;
-    uniform_candidates: fitting uniform options measured (those with the least predicted loss)."""
-
-    windows: int = 2
-    metric: str = "kl"
-    max_rounds: int = 2
-    fanout: int = 4
-    uniform_candidates: int = 2
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise BadInputError(f"unknown verify metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        for name in ("windows", "fanout", "uniform_candidates"):
-            if getattr(self, name) < (2 if name == "fanout" else 1):
-                raise BadInputError(f"verify {name} must be at least {2 if name == 'fanout' else 1}, got {getattr(self, name)}")
-        if self.max_rounds < 0:
-            raise BadInputError(f"verify max_rounds must be >= 0, got {self.max_rounds}")
 
 
 def option_family(option: QuantOption) -> str:

@@ -33,9 +33,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import EMPIRICAL_FISHER
 from .records import TraceEstimate
 
-ESTIMATOR = "empirical-fisher"
+ESTIMATOR = EMPIRICAL_FISHER
 
 
 def row_sums(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,59 +27,22 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration
+from ..config import DEFAULT_SIGNALS, EMPIRICAL_FISHER as FISHER_TRACE, SIGNALS, ProfileSettings  # noqa: F401  (re-exported)
 from ..candidates import CandidateTable, build_candidate_table
 from ..errors import BadInputError
 from ..io import atomic_write_bytes, canonical_json
 from ..models import weight_matrix
 from ..options import QuantOption, parse_option
 from .artifact import ModuleProfile, Profile, decode, encode, npz_bytes, profile_checksum, try_load
-from .fisher_trace import ESTIMATOR as FISHER_TRACE
 from .fisher_trace import fisher_trace_estimate
 from .hessian_trace import hutchinson_traces
 from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
 from .salience import salience
 from ..quantizers import importance_only
-from .spikes import DEFAULT_THRESHOLD, SpikeCollector, collect_spikes
+from .spikes import SpikeCollector, collect_spikes
 from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
 from ..progress import steps
-
-SIGNALS = ("fisher", "trace", "salience", "spikes", "interactions", "table")
-DEFAULT_SIGNALS = ("fisher", "trace", "salience", "spikes", "table")
-# "hutchinson": tr ∇²_W L by Hessian-vector products (whole model); "empirical-fisher": the streamed
-# stand-in of profile/fisher_trace.py. Recorded in the profile's settings (and key).
-TRACE_ESTIMATORS = ("hutchinson", FISHER_TRACE)
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    signals: tuple[str, ...] = DEFAULT_SIGNALS
-    trace_tol: float = 0.1  # a weight stops when its trace's relative standard error is below this
-    trace_abs_tol: float = 0.01  # ... or its standard error is below this fraction of the largest |trace|
-    trace_min_probes: int = 8
-    trace_max_probes: int = 64
-    trace_windows: int | None = 4  # calibration windows the probes cycle over (None = all)
-    trace_tokens: int | None = None  # first tokens of each window the probes use (None = whole window)
-    group_rows: int = 64  # row blocks for trace and salience
-    group_cols: int = 128  # input-column groups for salience
-    salience_damp: float = 0.01
-    spike_top_k: int = 8
-    spike_threshold: float = DEFAULT_THRESHOLD
-    interaction_option: str = "int3-g64-asym"
-    interaction_windows: int = 2
-    interaction_blocks: tuple[int, ...] | None = None  # None = all blocks
-    seed: int = 0
-    trace_estimator: str = "hutchinson"  # one of TRACE_ESTIMATORS; "empirical-fisher" only when streamed
-
-    def __post_init__(self):
-        unknown = [s for s in self.signals if s not in SIGNALS]
-        if unknown or not self.signals:
-            raise BadInputError(f"unknown signal(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SIGNALS)}")
-        if self.trace_estimator not in TRACE_ESTIMATORS:
-            raise BadInputError(f"unknown trace estimator {self.trace_estimator!r}; choose from {', '.join(TRACE_ESTIMATORS)}")
-        if "interactions" in self.signals:
-            parse_option(self.interaction_option)
-
 
 def profile_key(parts: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical_json({"profile_version": 1, **parts}).encode()).hexdigest()

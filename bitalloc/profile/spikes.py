@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration
+from ..config import SPIKE_THRESHOLD
 from .records import ProjectionSpikes, SiteSpikes
 from .statistics import refuse_non_finite
 from ..progress import steps
 
 # max |x| over median channel RMS. A Gaussian channel at 8k tokens reaches ~4.5; on SmolLM2-135M six
 # down_proj inputs exceed 300 (layers 1, 2, 9, 11, 28, 29: 400 to 23000) and the next is 281.
-DEFAULT_THRESHOLD = 300.0
+DEFAULT_THRESHOLD = SPIKE_THRESHOLD
 
 
 class _SiteAccumulator:

@@ -11,6 +11,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import CalibrationSpec, SolveConfig
+from ..options import DEFAULT_BITS, DEFAULT_GROUP_SIZES
+
 Scalar = Union[bool, int, float, str, None]
 
 
@@ -28,16 +31,16 @@ class _Request(BaseModel):
 class CalibrationIn(_Request):
     path: Optional[str] = Field(None, description="absolute path on the server of a UTF-8 calibration text (e.g. "
                                 "wiki.valid.tokens); null = the built-in set (bitalloc/data/calibration/)")
-    seq_len: int = Field(512, ge=2, le=32768, description="tokens per calibration window")
-    tokens: int = Field(8192, ge=2, le=4_000_000, description="calibration tokens (random windows of seq_len)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seq_len: int = Field(CalibrationSpec.seq_len, ge=2, le=32768, description="tokens per calibration window")
+    tokens: int = Field(CalibrationSpec.tokens, ge=2, le=4_000_000, description="calibration tokens (random windows of seq_len)")
+    seed: int = Field(CalibrationSpec.seed, ge=0, le=2**31 - 1)
 
 
 class OptionsIn(_Request):
     """The candidate grid the profile prices (as `bitalloc plan --bits/--group-sizes/--formats/--target`)."""
 
-    bits: list[int] = Field([2, 3, 4, 5, 6, 8], max_length=16)
-    group_sizes: list[Union[int, Literal["ch"]]] = Field([32, 64, 128, "ch"], max_length=16,
+    bits: list[int] = Field(list(DEFAULT_BITS), max_length=16)
+    group_sizes: list[Union[int, Literal["ch"]]] = Field(["ch" if g is None else g for g in DEFAULT_GROUP_SIZES], max_length=16,
                                                           description="'ch' = per channel")
     keep: bool = Field(True, description="offer keeping a module in fp16")
     formats: Optional[list[str]] = Field(None, max_length=16, description="format families, e.g. ['int', 'fp8', 'keep']")
@@ -85,13 +88,14 @@ class PlanIn(_Request):
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plan will be applied with; "
                                      "default rtn, or with profile_id the profile's (another one is refused)")
     budget: str = Field(max_length=64, description="'3.2bits', '1.5GB', '800MB', '2GiB' or '30%' of fp16")
-    budget_scope: Literal["planned", "model"] = Field(
-        "planned", description="what the budget limits: the planned weights, or the whole model (embedding, head and "
-        "norms at 16 bits included), as `bitalloc plan --budget-scope`")
-    solver: str = Field("ilp", max_length=64)
+    budget_scope: Optional[Literal["planned", "model"]] = Field(
+        None, description="what the budget limits: the planned weights, or the whole model (embedding, head and "
+        "norms at 16 bits included), as `bitalloc plan --budget-scope`. Default as there: 'model' for a size "
+        "budget of a llama.cpp file (a .gguf model planned in GGUF types: the whole file), else 'planned'")
+    solver: str = Field(SolveConfig.solver, max_length=64)
     solver_settings: dict[str, Scalar] = Field({}, max_length=32)
-    error_model: str = Field("fisher", max_length=32)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    error_model: str = Field(SolveConfig.error_model, max_length=32)
+    seed: int = Field(SolveConfig.seed, ge=0, le=2**31 - 1)
     constraints: ConstraintsIn = ConstraintsIn()
     formats: Optional[list[str]] = Field(None, max_length=16, description="format families the plan may use")
     target: Optional[str] = Field(None, description="hardware target restricting the formats")

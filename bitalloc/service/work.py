@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .. import api, solvers
-from ..budget import parse_budget
+from ..budget import default_scope, gguf_typed, parse_budget
 from ..calibration import Calibration, builtin_text, make_calibration, read_text
-from ..config import check_solver_names
+from ..config import SolveConfig, check_solver_names
 from ..table import CandidateTable
 from ..constraints import Constraints
 from ..errors import BadInputError
@@ -188,19 +188,20 @@ class PlanSpec:
     """The plan settings of a request, checked; together with a profile id they decide the plan."""
 
     budget: str
-    solver: str = "ilp"
+    solver: str = SolveConfig.solver
     solver_settings: tuple[tuple[str, object], ...] = ()
-    error_model: str = "fisher"
-    seed: int = 0
+    error_model: str = SolveConfig.error_model
+    seed: int = SolveConfig.seed
     constraints: Constraints = Constraints()
     families: tuple[str, ...] | None = None  # narrow the profile's options to these format families
-    budget_scope: str = "planned"  # what the budget limits: the planned weights or the whole model
+    # what the budget limits: the planned weights or the whole model; None: budget.default_scope's rule
+    budget_scope: str | None = None
 
     def to_dict(self) -> dict:
         d = {"budget": self.budget, "solver": self.solver, "solver_settings": dict(self.solver_settings),
              "error_model": self.error_model, "seed": self.seed, "constraints": self.constraints.to_dict(),
              "families": None if self.families is None else list(self.families)}
-        if self.budget_scope != "planned":  # only when set, so plans stored before the field keep their ids
+        if self.budget_scope is not None:  # only when asked for, so default requests keep their plans' ids
             d["budget_scope"] = self.budget_scope
         return d
 
@@ -213,7 +214,7 @@ class PlanSpec:
         return cls(budget=d["budget"], solver=d["solver"], solver_settings=tuple(sorted(d["solver_settings"].items())),
                    error_model=d["error_model"], seed=d["seed"], constraints=constraints,
                    families=None if d["families"] is None else tuple(d["families"]),
-                   budget_scope=d.get("budget_scope", "planned"))
+                   budget_scope=d.get("budget_scope"))
 
     def plan_id(self, profile_id: str) -> str:
         key = canonical_json({"profile": profile_id, "plan": self.to_dict()})
@@ -252,8 +253,10 @@ def narrow_table(table: CandidateTable, families: tuple[str, ...] | None) -> Can
 
 def make_plan(stored: StoredProfile, spec: PlanSpec, loaded: LoadedModel | None = None) -> Plan:
     """The plan for a stored profile; `loaded` (the model) only for solvers that score on it."""
-    return api.solve_table(narrow_table(stored.table, spec.families), parse_budget(spec.budget, spec.budget_scope),
-                           stored.context(loaded),
+    table = narrow_table(stored.table, spec.families)
+    scope = spec.budget_scope or default_scope(parse_budget(spec.budget).kind,
+                                               gguf_typed(table.options, stored.record.model_source))
+    return api.solve_table(table, parse_budget(spec.budget, scope), stored.context(loaded),
                            solver=spec.solver, solver_settings=dict(spec.solver_settings),
                            error_model=spec.error_model, seed=spec.seed, constraints=spec.constraints)
 
