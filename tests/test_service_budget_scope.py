@@ -13,7 +13,7 @@ from bitalloc.service.store import SQLiteStore
 from bitalloc.service.work import PlanSpec, build_profile, make_plan, open_profile
 
 from conftest import CALIB_TEXT
-from test_gguf_file import write_tiny_llama_gguf
+from test_gguf_file import write_tiny_gguf
 
 pytest.importorskip("fastapi")
 
@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-service")
-    source = write_tiny_llama_gguf(root / "tiny-F16.gguf")
+    source = write_tiny_gguf(root / "tiny-F16.gguf")
     (root / "calib.txt").write_text(CALIB_TEXT, encoding="utf-8")
     spec = _profile_spec(str(source), CalibrationIn(path=str(root / "calib.txt"), seq_len=32, tokens=128),
                          OptionsIn(formats=["gguf", "keep"]), False, False, SourceRules(), quantizer="imatrix")
