@@ -56,7 +56,8 @@ def assert_same_table(a, b):
 
 
 def cache_files(d):
-    return sorted(p for p in d.iterdir() if p.suffix == ".npz")
+    """The cache entries' array files (each entry is a profile folder: profile.json + tensors.npz)."""
+    return sorted(p / "tensors.npz" for p in d.iterdir() if p.is_dir())
 
 
 def test_second_plan_reuses_cached_profile(tmp_path, monkeypatch, calib_ids):
@@ -124,18 +125,17 @@ def test_damaged_cache_entry_is_detected_and_recomputed(tmp_path, monkeypatch, c
 
 
 def test_entry_with_wrong_checksum_is_rejected(tmp_path, calib_ids, monkeypatch):
-    """A well-formed .npz whose arrays were altered (an error value doubled) must not be trusted."""
+    """A well-formed entry whose metadata was altered (an option's bits) must not be trusted."""
     spy = Spy(monkeypatch)
     model = make_llama()
     first = bitalloc.plan(model, "4bits", calib_ids, cache_dir=tmp_path)
     (entry,) = cache_files(tmp_path)
-    with np.load(entry) as z:
-        arrays = {k: z[k] for k in z.files}
-    key = json.loads(bytes(arrays["header"]).decode())["key"]
-    assert entry.name == f"table-{key[:32]}.npz"
-    arrays["err_fisher"] = arrays["err_fisher"] * 2
-    with open(entry, "wb") as f:
-        np.savez(f, **arrays)
+    doc_path = entry.parent / "profile.json"
+    doc = json.loads(doc_path.read_text())
+    key = doc["key"]
+    assert entry.parent.name == f"table-{key[:32]}"
+    doc["profile"]["table"]["options"][0]["bits"] = 8  # the arrays untouched: only the checksum's coverage sees it
+    doc_path.write_text(json.dumps(doc))
     with pytest.warns(UserWarning, match="checksum"):
         assert store.load_table(tmp_path, key) is None
     with pytest.warns(UserWarning, match="damaged"):
@@ -150,10 +150,11 @@ def test_store_round_trip(tmp_path, monkeypatch, calib_ids):
     table = spy.built[0]
     key = store.cache_key({"anything": [1, 2, 3]})
     path = store.save_table(tmp_path, key, table)
-    assert path.parent == tmp_path and path.name == f"table-{key[:32]}.npz"
+    assert path.parent == tmp_path and path.name == f"table-{key[:32]}"
     assert_same_table(store.load_table(tmp_path, key), table)
     assert store.load_table(tmp_path, store.cache_key({"anything": [1, 2, 4]})) is None
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files
+    assert sorted(p.name for p in path.iterdir()) == ["profile.json", "tensors.npz"]
     assert store.cache_key({"a": 1, "b": 2}) == store.cache_key({"b": 2, "a": 1})
 
 

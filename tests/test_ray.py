@@ -77,7 +77,7 @@ def test_profile_model_on_one_worker_is_bit_identical(cluster, calib_ids, tmp_pa
 
 def test_service_profile_job_on_one_worker_is_bit_identical(cluster, model_dir, tmp_path):
     # what `bitalloc serve --ray` does for a profile job: work.build_profile with the RaySpec
-    from bitalloc.profile.store import load_table
+    from bitalloc.profile.artifact import Profile
     from bitalloc.service.app import _profile_spec
     from bitalloc.service.schemas import CalibrationIn, OptionsIn
     from bitalloc.service.sources import SourceRules
@@ -90,7 +90,7 @@ def test_service_profile_job_on_one_worker_is_bit_identical(cluster, model_dir, 
     for name, ray_spec in (("local", None), ("ray", RaySpec(workers=1))):
         store = SQLiteStore(tmp_path / name)
         record, _, _ = build_profile(store, spec, None, lambda p, s: None, ray=ray_spec)
-        tables.append(load_table(store.profile_dir(record.id), record.id))
+        tables.append(Profile.load(store.profile_dir(record.id), record.id).table)
     _same_table(*tables)
 
 
@@ -178,7 +178,7 @@ def test_serve_with_ray_runs_a_profile_job_over_http_on_the_cluster(cluster, mod
     httpx = pytest.importorskip("httpx")
     from test_service import TOKEN, Server, wait_job
 
-    from bitalloc.profile.store import load_table
+    from bitalloc.profile.artifact import Profile
     from bitalloc.service.app import _profile_spec
     from bitalloc.service.schemas import CalibrationIn, OptionsIn
     from bitalloc.service.sources import SourceRules
@@ -201,11 +201,11 @@ def test_serve_with_ray_runs_a_profile_job_over_http_on_the_cluster(cluster, mod
     finally:
         server.stop()
     assert "ray: " + address in server.log.read_text()  # the server said where its profile jobs run
-    served = load_table(SQLiteStore(tmp_path / "store").profile_dir(profile_id), profile_id)
+    served = Profile.load(SQLiteStore(tmp_path / "store").profile_dir(profile_id), profile_id).table
     spec = _profile_spec(str(model_dir), CalibrationIn(**calibration), OptionsIn(**options), False, False, SourceRules())
     local = SQLiteStore(tmp_path / "local")
     record, _, _ = build_profile(local, spec, None, lambda p, s: None)
-    _same_table(load_table(local.profile_dir(record.id), record.id), served)
+    _same_table(Profile.load(local.profile_dir(record.id), record.id).table, served)
 
 
 # Last in the file: the pool's two actors hold both CPUs of the test cluster until the module ends.

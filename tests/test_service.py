@@ -618,11 +618,9 @@ def test_solver_settings_over_the_server_maxima_are_refused():
 
 
 def test_a_damaged_stored_profile_is_refused_and_forgotten(tmp_path, model_dir):
-    """The service's profile files are verified on read: the table's checksum covers its header (groups,
-    options) and the calibration tokens have their sha256 in the profile's row. A failure drops the row,
-    so the next request for the same profile recomputes it."""
-    import numpy as np
-
+    """The service stores a profile folder (profile/artifact.py, as `bitalloc profile --out`): one checksum covers
+    the table, the calibration tokens and the metadata. A failure drops the row, so the next request for the same
+    profile recomputes it."""
     from bitalloc.errors import BadInputError
     from bitalloc.service.app import _profile_spec
     from bitalloc.service.schemas import CalibrationIn, OptionsIn
@@ -635,19 +633,18 @@ def test_a_damaged_stored_profile_is_refused_and_forgotten(tmp_path, model_dir):
                          OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules())
     record, _, _ = build_profile(store, spec, None, lambda p, s: None)
     folder = store.profile_dir(record.id)
-    (folder / "calibration.npy").write_bytes((folder / "calibration.npy").read_bytes()[:-1] + b"\x07")
-    with pytest.raises(BadInputError, match="calibration.npy does not match its sha256.*re-run `bitalloc profile`"):
+    assert sorted(p.name for p in folder.iterdir()) == ["profile.json", "tensors.npz"]
+
+    tensors = folder / "tensors.npz"
+    tensors.write_bytes(tensors.read_bytes()[:-40] + bytes(40))  # the tail of the packed arrays
+    with pytest.raises(BadInputError, match=r"failed its checks .*damaged.*POST /v1/profiles"):
         plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
     assert store.get_profile(record.id) is None  # forgotten: a new request profiles again
 
     record, _, _ = build_profile(store, spec, None, lambda p, s: None)
-    (table,) = folder.glob("table-*.npz")
-    with np.load(table) as z:
-        arrays = {k: z[k] for k in z.files}
-    header = json.loads(bytes(arrays["header"]).decode())
-    header["options"][0]["bits"] = 8  # the arrays untouched: only the header's checksum coverage sees this
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    np.savez(table, **arrays)
-    with pytest.warns(UserWarning, match="checksum"), pytest.raises(BadInputError, match="candidate table fails its checks"):
+    doc = json.loads((folder / "profile.json").read_text())
+    doc["profile"]["settings"]["calibration"]["seed"] = 7  # the metadata only: the arrays are untouched
+    (folder / "profile.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match="does not match its checksum"):
         plan_from_stored(store, record.id, PlanSpec(budget="4bits"))
     assert store.get_profile(record.id) is None

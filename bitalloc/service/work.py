@@ -11,7 +11,6 @@ load its weights in a worker.
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 import time
 from collections import OrderedDict
@@ -19,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .. import api, solvers
@@ -29,11 +27,11 @@ from ..config import SolveConfig, check_solver_names
 from ..table import CandidateTable
 from ..constraints import Constraints
 from ..errors import BadInputError
-from ..io import atomic_write_bytes, atomic_write_text, canonical_json
+from ..io import canonical_json
 from ..models import LoadedModel, load_model, select_modules
 from ..options import QuantOption
 from ..plan import Plan
-from ..profile.store import load_table, save_table
+from ..profile.artifact import Profile
 from ..progress import reporting
 from .sources import ProfileSpec
 from .store import PlanRecord, ProfileRecord, Store
@@ -65,24 +63,21 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
         table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer, ray=ray)
     progress(0.95, "saving profile")
     profile_id = spec.profile_id
-    folder = store.profile_dir(profile_id)
-    save_table(folder, profile_id, table)
-    buf = io.BytesIO()
-    np.save(buf, calib.tokens.numpy(), allow_pickle=False)
-    atomic_write_bytes(folder / "calibration.npy", buf.getvalue())
-    tokens_sha256 = hashlib.sha256(buf.getvalue()).hexdigest()
+    tokens = calib.tokens.numpy()
     meta = {
         "spec": spec.to_dict(),
         "content_hash": loaded.content_hash,
         "architecture": type(loaded.model).__name__,
         "model_record": api.model_record(loaded),
         "calibration": {"text_sha256": calib.text_sha256, "source": calib.source, "seed": calib.seed,
-                        "settings": calib.settings(), "tokens_sha256": tokens_sha256},
+                        "settings": calib.settings(), "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
         "modules": table.groups,
         "options": [o.label for o in table.options],
         "num_weights": table.num_weights,
     }
-    atomic_write_text(folder / "meta.json", canonical_json(meta))
+    # the profile folder format of `bitalloc profile --out` (profile/artifact.py), one checksum over it all
+    Profile(key=profile_id, settings=meta, modules=[], table=table, calibration_tokens=tokens).save(
+        store.profile_dir(profile_id))
     record = ProfileRecord(id=profile_id, model_source=spec.source, model_hash=loaded.content_hash,
                            architecture=meta["architecture"], meta=meta, created=time.time(), job_id=job_id)
     store.put_profile(record)  # a no-op when another job stored the same profile first
@@ -148,28 +143,21 @@ def open_profile(store: Store, profile_id: str) -> StoredProfile | None:
 
 
 def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
-    """The stored profile's files, verified: the table against its checksum (header and arrays) and
-    storage bits, the calibration tokens against the sha256 in the profile's row."""
-    c = record.meta["calibration"]
-
-    def damaged(what: str) -> StoredProfileError:
-        return StoredProfileError(
-            f"stored profile {record.id} in {folder} failed its checks: {what} (damaged, edited, or written by an older "
-            "bitalloc whose checksums cover less); the service dropped it: recompute it with POST /v1/profiles "
-            "(re-run `bitalloc profile`)", record.id)
-
-    table = load_table(folder, record.id)
-    if table is None:
-        raise damaged("its candidate table fails its checks")
+    """The stored profile folder, verified (artifact.Profile.load: one checksum over the table, the
+    calibration tokens and the metadata), and for this profile id."""
     try:
-        data = (folder / "calibration.npy").read_bytes()
-    except OSError as e:
-        raise damaged(f"calibration.npy: {e.strerror}") from None
-    if hashlib.sha256(data).hexdigest() != c.get("tokens_sha256"):
-        raise damaged("calibration.npy does not match its sha256")
-    tokens = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
-    calibration = Calibration(tokens=tokens, text_sha256=c["text_sha256"], source=c["source"], seed=c["seed"])
-    return StoredProfile(record=record, table=table, calibration=calibration)
+        profile = Profile.load(folder, key=record.id)
+    except BadInputError as e:
+        raise StoredProfileError(
+            f"stored profile {record.id} in {folder} failed its checks ({e}); it is damaged, edited, or written by an "
+            "older bitalloc; the service dropped it: recompute it with POST /v1/profiles", record.id) from None
+    if profile.table is None or profile.calibration_tokens is None:
+        raise StoredProfileError(f"stored profile {record.id} in {folder} has no candidate table or calibration tokens; "
+                                 "the service dropped it: recompute it with POST /v1/profiles", record.id)
+    c = record.meta["calibration"]
+    calibration = Calibration(tokens=torch.from_numpy(profile.calibration_tokens), text_sha256=c["text_sha256"],
+                              source=c["source"], seed=c["seed"])
+    return StoredProfile(record=record, table=profile.table, calibration=calibration)
 
 
 class StoredProfileError(BadInputError):
