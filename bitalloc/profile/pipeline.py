@@ -44,6 +44,7 @@ from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
 from ..progress import steps
 
+
 def profile_key(parts: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical_json({"profile_version": 1, **parts}).encode()).hexdigest()
 
@@ -124,7 +125,8 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     if "interactions" in sig:
         wanted = [b for b in blocks if b is not None and (settings.interaction_blocks is None or b in settings.interaction_blocks)]
         with contextlib.ExitStack() as stack:
-            measure = _interaction_meter(model, module_names, calibration, settings, quantizer, streamed_from, stack)
+            measure = _interaction_meter(model, module_names, calibration, settings, quantizer, streamed_from, stack,
+                                         progress)
             singles: dict[str, float] = {}
             for b in steps(wanted, "interaction blocks", show=progress, unit="block"):
                 got = parts.get(f"interactions-block-{b:03d}")
@@ -143,7 +145,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
 
 
 def _interaction_meter(model, module_names, calibration, settings: ProfileSettings, quantizer: str, streamed_from,
-                       stack: contextlib.ExitStack):
+                       stack: contextlib.ExitStack, progress: bool = False):
     """measure(block, singles) -> that block's Interaction records; the whole model's forward passes, or,
     streamed, streamed_interactions.StreamedInteractions (its clean walk runs on the first call only,
     so a resumed profile whose blocks are all done loads nothing)."""
@@ -166,7 +168,7 @@ def _interaction_meter(model, module_names, calibration, settings: ProfileSettin
         if not meter:
             meter.append(stack.enter_context(StreamedInteractions(
                 streamed_from, module_names, calibration.tokens, settings.interaction_windows,
-                importance=importance_only(quantizer))))
+                importance=importance_only(quantizer), progress=progress)))
         return meter[0].measure(candidate_pairs(graph, {b}), option, singles, quantizer)
 
     return measure
