@@ -31,8 +31,8 @@ from ..options import QuantOption
 from .interactions import block_index, quantized
 from .records import Interaction
 from .statistics import ImportanceSums
-from .streamed import _Boundaries, _loaded, _without, chunk_nll, head_chunks
 from ..progress import Bar
+from .streamed import _Boundaries, _loaded, _without, chunk_nll, head_chunks
 
 Variant = tuple[str, ...]  # the modules quantized together: one (a single) or two (a pair)
 
@@ -135,6 +135,8 @@ class StreamedInteractions:
     @torch.no_grad()
     def losses(self, variants: list[Variant], option: QuantOption, quantizer: str = "rtn") -> dict[Variant, float]:
         """Mean NLL on the interaction windows with each variant's modules quantized under `option`."""
+        if not variants:
+            return {}
         start = {v: min(self._start(n) for n in v) for v in variants}
         n_blocks, keep = len(self.blocks), self.windows.shape[0]
         outside = {n for v in variants for n in v if block_index(self.model, n) is None}
