@@ -2,7 +2,8 @@
 
 As in the GPTQ reference's `llama_sequential`: the calibration windows' inputs to the first block
 are captured once, with how the model calls every block (attention mask, position embeddings, ...;
-blockwalk.record_calls, shared with the streamed profile). Then, block by block, each planned layer's Hessian H = mean_t x xᵀ is
+blockwalk.record_calls, shared with the streamed profile). Then, block by block, each planned
+layer's Hessian H = mean_t x xᵀ is
 collected from inputs produced by the *already quantized* earlier blocks and earlier layers of the
 same block ("true sequential": q/k/v, then o, then gate/up, then down, each stage re-run after the
 previous one is quantized), and the quantized block is run once more to give the next block's
