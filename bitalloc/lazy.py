@@ -45,3 +45,18 @@ def lazy_exports(package: str, where: dict[str, str]) -> tuple[Callable[[str], o
         return sorted(set(where) | set(vars(module)))
 
     return __getattr__, __dir__
+
+
+class LazyModule:
+    """`torch = LazyModule("torch")`: the module is imported on first attribute access.
+
+    The format families (bitalloc/formats) keep their option rules and their numerics in one file;
+    the rules are needed to read a plan or parse a label without torch, the numerics only then."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> object:
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # later lookups are plain attribute hits
+        return value

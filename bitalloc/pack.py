@@ -37,13 +37,8 @@ from torch import nn
 from .apply import check_plan_matches, plan_windows
 from .errors import BadInputError, BitallocError, OutputPathError
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
-from .formats.fp import grouped, pow2, round_to_element
-from .formats.mx import mx_shared_exponent
-from .formats.nvfp4 import nvfp4_scales
-from .formats.int import fp16_round_up
 from .io import atomic_write_text, canonical_json, check_output_dir
 from .models import is_linear
-from .options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK
 from .plan import Plan
 from .quantizers import QuantizedWeight
 from .quantizers.materialize import quantize_model
@@ -176,12 +171,12 @@ def clean_leftovers(out: Path) -> list[str]:
 
 
 def _dtype_notes(dtype: torch.dtype, plan: Plan) -> list[str]:
-    schemes = {a.option.to_option().scheme for a in plan.assignments}
+    stored = {weight_args(o)[1] for a in plan.assignments if (o := a.option.to_option()).fmt != "keep"}
     notes = []
-    if schemes & {"nvfp4", "mx"} and dtype != torch.bfloat16:
+    if stored & {"nvfp4-pack-quantized", "mxfp4-pack-quantized"} and dtype != torch.bfloat16:
         notes.append("compressed-tensors decompresses NVFP4/MXFP4 weights to bfloat16: load this checkpoint with "
                      "dtype=torch.bfloat16 in transformers")
-    if schemes & {"int", "fp"} and dtype == torch.bfloat16:
+    if stored & {"pack-quantized", "naive-quantized"} and dtype == torch.bfloat16:
         notes.append("a bfloat16 model loads the fp16 scales into bfloat16 parameters: reloaded weights match the "
                      "simulation to one bfloat16 rounding, not bit for bit")
     return notes
@@ -231,9 +226,8 @@ def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight], dtype: t
         tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     notes = []
     for module, q in qweights.items():
-        original = model.get_submodule(module).weight.detach().float().cpu()
         del tensors[f"{module}.weight"]
-        packed, note = compressed_tensors_of(q, original, keep_dtype=_keep_dtype(dtype))
+        packed, note = compressed_tensors_of(q, keep_dtype=_keep_dtype(dtype))
         tensors.update({f"{module}.{k}": v for k, v in packed.items()})
         if note:
             notes.append(f"{module}: {note}")
@@ -245,33 +239,26 @@ def _keep_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def compressed_tensors_of(q: QuantizedWeight, original: torch.Tensor,
-                          keep_dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], str]:
-    """The compressed-tensors tensors (local names) storing one quantized weight, and a note if a
-    scale could not be stored in the width the plan assumed. original: the unquantized weight
-    [out, in] (fp8 scales are recomputed from it and checked against q.values)."""
+def compressed_tensors_of(q: QuantizedWeight, keep_dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], str]:
+    """The compressed-tensors tensors (local names) storing one quantized weight, from the codes and
+    scales its quantizer returned, and a note if a scale could not be stored in the width the plan assumed."""
     option = q.option
     if option.fmt == "keep":
         return {"weight": q.values.to(keep_dtype).contiguous()}, ""
-    if option.scheme == "int":
-        return _int_tensors(q)
-    if option.scheme == "fp" and option.element == "e4m3":
-        return _fp8_tensors(q, original)
-    if option.scheme == "nvfp4":
-        return _nvfp4_tensors(q, original), ""
-    if option.scheme == "mx" and option.element == "e2m1":
-        return _mxfp4_tensors(q, original), ""
-    _, fmt = weight_args(option)  # raises for what compressed-tensors cannot store at all
-    raise BadInputError(f"bitalloc apply does not pack {option.label} ({fmt}) yet; "
-                        "re-plan with int, fp8e4m3, nvfp4, mxfp4 or fp16 options")
+    try:
+        _, fmt = weight_args(option)  # what compressed-tensors can hold is declared there, once
+    except ValueError as e:
+        raise BadInputError(f"compressed-tensors cannot store {option.label}: {e}; re-plan with int, fp8e4m3, "
+                            "nvfp4, mxfp4 or fp16 options") from None
+    if q.codes is None or q.scale is None:
+        raise BitallocError(f"the quantizer returned no codes and scales for {option.label}; cannot pack")
+    return _PACKERS[fmt](q)
 
 
 def _int_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
     pack_to_int32 = _library()
     option = q.option
     b = option.bits
-    if q.codes is None or q.scale is None or q.zero is None:
-        raise BitallocError(f"quantizer returned no integer codes for {option.label}; cannot pack")
     # compressed-tensors stores signed codes in [-2^(b-1), 2^(b-1)-1] for both symmetries.
     offset = 0 if option.symmetric else 2 ** (b - 1)
     codes = (q.codes - offset).to(torch.int8)  # [out, in]
@@ -295,82 +282,41 @@ def _scale_as_fp16(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
     return scale.float().contiguous(), "scales are not fp16 values; stored as fp32 (2 bytes more per group than planned)"
 
 
-def _fp8_tensors(q: QuantizedWeight, original: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
-    option = q.option
-    el = ELEMENTS["e4m3"]
-    # RTN returns only values; its scale is the one formats/fp.py derives from the original weight.
-    # A quantizer that chose its own scales (rtn-w) returns them. Every value must then be an exact
-    # E4M3 multiple of the scale.
-    if q.scale is not None:
-        scale = q.scale.float()  # [out, n_groups] or [1, 1]
-    else:
-        amax = grouped(original, option.group_size).abs().amax(dim=-1)  # [out, n_groups] or [1, 1]
-        scale = amax / el.max_value
-        if option.scale_fmt == "fp16":
-            scale = fp16_round_up(scale)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    elements = grouped(q.values.float(), option.group_size) / scale.unsqueeze(-1)
-    fp8 = elements.to(torch.float8_e4m3fn)
-    # compressed-tensors dequantizes as fp8.to(scale dtype) * scale: it must give back the values exactly.
-    if not torch.equal(fp8.float() * scale.unsqueeze(-1), grouped(q.values.float(), option.group_size)):
-        raise BitallocError(f"{option.label}: the quantized values are not E4M3 multiples of their scales "
-                            "(a quantizer that does not return the scales it chose?); cannot pack them exactly")
-    tensors = {"weight": fp8.reshape(q.values.shape).contiguous()}
-    if option.group_size == 0:
-        tensors["weight_scale"] = scale.reshape(1).float()  # one fp32 scale per tensor
+def _fp8_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
+    # compressed-tensors dequantizes as fp8.to(scale dtype) * scale: the codes are E4M3 values, exactly.
+    tensors = {"weight": q.codes.to(torch.float8_e4m3fn).contiguous()}  # [out, in]
+    if q.option.group_size == 0:
+        tensors["weight_scale"] = q.scale.reshape(1).float()  # one fp32 scale per tensor
         return tensors, ""
-    tensors["weight_scale"], note = _scale_as_fp16(scale)
+    tensors["weight_scale"], note = _scale_as_fp16(q.scale)  # [out, n_groups]
     return tensors, note
 
 
-def _fp4_elements(q: QuantizedWeight, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """The E2M1 elements of q.values per block of `scale` [out, in/block, 1], checked to give the
-    values back exactly (so the stored codes are the simulated ones). -> [out, in]"""
-    values = grouped(q.values.float(), block)  # [out, in/block, block]
-    # values = e2m1 · scale rounded to fp32, so divide, round to the grid, and demand the product back exactly.
-    elements = round_to_element(values / scale, "e2m1")
-    if not torch.equal(elements * scale, values):
-        raise BitallocError(f"{q.option.label}: the quantized values are not E2M1 multiples of their block scales "
-                            "(a quantizer that does not return the scales it chose?); cannot pack them exactly")
-    return elements.reshape(q.values.shape)
-
-
-def _nvfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torch.Tensor]:
+def _nvfp4_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
-    out_f, in_f = original.shape
-    if original.abs().amax() == 0:  # an all-zero weight: zero codes, any scales
-        block_scale, global_scale = torch.zeros(out_f, in_f // NVFP4_BLOCK, 1), torch.tensor(1.0)
-        elements = torch.zeros(out_f, in_f)
-    else:
-        block_scale, global_scale = nvfp4_scales(original)
-        if q.scale is not None:  # E4M3 block scales a quantizer chose itself (rtn-w), same tensor scale
-            block_scale = q.scale.float().unsqueeze(-1)
-        scale = torch.where(block_scale > 0, block_scale * global_scale, torch.ones_like(block_scale))
-        elements = _fp4_elements(q, scale, NVFP4_BLOCK)
     # compressed-tensors keeps the reciprocal global scale (448·6 / amax) and dequantizes as
     # e2m1 · (e4m3 scale / global): the same product up to the fp32 rounding of the reciprocal.
     return {
-        "weight_packed": pack_fp4_to_uint8(elements),  # uint8 [out, in/2], two E2M1 codes per byte
-        "weight_scale": block_scale.squeeze(-1).to(torch.float8_e4m3fn).contiguous(),  # [out, in/16]
-        "weight_global_scale": (1.0 / global_scale).reshape(1).float(),  # fp32 [1]
-    }
+        "weight_packed": pack_fp4_to_uint8(q.codes),  # uint8 [out, in/2], two E2M1 codes per byte
+        "weight_scale": q.scale.to(torch.float8_e4m3fn).contiguous(),  # [out, in/16]
+        "weight_global_scale": (1.0 / q.tensor_scale).reshape(1).float(),  # fp32 [1]
+    }, ""
 
 
-def _mxfp4_tensors(q: QuantizedWeight, original: torch.Tensor) -> dict[str, torch.Tensor]:
+def _mxfp4_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
-    if q.scale is not None:  # 2^X per block, chosen by the quantizer (rtn-w)
-        _, e = torch.frexp(q.scale.float().unsqueeze(-1))
-        exponent = e.to(torch.int32) - 1  # [out, in/32, 1]
-    else:
-        amax = grouped(original, MX_BLOCK).abs().amax(dim=-1, keepdim=True)  # [out, in/32, 1]
-        exponent = mx_shared_exponent(amax, ELEMENTS["e2m1"].emax)
-    elements = _fp4_elements(q, pow2(exponent), MX_BLOCK)
+    _, e = torch.frexp(q.scale.float())  # scale = 2^X exactly: X = e - 1
     return {
-        "weight_packed": pack_fp4_to_uint8(elements),  # uint8 [out, in/2]
-        "weight_scale": (exponent.squeeze(-1) + 127).to(torch.uint8).contiguous(),  # E8M0: biased exponent [out, in/32]
-    }
+        "weight_packed": pack_fp4_to_uint8(q.codes),  # uint8 [out, in/2]
+        "weight_scale": (e.to(torch.int32) - 1 + 127).to(torch.uint8).contiguous(),  # E8M0: biased exponent [out, in/32]
+    }, ""
+
+
+# compressed-tensors format (exports.compressed_tensors.weight_args) -> its tensors.
+_PACKERS = {"pack-quantized": _int_tensors, "naive-quantized": _fp8_tensors, "nvfp4-pack-quantized": _nvfp4_tensors,
+            "mxfp4-pack-quantized": _mxfp4_tensors}
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[Path]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from .budget import UNPLANNED_BITS
 from .errors import BadInputError, PlanVersionError
 from .io import atomic_write_text, canonical_json
-from .options import GGUF_TYPES, QuantOption
+from .options import QuantOption
 
 SCHEMA_VERSION = 1
 PLAN_FORMAT = "bitalloc.plan"
@@ -31,8 +31,19 @@ class _Strict(BaseModel):
 _FP_FIELDS = ("element", "scale_fmt", "tensor_scale_bits")
 
 
+def _registered(field: str):
+    """The JSON schema's enum for a field: its values over the registered format families (the checked-in
+    schema lists the built-in ones). Loading checks a value with its family (QuantOption)."""
+    def extra(schema: dict) -> None:
+        from .formats import all_formats
+
+        values = {"fmt": lambda f: (f.fmt,), "element": lambda f: f.elements, "scale_fmt": lambda f: f.scale_fmts}[field]
+        schema["enum"] = list(dict.fromkeys(v for f in all_formats() for v in values(f)))
+    return extra
+
+
 class OptionSpec(_Strict):
-    fmt: Literal["int", "fp", "gguf", "keep"]
+    fmt: str = Field(json_schema_extra=_registered("fmt"))
     bits: int = Field(ge=2, le=16)
     group_size: int | None = Field(
         None, ge=0, description="weights per scale along the input; null = per output channel; 0 = one scale per tensor")
@@ -40,11 +51,11 @@ class OptionSpec(_Strict):
     scale_bits: int = Field(ge=0)
     zero_bits: int = Field(ge=0)
     # Added after the first v1 plans (which are INT/keep only); the defaults are what those meant.
-    element: Literal["", "e4m3", "e5m2", "e2m3", "e3m2", "e2m1", *GGUF_TYPES] = Field(
+    element: str = Field(
         "", description="fp element format (sign, exponent, mantissa bits), or the ggml tensor type of a gguf "
-        "option (Q4_K, ...); empty for int and keep")
-    scale_fmt: Literal["fp16", "fp32", "e8m0", "e4m3"] = Field(
-        "fp16", description="storage format of each scale: fp16, fp32 (per tensor), e8m0 (MX), e4m3 (NVFP4)")
+        "option (Q4_K, ...); empty for int and keep", json_schema_extra=_registered("element"))
+    scale_fmt: str = Field("fp16", description="storage format of each scale: fp16, fp32 (per tensor), e8m0 (MX), "
+                           "e4m3 (NVFP4)", json_schema_extra=_registered("scale_fmt"))
     tensor_scale_bits: int = Field(0, ge=0, description="bits stored once per tensor on top of the group scales (NVFP4: 32)")
 
     @model_validator(mode="after")
@@ -54,10 +65,11 @@ class OptionSpec(_Strict):
 
     @model_serializer(mode="wrap")
     def _omit_fp_defaults(self, handler):
-        # INT/keep options are written exactly as before the FP fields existed, so their plans stay
-        # byte-identical and readable by earlier bitalloc versions; FP and GGUF options write all fields.
+        # Options that leave all three at their defaults (INT, keep) are written exactly as before these
+        # fields existed, so their plans stay byte-identical and readable by earlier bitalloc versions;
+        # the others (FP, GGUF: a non-empty element) write all fields.
         d = handler(self)
-        if self.fmt in ("int", "keep"):
+        if (self.element, self.scale_fmt, self.tensor_scale_bits) == ("", "fp16", 0):
             for key in _FP_FIELDS:
                 d.pop(key, None)
         return d

@@ -143,7 +143,7 @@ def test_packer_stores_the_searched_scales(opt):
     W, h = weights_and_importance(3, in_f=128)
     q = quantize_weighted(W, opt, h)
     assert not torch.equal(q.values, quantize_weight(W, opt, "rtn").values)  # the search changed something
-    tensors, _ = compressed_tensors_of(q, W)
+    tensors, _ = compressed_tensors_of(q)
     if opt.scheme == "fp":
         scale = tensors["weight_scale"].float().reshape(q.scale.shape)
         assert torch.equal(scale, q.scale)

@@ -59,7 +59,7 @@ def weight_args(option: QuantOption) -> tuple[dict, str]:
                     "group_size": 32, "scale_dtype": "torch.uint8"}, "mxfp4-pack-quantized"
         raise ValueError(f"compressed-tensors' MX formats are MXFP4 (E2M1), MXFP6 (E2M3) and MXFP8 (E4M3); "
                          f"bitalloc does not write {option.label} for it yet")
-    raise ValueError(f"{option.label} is not a quantized format")
+    raise ValueError(f"compressed-tensors has no format for {option.scheme} options")
 
 
 def unsupported_options(plan: Plan) -> list[str]:

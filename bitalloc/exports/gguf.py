@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..errors import BadInputError
 from ..io import atomic_write_text
-from ..options import GGUF_TYPES, QuantOption
+from ..formats.gguf import GGUF_TYPES
+from ..options import QuantOption
 from ..plan import Assignment, Plan
 from . import ExportResult, register_export
 from .common import require_whole_modules
@@ -114,7 +115,7 @@ def choose_type(o: QuantOption, row_width: int) -> tuple[str, str, str]:
         if row_width % sizes[exact][0] == 0:
             return exact, exact, ""
         return nearest_int_type(o, row_width).name, exact, ""
-    note = f"GGUF has no {o.label} type; nearest integer type" if o.fmt == "fp" else ""
+    note = f"GGUF has no {o.label} type; nearest integer type" if o.fmt != "int" else ""
     return nearest_int_type(o, row_width).name, nearest_int_type(o, None).name, note
 
 

@@ -44,7 +44,8 @@ def modelopt_layer(o: QuantOption) -> tuple[dict | None, str]:
         if o.group_size is None:
             return {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}, ""
         return None, "ModelOpt has no per-group FP8 weight scales (FP8 is per tensor or per channel)"
-    # int
+    if scheme != "int":
+        return None, f"ModelOpt has no algorithm for {scheme} options"
     if not o.symmetric:
         return None, "ModelOpt's integer algorithms are symmetric (no zero-points)"
     if o.bits == 8 and o.group_size is None:

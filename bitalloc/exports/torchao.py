@@ -72,7 +72,7 @@ def torchao_config_dict(o: QuantOption) -> tuple[dict | None, str]:
                                                    "granularity": _granularity(o)}), ""
     if scheme == "mx":
         return None, "torchao's MX config (MXDynamicActivationMXWeightConfig) also quantizes activations; no weight-only MX"
-    return None, f"torchao has no weight-only config for {o.element} elements"
+    return None, f"torchao has no weight-only config for {o.label}"
 
 
 def torchao_mapping(plan: Plan) -> tuple[dict, list[str]]:

@@ -16,14 +16,66 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..options import GGUF_TYPES, QuantOption
-from . import register_format
+from ..lazy import LazyModule
+from ..options import QuantOption
+from . import Format, QuantizedWeight, register_format
 
+torch = LazyModule("torch")
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: a group with a smaller max is all zero
 QK_K = 256
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """One llama.cpp tensor type's block (ggml-common.h): `block` weights stored in `block_bytes`.
+
+    bits: width of each weight's code; the rest of the block (fp16 super-scales, packed sub-block
+    scales and mins) is the per-block overhead. has_min: the block stores a min (zero-point) too.
+    """
+
+    block: int
+    block_bytes: int
+    bits: int
+    has_min: bool
+
+    @property
+    def overhead_bits(self) -> int:
+        return self.block_bytes * 8 - self.block * self.bits
+
+
+# Linear GGUF types, most bits first; sizes as gguf.GGML_QUANT_SIZES (tests check they agree).
+GGUF_TYPES = {
+    "Q8_0": GGUFLayout(32, 34, 8, False),
+    "Q6_K": GGUFLayout(256, 210, 6, False),
+    "Q5_K": GGUFLayout(256, 176, 5, True),
+    "Q5_1": GGUFLayout(32, 24, 5, True),
+    "Q5_0": GGUFLayout(32, 22, 5, False),
+    "Q4_K": GGUFLayout(256, 144, 4, True),
+    "Q4_1": GGUFLayout(32, 20, 4, True),
+    "Q4_0": GGUFLayout(32, 18, 4, False),
+    "IQ4_NL": GGUFLayout(32, 18, 4, False),
+    "IQ4_XS": GGUFLayout(256, 136, 4, False),
+    "Q3_K": GGUFLayout(256, 110, 3, False),
+    "Q2_K": GGUFLayout(256, 84, 2, True),
+}
+
+
+def gguf_option(ggml_type: str) -> QuantOption:
+    """A llama.cpp tensor type (label: its name, Q4_K, ...): its block, code width and exact per-block
+    overhead (super-scales, sub-block scales and mins, all counted as scale_bits)."""
+    t = GGUF_TYPES[ggml_type]
+    return QuantOption("gguf", t.bits, t.block, not t.has_min, t.overhead_bits, 0, ggml_type)
+
+
+def check(o: QuantOption) -> None:
+    if o.element not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {o.element!r}; known: {', '.join(GGUF_TYPES)}")
+    t = GGUF_TYPES[o.element]
+    layout = (t.bits, t.block, not t.has_min, t.overhead_bits, 0, "fp16", 0)
+    if (o.bits, o.group_size, o.symmetric, o.scale_bits, o.zero_bits, o.scale_fmt, o.tensor_scale_bits) != layout:
+        raise ValueError(f"GGUF type {o.element} has a fixed layout; build it with QuantOption.gguf({o.element!r})")
 
 
 @dataclass(frozen=True)
@@ -616,7 +668,12 @@ def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
     return QUANTIZERS[ggml_type](np.ascontiguousarray(w, dtype=F32), importance)
 
 
-@register_format("gguf")
-def gguf_quantize_dequantize(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
-    """llama.cpp's reference quantizer (no importance weights) of option.element."""
-    return torch.from_numpy(gguf_quantize(weight, option.element).values).to(weight.dtype)
+def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
+    """llama.cpp's reference quantizer (no importance weights): what llama-quantize does without an imatrix."""
+    q = gguf_quantize(w, o.element)
+    return QuantizedWeight(o, torch.from_numpy(q.values), blocks=q.blocks)
+
+
+register_format(Format(
+    "gguf", "gguf", check, lambda o: o.element, lambda text: gguf_option(text.upper()) if text.upper() in GGUF_TYPES else None,
+    quantize, elements=tuple(GGUF_TYPES), label_examples=("Q4_K",), grids={"gguf": lambda g: [gguf_option(t) for t in QUANTIZERS]}))

@@ -1,11 +1,56 @@
-"""Round-to-nearest integer quantization, symmetric or asymmetric, per group or per channel."""
+"""Integers, symmetric or asymmetric, with an fp16 scale per group or per output channel.
+
+Label: int{bits}-{g<size>|ch}-{sym|asym}. An asymmetric zero-point is stored with the weight's own
+bit width (as GPTQ/AWQ pack it).
+"""
 
 from __future__ import annotations
 
-import torch
+import re
 
+from ..lazy import LazyModule
 from ..options import QuantOption
-from . import register_format
+from . import Format, Grid, QuantizedWeight, register_format
+
+torch = LazyModule("torch")
+_LABEL = re.compile(r"int(\d+)-(ch|g\d+)-(sym|asym)")
+
+
+def int_option(bits: int, group_size: int | None, symmetric: bool = False) -> QuantOption:
+    return QuantOption("int", bits, group_size, symmetric, 16, 0 if symmetric else bits)
+
+
+def check(o: QuantOption) -> None:
+    if o.group_size == 0:
+        raise ValueError("group_size must be positive or None (per channel) for int; "
+                         "0 (one scale per tensor) is for fp formats only")
+    if o.element or o.scale_fmt != "fp16" or o.tensor_scale_bits:
+        raise ValueError("int options take no element, scale_fmt or tensor scale")
+    if not 2 <= o.bits <= 8:
+        raise ValueError(f"int bits must be 2..8, got {o.bits}")
+
+
+def group_label(group_size: int | None) -> str:
+    return "ch" if group_size is None else ("tensor" if group_size == 0 else f"g{group_size}")
+
+
+def label(o: QuantOption) -> str:
+    return f"int{o.bits}-{group_label(o.group_size)}-{'sym' if o.symmetric else 'asym'}"
+
+
+def parse_group(text: str) -> int | None:
+    """'ch' -> None (per channel), 'g64' -> 64."""
+    if text == "ch":
+        return None
+    if int(text[1:]) == 0:
+        raise ValueError("group size must be positive")
+    return int(text[1:])
+
+
+def parse(text: str) -> QuantOption | None:
+    if m := _LABEL.fullmatch(text):
+        return int_option(int(m[1]), parse_group(m[2]), m[3] == "sym")
+    return None
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -79,7 +124,11 @@ def int_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
     return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(out_f, in_f)
 
 
-@register_format("int")
-def rtn_int(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
-    codes, scale, zero = int_codes(weight, option)
-    return int_dequantize(codes, scale, zero).to(weight.dtype)
+def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
+    codes, scale, zero = int_codes(w, o)
+    return QuantizedWeight(o, int_dequantize(codes, scale, zero), codes, scale, zero)
+
+
+register_format(Format(
+    "int", "int", check, label, parse, quantize, label_examples=("int4-g64-asym", "int8-ch-sym"),
+    grids={"int": lambda g: [int_option(b, gs, s) for b in g.bits for gs in g.group_sizes for s in g.symmetric]}))

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import quantize_dequantize
+from ..formats.fp import ELEMENTS
 from ..formats.int import int_scales
-from ..options import ELEMENTS, QuantOption
+from ..options import QuantOption
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 

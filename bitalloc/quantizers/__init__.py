@@ -2,44 +2,20 @@
 
 A quantizer takes one weight [out, in], its option, and (for second-order methods) the layer's input
 Hessian H = mean_t x_t x_tᵀ [in, in], and returns a QuantizedWeight: the values the stored weight
-reproduces, plus the integer codes, scales and zero-points where the format has them (what the
-packers write to disk). The candidate table and the applier both call `quantize_weight`, so the
+reproduces, plus the codes and scales the format stores (formats.QuantizedWeight; what the packers
+write to disk). The candidate table and the applier both call `quantize_weight`, so the
 error the planner predicts is the error of the quantizer that will be applied.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import BadInputError
+from ..formats import QuantizedWeight
 from ..options import QuantOption
-
-
-@dataclass
-class QuantizedWeight:
-    """One quantized weight matrix.
-
-    values: [out, in] float32, what the stored weight reproduces (what a simulated model runs with).
-    codes: [out, in] int32 integer codes (int formats), with values == (codes - zero) * scale per group;
-      symmetric codes are signed in [-2^(b-1), 2^(b-1)-1], asymmetric unsigned in [0, 2^b-1].
-    scale / zero: [out, n_groups] float32 (per-channel: n_groups = 1); zero is all-zero when symmetric.
-    Formats without integer codes (fp, mx, nvfp4, keep) leave codes and zero None; their scale is None
-    when it is the format's own rule applied to the weight (RTN), else the scale the quantizer chose
-    and the packers store: fp the fp16 (per tensor: fp32, [1, 1]) scale, mx 2^X, nvfp4 the E4M3 block
-    scale (under formats/nvfp4.py's fp32 tensor scale); values == elements · scale per group.
-    blocks: GGUF options only: the tensor's bytes as a GGUF file stores them, [out, row_bytes] uint8
-      (numpy), with values == what those bytes dequantize to.
-    """
-
-    option: QuantOption
-    values: torch.Tensor
-    codes: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    blocks: Any = None
 
 
 Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **settings)

@@ -35,9 +35,7 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
                       grid: SearchGrid = DEFAULT_GRID) -> QuantizedWeight:
     """Quantize `weight` [out, in] as `option` with scales searched under column importances h [in].
 
-    INT returns codes/scale/zero ([out, n_groups]) as RTN does; fp/mx/nvfp4 return the scale they
-    chose as `scale` ([out, n_groups]; fp32 per tensor: [1, 1]; mx: 2^X; nvfp4: the E4M3 block
-    scale, under formats/nvfp4.py's tensor scale), for packers.
+    Codes and scales as RTN returns them (formats.QuantizedWeight), holding the scales it chose.
     """
     w = weight.detach().float()
     out_f, in_f = w.shape
@@ -54,14 +52,14 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
     if scheme == "fp":
         wg = grouped(w, option.group_size)
         hg = grouped(h.expand(out_f, in_f), option.group_size)
-        values, s = search_fp_scales(wg, hg, option, grid)
-        return QuantizedWeight(option, values.reshape(out_f, in_f), scale=s.squeeze(-1))
+        values, s, e = search_fp_scales(wg, hg, option, grid)
+        return QuantizedWeight(option, values.reshape(out_f, in_f), e.reshape(out_f, in_f), s.squeeze(-1))
     if scheme == "mx":
-        values, s = search_mx_scales(w, h, option, grid)
-        return QuantizedWeight(option, values, scale=s)
+        values, s, e = search_mx_scales(w, h, option, grid)
+        return QuantizedWeight(option, values, e, s)
     if scheme == "nvfp4" and w.abs().amax() > 0:
-        values, b = search_nvfp4_scales(w, h, grid)
-        return QuantizedWeight(option, values, scale=b)
+        values, b, e, g = search_nvfp4_scales(w, h, grid)
+        return QuantizedWeight(option, values, e, b, tensor_scale=g)
     return rtn(w, option)  # keep, or an all-zero NVFP4 weight
 
 

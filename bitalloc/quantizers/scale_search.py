@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.fp import grouped, pow2, round_to_element
+from ..formats.fp import ELEMENTS, grouped, pow2, round_to_element
 from ..formats.int import fp16_round_up, int_range, int_scales
-from ..formats.mx import E8M0_MAX_EXP, E8M0_MIN_EXP, mx_shared_exponent
-from ..formats.nvfp4 import E2M1, E4M3, E4M3_MIN_SUBNORMAL, nvfp4_scales
-from ..options import ELEMENTS, MX_BLOCK, NVFP4_BLOCK, QuantOption
+from ..formats.mx import E8M0_MAX_EXP, E8M0_MIN_EXP, MX_BLOCK, mx_shared_exponent
+from ..formats.nvfp4 import E2M1, E4M3, E4M3_MIN_SUBNORMAL, NVFP4_BLOCK, nvfp4_scales
+from ..options import QuantOption
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,9 @@ def _element_error(w, h, s, el):
 
 
 def search_fp_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
-                     grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp options with fp16 (per group/channel) or fp32 (per tensor) scales: (values [R, G, g], scale [R, G, 1]).
+                     grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp options with fp16 (per group/channel) or fp32 (per tensor) scales: (values [R, G, g], scale [R, G, 1],
+    elements [R, G, g]).
 
     Candidate 0 is formats/fp.py's scale (max|w| / element max, fp16 rounded up); the grid shrinks
     it by the clip ratios, then the best is refit (w ≈ a·e), as for INT.
@@ -193,19 +194,20 @@ def search_fp_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         _, err = _element_error(w, h, s, el)
         _keep_better(best, err, s)
     s = best[1]
-    return round_to_element(w / s, el) * s, s
+    e = round_to_element(w / s, el)
+    return e * s, s, e
 
 
 # ---- MX: power-of-two (E8M0) block scales ------------------------------------------------------
 
 
 def search_mx_scales(weight: torch.Tensor, h: torch.Tensor, option: QuantOption,
-                     grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+                     grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MX blocks of 32: the E8M0 exponent X per block from {X_spec − 1, X_spec, X_spec + 1}.
 
     weight [out, in], h [in]. X_spec (OCP MX §6.3) may clip the block max by up to 25% (E2M1); X + 1
     never clips, X − 1 clips more but resolves the small weights twice as finely. Only powers of two
-    can be stored, so there is no refit. Returns (values [out, in], scale 2^X [out, in/32]).
+    can be stored, so there is no refit. Returns (values [out, in], scale 2^X [out, in/32], elements [out, in]).
     """
     el = ELEMENTS[option.element]
     w = grouped(weight.float(), MX_BLOCK)  # [out, in/32, 32]
@@ -220,20 +222,21 @@ def search_mx_scales(weight: torch.Tensor, h: torch.Tensor, option: QuantOption,
         else:
             _keep_better(best, err, x)
     s = pow2(best[1])
-    values = round_to_element(w / s, el) * s
-    return values.reshape(weight.shape), s.squeeze(-1)
+    e = round_to_element(w / s, el)
+    return (e * s).reshape(weight.shape), s.squeeze(-1), e.reshape(weight.shape)
 
 
 # ---- NVFP4: E4M3 block scales under the fp32 tensor scale --------------------------------------
 
 
 def search_nvfp4_scales(weight: torch.Tensor, h: torch.Tensor,
-                        grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+                        grid: SearchGrid = DEFAULT_GRID) -> tuple[torch.Tensor, ...]:
     """NVFP4: the E4M3 block scale per block of 16 (the fp32 tensor scale is formats/nvfp4.py's).
 
     weight [out, in] with max|w| > 0, h [in]. Candidates: the format's own block scale, the E4M3
     roundings of the clipped ones (r · max|block| / 6 / global) and of the weighted least-squares
-    refit. Returns (values [out, in], E4M3 block scales [out, in/16]).
+    refit. Returns (values [out, in], E4M3 block scales [out, in/16], elements [out, in], the fp32
+tensor scale []).
     """
     w = weight.float()
     blocks = grouped(w, NVFP4_BLOCK)  # [out, in/16, 16]
@@ -264,5 +267,5 @@ def search_nvfp4_scales(weight: torch.Tensor, h: torch.Tensor,
         _keep_better(best, err, b)
     b = best[1]
     s = torch.where(b > 0, b * g, torch.ones_like(b))
-    values = round_to_element(blocks / s, E2M1) * s
-    return values.reshape(weight.shape), b.squeeze(-1)
+    e = round_to_element(blocks / s, E2M1)
+    return (e * s).reshape(weight.shape), b.squeeze(-1), e.reshape(weight.shape), g
