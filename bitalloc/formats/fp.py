@@ -124,6 +124,16 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k >= -126, normal, subnormal).view(torch.float32)
 
 
+def element_grid(element: str) -> torch.Tensor:
+    """Every value of an element format (ELEMENTS), negative and positive, ascending."""
+    el = ELEMENTS[element]
+    fraction = torch.arange(2**el.mbits, dtype=torch.float64) / 2**el.mbits
+    binades = 2.0 ** torch.arange(el.min_exp, el.emax + 1, dtype=torch.float64)
+    mags = torch.cat([2.0**el.min_exp * fraction, (binades[:, None] * (1 + fraction)).flatten()])
+    mags = mags[mags <= el.max_value]
+    return torch.cat([-mags, mags]).unique().float()
+
+
 def round_to_element(x: torch.Tensor, element: Element | str) -> torch.Tensor:
     """x (float32) rounded to the nearest value of `element`, ties to even, saturating at ±max.
 

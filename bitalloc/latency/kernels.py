@@ -16,8 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..formats import quantize_dequantize
-from ..formats.fp import ELEMENTS
+from ..formats import quantize, quantize_dequantize
 from ..formats.int import int_scales
 from ..options import QuantOption
 
@@ -198,51 +197,34 @@ register_kernel(Kernel(
 # --- fallback: dequantize on every call, then dense matmul --------------------------------------
 
 
-def element_grid(element: str) -> torch.Tensor:
-    """Every value of an element format (options.ELEMENTS), negative and positive, ascending."""
-    el = ELEMENTS[element]
-    fraction = torch.arange(2**el.mbits, dtype=torch.float64) / 2**el.mbits
-    binades = 2.0 ** torch.arange(el.min_exp, el.emax + 1, dtype=torch.float64)
-    mags = torch.cat([2.0**el.min_exp * fraction, (binades[:, None] * (1 + fraction)).flatten()])
-    mags = mags[mags <= el.max_value]
-    return torch.cat([-mags, mags]).unique().float()
-
-
 def _codes_scales_offsets(weight: torch.Tensor, option: QuantOption):
     """Codes [out, in] (uint8), value table [2^bits at most], scale and offset [out, n_groups, 1]
-    (offset None without a zero-point) such that table[codes]·scale + offset is the stored weight."""
+    (offset None without a zero-point) such that table[codes]·scale + offset is the stored weight:
+    the format family's own codes and scales (formats.quantize), indexed into the values they take."""
+    q = quantize(weight, option)
     out_f, in_f = weight.shape
-    g = in_f if option.group_size in (None, 0) else option.group_size
-    w = weight.float().reshape(out_f, in_f // g, g)
-    if option.fmt == "int":
-        scale, zero = int_scales(w, option)
-        half = 2 ** (option.bits - 1)
-        if option.symmetric:
-            codes = torch.clamp(torch.round(w / scale), -half, half - 1) + half
-            table, offset = torch.arange(2**option.bits, dtype=torch.float32, device=w.device) - half, None
-        else:
-            codes = torch.clamp(torch.round(w / scale) + zero, 0, 2**option.bits - 1)
-            table, offset = torch.arange(2**option.bits, dtype=torch.float32, device=w.device), -zero * scale
-        return codes.reshape(out_f, in_f).to(torch.uint8), table, scale, offset
-    # Floating-point elements: one scale per group mapping the group's largest magnitude to the
-    # largest element, then the nearest element. Timing-exact (same storage, same work per call);
-    # the values match the format's own scale choice up to that choice.
-    table = element_grid(option.element).to(w.device)
-    ref = reference_weight(weight, option).float().reshape(out_f, in_f // g, g)
-    scale = ref.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / table.max()
-    codes = torch.bucketize(ref / scale, (table[1:] + table[:-1]) / 2)
-    return codes.reshape(out_f, in_f).to(torch.uint8), table, scale, None
+    scale = q.scale.float() if q.tensor_scale is None else q.scale.float() * q.tensor_scale
+    scale = scale.expand(out_f, -1).unsqueeze(-1)  # one per tensor: the same for every row
+    if q.codes.is_floating_point():  # element values (fp, mx, nvfp4): a table of those present
+        table = q.codes.unique()
+        codes = torch.bucketize(q.codes, table)
+    else:  # integers: consecutive, from the smallest
+        lo = int(q.codes.min())
+        table = torch.arange(lo, int(q.codes.max()) + 1, dtype=torch.float32, device=weight.device)
+        codes = q.codes - lo
+    offset = None if q.zero is None or not q.zero.any() else -q.zero.unsqueeze(-1) * scale
+    return codes.to(torch.uint8), table, scale, offset
 
 
 def _prepare_dequant_dense(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
     """Codes one per byte and a scale per group (plus a zero-point for asymmetric INT); every call
-    turns codes into values, scales them and runs the dense matmul. INT values are consecutive
-    integers, so a conversion and one fused multiply-add do it; FP elements are looked up in the
-    format's value table (at most 2^bits entries)."""
+    turns codes into values, scales them and runs the dense matmul. Consecutive integer codes (INT)
+    take a conversion and one fused multiply-add; other codes (FP elements) are looked up in the
+    table of their values (at most 2^bits entries)."""
     out_f, in_f = weight.shape
     codes, table, scale, offset = _codes_scales_offsets(weight.float(), option)
     n_groups = scale.shape[1]
-    if option.fmt == "int":
+    if torch.equal(table, table[0] + torch.arange(len(table), device=table.device)):
         # table[q] = table[0] + q, so w = q·scale + (table[0]·scale + offset)
         bias = (table[0] * scale + (0 if offset is None else offset)).to(dtype)
         scale = scale.to(dtype)

@@ -21,8 +21,8 @@ _DTYPE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e
 def check_tolerance(kernel: str, option: QuantOption, dtype: torch.dtype) -> float:
     """Largest relative error a kernel may show against the dense matmul on the stored weight.
     Weight-only kernels differ only by accumulation order in the activation dtype. W8A8 FP8 also
-    quantizes the activations; the dequantize fallback picks its own per-group scale for FP
-    elements (its work per call is the format's, its values within a rounding of the format's)."""
+    quantizes the activations; the dequantize fallback multiplies FP elements by their scales in
+    the activation dtype, where a small scale (e5m2's: max|w| / 57344) can be an fp16 subnormal."""
     if kernel == "fp8_scaled_mm":
         return 0.08
     if kernel == "dequant_dense" and option.fmt == "fp":
