@@ -351,3 +351,33 @@ def test_nvfp4_equals_compressed_tensors_reference():
         # bit; the E4M3 block scales and E2M1 codes agree (a different code would differ by at
         # least 1/12 of the block max, far above this tolerance).
         assert torch.allclose(ours, ref, rtol=2**-21, atol=0)
+
+
+# ---- every family returns what it stores ---------------------------------------------------------
+
+STORED_OPTIONS = [QuantOption.int_(4, 32, False), QuantOption.int_(3, None, True), QuantOption.fp("e4m3", 0),
+                  QuantOption.fp("e5m2", 32), QuantOption.fp("e2m1", None), QuantOption.mx("e2m1"),
+                  QuantOption.mx("e4m3"), QuantOption.nvfp4()]
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "rtn-w"])
+@pytest.mark.parametrize("option", STORED_OPTIONS, ids=lambda o: o.label)
+def test_codes_and_scales_give_back_the_values_exactly(option, quantizer):
+    """values == (codes - zero) · scale (· tensor scale) group by group, bit for bit, so a packer stores
+    the quantizer's own codes and scales and never re-derives them from the unquantized weight."""
+    from bitalloc.formats.fp import round_to_element
+    from bitalloc.quantizers import quantize_weight
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 128, generator=g) * torch.rand(1, 128, generator=g)
+    w[3, :32] = 0  # an all-zero group
+    q = quantize_weight(w, option, quantizer, hessian=torch.rand(128, generator=g) if quantizer == "rtn-w" else None)
+    scale = q.scale if q.tensor_scale is None else q.scale * q.tensor_scale
+    codes = q.codes.float().reshape(*scale.shape, -1)
+    zero = 0 if q.zero is None else q.zero.unsqueeze(-1)
+    assert torch.equal(((codes - zero) * scale.unsqueeze(-1)).reshape(w.shape), q.values)
+    if option.fmt == "fp":
+        assert torch.equal(round_to_element(q.codes, option.element), q.codes)  # on the element grid
+    else:
+        assert not q.codes.is_floating_point() and q.codes.min() >= -(2 ** (option.bits - 1))
+        assert q.codes.max() < 2 ** option.bits

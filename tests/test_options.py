@@ -243,3 +243,18 @@ def test_parse_fp_label_errors_name_problem_and_examples(label, needle):
     assert needle in msg and repr(label) in msg
     for example in ("'int4-g64-asym'", "'fp8e4m3-ch'", "'mxfp4'", "'nvfp4'"):
         assert example in msg
+
+
+@pytest.mark.parametrize("first", ["int", "fp", "mx", "nvfp4", "gguf", "keep"])
+def test_any_family_module_can_be_imported_first_without_torch(first):
+    """Family modules import each other (mx, nvfp4 use fp's elements): whichever comes first, the
+    registry ends up whole and in one order, and reading labels does not import torch."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, bitalloc.formats.{first}\n"
+            "from bitalloc.options import FORMAT_FAMILIES, parse_option\n"
+            "assert parse_option('nvfp4').family == 'nvfp4' and 'torch' not in sys.modules\n"
+            "print(','.join(FORMAT_FAMILIES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep"

@@ -88,17 +88,20 @@ _builtins_loaded = False
 
 
 def _registry() -> dict[str, Format]:
+    """The families: built-in ones in _BUILTIN order (whichever module was imported first), then the others."""
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True  # before the imports: each registers itself through register_format
         for name in _BUILTIN:
             importlib.import_module(f"{__name__}.{name}")
-    return _FORMATS
+    return {**{n: _FORMATS[n] for n in _BUILTIN}, **_FORMATS}
 
 
 def register_format(fmt: Format) -> Format:
     """Add a family; its grids become `default_options(formats=...)` names, its labels parseable."""
-    taken = {g for f in _registry().values() if f.name != fmt.name for g in f.grids}
+    # A built-in family registers while the others may still be importing; any other comes after them all.
+    registered = _FORMATS if fmt.name in _BUILTIN else _registry()
+    taken = {g for f in registered.values() for g in f.grids}
     if fmt.name in _FORMATS or taken & set(fmt.grids):
         raise ValueError(f"format {fmt.name!r} or one of its grids {sorted(fmt.grids)} is registered already")
     _FORMATS[fmt.name] = fmt
@@ -109,7 +112,7 @@ def unregister_format(name: str) -> None:
     """Remove a family registered by `register_format` (a test's or plugin's)."""
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is built in")
-    _registry().pop(name, None)
+    _FORMATS.pop(name, None)
 
 
 def all_formats() -> list[Format]:
