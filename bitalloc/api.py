@@ -17,7 +17,7 @@ from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
 from .io import check_output_dir
 from .options import QuantOption
-from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
+from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSpec, summarize
 from .plan import sig6 as _sig
 from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench and the notebook use api.default_cache_dir)
 from .table import CandidateTable
@@ -609,7 +609,7 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
             Assignment(
                 module=name,
                 shape=(out_f, in_f),
-                option=OptionSpec.of(opt),
+                option=opt,
                 label=opt.label,
                 storage_bits=int(table.storage_bits[g, k]),
                 predicted_delta_loss=_sig(errors[g, k]),

@@ -126,7 +126,7 @@ def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def planned_ggml_type(a: Assignment) -> str:
     """The GGUF type of one assignment; refuses options llama.cpp cannot store or that do not fit the row."""
-    o = a.option.to_option()
+    o = a.option
     if o.fmt == "keep":
         return "F16"
     if o.fmt != "gguf":

@@ -171,7 +171,7 @@ def clean_leftovers(out: Path) -> list[str]:
 
 
 def _dtype_notes(dtype: torch.dtype, plan: Plan) -> list[str]:
-    stored = {weight_args(o)[1] for a in plan.assignments if (o := a.option.to_option()).fmt != "keep"}
+    stored = {weight_args(o)[1] for a in plan.assignments if (o := a.option).fmt != "keep"}
     notes = []
     if stored & {"nvfp4-pack-quantized", "mxfp4-pack-quantized"} and dtype != torch.bfloat16:
         notes.append("compressed-tensors decompresses NVFP4/MXFP4 weights to bfloat16: load this checkpoint with "
@@ -387,7 +387,7 @@ def _measure(folder: Path, plan: Plan) -> CheckpointReport:
     labels = Counter(a.label for a in plan.assignments)
     fmt = {}
     for a in plan.assignments:
-        option = a.option.to_option()
+        option = a.option
         fmt[a.label] = "dense" if option.fmt == "keep" else weight_args(option)[1]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return CheckpointReport(

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, model_serializer,
+                      model_validator)
+from pydantic_core import core_schema
 
 from .budget import UNPLANNED_BITS
 from .errors import BadInputError, PlanVersionError
@@ -42,6 +44,7 @@ def _registered(field: str):
     return extra
 
 
+# How a plan file writes a QuantOption (the schema's "OptionSpec"); a loaded plan holds the QuantOption itself.
 class OptionSpec(_Strict):
     fmt: str = Field(json_schema_extra=_registered("fmt"))
     bits: int = Field(ge=2, le=16)
@@ -82,11 +85,22 @@ class OptionSpec(_Strict):
         return QuantOption.from_dict(self.model_dump())
 
 
+def _plan_option_schema(source, handler) -> core_schema.CoreSchema:
+    # Validated as OptionSpec (its JSON schema, strictness and checks), held and used as a QuantOption.
+    as_spec = core_schema.no_info_after_validator_function(OptionSpec.to_option, handler.generate_schema(OptionSpec))
+    return core_schema.no_info_before_validator_function(
+        lambda v: v.to_dict() if isinstance(v, QuantOption) else v, as_spec,
+        serialization=core_schema.plain_serializer_function_ser_schema(lambda o: OptionSpec.of(o).model_dump()))
+
+
+PlanOption = Annotated[QuantOption, GetPydanticSchema(_plan_option_schema)]
+
+
 class Assignment(_Strict):
     module: str
     rows: tuple[int, int] | None = Field(None, description="row range [start, stop) of the group; null = whole module")
     shape: tuple[int, int] = Field(description="[out_features, in_features] of the weight")
-    option: OptionSpec
+    option: PlanOption
     label: str
     storage_bits: int
     predicted_delta_loss: float = Field(description="predicted increase of mean next-token NLL, nats")
@@ -96,7 +110,7 @@ class Assignment(_Strict):
     @model_validator(mode="after")
     def _option_fits_shape(self) -> "Assignment":
         # A group size that does not divide the input features cannot be quantized or packed (apply/eval/export).
-        if not self.option.to_option().fits(self.shape[1]):
+        if not self.option.fits(self.shape[1]):
             raise ValueError(f"group_size {self.option.group_size} does not divide the {self.shape[1]} input features of "
                              f"{self.module}; re-create the plan with `bitalloc plan`")
         return self
@@ -285,7 +299,7 @@ class Plan(_Strict):
         return plan
 
     def options_by_module(self) -> dict[str, QuantOption]:
-        return {a.module: a.option.to_option() for a in self.assignments}
+        return {a.module: a.option for a in self.assignments}
 
 
 def sig6(x: float) -> float:
@@ -324,7 +338,7 @@ def plan_inconsistency(plan: Plan) -> str | None:
             return f"{where}: shape {list(a.shape)} has no weights"
         if a.rows is not None and not (0 <= a.rows[0] < a.rows[1] and a.rows[1] - a.rows[0] == a.shape[0]):
             return f"{where}: rows {list(a.rows)} do not span its shape's {a.shape[0]} rows"
-        option = a.option.to_option()
+        option = a.option
         if a.label != option.label:
             return f"{where}: label {a.label!r} is not its option's label {option.label!r}"
         if not option.fits(a.shape[1]):

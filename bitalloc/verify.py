@@ -104,7 +104,7 @@ class SliceMeter:
 
 
 def plan_choice(plan: Plan, table: CandidateTable) -> np.ndarray:
-    return np.array([table.option_index(a.option.to_option()) for a in plan.assignments], dtype=np.int64)
+    return np.array([table.option_index(a.option) for a in plan.assignments], dtype=np.int64)
 
 
 def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration: Calibration,

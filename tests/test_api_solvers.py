@@ -28,9 +28,9 @@ def test_latency_limit_is_honoured_and_named(setup):
     # a latency model where fewer bits are faster, proportional to the weights moved
     latency = np.where(table.allowed, table.storage_bits * 1e-12, np.nan)
     free = plan_from_table(table, "6bits", loaded, calib)
-    limit = 0.9 * sum(latency[g, table.options.index(a.option.to_option())] for g, a in enumerate(free.assignments))
+    limit = 0.9 * sum(latency[g, table.options.index(a.option)] for g, a in enumerate(free.assignments))
     capped = plan_from_table(table, "6bits", loaded, calib, latency=latency, max_latency=limit)
-    used = sum(latency[g, table.options.index(a.option.to_option())] for g, a in enumerate(capped.assignments))
+    used = sum(latency[g, table.options.index(a.option)] for g, a in enumerate(capped.assignments))
     assert used <= limit * (1 + 1e-9)
     assert capped.summary.predicted_delta_loss >= free.summary.predicted_delta_loss
     with pytest.raises(BudgetInfeasibleError, match="binding: latency"):

@@ -8,6 +8,7 @@ of the 256-weight K-quant block, 1536 is, so both sides of the GGUF width rule a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from bitalloc.exports import available_exports, export_plan
 from bitalloc.exports import gguf as gguf_export
 from bitalloc.exports.common import untied_fused_groups
 from bitalloc.options import parse_option
-from bitalloc.plan import Assignment, BudgetSpec, ModelSpec, OptionSpec, Plan, SolverSpec, summarize
+from bitalloc.plan import Assignment, BudgetSpec, ModelSpec, Plan, SolverSpec, summarize
 
 HIDDEN, KV, MLP = 576, 192, 1536
 SHAPES = {  # leaf -> [out, in]
@@ -44,7 +45,7 @@ def make_plan(labels: dict[str, str], arch: str = "LlamaForCausalLM", source: st
         else:
             shape, tied = SHAPES[module.split(".", 3)[3]], []
         o = parse_option(label)
-        assignments.append(Assignment(module=module, shape=shape, option=OptionSpec.of(o), label=o.label,
+        assignments.append(Assignment(module=module, shape=shape, option=o, label=o.label,
                                       storage_bits=o.storage_bits(*shape), predicted_delta_loss=0.0, tied_to=tied))
     weights = sum(a.shape[0] * a.shape[1] for a in assignments)
     return Plan(
@@ -319,7 +320,7 @@ def test_gptqmodel_dynamic_map_resolves_every_module_to_its_option(tmp_path):
     doc, result = load_validated("gptqmodel", tmp_path, plan)
     base = {k: doc[k] for k in ("bits", "group_size", "sym")}
     for a in plan.assignments:
-        o = a.option.to_option()
+        o = a.option
         got = dynamic_get(doc["dynamic"], a.module)
         if o.fmt != "int":  # fp8, fp16: left unquantized
             assert got is False, a.module
@@ -355,7 +356,7 @@ def test_autoround_extra_config_names_every_module(tmp_path):
     extra = doc["extra_config"]
     assert sorted(extra) == sorted(a.module for a in plan.assignments)
     for a in plan.assignments:
-        o = a.option.to_option()
+        o = a.option
         if o.fmt == "int":
             assert extra[a.module] == {"bits": o.bits, "group_size": -1 if o.group_size is None else o.group_size,
                                        "sym": o.symmetric, "data_type": "int"}
@@ -388,8 +389,8 @@ def test_fused_shards_are_compared_by_option_not_label():
     plan = make_plan(layers(1, tied(lambda i, leaf: "int4-g64-sym")))
     assert untied_fused_groups(plan) == []
     k = next(i for i, a in enumerate(plan.assignments) if a.module.endswith("k_proj"))
-    wide = plan.assignments[k].option.model_copy(update={"scale_bits": 32})
-    assert wide.to_option().label == plan.assignments[k].label
+    wide = dataclasses.replace(plan.assignments[k].option, scale_bits=32)
+    assert wide.label == plan.assignments[k].label
     edited = plan.model_copy(update={"assignments": [a.model_copy(update={"option": wide}) if i == k else a
                                                      for i, a in enumerate(plan.assignments)]})
     assert untied_fused_groups(edited) == [
@@ -554,7 +555,7 @@ def test_autoround_resolves_both_files_with_its_own_layer_config(tmp_path):
     }
     for target, per_layer in resolved.items():
         for a in plan.assignments:
-            o, got = a.option.to_option(), per_layer[a.module]
+            o, got = a.option, per_layer[a.module]
             if o.fmt == "int":
                 assert (got.bits, got.group_size, got.sym) == (o.bits, -1 if o.group_size is None else o.group_size,
                                                               o.symmetric), (target, a.module)

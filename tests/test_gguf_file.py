@@ -23,7 +23,7 @@ from bitalloc.errors import BadInputError
 from bitalloc.gguf_file import gguf_layout, write_gguf
 from bitalloc.models import load_model
 from bitalloc.options import QuantOption, parse_option
-from bitalloc.plan import OptionSpec, Plan
+from bitalloc.plan import Plan
 
 HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 256
 
@@ -205,7 +205,7 @@ def test_qwen2_gguf_keeps_row_order_and_copies_biases(tmp_path, calib_ids):
 
 def _with_option(plan: Plan, module: str, label: str) -> Plan:
     o = parse_option(label)
-    assignments = [a.model_copy(update={"option": OptionSpec.of(o), "label": o.label,
+    assignments = [a.model_copy(update={"option": o, "label": o.label,
                                         "storage_bits": o.storage_bits(*a.shape)}) if a.module == module else a
                    for a in plan.assignments]
     return plan.model_copy(update={"assignments": assignments})

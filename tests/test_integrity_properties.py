@@ -127,7 +127,7 @@ def plan_problems(plan: Plan) -> list[str]:
     bits = weights = nominal = 0
     loss = 0.0
     for a in plan.assignments:
-        o = QuantOption(**a.option.model_dump())
+        o = QuantOption(**a.option.to_dict())
         out_f, in_f = a.shape
         if a.label != o.label:
             problems.append(f"{a.module}: label {a.label} for {o.label}")

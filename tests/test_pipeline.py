@@ -216,7 +216,7 @@ def test_plan_is_optimal_for_its_table(family_model, calib_ids):
         plan = bitalloc.plan_from_table(table, f"{b}bits", loaded, calib, constraints=bitalloc.Constraints(ties=()))
         best = exact_optimum(table, "fisher", b * table.num_weights)
         rows = [table.groups.index(a.module) for a in plan.assignments]
-        ks = [table.option_index(a.option.to_option()) for a in plan.assignments]
+        ks = [table.option_index(a.option) for a in plan.assignments]
         got = float(table.errors["fisher"][rows, ks].sum())
         if got > best * (1 + 1e-6):
             gaps[b] = round(got / best - 1, 4)
@@ -277,7 +277,7 @@ def test_apply_quantizes_exactly_the_planned_weights(family_model, calib_ids):
     original = copy.deepcopy(model)
     out = bitalloc.apply(model, plan)
     assert out is model
-    planned = {a.module: a.option.to_option() for a in plan.assignments}
+    planned = {a.module: a.option for a in plan.assignments}
     for name, opt in planned.items():
         before = weight_matrix(original.get_submodule(name)).detach()
         after = weight_matrix(model.get_submodule(name)).detach()
@@ -315,7 +315,7 @@ def test_apply_refuses_plan_for_other_weights(calib_ids):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), before.state_dict().values()))
     bitalloc.apply(other, plan, check_hash=False)
     name = plan.assignments[0].module
-    expect = quantize_dequantize(weight_matrix(before.get_submodule(name)).detach(), plan.assignments[0].option.to_option())
+    expect = quantize_dequantize(weight_matrix(before.get_submodule(name)).detach(), plan.assignments[0].option)
     assert torch.equal(weight_matrix(other.get_submodule(name)), expect)
 
 
@@ -417,7 +417,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     """INT, FP8, MXFP4, NVFP4 and keep offered together: the plan mixes them within the budget and
     apply() writes exactly each option's quantize-dequantize values, whichever format a module has."""
     from bitalloc.options import parse_option
-    from bitalloc.plan import OptionSpec, summarize
+    from bitalloc.plan import summarize
 
     labels = ["int4-g32-asym", "int8-ch-sym", "fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "fp16"]
     options = [parse_option(x) for x in labels]
@@ -430,7 +430,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     assert sum(a.storage_bits for a in plan.assignments) <= 6 * plan.summary.planned_weights
     # every format through the plan -> apply path: give module i option i mod 8
     assignments = [
-        a.model_copy(update=dict(option=OptionSpec.of(options[i % len(options)]), label=labels[i % len(labels)],
+        a.model_copy(update=dict(option=options[i % len(options)], label=labels[i % len(labels)],
                                  storage_bits=options[i % len(options)].storage_bits(*a.shape)))
         for i, a in enumerate(plan.assignments)
     ]
@@ -440,7 +440,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     for a in cycled.assignments:
         before = weight_matrix(original.get_submodule(a.module)).detach()
         after = weight_matrix(model.get_submodule(a.module)).detach()
-        assert torch.equal(after, quantize_dequantize(before, a.option.to_option())), a.label
+        assert torch.equal(after, quantize_dequantize(before, a.option)), a.label
         assert not torch.equal(after, before) or a.label == "fp16", a.label
         if a.label == "mxfp4":  # at most 8 magnitudes (E2M1) times one power of two per block of 32
             assert max(len(torch.unique(b.abs())) for b in after.reshape(-1, 32)) <= 8

@@ -68,7 +68,7 @@ def test_plan_contents_are_consistent(tiny_plan):
     assert s.fp16_bytes == 2 * s.planned_weights
     assert s.storage_bytes == -(-sum(a.storage_bits for a in tiny_plan.assignments) // 8)
     for a in tiny_plan.assignments:
-        opt = a.option.to_option()
+        opt = a.option
         assert a.label == opt.label
         assert a.storage_bits == opt.storage_bits(*a.shape)
         assert a.label in tiny_plan.options
@@ -253,7 +253,7 @@ def test_fp_plan_json_round_trip_and_schema(fp_plan, tmp_path):
     assert again == fp_plan
     assert again.options_by_module() == fp_plan.options_by_module()
     for a in again.assignments:
-        opt = a.option.to_option()
+        opt = a.option
         assert parse_option(a.label) == opt and a.storage_bits == opt.storage_bits(*a.shape)
     doc = json.loads(fp_plan.to_json())
     fp_option = next(a["option"] for a in doc["assignments"] if a["option"]["fmt"] == "fp")
@@ -326,7 +326,7 @@ def test_row_groups_that_tile_a_module_are_consistent_and_overlapping_ones_are_n
 
     a = next(x for x in tiny_plan.assignments if x.shape[0] % 2 == 0)
     half = a.shape[0] // 2
-    o = a.option.to_option()
+    o = a.option
 
     def split(rows):
         parts = [a.model_copy(update={"rows": r, "shape": (r[1] - r[0], a.shape[1]),

@@ -136,8 +136,8 @@ def test_gptq_with_searched_scales_lowers_layer_error(opt):
 @pytest.mark.parametrize("opt", [QuantOption.fp("e4m3", 32), QuantOption.fp("e4m3", 0), QuantOption.nvfp4(), QuantOption.mx("e2m1")],
                          ids=lambda o: o.label)
 def test_packer_stores_the_searched_scales(opt):
-    """compressed-tensors packing of rtn-w's fp results: the stored scales are the searched ones (the
-    packer itself refuses values that are not exact element multiples of the scales it stores)."""
+    """compressed-tensors packing of rtn-w's fp results: the stored scales are the searched ones, and the
+    stored elements times them are the values (the packer writes the quantizer's codes and scales)."""
     from bitalloc.pack import compressed_tensors_of
 
     W, h = weights_and_importance(3, in_f=128)

@@ -97,7 +97,7 @@ def test_repair_finds_the_mispredicted_modules_and_beats_uniform(setup):
     # the plan states the table's own predictions; the calibrated ones are in verification
     rows = {g: table.errors["fisher"][g] * wrong_attention(n) for g, n in enumerate(table.groups)}
     for g, a in enumerate(plan.assignments):
-        assert a.predicted_delta_loss == pytest.approx(rows[g][table.option_index(a.option.to_option())], rel=1e-5)
+        assert a.predicted_delta_loss == pytest.approx(rows[g][table.option_index(a.option)], rel=1e-5)
     assert v.final.calibrated_delta_nll > v.final.predicted_delta_nll  # the corrections raised the predictions
 
 

@@ -41,7 +41,7 @@ def autoround_config(plan: Plan) -> tuple[dict, list[str]]:
     base_fields = autoround_layer(base)[0]
     extra, unsupported = {}, []
     for a in sorted(plan.assignments, key=lambda a: a.module):
-        fields, why = autoround_layer(a.option.to_option())
+        fields, why = autoround_layer(a.option)
         if fields is None and why:
             unsupported.append(f"{a.module} ({a.label}): {why}; left unquantized (bits 16)")
         # Every planned module is listed, so the file states the whole plan and no layer silently

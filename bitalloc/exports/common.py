@@ -35,7 +35,7 @@ def fused_groups(modules) -> dict[str, list[str]]:
 def untied_fused_groups(plan: Plan) -> list[str]:
     """One line per fused layer whose shards the plan gives different options (compared as options:
     a label is derived text, and two shards must share the stored format, not its name)."""
-    options = {a.module: a.option.to_option() for a in plan.assignments}
+    options = {a.module: a.option for a in plan.assignments}
     lines = []
     for fused, shards in fused_groups(options).items():
         if len({options[s] for s in shards}) > 1:
@@ -70,7 +70,7 @@ def dominant_option(plan: Plan, usable: Callable[[QuantOption], bool] = lambda o
     """The usable option covering the most weights (ties broken by label), or None if none is usable."""
     weights: dict[QuantOption, int] = defaultdict(int)
     for a in plan.assignments:
-        o = a.option.to_option()
+        o = a.option
         if usable(o):
             weights[o] += a.shape[0] * a.shape[1]
     if not weights:

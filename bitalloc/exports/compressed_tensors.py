@@ -66,7 +66,7 @@ def unsupported_options(plan: Plan) -> list[str]:
     """One line per planned module whose option compressed-tensors cannot store (empty if none)."""
     lines = []
     for a in plan.assignments:
-        option = a.option.to_option()
+        option = a.option
         if a.rows is not None:
             lines.append(f"{a.module} rows {a.rows[0]}:{a.rows[1]}: compressed-tensors stores one scheme per module, "
                          "not per row range")
@@ -125,7 +125,7 @@ def quantization_config(plan: Plan, linear_names: list[str] | None = None) -> di
     by_option: dict[QuantOption, list[str]] = defaultdict(list)
     kept = []
     for a in plan.assignments:
-        option = a.option.to_option()
+        option = a.option
         (kept if option.fmt == "keep" else by_option[option]).append(a.module)
     planned = {a.module for a in plan.assignments}
     ignore = sorted(set(kept) | {n for n in (linear_names or []) if n not in planned})

@@ -156,7 +156,7 @@ def gguf_tensor_types(plan: Plan) -> tuple[list[TensorType], list[str]]:
         if tensor is None:
             unmapped.append(f"{a.module} ({a.label}): no GGUF tensor name for it in gguf's {plan.model.architecture} map")
             continue
-        o = a.option.to_option()
+        o = a.option
         width = a.shape[1]
         try:
             chosen, blind, note = choose_type(o, width)

@@ -62,7 +62,7 @@ def modelopt_config(plan: Plan) -> tuple[dict, list[str]]:
     layers: dict[str, dict] = {}
     excluded, unsupported = [], []
     for a in sorted(plan.assignments, key=lambda a: a.module):
-        entry, why = modelopt_layer(a.option.to_option())
+        entry, why = modelopt_layer(a.option)
         if entry is None:
             excluded.append(a.module)
             if why:

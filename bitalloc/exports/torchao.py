@@ -79,7 +79,7 @@ def torchao_mapping(plan: Plan) -> tuple[dict, list[str]]:
     """config_to_dict form of FqnToConfig for the plan, and the unsupported lines."""
     fqn, unsupported = {}, []
     for a in sorted(plan.assignments, key=lambda a: a.module):
-        cfg, why = torchao_config_dict(a.option.to_option())
+        cfg, why = torchao_config_dict(a.option)
         if cfg is None and why:
             unsupported.append(f"{a.module} ({a.label}): {why}; left unquantized")
         fqn[a.module] = cfg
