@@ -31,7 +31,7 @@ from .calibration import Calibration, calibration_from_tokens
 from .constraints import Constraints
 from .errors import BadInputError, BitallocError
 from .formats import quantize_dequantize
-from .formats.int import _grouped, int_dequantize, int_range, int_scales
+from .formats.int import grouped, int_codes, int_dequantize, int_range, int_scales
 from .models import Conv1D, LoadedModel, is_linear, set_weight_matrix, weight_matrix
 from .options import QuantOption, parse_option
 from .plan import Plan
@@ -105,7 +105,7 @@ def fake_quant_int(w: torch.Tensor, option: QuantOption, scale: torch.Tensor, ze
     The same operations in the same order as formats.int.int_codes + int_dequantize, so with the
     RTN scales the values are those `bitalloc.apply` stores, bit for bit.
     """
-    g = _grouped(w, option.group_size)  # [out, n_groups, group]
+    g = grouped(w, option.group_size)  # [out, n_groups, group]
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     lo, hi = int_range(option)
     q = torch.clamp(_RoundSTE.apply(g / s) + z, lo, hi)
@@ -135,7 +135,7 @@ class FakeQuantLinear(nn.Module):
         self.transposed = bool(Conv1D) and isinstance(module, Conv1D)  # Conv1D stores [in, out]
         self.learnable_scale = learnable_scale and option.fmt == "int"
         if self.learnable_scale:
-            w = _grouped(self.weight_matrix().detach().float(), option.group_size)
+            w = grouped(self.weight_matrix().detach().float(), option.group_size)
             scale, zero = int_scales(w, option)
             self.scale = nn.Parameter(scale.squeeze(-1))  # [out, n_groups]
             self.register_buffer("zero", zero.squeeze(-1))
@@ -159,7 +159,7 @@ class FakeQuantLinear(nn.Module):
         if self.learnable_scale:
             out = fake_quant_int(wf, self.option, self.stored_scale(), self.zero)
         elif self.option.fmt == "int":
-            scale, zero = int_scales(_grouped(wf.detach(), self.option.group_size), self.option)
+            scale, zero = int_scales(grouped(wf.detach(), self.option.group_size), self.option)
             out = fake_quant_int(wf, self.option, scale.squeeze(-1), zero.squeeze(-1))
         else:
             out = _FormatSTE.apply(wf, self.option)
@@ -176,11 +176,7 @@ class FakeQuantLinear(nn.Module):
         w = self.weight_matrix().detach().float()
         if not self.learnable_scale:
             return quantize_weight(w, self.option, "rtn")
-        scale, zero = self.stored_scale().detach(), self.zero
-        lo, hi = int_range(self.option)
-        g = _grouped(w, self.option.group_size)
-        codes = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
-        codes = codes.reshape(w.shape).to(torch.int32)
+        codes, scale, zero = int_codes(w, self.option, self.stored_scale().detach(), self.zero)
         return QuantizedWeight(self.option, int_dequantize(codes, scale, zero), codes, scale.clone(), zero.clone())
 
     def plain(self) -> nn.Module:

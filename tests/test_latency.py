@@ -11,7 +11,7 @@ import torch
 
 from bitalloc.apply import apply_options
 from bitalloc.errors import BadInputError, PlanVersionError
-from bitalloc.formats.fp import element_grid
+from bitalloc.formats.fp import ELEMENTS, round_to_element
 from bitalloc.io import canonical_json
 from bitalloc.latency import HardwareProfile, LatencyModel, attach_kernels, measure_profile, time_forward
 from bitalloc.latency import kernels as K
@@ -203,7 +203,9 @@ def test_model_timing_measures_the_model_outside_its_planned_layers(small_profil
 
 
 @pytest.mark.parametrize("element", ["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"])
-def test_element_grid_is_every_finite_value_of_the_format(element):
+def test_element_rounding_grid_is_every_finite_value_of_the_format(element):
+    """The values the dequantize fallback looks codes up in: round_to_element's fixed points are exactly
+    the format's finite values (ml_dtypes), from its smallest subnormal to its max."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     import numpy as np
 
@@ -211,8 +213,12 @@ def test_element_grid_is_every_finite_value_of_the_format(element):
              "e3m2": ml_dtypes.float6_e3m2fn, "e2m1": ml_dtypes.float4_e2m1fn}[element]
     width = 1 + int(element[1]) + int(element[3])
     values = np.arange(2**width, dtype=np.uint8).view(dtype).astype(np.float32)
-    expected = np.unique(values[np.isfinite(values)])
-    np.testing.assert_array_equal(element_grid(element).numpy(), expected)
+    expected = torch.from_numpy(np.unique(values[np.isfinite(values)]))
+    assert torch.equal(round_to_element(expected, element), expected)
+    el = ELEMENTS[element]
+    assert float(expected.max()) == el.max_value and float(expected[expected > 0].min()) == 2.0 ** (el.min_exp - el.mbits)
+    between = (expected[1:] + expected[:-1]) / 2 + (expected[1:] - expected[:-1]) / 8  # off the grid
+    assert not torch.isin(between, expected).any() and torch.isin(round_to_element(between, element), expected).all()
 
 
 @pytest.mark.parametrize("option", [QuantOption.fp("e4m3", None), QuantOption.fp("e5m2", 32), QuantOption.fp("e2m1", 32),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..lazy import LazyModule
 from ..options import QuantOption
 from . import Format, QuantizedWeight, register_format
-from .int import fp16_round_up, group_label
+from .int import fp16_round_up, group_label, grouped
 
 torch = LazyModule("torch")
 
@@ -124,16 +124,6 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k >= -126, normal, subnormal).view(torch.float32)
 
 
-def element_grid(element: str) -> torch.Tensor:
-    """Every value of an element format (ELEMENTS), negative and positive, ascending."""
-    el = ELEMENTS[element]
-    fraction = torch.arange(2**el.mbits, dtype=torch.float64) / 2**el.mbits
-    binades = 2.0 ** torch.arange(el.min_exp, el.emax + 1, dtype=torch.float64)
-    mags = torch.cat([2.0**el.min_exp * fraction, (binades[:, None] * (1 + fraction)).flatten()])
-    mags = mags[mags <= el.max_value]
-    return torch.cat([-mags, mags]).unique().float()
-
-
 def round_to_element(x: torch.Tensor, element: Element | str) -> torch.Tensor:
     """x (float32) rounded to the nearest value of `element`, ties to even, saturating at ±max.
 
@@ -150,17 +140,6 @@ def round_to_element(x: torch.Tensor, element: Element | str) -> torch.Tensor:
     step = pow2(exp - el.mbits)
     q = (torch.round(a / step) * step).clamp(max=el.max_value)
     return torch.copysign(q, x)
-
-
-def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """[out, in] -> [out, n_groups, group]; None = one group per row, 0 = the whole tensor."""
-    out_f, in_f = weight.shape
-    if group_size == 0:
-        return weight.reshape(1, 1, out_f * in_f)
-    g = in_f if group_size is None else group_size
-    if in_f % g:
-        raise ValueError(f"group size {g} does not divide in_features={in_f}")
-    return weight.reshape(out_f, in_f // g, g)
 
 
 def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:

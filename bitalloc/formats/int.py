@@ -20,12 +20,17 @@ def int_option(bits: int, group_size: int | None, symmetric: bool = False) -> Qu
     return QuantOption("int", bits, group_size, symmetric, 16, 0 if symmetric else bits)
 
 
-def check(o: QuantOption) -> None:
+def check_plain(o: QuantOption) -> None:
+    """What int and keep options obey: no per-tensor scale, no element, no other scale format."""
     if o.group_size == 0:
-        raise ValueError("group_size must be positive or None (per channel) for int; "
+        raise ValueError(f"group_size must be positive or None (per channel) for {o.fmt}; "
                          "0 (one scale per tensor) is for fp formats only")
     if o.element or o.scale_fmt != "fp16" or o.tensor_scale_bits:
-        raise ValueError("int options take no element, scale_fmt or tensor scale")
+        raise ValueError(f"{o.fmt} options take no element, scale_fmt or tensor scale")
+
+
+def check(o: QuantOption) -> None:
+    check_plain(o)
     if not 2 <= o.bits <= 8:
         raise ValueError(f"int bits must be 2..8, got {o.bits}")
 
@@ -53,8 +58,11 @@ def parse(text: str) -> QuantOption | None:
     return None
 
 
-def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group]; None = one group per row, 0 = the whole tensor (fp)."""
     out_f, in_f = weight.shape
+    if group_size == 0:
+        return weight.reshape(1, 1, out_f * in_f)
     g = in_f if group_size is None else group_size
     if in_f % g:
         raise ValueError(f"group size {g} does not divide in_features={in_f}")
@@ -104,16 +112,19 @@ def int_range(option: QuantOption) -> tuple[int, int]:
     return 0, 2**option.bits - 1
 
 
-def int_codes(weight: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int_codes(weight: torch.Tensor, option: QuantOption, scale: torch.Tensor | None = None,
+              zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes [out, in] (int32), scales and zero-points [out, n_groups] (float32).
 
     The weight is reproduced as (codes - zero) * scale, group by group along the input dimension.
+    scale / zero: given (a scale learned in QAT), or int_scales' from the weight.
     """
-    w = _grouped(weight.float(), option.group_size)
-    scale, zero = int_scales(w, option)
+    w = grouped(weight.float(), option.group_size)
+    if scale is None:
+        scale, zero = (t.squeeze(-1) for t in int_scales(w, option))
     lo, hi = int_range(option)
-    q = torch.clamp(torch.round(w / scale) + zero, lo, hi)
-    return q.reshape(weight.shape).to(torch.int32), scale.squeeze(-1), zero.squeeze(-1)
+    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+    return q.reshape(weight.shape).to(torch.int32), scale, zero
 
 
 def int_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..lazy import LazyModule
 from ..options import QuantOption
 from . import Format, QuantizedWeight, register_format
+from .int import check_plain
 
 torch = LazyModule("torch")
 KEEP_BITS = 16
@@ -14,19 +15,11 @@ def keep_option() -> QuantOption:
     return QuantOption("keep", KEEP_BITS, None, True, 0, 0)
 
 
-def check(o: QuantOption) -> None:
-    if o.group_size == 0:
-        raise ValueError("group_size must be positive or None (per channel) for keep; "
-                         "0 (one scale per tensor) is for fp formats only")
-    if o.element or o.scale_fmt != "fp16" or o.tensor_scale_bits:
-        raise ValueError("keep options take no element, scale_fmt or tensor scale")
-
-
 def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
     # Stored as fp16, so the simulation rounds to fp16 (bf16 models round-trip exactly anyway).
     return QuantizedWeight(o, w.to(torch.float16).float())
 
 
-register_format(Format("keep", "keep", check, lambda o: "fp16",
+register_format(Format("keep", "keep", check_plain, lambda o: "fp16",
                        lambda text: keep_option() if text in ("fp16", "keep", "bf16") else None,
                        quantize, label_examples=("fp16",), grids={"keep": lambda g: [keep_option()]}))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import quantize, quantize_dequantize
-from ..formats.int import int_scales
 from ..options import QuantOption
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
@@ -83,12 +82,9 @@ def _is_int8_channel_sym(o: QuantOption) -> bool:
 
 
 def _prepare_int8_weight_only(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
-    w = weight.float()
-    scale, _ = int_scales(w.reshape(w.shape[0], 1, w.shape[1]), option)  # [out, 1, 1]
-    scale = scale.reshape(-1)
-    q = torch.clamp(torch.round(w / scale[:, None]), -128, 127).to(torch.int8)
-    s = scale.to(dtype)
-    return lambda x: torch._weight_int8pack_mm(x, q, s)
+    q = quantize(weight, option)  # codes in [-128, 127], one scale per row
+    codes, s = q.codes.to(torch.int8), q.scale.reshape(-1).to(dtype)
+    return lambda x: torch._weight_int8pack_mm(x, codes, s)
 
 
 register_kernel(Kernel(
@@ -109,19 +105,12 @@ def _is_int4_grouped(o: QuantOption) -> bool:
 def _int4_codes_and_scale_zeros(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype):
     """Codes in [0, 15] and the [in/g, out, 2] (scale, zero) tensor of tinygemm, whose
     dequantization is w = (q - 8)·scale + zero. Our asymmetric integer zero-point z gives
-    w = (q - z)·s = (q - 8)·s + (8 - z)·s; a symmetric q in [-8, 7] is stored as q + 8."""
-    out_f, in_f = weight.shape
-    g = option.group_size
-    w = weight.float().reshape(out_f, in_f // g, g)
-    scale, zero = int_scales(w, option)  # [out, n_groups, 1]
-    if option.symmetric:
-        q = torch.clamp(torch.round(w / scale), -8, 7) + 8
-        offset = torch.zeros_like(scale)
-    else:
-        q = torch.clamp(torch.round(w / scale) + zero, 0, 15)
-        offset = (8 - zero) * scale
-    scale_zeros = torch.stack([scale[..., 0], offset[..., 0]], dim=-1).transpose(0, 1).contiguous()
-    return q.reshape(out_f, in_f).to(torch.int32), scale_zeros.to(dtype)
+    w = (q - z)·s = (q - 8)·s + (8 - z)·s; a symmetric q in [-8, 7] is stored as q + 8 (z = 0, offset 0)."""
+    q = quantize(weight, option)  # codes [out, in], scale and zero [out, n_groups]
+    shift = 8 if option.symmetric else 0
+    offset = (8 - shift - q.zero) * q.scale
+    scale_zeros = torch.stack([q.scale, offset], dim=-1).transpose(0, 1).contiguous()
+    return q.codes + shift, scale_zeros.to(dtype)
 
 
 def _prepare_int4_cpu(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:

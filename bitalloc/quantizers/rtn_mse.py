@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.int import _grouped, int_dequantize, int_range, int_scales
+from ..formats.int import grouped, int_dequantize, int_range, int_scales
 from ..options import QuantOption
 from . import QuantizedWeight, register_quantizer
 from .rtn import rtn
@@ -23,7 +23,7 @@ def rtn_mse(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | N
     """
     if option.fmt != "int":
         return rtn(weight, option)
-    w = _grouped(weight.detach().float(), option.group_size)  # [out, n_groups, g]
+    w = grouped(weight.detach().float(), option.group_size)  # [out, n_groups, g]
     lo, hi = int_range(option)
     best = None
     for i in range(steps):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.fp import grouped
-from ..formats.int import _grouped, int_dequantize
+from ..formats.int import grouped, int_dequantize
 from ..options import QuantOption
 from . import QuantizedWeight, register_quantizer
 from .rtn import rtn
@@ -44,7 +43,7 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
     scheme = option.scheme
     if scheme == "int":
         g = in_f if option.group_size is None else option.group_size
-        wg = _grouped(w, option.group_size)  # [out, n_groups, g]
+        wg = grouped(w, option.group_size)  # [out, n_groups, g]
         q, s, z = search_int_scales(wg, h.view(1, in_f // g, g), option, grid)
         codes = q.reshape(out_f, in_f).to(torch.int32)
         s, z = s.squeeze(-1), z.squeeze(-1)
