@@ -14,11 +14,15 @@ _MOVED = {"ELEMENTS": "fp", "Element": "fp", "SCALE_BITS": "fp", "MX_BLOCK": "mx
           "GGUF_TYPES": "gguf", "GGUFLayout": "gguf", "KEEP_BITS": "keep"}
 
 
+def _family_module(name: str):
+    return importlib.import_module(f".formats.{name}", __package__)
+
+
 def __getattr__(name: str) -> object:
     if name == "FORMAT_FAMILIES":  # computed on use: a family registered later offers its grids too
         return grid_names()
     if name in _MOVED:
-        return getattr(importlib.import_module(f".formats.{_MOVED[name]}", __package__), name)
+        return getattr(_family_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -56,39 +60,27 @@ class QuantOption:
     # The built-in families' constructors (bitalloc/formats/<family>.py), imported on use: those modules import this one.
     @classmethod
     def int_(cls, bits: int, group_size: int | None, symmetric: bool = False) -> "QuantOption":
-        from .formats.int import int_option
-
-        return int_option(bits, group_size, symmetric)
+        return _family_module("int").int_option(bits, group_size, symmetric)
 
     @classmethod
     def fp(cls, element: str, group_size: int | None) -> "QuantOption":
-        from .formats.fp import fp_option
-
-        return fp_option(element, group_size)
+        return _family_module("fp").fp_option(element, group_size)
 
     @classmethod
     def mx(cls, element: str) -> "QuantOption":
-        from .formats.mx import mx_option
-
-        return mx_option(element)
+        return _family_module("mx").mx_option(element)
 
     @classmethod
     def nvfp4(cls) -> "QuantOption":
-        from .formats.nvfp4 import nvfp4_option
-
-        return nvfp4_option()
+        return _family_module("nvfp4").nvfp4_option()
 
     @classmethod
     def gguf(cls, ggml_type: str) -> "QuantOption":
-        from .formats.gguf import gguf_option
-
-        return gguf_option(ggml_type)
+        return _family_module("gguf").gguf_option(ggml_type)
 
     @classmethod
     def keep(cls) -> "QuantOption":
-        from .formats.keep import keep_option
-
-        return keep_option()
+        return _family_module("keep").keep_option()
 
     @property
     def scheme(self) -> str:

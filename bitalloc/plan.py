@@ -61,11 +61,6 @@ class OptionSpec(_Strict):
                            "e4m3 (NVFP4)", json_schema_extra=_registered("scale_fmt"))
     tensor_scale_bits: int = Field(0, ge=0, description="bits stored once per tensor on top of the group scales (NVFP4: 32)")
 
-    @model_validator(mode="after")
-    def _is_an_option(self) -> "OptionSpec":
-        self.to_option()  # QuantOption's own checks (e.g. element width = bits); ValueError -> invalid plan
-        return self
-
     @model_serializer(mode="wrap")
     def _omit_fp_defaults(self, handler):
         # Options that leave all three at their defaults (INT, keep) are written exactly as before these
@@ -86,7 +81,8 @@ class OptionSpec(_Strict):
 
 
 def _plan_option_schema(source, handler) -> core_schema.CoreSchema:
-    # Validated as OptionSpec (its JSON schema, strictness and checks), held and used as a QuantOption.
+    # Validated as OptionSpec (its JSON schema and strictness), then by QuantOption (its family's checks; a
+    # ValueError makes the plan invalid), held and used as the QuantOption.
     as_spec = core_schema.no_info_after_validator_function(OptionSpec.to_option, handler.generate_schema(OptionSpec))
     return core_schema.no_info_before_validator_function(
         lambda v: v.to_dict() if isinstance(v, QuantOption) else v, as_spec,

@@ -10,7 +10,7 @@ import re
 
 from ..lazy import LazyModule
 from ..options import QuantOption
-from . import Format, Grid, QuantizedWeight, register_format
+from . import Format, QuantizedWeight, register_format
 
 torch = LazyModule("torch")
 _LABEL = re.compile(r"int(\d+)-(ch|g\d+)-(sym|asym)")

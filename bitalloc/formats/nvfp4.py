@@ -49,8 +49,8 @@ def nvfp4_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
     if w.abs().amax() == 0:  # zero codes under any scales
-        zero_scales = torch.zeros(w.shape[0], w.shape[1] // NVFP4_BLOCK)
-        return QuantizedWeight(o, torch.zeros_like(w), torch.zeros_like(w), zero_scales, tensor_scale=torch.tensor(1.0))
+        zero_scales = torch.zeros(w.shape[0], w.shape[1] // NVFP4_BLOCK, device=w.device)
+        return QuantizedWeight(o, torch.zeros_like(w), torch.zeros_like(w), zero_scales, tensor_scale=torch.ones((), device=w.device))
     blocks = grouped(w, NVFP4_BLOCK)  # [out, in/16, 16]
     block_scale, global_scale = nvfp4_scales(w)
     scale = block_scale * global_scale
