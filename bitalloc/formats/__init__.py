@@ -84,6 +84,7 @@ class Format:
 
 
 _FORMATS: dict[str, Format] = {}
+_derived: dict = {}  # lookups built from _FORMATS on use (labels are asked for often); cleared when it changes
 _builtins_loaded = False
 
 
@@ -94,7 +95,9 @@ def _registry() -> dict[str, Format]:
         _builtins_loaded = True  # before the imports: each registers itself through register_format
         for name in _BUILTIN:
             importlib.import_module(f"{__name__}.{name}")
-    return {**{n: _FORMATS[n] for n in _BUILTIN}, **_FORMATS}
+    if "all" not in _derived:
+        _derived["all"] = {**{n: _FORMATS[n] for n in _BUILTIN}, **_FORMATS}
+    return _derived["all"]
 
 
 def register_format(fmt: Format) -> Format:
@@ -105,6 +108,7 @@ def register_format(fmt: Format) -> Format:
     if fmt.name in _FORMATS or taken & set(fmt.grids):
         raise ValueError(f"format {fmt.name!r} or one of its grids {sorted(fmt.grids)} is registered already")
     _FORMATS[fmt.name] = fmt
+    _derived.clear()
     return fmt
 
 
@@ -113,6 +117,7 @@ def unregister_format(name: str) -> None:
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is built in")
     _FORMATS.pop(name, None)
+    _derived.clear()
 
 
 def all_formats() -> list[Format]:
@@ -122,12 +127,15 @@ def all_formats() -> list[Format]:
 
 def format_of(option: QuantOption) -> Format:
     """The family an option belongs to (by fmt, then scale format); ValueError for an unknown fmt."""
-    candidates = [f for f in _registry().values() if f.fmt == option.fmt]
-    if not candidates:
-        known = ", ".join(dict.fromkeys(f.fmt for f in _FORMATS.values()))
-        raise ValueError(f"unknown format {option.fmt!r}; known: {known}")
-    # An unknown scale format goes to the first family of the fmt, whose check names it.
-    return next((f for f in candidates if option.scale_fmt in f.scale_fmts), candidates[0])
+    key = (option.fmt, option.scale_fmt)
+    if key not in _derived:
+        candidates = [f for f in _registry().values() if f.fmt == option.fmt]
+        if not candidates:
+            known = ", ".join(dict.fromkeys(f.fmt for f in _registry().values()))
+            raise ValueError(f"unknown format {option.fmt!r}; known: {known}")
+        # An unknown scale format goes to the first family of the fmt, whose check names it.
+        _derived[key] = next((f for f in candidates if option.scale_fmt in f.scale_fmts), candidates[0])
+    return _derived[key]
 
 
 def grid_names() -> tuple[str, ...]:
