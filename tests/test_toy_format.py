@@ -1,6 +1,7 @@
 """A number format is one unit: a toy family defined in this file alone, registered by the test, is
-plannable, appliable, trainable (QAT), and packed or exported where a target can hold it, refused with a
-clear error where it cannot — with no edit anywhere else (issue 12, item 4).
+plannable, appliable, trainable (QAT), timed by the latency fallback kernel, and packed or exported where
+a target can hold it, refused with a clear error where it cannot — with no edit anywhere else (issue 12,
+item 4).
 
 The toy: ternary weights {-1, 0, +1} · s with one fp16 scale s per group (BitNet b1.58's absmean
 rule: s = mean |w| of the group), stored in 2 bits per weight. Label: ternary-g<size>.
@@ -145,3 +146,15 @@ def test_packers_and_exporters_hold_it_or_refuse_it(registered, tmp_path):
         # type the target has), never silently written as something else.
         for module in toy:
             assert any(module in line and "ternary-g32" in line for line in result.unsupported), (target, result.unsupported)
+
+
+def test_timed_by_the_dequantize_fallback_kernel(registered):
+    """No real kernel holds it, so latency profiling times the generic fallback on its own codes and scales."""
+    from bitalloc.latency import kernels
+    from bitalloc.latency.measure import choose_kernel
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    kernel, fn = choose_kernel(ternary(32), torch.device("cpu"), torch.float32, w, checks := [])
+    assert kernel.name == "dequant_dense" and checks[-1].status == "ok"
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fn(x), x @ kernels.reference_weight(w, ternary(32)).t(), rtol=1e-5, atol=1e-6)
