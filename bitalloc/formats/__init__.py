@@ -10,6 +10,7 @@ Importing this package does not import torch: reading a plan or a label needs on
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -86,15 +87,17 @@ class Format:
 _FORMATS: dict[str, Format] = {}
 _derived: dict = {}  # lookups built from _FORMATS on use (labels are asked for often); cleared when it changes
 _builtins_loaded = False
+_loading = threading.RLock()  # the service asks from several threads; the first one loads the built-ins
 
 
 def _registry() -> dict[str, Format]:
     """The families: built-in ones in _BUILTIN order (whichever module was imported first), then the others."""
     global _builtins_loaded
     if not _builtins_loaded:
-        _builtins_loaded = True  # before the imports: each registers itself through register_format
-        for name in _BUILTIN:
-            importlib.import_module(f"{__name__}.{name}")
+        with _loading:
+            for name in _BUILTIN:  # each registers itself through register_format
+                importlib.import_module(f"{__name__}.{name}")
+            _builtins_loaded = True
     if "all" not in _derived:
         _derived["all"] = {**{n: _FORMATS[n] for n in _BUILTIN}, **_FORMATS}
     return _derived["all"]
