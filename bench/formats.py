@@ -89,7 +89,7 @@ def main() -> None:
             r = measure(assign)
             weights = Counter()
             for a in p.assignments:
-                weights[a.option.to_option().family] += a.shape[0] * a.shape[1]
+                weights[a.option.family] += a.shape[0] * a.shape[1]
             rows.append({"kind": "plan", "candidates": set_name, "budget": b, "bpw": p.summary.storage_bits_per_weight,
                          "predicted_delta_nll": p.summary.predicted_delta_loss,
                          "formats": dict(Counter(o.family for o in assign.values())),
