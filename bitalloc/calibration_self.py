@@ -10,13 +10,13 @@ follows the float logits).
 from __future__ import annotations
 
 import hashlib
-import inspect
 from typing import Any
 
 import torch
 
 from .calibration import Calibration
 from .errors import BadInputError
+from .models import cache_argument
 
 # Generic openings, cycled over the windows, so the samples are not all one continuation of BOS.
 PROMPTS = ("The", "In", "It was", "A new", "One of the", "When", "This is", "There are")
@@ -62,8 +62,7 @@ def self_calibration(model: torch.nn.Module, tokenizer: Any, *, seq_len: int = 5
 
 def _sample(model, ids: torch.Tensor, seq_len: int, g: torch.Generator, banned: list[int], device) -> torch.Tensor:
     """Extend ids [batch, prompt] to [batch, seq_len] by top-k temperature sampling, with the KV cache."""
-    # transformers >= 5.2x names the KV cache `cache`, argument and output (`past_key_values` is deprecated)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     out = model(input_ids=ids.to(device), use_cache=True)
     past, seq = out[cache_arg], ids
     while seq.shape[1] < seq_len:

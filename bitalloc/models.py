@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,12 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, NonFiniteError
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the model's KV-cache argument and output: `cache` from transformers 5.2x on, where
+    `past_key_values` is deprecated (and warns), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 try:  # GPT-2 style models store linear layers as Conv1D with weight [in, out].
     from transformers.pytorch_utils import Conv1D

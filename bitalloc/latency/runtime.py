@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import weight_matrix
+from ..models import cache_argument, weight_matrix
 from ..options import QuantOption
 from .kernels import LinearFn, get_kernel
 from .measure import choose_kernel, prepare_or_choose
@@ -67,11 +67,12 @@ def time_forward(model: nn.Module, tokens: int, context: int = 0, samples: int =
     with torch.inference_mode():
         if context == 0:
             return time_call(lambda: model(ids, use_cache=False), device, samples=samples, min_sample_s=0.0)
-        cache = model(ids[:, :context], use_cache=True).past_key_values
+        cache_arg = cache_argument(model)
+        cache = model(ids[:, :context], use_cache=True)[cache_arg]
         step = ids[:, context:]
 
         def one_step():
-            model(step, past_key_values=cache, use_cache=True)
+            model(step, use_cache=True, **{cache_arg: cache})
             cache.crop(-tokens)  # drop the step just added (negative: count from the end)
 
         return time_call(one_step, device, samples=samples, min_sample_s=0.0)
