@@ -70,7 +70,7 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
         "architecture": type(loaded.model).__name__,
         "model_record": api.model_record(loaded),
         "calibration": {"text_sha256": calib.text_sha256, "source": calib.source, "seed": calib.seed,
-                        "settings": calib.settings(), "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
+                        "settings": calib.settings()},
         "modules": table.groups,
         "options": [o.label for o in table.options],
         "num_weights": table.num_weights,
