@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--peer-types", default=PEERS, help="llama.cpp mixes (made with an imatrix) whose file sizes are budgets")
     ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
     ap.add_argument("--without-types", default="Q4_1,Q5_1")
+    ap.add_argument("--quantizers", default="imatrix,gptq", help="quantizers the plans are profiled and applied with "
+                    "(imatrix: llama.cpp's own algorithms; gptq: GPTQ's rounding on llama.cpp's block scales)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -197,29 +199,42 @@ def main() -> None:
     options = [QuantOption.gguf(t) for t in args.gguf_types.split(",")] + [QuantOption.keep()]
     without = tuple(t for t in args.without_types.split(",") if t)
     allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
-    budgets = [(f"bitalloc @{t} file size", f"{peer_files[f'llama.cpp {t} +imatrix'].stat().st_size}B", t) for t in peer_types]
-    budgets += [(f"bitalloc @{b}", b, None) for b in args.budgets.split(",") if b]
-    todo = [b for b in budgets if b[0] not in done]
-    if todo:
-        # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
-        # same weights, only the token embedding (unplanned) is F32 there; plans record `loaded`, the file's model.
-        table, _, calibration = api.prepare(load_model(str(f32)), args.calib, options=options,
-                                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, quantizer="imatrix",
-                                            cache_dir=True, progress=True)
+    sizes = [(f"@{t} file size", f"{peer_files[f'llama.cpp {t} +imatrix'].stat().st_size}B", t) for t in peer_types]
+    sizes += [(f"@{b}", b, None) for b in args.budgets.split(",") if b]
+    for quantizer in [q for q in args.quantizers.split(",") if q]:
+        plan_rows(quantizer, sizes, options, allow, args, done, f32, base, loaded, work, out, measure)
+    report(done, args, out, nll_of)
+
+
+def row_name(quantizer: str, size: str) -> str:
+    """"bitalloc @4.5bits" for llama.cpp's own quantizer (the rows' first name), "bitalloc gptq @4.5bits" otherwise."""
+    return f"bitalloc {size}" if quantizer == "imatrix" else f"bitalloc {quantizer} {size}"
+
+
+def plan_rows(quantizer: str, sizes, options, allow, args, done, f32: Path, base: Path, loaded, work: Path, out: Path,
+              measure) -> None:
+    """Plan, write and measure a file per size with `quantizer`'s candidate table (rows already done are skipped)."""
+    todo = [(row_name(quantizer, size), text, peer) for size, text, peer in sizes if row_name(quantizer, size) not in done]
+    if not todo:
+        return
+    # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
+    # same weights, only the token embedding (unplanned) is F32 there; plans record `loaded`, the file's model.
+    table, _, calibration = api.prepare(load_model(str(f32)), args.calib, options=options,
+                                        calib_tokens=args.calib_tokens, seq_len=args.seq_len, quantizer=quantizer,
+                                        cache_dir=True, progress=True)
     for name, text, peer in todo:
         # a size is the whole file (what `bitalloc plan M.gguf --target llama.cpp --budget <size>` means)
         budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
         plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow))
-        stem = f"gguf_roundtrip-{text}"
+        stem = f"gguf_roundtrip-{text}" if quantizer == "imatrix" else f"gguf_roundtrip-{quantizer}-{text}"
         plan.save(out / f"{stem}.plan.json")
-        path = work / f"bitalloc-{text}.gguf"
+        path = work / f"{stem}.gguf"
         model = load_model(str(base)).model  # a fresh copy: write_gguf quantizes it in place, as `apply` does
         layout = write_gguf(model, plan, base, path, calibration=calibration.tokens, progress=True)
         measure(name, path, "bitalloc", simulated=model, budget=text, peer=peer, predicted_file_bytes=layout.file_bytes,
-                plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss)
+                plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss, quantizer=quantizer)
         if not args.keep_files:
             path.unlink()
-    report(done, args, out, nll_of)
 
 
 def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -> None:

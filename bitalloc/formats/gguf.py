@@ -14,6 +14,7 @@ the values those bytes dequantize to, computed in ggml's dequantization order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -82,6 +83,58 @@ def check(o: QuantOption) -> None:
 class GGUFQuantized:
     blocks: np.ndarray  # [out, row_bytes] uint8, the tensor's data as a GGUF file stores it
     values: np.ndarray  # [out, in] float32, what those bytes dequantize to
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """The values a type can store in each weight's place once its block scales are chosen:
+    value = scale · T[code] + add, T[code] = code − zero (linear types) or levels[code] (IQ4_NL/XS).
+
+    scale, add: [rows, block] float32, one per weight (the sub-block scales and mins it uses); codes
+    lie in [lo, hi]. A type hands it to `choose` (gguf_quantize's hook) before packing, so a quantizer
+    with its own rounding (GPTQ) picks the codes and the type still writes them with its own scales.
+    """
+
+    scale: np.ndarray
+    add: np.ndarray
+    lo: int
+    hi: int
+    zero: int = 0
+    levels: np.ndarray | None = None
+
+    def nearest(self, x: np.ndarray, col: int) -> np.ndarray:
+        """Codes [rows] of the stored values nearest to x [rows] in column `col` (any code where scale is 0)."""
+        s = self.scale[:, col]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(s != 0, (x - self.add[:, col]) / s, F32(0)).astype(F32)
+        if self.levels is not None:
+            return best_index_iq4(t)
+        return np.clip(nearest_int(t) + self.zero, self.lo, self.hi)
+
+    def value(self, codes: np.ndarray, col: int) -> np.ndarray:
+        codes = codes.astype(np.int32)  # the caller's array may be uint8 (Q6_K)
+        t = self.levels[codes] if self.levels is not None else codes - self.zero
+        return self.scale[:, col] * t.astype(F32) + self.add[:, col]
+
+
+Choose = Callable[[BlockGrid, np.ndarray], np.ndarray]  # (grid, the type's own codes [rows, block]) -> codes
+
+
+def chosen(choose: Choose | None, codes: np.ndarray, scale: np.ndarray, add=F32(0), lo: int = 0, hi: int = 0,
+           zero: int = 0, levels: np.ndarray | None = None) -> np.ndarray:
+    """The codes a type packs: its own `codes` [rows, block], or those `choose` picks on its grid.
+
+    scale/add: per weight or per sub-block, [rows, n_sub] (repeated over each sub-block's weights)."""
+    if choose is None:
+        return codes
+    rows, block = codes.shape
+
+    def per_weight(a) -> np.ndarray:
+        a = np.broadcast_to(np.asarray(a, F32), np.shape(scale)).reshape(rows, -1)
+        return np.repeat(a, block // a.shape[1], axis=1)
+
+    grid = BlockGrid(per_weight(scale), per_weight(add), lo, hi, zero, levels)
+    return np.asarray(choose(grid, codes.copy())).astype(codes.dtype)
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
@@ -310,12 +363,12 @@ def legacy_weights(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
 # The types. Each takes w [out, in] float32 and importance [in] float32 or None.
 
 
-def q8_0(w: np.ndarray, importance: np.ndarray | None) -> GGUFQuantized:
+def q8_0(w: np.ndarray, importance: np.ndarray | None, choose: Choose | None = None) -> GGUFQuantized:
     x = w.reshape(-1, 32)  # llama.cpp's Q8_0 ignores importance weights
     d = np.abs(x).max(axis=-1) / F32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = roundf(x * inv[:, None]).astype(np.int8)
+    q = chosen(choose, roundf(x * inv[:, None]).astype(np.int8), fp16(d), lo=-127, hi=127)
     blocks = np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
     values = q.astype(F32) * fp16(d)[:, None]
     return _rows(blocks, values, w)
@@ -348,26 +401,30 @@ def _q_asym(w: np.ndarray, importance: np.ndarray | None, nmax: int) -> tuple[np
     return d, -the_min, L
 
 
-def q4_0(w, importance):
+def q4_0(w, importance, choose=None):
     d, L = _q_sym(w, importance, 8)
+    L = chosen(choose, L, fp16(d), hi=15, zero=8)
     blocks = np.concatenate([fp16_bytes(d), pack_nibbles(L, 16)], axis=1)
     return _rows(blocks, fp16(d)[:, None] * (L - 8).astype(F32), w)
 
 
-def q5_0(w, importance):
+def q5_0(w, importance, choose=None):
     d, L = _q_sym(w, importance, 16)
+    L = chosen(choose, L, fp16(d), hi=31, zero=16)
     blocks = np.concatenate([fp16_bytes(d), pack_high_bits(L), pack_nibbles(L, 16)], axis=1)
     return _rows(blocks, fp16(d)[:, None] * (L - 16).astype(F32), w)
 
 
-def q4_1(w, importance):
+def q4_1(w, importance, choose=None):
     d, m, L = _q_asym(w, importance, 15)
+    L = chosen(choose, L, fp16(d), fp16(m), hi=15)
     blocks = np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_nibbles(L, 16)], axis=1)
     return _rows(blocks, fp16(d)[:, None] * L.astype(F32) + fp16(m)[:, None], w)
 
 
-def q5_1(w, importance):
+def q5_1(w, importance, choose=None):
     d, m, L = _q_asym(w, importance, 31)
+    L = chosen(choose, L, fp16(d), fp16(m), hi=31)
     blocks = np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_high_bits(L), pack_nibbles(L, 16)], axis=1)
     return _rows(blocks, fp16(d)[:, None] * L.astype(F32) + fp16(m)[:, None], w)
 
@@ -402,7 +459,7 @@ def _max_scaled(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     return vmax / F32(levels), nearest_int(inv[:, None] * v)
 
 
-def _k_scale_min(w: np.ndarray, importance: np.ndarray | None, nmax: int):
+def _k_scale_min(w: np.ndarray, importance: np.ndarray | None, nmax: int, choose: Choose | None):
     """Q4_K / Q5_K: (d, dmin, Ls, Lm, L, d·sc, dmin·m) for each 256-weight super-block.
 
     With importance: quantize_row_q{4,5}_K_impl; without: quantize_row_q{4,5}_K_ref (what
@@ -429,19 +486,19 @@ def _k_scale_min(w: np.ndarray, importance: np.ndarray | None, nmax: int):
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(nearest_int((xs + ml[..., None]) / dl[..., None]), 0, nmax)
     L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 8, 32)).reshape(-1, QK_K)
-    return d_block, m_block, Ls, Lm, L, dl, ml
+    return d_block, m_block, Ls, Lm, chosen(choose, L, dl, -ml, hi=nmax), dl, ml
 
 
-def q4_k(w, importance):
-    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 15)
+def q4_k(w, importance, choose=None):
+    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 15, choose)
     qs = np.concatenate([pack_nibbles(L[:, j:j + 64], 32) for j in range(0, QK_K, 64)], axis=1)
     blocks = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), _pack_k_scales(Ls, Lm), qs], axis=1)
     values = dl[..., None] * L.reshape(-1, 8, 32).astype(F32) - ml[..., None]
     return _rows(blocks, values.reshape(-1, QK_K), w)
 
 
-def q5_k(w, importance):
-    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 31)
+def q5_k(w, importance, choose=None):
+    d, dmin, Ls, Lm, L, dl, ml = _k_scale_min(w, importance, 31, choose)
     qs = np.concatenate([pack_nibbles(L[:, j:j + 64], 32) for j in range(0, QK_K, 64)], axis=1)
     high = (L.reshape(-1, 8, 32).astype(np.uint8) >> 4) & 1  # sub-block s sets bit s of qh[j]
     qh = np.zeros((len(L), 32), dtype=np.uint8)
@@ -452,7 +509,7 @@ def q5_k(w, importance):
     return _rows(blocks, values.reshape(-1, QK_K), w)
 
 
-def q6_k(w, importance):
+def q6_k(w, importance, choose=None):
     x = w.reshape(-1, 16)  # 16 sub-blocks of 16 per super-block
     qw = None
     if importance is not None:
@@ -469,6 +526,7 @@ def q6_k(w, importance):
         requant = np.clip(nearest_int(x.reshape(-1, 16, 16) / dl[..., None]), -32, 31) + 32
     L = np.where((dl != 0)[..., None], requant, L)
     L = np.where(zero[:, None, None], 0, L).reshape(-1, QK_K).astype(np.uint8)
+    L = chosen(choose, L, dl, hi=63, zero=32)
     ql, qh = [], []
     for j in range(0, QK_K, 128):  # ggml's interleaving of 4 × 32 codes per 128
         q = [L[:, j + 32 * k: j + 32 * (k + 1)] for k in range(4)]
@@ -502,7 +560,7 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def q3_k(w, importance):
+def q3_k(w, importance, choose=None):
     """quantize_row_q3_K_impl with importance, quantize_row_q3_K_ref without."""
     x = w.reshape(-1, QK_K)
     if importance is None:
@@ -525,6 +583,7 @@ def q3_k(w, importance):
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(nearest_int(x.reshape(-1, 16, 16) / dl[..., None]), -4, 3) + 4
     L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    L = chosen(choose, L, dl, hi=7, zero=4)
     Ls8 = Ls.astype(np.uint8)
     scales_b = np.zeros((len(x), 12), dtype=np.uint8)
     scales_b[:, :8] = (Ls8[:, :8] & 0xF) | ((Ls8[:, 8:] & 0xF) << 4)
@@ -539,7 +598,7 @@ def q3_k(w, importance):
     return _rows(blocks, values.reshape(-1, QK_K), w)
 
 
-def q2_k(w, importance):
+def q2_k(w, importance, choose=None):
     """quantize_row_q2_K_impl with importance, quantize_row_q2_K_ref without."""
     x = w.reshape(-1, QK_K)
     if importance is None:
@@ -559,6 +618,7 @@ def q2_k(w, importance):
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(nearest_int((x.reshape(-1, 16, 16) + ml[..., None]) / dl[..., None]), 0, 3)
     L = np.where((dl != 0)[..., None], requant, L.reshape(-1, 16, 16)).reshape(-1, QK_K)
+    L = chosen(choose, L, dl, -ml, hi=3)
     blocks = np.concatenate([Ls | (Lm << 4), _pack_2bit(L), fp16_bytes(dm), fp16_bytes(mm)], axis=1)
     values = dl[..., None] * L.reshape(-1, 16, 16).astype(F32) - ml[..., None]
     return _rows(blocks, values.reshape(-1, QK_K), w)
@@ -607,18 +667,18 @@ def _iq4_weights(x: np.ndarray, importance: np.ndarray | None, n_rows: int) -> n
     return qw.reshape(x.shape) * np.sqrt(sigma2[:, None] + x * x)
 
 
-def iq4_nl(w, importance):
+def iq4_nl(w, importance, choose=None):
     """quantize_iq4_nl (ntry 7, what llama-quantize runs; x² weights without an imatrix)."""
     x = w.reshape(-1, 32)
     d = _iq4_block_scales(x, _iq4_weights(x, importance, w.shape[0]))
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    L = best_index_iq4(inv[:, None] * x)
+    L = chosen(choose, best_index_iq4(inv[:, None] * x), fp16(d), hi=15, levels=IQ4NL_VALUES)
     blocks = np.concatenate([fp16_bytes(d), pack_nibbles(L, 16)], axis=1)
     return _rows(blocks, fp16(d)[:, None] * IQ4NL_VALUES[L].astype(F32), w)
 
 
-def iq4_xs(w, importance):
+def iq4_xs(w, importance, choose=None):
     x = w.reshape(-1, QK_K)
     weights = _iq4_weights(x, importance, w.shape[0])
     scales = _iq4_block_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(-1, 8)
@@ -631,6 +691,7 @@ def iq4_xs(w, importance):
         idl = np.where(dl != 0, F32(1) / dl, F32(0)).astype(F32)
     L = best_index_iq4(idl[..., None] * x.reshape(-1, 8, 32)).reshape(-1, QK_K)
     codes = (ls + 32).astype(np.uint8)
+    L = chosen(choose, L, fp16(d)[:, None] * (codes.astype(np.int32) - 32).astype(F32), hi=15, levels=IQ4NL_VALUES)
     scales_l = (codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4)
     scales_h = np.zeros(len(x), dtype=np.uint16)
     for ib in range(8):
@@ -651,9 +712,12 @@ QUANTIZERS = {"Q8_0": q8_0, "Q6_K": q6_k, "Q5_K": q5_k, "Q5_1": q5_1, "Q5_0": q5
 
 
 def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
-                  importance: torch.Tensor | np.ndarray | None = None) -> GGUFQuantized:
+                  importance: torch.Tensor | np.ndarray | None = None, choose: Choose | None = None) -> GGUFQuantized:
     """Quantize `weight` [out, in] to `ggml_type` as llama.cpp does; importance [in]: mean x² per
-    input column (llama-imatrix's values); None = llama.cpp's reference quantizer."""
+    input column (llama-imatrix's values); None = llama.cpp's reference quantizer.
+
+    choose: given the block scales llama.cpp's search picked (a BlockGrid) and its codes, return the codes
+    to store instead (GPTQ's rounding); the result is then those codes packed with those scales."""
     if ggml_type not in QUANTIZERS:
         raise ValueError(f"no GGUF quantizer for {ggml_type}; implemented: {', '.join(QUANTIZERS)}")
     w = weight.detach().float().cpu().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, F32)
@@ -665,7 +729,7 @@ def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
         importance = importance.reshape(-1).astype(F32)
         if importance.size != w.shape[1]:
             raise ValueError(f"importance has {importance.size} entries, the weight {w.shape[1]} input columns")
-    return QUANTIZERS[ggml_type](np.ascontiguousarray(w, dtype=F32), importance)
+    return QUANTIZERS[ggml_type](np.ascontiguousarray(w, dtype=F32), importance, choose)
 
 
 def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:

@@ -19,8 +19,12 @@ diag H would be the weights if nothing were compensated (RTN). `scale_search=Fal
 "gptq-minmax") keeps the reference's min/max scales: the GPTQ of bitalloc before the search existed.
 Either way scales are fp16 values and zero-points integers, so stored codes reproduce the values.
 
-Formats: INT only. Non-int options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN; see
-`GPTQ_FORMATS` and the note in `gptq` below.
+Formats: INT, and llama.cpp's GGUF types (`_gptq_gguf`): each GGUF block of columns (32 or 256
+inputs) gets its scales (and mins, sub-block scales) from llama.cpp's own importance-weighted search
+(imatrix = diag H) on the error-updated weights when the loop reaches it, as natural-order groups
+do; then its columns are rounded one by one on that grid with GPTQ's error feedback, and the type
+packs the chosen codes with those scales, so the stored blocks decode to exactly the values GPTQ
+kept. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN; see `GPTQ_FORMATS`.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
+import numpy as np
+
+from ..formats.gguf import GGUF_TYPES, BlockGrid, gguf_quantize
 from ..formats.int import int_dequantize, int_range, int_scales
 from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
 from .scale_search import search_int_scales
 
-GPTQ_FORMATS = ("int",)  # formats GPTQ rounds itself; others are quantized with RTN
+GPTQ_FORMATS = ("int", "gguf")  # formats GPTQ rounds itself; others are quantized with RTN
 
 
 @dataclass(frozen=True)
@@ -125,11 +132,14 @@ def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     stacked row-wise and share one column loop: the same arithmetic per row, one Python loop instead
     of one per option.
     """
-    int_opts = [o for o in options if o.fmt in GPTQ_FORMATS]
+    int_opts = [o for o in options if o.fmt == "int"]
     done = {}
     if int_opts:
         for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order, scale_search)):
             done[o] = q
+    for o in options:
+        if o.fmt == "gguf":
+            done[o] = _gptq_gguf(weight, o, hessian, damp)
     return [done[o] if o in done else rtn(weight, o) for o in options]
 
 
@@ -230,3 +240,41 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
         cj = codes[rows[j]].contiguous()
         result.append(QuantizedWeight(o, int_dequantize(cj, scale[j], zero[j]), cj, scale[j], zero[j]))
     return result
+
+
+def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor, damp: float) -> QuantizedWeight:
+    """GPTQ in natural order with llama.cpp's GGUF type `option.element`, one type block of columns
+    (the lazy batch) at a time; see the module docstring. Act-order is not offered: a GGUF block's
+    scales are searched on the weights it holds when the loop reaches it."""
+    out_f, in_f = weight.shape
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
+    ggml_type, width = option.element, GGUF_TYPES[option.element].block
+    if in_f % width:
+        raise ValueError(f"{ggml_type} quantizes rows in blocks of {width}; {in_f} inputs do not fit")
+    fac = _cached_factor(hessian, damp, False)
+    U = fac.hinv.numpy()  # [in, in] upper Cholesky factor of H⁻¹
+    importance = torch.diagonal(hessian).float().numpy()  # llama-imatrix's mean x² per input column
+    W = weight.detach().float().clone()
+    W[:, fac.dead] = 0
+    W = W.numpy().copy()  # [out, in], updated by every quantized column
+    blocks, values = [], []
+    for c in range(0, in_f, width):
+        cols = W[:, c:c + width].copy()  # this block's columns; updated inside it column by column
+        Ub = U[c:c + width, c:c + width]
+        err = np.zeros_like(cols)
+
+        def round_columns(grid: BlockGrid, codes: np.ndarray) -> np.ndarray:
+            for j in range(width):
+                x = cols[:, j]
+                codes[:, j] = grid.nearest(x, j)
+                err[:, j] = (x - grid.value(codes[:, j], j)) / Ub[j, j]
+                cols[:, j + 1:] -= np.outer(err[:, j], Ub[j, j + 1:])  # paper eq. (3), within the block
+            return codes
+
+        q = gguf_quantize(W[:, c:c + width], ggml_type, importance[c:c + width], choose=round_columns)
+        blocks.append(q.blocks)
+        values.append(q.values)
+        W[:, c + width:] -= err @ U[c:c + width, c + width:]  # the block's errors reach the later columns
+    return QuantizedWeight(option, torch.from_numpy(np.concatenate(values, axis=1)),
+                           blocks=np.ascontiguousarray(np.concatenate(blocks, axis=1)))
