@@ -14,7 +14,7 @@ from . import solvers
 from .budget import Budget, Outside, gguf_typed, parse_budget
 from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig
 from .constraints import Constraints, constraint_masks
-from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError
+from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
 from .io import check_output_dir
 from .options import QuantOption
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSpec, summarize
@@ -180,7 +180,7 @@ def profile_model(
         from .quantizers import check_without_hessian
 
         check_without_hessian(config.quantizer, "the interactions signal",
-                                 "profile interactions with --quantizer rtn, rtn-mse or rtn-w, or drop 'interactions'")
+                                 f"profile interactions with {setting('quantizer')} rtn, rtn-mse or rtn-w, or drop 'interactions'")
     loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp")
     options = list(config.options)
     parts = {
@@ -359,7 +359,7 @@ def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> Streame
                             "(directory with config.json + safetensors, or a .gguf file), or drop stream")
     if "score" in solvers.base.solver_settings(solver):
         raise BadInputError(f"solver {solver!r} scores candidate plans on the loaded model, which streaming never "
-                            "holds; drop --stream or choose another solver")
+                            f"holds; drop {setting('stream')} or choose another solver")
     return open_streamed(str(source), trust_remote_code=trust_remote_code)
 
 
@@ -418,9 +418,9 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
 
     constraints = settings["constraints"] or Constraints()
     if settings.get("latency") is not None or settings.get("latency_target") is not None or constraints.max_latency:
-        raise BadInputError("--verify does not handle latency profiles or limits yet: drop one of them")
+        raise BadInputError(f"{setting('verify')} does not handle latency profiles or limits yet: drop one of them")
     if isinstance(loaded, StreamedModel):
-        raise BadInputError("--verify runs the whole model on held-back calibration windows; drop --stream")
+        raise BadInputError(f"{setting('verify')} runs the whole model on held-back calibration windows; drop {setting('stream')}")
     outside = outside_plan(table, context.model) if budget.scope == "model" else None
     error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights, outside)
 
@@ -511,7 +511,7 @@ def solve_table(
         raise BudgetInfeasibleError(
             f"budget {budget.text}{_scope_text(outside)} is below the smallest feasible {budget.describe(lo, n, outside)}{under} "
             f"(feasible: {budget.describe(lo, n, outside)} to {budget.describe(hi, n, outside)}); "
-            "raise the budget or offer fewer bits (--bits)"
+            f"raise the budget or offer fewer bits ({setting('bits')})"
         )
     settings = dict(solver_settings or {})
     accepted = solvers.base.solver_settings(solver)
@@ -556,12 +556,12 @@ def outside_plan(table: CandidateTable, model: dict) -> Outside | None:
 
         if not Path(source).expanduser().exists():
             raise BadInputError(f"a whole-file budget for a GGUF plan reads the source file {source!r}, which is not "
-                                "there; pass the model again, or use --budget-scope planned")
+                                f"there; pass the model again, or use {setting('budget_scope')} planned")
         try:
             return file_outside(source, list(table.groups), model["architecture"])
         except BadInputError as e:  # a folder bitalloc cannot convert (tokenizer, RoPE): no file to budget
             raise BadInputError(f"a size budget of a llama.cpp plan is of the whole GGUF file, which bitalloc cannot "
-                                f"write from this model: {e}. Plan with --budget-scope planned") from None
+                                f"write from this model: {e.args[0]}. Plan with {setting('budget_scope')} planned") from None
     total = model.get("total_weights")
     return None if total is None else Outside.at_16_bits(total - table.num_weights)
 

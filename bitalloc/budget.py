@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from .errors import BadInputError
+from .errors import BadInputError, setting
 
 _UNITS = {
     "bits": ("bits", 1.0),
@@ -88,8 +88,8 @@ class Budget:
         if self.scope == "planned":
             return num_weights, 0
         if outside is None:
-            raise BadInputError("a whole-model budget (--budget-scope model) needs the size of the unplanned tensors, "
-                                "which this profile predates; re-run `bitalloc profile`, or use --budget-scope planned")
+            raise BadInputError(f"a whole-model budget ({setting('budget_scope')} model) needs the size of the unplanned "
+                                f"tensors, which this profile predates; profile again, or use {setting('budget_scope')} planned")
         if isinstance(outside, int):
             outside = Outside.at_16_bits(outside)
         return num_weights + outside.weights, outside.bits

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadInputError, CalibrationMismatchError
+from .errors import BadInputError, CalibrationMismatchError, setting
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,20 @@ def plan_calibration_text(recorded: dict, text_path: str | Path | None = None, c
                              f"with {want}; pass the text the plan was calibrated on, or calibrate on this one with "
                              f"{ACCEPT_OTHER_TEXT}")
     if not source:
-        raise BadInputError("the plan records no calibration source; pass the text it was calibrated on with --calib FILE")
+        raise BadInputError(f"the plan records no calibration source; pass the text it was calibrated on as {setting('calibration')}")
     if source == SELF_CALIBRATION:
         return None
     if source.startswith(BUILTIN_PREFIX):
         name = source.removeprefix(BUILTIN_PREFIX)
         return _hash_checked(builtin_text(name), want, check_hash,
                              f"this bitalloc's built-in calibration set {name!r} has {{got}}, the plan was calibrated on "
-                             f"{want} (another version's set); pass that text with --calib FILE, or calibrate on this one "
+                             f"{want} (another version's set); pass that text as {setting('calibration')}, or calibrate on this one "
                              f"with {ACCEPT_OTHER_TEXT}")
     if source.startswith("<"):  # "<token ids>", "<text>": handed over in Python, no file to name
         raise BadInputError(
             f"the plan was calibrated on {source} given in Python, which cannot be rebuilt from the plan; apply it in Python "
-            f"with the same ids (calibration=ids), or pass a text with --calib FILE and {ACCEPT_OTHER_TEXT}")
-    raise BadInputError(f"the plan was calibrated on the text file {source!r}; pass it with --calib FILE "
+            f"with the same ids (calibration=ids), or pass a text as {setting('calibration')} and {ACCEPT_OTHER_TEXT}")
+    raise BadInputError(f"the plan was calibrated on the text file {source!r}; pass it as {setting('calibration')} "
                         f"(its sha256 must be {want})")
 
 
@@ -136,7 +136,7 @@ def calibration_for_plan(recorded: dict, tokenizer: Any, model: Any = None, text
             raise CalibrationMismatchError(
                 f"the self-calibration windows sampled again have {calib.text_sha256}, the plan's had "
                 f"{recorded.get('text_sha256')} (sampling follows the float logits: another machine, thread count or dtype "
-                f"samples other text); use these windows with {ACCEPT_OTHER_TEXT}, or pass a text with --calib FILE")
+                f"samples other text); use these windows with {ACCEPT_OTHER_TEXT}, or pass a text as {setting('calibration')}")
     else:
         source = Path(text_path).name if text_path is not None else str(recorded["source"])
         calib = make_calibration(tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=source)
@@ -176,7 +176,7 @@ def sequential_windows(ids: torch.Tensor, seq_len: int, n_windows: int | None = 
     """Non-overlapping windows from the start: the evaluation convention, identical for every config."""
     available = ids.numel() // seq_len
     if available == 0:
-        raise BadInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
+        raise BadInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower {setting('seq_len')}")
     n = available if n_windows is None else min(n_windows, available)
     return ids[: n * seq_len].view(n, seq_len)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .calibration import Calibration
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .models import cache_argument
 
 # Generic openings, cycled over the windows, so the samples are not all one continuation of BOS.
@@ -29,7 +29,8 @@ def self_calibration(model: torch.nn.Module, tokenizer: Any, *, seq_len: int = 5
                      seed: int = 0, batch_size: int = 8) -> Calibration:
     """tokens // seq_len windows of seq_len ids each, sampled from `model` with `seed`."""
     if tokenizer is None:
-        raise BadInputError("--calib self needs the model's tokenizer: load the model from a source (hub id, directory, .gguf)")
+        raise BadInputError(f"calibrating on the model's own samples ({setting('calibration')} self) needs the model's tokenizer: "
+                            "load the model from a source (hub id, directory, .gguf)")
     if seq_len < 2 or tokens < seq_len:
         raise BadInputError(f"need seq_len >= 2 and calibration tokens >= seq_len, got {seq_len} and {tokens}")
     n_windows = tokens // seq_len

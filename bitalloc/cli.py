@@ -827,12 +827,22 @@ def _click_errors() -> tuple[type, ...]:
     return tuple(kinds)
 
 
+# Library settings (errors.setting) whose flag is not the setting's name with dashes.
+_FLAG_OF_SETTING = {"calibration": "--calib", "ties": "--tie", "pins": "--pin", "ray.workers": "--ray-workers",
+                    "model_sources": "--model"}
+
+
+def flag(setting_name: str) -> str:
+    """The command-line flag that sets a library setting named in an error message."""
+    return _FLAG_OF_SETTING.get(setting_name, "--" + setting_name.replace("_", "-"))
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except BitallocError as e:
         # One line whatever the terminal width, so scripts can grep it.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.phrased(flag)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # outside the command (typer turns one inside into Exit(130), returned below)
         _interrupted()

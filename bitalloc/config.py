@@ -21,7 +21,7 @@ from typing import Any
 
 from .budget import Budget, parse_budget
 from .constraints import Constraints
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .options import QuantOption, default_options, parse_option
 from .table import ERROR_MODELS
 
@@ -59,9 +59,9 @@ class RaySpec:
 
     def __post_init__(self):
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise BadInputError(f"--ray-workers must be a whole number of at least 1, got {self.workers!r}")
+            raise BadInputError(f"{setting('ray.workers')} must be a whole number of at least 1, got {self.workers!r}")
         if not isinstance(self.address, str) or not self.address.strip():
-            raise BadInputError("--ray needs 'auto' or a cluster address (host:port or ray://host:port)")
+            raise BadInputError(f"{setting('ray')} needs 'auto' or a cluster address (host:port or ray://host:port)")
 
 
 def _default_grid() -> tuple[QuantOption, ...]:
@@ -91,7 +91,7 @@ class ProfileConfig:
     def __post_init__(self):
         object.__setattr__(self, "options", tuple(self.options))
         if self.ray is not None and self.stream:
-            raise BadInputError("--ray workers hold the whole model, --stream never does: drop one of them")
+            raise BadInputError(f"{setting('ray')} workers hold the whole model, {setting('stream')} never does: drop one of them")
         if not self.options:
             raise BadInputError("no candidate options to profile; offer at least one (e.g. default_options())")
         if not all(isinstance(o, QuantOption) for o in self.options):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .table import CandidateTable
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .options import parse_option
 
 # "fused": what serving stacks fuse into one matmul: q/k/v of an attention block, gate/up
@@ -80,7 +80,8 @@ def parse_ties(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         return DEFAULT_TIES
     if "none" in items:
         if len(items) > 1:
-            raise BadInputError(f"--tie none lifts every tie and cannot be combined with --tie {' '.join(i for i in items if i != 'none')}")
+            raise BadInputError(f"{setting('ties')} none lifts every tie and cannot be combined with "
+                                f"{' '.join(i for i in items if i != 'none')}")
         return ()
     return items
 
@@ -111,10 +112,10 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
     flags = []
     if constraints.min_bits is not None:
         narrowed &= bits[None, :] >= constraints.min_bits
-        flags.append(f"--min-bits {constraints.min_bits}")
+        flags.append(f"{setting('min_bits')} {constraints.min_bits}")
     if constraints.max_bits is not None:
         narrowed &= bits[None, :] <= constraints.max_bits
-        flags.append(f"--max-bits {constraints.max_bits}")
+        flags.append(f"{setting('max_bits')} {constraints.max_bits}")
     allow_flags: dict[int, list[str]] = {}
     for regex, label_regex in constraints.allow:
         where = f"allow '{regex}={label_regex}'"
@@ -124,7 +125,7 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
             raise BadInputError(f"{where} matches no offered option (offered: {', '.join(labels)})")
         narrowed[hits] &= ok[None, :]
         for g in hits:
-            allow_flags.setdefault(int(g), []).append(f"--allow '{regex}={label_regex}'")
+            allow_flags.setdefault(int(g), []).append(f"{setting('allow')} '{regex}={label_regex}'")
 
     pinned: dict[int, tuple[int, str]] = {}
     for regex, label in constraints.pins:
@@ -132,7 +133,7 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
         option = parse_option(label)
         if option not in table.options:
             raise BadInputError(f"{where}: option {option.label} is not offered (offered: {', '.join(labels)}); "
-                                "add it with --bits/--group-sizes")
+                                f"add it with {setting('bits')}/{setting('group_sizes')}")
         k = table.options.index(option)
         for g in _matching(names, regex, where):
             if g in pinned and pinned[g][0] != k:
@@ -154,9 +155,9 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
     for tie, origin, _ in ties:
         if not allowed[list(tie)].all(axis=0).any():
             members = ", ".join(names[g] for g in tie)
-            lift = " or --tie none" if origin == "fused" else ""
+            lift = f" or {setting('ties')} none" if origin == "fused" else ""
             raise BadInputError(f"tie '{origin}' groups {members}, which share no allowed option "
-                                f"(check --pin/--min-bits/--max-bits/--allow for them{lift})")
+                                f"(check {setting('pins')}/{setting('min_bits')}/{setting('max_bits')}/{setting('allow')} for them{lift})")
     return Masks(allowed, tuple(t for t, _, _ in ties), tuple(k for _, _, k in ties))
 
 

@@ -1,10 +1,39 @@
-"""One exception family for everything a user can cause; the CLI prints these as one line."""
+"""One exception family for everything a user can cause; the CLI prints these as one line.
+
+A message names the setting to change as `setting("seq_len")`, not as a flag: the library does not
+know whether it was called from Python (where the fix is the keyword `seq_len`), over HTTP (the JSON
+field `seq_len`) or from the command line (the flag `--seq-len`). `str(error)` spells settings as
+Python names; each adapter phrases them its own way with `error.phrased(spell)`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+_SETTING = re.compile(r"\[\[setting:([\w.]+)\]\]")
+
+
+def setting(name: str) -> str:
+    """A placeholder for the setting (config field / keyword argument) `name` inside an error message."""
+    return f"[[setting:{name}]]"
+
+
+def python_name(name: str) -> str:
+    return name
 
 
 class BitallocError(Exception):
     """Base class. `exit_code` 2 means bad input, 1 means an internal failure."""
 
     exit_code = 1
+
+    def phrased(self, spell: Callable[[str], str]) -> str:
+        """The message with every setting() placeholder spelled by `spell` (e.g. as a CLI flag)."""
+        return _SETTING.sub(lambda m: spell(m.group(1)), super().__str__())
+
+    def __str__(self) -> str:
+        return self.phrased(python_name)
 
 
 class BadInputError(BitallocError):

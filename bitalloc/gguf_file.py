@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .budget import Outside
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .formats.gguf import QUANTIZERS
 from .exports.gguf import FTYPE_OF, block_count, gguf_arch, gguf_tensor_name
 from .io import atomic_output
@@ -131,7 +131,7 @@ def planned_ggml_type(a: Assignment) -> str:
         return "F16"
     if o.fmt != "gguf":
         raise BadInputError(f"module {a.module} is planned as {a.label}, which is not a GGUF type; plan with "
-                            "--target llama.cpp (or --formats gguf,keep) to write a .gguf")
+                            f"{setting('target')} llama.cpp (or {setting('formats')} gguf,keep) to write a .gguf")
     if o.element not in QUANTIZERS:
         raise BadInputError(f"module {a.module} is planned as {o.element}, which bitalloc cannot quantize yet; "
                             f"implemented: {', '.join(QUANTIZERS)}")
@@ -325,7 +325,7 @@ def _planned_bytes(q, entry: TensorEntry, src: Source) -> np.ndarray:
     else:
         if q.blocks is None:
             raise BadInputError(f"the quantizer returned no GGUF blocks for {entry.name} ({entry.ggml_type}); "
-                                "apply GGUF plans with --quantizer rtn or imatrix")
+                                "apply GGUF plans with --quantizer rtn, imatrix or gptq")
         data = q.blocks
     return np.ascontiguousarray(data[_row_order(entry.name, data.shape[0], src)])
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadInputError, NonFiniteError
+from .errors import BadInputError, NonFiniteError, setting
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -225,11 +225,11 @@ def select_modules(model: nn.Module, include_lm_head: bool = False, include_embe
     tied = tied_embeddings(model)
     if include_lm_head:
         if head is None:
-            raise BadInputError(f"{type(model).__name__} has no output head to plan; drop --include-lm-head")
+            raise BadInputError(f"{type(model).__name__} has no output head to plan; drop {setting('include_lm_head')}")
         names.append(head)
     if include_embeddings:
         if emb is None:
-            raise BadInputError(f"{type(model).__name__} has no input embedding to plan; drop --include-embeddings")
+            raise BadInputError(f"{type(model).__name__} has no input embedding to plan; drop {setting('include_embeddings')}")
         if not (tied and include_lm_head):
             names.append(emb)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .apply import check_plan_matches, plan_windows
-from .errors import BadInputError, BitallocError, OutputPathError
+from .errors import BadInputError, BitallocError, OutputPathError, setting
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
 from .io import atomic_write_text, canonical_json, check_output_dir
 from .models import is_linear
@@ -146,8 +146,8 @@ def prepare_checkpoint_out(out: str | os.PathLike, force: bool) -> tuple[Path, l
     notes = clean_leftovers(out) if out.parent.is_dir() else []
     if out.exists() and not force:
         restored = "".join(f" ({n})" for n in notes if n.startswith("restored"))
-        raise OutputPathError(f"--out {str(out)!r} already exists{restored}; pass --force (force=True) to replace it, "
-                              "or choose another --out")
+        raise OutputPathError(f"{setting('out')} {str(out)!r} already exists{restored}; pass {setting('force')} to replace it, "
+                              f"or choose another {setting('out')}")
     return out, notes
 
 
@@ -208,7 +208,7 @@ def _check_modules(model: nn.Module, plan: Plan) -> None:
         if sharing:
             raise BadInputError(f"{a.module}.weight is tied to {', '.join(sharing)}; a checkpoint cannot store it "
                                 f"packed for one and dense for the other: re-plan with `--pin '{a.module}=fp16'` "
-                                "or without --include-lm-head")
+                                f"or without {setting('include_lm_head')}")
 
 
 def _state_dict(model: nn.Module, qweights: dict[str, QuantizedWeight], dtype: torch.dtype) -> tuple[dict, list[str]]:

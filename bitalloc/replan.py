@@ -24,7 +24,7 @@ from typing import Any
 from .budget import Budget
 from .config import check_table_quantizer
 from .constraints import Constraints
-from .errors import BadInputError, ProfileMismatchError
+from .errors import BadInputError, ProfileMismatchError, setting
 from .profile.artifact import Profile
 from .sweep import Pareto, parse_budget_range
 
@@ -46,8 +46,8 @@ def load_profile(profile_or_dir: Profile | str | Path) -> Profile:
             folder = folder.parent
         profile, where = Profile.load(folder), str(folder)
     if profile.table is None:
-        raise BadInputError(f"{where} has no candidate table; re-run `bitalloc profile` with 'table' in --signals "
-                            "(e.g. --signals fisher,spikes,table)")
+        raise BadInputError(f"{where} has no candidate table; profile again with 'table' in {setting('signals')} "
+                            "(e.g. fisher,spikes,table)")
     if "model" not in profile.settings or "tied_embeddings" not in profile.settings["model"]:
         raise BadInputError(f"{where} was written by an older bitalloc that did not record the model's embedding "
                             "layout; re-run `bitalloc profile` to plan from it")
@@ -79,14 +79,14 @@ def check_calibration_matches(profile: Profile, text_path: str | Path, where: st
     if text_sha256(read_text(text_path)) != recorded.get("text_sha256"):
         raise ProfileMismatchError(
             f"{where} was calibrated on {recorded.get('source')!r}, not on {Path(text_path).name!r} (the text "
-            "differs); drop --calib to use the profile's calibration, or re-run `bitalloc profile` with this text")
+            f"differs); drop {setting('calibration')} to use the profile's calibration, or re-run `bitalloc profile` with this text")
 
 
 def flagged_modules(profile: Profile) -> list[str]:
     """Planned modules whose input or output activations the profile flagged as spiking."""
     if not any(m.spikes is not None for m in profile.modules):
         raise BadInputError("the profile has no activation spikes to protect; re-run `bitalloc profile` with "
-                            "'spikes' in --signals")
+                            f"'spikes' in {setting('signals')}")
     planned = set(profile.table.groups)
     return [m.name for m in profile.modules
             if m.spikes is not None and m.name in planned and (m.spikes.input.flagged or m.spikes.output.flagged)]
@@ -109,7 +109,7 @@ def spike_constraints(profile: Profile, precision: str, constraints: Constraints
     if not labels:
         raise BadInputError(f"the profile's table offers no option at {precision} or above (offered: "
                             f"{', '.join(o.label for o in profile.table.options)}); profile with keep (fp16) offered, "
-                            "or choose another --protect-spikes precision")
+                            f"or choose another {setting('protect_spikes')} precision")
     modules = "^(" + "|".join(re.escape(n) for n in flagged) + ")$"
     options = "(" + "|".join(re.escape(lbl) for lbl in labels) + ")"
     return replace(constraints, allow=(*constraints.allow, (modules, options)))
@@ -146,8 +146,8 @@ def plan_from_profile(
     where = "the profile" if isinstance(profile_or_dir, Profile) else str(profile_or_dir)
     profile = load_profile(profile_or_dir)
     check_table_quantizer(profile.table.quantizer, quantizer, where,
-                          f"drop --quantizer to plan for {profile.table.quantizer}, or re-run `bitalloc profile` with "
-                          f"--quantizer {quantizer}")
+                          f"drop {setting('quantizer')} to plan for {profile.table.quantizer}, or re-run `bitalloc profile` with "
+                          f"{setting('quantizer')} {quantizer}")
     if calibration is not None:
         check_calibration_matches(profile, calibration, where)
     score_model = score_tokens = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .formats import grid_names
 
 DEFAULT_FAMILIES = ("int", "keep")
@@ -52,5 +52,5 @@ def resolve_formats(formats: str | Iterable[str] | None = None, target: str | No
         unsupported = [f for f in names if f not in allowed]
         if unsupported:
             raise BadInputError(f"{', '.join(unsupported)} not supported on target {target!r}, which allows "
-                                f"{', '.join(allowed)}; drop them from --formats or choose another --target")
+                                f"{', '.join(allowed)}; drop them from {setting('formats')} or choose another {setting('target')}")
     return list(dict.fromkeys(names))  # unique, in the given order

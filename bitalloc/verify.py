@@ -33,7 +33,7 @@ from .plan import sig6 as _sig
 from .calibration import Calibration
 from .config import VerifySettings  # noqa: F401  (re-exported)
 from .table import CandidateTable
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .evaluate import evaluate, reference_logprobs
 from .objective import CalibrationScore
 from .quantizers import check_without_hessian
@@ -60,7 +60,7 @@ def held_out_slice(calibration: Calibration, windows: int) -> tuple[torch.Tensor
     if held is None or held.shape[0] == 0:
         raise BadInputError(
             "verification needs calibration windows that profiling did not use: give the calibration as a text "
-            "file with more than --calib-tokens tokens (or lower --calib-tokens), or pass token ids through "
+            f"file with more than {setting('calib_tokens')} tokens (or lower {setting('calib_tokens')}), or pass token ids through "
             "calibration_from_tokens(ids, held_out=other_ids)")
     n = min(windows, held.shape[0])
     return held[-n:], {
@@ -75,8 +75,8 @@ class SliceMeter:
     def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, metric: str,
                  profiled_tokens: torch.Tensor | None = None):
         # gptq quantizes block by block from layer inputs: single modules cannot be swapped in and measured
-        check_without_hessian(table.quantizer, "--verify (measuring single-module swaps)",
-                              "verify a plan made with --quantizer rtn, rtn-mse or rtn-w, or drop --verify")
+        check_without_hessian(table.quantizer, f"{setting('verify')} (measuring single-module swaps)",
+                              f"verify a plan made with {setting('quantizer')} rtn, rtn-mse or rtn-w, or drop {setting('verify')}")
         self.score = CalibrationScore(model, table, tokens, importance_tokens=profiled_tokens)
         self.tokens, self.metric = tokens, metric
         self.score.restore()

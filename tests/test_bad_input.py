@@ -597,3 +597,22 @@ def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
             check_output_dir(locked / "new" / "profile")
     finally:
         locked.chmod(0o700)
+
+
+def test_library_errors_name_settings_and_each_adapter_spells_them(inputs, tmp_path, monkeypatch, capsys):
+    """A library message names the setting to change, not a flag: Python callers read `seq_len`,
+    the CLI prints `--seq-len` (cli.flag), the service returns str(error), the JSON field names."""
+    from bitalloc.calibration import sequential_windows
+    from bitalloc.errors import BadInputError
+
+    with pytest.raises(BadInputError) as caught:
+        sequential_windows(torch.arange(10), seq_len=16)
+    assert str(caught.value).endswith("fewer than one window of 16; lower seq_len")
+    assert caught.value.phrased(cli.flag).endswith("lower --seq-len")
+    # Settings whose flag is not the name with dashes.
+    assert [cli.flag(n) for n in ("calibration", "ties", "pins", "ray.workers", "include_lm_head")] == [
+        "--calib", "--tie", "--pin", "--ray-workers", "--include-lm-head"]
+    text = tmp_path / "short.txt"
+    text.write_text("a few words")
+    code, _, err = run_main(["eval", inputs["model"], "--text", text, "--seq-len", "100", "--windows", "1"], monkeypatch, capsys)
+    assert code == 2 and err.strip().endswith("fewer than one window of 100; lower --seq-len"), err

@@ -289,7 +289,7 @@ def test_existing_output_needs_force(sym_case, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(BadInputError, match="--force"):
+    with pytest.raises(BadInputError, match="pass force to replace it"):
         save_checkpoint(model, plan, out)
     save_checkpoint(model, plan, out, force=True)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
@@ -337,7 +337,7 @@ def test_cli_apply_writes_checkpoint_and_reports_bpw(model_dir, tmp_path):
     assert "measured" in result.output and "int4-g32-sym" in result.output
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     again = CliRunner().invoke(app, ["apply", str(model_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(out)])
-    assert again.exit_code != 0 and "--force" in str(again.exception or again.output)
+    assert again.exit_code != 0 and "pass force to replace it" in str(again.exception or again.output)
 
 
 def test_anchored_targets_match_exactly_the_given_names():

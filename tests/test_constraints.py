@@ -38,7 +38,7 @@ def test_no_constraints_keep_the_table():
 def test_default_ties_are_the_fused_ones_and_none_lifts_them():
     assert Constraints().ties == ("fused",) and Constraints().active  # recorded in the plan
     assert parse_ties([]) == ("fused",) and parse_ties(["none"]) == () and parse_ties([r"mlp\.(\w+)"]) == (r"mlp\.(\w+)",)
-    with pytest.raises(BadInputError, match="--tie none lifts every tie"):
+    with pytest.raises(BadInputError, match="ties none lifts every tie"):
         parse_ties(["none", "fused"])
     m = constraint_masks(table(), Constraints())
     assert m.tie_kinds == ("qkv", "gate_up", "qkv", "gate_up")
@@ -81,7 +81,7 @@ def test_bit_bounds():
 
 def test_empty_bounds_name_the_module_and_flags():
     with pytest.raises(BadInputError, match=r"module model\.layers\.0\.self_attn\.q_proj has no option left after "
-                                            r"--min-bits 6 --max-bits 4"):
+                                            r"min_bits 6 max_bits 4"):
         constraint_masks(table(), Constraints(min_bits=6, max_bits=4))
 
 
@@ -116,7 +116,7 @@ def test_allow_filters():
     with pytest.raises(BadInputError, match="allow 'mlp=int9.*' matches no offered option"):
         constraint_masks(table(), Constraints(allow=(("mlp", "int9.*"),)))
     with pytest.raises(BadInputError, match=r"module model\.layers\.0\.mlp\.down_proj has no option left after "
-                                            r"--min-bits 8 --max-bits 8 --allow 'down=fp16'"):
+                                            r"min_bits 8 max_bits 8 allow 'down=fp16'"):
         constraint_masks(table(), Constraints(min_bits=8, max_bits=8, allow=(("down", "fp16"),)))
 
 

@@ -171,7 +171,7 @@ def test_profile_folder_refuses_another_quantizer(model_dir, tmp_path):
     """`bitalloc plan --profile DIR --quantizer gptq` on an RTN profile used to write an RTN plan silently."""
     api.profile_model(str(model_dir), model_dir / "calib.txt", tmp_path / "prof", signals=("fisher", "table"),
                       seq_len=32, calib_tokens=128)
-    with pytest.raises(BadInputError, match=r"holds rtn errors, not gptq.*--quantizer gptq"):
+    with pytest.raises(BadInputError, match=r"holds rtn errors, not gptq.*with quantizer gptq"):
         bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="gptq")
     result = CliRunner().invoke(cli.app, ["plan", "--profile", str(tmp_path / "prof"), "--budget", BUDGET,
                                           "--quantizer", "gptq", "--out", str(tmp_path / "p.json")])

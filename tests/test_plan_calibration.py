@@ -136,7 +136,7 @@ def test_file_plan_without_calib_is_refused(file_plan, model_dir, tmp_path, cli)
                  ("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", file_plan, "--seq-len", "16", "--windows", "2")):
         code, out = cli(*args)
         assert code == 2, out
-        assert "calibrated on the text file 'calib.txt'; pass it with --calib FILE" in out, out
+        assert "calibrated on the text file 'calib.txt'; pass it as --calib " in out, out
     assert not (tmp_path / "ck").exists()
     # Applied with rtn instead, the plan needs no calibration.
     code, out = cli("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", file_plan, "--seq-len", "16",

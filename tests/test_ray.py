@@ -140,13 +140,13 @@ def test_shards_are_contiguous_in_window_order():
 
 
 def test_bad_worker_counts_are_refused(cluster, calib):
-    with pytest.raises(BadInputError, match="--ray-workers must be a whole number of at least 1, got 0"):
+    with pytest.raises(BadInputError, match="ray.workers must be a whole number of at least 1, got 0"):
         RaySpec(workers=0)
     model = make_llama()
     names = select_modules(model, False, False)
-    with pytest.raises(BadInputError, match="--ray-workers 5 is more than the 4 calibration window"):
+    with pytest.raises(BadInputError, match="ray.workers 5 is more than the 4 calibration window"):
         RayPool(RaySpec(workers=5), LoadedModel(model=model)).statistics(names, calib)
-    with pytest.raises(BadInputError, match=r"the Ray cluster has 2 CPU\(s\); --ray-workers 3 needs 3"):
+    with pytest.raises(BadInputError, match=r"the Ray cluster has 2 CPU\(s\); ray.workers 3 needs 3"):
         RayPool(RaySpec(workers=3), LoadedModel(model=model)).statistics(names, calib)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..models import load_model, model_from_config, select_modules, weight_matrix
 from ..options import QuantOption
 from .measure import default_activation_dtype, measure_profile
@@ -38,17 +38,17 @@ def measure_latency(
     depend on the values, and it lets a machine without the weights measure.
     """
     if str(device).split(":")[0] not in ("cpu", "cuda"):
-        raise BadInputError(f"--device {device!r} is not supported; use cpu or cuda")
+        raise BadInputError(f"{setting('device')} {device!r} is not supported; use cpu or cuda")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise BadInputError(f"{setting('device')} cuda was asked for, but torch sees no CUDA device; use {setting('device')} cpu")
     if dtype is not None and dtype not in DTYPES:
-        raise BadInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise BadInputError(f"{setting('dtype')} {dtype!r} is not one of {', '.join(DTYPES)}")
     act_dtype = DTYPES[dtype] if dtype else default_activation_dtype(dev)
     if any(t < 1 for t in tokens):
-        raise BadInputError(f"--tokens must be positive token counts, got {list(tokens)}")
+        raise BadInputError(f"{setting('tokens')} must be positive token counts, got {list(tokens)}")
     if not model_sources:
-        raise BadInputError("name at least one --model whose layer shapes to time")
+        raise BadInputError(f"name at least one model ({setting('model_sources')}) whose layer shapes to time")
 
     def load(source: str):
         if config_only:  # built straight on the device: an 8B model initialised on a CPU takes minutes

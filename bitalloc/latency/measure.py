@@ -118,9 +118,9 @@ def measure_profile(
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import BadInputError
+        from ..errors import BadInputError, setting
 
-        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise BadInputError(f"{setting('device')} cuda was asked for, but torch sees no CUDA device; use {setting('device')} cpu")
     dtype = dtype or default_activation_dtype(device)
     shapes = sorted(set((int(o), int(i)) for o, i in shapes))
     options = list(options)

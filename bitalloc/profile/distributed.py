@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 
 from ..config import RaySpec
-from ..errors import BadInputError, BitallocError
+from ..errors import BadInputError, BitallocError, setting
 from ..progress import steps
 
 MAX_RETRIES = 2  # restarts of a dead actor, and retries of the call it was running
@@ -48,7 +48,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise BadInputError(f"--ray needs the ray extra: {RAY_EXTRA}") from None
+        raise BadInputError(f"{setting('ray')} needs the ray extra: {RAY_EXTRA}") from None
     return ray
 
 
@@ -154,8 +154,9 @@ class RayPool:
         _connect(ray, self.spec)
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < self.spec.workers * CPUS_PER_WORKER:
-            raise BadInputError(f"the Ray cluster has {cpus:g} CPU(s); --ray-workers {self.spec.workers} needs "
-                                f"{self.spec.workers * CPUS_PER_WORKER} (one per worker): lower --ray-workers or add nodes")
+            workers = setting("ray.workers")
+            raise BadInputError(f"the Ray cluster has {cpus:g} CPU(s); {workers} {self.spec.workers} needs "
+                                f"{self.spec.workers * CPUS_PER_WORKER} (one per worker): lower {workers} or add nodes")
         from ..models import LoadedModel
 
         in_memory = self.loaded.source == LoadedModel.source or "(config only" in self.loaded.source
@@ -171,7 +172,7 @@ class RayPool:
 
         n, windows = self.spec.workers, calibration.n_windows
         if n > windows:
-            raise BadInputError(f"--ray-workers {n} is more than the {windows} calibration window(s), and each worker "
+            raise BadInputError(f"{setting('ray.workers')} {n} is more than the {windows} calibration window(s), and each worker "
                                 f"needs one: use at most {windows} workers or calibrate on more tokens")
         ray, actors = require_ray(), self.start()
         refs = [actors[k].sums.remote(module_names, _windows(calibration, a, b), k, _crash_marker)
@@ -299,7 +300,7 @@ def _connect(ray, spec: RaySpec) -> None:
     except (ConnectionError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(f"cannot reach the Ray cluster at {spec.address!r} ({first}); start one with "
-                            "`ray start --head` or pass --ray auto") from None
+                            f"`ray start --head` or pass {setting('ray')} auto") from None
 
 
 def _get(ray, ref):

@@ -29,7 +29,7 @@ from torch import nn
 from ..calibration import Calibration
 from ..config import DEFAULT_SIGNALS, EMPIRICAL_FISHER as FISHER_TRACE, SIGNALS, ProfileSettings  # noqa: F401  (re-exported)
 from ..candidates import CandidateTable, build_candidate_table
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..io import atomic_write_bytes, canonical_json
 from ..models import weight_matrix
 from ..options import QuantOption, parse_option
@@ -179,10 +179,10 @@ def _check_trace_estimator(settings: ProfileSettings, streamed: bool) -> None:
         return
     if streamed and settings.trace_estimator != FISHER_TRACE:
         raise BadInputError(f"the {settings.trace_estimator} trace needs the whole model; streamed, the trace is "
-                            f"trace_estimator={FISHER_TRACE!r} (or drop --stream)")
+                            f"trace_estimator={FISHER_TRACE!r} (or drop {setting('stream')})")
     if not streamed and settings.trace_estimator != "hutchinson":
         raise BadInputError(f"trace_estimator={settings.trace_estimator!r} is the streamed walk's stand-in; "
-                            "profile with --stream, or use trace_estimator='hutchinson'")
+                            f"profile with {setting('stream')}, or use trace_estimator='hutchinson'")
 
 
 def _streamed_walk(loaded, module_names, calibration, blocks, parts, settings: ProfileSettings, options, quantizer,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..formats import QuantizedWeight
 from ..options import QuantOption
 
@@ -73,7 +73,7 @@ def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = 
         raise BadInputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(available_quantizers())}") from None
     if quantizer in _NEEDS_HESSIAN and hessian is None:
         raise BadInputError(f"the {quantizer} quantizer needs the layer's input Hessian from calibration data; "
-                            "pass calibration text (--calib) or use --quantizer rtn")
+                            f"pass calibration text ({setting('calibration')}) or use {setting('quantizer')} rtn")
     return fn(weight, option, hessian=hessian, **settings)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..formats.gguf import gguf_quantize
 from ..options import QuantOption
 from . import QuantizedWeight, register_quantizer
@@ -23,6 +23,6 @@ def imatrix(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | N
         return rtn(weight, option)
     if option.fmt != "gguf":
         raise BadInputError(f"the imatrix quantizer is llama.cpp's and quantizes GGUF types only, not {option.label}; "
-                            "plan with --target llama.cpp or use --quantizer rtn/gptq")
+                            f"plan with {setting('target')} llama.cpp or use {setting('quantizer')} rtn/gptq")
     q = gguf_quantize(weight, option.element, torch.diagonal(hessian))
     return QuantizedWeight(option, torch.from_numpy(q.values), blocks=q.blocks)
