@@ -178,6 +178,27 @@ def test_written_gguf_matches_the_plan_and_the_simulation(tiny_gguf, gguf_plan, 
     assert Plan.from_json(gguf_plan.to_json()).assignments[0].option == gguf_plan.assignments[0].option
 
 
+def test_an_applied_imatrix_plan_holds_the_blocks_whose_errors_the_table_predicts(tiny_gguf, gguf_table, gguf_plan):
+    """imatrix is importance-only, as llama-imatrix is (mean x² of the unquantized model's inputs): applying
+    the plan quantizes each module with exactly the diag H its candidate errors were measured with."""
+    from bitalloc.profile.statistics import collect_statistics
+    from bitalloc.quantizers import quantize_weight
+    from bitalloc.quantizers.materialize import quantize_model
+
+    table, loaded, calib = gguf_table
+    stats = collect_statistics(loaded.model, list(table.groups), calib)
+    got = quantize_model(load_model(str(tiny_gguf)).model, gguf_plan.options_by_module(), "imatrix", calib.tokens)
+    weighted = 0
+    for name, option in gguf_plan.options_by_module().items():
+        w = loaded.model.get_submodule(name).weight.detach()
+        expected = quantize_weight(w, option, "imatrix", hessian=stats[name].hessian)
+        assert torch.equal(got[name].values, expected.values), name
+        if option.fmt == "gguf":
+            assert np.array_equal(got[name].blocks, expected.blocks), name
+            weighted += not np.array_equal(expected.blocks, quantize_weight(w, option, "rtn").blocks)
+    assert weighted > 0  # the importance weights changed blocks: the comparison is not rtn against rtn
+
+
 def test_gptq_plan_in_gguf_types_writes_the_file_it_simulates(tiny_gguf, gguf_table, calib_ids, tmp_path):
     """--target llama.cpp --quantizer gptq: GPTQ's codes on llama.cpp's block scales, written as the
     types' own blocks; the candidate errors are GPTQ's, below llama.cpp's (imatrix) on the same H."""

@@ -167,7 +167,7 @@ def test_whole_file_budget_of_a_folder_holds_for_the_written_file(tmp_path, cali
     # a folder bitalloc cannot write has no file to budget: said so, with the way out
     (folder / "tokenizer.model").write_bytes(b"\x00")
     with pytest.raises(BadInputError, match=r"size budget of a llama.cpp plan is of the whole GGUF file, which bitalloc "
-                                            r"cannot write from this model: .*sentencepiece.*--budget-scope planned"):
+                                            r"cannot write from this model: .*sentencepiece.*budget_scope planned"):
         api.plan_from_table(table, parse_budget("900KB", "model"), loaded, calib)
 
 
