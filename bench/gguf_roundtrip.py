@@ -255,16 +255,17 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
     pairs = ["", "At each llama.cpp mix's file size (bitalloc planned with `--budget <that many bytes>`): "
              "per-token NLL difference bitalloc − llama.cpp on the same tokens, ± paired standard error", "",
-             "| mix | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | ΔNLL 2nd half | ΔNLL all |",
-             "|---|---|---|---|---|---|"]
+             "| mix | quantizer | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | ΔNLL 2nd half | ΔNLL all |",
+             "|---|---|---|---|---|---|---|"]
     comparisons = []
     for r in ordered:
         peer = rows.get(f"llama.cpp {r.get('peer')} +imatrix")
         if r["kind"] != "bitalloc" or peer is None or r["row"] not in nll_of or peer["row"] not in nll_of:
             continue
         half, full = paired(nll_of[r["row"]], nll_of[peer["row"]], first), paired(nll_of[r["row"]], nll_of[peer["row"]])
-        comparisons.append({"mix": r["peer"], "delta_nll_half": half, "delta_nll_all": full})
-        pairs.append(f"| {r['peer']} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
+        quantizer = r.get("quantizer", "imatrix")
+        comparisons.append({"mix": r["peer"], "quantizer": quantizer, "delta_nll_half": half, "delta_nll_all": full})
+        pairs.append(f"| {r['peer']} | {quantizer} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
                      f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
     head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
