@@ -24,7 +24,7 @@ inputs) gets its scales (and mins, sub-block scales) from llama.cpp's own import
 (imatrix = diag H) on the error-updated weights when the loop reaches it, as natural-order groups
 do; then its columns are rounded one by one on that grid with GPTQ's error feedback, and the type
 packs the chosen codes with those scales, so the stored blocks decode to exactly the values GPTQ
-kept. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN; see `GPTQ_FORMATS`.
+kept. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN (`gptq_many`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
 from .scale_search import search_int_scales
-
-GPTQ_FORMATS = ("int", "gguf")  # formats GPTQ rounds itself; others are quantized with RTN
 
 
 @dataclass(frozen=True)
