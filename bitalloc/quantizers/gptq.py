@@ -31,15 +31,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import numpy as np
+import torch
 
 from ..formats.gguf import GGUF_TYPES, BlockGrid, gguf_quantize
 from ..formats.int import int_dequantize, int_range, int_scales
 from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
+from .rtn_weighted import importance as input_importance
 from .scale_search import search_int_scales
 
 
@@ -252,10 +252,9 @@ def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor,
         raise ValueError(f"{ggml_type} quantizes rows in blocks of {width}; {in_f} inputs do not fit")
     fac = _cached_factor(hessian, damp, False)
     U = fac.hinv.numpy()  # [in, in] upper Cholesky factor of H⁻¹
-    importance = torch.diagonal(hessian).float().numpy()  # llama-imatrix's mean x² per input column
-    W = weight.detach().float().clone()
-    W[:, fac.dead] = 0
-    W = W.numpy().copy()  # [out, in], updated by every quantized column
+    importance = input_importance(hessian).numpy()  # llama-imatrix's mean x² per input column
+    W = weight.detach().float().numpy().copy()  # [out, in], updated by every quantized column
+    W[:, fac.dead.numpy()] = 0
     blocks, values = [], []
     for c in range(0, in_f, width):
         cols = W[:, c:c + width].copy()  # this block's columns; updated inside it column by column
