@@ -3,7 +3,8 @@
 Plans the imatrix candidate table at 4.2344 bits per weight (llama.cpp Q3_K_S's, over SmolLM2's decoder
 linears) and compares it with the hand mix IQ4_NL everywhere + Q3_K on ffn_down (the same size): both
 plans' predicted and measured ΔNLL/KL on 4 held-back calibration windows, then each module where they
-differ swapped alone into the hand mix: predicted vs measured change. See bench/token_weighted_hessian.py.
+differ swapped alone into the hand mix: predicted vs measured change (what led to the token-weighted
+Hessian H_a of profile/statistics.py).
 
     python bench/error_model_diagnosis.py [BASE_GGUF]
 """

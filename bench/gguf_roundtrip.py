@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--without-types", default="Q4_1,Q5_1")
     ap.add_argument("--quantizers", default="imatrix,gptq", help="quantizers the plans are profiled and applied with "
                     "(imatrix: llama.cpp's own algorithms; gptq: GPTQ's rounding on llama.cpp's block scales)")
+    ap.add_argument("--error-models", default="fisher,fisher-tw", help="error models the plans are solved with")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -202,19 +203,28 @@ def main() -> None:
     sizes = [(f"@{t} file size", f"{peer_files[f'llama.cpp {t} +imatrix'].stat().st_size}B", t) for t in peer_types]
     sizes += [(f"@{b}", b, None) for b in args.budgets.split(",") if b]
     for quantizer in [q for q in args.quantizers.split(",") if q]:
-        plan_rows(quantizer, sizes, options, allow, args, done, f32, base, loaded, work, out, measure)
+        for error_model in [m for m in args.error_models.split(",") if m]:
+            plan_rows(quantizer, error_model, sizes, options, allow, args, done, f32, base, loaded, work, out, measure)
     report(done, args, out, nll_of)
 
 
-def row_name(quantizer: str, size: str) -> str:
-    """"bitalloc @4.5bits" for llama.cpp's own quantizer (the rows' first name), "bitalloc gptq @4.5bits" otherwise."""
-    return f"bitalloc {size}" if quantizer == "imatrix" else f"bitalloc {quantizer} {size}"
+def row_tag(quantizer: str, error_model: str) -> str:
+    """"" for llama.cpp's own quantizer and the default error model (the rows' first names), else
+    what differs from them: "gptq", "fisher-tw", "gptq fisher-tw"."""
+    return " ".join(x for x, default in ((quantizer, "imatrix"), (error_model, "fisher")) if x != default)
 
 
-def plan_rows(quantizer: str, sizes, options, allow, args, done, f32: Path, base: Path, loaded, work: Path, out: Path,
-              measure) -> None:
-    """Plan, write and measure a file per size with `quantizer`'s candidate table (rows already done are skipped)."""
-    todo = [(row_name(quantizer, size), text, peer) for size, text, peer in sizes if row_name(quantizer, size) not in done]
+def row_name(quantizer: str, error_model: str, size: str) -> str:
+    """"bitalloc @4.5bits", "bitalloc gptq @4.5bits", "bitalloc gptq fisher-tw @4.5bits"."""
+    return " ".join(x for x in ("bitalloc", row_tag(quantizer, error_model), size) if x)
+
+
+def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, done, f32: Path, base: Path, loaded,
+              work: Path, out: Path, measure) -> None:
+    """Plan, write and measure a file per size with `quantizer`'s candidate table, solved under `error_model`
+    (rows already done are skipped)."""
+    todo = [(row_name(quantizer, error_model, size), text, peer) for size, text, peer in sizes
+            if row_name(quantizer, error_model, size) not in done]
     if not todo:
         return
     # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
@@ -225,14 +235,16 @@ def plan_rows(quantizer: str, sizes, options, allow, args, done, f32: Path, base
     for name, text, peer in todo:
         # a size is the whole file (what `bitalloc plan M.gguf --target llama.cpp --budget <size>` means)
         budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
-        plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow))
-        stem = f"gguf_roundtrip-{text}" if quantizer == "imatrix" else f"gguf_roundtrip-{quantizer}-{text}"
+        plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow),
+                                   error_model=error_model)
+        stem = "-".join(x for x in ("gguf_roundtrip", row_tag(quantizer, error_model).replace(" ", "-"), text) if x)
         plan.save(out / f"{stem}.plan.json")
         path = work / f"{stem}.gguf"
         model = load_model(str(base)).model  # a fresh copy: write_gguf quantizes it in place, as `apply` does
         layout = write_gguf(model, plan, base, path, calibration=calibration.tokens, progress=True)
         measure(name, path, "bitalloc", simulated=model, budget=text, peer=peer, predicted_file_bytes=layout.file_bytes,
-                plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss, quantizer=quantizer)
+                plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss, quantizer=quantizer,
+                error_model=error_model)
         if not args.keep_files:
             path.unlink()
 
@@ -255,17 +267,18 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
     pairs = ["", "At each llama.cpp mix's file size (bitalloc planned with `--budget <that many bytes>`): "
              "per-token NLL difference bitalloc − llama.cpp on the same tokens, ± paired standard error", "",
-             "| mix | quantizer | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | ΔNLL 2nd half | ΔNLL all |",
-             "|---|---|---|---|---|---|---|"]
+             "| mix | quantizer | error model | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | "
+             "ΔNLL 2nd half | ΔNLL all |", "|---|---|---|---|---|---|---|---|"]
     comparisons = []
     for r in ordered:
         peer = rows.get(f"llama.cpp {r.get('peer')} +imatrix")
         if r["kind"] != "bitalloc" or peer is None or r["row"] not in nll_of or peer["row"] not in nll_of:
             continue
         half, full = paired(nll_of[r["row"]], nll_of[peer["row"]], first), paired(nll_of[r["row"]], nll_of[peer["row"]])
-        quantizer = r.get("quantizer", "imatrix")
-        comparisons.append({"mix": r["peer"], "quantizer": quantizer, "delta_nll_half": half, "delta_nll_all": full})
-        pairs.append(f"| {r['peer']} | {quantizer} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
+        quantizer, error_model = r.get("quantizer", "imatrix"), r.get("error_model", "fisher")
+        comparisons.append({"mix": r["peer"], "quantizer": quantizer, "error_model": error_model,
+                            "delta_nll_half": half, "delta_nll_all": full})
+        pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
                      f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
     head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
@@ -297,11 +310,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for kind, style in (("bitalloc", "o-"), ("llama.cpp", "s--")):
-        rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["file_bytes"])
+    series = sorted({("bitalloc " + row_tag(r.get("quantizer", "imatrix"), r.get("error_model", "fisher"))).strip()
+                     for r in rows if r["kind"] == "bitalloc"}) + ["llama.cpp"]
+    for label in series:
+        rs = sorted((r for r in rows if r["kind"] != "reference" and r["row"].startswith(label + " @")
+                     or label == "llama.cpp" and r["kind"] == label), key=lambda r: r["file_bytes"])
         ax.errorbar([r["file_bytes"] / 1e6 for r in rs], [r["ppl_llama_perplexity"] for r in rs],
-                    yerr=[r["ppl_llama_perplexity_se"] for r in rs], fmt=style, capsize=3, label=kind)
-        if kind == "llama.cpp":
+                    yerr=[r["ppl_llama_perplexity_se"] for r in rs], fmt="s--" if label == "llama.cpp" else "o-",
+                    capsize=3, label=label + (" +imatrix" if label == "llama.cpp" else ""))
+        if label == "llama.cpp":
             for r in rs:
                 ax.annotate(r["row"].split()[1], (r["file_bytes"] / 1e6, r["ppl_llama_perplexity"]), fontsize=8,
                             xytext=(3, 3), textcoords="offset points")

@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--without-types", default="", help="also plan --target llama.cpp rows that may not use these "
                     "types (e.g. Q4_1,Q5_1: SmolLM2's weights sit on a Q4_1 grid, which those types store losslessly)")
     ap.add_argument("--budgets", default="", help="bitalloc rows only at these of the mixes' bits per weight")
+    ap.add_argument("--error-model", default="fisher", help="error model every bitalloc plan is solved with")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -204,7 +205,8 @@ def main() -> None:
         ties = () if quantizer == "imatrix" else parse_ties([])
         allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
         for b in todo:
-            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties, allow=allow))
+            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties, allow=allow),
+                                       error_model=args.error_model)
             scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
             score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",
                   quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss)
@@ -240,7 +242,8 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     peer_bpw = {r["row"]: r["bpw"] for r in rows.values() if r["kind"] == "llama.cpp"}
     ordered = sorted((r for r in rows.values() if r["kind"] != "reference"), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
     lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
-             f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens", "",
+             f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; bitalloc plans solved "
+             f"with the {args.error_model} error model", "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
     for r in ordered:
         types = ", ".join(f"{n}×{t}" for t, n in (r.get("types") or {}).items())

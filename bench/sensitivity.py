@@ -23,6 +23,8 @@ points (bitalloc/verify.py's per-option-family scale, fitted to whole-block swap
 Prints tables, writes bench/out/sensitivity.json + .png.
 
     python bench/sensitivity.py --calibrate-only   # just the calibration step, on the rows already in sensitivity.json
+    python bench/sensitivity.py --rescore          # fisher and fisher-tw (token-weighted) predictions of those rows,
+                                                   # from one statistics pass of the current profiler
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from tqdm.auto import tqdm
 
 import bitalloc
 from bitalloc.api import profile_model, resolve_calibration
+from bitalloc.candidates import option_error
 from bitalloc.formats import quantize_dequantize
 from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import select_modules, weight_matrix
 from bitalloc.options import parse_option
 from bitalloc.profile.interactions import candidate_pairs, dataflow_graph
+from bitalloc.profile.statistics import collect_statistics
 from bitalloc.profile.store import default_cache_dir
 from bitalloc.verify import fit_family_scales, held_out_slice, option_family
 
@@ -97,16 +101,26 @@ def main() -> None:
     ap.add_argument("--calibration-blocks", default="4,14,24", help="blocks whose whole-block swaps fit the family scales")
     ap.add_argument("--calibration-windows", type=int, default=2, help="held-back validation windows they are measured on")
     ap.add_argument("--calibrate-only", action="store_true", help="only the calibration step, on the rows in sensitivity.json")
+    ap.add_argument("--rescore", action="store_true", help="fisher and fisher-tw of the rows in sensitivity.json")
     args = ap.parse_args()
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
     model = bench_model = loaded.model
     calib = resolve_calibration(args.calib, loaded, 512, 8192, seed=0)
-    if args.calibrate_only:
+    if args.calibrate_only or args.rescore:
         path = Path(args.out) / "sensitivity.json"
         saved = json.loads(path.read_text())
+        tables = saved["table_text"].split("\n\nToken weighting")[0].split("\n\nError model calibrated")[0]
+        if args.rescore:
+            saved["token_weighting"] = rescore_fisher(model, saved["rows"], calib)
+            for name in ("fisher", "fisher-tw"):  # fisher: recomputed, equal to the table's up to float order
+                saved["summary"][name] = {"kind": "error model", **saved["token_weighting"][name]}
+            print(saved["token_weighting"]["text"])
+            plot(saved["rows"], path.with_suffix(".png"))
+        if "token_weighting" in saved:
+            tables += "\n\n" + saved["token_weighting"]["text"]
         saved["calibration"] = calibrate_error_model(model, saved["rows"], calib, args)
-        saved["table_text"] = saved["table_text"].split("\n\nError model calibrated")[0] + "\n\n" + saved["calibration"]["text"]
+        saved["table_text"] = tables + "\n\n" + saved["calibration"]["text"]
         print(saved["calibration"]["text"])
         atomic_write_text(path, canonical_json(saved))
         return
@@ -133,7 +147,6 @@ def main() -> None:
             rows.append({"module": n, "option": opt.label, "measured": measured_delta({n: opt}),
                          **predictions(prof, table, n, opt)})
 
-    measured = np.array([r["measured"] for r in rows])
     head = (f"SmolLM2-135M single-module RTN ablations: {len(rows)} (module, option) pairs, ΔNLL measured on wikitext-2 "
             f"test {base.windows}×{base.seq_len}, signals from validation calibration "
             f"({calib.n_windows}×{calib.seq_len}; trace: {prof.modules[0].trace.probes} probes over "
@@ -145,18 +158,14 @@ def main() -> None:
              "|---|---|---|" + "---|" * len(options) + "---|---|"]
     summary = {}
     for s in ERROR_MODELS + MODULE_SIGNALS:
-        pred = np.array([r[s] for r in rows])
-        per_opt = [float(spearmanr([r[s] for r in rows if r["option"] == o.label],
-                                   [r["measured"] for r in rows if r["option"] == o.label])[0]) for o in options]
-        entry = {"kind": "error model" if s in ERROR_MODELS else "module signal", "spearman_per_option": per_opt}
         if s in ERROR_MODELS:
-            pos = (pred > 0) & (measured > 0)
-            entry.update(spearman=float(spearmanr(pred, measured)[0]),
-                         pearson_log=float(pearsonr(np.log(pred[pos]), np.log(measured[pos]))[0]),
-                         median_ratio=float(np.median(measured[pos] / pred[pos])))
-            cells = f"{entry['spearman']:.3f} | " + " | ".join(f"{x:.3f}" for x in per_opt) + \
+            entry = {"kind": "error model", **agreement(rows, s)}
+            cells = f"{entry['spearman']:.3f} | " + " | ".join(f"{x:.3f}" for x in entry["spearman_per_option"]) + \
                 f" | {entry['pearson_log']:.3f} | {entry['median_ratio']:.3g} |"
         else:
+            per_opt = [float(spearmanr([r[s] for r in rows if r["option"] == o.label],
+                                       [r["measured"] for r in rows if r["option"] == o.label])[0]) for o in options]
+            entry = {"kind": "module signal", "spearman_per_option": per_opt}
             cells = "– | " + " | ".join(f"{x:.3f}" for x in per_opt) + " | – | – |"
         summary[s] = entry
         lines.append(f"| {s}{' (default)' if s == 'fisher' else ''} | {entry['kind']} | {cells}")
@@ -213,6 +222,41 @@ def main() -> None:
         "flagged_spikes": flagged, "profile_seconds": profile_s, "trace_probes": prof.modules[0].trace.probes,
         "calibration": calibration, "table_text": report}))
     plot(rows, out / "sensitivity.png")
+
+
+def rescore_fisher(model, rows: list[dict], calib) -> dict:
+    """Each row's fisher and fisher-tw predictions with the current profiler (one statistics pass, both
+    from it: ½ Σ_o F_o (ΔW H ΔWᵀ)_oo and ½ Σ_o (F_o/ΣF)(ΔW H_a ΔWᵀ)_oo, profile/statistics.py), rank-correlated
+    with the measured ΔNLL."""
+    names = sorted({r["module"] for r in rows})
+    stats = collect_statistics(model, names, calib, progress=True)
+    for r in rows:
+        w = weight_matrix(model.get_submodule(r["module"])).detach().float()
+        r["fisher"], _, r["fisher-tw"] = option_error(w, parse_option(r["option"]), stats[r["module"]])
+    labels = list(dict.fromkeys(r["option"] for r in rows))
+    lines = [f"Token weighting of the fisher error model on the same {len(rows)} single-module ablations "
+             f"(statistics from {calib.n_windows}×{calib.seq_len} validation tokens):", "",
+             "| error model | Spearman ρ (all) | " + " | ".join(f"ρ ({o})" for o in labels)
+             + " | Pearson r (log-log) | median measured/predicted |", "|---|---|" + "---|" * len(labels) + "---|---|"]
+    result = {}
+    for model_name in ("fisher", "fisher-tw"):
+        e = result[model_name] = agreement(rows, model_name)
+        lines.append(f"| {model_name} | {e['spearman']:.3f} | " + " | ".join(f"{x:.3f}" for x in e["spearman_per_option"])
+                     + f" | {e['pearson_log']:.3f} | {e['median_ratio']:.3g} |")
+    return {**result, "text": "\n".join(lines)}
+
+
+def agreement(rows: list[dict], error_model: str) -> dict:
+    """How an error model's predictions agree with the measured ΔNLL of the rows: Spearman ρ overall and within
+    each option (in row order), Pearson r of the logs, median measured/predicted (both over positive pairs)."""
+    pred, measured = np.array([r[error_model] for r in rows]), np.array([r["measured"] for r in rows])
+    labels = list(dict.fromkeys(r["option"] for r in rows))
+    per_opt = [float(spearmanr([r[error_model] for r in rows if r["option"] == o],
+                               [r["measured"] for r in rows if r["option"] == o])[0]) for o in labels]
+    pos = (pred > 0) & (measured > 0)
+    return {"spearman": float(spearmanr(pred, measured)[0]), "spearman_per_option": per_opt,
+            "pearson_log": float(pearsonr(np.log(pred[pos]), np.log(measured[pos]))[0]),
+            "median_ratio": float(np.median(measured[pos] / pred[pos]))}
 
 
 def calibrate_error_model(model, rows: list[dict], calib, args) -> dict:

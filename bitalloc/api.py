@@ -12,7 +12,7 @@ import numpy as np
 
 from . import solvers
 from .budget import Budget, Outside, gguf_typed, parse_budget
-from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig
+from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
 from .io import check_output_dir
@@ -310,8 +310,6 @@ def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, so
     (profile/streamed.py); the table, and its cache entry, are those of the whole-model path.
     ray: a config.RaySpec: statistics and rows on a Ray cluster (profile/distributed.py).
     """
-    from .config import check_solver_names
-
     check_solver_names(solver, error_model)
     config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head, include_embeddings,
                              quantizer, stream, ray)
@@ -426,7 +424,7 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
 
     def uniform(k: int) -> Plan:
         choice = np.full(len(table.groups), k, dtype=np.int64)
-        solution = solvers.Solution(choice=choice, objective=float(table.errors[error_model][:, k].sum()),
+        solution = solvers.Solution(choice=choice, objective=float(table.errors_of(error_model)[:, k].sum()),
                                     storage_bits=float(table.storage_bits[:, k].sum()), status="feasible",
                                     solver="uniform", details={"chosen_by": "verify: measured better than the solved plan"})
         return _make_plan(table, solution, budget, max_bits, context, error_model, settings["seed"],
@@ -470,8 +468,8 @@ def solve_table(
 ) -> Plan:
     """plan_from_table's work, given what the plan records instead of a loaded model (see PlanContext)."""
     budget = parse_budget(budget)
-    if error_model not in table.errors:
-        raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(sorted(table.errors))}")
+    check_solver_names(solver, error_model)
+    table.errors_of(error_model)  # refuse a table made without it now, before any solving
     constraints = constraints or Constraints()
     timing = None
     if latency_target is not None:
@@ -572,7 +570,7 @@ def _finite_costs(table: CandidateTable, error_model: str) -> np.ndarray:
     A NaN or Inf error of an option that fits is a broken profile, not a free option: solving it
     would pick that option "optimally" (issue 15), so it is refused, naming module and option.
     """
-    errors = np.asarray(table.errors[error_model], dtype=np.float64)
+    errors = np.asarray(table.errors_of(error_model), dtype=np.float64)
     bad = table.allowed & ~np.isfinite(errors)
     if bad.any():
         i, j = (int(x[0]) for x in np.nonzero(bad))
@@ -601,7 +599,7 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
     tied = record["tied_embeddings"]
     head, emb = record["output_embedding"], record["input_embedding"]
     assignments = []
-    errors = table.errors[error_model]
+    errors = table.errors_of(error_model)
     for g, k in enumerate(solution.choice):
         name, (out_f, in_f), opt = table.groups[g], table.shapes[g], table.options[k]
         tied_to = [emb] if tied and name == head else ([head] if tied and name == emb else [])

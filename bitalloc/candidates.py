@@ -14,13 +14,14 @@ from .table import ERROR_MODELS, CandidateTable  # noqa: F401  (numpy-only home;
 from .progress import steps
 
 
-def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, float]:
-    """(fisher, local) predicted loss increase of storing `weight` [out, in] as `option` with `quantizer`."""
+def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, ...]:
+    """Predicted loss increase under each of ERROR_MODELS (fisher, local, fisher-tw) of storing `weight` [out, in]
+    as `option` with `quantizer`."""
     return option_errors(weight, [option], stats, quantizer)[0]
 
 
 def option_errors(weight: torch.Tensor, options: list[QuantOption], stats: ModuleStats,
-                  quantizer: str = "rtn") -> list[tuple[float, float]]:
+                  quantizer: str = "rtn") -> list[tuple[float, ...]]:
     """option_error for several options of one weight (a Hessian quantizer shares its work across them).
 
     A Hessian-based quantizer (gptq) gets H = stats.hessian, the calibration inputs' second moment in
@@ -33,12 +34,19 @@ def option_errors(weight: torch.Tensor, options: list[QuantOption], stats: Modul
     return [_error(q.values - w, stats) for q in quantized]
 
 
-def _error(dw: torch.Tensor, stats: ModuleStats) -> tuple[float, float]:
-    if stats.hessian is None:  # embedding: one-hot inputs, so H is the diagonal of token shares
-        dw2 = dw**2
-        return 0.5 * float((stats.fisher * dw2).sum()), float((stats.token_share[:, None] * dw2).sum())
+def _error(dw: torch.Tensor, stats: ModuleStats) -> tuple[float, float, float]:
+    """The ERROR_MODELS' predictions: ½ Σ_o F_o (ΔW H ΔWᵀ)_oo, Σ_o (ΔW H ΔWᵀ)_oo and ½ Σ_o (F_o/ΣF) (ΔW H_a ΔWᵀ)_oo
+    (profile/statistics.py)."""
+    if stats.hessian is None:  # embedding: one-hot inputs, so H is the diagonal of token shares; F is kept per
+        dw2 = dw**2  # token id and dimension, so ½ Σ F ΔW² already weighs each token's own gradient (fisher-tw = fisher)
+        fisher = 0.5 * float((stats.fisher * dw2).sum())
+        return fisher, float((stats.token_share[:, None] * dw2).sum()), fisher
     per_row = ((dw @ stats.hessian) * dw).sum(dim=1)  # diag(ΔW H ΔWᵀ): [out]
-    return 0.5 * float(per_row @ stats.fisher), float(per_row.sum())
+    total = float(stats.fisher.sum())
+    weighted = ((dw @ stats.grad_weighted_hessian) * dw).sum(dim=1)
+    # no gradient reaches the module (total 0): its error cannot change the loss
+    token_weighted = 0.5 * float(weighted @ stats.fisher) / total if total > 0 else 0.0
+    return 0.5 * float(per_row @ stats.fisher), float(per_row.sum()), token_weighted
 
 
 def build_candidate_table(

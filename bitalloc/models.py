@@ -133,7 +133,7 @@ def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
     positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if positions is not None and ids.ndim == 2 and ids.shape[1] > positions:
         raise BadInputError(f"{what}: {ids.shape[1]} tokens per window is more than the model's {positions} positions; "
-                            f"use at most {positions} (--seq-len)")
+                            f"use at most {positions} ({setting('seq_len')})")
 
 
 def as_loaded(model_or_source: Any, tokenizer: Any = None, **load_kwargs) -> LoadedModel:

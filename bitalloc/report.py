@@ -297,7 +297,7 @@ def predicted_vs_measured(source, rows: list[dict], error_model: str = "fisher")
         index = {o.label: k for k, o in enumerate(table.options)}
         for g, name in enumerate(table.groups):
             for label, k in index.items():
-                predicted[name, label] = float(table.errors[error_model][g, k])
+                predicted[name, label] = float(table.errors_of(error_model)[g, k])
         origin = f"the profile's candidate table ({error_model})"
     elif hasattr(source, "assignments"):
         predicted = {(a.module, a.label): a.predicted_delta_loss for a in source.assignments}

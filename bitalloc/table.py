@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import BadInputError, setting
 from .options import QuantOption
 
-# Error models the table carries. "fisher" is the planner's default: see profile/statistics.py.
+# Error models the table carries (profile/statistics.py). "fisher" is the planner's default,
+# ½ Σ_o F_o (ΔW H ΔWᵀ)_oo. "fisher-tw" weights each calibration token by its output gradient,
+# ½ Σ_o (F_o/ΣF) (ΔW H_a ΔWᵀ)_oo: better ranked on SmolLM2's ablations and its llama.cpp-type plans, not yet
+# the default because its RTN INT plans there lost at 4-5 bits (README, "How the loss is predicted").
 # "local" is the unweighted layer output error tr(ΔW H ΔWᵀ), kept to compare against.
-ERROR_MODELS = ("fisher", "local")
+ERROR_MODELS = ("fisher", "local", "fisher-tw")
 
 
 @dataclass
@@ -39,6 +43,14 @@ class CandidateTable:
 
     def option_index(self, option: QuantOption) -> int:
         return self.options.index(option)
+
+    def errors_of(self, error_model: str) -> np.ndarray:
+        """errors[error_model], or a BadInputError when the table was made without it (an older bitalloc)."""
+        if error_model not in self.errors:
+            raise BadInputError(f"this candidate table has no {error_model!r} errors (it has "
+                                f"{', '.join(sorted(self.errors))}: made by an older bitalloc); re-profile, or plan "
+                                f"with {setting('error_model')} {sorted(self.errors)[0]}")
+        return self.errors[error_model]
 
 
 def table_inconsistency(table: CandidateTable) -> str | None:

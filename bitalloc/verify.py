@@ -116,7 +116,7 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
     same budget, constraints and solver; uniform_plan(k): the plan with every module at option k.
     """
     tokens, slice_record = held_out_slice(calibration, settings.windows)
-    raw = table.errors[error_model]
+    raw = table.errors_of(error_model)
     meter = SliceMeter(model, table, tokens, settings.metric, profiled_tokens=calibration.tokens)
     try:
         family = [option_family(o) for o in table.options]

@@ -221,7 +221,8 @@ def apply_to_meta_model(inp):
     return bitalloc.apply(model, bitalloc.Plan.load(inp["plan"]), check_hash=False)
 
 
-def nan_cost_table(inp):
+def nan_cost_table(inp, error_model: str = "fisher"):
+    """A table with a NaN fisher error and no fisher-tw errors (as an older bitalloc made), solved under `error_model`."""
     from bitalloc.api import PlanContext, solve_table
     from bitalloc.candidates import CandidateTable
     from bitalloc.options import QuantOption
@@ -231,7 +232,7 @@ def nan_cost_table(inp):
                            storage_bits=np.array([[o.storage_bits(64, 64) for o in opts]] * 2, dtype=float),
                            errors={"fisher": np.array([[1e-3, 1e-5], [np.nan, 1e-5]]),
                                    "local": np.array([[1e-3, 1e-5], [1e-3, 1e-5]])})
-    return solve_table(table, "6bits", PlanContext(
+    return solve_table(table, "6bits", error_model=error_model, context=PlanContext(
         model={"source": "toy", "architecture": "LlamaForCausalLM", "content_hash": "sha256:" + "0" * 64,
                "output_embedding": None, "input_embedding": None, "tied_embeddings": False}, calibration={}))
 
@@ -267,6 +268,8 @@ def api_rows() -> list[Row]:
         Row("apply-meta-device", 2, "the model's weights are on the meta device", call=apply_to_meta_model),
         Row("nan-cost-table", 2, "candidate table: predicted fisher error of b", call=nan_cost_table,
             contains=("not finite",)),
+        Row("table-without-error-model", 2, "this candidate table has no 'fisher-tw' errors",
+            call=lambda inp: nan_cost_table(inp, "fisher-tw"), contains=("re-profile", "error_model fisher")),
     ]
 
 

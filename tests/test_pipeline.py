@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import bitalloc
+from bitalloc.table import ERROR_MODELS
 from bitalloc.api import resolve_calibration
 from bitalloc.calibration import make_calibration
 from bitalloc.errors import BadInputError, BudgetInfeasibleError, PlanMismatchError
@@ -212,14 +213,18 @@ def test_plan_is_optimal_for_its_table(family_model, calib_ids):
     table = bitalloc.profile(loaded, calib, select_modules(model), default_options())
     gaps = {}
     for b in (4, 6):
-        # untied: exact_optimum enumerates every module on its own
-        plan = bitalloc.plan_from_table(table, f"{b}bits", loaded, calib, constraints=bitalloc.Constraints(ties=()))
-        best = exact_optimum(table, "fisher", b * table.num_weights)
-        rows = [table.groups.index(a.module) for a in plan.assignments]
-        ks = [table.option_index(a.option) for a in plan.assignments]
-        got = float(table.errors["fisher"][rows, ks].sum())
-        if got > best * (1 + 1e-6):
-            gaps[b] = round(got / best - 1, 4)
+        for error_model in ERROR_MODELS:
+            # untied: exact_optimum enumerates every module on its own
+            plan = bitalloc.plan_from_table(table, f"{b}bits", loaded, calib, constraints=bitalloc.Constraints(ties=()),
+                                            error_model=error_model)
+            assert plan.error_model == error_model
+            best = exact_optimum(table, error_model, b * table.num_weights)
+            rows = [table.groups.index(a.module) for a in plan.assignments]
+            ks = [table.option_index(a.option) for a in plan.assignments]
+            got = float(table.errors[error_model][rows, ks].sum())
+            assert plan.summary.predicted_delta_loss == pytest.approx(got, rel=1e-5)
+            if got > best * (1 + 1e-6):
+                gaps[b, error_model] = round(got / best - 1, 4)
     assert gaps == {}
 
 

@@ -18,10 +18,12 @@ from conftest import make_gpt2, make_llama, make_opt
 
 def brute_force_stats(model: nn.Module, names: list[str], ids: torch.Tensor):
     """H = mean x xᵀ over every calibration position; F = mean over predicted tokens of (∂L/∂y)²,
-    L the summed next-token NLL of the window, both accumulated over all windows (float64)."""
+    H_a = mean over predicted tokens of ‖∂L/∂y_t‖² x_t x_tᵀ, L the summed next-token NLL of the window,
+    all accumulated over all windows (float64)."""
     mods = {n: model.get_submodule(n) for n in names}
     xtx = {n: 0.0 for n in names}
     g2 = {n: 0.0 for n in names}
+    weighted = {n: 0.0 for n in names}
     positions = predicted = 0
     for window in ids:
         inputs, outputs = {}, {}
@@ -45,9 +47,11 @@ def brute_force_stats(model: nn.Module, names: list[str], ids: torch.Tensor):
             xtx[n] = xtx[n] + x.T @ x
             g = outputs[n].grad.reshape(-1, outputs[n].shape[-1]).double()
             g2[n] = g2[n] + (g**2).sum(0)
+            weighted[n] = weighted[n] + sum((g[t] ** 2).sum() * torch.outer(x[t], x[t]) for t in range(len(x)))
         positions += window.numel()
         predicted += window.numel() - 1
-    return {n: xtx[n] / positions for n in names}, {n: g2[n] / predicted for n in names}
+    return ({n: xtx[n] / positions for n in names}, {n: g2[n] / predicted for n in names},
+            {n: weighted[n] / predicted for n in names})
 
 
 @pytest.mark.parametrize("make", [make_llama, make_gpt2, make_opt], ids=["llama", "gpt2", "opt"])
@@ -55,7 +59,7 @@ def test_statistics_match_brute_force(make, calib_ids):
     model = make()
     names = select_modules(model)
     stats = collect_statistics(model, names, calibration_from_tokens(calib_ids))
-    H, F = brute_force_stats(make(), names, calib_ids)
+    H, F, H_a = brute_force_stats(make(), names, calib_ids)
     assert set(stats) == set(names)
     for n in names:
         w = weight_matrix(model.get_submodule(n))
@@ -65,6 +69,11 @@ def test_statistics_match_brute_force(make, calib_ids):
         assert s.token_share is None
         torch.testing.assert_close(s.hessian.double(), H[n], rtol=1e-4, atol=1e-6 * float(H[n].abs().max()))
         torch.testing.assert_close(s.fisher.double(), F[n], rtol=1e-3, atol=1e-5 * float(F[n].abs().max()))
+        torch.testing.assert_close(s.grad_weighted_hessian.double(), H_a[n], rtol=1e-3,
+                                   atol=1e-5 * float(H_a[n].abs().max()))
+        # not H times a constant: tokens' gradient sizes vary, and with their inputs
+        ratio = H_a[n].diagonal() / H[n].diagonal()
+        assert float(ratio.max() / ratio.min()) > 1.05
         assert float(F[n].max()) > 0 and float(torch.linalg.eigvalsh(H[n]).max()) > 0
 
 
@@ -116,13 +125,16 @@ def test_option_error_matches_direct_formula(option, calib_ids):
     name = "model.layers.1.mlp.down_proj"
     stats = collect_statistics(model, [name], calibration_from_tokens(calib_ids))[name]
     w = weight_matrix(model.get_submodule(name)).detach()
-    fisher, local = option_error(w, option, stats)
+    fisher, local, token_weighted = option_error(w, option, stats)
     dw = (quantize_dequantize(w, option) - w).double()
-    H, F = stats.hessian.double(), stats.fisher.double()
+    H, F, H_a = stats.hessian.double(), stats.fisher.double(), stats.grad_weighted_hessian.double()
     M = dw @ H @ dw.T
     assert local == pytest.approx(float(torch.trace(M)), rel=1e-5)
     assert fisher == pytest.approx(0.5 * float((F * torch.diagonal(M)).sum()), rel=1e-5)
-    assert local > 0 and fisher > 0
+    # ½ Σ_o (F_o/ΣF) (ΔW H_a ΔWᵀ)_oo: each token weighted by its gradient, each row by its share of F
+    assert token_weighted == pytest.approx(0.5 * float((F * torch.diagonal(dw @ H_a @ dw.T)).sum() / F.sum()), rel=1e-5)
+    assert local > 0 and fisher > 0 and token_weighted > 0
+    assert abs(token_weighted - fisher) > 1e-3 * fisher  # the weighting changes the prediction
 
 
 def test_candidate_table_rows_match_option_error(calib_ids):
@@ -142,8 +154,9 @@ def test_candidate_table_rows_match_option_error(calib_ids):
                 assert not table.allowed[g, k]
                 continue
             assert table.storage_bits[g, k] == opt.storage_bits(out_f, in_f)
-            fisher, local = option_error(w, opt, stats[n])
+            fisher, local, token_weighted = option_error(w, opt, stats[n])
             assert table.errors["fisher"][g, k] == fisher and table.errors["local"][g, k] == local
+            assert table.errors["fisher-tw"][g, k] == token_weighted
     # in=64 rows cannot use g128; the c_proj of the MLP (in=256) can
     assert not table.allowed[names.index("transformer.h.0.attn.c_attn"), 0]
     assert table.allowed[names.index("transformer.h.0.mlp.c_proj"), 0]

@@ -199,7 +199,7 @@ def test_profile_streams_spikes_alone_without_a_backward(model_dir, tmp_path, mo
     def no_backward(*a, **k):
         raise AssertionError("spikes alone need no backward pass")
 
-    monkeypatch.setattr(streamed._Accumulators, "pop", no_backward)
+    monkeypatch.setattr(streamed.StatisticAccumulator, "pop_sums", no_backward)
     prof = api.profile_model(str(model_dir), model_dir / "calib.txt", tmp_path / "p", stream=True, signals=("spikes",),
                              seq_len=32, calib_tokens=128)
     assert all(m.spikes is not None and m.spikes.input.tokens == 128 for m in prof.modules)

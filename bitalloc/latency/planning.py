@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInputError, BudgetInfeasibleError
+from ..errors import BadInputError, BudgetInfeasibleError, setting
 from .predict import LatencyModel, parse_latency, shape_signature
 from .profile import HardwareProfile
 
@@ -73,7 +73,7 @@ def latency_inputs(target: LatencyTarget, architecture: str, shapes: list[tuple[
             host_high = other + float(np.nanmax(host, axis=1).sum())
             if host_high > limit:
                 raise BudgetInfeasibleError(
-                    f"--max-latency {limit * 1e3:.4g} ms: on {profile.name} this model's forward is host-bound — issuing it takes "
+                    f"{setting('max_latency')} {limit * 1e3:.4g} ms: on {profile.name} this model's forward is host-bound — issuing it takes "
                     f"{host_low * 1e3:.4g} to {host_high * 1e3:.4g} ms whatever the formats — so no plan is sure to meet the limit; "
                     "raise it above that, or run the model with CUDA graphs / a larger batch and re-measure"
                 )
@@ -82,7 +82,7 @@ def latency_inputs(target: LatencyTarget, architecture: str, shapes: list[tuple[
             layers_limit = limit - other
             if layers_limit <= 0:
                 raise BudgetInfeasibleError(
-                    f"--max-latency {limit * 1e3:.4g} ms is below the {other * 1e3:.4g} ms the model spends outside its planned "
+                    f"{setting('max_latency')} {limit * 1e3:.4g} ms is below the {other * 1e3:.4g} ms the model spends outside its planned "
                     f"layers on {profile.name}; raise the limit"
                 )
     return LatencyInputs(profile, target.tokens, timing.context if timing else 0, matrix, host, other, limit,

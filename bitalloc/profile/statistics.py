@@ -1,11 +1,17 @@
 """Second-order statistics per planned module from calibration passes (forward + backward).
 
 For a linear layer Y = X Wᵀ we keep
-  H = mean_t x_t x_tᵀ            [in, in]   (input second moment; GPTQ's Hessian up to a factor 2)
-  F = mean_t (∂L/∂y_t)²          [out]      (diagonal empirical Fisher of the layer output)
-where L is the summed next-token NLL, so ∂L/∂y_t is the per-token loss gradient. With both, the
-loss increase of a weight perturbation ΔW is predicted as ½ Σ_o F_o (ΔW H ΔWᵀ)_oo — the
-output-Fisher-weighted error of BRECQ (Li et al., 2021, eq. 10) under a diagonal output Fisher.
+  H   = mean_t x_t x_tᵀ              [in, in]   (input second moment; GPTQ's Hessian up to a factor 2)
+  F   = mean_t (∂L/∂y_t)²            [out]      (diagonal empirical Fisher of the layer output)
+  H_a = mean_t a_t x_t x_tᵀ          [in, in]   (a_t = ‖∂L/∂y_t‖², each token weighted by its gradient)
+where L is the summed next-token NLL, so ∂L/∂y_t is the per-token loss gradient. The loss increase of a
+weight perturbation ΔW is ½ Σ_t Σ_o g_to² (Δw_o·x_t)² under a diagonal output Fisher (BRECQ, Li et al.
+2021, eq. 10). Taking a token's gradient as independent of its input gives ½ Σ_o F_o (ΔW H ΔWᵀ)_oo, the
+"fisher" error model (candidates.py, the default); splitting g_to² ≈ a_t · F_o/ΣF instead (rank 1: each
+token's size times each row's share) gives ½ Σ_o (F_o/ΣF) (ΔW H_a ΔWᵀ)_oo, "fisher-tw". The split keeps
+the link between a token's input and its gradient that H loses: SmolLM2's massive activations sit on
+tokens whose gradient is tiny, and under "fisher" some modules' errors are overrated ten-fold
+(bench/error_model_diagnosis.py; bench/sensitivity.py --rescore compares both on single-module ablations).
 For an embedding (one-hot inputs) H is diagonal, so we keep per-token-id sums instead.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,11 +28,13 @@ from torch import nn
 from ..calibration import Calibration
 from ..errors import NonFiniteError
 from ..progress import steps
+from .fisher_trace import row_sums
 
 
 @dataclass
 class ModuleStats:
     """hessian: [in, in] mean x xᵀ (linear) or None; fisher: [out] (linear) or [vocab, hidden] (embedding);
+    grad_weighted_hessian: [in, in] mean_t ‖∂L/∂y_t‖² x_t x_tᵀ (linear only: H_a of the module docstring);
     token_share: [vocab] fraction of inputs that are each token id (embedding only);
     fisher_trace: [windows, out rows] each window's empirical-Fisher trace per row (fisher_trace.py),
     only from the streamed walk when asked for."""
@@ -34,6 +43,7 @@ class ModuleStats:
     hessian: torch.Tensor | None = None
     token_share: torch.Tensor | None = None
     fisher_trace: torch.Tensor | None = None
+    grad_weighted_hessian: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,7 +61,8 @@ class StatisticSums:
 
 # The count each ModuleStats field is a mean over; a new summed field adds its entry here. None: a
 # field already kept per calibration window (rows [windows, ...]), which shards concatenate in order.
-DIVIDE_BY = {"fisher": "n_predicted", "hessian": "n_inputs", "token_share": "n_inputs", "fisher_trace": None}
+DIVIDE_BY = {"fisher": "n_predicted", "hessian": "n_inputs", "token_share": "n_inputs", "fisher_trace": None,
+             "grad_weighted_hessian": "n_predicted"}
 
 
 def collect_statistics(
@@ -65,43 +76,11 @@ def statistic_sums(
 ) -> StatisticSums:
     """The sums behind collect_statistics, accumulated window by window in calibration order."""
     modules = {n: model.get_submodule(n) for n in module_names}
-    xtx: dict[str, torch.Tensor] = {}
-    grad_sq: dict[str, torch.Tensor] = {}
-    id_counts: dict[str, torch.Tensor] = {}
-    window_inputs: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def on_forward(name: str):
-        def hook(mod, args, output):
-            x = args[0]
-            if isinstance(mod, nn.Embedding):
-                ids = x.reshape(-1)
-                counts = torch.bincount(ids, minlength=mod.num_embeddings).float()
-                id_counts[name] = id_counts.get(name, 0) + counts
-
-                def on_grad(g, ids=ids, name=name, n=mod.num_embeddings):
-                    g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
-                    acc = grad_sq.setdefault(name, torch.zeros(n, g.shape[-1]))
-                    acc.index_add_(0, ids, g2)
-            else:
-                window_inputs[name] = x.detach().reshape(-1, x.shape[-1])
-
-                def on_grad(g, name=name):
-                    g2 = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
-                    grad_sq[name] = grad_sq[name] + g2 if name in grad_sq else g2
-
-            if output.requires_grad:
-                output.register_hook(on_grad)
-
-        return hook
-
+    acc = StatisticAccumulator()
     # Parameters need no gradients; activations do, so make the embedding output require grad.
     # Registered first: hooks run in order, and a planned embedding's own hook needs the flag set.
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None:
-        handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(on_forward(name)))
+    needs_grad = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) if emb is not None else None
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -109,41 +88,116 @@ def statistic_sums(
     n_inputs = 0
     n_predicted = 0
     try:
-        for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
-            window_inputs.clear()
-            ids = window[None]
-            logits = model(input_ids=ids).logits
-            loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-            loss.backward()
-            _accumulate_xtx(window_inputs, xtx)
-            n_inputs += ids.shape[1]
-            n_predicted += ids.shape[1] - 1
-            del logits, loss
+        with acc.hooked(modules):
+            for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
+                ids = window[None]
+                logits = model(input_ids=ids).logits
+                loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+                loss.backward()
+                acc.end_pass()
+                n_inputs += ids.shape[1]
+                n_predicted += ids.shape[1] - 1
+                del logits, loss
     finally:
-        for h in handles:
-            h.remove()
+        if needs_grad is not None:
+            needs_grad.remove()
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
+    return StatisticSums(modules={n: acc.pop_sums(n, m) for n, m in modules.items()},
+                         n_inputs=n_inputs, n_predicted=n_predicted)
 
-    sums = {}
-    for name, mod in modules.items():
-        if name not in grad_sq:
+
+class StatisticAccumulator:
+    """Running sums of every ModuleStats field per planned module, fed by forward hooks (inputs) and the
+    gradient hooks they register on the outputs; end_pass after each backward. Both walks use it: the
+    whole model (statistic_sums) and one block at a time (streamed.py), so their sums agree.
+    fisher_trace: also Σ_t g_{t,i}² ‖x_t‖² per row and per calibration window (`window`, set by the walk)."""
+
+    def __init__(self, fisher_trace: bool = False):
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.weighted_xtx: dict[str, torch.Tensor] = {}
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.id_counts: dict[str, torch.Tensor] = {}
+        self.window_inputs: dict[str, torch.Tensor] = {}
+        self.fisher_trace = fisher_trace
+        self.trace_rows: dict[str, dict[int, torch.Tensor]] = {}
+        self.window = 0
+
+    @contextlib.contextmanager
+    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def end_pass(self) -> None:
+        _accumulate_xtx(self.window_inputs, self.xtx)
+        self.window_inputs.clear()
+
+    def pop_sums(self, name: str, module: nn.Module) -> ModuleStats:
+        """The module's sums (fisher_trace per window, still summed over each window's tokens), dropped here."""
+        if name not in self.grad_sq:
             raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
-        if isinstance(mod, nn.Embedding):
-            sums[name] = ModuleStats(fisher=grad_sq[name], token_share=id_counts[name])
-        else:
-            sums[name] = ModuleStats(fisher=grad_sq[name], hessian=xtx[name])
-    return StatisticSums(modules=sums, n_inputs=n_inputs, n_predicted=n_predicted)
+        trace = None
+        if self.fisher_trace:
+            rows = self.trace_rows.pop(name)
+            trace = torch.stack([rows[w] for w in sorted(rows)])
+        if isinstance(module, nn.Embedding):
+            return ModuleStats(fisher=self.grad_sq.pop(name), token_share=self.id_counts.pop(name), fisher_trace=trace)
+        return ModuleStats(fisher=self.grad_sq.pop(name), hessian=self.xtx.pop(name), fisher_trace=trace,
+                           grad_weighted_hessian=self.weighted_xtx.pop(name))
+
+    def _add(self, sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+
+    def _add_trace(self, name: str, rows: torch.Tensor) -> None:
+        per_window = self.trace_rows.setdefault(name, {})
+        per_window[self.window] = per_window[self.window] + rows if self.window in per_window else rows
+
+    def _hook(self, name: str):
+        def hook(mod, args, output):
+            x = args[0]
+            if isinstance(mod, nn.Embedding):
+                ids = x.reshape(-1)
+                self._add(self.id_counts, name, torch.bincount(ids, minlength=mod.num_embeddings).float())
+
+                def on_grad(g, ids=ids, n=mod.num_embeddings):
+                    g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
+                    self.grad_sq.setdefault(name, torch.zeros(n, g.shape[-1])).index_add_(0, ids, g2)
+                    if self.fisher_trace:  # one-hot inputs: ‖x_t‖ = 1, row = token id
+                        self._add_trace(name, torch.zeros(n, dtype=torch.float64).index_add_(0, ids, g2.sum(1).double()))
+            else:
+                self.window_inputs[name] = x_in = x.detach().reshape(-1, x.shape[-1])
+
+                def on_grad(g, x_in=x_in):
+                    g = g.detach().reshape(-1, g.shape[-1])
+                    g2 = g.float() ** 2
+                    self._add(self.grad_sq, name, g2.sum(0))
+                    xf = x_in.float()
+                    self._add(self.weighted_xtx, name, (xf * g2.sum(1, keepdim=True)).T @ xf)
+                    if self.fisher_trace:
+                        self._add_trace(name, row_sums(x_in, g))
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
 
 
 def finish_statistics(sums: StatisticSums) -> dict[str, ModuleStats]:
     """Means from sums (each field divided by its DIVIDE_BY count), checked finite."""
-    stats = {}
-    for name, s in sums.modules.items():
-        means = {f.name: t if (t := getattr(s, f.name)) is None or DIVIDE_BY[f.name] is None
-                 else t / getattr(sums, DIVIDE_BY[f.name]) for f in fields(ModuleStats)}
-        stats[name] = check_finite_stats(name, ModuleStats(**means))
-    return stats
+    return {name: mean_stats(name, s, sums.n_inputs, sums.n_predicted) for name, s in sums.modules.items()}
+
+
+def mean_stats(name: str, sums: ModuleStats, n_inputs: int, n_predicted: int, per_window: int = 1) -> ModuleStats:
+    """One module's means from its sums, checked finite; per-window fields (DIVIDE_BY None) divided by
+    `per_window`, the predicted tokens of one window (the streamed walk's fisher_trace), else kept."""
+    counts = {"n_inputs": n_inputs, "n_predicted": n_predicted, None: per_window}
+    return check_finite_stats(name, ModuleStats(**{
+        f.name: None if (t := getattr(sums, f.name)) is None else t / counts[DIVIDE_BY[f.name]]
+        for f in fields(ModuleStats)}))
 
 
 class ImportanceSums:
@@ -215,7 +269,7 @@ def input_importance(model: nn.Module, module_names: list[str], windows: torch.T
 
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
     """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
-    for signal in ("fisher", "hessian", "token_share", "fisher_trace"):
+    for signal in (f.name for f in fields(ModuleStats)):
         t = getattr(stats, signal)
         if t is not None:
             refuse_non_finite(name, signal, t)

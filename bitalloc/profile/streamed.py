@@ -37,9 +37,8 @@ from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
 from ..models import decoder_blocks
 from ..options import QuantOption
-from .fisher_trace import row_sums
 from .spikes import SpikeCollector
-from .statistics import ModuleStats, _accumulate_xtx, check_finite_stats
+from .statistics import ModuleStats, StatisticAccumulator, mean_stats
 from ..progress import Bar
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
@@ -82,77 +81,6 @@ def _loaded(loaded: StreamedModel, modules: list[tuple[str, nn.Module]]) -> Iter
         return_freed_memory()
 
 
-class _Accumulators:
-    """Running sums of collect_statistics: XᵀX, (∂L/∂y)², token-id counts, per planned module; with
-    fisher_trace also Σ_t g_{t,i}² ‖x_t‖² per row, per calibration window (`window`, set by the walk)."""
-
-    def __init__(self, fisher_trace: bool = False):
-        self.xtx: dict[str, torch.Tensor] = {}
-        self.grad_sq: dict[str, torch.Tensor] = {}
-        self.id_counts: dict[str, torch.Tensor] = {}
-        self.window_inputs: dict[str, torch.Tensor] = {}
-        self.fisher_trace = fisher_trace
-        self.trace_rows: dict[str, dict[int, torch.Tensor]] = {}
-        self.window = 0
-
-    def _add_trace(self, name: str, rows: torch.Tensor) -> None:
-        per_window = self.trace_rows.setdefault(name, {})
-        per_window[self.window] = per_window[self.window] + rows if self.window in per_window else rows
-
-    @contextmanager
-    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
-        handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _hook(self, name: str):
-        def hook(mod, args, output):
-            x = args[0]
-            if isinstance(mod, nn.Embedding):
-                ids = x.reshape(-1)
-                self.id_counts[name] = self.id_counts.get(name, 0) + torch.bincount(ids, minlength=mod.num_embeddings).float()
-
-                def on_grad(g, ids=ids, n=mod.num_embeddings):
-                    g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
-                    self.grad_sq.setdefault(name, torch.zeros(n, g.shape[-1])).index_add_(0, ids, g2)
-                    if self.fisher_trace:  # one-hot inputs: ‖x_t‖ = 1, row = token id
-                        self._add_trace(name, torch.zeros(n, dtype=torch.float64).index_add_(0, ids, g2.sum(1).double()))
-            else:
-                self.window_inputs[name] = x_in = x.detach().reshape(-1, x.shape[-1])
-
-                def on_grad(g, x_in=x_in):
-                    g2 = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
-                    self.grad_sq[name] = self.grad_sq[name] + g2 if name in self.grad_sq else g2
-                    if self.fisher_trace:
-                        self._add_trace(name, row_sums(x_in, g.detach().reshape(-1, g.shape[-1])))
-
-            if output.requires_grad:
-                output.register_hook(on_grad)
-
-        return hook
-
-    def end_pass(self) -> None:
-        _accumulate_xtx(self.window_inputs, self.xtx)
-        self.window_inputs.clear()
-
-    def pop(self, name: str, module: nn.Module, n_inputs: int, n_predicted: int, n_windows: int) -> ModuleStats:
-        if name not in self.grad_sq:
-            raise RuntimeError(f"module {name} received no gradient during calibration; is it used in forward?")
-        fisher = self.grad_sq.pop(name) / n_predicted
-        trace = None
-        if self.fisher_trace:  # each window's trace, over its own predicted tokens
-            rows = self.trace_rows.pop(name)
-            trace = torch.stack([rows[w] for w in range(n_windows)]) / (n_predicted // n_windows)
-        if isinstance(module, nn.Embedding):
-            return check_finite_stats(name, ModuleStats(fisher=fisher, token_share=self.id_counts.pop(name) / n_inputs,
-                                                        fisher_trace=trace))
-        return check_finite_stats(name, ModuleStats(fisher=fisher, hessian=self.xtx.pop(name) / n_inputs,
-                                                    fisher_trace=trace))
-
-
 def iter_block_statistics(
     loaded: StreamedModel,
     module_names: list[str],
@@ -184,7 +112,7 @@ def iter_block_statistics(
     tokens = calibration.tokens  # [windows, T]
     n_windows, seq_len = tokens.shape
     n_inputs, n_predicted = n_windows * seq_len, n_windows * (seq_len - 1)
-    acc = _Accumulators(fisher_trace)
+    acc = StatisticAccumulator(fisher_trace)
     spikes = spikes or SpikeCollector([])
     spiked = {n: model.get_submodule(n) for n in spikes.acc}  # may differ from the planned (a resumed profile)
     spiked_in_block = {l: {n: m for n, m in spiked.items() if n.startswith(f"{prefix}.{l}.")} for l in range(n_blocks)}
@@ -261,7 +189,7 @@ def iter_block_statistics(
                     store.drop(l)
                 bar.update()
                 if in_block[l]:
-                    yield {n: acc.pop(n, m, n_inputs, n_predicted, n_windows) for n, m in in_block[l].items()}
+                    yield {n: _means(acc, n, m, n_inputs, n_predicted, n_windows) for n, m in in_block[l].items()}
         bar.close()
 
         # 5. embeddings (planned modules before the blocks), then every outside module's stats
@@ -270,7 +198,13 @@ def iter_block_statistics(
                 before = {n: m for n, m in planned_outside.items() if n not in after}
                 if before:
                     _embedding_backward(model, blocks, tokens, grad, acc, before)
-                yield {n: acc.pop(n, m, n_inputs, n_predicted, n_windows) for n, m in planned_outside.items()}
+                yield {n: _means(acc, n, m, n_inputs, n_predicted, n_windows) for n, m in planned_outside.items()}
+
+
+def _means(acc: StatisticAccumulator, name: str, module: nn.Module, n_inputs: int, n_predicted: int,
+           n_windows: int) -> ModuleStats:
+    # fisher_trace is kept per window, each over its own predicted tokens
+    return mean_stats(name, acc.pop_sums(name, module), n_inputs, n_predicted, per_window=n_predicted // n_windows)
 
 
 def streamed_statistics(loaded: StreamedModel, module_names: list[str], calibration: Calibration,
@@ -323,7 +257,7 @@ def chunk_nll(logits: torch.Tensor, tokens: torch.Tensor, w: int, a: int, n: int
     return nn.functional.cross_entropy(logits[0, :n].float(), tokens[w, a + 1 : a + 1 + n], reduction="sum")
 
 
-def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeCollector,
+def _head_pass(model, blocks, tokens, h_last, acc: StatisticAccumulator, spikes: SpikeCollector,
                backward: bool = True) -> torch.Tensor | None:
     """∂L/∂h_N [windows, T, hidden] for L = summed next-token NLL, from h_N and the head, in token chunks
     (backward=False: the head's forward only, for the spike hooks; returns None)."""
@@ -341,7 +275,7 @@ def _head_pass(model, blocks, tokens, h_last, acc: _Accumulators, spikes: SpikeC
     return grad
 
 
-def _embedding_backward(model, blocks, tokens, grad0, acc: _Accumulators, modules: dict[str, nn.Module]) -> None:
+def _embedding_backward(model, blocks, tokens, grad0, acc: StatisticAccumulator, modules: dict[str, nn.Module]) -> None:
     """Backpropagate ∂L/∂h₀ through the modules before block 0, accumulating statistics of `modules`."""
     # Registered before the statistics hooks, which need the flag set (as in collect_statistics).
     emb = model.get_input_embeddings()
@@ -353,7 +287,7 @@ def _embedding_backward(model, blocks, tokens, grad0, acc: _Accumulators, module
         make_grad.remove()
 
 
-def _prefix_backward(model, blocks, tokens, grad0, acc: _Accumulators) -> None:
+def _prefix_backward(model, blocks, tokens, grad0, acc: StatisticAccumulator) -> None:
     """One window at a time: the prefix with autograd up to block 0's input h₀, then h₀.backward(∂L/∂h₀)."""
     for w in range(tokens.shape[0]):
         acc.window = w
