@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -268,3 +269,14 @@ def stages_by_shared_input(calls) -> list[list[str]]:
             stages.append([name])
         last_input = x
     return stages
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block, each (module, hook) is a registered forward hook, in the given order; all removed after."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

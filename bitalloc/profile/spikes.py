@@ -14,8 +14,7 @@ Per site (a projection's input or output), over every calibration token:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from ..calibration import Calibration
 from ..config import SPIKE_THRESHOLD
+from ..models import forward_hooks
 from .records import ProjectionSpikes, SiteSpikes
 from .statistics import refuse_non_finite
 from ..progress import steps
@@ -89,20 +89,13 @@ class SpikeCollector:
         self.window = 0
         self.offset = 0
 
-    @contextmanager
-    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+    def hooked(self, modules: dict[str, nn.Module]) -> AbstractContextManager:
         """Record the inputs and outputs of `modules` (those of them this collector tracks) while inside."""
         def hook(mod, args, output, name):
             self.acc[name][0].add(args[0], self.window, self.offset)
             self.acc[name][1].add(output, self.window, self.offset)
 
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
-                   for n, m in modules.items() if n in self.acc]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return forward_hooks((m, lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in modules.items() if n in self.acc)
 
     def finish(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, ProjectionSpikes]:
         for n, sites in self.acc.items():

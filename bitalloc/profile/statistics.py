@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..calibration import Calibration
 from ..errors import NonFiniteError
+from ..models import forward_hooks
 from ..progress import steps
 from .fisher_trace import row_sums
 
@@ -77,10 +76,7 @@ def statistic_sums(
     """The sums behind collect_statistics, accumulated window by window in calibration order."""
     modules = {n: model.get_submodule(n) for n in module_names}
     acc = StatisticAccumulator()
-    # Parameters need no gradients; activations do, so make the embedding output require grad.
-    # Registered first: hooks run in order, and a planned embedding's own hook needs the flag set.
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    needs_grad = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) if emb is not None else None
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -88,7 +84,8 @@ def statistic_sums(
     n_inputs = 0
     n_predicted = 0
     try:
-        with acc.hooked(modules):
+        # entered first: hooks run in order, and a planned embedding's own hook needs the flag set
+        with output_requires_grad(emb), acc.hooked(modules):
             for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
                 ids = window[None]
                 logits = model(input_ids=ids).logits
@@ -99,8 +96,6 @@ def statistic_sums(
                 n_predicted += ids.shape[1] - 1
                 del logits, loss
     finally:
-        if needs_grad is not None:
-            needs_grad.remove()
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
     return StatisticSums(modules={n: acc.pop_sums(n, m) for n, m in modules.items()},
@@ -123,14 +118,8 @@ class StatisticAccumulator:
         self.trace_rows: dict[str, dict[int, torch.Tensor]] = {}
         self.window = 0
 
-    @contextlib.contextmanager
-    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
-        handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def hooked(self, modules: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
+        return forward_hooks((mod, self._hook(name)) for name, mod in modules.items())
 
     def end_pass(self) -> None:
         _accumulate_xtx(self.window_inputs, self.xtx)
@@ -186,6 +175,12 @@ class StatisticAccumulator:
         return hook
 
 
+def output_requires_grad(module: nn.Module | None) -> contextlib.AbstractContextManager:
+    """Within the block, `module`'s output (the input embedding's) requires grad: parameters need no
+    gradients, activations do, so the gradient hooks on later modules fire. None: nothing to do."""
+    return forward_hooks([(module, lambda m, a, out: out.requires_grad_(True))] if module is not None else [])
+
+
 def finish_statistics(sums: StatisticSums) -> dict[str, ModuleStats]:
     """Means from sums (each field divided by its DIVIDE_BY count), checked finite."""
     return {name: mean_stats(name, s, sums.n_inputs, sums.n_predicted) for name, s in sums.modules.items()}
@@ -209,20 +204,13 @@ class ImportanceSums:
         self.window_inputs: dict[str, torch.Tensor] = {}
         self.diag: dict[str, torch.Tensor] = {}
 
-    @contextlib.contextmanager
-    def hooked(self):
+    def hooked(self) -> contextlib.AbstractContextManager:
         def hook(name: str):
             def grab(mod, args, output):
                 self.window_inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
             return grab
 
-        handles = [mod.register_forward_hook(hook(n)) for n, mod in self.modules.items()
-                   if not isinstance(mod, nn.Embedding)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return forward_hooks((mod, hook(n)) for n, mod in self.modules.items() if not isinstance(mod, nn.Embedding))
 
     def end_window(self) -> None:
         window_xtx: dict[str, torch.Tensor] = {}

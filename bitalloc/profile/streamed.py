@@ -35,10 +35,10 @@ from ..blockwalk import BlockCall, StopForward, blocks_replaced, record_calls
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
-from ..models import decoder_blocks
+from ..models import decoder_blocks, forward_hooks
 from ..options import QuantOption
 from .spikes import SpikeCollector
-from .statistics import ModuleStats, StatisticAccumulator, mean_stats
+from .statistics import ModuleStats, StatisticAccumulator, mean_stats, output_requires_grad
 from ..progress import Bar
 
 HEAD_CHUNK_TOKENS = 128  # logits [chunk, vocab] instead of [window, vocab]: the largest activation
@@ -131,18 +131,14 @@ def iter_block_statistics(
         # untied vocabulary matrix (4.2 GB fp32 for Llama-3.1-70B) is loaded only where it is used
         prefix_modules = _without(outside, model.get_output_embeddings())
         head_modules = _without(outside, model.get_input_embeddings())
-        with _loaded(loaded, prefix_modules), torch.no_grad(), spikes.hooked(spiked_outside):  # only those before block 0 run
-            seen = [mod.register_forward_hook(lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside]
-            h0 = []
-            try:
-                for w in range(n_windows):
-                    spikes.window, spikes.offset = w, 0
-                    window_calls, first = record_calls(model, blocks, tokens[w][None])
-                    calls.append(window_calls)
-                    h0.append(first)
-            finally:
-                for h in seen:
-                    h.remove()
+        h0 = []
+        with (_loaded(loaded, prefix_modules), torch.no_grad(), spikes.hooked(spiked_outside),  # only those before block 0 run
+              forward_hooks((mod, lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside)):
+            for w in range(n_windows):
+                spikes.window, spikes.offset = w, 0
+                window_calls, first = record_calls(model, blocks, tokens[w][None])
+                calls.append(window_calls)
+                h0.append(first)
         store.put(0, torch.cat(h0))
         del h0
 
@@ -277,14 +273,9 @@ def _head_pass(model, blocks, tokens, h_last, acc: StatisticAccumulator, spikes:
 
 def _embedding_backward(model, blocks, tokens, grad0, acc: StatisticAccumulator, modules: dict[str, nn.Module]) -> None:
     """Backpropagate ∂L/∂h₀ through the modules before block 0, accumulating statistics of `modules`."""
-    # Registered before the statistics hooks, which need the flag set (as in collect_statistics).
-    emb = model.get_input_embeddings()
-    make_grad = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        with acc.hooked(modules):
-            _prefix_backward(model, blocks, tokens, grad0, acc)
-    finally:
-        make_grad.remove()
+    # entered before the statistics hooks, which need the flag set (as in collect_statistics)
+    with output_requires_grad(model.get_input_embeddings()), acc.hooked(modules):
+        _prefix_backward(model, blocks, tokens, grad0, acc)
 
 
 def _prefix_backward(model, blocks, tokens, grad0, acc: StatisticAccumulator) -> None:
