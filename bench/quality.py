@@ -1,11 +1,16 @@
 """Plan quality on SmolLM2: wikitext-2 test ppl / KL / top-1 of bitalloc plans vs uniform RTN.
 
     python bench/quality.py [--gguf PATH] [--budgets 3.5,4,4.25,4.5,5] [--windows 16]
+    python bench/quality.py --error-models fisher,local   # against the layer-local error model instead
 
 Calibrates on the validation split, evaluates on the test split (never the same text). For each
-budget: the plan under the default error model ("fisher"), the plan under the naive local error
-model ("local", for comparison), and the best uniform RTN configuration whose storage bpw fits.
-Prints a table, writes bench/out/quality.json and bench/out/quality.png.
+budget: the plan under the default error model ("fisher"), the plan under the token-weighted one
+("fisher-tw", the candidate for the next default), and the best uniform RTN configuration whose storage
+bpw fits.
+At each budget the plans of every other error model are compared with the first one's on the same
+tokens: mean per-token NLL difference ± its paired standard error (over tokens, and over windows, which
+allows for the correlation of tokens within a window).
+Prints a table, writes <out>/quality.json and <out>/quality.png.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from bitalloc.models import select_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
+from gguf_roundtrip import paired, token_nll  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +35,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--error-models", default="fisher,local")
+    ap.add_argument("--error-models", default="fisher,fisher-tw")
     ap.add_argument("--min-uniform-bits", type=int, default=3,
                     help="skip uniform configs below this width (INT2 RTN gives ppl > 10^4 on SmolLM2)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     loaded = bitalloc.load_model(args.gguf or default_gguf())
     model = loaded.model
@@ -65,21 +72,46 @@ def main() -> None:
         rows.append({"kind": "uniform", "config": opt.label, "bpw": bpw, **r.to_dict()})
         print(f"uniform {opt.label:16s} {bpw:.4f} bpw  {r.describe()}", flush=True)
 
+    nll_of = {}
     for em in args.error_models.split(","):
         for b in budgets:
             p = plan_from_table(table, f"{b}bits", loaded, calib, error_model=em)
             r = measure(p.options_by_module())
+            nll_of[em, b] = with_options(model, p.options_by_module(), lambda m: token_nll(m, windows))
             rows.append({"kind": f"plan-{em}", "config": f"{b}bits", "bpw": p.summary.storage_bits_per_weight,
                          "predicted_delta_nll": p.summary.predicted_delta_loss, **r.to_dict()})
             print(f"plan {em:6s} {b:5.2f}bits -> {p.summary.storage_bits_per_weight:.4f} bpw  "
                   f"predicted ΔNLL {p.summary.predicted_delta_loss:.4f}  measured ΔNLL {r.nll - base.nll:.4f}  {r.describe()}", flush=True)
 
-    report = summarize(rows, budgets, base, args.error_models.split(","))
+    pairs = paired_rows(nll_of, budgets, args.error_models.split(","))
+    report = summarize(rows, budgets, base, args.error_models.split(",")) + "\n\n" + pairs_table(pairs)
     print(report)
-    result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s,
+    result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s, "pairs": pairs,
               "calibration": calib.settings(), "model": loaded.source, "content_hash": loaded.content_hash}
     atomic_write_text(out_dir / "quality.json", canonical_json(result))
     plot(rows, base, out_dir / "quality.png", args.error_models.split(","))
+
+
+def paired_rows(nll_of: dict, budgets: list[float], error_models: list[str]) -> list[dict]:
+    """Per budget, each later error model's plan against the first one's: ΔNLL on the same tokens."""
+    rows = []
+    for em in error_models[1:]:
+        for b in budgets:
+            a, ref = nll_of[em, b], nll_of[error_models[0], b]
+            per_window = (a - ref).mean(dim=1)
+            rows.append({"budget": b, "error_model": em, "against": error_models[0],
+                         "delta_nll": paired(a, ref)[0], "se_tokens": paired(a, ref)[1],
+                         "se_windows": float(per_window.std() / per_window.numel() ** 0.5)})
+    return rows
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    lines = ["Same budget, same tokens: mean NLL of the plan − that of the first error model's plan "
+             "(negative: better), ± paired standard error over tokens / over windows", "",
+             "| budget | error model | against | ΔNLL | ± SE (tokens) | ± SE (windows) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['budget']:g} | {p['error_model']} | {p['against']} | {p['delta_nll']:+.4f} | {p['se_tokens']:.4f} | "
+              f"{p['se_windows']:.4f} |" for p in pairs]
+    return "\n".join(lines)
 
 
 def best_uniform(rows: list[dict], budget: float) -> dict | None:

@@ -89,10 +89,10 @@ def profile(
     from .candidates import build_candidate_table
     from .checkpoint import StreamedModel
     from .profile.statistics import collect_statistics
-    from .profile.store import cache_key, load_table, numerics_fingerprint, save_table
+    from .profile.store import content_key, load_table, numerics_fingerprint, save_table
     from .profile.streamed import streamed_candidate_table
 
-    key = cache_key(
+    key = content_key(
         {
             "model": loaded.content_hash,
             "calibration": calibration.settings(),
@@ -163,7 +163,8 @@ def profile_model(
     the empirical-Fisher trace, settings trace_estimator="empirical-fisher").
     ray: fisher, salience, spikes and the table computed on a Ray cluster (profile/distributed.py).
     """
-    from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile, profile_key
+    from .profile.pipeline import DEFAULT_SIGNALS, ProfileSettings, code_fingerprint, compute_profile
+    from .profile.store import content_key
 
     if config is None:
         config = _profile_config(calibration, options, seq_len, calib_tokens, seed, include_lm_head,
@@ -205,7 +206,7 @@ def profile_model(
 
         pool = RayPool(config.ray, loaded, trust_remote_code)  # its actors start only if there is work for them
     try:
-        return compute_profile(loaded.model, module_names, calib, profile_key(parts), prof_settings, Path(out),
+        return compute_profile(loaded.model, module_names, calib, content_key(parts), prof_settings, Path(out),
                                options=options, meta=meta, progress=progress, quantizer=config.quantizer,
                                streamed_from=loaded if isinstance(loaded, StreamedModel) else None, ray_pool=pool)
     finally:

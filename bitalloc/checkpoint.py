@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BadInputError
+from .errors import BadInputError, setting
 from .models import LoadedModel, hash_tensor
 
 _SAFETENSORS_DTYPES = {
@@ -103,7 +103,7 @@ def open_streamed(source: str, *, trust_remote_code: bool = False) -> StreamedMo
         where, kwargs["gguf_file"], gguf_path = str(path), ggufs[0].name, ggufs[0]
     else:
         raise BadInputError(f"streaming needs a local checkpoint: {source!r} is not a .gguf file or a directory with "
-                            "config.json + safetensors; download it first or drop --stream")
+                            f"config.json + safetensors; download it first or drop {setting('stream')}")
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -154,7 +154,7 @@ def _gguf_tensors(path: Path, skeleton: nn.Module) -> dict[str, TensorEntry]:
     # Processors that merge or split tensors (MoE experts) cannot be applied one tensor at a time.
     if processor_cls not in (TensorProcessor, LlamaTensorProcessor, GPT2TensorProcessor):
         raise BadInputError(f"streaming GGUF models of architecture {architecture!r} is not supported "
-                            "(tensors are merged on load); drop --stream")
+                            f"(tensors are merged on load); drop {setting('stream')}")
     # The processors read only head counts, which the config took from the same GGUF metadata.
     processor = processor_cls(config=skeleton.config.to_dict())
     name_map = get_gguf_hf_weights_map(skeleton, processor)

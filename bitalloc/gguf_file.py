@@ -325,7 +325,7 @@ def _planned_bytes(q, entry: TensorEntry, src: Source) -> np.ndarray:
     else:
         if q.blocks is None:
             raise BadInputError(f"the quantizer returned no GGUF blocks for {entry.name} ({entry.ggml_type}); "
-                                "apply GGUF plans with --quantizer rtn, imatrix or gptq")
+                                f"apply GGUF plans with {setting('quantizer')} rtn, imatrix or gptq")
         data = q.blocks
     return np.ascontiguousarray(data[_row_order(entry.name, data.shape[0], src)])
 

@@ -78,7 +78,7 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
             raise
         raise BadInputError(
             f"could not load model {source!r}: {first}. Offline? pass a local directory or .gguf file; "
-            "custom code needs --trust-remote-code"
+            f"custom code needs {setting('trust_remote_code')}"
         ) from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
@@ -272,9 +272,11 @@ def stages_by_shared_input(calls) -> list[list[str]]:
 
 
 @contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    """Within the block, each (module, hook) is a registered forward hook, in the given order; all removed after."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+    """Within the block, each (module, hook) is a registered forward hook (pre: a forward pre-hook, which
+    sees the inputs before the module runs), in the given order; all removed after."""
+    handles = [module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+               for module, hook in hooks]
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import setting
 from .table import CandidateTable
 from .models import set_weight_matrix, weight_matrix
 from .quantizers import check_without_hessian, importance_only, weight_values
@@ -29,7 +30,7 @@ class CalibrationScore:
         trials take diag H from them on the unquantized model, so they hold the table's weights.
         """
         check_without_hessian(table.quantizer, "scoring plans on the model (evolutionary solver)",
-                              "plan with the ilp, lagrangian or dp solver, or profile with --quantizer rtn")
+                              f"plan with the ilp, lagrangian or dp solver, or profile with {setting('quantizer')} rtn")
         self.model, self.table, self.tokens = model, table, tokens
         self.modules = [model.get_submodule(n) for n in table.groups]
         self.original = [weight_matrix(m).detach().clone() for m in self.modules]

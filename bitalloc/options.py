@@ -26,6 +26,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# group_size's two values that are not a group of weights along a row (a plan stores them as they are).
+PER_CHANNEL = None  # one scale per output row
+PER_TENSOR = 0  # one scale for the whole tensor (fp only)
+
+
 @dataclass(frozen=True, order=True)
 class QuantOption:
     """One storage choice for a weight group; its family (bitalloc/formats, by fmt and scale_fmt)
@@ -97,18 +102,28 @@ class QuantOption:
     def label(self) -> str:
         return format_of(self).label(self)
 
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output row (group_size PER_CHANNEL)."""
+        return self.group_size is PER_CHANNEL
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale for the whole tensor (group_size PER_TENSOR)."""
+        return self.group_size == PER_TENSOR
+
     def fits(self, in_features: int) -> bool:
         """Can this option tile a row of `in_features` weights exactly?"""
-        return not self.group_size or in_features % self.group_size == 0
+        return self.per_channel or self.per_tensor or in_features % self.group_size == 0
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store an [out, in] matrix: payload, per-group scale and zero-point,
         and the per-tensor scale where the format has one."""
         if not self.fits(in_features):
             raise ValueError(f"{self.label} does not divide in_features={in_features}")
-        if self.group_size is None:
+        if self.per_channel:
             groups = out_features
-        elif self.group_size == 0:
+        elif self.per_tensor:
             groups = 1
         else:
             groups = out_features * (in_features // self.group_size)
@@ -158,7 +173,7 @@ def default_options(
 
 def option_sort_key(o: QuantOption) -> tuple:
     # Within one element: per tensor (0), then groups by size, then per channel (None); scale format last.
-    return (o.fmt, o.bits, o.element, o.group_size is None, o.group_size or 0, o.symmetric, o.scale_fmt)
+    return (o.fmt, o.bits, o.element, o.per_channel, o.group_size or 0, o.symmetric, o.scale_fmt)
 
 
 def label_examples() -> str:

@@ -285,7 +285,7 @@ def _scale_as_fp16(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
 def _fp8_tensors(q: QuantizedWeight) -> tuple[dict[str, torch.Tensor], str]:
     # compressed-tensors dequantizes as fp8.to(scale dtype) * scale: the codes are E4M3 values, exactly.
     tensors = {"weight": q.codes.to(torch.float8_e4m3fn).contiguous()}  # [out, in]
-    if q.option.group_size == 0:
+    if q.option.per_tensor:
         tensors["weight_scale"] = q.scale.reshape(1).float()  # one fp32 scale per tensor
         return tensors, ""
     tensors["weight_scale"], note = _scale_as_fp16(q.scale)  # [out, n_groups]

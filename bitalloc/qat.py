@@ -29,13 +29,14 @@ from .apply import check_plan_matches
 from .budget import Budget
 from .calibration import Calibration, calibration_from_tokens
 from .constraints import Constraints
-from .errors import BadInputError, BitallocError
-from .formats import quantize_dequantize
-from .formats.int import grouped, int_codes, int_dequantize, int_range, int_scales
+from .errors import BadInputError, BitallocError, setting
+from .formats import fake_quant
+from .formats.int import fake_quant_int, grouped, int_codes, int_dequantize, int_range, int_scales
 from .models import Conv1D, LoadedModel, is_linear, set_weight_matrix, weight_matrix
 from .options import QuantOption, parse_option
 from .plan import Plan
 from .quantizers import QuantizedWeight, quantize_weight
+from .ste import Fp16STE, GradScale
 
 try:
     from transformers import TrainerCallback
@@ -45,71 +46,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 log = logging.getLogger(__name__)
 
 FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive fp16: a learned scale never reaches 0
-
-
-# ---- straight-through pieces ---------------------------------------------------------------------
-# Autograd functions rather than the `x + (f(x) - x).detach()` idiom: the forward value is exactly
-# f(x), bit for bit, so a freshly prepared model equals the RTN-applied one exactly.
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _Fp16STE(torch.autograd.Function):
-    """Round to the nearest fp16 value (how the scale is stored); gradient passes through."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.to(torch.float16).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward, gradient times `factor` (LSQ §2.2)."""
-
-    @staticmethod
-    def forward(ctx, x, factor: float):
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-class _FormatSTE(torch.autograd.Function):
-    """quantize_dequantize of any registered format (fp, mx, nvfp4) forward; identity backward."""
-
-    @staticmethod
-    def forward(ctx, w, option):
-        return quantize_dequantize(w, option)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def fake_quant_int(w: torch.Tensor, option: QuantOption, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(clamp(round(w/s) + z) - z)·s per group, rounding by STE; w [out, in] float32, scale/zero [out, n_groups].
-
-    The same operations in the same order as formats.int.int_codes + int_dequantize, so with the
-    RTN scales the values are those `bitalloc.apply` stores, bit for bit.
-    """
-    g = grouped(w, option.group_size)  # [out, n_groups, group]
-    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    lo, hi = int_range(option)
-    q = torch.clamp(_RoundSTE.apply(g / s) + z, lo, hi)
-    return ((q - z) * s).reshape(w.shape)
 
 
 # ---- the wrapper ---------------------------------------------------------------------------------
@@ -149,8 +85,8 @@ class FakeQuantLinear(nn.Module):
 
     def stored_scale(self) -> torch.Tensor:
         """The learned scale as it will be stored (positive, fp16-representable), float32 [out, n_groups]."""
-        s = _GradScale.apply(self.scale, self.grad_factor)
-        return _Fp16STE.apply(s.clamp(min=FP16_MIN_SUBNORMAL))
+        s = GradScale.apply(self.scale, self.grad_factor)
+        return Fp16STE.apply(s.clamp(min=FP16_MIN_SUBNORMAL))
 
     def fake_weight(self) -> torch.Tensor:
         """The weight the stored option reproduces, [out, in], differentiable (STE)."""
@@ -158,11 +94,8 @@ class FakeQuantLinear(nn.Module):
         wf = w.float()
         if self.learnable_scale:
             out = fake_quant_int(wf, self.option, self.stored_scale(), self.zero)
-        elif self.option.fmt == "int":
-            scale, zero = int_scales(grouped(wf.detach(), self.option.group_size), self.option)
-            out = fake_quant_int(wf, self.option, scale.squeeze(-1), zero.squeeze(-1))
-        else:
-            out = _FormatSTE.apply(wf, self.option)
+        else:  # the family's own (formats/<family>.py), with the RTN scales of the current weight
+            out = fake_quant(wf, self.option)
         return out.to(w.dtype)
 
     def forward(self, *args, **kwargs):
@@ -221,7 +154,7 @@ def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.
                 raise BadInputError(
                     f"QAT wraps untied linear layers; {a.module} ({type(module).__name__}"
                     f"{', tied to ' + ', '.join(a.tied_to) if a.tied_to else ''}) is not one: "
-                    "plan without --include-embeddings / --include-lm-head (tied) for QAT")
+                    f"plan without {setting('include_embeddings')} / {setting('include_lm_head')} (tied) for QAT")
             if not module.weight.is_floating_point():
                 raise BadInputError(f"{a.module} holds {module.weight.dtype} weights; QAT trains float weights: "
                                     "load the model unquantized")

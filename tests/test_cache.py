@@ -133,7 +133,7 @@ def test_entry_with_wrong_checksum_is_rejected(tmp_path, calib_ids, monkeypatch)
     doc_path = entry.parent / "profile.json"
     doc = json.loads(doc_path.read_text())
     key = doc["key"]
-    assert entry.parent.name == f"table-{key[:32]}"
+    assert entry.parent.name == f"table-{key[7:39]}"
     doc["profile"]["table"]["options"][0]["bits"] = 8  # the arrays untouched: only the checksum's coverage sees it
     doc_path.write_text(json.dumps(doc))
     with pytest.warns(UserWarning, match="checksum"):
@@ -148,14 +148,14 @@ def test_store_round_trip(tmp_path, monkeypatch, calib_ids):
     spy = Spy(monkeypatch)
     bitalloc.plan(make_llama(), "4bits", calib_ids, cache_dir=False)
     table = spy.built[0]
-    key = store.cache_key({"anything": [1, 2, 3]})
+    key = store.content_key({"anything": [1, 2, 3]})
     path = store.save_table(tmp_path, key, table)
-    assert path.parent == tmp_path and path.name == f"table-{key[:32]}"
+    assert path.parent == tmp_path and path.name == f"table-{key[7:39]}"
     assert_same_table(store.load_table(tmp_path, key), table)
-    assert store.load_table(tmp_path, store.cache_key({"anything": [1, 2, 4]})) is None
+    assert store.load_table(tmp_path, store.content_key({"anything": [1, 2, 4]})) is None
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files
     assert sorted(p.name for p in path.iterdir()) == ["profile.json", "tensors.npz"]
-    assert store.cache_key({"a": 1, "b": 2}) == store.cache_key({"b": 2, "a": 1})
+    assert store.content_key({"a": 1, "b": 2}) == store.content_key({"b": 2, "a": 1})
 
 
 def test_default_cache_dir_honours_env(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ rule: s = mean |w| of the group), stored in 2 bits per weight. Label: ternary-g<
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -128,6 +129,29 @@ def test_planned_saved_loaded_applied_and_trained(registered, tmp_path):
     assert prepared.get_submodule(name).weight.grad is not None
     stored = qat.convert(prepared)[name]
     assert torch.equal(stored.values.to(w.dtype), w) and set(stored.codes.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_qat_trains_with_the_family_s_own_fake_quant(tmp_path):
+    """A family that declares fake_quant gets it in QAT: here the STE is scaled by 0.5, so the weight's
+    gradient is half of the plain straight-through one (the default for a family without it)."""
+    def grads(fmt: Format) -> torch.Tensor:
+        register_format(fmt)
+        try:
+            plan = _toy_plan(tmp_path)
+            name = next(a.module for a in plan.assignments if a.label == "ternary-g32")
+            torch.manual_seed(0)
+            prepared = qat.prepare(make_llama(), plan)
+            prepared(torch.arange(8)[None]).logits.sum().backward()
+            return prepared.get_submodule(name).weight.grad.clone()
+        finally:
+            unregister_format("ternary")
+
+    def half_ste(w: torch.Tensor, o: QuantOption) -> torch.Tensor:
+        return _quantize(w.detach(), o).values + 0.5 * (w - w.detach())
+
+    plain, own = grads(TERNARY), grads(dataclasses.replace(TERNARY, fake_quant=half_ste))
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(own, 0.5 * plain)
 
 
 def test_packers_and_exporters_hold_it_or_refuse_it(registered, tmp_path):

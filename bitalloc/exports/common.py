@@ -94,4 +94,4 @@ def write_json(path: Path, obj) -> Path:
 
 def group_size_field(o: QuantOption) -> int:
     """GPTQ/AutoRound convention: -1 = one scale per output channel."""
-    return -1 if o.group_size is None else o.group_size
+    return -1 if o.per_channel else o.group_size

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_output
-from ..models import is_linear
+from ..models import forward_hooks, is_linear
 
 
 def input_square_sums(model: nn.Module, windows: torch.Tensor, modules: list[str]) -> tuple[dict[str, torch.Tensor], int]:
@@ -29,14 +29,9 @@ def input_square_sums(model: nn.Module, windows: torch.Tensor, modules: list[str
             sums[name] = sums.get(name, 0) + (x * x).reshape(-1, x.shape[-1]).sum(dim=0)
         return fn
 
-    handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model(input_ids=window[None])
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), forward_hooks(((model.get_submodule(m), hook(m)) for m in modules), pre=True):
+        for window in windows:
+            model(input_ids=window[None])
     return sums, int(windows.numel())
 
 

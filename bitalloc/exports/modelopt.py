@@ -39,18 +39,18 @@ def modelopt_layer(o: QuantOption) -> tuple[dict | None, str]:
     if scheme == "fp":
         if o.element != "e4m3":
             return None, "ModelOpt's FP8 algorithms are e4m3 only"
-        if o.group_size == 0:
+        if o.per_tensor:
             return {"quant_algo": "FP8"}, ""
-        if o.group_size is None:
+        if o.per_channel:
             return {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}, ""
         return None, "ModelOpt has no per-group FP8 weight scales (FP8 is per tensor or per channel)"
     if scheme != "int":
         return None, f"ModelOpt has no algorithm for {scheme} options"
     if not o.symmetric:
         return None, "ModelOpt's integer algorithms are symmetric (no zero-points)"
-    if o.bits == 8 and o.group_size is None:
+    if o.bits == 8 and o.per_channel:
         return {"quant_algo": "W8A16"}, ""
-    if o.bits == 4 and o.group_size is None:
+    if o.bits == 4 and o.per_channel:
         return {"quant_algo": "W4A16"}, ""
     if o.bits == 4 and o.group_size in AWQ_GROUPS:
         return {"quant_algo": "W4A16_AWQ", "group_size": o.group_size, "has_zero_point": False,

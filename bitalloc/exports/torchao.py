@@ -45,9 +45,9 @@ def _dtype(name: str) -> dict:
 
 
 def _granularity(o: QuantOption) -> dict:
-    if o.group_size is None:
+    if o.per_channel:
         return _obj("PerAxis", 1, {"axis": 0}) if o.fmt == "int" else _obj("PerRow", 1, {"dim": -1})
-    if o.group_size == 0:
+    if o.per_tensor:
         return _obj("PerTensor", 1, {})
     return _obj("PerGroup", 1, {"group_size": o.group_size})
 
@@ -59,7 +59,7 @@ def torchao_config_dict(o: QuantOption) -> tuple[dict | None, str]:
     if o.fmt == "int":
         if o.bits == 4 and not o.symmetric and o.group_size in INT4_TINYGEMM_GROUPS:
             return _obj("Int4WeightOnlyConfig", 2, {"group_size": o.group_size}), ""
-        if o.bits == 8 and o.symmetric and o.group_size is None:
+        if o.bits == 8 and o.symmetric and o.per_channel:
             return _obj("Int8WeightOnlyConfig", 2, {"group_size": None, "granularity": _obj("PerRow", 1, {"dim": -1})}), ""
         mapping = "SYMMETRIC" if o.symmetric else "ASYMMETRIC"
         return _obj("IntxWeightOnlyConfig", 2, {"weight_dtype": _dtype(f"int{o.bits}"), "granularity": _granularity(o),

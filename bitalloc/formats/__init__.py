@@ -69,6 +69,8 @@ class Format:
     quantize(weight [out, in] float32, option) -> QuantizedWeight, round to nearest.
     grids: name offered to `default_options(formats=...)` and hardware targets -> options for a Grid.
     grid_of(option): which of those grids offers it (None: the only one).
+    fake_quant(weight, option) -> the values quantize gives, differentiable for QAT (qat.py); None: those
+      values with the gradient passed straight through everywhere (ste.FormatSTE).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Format:
     scale_fmts: tuple[str, ...] = ("fp16",)
     elements: tuple[str, ...] = ("",)
     grid_of: Callable[[QuantOption], str] | None = None
+    fake_quant: Callable[[torch.Tensor, QuantOption], torch.Tensor] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -154,3 +157,14 @@ def quantize(weight: torch.Tensor, option: QuantOption) -> QuantizedWeight:
 def quantize_dequantize(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
     """Return the values the stored option would reproduce for `weight` [out, in] (same dtype)."""
     return quantize(weight, option).values.to(weight.dtype)
+
+
+def fake_quant(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    """quantize_dequantize of `weight` [out, in] float32, differentiable for QAT: the family's own
+    fake_quant, or straight through (identity gradient) where it declares none."""
+    fmt = format_of(option)
+    if fmt.fake_quant is not None:
+        return fmt.fake_quant(weight, option)
+    from ..ste import FormatSTE
+
+    return FormatSTE.apply(weight, option)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from ..lazy import LazyModule
-from ..options import QuantOption
+from ..options import PER_TENSOR, QuantOption
 from . import Format, QuantizedWeight, register_format
 from .int import fp16_round_up, group_label, grouped
 
@@ -66,7 +66,7 @@ def element_bits(element: str) -> int:
 
 def fp_option(element: str, group_size: int | None) -> QuantOption:
     """Minifloat elements with an fp16 scale per channel (None) or group, or one fp32 scale (0)."""
-    scale_fmt = "fp32" if group_size == 0 else "fp16"
+    scale_fmt = "fp32" if group_size == PER_TENSOR else "fp16"
     return QuantOption("fp", element_bits(element), group_size, True, SCALE_BITS[scale_fmt], 0, element, scale_fmt)
 
 
@@ -87,9 +87,9 @@ def check_element(o: QuantOption) -> None:
 def check(o: QuantOption) -> None:
     # Each scale format belongs to one layout (family), so every valid option has exactly one label.
     check_element(o)
-    if o.scale_fmt == "fp16" and (o.group_size == 0 or o.tensor_scale_bits):
+    if o.scale_fmt == "fp16" and (o.per_tensor or o.tensor_scale_bits):
         raise ValueError("fp16 scales are per channel or per group")
-    if o.scale_fmt == "fp32" and (o.group_size != 0 or o.tensor_scale_bits):
+    if o.scale_fmt == "fp32" and (not o.per_tensor or o.tensor_scale_bits):
         raise ValueError("an fp32 scale is one per tensor (group_size=0)")
 
 

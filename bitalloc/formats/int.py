@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from ..lazy import LazyModule
-from ..options import QuantOption
+from ..options import PER_CHANNEL, PER_TENSOR, QuantOption
 from . import Format, QuantizedWeight, register_format
 
 torch = LazyModule("torch")
@@ -22,7 +22,7 @@ def int_option(bits: int, group_size: int | None, symmetric: bool = False) -> Qu
 
 def check_plain(o: QuantOption) -> None:
     """What int and keep options obey: no per-tensor scale, no element, no other scale format."""
-    if o.group_size == 0:
+    if o.per_tensor:
         raise ValueError(f"group_size must be positive or None (per channel) for {o.fmt}; "
                          "0 (one scale per tensor) is for fp formats only")
     if o.element or o.scale_fmt != "fp16" or o.tensor_scale_bits:
@@ -36,7 +36,7 @@ def check(o: QuantOption) -> None:
 
 
 def group_label(group_size: int | None) -> str:
-    return "ch" if group_size is None else ("tensor" if group_size == 0 else f"g{group_size}")
+    return "ch" if group_size is PER_CHANNEL else ("tensor" if group_size == PER_TENSOR else f"g{group_size}")
 
 
 def label(o: QuantOption) -> str:
@@ -46,7 +46,7 @@ def label(o: QuantOption) -> str:
 def parse_group(text: str) -> int | None:
     """'ch' -> None (per channel), 'g64' -> 64."""
     if text == "ch":
-        return None
+        return PER_CHANNEL
     if int(text[1:]) == 0:
         raise ValueError("group size must be positive")
     return int(text[1:])
@@ -61,9 +61,9 @@ def parse(text: str) -> QuantOption | None:
 def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[out, in] -> [out, n_groups, group]; None = one group per row, 0 = the whole tensor (fp)."""
     out_f, in_f = weight.shape
-    if group_size == 0:
+    if group_size == PER_TENSOR:
         return weight.reshape(1, 1, out_f * in_f)
-    g = in_f if group_size is None else group_size
+    g = in_f if group_size is PER_CHANNEL else group_size
     if in_f % g:
         raise ValueError(f"group size {g} does not divide in_features={in_f}")
     return weight.reshape(out_f, in_f // g, g)
@@ -140,6 +140,27 @@ def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
     return QuantizedWeight(o, int_dequantize(codes, scale, zero), codes, scale, zero)
 
 
+def fake_quant_int(w: torch.Tensor, option: QuantOption, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(clamp(round(w/s) + z) - z)·s per group, rounding by STE; w [out, in] float32, scale/zero [out, n_groups].
+
+    The same operations in the same order as int_codes + int_dequantize, so with the RTN scales the
+    values are those `bitalloc.apply` stores, bit for bit. The gradient is zero where the code clamps.
+    """
+    from ..ste import RoundSTE
+
+    g = grouped(w, option.group_size)  # [out, n_groups, group]
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    lo, hi = int_range(option)
+    q = torch.clamp(RoundSTE.apply(g / s) + z, lo, hi)
+    return ((q - z) * s).reshape(w.shape)
+
+
+def fake_quant(w: torch.Tensor, o: QuantOption) -> torch.Tensor:
+    """QAT's view of `o`: the RTN scales of the current weight (no gradient), rounding by STE."""
+    scale, zero = int_scales(grouped(w.detach(), o.group_size), o)
+    return fake_quant_int(w, o, scale.squeeze(-1), zero.squeeze(-1))
+
+
 register_format(Format(
-    "int", "int", check, label, parse, quantize, label_examples=("int4-g64-asym", "int8-ch-sym"),
+    "int", "int", check, label, parse, quantize, fake_quant=fake_quant, label_examples=("int4-g64-asym", "int8-ch-sym"),
     grids={"int": lambda g: [int_option(b, gs, s) for b in g.bits for gs in g.group_sizes for s in g.symmetric]}))

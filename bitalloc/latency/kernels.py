@@ -78,7 +78,7 @@ register_kernel(Kernel(
 
 
 def _is_int8_channel_sym(o: QuantOption) -> bool:
-    return o.fmt == "int" and o.bits == 8 and o.group_size is None and o.symmetric
+    return o.fmt == "int" and o.bits == 8 and o.per_channel and o.symmetric
 
 
 def _prepare_int8_weight_only(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:
@@ -147,7 +147,7 @@ register_kernel(Kernel(
 
 
 def _is_fp8_channel(o: QuantOption) -> bool:
-    return o.fmt == "fp" and o.element in ("e4m3", "e5m2") and o.group_size in (None, 0)
+    return o.fmt == "fp" and o.element in ("e4m3", "e5m2") and (o.per_channel or o.per_tensor)
 
 
 def _prepare_fp8_scaled_mm(weight: torch.Tensor, option: QuantOption, dtype: torch.dtype) -> LinearFn:

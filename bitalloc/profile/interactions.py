@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
+from ..models import decoder_blocks, forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from ..quantizers import weight_values
 from .records import Interaction
@@ -41,13 +41,9 @@ def dataflow_graph(model: nn.Module, module_names: list[str], sample_ids: torch.
     edges: within a stage ("sibling") and from each stage to the next ("sequential")."""
     # Keep the input tensors themselves: comparing ids of freed tensors could match a reused address.
     order: list[tuple[str, torch.Tensor]] = []
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: order.append((n, args[0]))) for n in module_names]
-    try:
+    with forward_hooks((model.get_submodule(n), lambda mod, args, out, n=n: order.append((n, args[0])))
+                       for n in module_names):
         model(input_ids=sample_ids.reshape(1, -1))
-    finally:
-        for h in handles:
-            h.remove()
     stages = stages_by_shared_input(order)
     import networkx as nx  # here, not at the top: planning from a profile loads this module but never draws a graph
 

@@ -45,10 +45,6 @@ from .store import numerics_fingerprint
 from ..progress import steps
 
 
-def profile_key(parts: dict) -> str:
-    return "sha256:" + hashlib.sha256(canonical_json({"profile_version": 1, **parts}).encode()).hexdigest()
-
-
 def code_fingerprint() -> str:
     """sha256 of the source that computes profile contents (the table's numerics + every signal)."""
     h = hashlib.sha256(numerics_fingerprint().encode())

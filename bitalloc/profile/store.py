@@ -5,8 +5,8 @@ instead of recomputing calibration statistics. An entry is a profile folder (art
 on-disk format of `bitalloc profile --out` and the service's store too) holding just the table,
 checksummed over all of its content. Anything that fails to load, whose key or checksum disagrees,
 or whose storage bits are not those of its options and shapes, is treated as absent (and
-overwritten), never used. Store version 3 (folders) finds no entry of version 2 (single .npz files):
-those are recomputed.
+overwritten), never used. Store version 4 (one content_key for the cache, profile folders and the
+service's profiles) finds no entry of older versions: those are recomputed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..io import canonical_json
 from ..table import CandidateTable
 from .artifact import Profile
 
-STORE_VERSION = 3
+STORE_VERSION = 4
 
 
 def default_cache_dir() -> Path:
@@ -41,12 +41,21 @@ def numerics_fingerprint() -> str:
     return h.hexdigest()
 
 
-def cache_key(parts: dict) -> str:
-    return hashlib.sha256(canonical_json({"store_version": STORE_VERSION, **parts}).encode()).hexdigest()
+def content_key(parts: dict) -> str:
+    """The one key of everything bitalloc stores: table cache entries, profile folders (`bitalloc profile
+    --out`) and the service's profiles. `parts` is what the stored result depends on (model content,
+    calibration, modules, options, settings, code fingerprint); the store version salts it, so a change
+    of format never finds an old entry."""
+    return "sha256:" + hashlib.sha256(canonical_json({"store_version": STORE_VERSION, **parts}).encode()).hexdigest()
+
+
+def short_id(key: str) -> str:
+    """32 hex digits of a content_key: folder names and the service's ids."""
+    return key.removeprefix("sha256:")[:32]
 
 
 def entry_dir(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / f"table-{key[:32]}"
+    return Path(cache_dir) / f"table-{short_id(key)}"
 
 
 def save_table(cache_dir: Path, key: str, table: CandidateTable) -> Path:

@@ -153,7 +153,7 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
     K = len(options)
-    sizes = [in_f if o.group_size is None else o.group_size for o in options]
+    sizes = [in_f if o.per_channel else o.group_size for o in options]
     for g in sizes:
         if in_f % g:
             raise ValueError(f"group size {g} does not divide in_features={in_f}")
@@ -163,7 +163,7 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     rows = [slice(j * out_f, (j + 1) * out_f) for j in range(K)]  # option j's rows in the stack
     scale = [torch.empty(out_f, in_f // g) for g in sizes]  # [out, n_groups] per option
     zero = [torch.empty(out_f, in_f // g) for g in sizes]
-    static = [act_order or o.group_size is None for o in options]
+    static = [act_order or o.per_channel for o in options]
     # Column weights of the scale search: 1 / [H_F⁻¹]_jj, GPTQ's cost per unit² of rounding error
     # in column j (see the module docstring); visiting order, and natural order for static groups.
     h_visit = 1.0 / torch.diagonal(fac.hinv) ** 2  # [in]

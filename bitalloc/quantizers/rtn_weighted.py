@@ -42,7 +42,7 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
         raise ValueError(f"importance has shape {tuple(h.shape)}, the weight has {in_f} inputs")
     scheme = option.scheme
     if scheme == "int":
-        g = in_f if option.group_size is None else option.group_size
+        g = in_f if option.per_channel else option.group_size
         wg = grouped(w, option.group_size)  # [out, n_groups, g]
         q, s, z = search_int_scales(wg, h.view(1, in_f // g, g), option, grid)
         codes = q.reshape(out_f, in_f).to(torch.int32)

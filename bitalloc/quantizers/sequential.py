@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..blockwalk import BlockCall, StopForward, record_calls
-from ..models import decoder_blocks, set_weight_matrix, stages_by_shared_input, weight_matrix
+from ..models import decoder_blocks, forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
 from ..progress import steps
@@ -69,17 +69,10 @@ def _stages(block: nn.Module, planned: dict[str, QuantOption], inputs: Inputs) -
     """Planned modules in the order the block calls them, grouped by shared input (q/k/v, o, gate/up, down)."""
     # The input tensors themselves are kept (not their ids), so a freed tensor's id cannot be reused.
     order: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for local in planned:
-        def seen(mod, args, local=local):
-            order.append((local, args[0]))
-        handles.append(block.get_submodule(local).register_forward_pre_hook(seen))
-    try:
+    with forward_hooks(((block.get_submodule(local), lambda mod, args, local=local: order.append((local, args[0])))
+                        for local in planned), pre=True):
         call, hidden = inputs[0]
         call(block, hidden)
-    finally:
-        for h in handles:
-            h.remove()
     stages = stages_by_shared_input(order)
     done = {name for stage in stages for name in stage}
     missing = set(planned) - done
@@ -116,15 +109,12 @@ def _input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> to
         acc["n"] += x.shape[0]
         raise StopForward
 
-    handle = module.register_forward_pre_hook(grab)
-    try:
+    with forward_hooks([(module, grab)], pre=True):
         for run in passes:
             try:
                 run()
             except StopForward:
                 pass
-    finally:
-        handle.remove()
     return acc["xtx"] / acc["n"]
 
 

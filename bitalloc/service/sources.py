@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import ProfileConfig
 from ..errors import BadInputError
-from ..io import canonical_json
+from ..profile.store import content_key, short_id
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
@@ -158,7 +158,7 @@ class ProfileSpec:
 
     @property
     def profile_id(self) -> str:
-        return "prof_" + hashlib.sha256(canonical_json(self.key_parts()).encode()).hexdigest()[:32]
+        return "prof_" + short_id(content_key(self.key_parts()))
 
     def to_dict(self) -> dict:
         return {"source": self.source, "model": self.model, "calib_path": self.calib_path,
