@@ -24,7 +24,9 @@ Prints tables, writes bench/out/sensitivity.json + .png.
 
     python bench/sensitivity.py --calibrate-only   # just the calibration step, on the rows already in sensitivity.json
     python bench/sensitivity.py --rescore          # fisher and fisher-tw (token-weighted) predictions of those rows,
-                                                   # from one statistics pass of the current profiler
+                                                   # from one statistics pass of the current profiler, against two
+                                                   # references: the exact per-token diagonal-Fisher error and
+                                                   # fisher-tw with H_a shrunk toward (ΣF)·H (Ledoit-Wolf)
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from bitalloc.api import profile_model, resolve_calibration
 from bitalloc.candidates import option_error
 from bitalloc.formats import quantize_dequantize
 from bitalloc.io import atomic_write_text, canonical_json
-from bitalloc.models import select_modules, weight_matrix
+from bitalloc.models import forward_hooks, select_modules, weight_matrix
 from bitalloc.options import parse_option
 from bitalloc.profile.interactions import candidate_pairs, dataflow_graph
-from bitalloc.profile.statistics import collect_statistics
+from bitalloc.profile.statistics import collect_statistics, output_requires_grad
 from bitalloc.profile.store import default_cache_dir
 from bitalloc.verify import fit_family_scales, held_out_slice, option_family
 
@@ -113,7 +115,7 @@ def main() -> None:
         tables = saved["table_text"].split("\n\nToken weighting")[0].split("\n\nError model calibrated")[0]
         if args.rescore:
             saved["token_weighting"] = rescore_fisher(model, saved["rows"], calib)
-            for name in ("fisher", "fisher-tw"):  # fisher: recomputed, equal to the table's up to float order
+            for name in ("fisher", "fisher-tw", "fisher-tw-lw", "fisher-exact"):  # fisher: recomputed, = the table's up to float order
                 saved["summary"][name] = {"kind": "error model", **saved["token_weighting"][name]}
             print(saved["token_weighting"]["text"])
             plot(saved["rows"], path.with_suffix(".png"))
@@ -233,17 +235,68 @@ def rescore_fisher(model, rows: list[dict], calib) -> dict:
     for r in rows:
         w = weight_matrix(model.get_submodule(r["module"])).detach().float()
         r["fisher"], _, r["fisher-tw"] = option_error(w, parse_option(r["option"]), stats[r["module"]])
+    exact, spread, n = per_token_errors(model, rows, calib)
+    for i, r in enumerate(rows):
+        r["fisher-exact"] = exact[i]
+        s = stats[r["module"]]
+        h_a, target = s.grad_weighted_hessian.double(), float(s.fisher.sum()) * s.hessian.double()
+        # Ledoit-Wolf: shrink H_a (a mean over tokens) toward (ΣF)·H by Σ Var(H_a entries) / ‖H_a − target‖²;
+        # the error is linear in H_a, and (ΣF)·H gives exactly fisher's error, so the blend is of the two errors
+        variance = (spread[r["module"]] / n - float((h_a**2).sum())) / n
+        shrink = min(1.0, max(0.0, variance / float(((h_a - target) ** 2).sum())))
+        r["lw_shrinkage"] = shrink
+        r["fisher-tw-lw"] = shrink * r["fisher"] + (1 - shrink) * r["fisher-tw"]
     labels = list(dict.fromkeys(r["option"] for r in rows))
     lines = [f"Token weighting of the fisher error model on the same {len(rows)} single-module ablations "
              f"(statistics from {calib.n_windows}×{calib.seq_len} validation tokens):", "",
              "| error model | Spearman ρ (all) | " + " | ".join(f"ρ ({o})" for o in labels)
              + " | Pearson r (log-log) | median measured/predicted |", "|---|---|" + "---|" * len(labels) + "---|---|"]
     result = {}
-    for model_name in ("fisher", "fisher-tw"):
+    for model_name in ("fisher", "fisher-tw", "fisher-tw-lw", "fisher-exact"):
         e = result[model_name] = agreement(rows, model_name)
         lines.append(f"| {model_name} | {e['spearman']:.3f} | " + " | ".join(f"{x:.3f}" for x in e["spearman_per_option"])
                      + f" | {e['pearson_log']:.3f} | {e['median_ratio']:.3g} |")
     return {**result, "text": "\n".join(lines)}
+
+
+def per_token_errors(model, rows: list[dict], calib) -> tuple[list[float], dict[str, float], int]:
+    """One calibration pass: each row's exact diagonal-output-Fisher error ½ mean_t Σ_o g_to² (Δw_o·x_t)² (what
+    fisher and fisher-tw approximate; mean over predicted tokens, as the statistics), per module
+    Σ_t a_t² ‖x_t‖⁴ (= Σ_t ‖a_t x_t x_tᵀ‖², the spread of H_a's terms), and the predicted-token count."""
+    deltas: dict[str, list] = {}
+    for i, r in enumerate(rows):
+        w = weight_matrix(model.get_submodule(r["module"])).detach().float()
+        deltas.setdefault(r["module"], []).append((i, quantize_dequantize(w, parse_option(r["option"])) - w))
+    exact, spread = np.zeros(len(rows)), dict.fromkeys(deltas, 0.0)
+
+    def hook(name):
+        def grab(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+            def on_grad(g, x=x):
+                g2 = g.detach().float().reshape(-1, g.shape[-1]) ** 2
+                a = g2.sum(1).double()
+                spread[name] += float((a**2 * (x.double() ** 2).sum(1) ** 2).sum())
+                for i, dw in deltas[name]:
+                    exact[i] += 0.5 * float(((x @ dw.T) ** 2 * g2).sum())
+            out.register_hook(on_grad)
+        return grab
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = 0
+    try:
+        with output_requires_grad(model.get_input_embeddings()), \
+                forward_hooks((model.get_submodule(m), hook(m)) for m in deltas):
+            for window in tqdm(calib.tokens, desc="per-token errors", unit="win"):
+                logits = model(input_ids=window[None]).logits
+                torch.nn.functional.cross_entropy(logits[0, :-1].float(), window[1:], reduction="sum").backward()
+                n += window.numel() - 1
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return list(exact / n), spread, n
 
 
 def agreement(rows: list[dict], error_model: str) -> dict:
