@@ -99,8 +99,9 @@ def paired_rows(nll_of: dict, budgets: list[float], error_models: list[str]) -> 
         for b in budgets:
             a, ref = nll_of[em, b], nll_of[error_models[0], b]
             per_window = (a - ref).mean(dim=1)
+            delta, se_tokens = paired(a, ref)
             rows.append({"budget": b, "error_model": em, "against": error_models[0],
-                         "delta_nll": paired(a, ref)[0], "se_tokens": paired(a, ref)[1],
+                         "delta_nll": delta, "se_tokens": se_tokens,
                          "se_windows": float(per_window.std() / per_window.numel() ** 0.5)})
     return rows
 
