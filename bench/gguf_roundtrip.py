@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--quantizers", default="imatrix,gptq", help="quantizers the plans are profiled and applied with "
                     "(imatrix: llama.cpp's own algorithms; gptq: GPTQ's rounding on llama.cpp's block scales)")
     ap.add_argument("--error-models", default="fisher,fisher-tw", help="error models the plans are solved with")
+    ap.add_argument("--tied", action="store_true", help="tie q/k/v and gate/up per block (as vLLM fuses them), "
+                    "instead of the default for GGUF types: each tensor its own type, as llama.cpp stores them")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -211,23 +213,30 @@ def main() -> None:
     report(done, args, out, nll_of)
 
 
-def row_tag(quantizer: str, error_model: str) -> str:
-    """"" for llama.cpp's own quantizer and the default error model (the rows' first names), else
-    what differs from them: "gptq", "fisher-tw", "gptq fisher-tw"."""
-    return " ".join(x for x, default in ((quantizer, "imatrix"), (error_model, "fisher")) if x != default)
+TIED_AS_SERVING_STACKS = (r"^(.*)\.(?:q_proj|k_proj|v_proj)$", r"^(.*)\.(?:gate_proj|up_proj)$")
 
 
-def row_name(quantizer: str, error_model: str, size: str) -> str:
-    """"bitalloc @4.5bits", "bitalloc gptq @4.5bits", "bitalloc gptq fisher-tw @4.5bits"."""
-    return " ".join(x for x in ("bitalloc", row_tag(quantizer, error_model), size) if x)
+def row_tag(quantizer: str, error_model: str, tied: bool = False) -> str:
+    """Empty for llama.cpp's own quantizer, the default error model and llama.cpp's ties (the rows'
+    first names), else what differs from them: "gptq", "fisher-tw", "gptq fisher-tw tied"."""
+    return " ".join(x for x, default in ((quantizer, "imatrix"), (error_model, "fisher"), ("tied" if tied else "", ""))
+                    if x != default)
+
+
+def row_name(quantizer: str, error_model: str, size: str, tied: bool = False) -> str:
+    """"bitalloc @4.5bits", "bitalloc gptq @4.5bits", "bitalloc gptq fisher-tw tied @4.5bits"."""
+    return " ".join(x for x in ("bitalloc", row_tag(quantizer, error_model, tied), size) if x)
 
 
 def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, done, f32: Path, base: Path, loaded,
               work: Path, out: Path, measure) -> None:
     """Plan, write and measure a file per size with `quantizer`'s candidate table, solved under `error_model`
     (rows already done are skipped)."""
-    todo = [(row_name(quantizer, error_model, size), text, peer) for size, text, peer in sizes
-            if row_name(quantizer, error_model, size) not in done]
+    # the default "fused" ties of a GGUF-only table are llama.cpp's (MoE experts only); --tied ties q/k/v and
+    # gate/up per block as the serving stacks fuse them (the default before llama.cpp's own were used)
+    ties = TIED_AS_SERVING_STACKS if args.tied else ("fused",)
+    todo = [(row_name(quantizer, error_model, size, args.tied), text, peer) for size, text, peer in sizes
+            if row_name(quantizer, error_model, size, args.tied) not in done]
     if not todo:
         return
     # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
@@ -239,19 +248,19 @@ def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, don
         # a size is the whole file (what `bitalloc plan M.gguf --target llama.cpp --budget <size>` means)
         budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
         try:
-            plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow),
+            plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow, ties=ties),
                                        error_model=error_model)
         except BudgetInfeasibleError as e:
             print(f"{name}: skipped, {e}", flush=True)
             continue
-        stem = "-".join(x for x in ("gguf_roundtrip", row_tag(quantizer, error_model).replace(" ", "-"), text) if x)
+        stem = "-".join(x for x in ("gguf_roundtrip", row_tag(quantizer, error_model, args.tied).replace(" ", "-"), text) if x)
         plan.save(out / f"{stem}.plan.json")
         path = work / f"{stem}.gguf"
         model = load_model(str(base)).model  # a fresh copy: write_gguf quantizes it in place, as `apply` does
         layout = write_gguf(model, plan, base, path, calibration=calibration.tokens, progress=True)
         measure(name, path, "bitalloc", simulated=model, budget=text, peer=peer, predicted_file_bytes=layout.file_bytes,
                 plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss, quantizer=quantizer,
-                error_model=error_model)
+                error_model=error_model, ties="q/k/v, gate/up" if args.tied else "llama.cpp's")
         if not args.keep_files:
             path.unlink()
 
@@ -274,18 +283,18 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
     pairs = ["", "At each llama.cpp mix's file size (bitalloc planned with `--budget <that many bytes>`): "
              "per-token NLL difference bitalloc − llama.cpp on the same tokens, ± paired standard error", "",
-             "| mix | quantizer | error model | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | "
-             "ΔNLL 2nd half | ΔNLL all |", "|---|---|---|---|---|---|---|---|"]
+             "| mix | quantizer | error model | ties | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | "
+             "ΔNLL 2nd half | ΔNLL all |", "|---|---|---|---|---|---|---|---|---|"]
     comparisons = []
     for r in ordered:
         peer = rows.get(f"llama.cpp {r.get('peer')} +imatrix")
         if r["kind"] != "bitalloc" or peer is None or r["row"] not in nll_of or peer["row"] not in nll_of:
             continue
         half, full = paired(nll_of[r["row"]], nll_of[peer["row"]], first), paired(nll_of[r["row"]], nll_of[peer["row"]])
-        quantizer, error_model = r.get("quantizer", "imatrix"), r.get("error_model", "fisher")
-        comparisons.append({"mix": r["peer"], "quantizer": quantizer, "error_model": error_model,
+        quantizer, error_model, ties = r.get("quantizer", "imatrix"), r.get("error_model", "fisher"), r.get("ties", "llama.cpp's")
+        comparisons.append({"mix": r["peer"], "quantizer": quantizer, "error_model": error_model, "ties": ties,
                             "delta_nll_half": half, "delta_nll_all": full})
-        pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
+        pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {ties} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
                      f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
     head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
@@ -317,7 +326,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    series = sorted({("bitalloc " + row_tag(r.get("quantizer", "imatrix"), r.get("error_model", "fisher"))).strip()
+    series = sorted({("bitalloc " + row_tag(r.get("quantizer", "imatrix"), r.get("error_model", "fisher"),
+                                            r.get("ties") == "q/k/v, gate/up")).strip()
                      for r in rows if r["kind"] == "bitalloc"}) + ["llama.cpp"]
     for label in series:
         rs = sorted((r for r in rows if r["kind"] != "reference" and r["row"].startswith(label + " @")

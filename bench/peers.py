@@ -39,7 +39,7 @@ import torch
 from bitalloc import api
 from bitalloc.apply import apply
 from bitalloc.calibration import read_text
-from bitalloc.constraints import Constraints, parse_ties
+from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import load_model
@@ -201,11 +201,11 @@ def main() -> None:
         if not todo:
             return
         table, _, calibration = table_for(quantizer)
-        # llama.cpp keeps q/k/v and gate/up as separate tensors: nothing to tie; the INT plans tie as `plan` does
-        ties = () if quantizer == "imatrix" else parse_ties([])
+        # the default ties, as `plan` has them: q/k/v and gate/up for the INT plans (vLLM fuses them); for
+        # GGUF types only what llama.cpp stores as one tensor (MoE experts: none here)
         allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
         for b in todo:
-            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(ties=ties, allow=allow),
+            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(allow=allow),
                                        error_model=args.error_model)
             scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
             score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",

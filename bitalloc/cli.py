@@ -122,7 +122,7 @@ def plan_cmd(
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
-    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep (default int,keep, or the target's)"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="format families offered: int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,gguf-iq,keep (default int,keep, or the target's; gguf-iq: llama.cpp's IQ3_S/IQ3_XXS/IQ2_* i-quants, only when named)"),
     target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, b200, llama.cpp (GGUF types), any"),
     seed: int = typer.Option(CalibrationSpec.seed, "--seed"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),

@@ -31,6 +31,14 @@ FUSED = (
     (re.compile(r"^(.*)\.(gate_proj|up_proj)$"), "gate_up"),
     (re.compile(r"^(.*)\.(w1|w3)$"), "w1_w3"),
 )
+# llama.cpp (a table of GGUF types and fp16 only) stores q/k/v and gate/up as separate tensors
+# (attn_q/attn_k/attn_v, ffn_gate/ffn_up), each with its own type; what it stores as one tensor are
+# an MoE block's experts, one 3-D tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps).
+FUSED_GGUF = (
+    (re.compile(r"^(.*\.experts)\.\d+\.(gate_proj|w1)$"), "experts_gate"),
+    (re.compile(r"^(.*\.experts)\.\d+\.(up_proj|w3)$"), "experts_up"),
+    (re.compile(r"^(.*\.experts)\.\d+\.(down_proj|w2)$"), "experts_down"),
+)
 # The default: plans deploy to the serving stacks as they are (`--tie none` lifts it).
 DEFAULT_TIES = ("fused",)
 
@@ -41,7 +49,8 @@ class Constraints:
     pins: (module regex, option label): matching modules take exactly that option.
     allow: (module regex, option-label regex): matching modules choose only among matching options.
     ties: "fused" (q/k/v, gate/up per block and each projection across a block's experts: what
-    serving stacks fuse; the default, a no-op where a model has none) or module regexes whose
+    serving stacks fuse; the default, a no-op where a model has none; for a table of GGUF types
+    only the experts, which llama.cpp stores as one tensor per projection) or module regexes whose
     matches share one option; a regex with groups ties the modules whose groups match alike (e.g.
     one tie per layer). () = no ties.
     max_latency: predicted seconds; needs a latency matrix."""
@@ -151,7 +160,8 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
             if not allowed[g].any():
                 applied = " ".join(flags + allow_flags.get(g, []))
                 raise BadInputError(f"module {names[g]} has no option left after {applied}; widen the bounds or filters")
-    ties = _ties(names, constraints.ties)
+    gguf_only = all(o.fmt in ("gguf", "keep") for o in table.options)
+    ties = _ties(names, constraints.ties, FUSED_GGUF if gguf_only else (*FUSED_EXPERTS, *FUSED))
     for tie, origin, _ in ties:
         if not allowed[list(tie)].all(axis=0).any():
             members = ", ".join(names[g] for g in tie)
@@ -169,14 +179,15 @@ def _matching(names: list[str], regex: str, where: str) -> np.ndarray:
     return hits
 
 
-def _ties(names: list[str], specs: tuple[str, ...]) -> list[tuple[tuple[int, ...], str, str]]:
-    """(group indices, the spec that tied them, kind) per tie, in module order."""
+def _ties(names: list[str], specs: tuple[str, ...], fused: tuple) -> list[tuple[tuple[int, ...], str, str]]:
+    """(group indices, the spec that tied them, kind) per tie, in module order; fused: the (pattern,
+    kind) pairs "fused" stands for on the plan's runtime, the first match per module."""
     out = []
     for spec in specs:
         groups: dict[tuple, list[int]] = {}
         if spec == "fused":
             for g, n in enumerate(names):
-                for pattern, kind in (*FUSED_EXPERTS, *FUSED):
+                for pattern, kind in fused:
                     if m := pattern.match(n):
                         groups.setdefault((m.group(1), kind), []).append(g)
                         break

@@ -276,11 +276,6 @@ def hf_tensors(directory: Path, arch: str, dtype: torch.dtype | None = None) -> 
     return out
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py LlamaModel.permute: rotary halves interleaved per head, [n_head, 2, d/2] -> [n_head, d/2, 2]."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def tensor_bytes(value: torch.Tensor, entry: HFTensor) -> np.ndarray:
     """The tensor as the file stores it: its GGUF type's numpy array (BF16 as its uint16 bits)."""
     t = value.detach().cpu()

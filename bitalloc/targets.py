@@ -3,8 +3,11 @@
 A family is listed where the target has kernels for it (weight-only INT dequantization runs
 everywhere; FP8 tensor cores from Hopper on; MX and NVFP4 block-scaled MMA from Blackwell on).
 Plain FP6/FP4 with fp16 scales have no native kernels anywhere, so only "any" offers them.
-llama.cpp runs its own GGUF tensor types (and F16 for what stays unquantized). "any" offers every
-registered family's grids (bitalloc/formats), a newly registered one included.
+llama.cpp runs its own GGUF tensor types (and F16 for what stays unquantized); its lattice i-quants
+(IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS: grid "gguf-iq") only when asked for with --formats, because
+their exact search costs seconds per million weights in numpy (about 15 s per SmolLM2 down_proj for
+all five), which would double a llama.cpp profile. "any" offers every registered family's grids
+(bitalloc/formats), a newly registered one included.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ HARDWARE: dict[str, tuple[str, ...]] = {
     "b200": ("int", "fp8", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "keep"),
     "llama.cpp": ("gguf", "keep"),
 }
+# Grids a target runs but offers only when named in --formats.
+OPT_IN: dict[str, tuple[str, ...]] = {"llama.cpp": ("gguf-iq",)}
 
 
 def targets() -> dict[str, tuple[str, ...]]:
@@ -39,9 +44,11 @@ def resolve_formats(formats: str | Iterable[str] | None = None, target: str | No
     if target is not None:
         if target not in known:
             raise BadInputError(f"unknown target {target!r}; choose one of {', '.join(known)}")
-        allowed = known[target]
+        if formats is None:
+            return list(known[target])
+        allowed = known[target] + OPT_IN.get(target, ())
     if formats is None:
-        return list(allowed or DEFAULT_FAMILIES)
+        return list(DEFAULT_FAMILIES)
     names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else [f.strip() for f in formats]
     names = [f for f in names if f]
     unknown = [f for f in names if f not in known["any"]]

@@ -72,6 +72,23 @@ def test_fused_ties_each_projection_across_a_blocks_experts():
     assert len(m.ties) == 2 * 2 + 2 + 1  # per block: experts' gate/up and down; Mixtral block: 2; shared expert: 1
 
 
+def test_fused_ties_on_gguf_tables_are_the_tensors_llama_cpp_stores_as_one():
+    # llama.cpp keeps attn_q/attn_k/attn_v and ffn_gate/ffn_up apart (each its own type) but stores an MoE
+    # block's experts as one tensor per projection: a GGUF-only table ties just those
+    gguf = [QuantOption.gguf("Q4_K"), QuantOption.gguf("Q6_K"), QuantOption.keep()]
+    names = NAMES[:-1] + [f"model.layers.0.mlp.experts.{e}.{p}_proj" for e in range(3) for p in ("gate", "up", "down")]
+    bits = np.array([[o.storage_bits(64, 256) for o in gguf]] * len(names), dtype=float)
+    t = CandidateTable(names, [(64, 256)] * len(names), gguf, bits, {"fisher": np.ones_like(bits)})
+    m = constraint_masks(t, Constraints())
+    assert m.tie_kinds == ("experts_gate", "experts_up", "experts_down")
+    assert [sorted(names[g] for g in tie) for tie in m.ties][1] == [f"model.layers.0.mlp.experts.{e}.up_proj" for e in range(3)]
+    # a table that also offers INT keeps the serving stacks' fused ties
+    mixed = [QuantOption.int_(4, 64)] + gguf
+    bits = np.array([[o.storage_bits(64, 256) for o in mixed]] * len(names), dtype=float)
+    t = CandidateTable(names, [(64, 256)] * len(names), mixed, bits, {"fisher": np.ones_like(bits)})
+    assert constraint_masks(t, Constraints()).tie_kinds[:2] == ("qkv", "gate_up")
+
+
 def test_bit_bounds():
     m = constraint_masks(table(), Constraints(min_bits=4, max_bits=8))
     assert allowed_labels(m, "lm_head") == ["int4-g64-asym", "int4-g128-asym", "int8-ch-sym"]

@@ -143,11 +143,11 @@ def test_the_source_fixture_loads_in_transformers_like_the_hf_model(tiny_gguf):
     assert loaded.tokenizer.decode(loaded.tokenizer("hello world").input_ids) == "hello world"
 
 
-def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: Path) -> gguf.GGUFReader:
+def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: Path, options=OPTIONS) -> gguf.GGUFReader:
     """Write `plan` from `source` and check the file: size and per-tensor types as predicted before any
     quantization, and transformers' GGUF loader running exactly the plan's simulated weights."""
     labels = {a.label for a in plan.assignments}
-    assert labels <= {o.label for o in OPTIONS} and len(labels) >= 2
+    assert labels <= {o.label for o in options} and len(labels) >= 2
     model = load_model(str(source)).model
     layout = write_gguf(model, plan, source, out, calibration=calib_ids)
     assert out.stat().st_size == layout.file_bytes == gguf_layout(plan, source).file_bytes
@@ -215,6 +215,19 @@ def test_gptq_plan_in_gguf_types_writes_the_file_it_simulates(tiny_gguf, gguf_ta
     # Seen: lower in every (module, type) pair, 0.17x in total (128 calibration tokens: H has low rank,
     # which GPTQ's error feedback exploits much more than on real models).
     assert (ours[fits] < theirs[fits]).mean() > 0.9 and ours[fits].sum() < 0.5 * theirs[fits].sum()
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "imatrix", "gptq"])
+def test_i_quant_plans_write_the_file_they_simulate(tiny_gguf, calib_ids, tmp_path, quantizer):
+    """The lattice i-quants (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS) through the whole path: profiled,
+    planned, applied and written; the file reads back in transformers to the simulated plan's logits."""
+    options = [QuantOption.gguf(t) for t in ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")] + [QuantOption.keep()]
+    table, loaded, calib = api.prepare(load_model(str(tiny_gguf)), calib_ids, options=options, cache_dir=False,
+                                       quantizer=quantizer)
+    plan = api.plan_from_table(table, "2.8bits", loaded, calib)
+    used = {a.option.element for a in plan.assignments if a.option.fmt == "gguf"}
+    assert plan.quantizer == quantizer and len(used) >= 2, used
+    check_written_file(tiny_gguf, plan, calib_ids, tmp_path / f"tiny-iq-{quantizer}.gguf", options)
 
 
 def test_qwen2_gguf_keeps_row_order_and_copies_biases(tmp_path, calib_ids):

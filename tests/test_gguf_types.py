@@ -15,7 +15,7 @@ import torch
 
 from bitalloc.errors import BadInputError
 from bitalloc.formats import quantize_dequantize
-from bitalloc.formats.gguf import QUANTIZERS, gguf_quantize
+from bitalloc.formats.gguf import LATTICE_SEARCHES, QUANTIZERS, gguf_quantize, lattice
 from bitalloc.options import GGUF_TYPES, QuantOption, default_options, parse_option
 from bitalloc.plan import OptionSpec
 from bitalloc.quantizers import quantize_weight
@@ -68,7 +68,10 @@ def test_llama_cpp_target_offers_gguf_types_and_f16():
     families = resolve_formats(None, "llama.cpp")
     assert families == ["gguf", "keep"]
     labels = [o.label for o in default_options(formats=families)]
-    assert set(labels) == set(QUANTIZERS) | {"fp16"}
+    assert set(labels) == set(QUANTIZERS) - set(LATTICE_SEARCHES) | {"fp16"}
+    # the i-quants are llama.cpp's too, offered when named (their search is slow: opt in)
+    with_iq = resolve_formats("gguf,gguf-iq,keep", "llama.cpp")
+    assert set(o.label for o in default_options(formats=with_iq)) == set(QUANTIZERS) | {"fp16"}
     with pytest.raises(BadInputError, match="llama.cpp"):
         resolve_formats("int", "llama.cpp")
 
@@ -93,7 +96,8 @@ def test_blocks_dequantize_to_the_values(name, weighted):
     assert rel < 2.0 ** -(t.bits - 1), rel
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS",
+                                  "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"])
 def test_importance_weights_lower_the_weighted_error(name):
     # llama.cpp's point of an imatrix: the importance-weighted squared error goes down.
     w, importance = _weights(out_f=64, seed=1)
@@ -186,11 +190,39 @@ def _llama_cpp_quantizer(tmp_path: Path) -> Path:
 def test_bit_exact_with_llama_cpp(tmp_path, weighted):
     exe = _llama_cpp_quantizer(tmp_path)
     w, importance = _weights(out_f=24, in_f=512, seed=3)
+    w[5, 64:96] = 0  # an all-zero sub-block (IQ3_S then moves the later sub-blocks' bytes up, as ggml does)
     w.tofile(tmp_path / "w.f32")
     importance.tofile(tmp_path / "imp.f32")
+    np.ones(512, np.float32).tofile(tmp_path / "ones.f32")
     for name in QUANTIZERS:
+        # llama.cpp refuses IQ2_XXS / IQ2_XS without an imatrix; bitalloc's plain search = an imatrix of ones
+        needs_imatrix = name in LATTICE_SEARCHES and LATTICE_SEARCHES[name].plain_weights is None
+        imatrix = "imp.f32" if weighted else "ones.f32" if needs_imatrix else None
         out = tmp_path / f"{name}.bin"
         subprocess.run([str(exe), str(int(gguf.GGMLQuantizationType[name])), "24", "512", str(tmp_path / "w.f32"),
-                        str(tmp_path / "imp.f32") if weighted else "-", str(out)], check=True)
+                        str(tmp_path / imatrix) if imatrix else "-", str(out)], check=True)
         ours = gguf_quantize(w, name, importance if weighted else None).blocks
         assert np.array_equal(np.fromfile(out, dtype=np.uint8).reshape(ours.shape), ours), name
+
+
+@pytest.mark.parametrize("name", sorted(LATTICE_SEARCHES))
+def test_lattice_tables_are_ggml_s(name):
+    """The i-quant grids: every point's levels in range, each point's key maps back to it, and every
+    off-grid key that rounding can produce has neighbours, the nearest first (iq{2,3}xs_init_impl)."""
+    search = LATTICE_SEARCHES[name]
+    lat = lattice(name)
+    levels = lat.levels
+    assert len(levels) == {"IQ3_XXS": 256, "IQ3_S": 512, "IQ2_XXS": 256, "IQ2_XS": 512, "IQ2_S": 1024}[name]
+    assert levels.min() == 0 and levels.max() == search.kmax - 1
+    keys = (levels << search.shifts).sum(axis=1)
+    assert np.array_equal(lat.kmap[keys], np.arange(len(levels)))
+    rng = np.random.default_rng(0)
+    probe = (rng.integers(0, search.kmax, size=(200, search.group)) << search.shifts).sum(axis=1)
+    for key in probe[lat.kmap[probe] < 0]:
+        cand = lat.flat[lat.start[key]: lat.start[key] + lat.count[key]]
+        digits = (key >> search.shifts) & ((1 << search.level_bits) - 1)
+        d2 = ((levels[cand] - digits) ** 2).sum(axis=1)
+        all_d2 = ((levels - digits) ** 2).sum(axis=1)
+        assert len(cand) and d2[0] == all_d2.min() and np.all(np.diff(d2) >= 0)
+        assert np.array_equal(np.sort(cand), np.flatnonzero(np.isin(all_d2, d2)))  # every point of those shells
+        assert len(np.unique(d2)) == min(search.shells, len(np.unique(all_d2)))

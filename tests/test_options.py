@@ -208,7 +208,8 @@ def test_default_options_formats():
     assert by_family["fp4"] == ["fp4e2m1-g32", "fp4e2m1-g64", "fp4e2m1-g128", "fp4e2m1-ch"]
     assert by_family["gguf"] == ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
                                  "Q6_K", "Q8_0"]
-    assert len(ALL_FAMILIES) == 48 + 10 + 8 + 4 + 1 + 2 + 2 + 1 + 12 + 1
+    assert by_family["gguf-iq"] == ["IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_S", "IQ3_XXS"]
+    assert len(ALL_FAMILIES) == 48 + 10 + 8 + 4 + 1 + 2 + 2 + 1 + 12 + 5 + 1
     assert [o.label for o in default_options(formats=["fp8"], group_sizes=[None])] == ["fp8e4m3-tensor", "fp8e4m3-ch",
                                                                                        "fp8e5m2-tensor", "fp8e5m2-ch"]
     assert QuantOption.keep() not in default_options(formats=FORMAT_FAMILIES, include_keep=False)
@@ -219,7 +220,7 @@ def test_default_options_formats():
 def test_parse_option_round_trip_over_all_families():
     for opt in ALL_FAMILIES:
         assert parse_option(opt.label) == opt, opt.label
-        assert opt in default_options(formats=[opt.family])
+        assert any(opt in default_options(formats=[grid]) for grid in FORMAT_FAMILIES if grid.startswith(opt.family))
         assert QuantOption.from_dict(opt.to_dict()) == opt
     assert parse_option("fp8e4m3-ch") == QuantOption.fp("e4m3", None)
     assert parse_option("fp8e4m3-g128") == QuantOption.fp("e4m3", 128)
@@ -257,4 +258,4 @@ def test_any_family_module_can_be_imported_first_without_torch(first):
             "assert parse_option('nvfp4').family == 'nvfp4' and 'torch' not in sys.modules\n"
             "print(','.join(FORMAT_FAMILIES))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,keep"
+    assert out.strip() == "int,fp8,fp6,fp4,mxfp4,mxfp6,mxfp8,nvfp4,gguf,gguf-iq,keep"

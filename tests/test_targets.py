@@ -30,13 +30,17 @@ def test_resolve_formats():
     assert resolve_formats(" fp8 , keep,fp8 ") == ["fp8", "keep"]
     assert resolve_formats(["mxfp4", "nvfp4"], target="b200") == ["mxfp4", "nvfp4"]
     assert resolve_formats("int,fp8", target="h100") == ["int", "fp8"]
+    # llama.cpp's i-quants: allowed on the target, offered only when named
+    assert resolve_formats(target="llama.cpp") == ["gguf", "keep"]
+    assert resolve_formats("gguf,gguf-iq,keep", target="llama.cpp") == ["gguf", "gguf-iq", "keep"]
 
 
 @pytest.mark.parametrize("formats, target, needles", [
-    ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, gguf, keep"]),
+    ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, gguf, gguf-iq, keep"]),
     ("", None, ["no format families", "int,fp8,keep"]),
     (None, "tpu", ["'tpu'", "cpu, a100, h100, b200, llama.cpp, any"]),
     ("int,nvfp4,mxfp4", "h100", ["nvfp4, mxfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
+    ("gguf-iq,int", "llama.cpp", ["int not supported on target 'llama.cpp'", "allows gguf, keep, gguf-iq"]),
 ])
 def test_resolve_formats_errors(formats, target, needles):
     with pytest.raises(BadInputError) as info:

@@ -13,6 +13,7 @@ the values those bytes dequantize to, computed in ggml's dequantization order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,12 @@ GGUF_TYPES = {
     "IQ4_NL": GGUFLayout(32, 18, 4, False),
     "IQ4_XS": GGUFLayout(256, 136, 4, False),
     "Q3_K": GGUFLayout(256, 110, 3, False),
+    "IQ3_S": GGUFLayout(256, 110, 3, False),
+    "IQ3_XXS": GGUFLayout(256, 98, 3, False),
     "Q2_K": GGUFLayout(256, 84, 2, True),
+    "IQ2_S": GGUFLayout(256, 82, 2, False),
+    "IQ2_XS": GGUFLayout(256, 74, 2, False),
+    "IQ2_XXS": GGUFLayout(256, 66, 2, False),
 }
 
 
@@ -285,12 +291,15 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positive values (sub-block scales/mins) to nmax levels, weighted: (scale, L), x ≈ scale · L."""
+    """Positive values (sub-block scales/mins) to nmax levels, weighted: (scale, L), x ≈ scale · L.
+
+    ggml stores L as uint8: a negative level (IQ2_XXS hands it one flipped value) wraps to 256 + l
+    where it is read back from L, and stays negative where the C code uses its int local; kept so."""
     xmax = np.maximum(x.max(axis=-1), F32(0))
     zero = xmax < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(nmax) / xmax
-        L = nearest_int(iscale[:, None] * x)
+        L = nearest_int(iscale[:, None] * x) & 255
         scale = F32(1) / iscale
         diff = x - scale[:, None] * L.astype(F32)
         best = seq_sum(qw * diff * diff)
@@ -305,9 +314,10 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
             better = mse < best
             best = np.where(better, mse, best)
             iscale = np.where(better, iscale_is, iscale).astype(F32)
-        L = np.minimum(nmax, nearest_int(iscale[:, None] * x))
-        Lf = L.astype(F32)
-        sumlx, suml2 = seq_sum(qw * x * Lf), seq_sum(qw * Lf * Lf)
+        level = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        L = level & 255
+        lf = level.astype(F32)
+        sumlx, suml2 = seq_sum(qw * x * lf), seq_sum(qw * lf * lf)
         active = np.ones(len(x), dtype=bool)
         for _ in range(5):  # coordinate descent on each L (ggml: itry < 5, stop when nothing changes)
             changed = np.zeros(len(x), dtype=bool)
@@ -321,7 +331,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
                 slx2 = slx + w * xi * nf
                 sl22 = sl2 + w * nf * nf
                 accept = ok & (new_l != L[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[:, i] = np.where(accept, new_l, L[:, i])
+                L[:, i] = np.where(accept, new_l & 255, L[:, i])
                 sumlx = np.where(accept, slx2, sumlx).astype(F32)
                 suml2 = np.where(accept, sl22, suml2).astype(F32)
                 changed |= accept
@@ -702,13 +712,348 @@ def iq4_xs(w, importance, choose=None):
     return _rows(blocks, values.reshape(-1, QK_K), w)
 
 
+# ---- i-quants on lattices: IQ3_XXS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS ------------------------------
+# Each stores the signs of the weights apart and the magnitudes of `group` weights as one point of a
+# grid of allowed level combinations (value 2l + 1 per weight), with one scale per sub-block and
+# 4-bit scale codes under one fp16 scale per 256 weights. The *_XXS/XS types keep 7 sign bits per 8
+# weights (an odd count of negatives flips the least important weight). The grids are ggml's
+# (iq3xxs_grid, iq3s_grid, iq2s_grid, iq2xs_grid, iq2xxs_grid) as the gguf package carries them.
+
+
+@dataclass(frozen=True)
+class LatticeSearch:
+    """One i-quant's search (quantize_row_iq{3_xxs,3_s,2_s,2_xs,2_xxs}_impl in ggml-quants.c).
+
+    group: weights per grid point; level_bits: bits per level in the point's key; kmax: levels
+    0..kmax-1; sub: weights per scale; sigma_scale: sigma2 = sigma_scale · Σx² / 256 in the weights;
+    trials, step: trial inverse scales (2·kmax − 1 + is·step) / max; eps: a sub-block whose max is
+    below it is all zero; parity: 7 sign bits per 8 weights (else 8); shells: how many nearest
+    distances an off-grid point's neighbours span; start_on_grid: what the search assumes before a
+    trial wins; qp_start (IQ2_XXS): the trials centre on make_qp_quants' scale; redo_all: the final
+    rounding on the chosen scale covers every group (else only the off-grid ones); fudge: d is
+    stored times this; plain_weights: ggml's weights without an imatrix ("x2": x², "sigma": sigma2/4 + x²;
+    None: ggml refuses the type without one, and bitalloc uses an imatrix of ones)."""
+
+    group: int
+    level_bits: int
+    kmax: int
+    sub: int
+    sigma_scale: float
+    trials: range
+    step: float
+    eps: float
+    parity: bool = True
+    shells: int = 2
+    start_on_grid: bool = True
+    qp_start: bool = False
+    redo_all: bool = False
+    fudge: float = 1.0
+    plain_weights: str | None = None
+
+    @property
+    def shifts(self) -> np.ndarray:
+        return self.level_bits * np.arange(self.group)
+
+
+LATTICE_SEARCHES = {
+    "IQ3_S": LatticeSearch(4, 3, 8, 32, 2.0, range(-9, 10), 0.2, float(np.finfo(F32).smallest_subnormal),
+                           parity=False, shells=3, start_on_grid=False, redo_all=True, fudge=1.033, plain_weights="x2"),
+    "IQ3_XXS": LatticeSearch(4, 3, 8, 32, 2.0, range(-15, 16), 0.2, 1e-8, fudge=1.0125, plain_weights="x2"),
+    "IQ2_S": LatticeSearch(8, 2, 3, 16, 2.0, range(-9, 10), 0.1, 1e-8, parity=False, shells=1, fudge=0.9875,
+                           plain_weights="sigma"),
+    "IQ2_XS": LatticeSearch(8, 2, 3, 16, 1.0, range(-9, 10), 0.1, 1e-15),
+    "IQ2_XXS": LatticeSearch(8, 2, 3, 32, 1.0, range(-6, 7), 0.1, 1e-15, qp_start=True, redo_all=True),
+}
+LATTICE_TYPES = frozenset(LATTICE_SEARCHES)
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """One i-quant grid's lookup tables, as iq{2,3}xs_init_impl builds them.
+
+    levels: [points, group] each grid point's levels; kmap[key]: the grid index of a group's levels
+    (key: levels packed level_bits apart), -1 off the grid; for an off-grid key, its neighbours are
+    flat[start[key]: start[key] + count[key]]: the grid points at its `shells` nearest squared
+    distances, in the (distance, index) order ggml's qsort leaves them."""
+
+    levels: np.ndarray
+    kmap: np.ndarray
+    flat: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        """[group, points] float32: 2l + 1, one row per position in the group."""
+        return np.ascontiguousarray((2 * self.levels + 1).T.astype(F32))
+
+
+@functools.lru_cache(maxsize=None)
+def lattice(ggml_type: str) -> Lattice:
+    import gguf.quants as gq
+
+    search = LATTICE_SEARCHES[ggml_type]
+    cls = getattr(gq, ggml_type)
+    cls.init_grid()
+    grid = np.asarray(cls.grid, F32).reshape(cls.grid_shape)
+    levels = np.searchsorted(np.asarray(cls.grid_map, F32), grid)
+    shifts = search.shifts
+    kmap = np.full(int(((search.kmax - 1) << shifts).sum()) + 1, -1, dtype=np.int64)
+    kmap[(levels << shifts).sum(axis=1)] = np.arange(len(levels))
+    # only keys whose levels are all < kmax can come out of the rounding
+    digits = np.stack(np.meshgrid(*[np.arange(search.kmax)] * search.group, indexing="ij"), -1).reshape(-1, search.group)
+    keys = (digits << shifts).sum(axis=1)
+    off = kmap[keys] < 0
+    keys, digits = keys[off], digits[off]
+    count = np.zeros(len(kmap), dtype=np.int64)
+    lists = []
+    for c in range(0, len(keys), 1024):
+        d2 = ((levels[None] - digits[c:c + 1024, None]) ** 2).sum(axis=-1)  # [keys, points]
+        order = np.argsort(d2, axis=1, kind="stable")
+        sorted_d2 = np.take_along_axis(d2, order, axis=1)
+        limit = sorted_d2[:, 0]
+        for _ in range(search.shells - 1):
+            limit = np.where(sorted_d2 > limit[:, None], sorted_d2, np.iinfo(np.int64).max).min(axis=1)
+        take = sorted_d2 <= limit[:, None]
+        count[keys[c:c + 1024]] = take.sum(axis=1)
+        lists.append(order[take])  # row by row, each row's neighbours in order
+    start = np.zeros(len(kmap), dtype=np.int64)
+    start[keys] = np.concatenate([[0], np.cumsum(count[keys])[:-1]])
+    return Lattice(levels, kmap, np.concatenate(lists), start, count)
+
+
+def _on_grid(ggml_type: str, L: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """iq{2,3}_find_best_neighbour for every off-grid group of L [N, groups, group]: (levels, all on the
+    grid; which groups were on it). The neighbour with the least Σ waux·(scale·(2l+1) − xval)² wins,
+    the first one on ties."""
+    lat = lattice(ggml_type)
+    keys = (L << LATTICE_SEARCHES[ggml_type].shifts).sum(axis=-1)
+    on = lat.kmap[keys] >= 0
+    off = np.flatnonzero(~on.reshape(-1))  # off-grid groups, flat over [N, groups]
+    if len(off):
+        group = L.shape[-1]
+        off_keys = keys.reshape(-1)[off]
+        counts = lat.count[off_keys]
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        owner = np.repeat(np.arange(len(off)), counts)  # the off-grid group each candidate belongs to
+        cand = lat.flat[np.repeat(lat.start[off_keys] - first, counts) + np.arange(counts.sum())]
+        owner_group = off[owner]
+        owner_scale = scale[owner_group // L.shape[1]]
+        x, wa = xval.reshape(-1, group), waux.reshape(-1, group)
+        d2 = None
+        for i in range(group):  # ggml's order: one weight after another
+            diff = owner_scale * lat.values[i][cand] - x[:, i][owner_group]
+            term = wa[:, i][owner_group] * diff * diff
+            d2 = term if d2 is None else d2 + term
+        best = d2 == np.minimum.reduceat(d2, first)[owner]
+        _, pick = np.unique(owner[best], return_index=True)  # the first minimum of each group
+        L = L.copy()
+        L.reshape(-1, group)[off] = lat.levels[cand[np.flatnonzero(best)[pick]]]
+    return L, on
+
+
+def _lattice_round(ggml_type: str, inv: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray):
+    kmax = LATTICE_SEARCHES[ggml_type].kmax
+    L = np.clip(nearest_int(F32(0.5) * (inv[:, None, None] * xval - F32(1))), 0, kmax - 1).astype(np.int64)
+    return _on_grid(ggml_type, L, xval, waux, scale)
+
+
+def _lattice_sums(weight: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = (2 * L + 1).astype(F32).reshape(weight.shape)
+    x = xval.reshape(weight.shape)
+    return seq_sum(weight * x * q), seq_sum(weight * q * q)
+
+
+def _lattice_weights(w: np.ndarray, importance: np.ndarray | None, search: LatticeSearch) -> np.ndarray:
+    if importance is not None or search.plain_weights == "x2":
+        return _superblock_weights(w, importance, search.sub, search.sigma_scale)
+    x = w.reshape(-1, QK_K)
+    sigma2 = F32(search.sigma_scale) * seq_sum(x * x) / F32(QK_K)
+    xs = x.reshape(len(x), -1, search.sub)
+    return F32(0.25) * sigma2[:, None, None] + xs * xs
+
+
+def lattice_quantize(w: np.ndarray, importance: np.ndarray | None, ggml_type: str):
+    """The search every lattice i-quant runs: (grid indices [n_sub, sub/group], signs [n_sub, sub/8]
+    (7 or 8 bits each), d [n_super] as stored, sub-block scale codes [n_super, 256/sub] (4 bits),
+    which sub-blocks were all zero [n_sub])."""
+    search = LATTICE_SEARCHES[ggml_type]
+    if importance is None and search.plain_weights is None:
+        # ggml refuses these without an imatrix; bitalloc then weights every column alike, which is
+        # what llama.cpp does given an imatrix of ones (so the blocks still match llama.cpp's)
+        importance = np.ones(w.shape[1], F32)
+    sub, group = search.sub, search.group
+    xb = w.reshape(-1, sub)
+    n = len(xb)
+    weight = _lattice_weights(w, importance, search).reshape(n, sub).astype(F32)
+    waux = np.sqrt(weight).reshape(n, -1, group)
+    neg = ~(xb >= 0)
+    bits = neg.reshape(n, -1, 8)
+    xval = np.where(neg, -xb, xb).astype(F32).reshape(n, -1, 8)
+    sign_mask = 255
+    if search.parity:
+        odd = bits.sum(axis=-1) % 2 == 1
+        imin = (weight * xb * xb).reshape(n, -1, 8).argmin(axis=-1)
+        flip = odd[..., None] & (np.arange(8) == imin[..., None])
+        xval = np.where(flip, -xval, xval)
+        bits = bits ^ flip
+        sign_mask = 127
+    xval = xval.reshape(n, -1, group)
+    signs = (bits.astype(np.uint32) << np.arange(8, dtype=np.uint32)).sum(axis=-1).astype(np.uint32) & sign_mask
+    vmax = xval.reshape(n, sub).max(axis=-1)
+    empty = vmax < F32(search.eps)
+    centre = 2 * search.kmax - 1
+    if search.qp_start:
+        scale, _ = make_qp_quants(xval.reshape(n, sub), search.kmax + 1, weight)
+        top = (scale * F32(search.kmax)).astype(F32)
+        empty |= top <= 0
+    else:
+        top = vmax
+        scale = (vmax / F32(centre)).astype(F32)
+    top = np.where(empty, F32(1), top).astype(F32)
+    best = np.zeros(n, F32)
+    L = np.zeros(xval.shape, dtype=np.int64)
+    on_grid = np.full(xval.shape[:2], search.start_on_grid)
+    for trial in search.trials:
+        inv = ((F32(centre) + F32(trial) * F32(search.step)) / top).astype(F32)
+        trial_L, trial_on = _lattice_round(ggml_type, inv, xval, waux, (F32(1) / inv).astype(F32))
+        sumqx, sumq2 = _lattice_sums(weight, xval, trial_L)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(better, sumqx / sumq2, scale).astype(F32)
+        best = np.where(better, scale * sumqx, best).astype(F32)
+        L = np.where(better[:, None, None], trial_L, L)
+        on_grid = np.where(better[:, None], trial_on, on_grid)
+    # round again on the chosen scale (IQ2_XXS always; the others when a group was off the grid)
+    again = (scale > 0) & (search.qp_start | ~on_grid.all(axis=1))
+    if again.any():
+        with np.errstate(divide="ignore"):
+            inv = np.where(again, F32(1) / scale, F32(0)).astype(F32)
+        redo, _ = _lattice_round(ggml_type, inv, xval, waux, scale)
+        which = again[:, None] & (search.redo_all | ~on_grid)
+        L = np.where(which[..., None], redo, L)
+        sumqx, sumq2 = _lattice_sums(weight, xval, L)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(again & (sumq2 > 0), sumqx / sumq2, scale).astype(F32)
+    negative = scale < 0  # "should never happen" in ggml too: flip the scale and every sign
+    signs = np.where(negative[:, None], ~signs & sign_mask, signs).astype(np.uint32)
+    scale = np.where(empty, F32(0), np.abs(scale)).astype(F32)
+    index = np.where(empty[:, None], 0, lattice(ggml_type).kmap[(np.where(empty[:, None, None], 0, L) << search.shifts).sum(axis=-1)])
+    scales = scale.reshape(-1, QK_K // sub)
+    max_scale = scales.max(axis=-1)
+    d = (max_scale / F32(31)).astype(F32)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(max_scale > 0, F32(1) / d, F32(0)).astype(F32)
+    codes = np.clip(nearest_int(F32(0.5) * (inv_d[:, None] * scales - F32(1))), 0, 15).astype(np.uint32)
+    zero = np.repeat(max_scale == 0, QK_K // sub)  # ggml writes the whole block as zeros
+    empty |= zero
+    index = np.where(empty[:, None], 0, index)
+    signs = np.where(empty[:, None], 0, signs).astype(np.uint32)
+    codes = np.where((max_scale == 0)[:, None], 0, codes).astype(np.uint32)
+    d_stored = np.where(max_scale == 0, F32(0), d * F32(search.fudge)).astype(F32)
+    return index, signs, d_stored, codes, empty
+
+
+def _iq_values(blocks: np.ndarray, ggml_type: str, w: np.ndarray) -> GGUFQuantized:
+    """The blocks and the values they dequantize to (the gguf package's dequantizer, ggml's order)."""
+    import gguf
+    import gguf.quants as gq
+
+    blocks = np.ascontiguousarray(blocks.reshape(w.shape[0], -1))
+    return _rows(blocks, gq.dequantize(blocks, gguf.GGMLQuantizationType[ggml_type]), w)
+
+
+def _no_choose(ggml_type: str, choose: Choose | None) -> None:
+    if choose is not None:
+        raise ValueError(f"{ggml_type} stores lattice points of several weights: its codes cannot be chosen one weight at a time")
+
+
+def _pack_sub_scales(codes: np.ndarray) -> np.ndarray:
+    """4-bit sub-block scale codes, two per byte (low nibble first)."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _high_bits(index: np.ndarray, bits: int) -> np.ndarray:
+    """Bits 8.. of each grid index [n_super, points] packed 8 // bits per byte, lowest first."""
+    per_byte = 8 // bits
+    high = (index >> 8).astype(np.uint8).reshape(len(index), -1, per_byte)
+    return (high << (bits * np.arange(per_byte, dtype=np.uint8))).sum(axis=-1).astype(np.uint8)
+
+
+def _signs_and_code(signs: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The XXS types' uint32 per 32 weights: 4 × 7 sign bits, the 4-bit scale code in bits 28-31."""
+    packed = (signs << np.array([0, 7, 14, 21], dtype=np.uint32)).sum(axis=-1).astype(np.uint32).reshape(-1, 8)
+    return np.ascontiguousarray(packed | (codes << 28))
+
+
+def iq3_xxs(w, importance, choose=None):
+    """quantize_row_iq3_xxs_impl (x² weights without an imatrix, as llama.cpp): 4-weight points,
+    one scale per 32; block: d, 64 grid-index bytes, 8 × uint32 (4 × 7 sign bits | scale code << 28)."""
+    _no_choose("IQ3_XXS", choose)
+    index, signs, d, codes, _ = lattice_quantize(w, importance, "IQ3_XXS")
+    sas = _signs_and_code(signs, codes).view(np.uint8)
+    return _iq_values(np.concatenate([fp16_bytes(d), index.astype(np.uint8).reshape(-1, 64), sas], axis=1), "IQ3_XXS", w)
+
+
+def iq3_s(w, importance, choose=None):
+    """quantize_row_iq3_s_impl: 4-weight points of a 512-point grid, 8 sign bits per 8, one scale per
+    32; block: d, 64 low index bytes, 8 bytes of index bit 8, 32 sign bytes, 4 bytes of scale codes.
+
+    ggml advances its qs/signs pointers only past sub-blocks that are not all zero, so the ones
+    after an all-zero sub-block move up (what llama.cpp writes, kept byte for byte)."""
+    _no_choose("IQ3_S", choose)
+    index, signs, d, codes, empty = lattice_quantize(w, importance, "IQ3_S")
+    n_super = len(d)
+    kept = ~empty.reshape(n_super, 8)
+    slot = np.cumsum(kept, axis=1) - 1  # where each kept sub-block's qs/signs land
+    qs = np.zeros((n_super, 8, 8), dtype=np.uint8)
+    sb = np.zeros((n_super, 8, 4), dtype=np.uint8)
+    rows, subs = np.nonzero(kept)
+    qs[rows, slot[rows, subs]] = (index.reshape(n_super, 8, 8)[rows, subs] & 255).astype(np.uint8)
+    sb[rows, slot[rows, subs]] = signs.reshape(n_super, 8, 4)[rows, subs].astype(np.uint8)
+    qh = _high_bits(index.reshape(n_super, 64), 1)
+    return _iq_values(np.concatenate([fp16_bytes(d), qs.reshape(n_super, 64), qh, sb.reshape(n_super, 32),
+                                      _pack_sub_scales(codes)], axis=1), "IQ3_S", w)
+
+
+def iq2_s(w, importance, choose=None):
+    """quantize_row_iq2_s_impl: 8-weight points of a 1024-point grid, 8 sign bits per 8, one scale per
+    16; block: d, 32 low index bytes, 32 sign bytes, 8 bytes of index bits 8-9, 8 bytes of scale codes."""
+    _no_choose("IQ2_S", choose)
+    index, signs, d, codes, _ = lattice_quantize(w, importance, "IQ2_S")
+    n_super = len(d)
+    index = index.reshape(n_super, 32)
+    return _iq_values(np.concatenate([fp16_bytes(d), (index & 255).astype(np.uint8), signs.reshape(n_super, 32).astype(np.uint8),
+                                      _high_bits(index, 2), _pack_sub_scales(codes)], axis=1), "IQ2_S", w)
+
+
+def iq2_xxs(w, importance, choose=None):
+    """quantize_row_iq2_xxs_impl: 8-weight points, one scale per 32; block: d, then per 32 weights
+    4 grid-index bytes and a uint32 (4 × 7 sign bits | scale code << 28)."""
+    _no_choose("IQ2_XXS", choose)
+    index, signs, d, codes, _ = lattice_quantize(w, importance, "IQ2_XXS")
+    aux = _signs_and_code(signs, codes).reshape(-1, 8, 1).view(np.uint8)
+    per_sub = np.concatenate([index.astype(np.uint8).reshape(-1, 8, 4), aux], axis=2)
+    return _iq_values(np.concatenate([fp16_bytes(d), per_sub.reshape(-1, 64)], axis=1), "IQ2_XXS", w)
+
+
+def iq2_xs(w, importance, choose=None):
+    """quantize_row_iq2_xs_impl: 8-weight points of a 512-point grid, one scale per 16; block: d,
+    32 × uint16 (9-bit grid index | 7 sign bits << 9), 8 bytes of scale codes."""
+    _no_choose("IQ2_XS", choose)
+    index, signs, d, codes, _ = lattice_quantize(w, importance, "IQ2_XS")
+    qs = np.ascontiguousarray((index.astype(np.uint16) | (signs.astype(np.uint16) << 9)).reshape(-1, 32)).view(np.uint8)
+    return _iq_values(np.concatenate([fp16_bytes(d), qs, _pack_sub_scales(codes)], axis=1), "IQ2_XS", w)
+
+
 def _rows(blocks: np.ndarray, values: np.ndarray, w: np.ndarray) -> GGUFQuantized:
     out_f = w.shape[0]
     return GGUFQuantized(np.ascontiguousarray(blocks.reshape(out_f, -1)), values.reshape(w.shape).astype(F32))
 
 
 QUANTIZERS = {"Q8_0": q8_0, "Q6_K": q6_k, "Q5_K": q5_k, "Q5_1": q5_1, "Q5_0": q5_0, "Q4_K": q4_k,
-              "Q4_1": q4_1, "Q4_0": q4_0, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "Q3_K": q3_k, "Q2_K": q2_k}
+              "Q4_1": q4_1, "Q4_0": q4_0, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs, "Q3_K": q3_k, "IQ3_S": iq3_s, "IQ3_XXS": iq3_xxs,
+              "Q2_K": q2_k, "IQ2_S": iq2_s, "IQ2_XS": iq2_xs, "IQ2_XXS": iq2_xxs}
 
 
 def gguf_quantize(weight: torch.Tensor | np.ndarray, ggml_type: str,
@@ -738,6 +1083,10 @@ def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
     return QuantizedWeight(o, torch.from_numpy(q.values), blocks=q.blocks)
 
 
+# Two grids of the one family: "gguf" by default for --target llama.cpp, "gguf-iq" (the lattice i-quants,
+# slow to search) only when named
 register_format(Format(
     "gguf", "gguf", check, lambda o: o.element, lambda text: gguf_option(text.upper()) if text.upper() in GGUF_TYPES else None,
-    quantize, elements=tuple(GGUF_TYPES), label_examples=("Q4_K",), grids={"gguf": lambda g: [gguf_option(t) for t in QUANTIZERS]}))
+    quantize, elements=tuple(GGUF_TYPES), label_examples=("Q4_K",),
+    grids={"gguf": lambda g: [gguf_option(t) for t in QUANTIZERS if t not in LATTICE_TYPES],
+           "gguf-iq": lambda g: [gguf_option(t) for t in QUANTIZERS if t in LATTICE_TYPES]}))

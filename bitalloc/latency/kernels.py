@@ -51,10 +51,6 @@ def get_kernel(name: str) -> Kernel:
         raise ValueError(f"unknown kernel {name!r}; known: {', '.join(_KERNELS)}") from None
 
 
-def device_kind(device: torch.device | str) -> str:
-    return torch.device(device).type
-
-
 def reference_weight(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
     """The weight values the option stores (what every kernel for it must multiply by)."""
     return quantize_dequantize(weight.float(), option)

@@ -24,7 +24,9 @@ inputs) gets its scales (and mins, sub-block scales) from llama.cpp's own import
 (imatrix = diag H) on the error-updated weights when the loop reaches it, as natural-order groups
 do; then its columns are rounded one by one on that grid with GPTQ's error feedback, and the type
 packs the chosen codes with those scales, so the stored blocks decode to exactly the values GPTQ
-kept. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN (`gptq_many`).
+kept. Lattice types (IQ3_XXS: one code per 4 weights, signs with even parity) cannot round one
+column at a time: the type quantizes each error-updated block whole, and the block's error reaches
+the later columns by the exact block form of the update, (W_b − Q_b)·U_bb⁻¹·U_b,later. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN (`gptq_many`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import solve_triangular
 
-from ..formats.gguf import GGUF_TYPES, BlockGrid, gguf_quantize
+from ..formats.gguf import GGUF_TYPES, LATTICE_TYPES, BlockGrid, gguf_quantize
 from ..formats.int import int_dequantize, int_range, int_scales
 from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
@@ -269,7 +272,11 @@ def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor,
                 cols[:, j + 1:] -= np.outer(err[:, j], Ub[j, j + 1:])  # paper eq. (3), within the block
             return codes
 
-        q = gguf_quantize(W[:, c:c + width], ggml_type, importance[c:c + width], choose=round_columns)
+        if ggml_type in LATTICE_TYPES:
+            q = gguf_quantize(cols, ggml_type, importance[c:c + width])
+            err = solve_triangular(Ub, (cols - q.values).T, trans="T").T  # err · U_bb = W_b − Q_b
+        else:
+            q = gguf_quantize(W[:, c:c + width], ggml_type, importance[c:c + width], choose=round_columns)
         blocks.append(q.blocks)
         values.append(q.values)
         W[:, c + width:] -= err @ U[c:c + width, c + width:]  # the block's errors reach the later columns

@@ -91,7 +91,6 @@ class Store(Protocol):
     def create_job(self, kind: str, request: dict, dedupe_key: str | None, client: str | None = None,
                    timeout_s: float | None = None) -> tuple[Job, bool]: ...
     def get_job(self, job_id: str) -> Job | None: ...
-    def find_job(self, dedupe_key: str) -> Job | None: ...
     def claim_job(self, owner: str) -> Job | None: ...
     def heartbeat(self, job_id: str, owner: str, progress: float | None = None, stage: str | None = None) -> bool: ...
     def finish_job(self, job_id: str, owner: str, result: dict) -> bool: ...
@@ -105,7 +104,6 @@ class Store(Protocol):
     def put_plan(self, record: PlanRecord) -> bool: ...
     def get_plan(self, plan_id: str) -> PlanRecord | None: ...
     def list_plans(self, model: str | None = None, limit: int = 100) -> list[PlanRecord]: ...
-    def count_plans(self) -> int: ...
 
 
 _SCHEMA = """
@@ -229,11 +227,6 @@ class SQLiteStore:
 
     def get_job(self, job_id: str) -> Job | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
-        return None if row is None else _job(row)
-
-    def find_job(self, dedupe_key: str) -> Job | None:
-        """The newest job for this work, live or not."""
-        row = self._one("SELECT * FROM jobs WHERE dedupe_key=? ORDER BY created DESC LIMIT 1", (dedupe_key,))
         return None if row is None else _job(row)
 
     def claim_job(self, owner: str) -> Job | None:
@@ -390,9 +383,6 @@ class SQLiteStore:
                 "SELECT * FROM plans WHERE model_source=? OR model_hash=? ORDER BY seq LIMIT ?", (model, model, limit)
             ).fetchall()
         return [_plan(r) for r in rows]
-
-    def count_plans(self) -> int:
-        return int(self._one("SELECT COUNT(*) AS n FROM plans")["n"])
 
 
 class _Transaction:
