@@ -14,6 +14,7 @@ Prints a table, writes bench/out/gguf_vs_llama_cpp.json.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ FTYPE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K": "Q5_K_S", "Q5_1": "Q5_1", "Q5_0
 
 
 def read_importance(imatrix: Path) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> importance [in] as llama-quantize computes it (in_sum2 / counts, float32)."""
+    """GGUF tensor name (blk.0.attn_k.weight) -> importance [in] as llama-quantize computes it (in_sum2 / counts)."""
     import gguf
 
     tensors = {t.name: np.asarray(t.data, np.float32).reshape(-1) for t in gguf.GGUFReader(imatrix).tensors}
@@ -64,7 +65,7 @@ def compare(f32: Path, quantized: Path, importance: dict[str, np.ndarray] | None
         if kind not in QUANTIZERS:
             continue
         w = np.asarray(source[t.name].data, np.float32).reshape(t.data.shape[0], -1)
-        imp = importance.get(t.name.removesuffix(".weight")) if importance is not None else None
+        imp = importance.get(t.name) if importance is not None else None
         ours = gguf_quantize(w, kind, imp).blocks
         checked[kind] += 1
         rows[kind] += w.shape[0]
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp-bin", required=True, help="a llama.cpp build's bin/ (bash bench/llama_cpp/build.sh)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "llama_cpp_work"), help="folder for the llama.cpp files")
     ap.add_argument("--types", default=",".join(FTYPE), help="tensor types to compare")
+    ap.add_argument("--imatrix", choices=("both", "yes", "no"), default="both",
+                    help="which files to compare; rows of a previous run for the others are kept")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
@@ -90,8 +93,8 @@ def main() -> None:
     f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], chunks=16, ctx=512)
     importance = read_importance(work / "imatrix.gguf")
     results = []
-    todo = [(t, imat) for t in args.types.split(",") for imat in (False, True)
-            if imat or t not in NEEDS_IMATRIX]
+    wanted = {"both": (False, True), "yes": (True,), "no": (False,)}[args.imatrix]
+    todo = [(t, imat) for t in args.types.split(",") for imat in wanted if imat or t not in NEEDS_IMATRIX]
     for ggml_type, with_imatrix in tqdm(todo, desc="types", unit="file"):
         path = work / f"pure-{'imat-' if with_imatrix else ''}{ggml_type}.gguf"
         if not path.exists():
@@ -100,6 +103,11 @@ def main() -> None:
         start = time.process_time()
         r = compare(f32, path, importance if with_imatrix else None)
         results.append({"type": ggml_type, "imatrix": with_imatrix, **r, "bitalloc_cpu_s": round(time.process_time() - start, 1)})
+    out_json = Path(args.out) / "gguf_vs_llama_cpp.json"
+    if out_json.exists():  # keep the rows of the files not compared this time
+        again = {(r["type"], r["imatrix"]) for r in results}
+        kept = [r for r in json.loads(out_json.read_text())["rows"] if (r["type"], r["imatrix"]) not in again]
+        results = sorted(kept + results, key=lambda r: (list(FTYPE).index(r["type"]), r["imatrix"]))
     print(f"SmolLM2 ({Path(source).name}) F32 weights, llama-quantize --pure per type; imatrix from llama-imatrix on {Path(args.calib).name}\n")
     print("| file type | imatrix | tensors compared (by stored type) | identical | bitalloc CPU s |")
     print("|---|---|---|---|---|")
@@ -109,7 +117,7 @@ def main() -> None:
         print(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {kinds} | {same} / {sum(r['tensors'].values())} | {r['bitalloc_cpu_s']} |")
     bad = [m for r in results for m in r["mismatched"]]
     print(f"\n{'every tensor identical' if not bad else 'differing: ' + ', '.join(bad)}")
-    atomic_write_text(Path(args.out) / "gguf_vs_llama_cpp.json", canonical_json({"source": Path(source).name, "rows": results}))
+    atomic_write_text(out_json, canonical_json({"source": Path(source).name, "rows": results}))
 
 
 if __name__ == "__main__":
