@@ -24,9 +24,10 @@ inputs) gets its scales (and mins, sub-block scales) from llama.cpp's own import
 (imatrix = diag H) on the error-updated weights when the loop reaches it, as natural-order groups
 do; then its columns are rounded one by one on that grid with GPTQ's error feedback, and the type
 packs the chosen codes with those scales, so the stored blocks decode to exactly the values GPTQ
-kept. Lattice types (IQ3_XXS: one code per 4 weights, signs with even parity) cannot round one
+kept. The lattice i-quants (IQ3_S, IQ3_XXS, IQ2_*: one code per 4 or 8 weights) cannot round one
 column at a time: the type quantizes each error-updated block whole, and the block's error reaches
-the later columns by the exact block form of the update, (W_b − Q_b)·U_bb⁻¹·U_b,later. Other options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN (`gptq_many`).
+the later columns by the exact block form of the update, (W_b − Q_b)·U_bb⁻¹·U_b,later. Other
+options (fp8/fp6/fp4, MX, NVFP4) and keep fall back to RTN (`gptq_many`).
 """
 
 from __future__ import annotations
