@@ -938,7 +938,7 @@ def lattice_quantize(w: np.ndarray, importance: np.ndarray | None, ggml_type: st
     negative = scale < 0  # "should never happen" in ggml too: flip the scale and every sign
     signs = np.where(negative[:, None], ~signs & sign_mask, signs).astype(np.uint32)
     scale = np.where(empty, F32(0), np.abs(scale)).astype(F32)
-    index = np.where(empty[:, None], 0, lattice(ggml_type).kmap[(np.where(empty[:, None, None], 0, L) << search.shifts).sum(axis=-1)])
+    index = lattice(ggml_type).kmap[(L << search.shifts).sum(axis=-1)]  # every group is on the grid by now
     scales = scale.reshape(-1, QK_K // sub)
     max_scale = scales.max(axis=-1)
     d = (max_scale / F32(31)).astype(F32)
