@@ -274,6 +274,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
     runs exactly the simulated plan, otherwise those tensors are rounded to it).
     """
+    from . import gguf_hf
     from .apply import check_plan_matches
     from .quantizers.materialize import quantize_model
 
@@ -302,6 +303,8 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
             elif src.reader is not None:
                 t = by_name[entry.name]
                 data, raw_type = t.data, t.tensor_type
+            elif entry.hf_name is None:  # computed by the converter, not in the checkpoint (llama3's rope_freqs)
+                data, raw_type = gguf_hf.extra_tensor(src.path, entry.name), gguf.GGMLQuantizationType.F32
             else:
                 data = _converted(state[entry.hf_name], entry, src)
                 raw_type = gguf.GGMLQuantizationType[entry.ggml_type]

@@ -7,6 +7,8 @@ gguf's `TensorNameMap` names with llama's q/k row permutation, and the tokenizer
 special ids, add_bos/eos and the chat template). Metadata is recorded through a `gguf.GGUFWriter` with
 no file, so every key has the type gguf's own `add_*` gives it.
 
+Llama 3's RoPE scaling becomes the converter's extra tensor rope_freqs.weight (bitalloc/rope.py).
+
 Unplanned tensors keep their checkpoint dtype (F32, F16 or BF16; 1-D ones F32, as the converter
 stores norms and biases), so the file holds exactly the weights `bitalloc eval --plan` runs; a dtype
 may be asked for instead (the converter's default for a float32 checkpoint is F16).
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import rope
 from .errors import BadInputError
 
 # Hugging Face architecture -> GGUF architecture the writer converts (convert_hf_to_gguf.py's
@@ -188,8 +191,18 @@ def _rope_parameters(hparams: dict) -> dict:
     return params
 
 
+def rope_dimension(hparams: dict) -> int:
+    return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+
+
+def llama3_rope(hparams: dict, arch: str) -> dict | None:
+    """The llama3 RoPE parameters of a llama checkpoint (stored as rope_freqs.weight, bitalloc/rope.py), else None."""
+    params = _rope_parameters(hparams)
+    return params if arch == "llama" and params.get("rope_type", params.get("type")) == "llama3" else None
+
+
 def add_parameters(writer, directory: Path, hparams: dict, arch: str) -> None:
-    """Architecture metadata from config.json; refuses RoPE scalings the converter writes as extra tensors."""
+    """Architecture metadata from config.json; refuses RoPE scalings bitalloc does not convert."""
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -200,16 +213,17 @@ def add_parameters(writer, directory: Path, hparams: dict, arch: str) -> None:
     writer.add_feed_forward_length(hparams["intermediate_size"])
     writer.add_head_count(hparams["num_attention_heads"])
     writer.add_head_count_kv(hparams.get("num_key_value_heads", hparams["num_attention_heads"]))
-    rope = _rope_parameters(hparams)
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope_type not in (None, "default", "linear"):
-        raise BadInputError(f"{directory} uses {rope_type} RoPE scaling, which bitalloc does not convert (llama.cpp "
-                            "stores some as extra tensors); convert with convert_hf_to_gguf.py and write from that .gguf")
+    params = _rope_parameters(hparams)
+    rope_type = params.get("rope_type", params.get("type"))
+    # llama3 (on llama) is no metadata but the rope_freqs.weight tensor (hf_tensors)
+    if rope_type not in (None, "default", "linear") and llama3_rope(hparams, arch) is None:
+        raise BadInputError(f"{directory} uses {rope_type} RoPE scaling, which bitalloc converts only as linear or "
+                            "(llama) llama3; convert with convert_hf_to_gguf.py and write from that .gguf")
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope["factor"])
-    if rope.get("rope_theta") is not None:
-        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_rope_scaling_factor(params["factor"])
+    if params.get("rope_theta") is not None:
+        writer.add_rope_freq_base(params["rope_theta"])
     writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
     if (head_dim := hparams.get("head_dim")) is not None:
         writer.add_key_length(head_dim)
@@ -217,7 +231,7 @@ def add_parameters(writer, directory: Path, hparams: dict, arch: str) -> None:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)  # replaced by the plan's when written
     if arch == "llama":
         writer.add_vocab_size(hparams["vocab_size"])
-        writer.add_rope_dimension_count(head_dim or hparams["hidden_size"] // hparams["num_attention_heads"])
+        writer.add_rope_dimension_count(rope_dimension(hparams))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -238,7 +252,7 @@ def hf_metadata(directory: Path, arch: str) -> dict:
 @dataclass(frozen=True)
 class HFTensor:
     name: str  # GGUF tensor name
-    hf_name: str  # state_dict name in the checkpoint
+    hf_name: str | None  # state_dict name in the checkpoint; None: computed by the converter (extra_tensor)
     shape: tuple[int, ...]  # as in PyTorch ([out, in] for a weight)
     ggml_type: str  # F32, F16 or BF16
 
@@ -260,7 +274,8 @@ def hf_tensors(directory: Path, arch: str, dtype: torch.dtype | None = None) -> 
     wanted = dtype
     if wanted is not None and wanted not in _GGML_OF:
         raise BadInputError(f"GGUF tensors can be float32, float16 or bfloat16, not {wanted}")
-    out = []
+    # the converter yields its extra tensors (LlamaModel.generate_extra_tensors) before the checkpoint's
+    out = [HFTensor(rope.TENSOR, None, (rope_dimension(hparams) // 2,), "F32")] if llama3_rope(hparams, arch) else []
     for hf_name, (_, dtype, shape, _, _) in SafetensorsIndex(directory).entries.items():
         if tied and hf_name == "lm_head.weight":
             continue  # a tied head is the token embedding; transformers ties it again at load
@@ -274,6 +289,14 @@ def hf_tensors(directory: Path, arch: str, dtype: torch.dtype | None = None) -> 
             raise BadInputError(f"checkpoint tensor {hf_name} is {dtype}; bitalloc converts float32/float16/bfloat16 checkpoints")
         out.append(HFTensor(name, hf_name, shape, "F32" if len(shape) == 1 else _GGML_OF[wanted or dtype]))
     return out
+
+
+def extra_tensor(directory: Path, name: str) -> np.ndarray:
+    """A tensor the converter computes rather than copies: llama3's rope_freqs.weight from config.json."""
+    hparams = hf_config(directory)
+    if name != rope.TENSOR or (params := llama3_rope(hparams, gguf_architecture(directory))) is None:
+        raise AssertionError(f"{name} is not a tensor bitalloc computes for {directory}")
+    return rope.factors(params, rope_dimension(hparams))
 
 
 def tensor_bytes(value: torch.Tensor, entry: HFTensor) -> np.ndarray:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -68,7 +69,15 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
         where = source  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        if "gguf_file" in kwargs and (rope := gguf_rope_parameters(path)) is not None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(where, **kwargs)
+            config.rope_parameters = rope  # what transformers' GGUF loader drops (bitalloc/rope.py)
+            kwargs["config"] = config
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except BadInputError:
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged GGUF fails anywhere in its reader (struct.error, IndexError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "gguf_file" in kwargs:
@@ -82,6 +91,32 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
         ) from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
+
+
+def gguf_rope_parameters(path: Path) -> dict | None:
+    """The llama3 RoPE parameters of a GGUF that stores them as llama.cpp does, as the per-frequency
+    tensor rope_freqs.weight (bitalloc/rope.py); None when it has no such tensor."""
+    import gguf
+
+    from . import rope
+
+    reader = gguf.GGUFReader(path)
+    tensor = next((t for t in reader.tensors if t.name == rope.TENSOR), None)
+    if tensor is None:
+        return None
+
+    def value(key: str):
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = value("general.architecture")
+    if arch != "llama":
+        raise BadInputError(f"{path} is a {arch} GGUF with {rope.TENSOR} (per-frequency RoPE divisors), which "
+                            "transformers' GGUF loader ignores and bitalloc recovers for llama only; load the model "
+                            "from its Hugging Face checkpoint folder instead")
+    dim = value(f"{arch}.rope.dimension_count") or value(f"{arch}.embedding_length") // value(f"{arch}.attention.head_count")
+    base = value(f"{arch}.rope.freq_base") or 10000.0
+    return rope.parameters_from_factors(np.asarray(tensor.data), float(base), int(dim), str(path))
 
 
 def model_from_config(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -171,6 +172,62 @@ def test_whole_file_budget_of_a_folder_holds_for_the_written_file(tmp_path, cali
         api.plan_from_table(table, parse_budget("900KB", "model"), loaded, calib)
 
 
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}  # 5 of the 32 frequencies of a 64-dim head in the interpolated band
+
+
+def test_llama3_rope_is_written_as_llama_cpps_rope_freqs_and_read_back(tmp_path, calib_ids):
+    """Llama 3's RoPE scaling: convert_hf_to_gguf.py writes it as the F32 tensor rope_freqs.weight (first in
+    the file), which transformers' GGUF loader ignores; load_model recovers the parameters from it, so the
+    written file runs exactly the simulated plan (with plain RoPE its logits would differ)."""
+    from bitalloc import rope
+
+    folder = save_checkpoint(tmp_path / "tiny", "llama", "gpt-2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": LLAMA3}))
+    loaded = load_model(str(folder))
+    assert loaded.model.config.rope_parameters["rope_type"] == "llama3"
+    table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS, cache_dir=False, quantizer="rtn")
+    plan = api.plan_from_table(table, "5bits", loaded, calib)
+    out = tmp_path / "tiny-llama3.gguf"
+    reader = check_written_file(folder, plan, calib_ids, out)  # size as predicted; transformers = the simulated plan
+    first = reader.tensors[0]
+    assert (first.name, first.tensor_type.name) == (rope.TENSOR, "F32")
+    factors = np.asarray(first.data)
+    assert factors.tolist()[:4] == [1.0] * 4 and factors.tolist()[9:] == [8.0] * 23
+    assert np.all((factors[4:9] > 1) & (factors[4:9] < 8)) and np.all(np.diff(factors[4:9]) > 0)
+    assert reader.get_field("llama.rope.freq_base").contents() == 10000.0
+    assert reader.get_field("llama.rope.scaling.type") is None  # no metadata: the tensor is the scaling
+    assert load_model(str(out)).model.config.rope_parameters == LLAMA3
+    # qwen2's converter has no such tensor: refused there
+    qwen = save_checkpoint(tmp_path / "qwen", "qwen2", "qwen2")
+    qconfig = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**qconfig, "rope_parameters": LLAMA3}))
+    with pytest.raises(BadInputError, match=r"uses llama3 RoPE scaling, which bitalloc converts only as linear or \(llama\) llama3"):
+        gguf_layout(plan, qwen)
+
+
+@pytest.mark.parametrize(("factor", "low", "high", "original"), [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192),
+                                                                 (16.0, 2.0, 8.0, 4096)])
+def test_llama3_rope_parameters_are_recovered_from_the_factors(factor, low, high, original):
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) as published (head 128, base 500000), and a made-up one: the
+    recovered parameters give the same factors; for low_freq_factor 1 they are the published ones."""
+    from bitalloc import rope
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": high, "original_max_position_embeddings": original}
+    stored = rope.factors(params, 128)
+    recovered = rope.parameters_from_factors(stored, 500000.0, 128, "x.gguf")
+    assert np.array_equal(rope.factors(recovered, 128), stored)
+    if low == 1.0:
+        assert recovered == params
+    # factors no llama3 parameters give are refused, naming the file
+    broken = stored.copy()
+    broken[10:14] = [1.5, 7.0, 1.2, 3.0]
+    with pytest.raises(BadInputError, match=r"x\.gguf: its rope_freqs\.weight .* is not a llama3 RoPE scaling"):
+        rope.parameters_from_factors(broken, 500000.0, 128, "x.gguf")
+
+
 def _plan_for(folder: Path, calib_ids):
     loaded = load_model(str(folder))
     table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS[:2], cache_dir=False, quantizer="rtn")
@@ -204,10 +261,10 @@ def test_refuses_what_it_cannot_convert_faithfully(tmp_path, calib_ids):
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"]}))
     with pytest.raises(BadInputError, match=r"from Hugging Face checkpoints of LlamaForCausalLM, Qwen2ForCausalLM only; .* is Phi3ForCausalLM"):
         gguf_layout(plan, folder)
-    # RoPE scaling the converter stores as an extra tensor (llama3)
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    # RoPE scalings other than linear and llama3 (yarn adds metadata and attention scaling bitalloc does not write)
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
-    with pytest.raises(BadInputError, match=r"uses llama3 RoPE scaling, which bitalloc does not convert"):
+    with pytest.raises(BadInputError, match=r"uses yarn RoPE scaling, which bitalloc converts only as linear or \(llama\) llama3"):
         gguf_layout(plan, folder)
     assert not list(tmp_path.glob("*.gguf"))
 
