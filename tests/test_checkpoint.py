@@ -263,10 +263,10 @@ def test_unsupported_option_is_named_with_the_fix(tmp_path):
 def test_unfused_qkv_is_refused_for_vllm_unless_asked(tmp_path):
     model = make_llama()
     plan = pinned_plan(model, ((r"q_proj", "int8-ch-sym"), (r"(k|v|o|gate|up|down)_proj", "int4-g32-sym")), ties=())
-    with pytest.raises(BadInputError, match=r"self_attn\.qkv_proj: q_proj=int8-ch-sym, k_proj=int4-g32-sym.*--tie fused"):
+    with pytest.raises(BadInputError, match=r"self_attn\.qkv_proj: q_proj=int8-ch-sym, k_proj=int4-g32-sym.*ties fused.*allow_untied"):
         save_checkpoint(model, plan, tmp_path / "x")
     report = save_checkpoint(model, plan, tmp_path / "x", allow_untied=True)
-    assert report.warnings and "--tie fused" in report.warnings[0]
+    assert report.warnings and "re-plan with the default fused ties" in report.warnings[0]
     assert (tmp_path / "x" / "model.safetensors").is_file()
 
 

@@ -3,7 +3,7 @@
 Each target is one module registering an exporter. An exporter never changes the plan to fit its
 target: what the target cannot express is returned as `unsupported` (and the CLI reports it), and a
 target whose rules the plan breaks (e.g. vLLM's fused q/k/v needing one scheme) raises BadInputError
-naming the modules and the fix (`bitalloc plan --tie fused`).
+naming the modules and the fix (re-plan with the fused ties: `bitalloc plan --tie fused`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..io import atomic_write_text, canonical_json
 from ..options import QuantOption
 from ..plan import Plan
@@ -18,7 +18,8 @@ from ..plan import Plan
 # layer" (modelopt_mixed). Keys: the fused name vLLM uses; values: the Hugging Face shard names.
 FUSED_IN_VLLM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
-TIE_FIX = "re-plan with `bitalloc plan --tie fused` (or export anyway with --allow-untied)"
+# Spelled by each adapter (errors.setting): `--tie fused` / `--allow-untied` on the command line.
+TIE_FIX = f"re-plan with {setting('ties')} fused (the default), or write it anyway with {setting('allow_untied')}"
 
 
 def fused_groups(modules) -> dict[str, list[str]]:
@@ -54,7 +55,9 @@ def check_fused_ties(plan: Plan, target: str, allow_untied: bool) -> list[str]:
         raise BadInputError(
             f"{target}: vLLM/TensorRT-LLM fuse q/k/v and gate/up into one layer with one scheme, but the plan "
             f"gives {bad[0]}{more}; {TIE_FIX}")
-    return [f"fused layer {line}: the serving engine needs one scheme for these shards ({TIE_FIX})" for line in bad]
+    # allow_untied was asked for, so the note says only what the serving engine needs (no setting to name)
+    return [f"fused layer {line}: the serving engine needs one scheme for these shards (re-plan with the default "
+            "fused ties)" for line in bad]
 
 
 def require_whole_modules(plan: Plan, target: str) -> None:
