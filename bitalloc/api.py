@@ -12,7 +12,8 @@ import numpy as np
 
 from . import solvers
 from .budget import Budget, Outside, gguf_typed, parse_budget
-from .config import CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names
+from .config import (DEFAULT_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names,
+                     default_error_model, default_quantizer)
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
 from .io import check_output_dir
@@ -76,14 +77,14 @@ def profile(
     options: list[QuantOption],
     cache_dir: Path | None = None,
     progress: bool = False,
-    quantizer: str = ProfileConfig.quantizer,
+    quantizer: str | None = ProfileConfig.quantizer,
     ray: RaySpec | None = None,
     trust_remote_code: bool = False,
 ) -> CandidateTable:
     """Candidate table for these modules and options, from the cache when an identical one exists.
 
     quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
-    calibration inputs).
+    calibration inputs); None: config.default_quantizer(options).
     ray: compute it on a Ray cluster (profile/distributed.py); trust_remote_code: for the workers' loads.
     """
     from .candidates import build_candidate_table
@@ -92,6 +93,7 @@ def profile(
     from .profile.store import content_key, load_table, numerics_fingerprint, save_table
     from .profile.streamed import streamed_candidate_table
 
+    quantizer = quantizer or default_quantizer(options)
     key = content_key(
         {
             "model": loaded.content_hash,
@@ -148,7 +150,7 @@ def profile_model(
     progress: bool = False,
     trust_remote_code: bool = False,
     stream: bool = ProfileConfig.stream,
-    quantizer: str = ProfileConfig.quantizer,
+    quantizer: str | None = ProfileConfig.quantizer,
     ray: RaySpec | None = None,
     **settings: Any,
 ) -> Profile:
@@ -193,7 +195,7 @@ def profile_model(
         "bitalloc": bitalloc_version(),
         "code": code_fingerprint(),
     }
-    if config.quantizer != ProfileConfig.quantizer:  # the default stays out, so existing keys do not move
+    if config.quantizer != DEFAULT_QUANTIZER:  # rtn stays out, so existing keys do not move
         parts["quantizer"] = config.quantizer
     parts.update(_shards(config.ray))
     meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
@@ -238,7 +240,7 @@ def plan(
     solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
     options: list[QuantOption] | None = None,
-    error_model: str = SolveConfig.error_model,
+    error_model: str | None = SolveConfig.error_model,
     seq_len: int = CalibrationSpec.seq_len,
     calib_tokens: int = CalibrationSpec.tokens,
     seed: int = SolveConfig.seed,
@@ -250,7 +252,7 @@ def plan(
     constraints: Constraints | None = None,
     latency_target: LatencyTarget | None = None,
     stream: bool = ProfileConfig.stream,
-    quantizer: str = ProfileConfig.quantizer,
+    quantizer: str | None = ProfileConfig.quantizer,
     verify: Any = False,
     ray: RaySpec | None = None,
 ) -> Plan:
@@ -295,13 +297,13 @@ def _profile_config(calibration, options, seq_len, calib_tokens, seed, include_l
 
 
 def prepare(model_or_source: Any, calibration: Any, *, tokenizer: Any = None, solver: str = SolveConfig.solver,
-            options: list[QuantOption] | None = None, error_model: str = SolveConfig.error_model,
+            options: list[QuantOption] | None = None, error_model: str | None = SolveConfig.error_model,
             seq_len: int = CalibrationSpec.seq_len, calib_tokens: int = CalibrationSpec.tokens,
             seed: int = CalibrationSpec.seed, include_lm_head: bool = ProfileConfig.include_lm_head,
             include_embeddings: bool = ProfileConfig.include_embeddings,
             cache_dir: str | Path | None | bool = None, progress: bool = False,
             trust_remote_code: bool = False, stream: bool = ProfileConfig.stream,
-            quantizer: str = ProfileConfig.quantizer,
+            quantizer: str | None = ProfileConfig.quantizer,
             ray: RaySpec | None = None) -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Check the arguments, load the model, build the calibration and the candidate table.
 
@@ -381,7 +383,7 @@ def plan_from_table(
     *,
     solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
-    error_model: str = SolveConfig.error_model,
+    error_model: str | None = SolveConfig.error_model,
     seed: int = SolveConfig.seed,
     constraints: Constraints | None = None,
     latency: np.ndarray | None = None,
@@ -421,7 +423,10 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
     if isinstance(loaded, StreamedModel):
         raise BadInputError(f"{setting('verify')} runs the whole model on held-back calibration windows; drop {setting('stream')}")
     outside = outside_plan(table, context.model) if budget.scope == "model" else None
-    error_model, max_bits = settings["error_model"], budget.max_storage_bits(table.num_weights, outside)
+    # the error model the plan was solved under, which the repairs re-solve under too
+    error_model = settings["error_model"] or default_error_model(table.options)
+    settings = {**settings, "error_model": error_model}
+    max_bits = budget.max_storage_bits(table.num_weights, outside)
 
     def uniform(k: int) -> Plan:
         choice = np.full(len(table.groups), k, dtype=np.int64)
@@ -459,7 +464,7 @@ def solve_table(
     *,
     solver: str = SolveConfig.solver,
     solver_settings: dict | None = None,
-    error_model: str = SolveConfig.error_model,
+    error_model: str | None = SolveConfig.error_model,
     seed: int = SolveConfig.seed,
     constraints: Constraints | None = None,
     latency: np.ndarray | None = None,
@@ -470,6 +475,7 @@ def solve_table(
     """plan_from_table's work, given what the plan records instead of a loaded model (see PlanContext)."""
     budget = parse_budget(budget)
     check_solver_names(solver, error_model)
+    error_model = error_model or default_error_model(table.options)
     table.errors_of(error_model)  # refuse a table made without it now, before any solving
     constraints = constraints or Constraints()
     timing = None

@@ -117,8 +117,8 @@ def plan_cmd(
     calib_tokens: int = typer.Option(CalibrationSpec.tokens, "--calib-tokens", help="calibration tokens (random windows of --seq-len)"),
     seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
     solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
-    error_model: str = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS)),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn (default), rtn-mse (clip search), rtn-w (importance-weighted scales), gptq, gptq-minmax, or imatrix (llama.cpp's, GGUF types); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS) + "; default fisher-tw for GGUF types only (--target llama.cpp), else fisher"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn, rtn-mse (clip search), rtn-w (importance-weighted scales), gptq, gptq-minmax, or imatrix (llama.cpp's, GGUF types); default imatrix for GGUF types only (--target llama.cpp), else rtn; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -384,7 +384,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn (default), rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn, rtn-mse, rtn-w, gptq, gptq-minmax or imatrix (default imatrix for GGUF types only, else rtn); the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
@@ -443,7 +443,7 @@ def report_cmd(
     source: Path = typer.Argument(..., help="a profile folder (bitalloc profile --out) or a plan .json"),
     out_path: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write"),
     measured: Optional[Path] = typer.Option(None, "--measured", help="measured single-module ΔNLL JSON (bench/sensitivity.py's bench/out/sensitivity.json): adds predicted vs measured"),
-    error_model: str = typer.Option(SolveConfig.error_model, "--error-model", help="with a profile: which table prediction to set against --measured"),
+    error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help="with a profile: which table prediction to set against --measured (default: the one its plans are solved under)"),
 ) -> None:
     """Figures of a profile (sensitivity bars, spike heatmap, predicted vs measured) or a plan (bit-allocation heatmap)."""
     from .io import check_output_file

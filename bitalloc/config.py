@@ -68,13 +68,51 @@ def _default_grid() -> tuple[QuantOption, ...]:
     return tuple(default_options())
 
 
+# The quantizer of every grid that holds anything but GGUF types; it stays out of profile keys, so that
+# keys made before the quantizer was a setting keep their ids.
+DEFAULT_QUANTIZER = "rtn"
+
+
+DEFAULT_ERROR_MODEL = "fisher"
+
+
+def gguf_only(options) -> bool:
+    """Whether a grid holds llama.cpp's GGUF types and nothing else besides kept fp16."""
+    fmts = {o.fmt for o in options}
+    return "gguf" in fmts and fmts <= {"gguf", "keep"}
+
+
+def default_quantizer(options) -> str:
+    """The quantizer a grid is profiled and applied with when none is named.
+
+    A grid of llama.cpp's GGUF types gets `imatrix`: llama.cpp's own quantizers with the importance weights
+    llama-imatrix would collect, here diag H from the profile's calibration pass, which every profile runs
+    anyway. That is what llama.cpp users quantize with, and its mixes made so beat those made without at
+    every size (bench/peers.py). Other grids get RTN: importance-weighted INT scales (rtn-w) lost to RTN
+    plans on the second model family (README, *Measured against llama.cpp's own mixes*).
+    """
+    return "imatrix" if gguf_only(options) else DEFAULT_QUANTIZER
+
+
+def default_error_model(options) -> str:
+    """The error model a table of these options is solved under when none is named.
+
+    fisher-tw for a grid of GGUF types: on both model families benched (SmolLM2, the tiny Qwen2), its
+    llama.cpp-type plans are below llama.cpp's own imatrix mixes at every mix size, where fisher's lose at
+    SmolLM2's Q3_K_S size (bench/gguf_roundtrip.py, bench/peers.py). fisher otherwise: on INT plans the
+    two trade wins across budgets and families (README, *How the loss is predicted*).
+    """
+    return "fisher-tw" if gguf_only(options) else DEFAULT_ERROR_MODEL
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """Everything the candidate table depends on besides the model's weights.
 
     options: the candidate grid (default options.default_options()). include_lm_head /
     include_embeddings: plan the output head / input embedding too. quantizer: whose ΔW the
-    candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq).
+    candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq);
+    None: default_quantizer(options) (imatrix for a grid of GGUF types, else rtn).
     stream: profile one decoder block at a time from a local checkpoint (same table).
     ray: spread statistics and table rows over a Ray cluster (same table: bit-identical with one
     worker, float32 summation order otherwise; profile/distributed.py).
@@ -84,7 +122,7 @@ class ProfileConfig:
     options: tuple[QuantOption, ...] = field(default_factory=_default_grid)
     include_lm_head: bool = False
     include_embeddings: bool = False
-    quantizer: str = "rtn"
+    quantizer: str | None = None
     stream: bool = False
     ray: RaySpec | None = None
 
@@ -96,6 +134,8 @@ class ProfileConfig:
             raise BadInputError("no candidate options to profile; offer at least one (e.g. default_options())")
         if not all(isinstance(o, QuantOption) for o in self.options):
             raise BadInputError("options must be QuantOption objects (see bitalloc.default_options)")
+        if self.quantizer is None:
+            object.__setattr__(self, "quantizer", default_quantizer(self.options))
         check_quantizer(self.quantizer)
 
 
@@ -106,12 +146,13 @@ class SolveConfig:
     budget: '3.2bits', '1.5GB', '30%' or a Budget. solver_settings: passed to the solver (e.g.
     backend, time_limit_s). latency_target: a latency.planning.LatencyTarget (predict and cap the
     latency). score_windows: calibration windows a scoring solver (evolutionary) measures on.
+    error_model: None = default_error_model(the table's options), chosen when the table is solved.
     """
 
     budget: Budget | str
     solver: str = "ilp"
     solver_settings: tuple[tuple[str, Any], ...] = ()
-    error_model: str = "fisher"
+    error_model: str | None = None
     constraints: Constraints = Constraints()
     latency_target: Any = None
     seed: int = 0
@@ -132,11 +173,12 @@ class SolveConfig:
         return kw
 
 
-def check_solver_names(solver: str, error_model: str) -> None:
-    """BadInputError unless `solver` is registered and `error_model` is one the table carries."""
+def check_solver_names(solver: str, error_model: str | None) -> None:
+    """BadInputError unless `solver` is registered and `error_model` is one a table carries (or None:
+    the table's default)."""
     from . import solvers
 
-    if error_model not in ERROR_MODELS:
+    if error_model is not None and error_model not in ERROR_MODELS:
         raise BadInputError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     if solver not in solvers.available_solvers():
         raise BadInputError(f"unknown solver {solver!r}; available: {', '.join(solvers.available_solvers())}")

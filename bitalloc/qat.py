@@ -267,7 +267,7 @@ class Replan:
 
 
 def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: str | Budget, *, solver: str = "ilp",
-           options: list[QuantOption] | None = None, error_model: str = "fisher", constraints: Constraints | None = None,
+           options: list[QuantOption] | None = None, error_model: str | None = None, constraints: Constraints | None = None,
            solver_settings: dict | None = None, seed: int = 0, learnable_scales: bool | None = None,
            progress: bool = False, quantizer: str | None = None) -> Replan:
     """Re-plan a prepared model at `budget` from sensitivities of its current float weights; re-wrap.

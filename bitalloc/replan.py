@@ -124,7 +124,7 @@ def plan_from_profile(
     calibration: str | Path | None = None,
     solver: str = "ilp",
     solver_settings: dict | None = None,
-    error_model: str = "fisher",
+    error_model: str | None = None,
     seed: int | None = None,
     constraints: Constraints | None = None,
     protect_spikes: str | None = None,
@@ -138,8 +138,8 @@ def plan_from_profile(
     model: optional; checked against the profile (weights, modules), and needed only by solvers that
     score plans on the model (evolutionary). calibration: optional text file, checked against the
     profile's. protect_spikes: 'fp16' | 'fp8' | '8bits' keeps the profile's flagged projections at
-    that precision or above. seed: default the profile's. quantizer: the one the plan will be applied
-    with; None = the profile's. Another one is refused: the table holds the profile's quantizer's errors.
+    that precision or above. seed: default the profile's. error_model: None = the table's default
+    (config.default_error_model). quantizer: the one the plan will be applied with; None = the profile's. Another one is refused: the table holds the profile's quantizer's errors.
     """
     from .api import PlanContext, solve_table
 

@@ -27,15 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, setting
+from .config import DEFAULT_ERROR_MODEL, default_error_model
 from .io import atomic_write_text, check_output_file
 
 
 def write_report(source: str | Path, out: str | Path, measured: str | Path | None = None,
-                 error_model: str = "fisher") -> Path:
+                 error_model: str | None = None) -> Path:
     """Read a profile folder (or its profile.json) or a plan JSON and write the report to `out` (.html).
 
     measured: a measured-sensitivity JSON (bench/sensitivity.py's format) to draw predicted vs measured
-    ΔNLL from; error_model: which of the table's predictions to draw against it.
+    ΔNLL from; error_model: which of the table's predictions to draw against it (None: the one its plans
+    are solved under by default, config.default_error_model).
     """
     source = Path(source)
     out = Path(out)
@@ -48,6 +50,8 @@ def write_report(source: str | Path, out: str | Path, measured: str | Path | Non
 
         folder = source if source.is_dir() else source.parent
         prof = Profile.load(folder)
+        if error_model is None:
+            error_model = DEFAULT_ERROR_MODEL if prof.table is None else default_error_model(prof.table.options)
         title, sections = f"profile: {folder}", profile_sections(prof, error_model)
         if rows is not None:
             sections.append(("predicted vs measured (" + Path(measured).name + ")",

@@ -397,8 +397,10 @@ def test_export_of_a_builtin_imatrix_plan_writes_its_imatrix_without_calib(tiny_
     from bitalloc.exports import export_plan
 
     loaded = load_model(str(tiny_gguf))
-    plan = api.plan(loaded, "5bits", options=OPTIONS, quantizer="imatrix", seq_len=16, calib_tokens=64, seed=2,
-                    cache_dir=False)
+    # neither quantizer nor error model named: a grid of GGUF types is profiled and applied with imatrix and
+    # solved under fisher-tw (config.default_quantizer, default_error_model)
+    plan = api.plan(loaded, "5bits", options=OPTIONS, seq_len=16, calib_tokens=64, seed=2, cache_dir=False)
+    assert plan.quantizer == "imatrix" and plan.error_model == "fisher-tw"
     assert plan.calibration["source"] == "builtin:austen"
     plan_path = plan.save(tmp_path / "plan.json")
     monkeypatch.setattr("sys.argv", ["bitalloc", "export", str(plan_path), "--to", "gguf", "--out", str(tmp_path / "cli")])

@@ -205,7 +205,7 @@ def _check_profile_quantizer(profile, quantizer: str | None) -> None:
 def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, include_lm_head: bool,
                   include_embeddings: bool, rules: SourceRules, quantizer: str | None = None) -> ProfileSpec:
     from ..api import bitalloc_version
-    from ..config import ProfileConfig, check_quantizer
+    from ..config import check_quantizer, default_quantizer
     from ..options import default_options
     from ..profile.store import numerics_fingerprint
 
@@ -235,7 +235,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                        code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},
-                       quantizer=quantizer or ProfileConfig.quantizer)
+                       quantizer=quantizer or default_quantizer(grid))
 
 
 def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] | None:

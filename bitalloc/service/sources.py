@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ProfileConfig
+from ..config import DEFAULT_QUANTIZER
 from ..errors import BadInputError
 from ..profile.store import content_key, short_id
 
@@ -142,7 +142,7 @@ class ProfileSpec:
     include_lm_head: bool = False
     include_embeddings: bool = False
     code: dict = field(default_factory=dict)  # bitalloc version + numerics fingerprint
-    quantizer: str = ProfileConfig.quantizer  # whose ΔW the table's errors measure
+    quantizer: str = DEFAULT_QUANTIZER  # whose ΔW the table's errors measure
 
     def key_parts(self) -> dict:
         return {
@@ -153,7 +153,7 @@ class ProfileSpec:
             "modules": {"lm_head": self.include_lm_head, "embeddings": self.include_embeddings},
             "code": self.code,
             # the default stays out of the key, so profiles stored before this field keep their ids
-            **({} if self.quantizer == ProfileConfig.quantizer else {"quantizer": self.quantizer}),
+            **({} if self.quantizer == DEFAULT_QUANTIZER else {"quantizer": self.quantizer}),
         }
 
     @property

@@ -178,7 +178,7 @@ class PlanSpec:
     budget: str
     solver: str = SolveConfig.solver
     solver_settings: tuple[tuple[str, object], ...] = ()
-    error_model: str = SolveConfig.error_model
+    error_model: str | None = SolveConfig.error_model  # None: the table's default
     seed: int = SolveConfig.seed
     constraints: Constraints = Constraints()
     families: tuple[str, ...] | None = None  # narrow the profile's options to these format families
