@@ -68,11 +68,9 @@ def _default_grid() -> tuple[QuantOption, ...]:
     return tuple(default_options())
 
 
-# The quantizer of every grid that holds anything but GGUF types; it stays out of profile keys, so that
-# keys made before the quantizer was a setting keep their ids.
+# The defaults of every grid that holds anything but GGUF types. DEFAULT_QUANTIZER stays out of profile
+# keys, so that keys made before the quantizer was a setting keep their ids.
 DEFAULT_QUANTIZER = "rtn"
-
-
 DEFAULT_ERROR_MODEL = "fisher"
 
 

@@ -139,7 +139,8 @@ def plan_from_profile(
     score plans on the model (evolutionary). calibration: optional text file, checked against the
     profile's. protect_spikes: 'fp16' | 'fp8' | '8bits' keeps the profile's flagged projections at
     that precision or above. seed: default the profile's. error_model: None = the table's default
-    (config.default_error_model). quantizer: the one the plan will be applied with; None = the profile's. Another one is refused: the table holds the profile's quantizer's errors.
+    (config.default_error_model). quantizer: the one the plan will be applied with; None = the profile's.
+    Another one is refused: the table holds the profile's quantizer's errors.
     """
     from .api import PlanContext, solve_table
 
