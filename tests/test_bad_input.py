@@ -408,7 +408,10 @@ def test_sigint_stops_a_profile_with_130_and_keeps_its_finished_parts(model_dir,
     args = [sys.executable, "-m", "bitalloc.cli", "profile", str(model_dir), "--calib", str(model_dir / "calib.txt"),
             "--signals", "fisher,table,trace", "--trace-tol", "0", "--trace-abs-tol", "0", "--trace-max-probes", "100000",
             "--calib-tokens", "64", "--seq-len", "16", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the child: a test run started in the background by a shell without job
+    # control inherits it ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         # the trace loop saves its state every round: once it is on disk the block parts are too
