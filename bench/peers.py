@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--without-types", default="", help="also plan --target llama.cpp rows that may not use these "
                     "types (e.g. Q4_1,Q5_1: SmolLM2's weights sit on a Q4_1 grid, which those types store losslessly)")
     ap.add_argument("--budgets", default="", help="bitalloc rows only at these of the mixes' bits per weight")
-    ap.add_argument("--error-model", default="fisher", help="error model every bitalloc plan is solved with")
+    ap.add_argument("--error-model", default=None, help="error model every bitalloc plan is solved with (default: "
+                    "the product's, fisher-tw for GGUF types and fisher for INT)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -209,7 +210,8 @@ def main() -> None:
                                        error_model=args.error_model)
             scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
             score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",
-                  quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss)
+                  quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss,
+                  error_model=plan.error_model)
 
     def score_uniform(quantizer: str) -> None:
         todo = [o for o in (parse_option(x) for x in args.uniform.split(",") if x) if f"uniform {o.label} {quantizer}" not in done]
@@ -243,7 +245,8 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     ordered = sorted((r for r in rows.values() if r["kind"] != "reference"), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
     lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
              f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; bitalloc plans solved "
-             f"with the {args.error_model} error model", "",
+             f"with the {args.error_model or 'default'} error model" + ("" if args.error_model else
+             " (fisher-tw for the GGUF types, fisher for INT)"), "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
     for r in ordered:
         types = ", ".join(f"{n}×{t}" for t, n in (r.get("types") or {}).items())

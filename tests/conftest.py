@@ -22,6 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -82,7 +84,19 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-FAMILIES = {"llama": make_llama, "qwen2": make_qwen2, "opt": make_opt, "gpt2": make_gpt2}
+def make_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    # Gemma 3's shape: q/k norms, sandwich norms, one KV head, head_dim apart from hidden/heads, sliding and
+    # global layers (the pattern of 2 puts one of each in two layers)
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=128, sliding_window=16,
+        sliding_window_pattern=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+FAMILIES = {"llama": make_llama, "qwen2": make_qwen2, "opt": make_opt, "gpt2": make_gpt2, "gemma3": make_gemma3}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,9 +26,9 @@ from conftest import CALIB_TEXT, FAMILIES, make_gpt2, make_llama, make_qwen2
 
 # Where each family keeps its repeated blocks, and how many linear layers one block has.
 BLOCKS = {"llama": ("model.layers", 7), "qwen2": ("model.layers", 7), "opt": ("model.decoder.layers", 6),
-          "gpt2": ("transformer.h", 4)}
+          "gpt2": ("transformer.h", 4), "gemma3": ("model.layers", 7)}
 EMBED = {"llama": "model.embed_tokens", "qwen2": "model.embed_tokens", "opt": "model.decoder.embed_tokens",
-         "gpt2": "transformer.wte"}
+         "gpt2": "transformer.wte", "gemma3": "model.embed_tokens"}
 
 
 def expected_modules(family: str, model: nn.Module) -> list[str]:

@@ -243,8 +243,11 @@ def unpack_arrays(packed: np.ndarray, index: dict) -> dict[str, np.ndarray]:
     buf = packed.tobytes() if not packed.flags.c_contiguous else packed.data
     out = {}
     for name, (dtype, shape, offset) in index.items():
+        # checked before numpy sees them: an edited index (a float, a negative size) is damage, not a cast warning
+        if not all(type(n) is int and n >= 0 for n in (*shape, offset)):
+            raise ValueError(f"array {name}: shape {shape} / offset {offset} are not whole numbers ≥ 0")
         dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         out[name] = np.frombuffer(buf, dtype=dt, count=count, offset=int(offset)).reshape(shape).copy()
     return out
 
