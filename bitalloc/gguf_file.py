@@ -31,8 +31,10 @@ from .plan import Assignment, Plan
 # rows of attn_q / attn_k (rotary halves interleaved) and transformers' loader undoes it, so the writer
 # applies the same permutation (gguf_hf.PERMUTED); qwen2's converter (Qwen2Model) and transformers'
 # loader (no qwen2 TensorProcessor) keep the Hugging Face row order, and its q/k/v biases are plain
-# F32 tensors, copied or converted like any unplanned tensor.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# F32 tensors, copied or converted like any unplanned tensor. gemma3 from a .gguf only (gguf_hf converts
+# llama and qwen2 folders): its converter (Gemma3Model) keeps the row order too and stores each norm as
+# 1 + w, which transformers' loader undoes; norms are unplanned, so they are copied as the source stores them.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 _HEAD_COUNT = {"attn_q": "attention.head_count", "attn_k": "attention.head_count_kv"}
 
 

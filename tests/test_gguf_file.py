@@ -12,7 +12,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from typer.testing import CliRunner
 
@@ -255,6 +256,90 @@ def test_qwen2_gguf_keeps_row_order_and_copies_biases(tmp_path, calib_ids):
     assert np.array_equal(np.asarray(q.data).reshape(hf.shape), hf)
 
 
+def write_tiny_gemma3_gguf(path: Path, seed: int = 2) -> Path:
+    """A tiny Gemma 3 GGUF as convert_hf_to_gguf.py's Gemma3Model writes one: HF row order, q/k norms, four
+    norms per block, each norm stored as 1 + w (Gemma's RMSNorm scales by 1 + w; transformers subtracts 1)."""
+    torch.manual_seed(seed)
+    head_dim = 64  # Gemma's head_dim is its own setting, not hidden / heads
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=1, head_dim=head_dim, max_position_embeddings=128, sliding_window=16,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-6))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)  # the init's zeros would hide a norm stored without its + 1
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_name("tiny")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(MLP)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(1)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_sliding_window(16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = list(bytes_to_unicode().values())
+    tokens[255] = tokens[104] + tokens[101]  # a BPE with one merge, as write_tiny_gguf's
+    w.add_token_list(tokens)
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges([f"{tokens[104]} {tokens[101]}"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    f16 = lambda k: sd[k].astype(np.float16)  # noqa: E731
+    norm = lambda k: sd[k] + np.float32(1)  # noqa: E731
+    w.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for gguf_name, hf_name in [("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
+                                   ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                                   ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"),
+                                   ("attn_output", "self_attn.o_proj"), ("post_attention_norm", "post_attention_layernorm"),
+                                   ("ffn_norm", "pre_feedforward_layernorm"), ("ffn_gate", "mlp.gate_proj"),
+                                   ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
+                                   ("post_ffw_norm", "post_feedforward_layernorm")]:
+            key = f"{p}{hf_name}.weight"
+            w.add_tensor(f"blk.{i}.{gguf_name}.weight", norm(key) if gguf_name.endswith("norm") else f16(key))
+    w.add_tensor("output_norm.weight", norm("model.norm.weight"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gemma3_gguf_keeps_row_order_and_copies_its_norms(tmp_path, calib_ids):
+    """gemma3 from a .gguf: HF row order (no permutation), the 1 + w norms copied byte for byte, q/k/v of
+    different widths (one KV head of 64); transformers reads the file back to the simulated plan's logits."""
+    source = write_tiny_gemma3_gguf(tmp_path / "tiny-gemma3-F16.gguf")
+    loaded = load_model(str(source))
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM"
+    table, loaded, calib = api.prepare(loaded, calib_ids, options=OPTIONS, cache_dir=False)
+    plan = api.plan_from_table(table, "5bits", loaded, calib)
+    assert plan.quantizer == "imatrix" and plan.error_model == "fisher-tw"  # a GGUF grid's defaults
+    reader = check_written_file(source, plan, calib_ids, tmp_path / "tiny-gemma3-bitalloc.gguf")
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    norms = [t for t in reader.tensors if t.name.endswith("norm.weight")]
+    assert len(norms) == 2 * 6 + 1
+    for t in norms:
+        assert t.tensor_type.name == "F32" and bytes(t.data) == bytes(src[t.name].data)
+    assert reader.get_field("general.architecture").contents() == "gemma3"
+    assert reader.get_field("gemma3.attention.key_length").contents() == 64
+    f16 = _with_option(plan, "model.layers.0.self_attn.q_proj", "fp16")
+    out = tmp_path / "q-f16.gguf"
+    write_gguf(load_model(str(source)).model, f16, source, out, calibration=calib_ids)
+    q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
+    hf = load_model(str(source)).model.model.layers[0].self_attn.q_proj.weight.detach().to(torch.float16).numpy()
+    assert np.array_equal(np.asarray(q.data).reshape(hf.shape), hf)
+
+
 def _with_option(plan: Plan, module: str, label: str) -> Plan:
     o = parse_option(label)
     assignments = [a.model_copy(update={"option": o, "label": o.label,
@@ -287,7 +372,7 @@ def test_refuses_unsupported_architecture_before_any_work(tiny_gguf, gguf_plan, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(BadInputError, match=r"writes GGUF files for llama, qwen2 models only; this one is 'phi3'"):
+    with pytest.raises(BadInputError, match=r"writes GGUF files for llama, qwen2, gemma3 models only; this one is 'phi3'"):
         gguf_layout(gguf_plan, other)
     with pytest.raises(BadInputError, match=r"needs the source model as a \.gguf file .* or a Hugging Face checkpoint folder"):
         gguf_layout(gguf_plan, tmp_path)
