@@ -95,10 +95,11 @@ def default_quantizer(options) -> str:
 def default_error_model(options) -> str:
     """The error model a table of these options is solved under when none is named.
 
-    fisher-tw for a grid of GGUF types: on both model families benched (SmolLM2, the tiny Qwen2), its
-    llama.cpp-type plans are below llama.cpp's own imatrix mixes at every mix size, where fisher's lose at
-    SmolLM2's Q3_K_S size (bench/gguf_roundtrip.py, bench/peers.py). fisher otherwise: on INT plans the
-    two trade wins across budgets and families (README, *How the loss is predicted*).
+    fisher-tw for a grid of GGUF types: on SmolLM2 and the tiny Qwen2 its llama.cpp-type plans are below
+    llama.cpp's own imatrix mixes at every mix size, where fisher's lose at SmolLM2's Q3_K_S size
+    (bench/gguf_roundtrip.py, bench/peers.py), and on Gemma 3 270M fisher's plan measures worse than
+    fisher-tw's at IQ4_XS's size (bench/plan_variants.py: KL 0.300 vs 0.206). fisher otherwise: on INT plans the two
+    trade wins across budgets and families (README, *How the loss is predicted*).
     """
     return "fisher-tw" if gguf_only(options) else DEFAULT_ERROR_MODEL
 

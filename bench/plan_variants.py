@@ -1,0 +1,73 @@
+"""Solve one candidate table several ways and score each plan: which setting makes a plan lose?
+
+    python bench/plan_variants.py --gguf "$(bash bench/fetch_gemma3.sh)" --out bench/out/peers-gemma3 \
+        --variants "4.4559,fisher-tw;4.4559,fisher;4.4559,fisher-tw,min3;4.4559,fisher-tw,verify"
+
+The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the table is peers.py's
+`--target llama.cpp` one for it (its profile cache: GGUF types,
+imatrix quantizer, wiki.valid 8192 tokens), so the variants differ only in how they are solved. A variant is
+"BITS,ERROR_MODEL[,min<K>|verify]": the budget in bits per planned weight, the error model, and optionally a
+floor on every module's nominal bits (min3: no 2-bit type) or `verify` (the repair loop on held-back
+calibration windows). Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
+KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from bitalloc import api
+from bitalloc.apply import apply
+from bitalloc.calibration import read_text
+from bitalloc.constraints import Constraints
+from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
+from bitalloc.models import load_model
+from bitalloc.options import QuantOption
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
+from peers import GGUF_TYPES  # noqa: E402
+
+
+def main() -> None:
+    ap = smollm2_arguments(__doc__)
+    ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
+    ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify]")
+    ap.add_argument("--windows", type=int, default=16)
+    args = ap.parse_args()
+    f32 = Path(args.work) / Path(args.gguf or default_gguf()).stem / "f32.gguf"
+    if not f32.is_file():
+        sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
+    loaded = load_model(str(f32))
+    options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()]
+    table, _, calib = api.prepare(loaded.model, args.calib, tokenizer=loaded.tokenizer, options=options,
+                                  calib_tokens=8192, seq_len=512, quantizer="imatrix", cache_dir=True, progress=True)
+    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows)
+    reference = reference_logprobs(loaded.model, windows, progress=True)
+    out = Path(args.out) / "plan_variants.jsonl"
+    for variant in args.variants.split(";"):
+        bits, error_model, *extra = variant.split(",")
+        floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
+        start = time.time()
+        plan = api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor),
+                                   error_model=error_model, verify="verify" in extra)
+        result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
+        row = {"model": f32.parent.name, "variant": variant, "bpw": plan.summary.storage_bits_per_weight,
+               "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
+               "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
+               "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
+               "verification": None if plan.verification is None else plan.verification.outcome,
+               "seconds": round(time.time() - start, 1)}
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{variant:<28} {row['bpw']:.4f} bpw  ppl {result.ppl:.3f}  KL {result.kl:.4f}  "
+              f"predicted {row['predicted_dnll']:.3f}  {row['verification'] or ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
