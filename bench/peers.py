@@ -40,7 +40,7 @@ import torch
 
 from bitalloc import api
 from bitalloc.apply import apply
-from bitalloc.calibration import read_text
+from bitalloc.calibration import leading_bos, read_text
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.io import atomic_write_text, canonical_json
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--error-model", default=None, help="error model every bitalloc plan is solved with (default: "
                     "the product's, fisher-tw for GGUF types and fisher for INT)")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS when it adds one "
+                    "(Gemma 3: as llama-perplexity does; `bitalloc eval --bos`); use another --out than a run without")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--llama-perplexity", action="store_true", help="also score the peer files with llama-perplexity")
@@ -148,6 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     bin_dir = Path(args.llama_cpp_bin)
+    out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "peers.rows.jsonl"
     if args.fresh and rows_file.exists():
         rows_file.unlink()
@@ -166,11 +169,15 @@ def main() -> None:
     f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), chunks, args.seq_len)
     loaded = load_model(str(f32))
     model = loaded.model
-    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
+    bos = leading_bos(loaded.tokenizer) if args.bos else None
+    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, args.seq_len, args.windows, bos=bos)
     reference = reference_logprobs(model, windows, progress=True)
     if "F32" not in done:
         base = evaluate(reference, windows)
-        record({"row": "F32", "kind": "reference", "bpw": 32.0, "ppl": base.ppl, "kl": 0.0, "top1": 1.0})
+        record({"row": "F32", "kind": "reference", "bpw": 32.0, "ppl": base.ppl, "kl": 0.0, "top1": 1.0, "bos": bos})
+    elif done["F32"].get("bos") != bos:
+        sys.exit(f"error: {rows_file} was scored with BOS {done['F32'].get('bos')}, this run with {bos}; "
+                 "use another --out or --fresh")
 
     def score(name: str, scored: torch.nn.Module, bpw: float, **extra) -> None:
         result = evaluate(scored, windows, reference=reference, progress=True)
@@ -245,8 +252,10 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     base_ppl = rows["F32"]["ppl"]
     peer_bpw = {r["row"]: r["bpw"] for r in rows.values() if r["kind"] == "llama.cpp"}
     ordered = sorted((r for r in rows.values() if r["kind"] != "reference"), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
+    bos = rows["F32"].get("bos")
+    first = "" if bos is None else f" (each window starting with BOS {bos})"
     lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
-             f"WikiText-2 test; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; bitalloc plans solved "
+             f"WikiText-2 test{first}; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; bitalloc plans solved "
              f"with the {args.error_model or 'default'} error model" + ("" if args.error_model else
              " (fisher-tw for the GGUF types, fisher for INT)"), "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
@@ -267,7 +276,7 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     md = "\n".join(lines) + "\n"
     atomic_write_text(out / "peers.md", md)
     atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
-                                                          "seq_len": args.seq_len, "calib": Path(args.calib).name,
+                                                          "seq_len": args.seq_len, "bos": bos, "calib": Path(args.calib).name,
                                                           "calib_tokens": args.calib_tokens, "rows": ordered}))
     plot(ordered, base_ppl, out / "peers.png", source)
     print(md)

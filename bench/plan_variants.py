@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bitalloc import api
 from bitalloc.apply import apply
-from bitalloc.calibration import read_text
+from bitalloc.calibration import leading_bos, read_text
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify]")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
     args = ap.parse_args()
     f32 = Path(args.work) / Path(args.gguf or default_gguf()).stem / "f32.gguf"
     if not f32.is_file():
@@ -47,7 +48,8 @@ def main() -> None:
     options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()]
     table, _, calib = api.prepare(loaded.model, args.calib, tokenizer=loaded.tokenizer, options=options,
                                   calib_tokens=8192, seq_len=512, quantizer="imatrix", cache_dir=True, progress=True)
-    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows)
+    bos = leading_bos(loaded.tokenizer) if args.bos else None
+    windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
     reference = reference_logprobs(loaded.model, windows, progress=True)
     out = Path(args.out) / "plan_variants.jsonl"
     for variant in args.variants.split(";"):
@@ -57,7 +59,7 @@ def main() -> None:
         plan = api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor),
                                    error_model=error_model, verify="verify" in extra)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
-        row = {"model": f32.parent.name, "variant": variant, "bpw": plan.summary.storage_bits_per_weight,
+        row = {"model": f32.parent.name, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),

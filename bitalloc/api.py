@@ -428,10 +428,10 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
     settings = {**settings, "error_model": error_model}
     max_bits = budget.max_storage_bits(table.num_weights, outside)
 
-    def uniform(k: int) -> Plan:
-        choice = np.full(len(table.groups), k, dtype=np.int64)
-        solution = solvers.Solution(choice=choice, objective=float(table.errors_of(error_model)[:, k].sum()),
-                                    storage_bits=float(table.storage_bits[:, k].sum()), status="feasible",
+    def uniform(choice: np.ndarray) -> Plan:
+        rows = np.arange(len(table.groups))
+        solution = solvers.Solution(choice=choice, objective=float(table.errors_of(error_model)[rows, choice].sum()),
+                                    storage_bits=float(table.storage_bits[rows, choice].sum()), status="feasible",
                                     solver="uniform", details={"chosen_by": "verify: measured better than the solved plan"})
         return _make_plan(table, solution, budget, max_bits, context, error_model, settings["seed"],
                           constraints if constraints.active else None, outside=outside)

@@ -26,6 +26,9 @@ class Calibration:
     held_out: torch.Tensor | None = field(default=None, compare=False, repr=False)
     held_out_index: tuple[int, ...] = field(default=(), compare=False, repr=False)
     sampling: str = "random non-overlapping windows"
+    # The id written over each window's first token when the tokenizer starts its sequences with BOS
+    # (None: windows are the text's tokens as they are); see leading_bos.
+    bos: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -44,6 +47,8 @@ class Calibration:
             "tokens": self.n_windows * self.seq_len,
             "sampling": self.sampling,
             "seed": self.seed,
+            # only when set, so that profiles of models without BOS keep their keys
+            **({} if self.bos is None else {"bos": self.bos}),
         }
 
 
@@ -139,7 +144,9 @@ def calibration_for_plan(recorded: dict, tokenizer: Any, model: Any = None, text
                 f"samples other text); use these windows with {ACCEPT_OTHER_TEXT}, or pass a text as {setting('calibration')}")
     else:
         source = Path(text_path).name if text_path is not None else str(recorded["source"])
-        calib = make_calibration(tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=source)
+        # the recorded BOS, not this tokenizer's: a plan made before windows began with BOS rebuilds its own windows
+        calib = make_calibration(tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=source,
+                                 bos=recorded.get("bos"))
     if model is not None:
         from .models import check_token_ids
 
@@ -168,6 +175,30 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return ids.long()
 
 
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id this tokenizer starts every sequence with, or None when it adds none.
+
+    Why windows start with it: a model trained with BOS first (Gemma, Llama 3) puts much of its attention
+    on that position (an attention sink); without it the activations profiling measures are ones the model
+    never sees in use. llama.cpp's llama-imatrix and llama-perplexity write BOS over each chunk's first token
+    for such models (tokenizer.ggml.add_bos_token); bitalloc's calibration windows do the same. Models
+    whose tokenizer adds no BOS (SmolLM2, GPT-2) keep their windows, and their profiles their keys."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return int(bos) if len(ids) > 0 and int(ids[0]) == int(bos) else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """windows with `bos` over each first token (a copy), as llama.cpp's tools cut their chunks."""
+    if bos is None:
+        return windows
+    out = windows.clone()
+    out[:, 0] = bos
+    return out
+
+
 def text_sha256(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -192,17 +223,25 @@ def _random_pick(available: int, n_windows: int, seed: int) -> torch.Tensor:
     return torch.randperm(available, generator=g)[:n_windows].sort().values
 
 
+FROM_TOKENIZER = "tokenizer"  # make_calibration(bos=...): BOS first when the tokenizer adds one
+
+
 def make_calibration(
-    tokenizer: Any, text: str, *, seq_len: int = 512, tokens: int = 8192, seed: int = 0, source: str = "<text>"
+    tokenizer: Any, text: str, *, seq_len: int = 512, tokens: int = 8192, seed: int = 0, source: str = "<text>",
+    bos: int | None | str = FROM_TOKENIZER,
 ) -> Calibration:
+    """Random non-overlapping windows of `text`; bos: the id over each window's first token, None for
+    none, or FROM_TOKENIZER (leading_bos: what the model's tokenizer starts its sequences with)."""
     if seq_len < 2 or tokens < seq_len:
         raise BadInputError(f"need seq_len >= 2 and calibration tokens >= seq_len, got {seq_len} and {tokens}")
     ids = tokenize(tokenizer, text)
-    all_windows = sequential_windows(ids, seq_len)
+    if bos == FROM_TOKENIZER:
+        bos = leading_bos(tokenizer)
+    all_windows = with_bos(sequential_windows(ids, seq_len), bos)
     pick = _random_pick(all_windows.shape[0], tokens // seq_len, seed)  # the random_windows pick
     unused = sorted(set(range(all_windows.shape[0])) - set(pick.tolist()))
     return Calibration(tokens=all_windows[pick], text_sha256=text_sha256(text), source=source, seed=seed,
-                       held_out=all_windows[unused], held_out_index=tuple(unused))
+                       held_out=all_windows[unused], held_out_index=tuple(unused), bos=bos)
 
 
 def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>",

@@ -463,6 +463,7 @@ def eval_cmd(
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per evaluation window"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
+    bos: bool = typer.Option(False, "--bos", help="write the tokenizer's BOS over each window's first token when it starts sequences with one (Gemma, Llama 3), as llama-perplexity does; default: the text's tokens only (the GPTQ-line convention)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", "--force", help="apply a plan made for different weights (their hash differs); --force is the old name"),
     skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
@@ -472,7 +473,7 @@ def eval_cmd(
     import copy
 
     from .apply import apply
-    from .calibration import read_text
+    from .calibration import leading_bos, read_text
     from .evaluate import evaluate, evaluation_windows
     from .models import check_token_ids, load_model
     from .plan import Plan
@@ -487,7 +488,8 @@ def eval_cmd(
         _check_plan_calibration(plan, use, calib, not skip_calib_hash_check)
     body = read_text(text)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows)
+    bos_id = leading_bos(loaded.tokenizer) if bos else None
+    ids = evaluation_windows(body, loaded.tokenizer, seq_len, windows, bos=bos_id)
     check_token_ids(loaded.model, ids, "evaluation windows")
     reference = None
     scored = loaded.model
@@ -498,9 +500,10 @@ def eval_cmd(
                        calibration=calibration, progress=not as_json)
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
-        print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, **result.to_dict()}, sort_keys=True))
+        print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, "bos": bos_id, **result.to_dict()},
+                         sort_keys=True))
     else:
-        out.print(result.describe())
+        out.print(result.describe() + ("" if bos_id is None else f"  (BOS {bos_id} first)"))
 
 
 @app.command("apply")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import check_windows, sequential_windows, tokenize
+from .calibration import check_windows, sequential_windows, tokenize, with_bos
 from .models import check_token_ids
 from .progress import steps
 
@@ -33,10 +33,13 @@ class EvalResult:
 
 
 def evaluation_windows(text_or_ids: str | torch.Tensor, tokenizer: Any = None, seq_len: int = 512,
-                       windows: int | None = 16) -> torch.Tensor:
-    """Tokenize once, cut non-overlapping windows from the start (same windows for every config)."""
+                       windows: int | None = 16, bos: int | None = None) -> torch.Tensor:
+    """Tokenize once, cut non-overlapping windows from the start (same windows for every config).
+
+    bos: an id written over each window's first token (calibration.leading_bos: as llama-perplexity
+    scores a model whose tokenizer starts sequences with BOS); None keeps the text's tokens only."""
     ids = tokenize(tokenizer, text_or_ids) if isinstance(text_or_ids, str) else text_or_ids.reshape(-1)
-    return sequential_windows(ids, seq_len, windows)
+    return with_bos(sequential_windows(ids, seq_len, windows), bos)
 
 
 @torch.no_grad()

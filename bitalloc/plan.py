@@ -197,7 +197,8 @@ class RepairRound(_Strict):
 
 
 class UniformCheck(_Strict):
-    label: str = Field(description="the option every module takes")
+    label: str = Field(description="the option every module takes; 'Q4_K (Q5_0 where rows do not fit)': the runtime's "
+                       "fallback type on the modules whose rows do not fit that option, as llama-quantize writes them")
     loss: MeasuredLoss
 
 
@@ -215,7 +216,7 @@ class Verification(_Strict):
     final: MeasuredLoss
     outcome: Literal["solved", "repaired", "uniform", "solved-unchecked"] = Field(
         description="which plan was returned: as solved, a repaired one, or the best uniform option (it measured "
-        "better); solved-unchecked: no uniform option fits every module under the constraints")
+        "better); solved-unchecked: no uniform option (with its fallback) fits every module under the constraints")
 
 
 class Plan(_Strict):

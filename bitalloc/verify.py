@@ -16,7 +16,8 @@ verify_plan, on `windows` calibration windows that profiling did not use (never 
      measured / predicted when it was under-predicted;
   4. re-solve the corrected table under the same budget and constraints (the solvers stay untouched);
      repeat from 2 at most `max_rounds` times; keep the best measured plan;
-  5. measure the `uniform_candidates` uniform options that fit the budget with the least predicted loss;
+  5. measure the `uniform_candidates` uniform options that fit the budget with the least predicted loss
+     (an option on every module, or the runtime's fallback type where rows do not fit it);
      if the best of them measures better than the kept plan, return it (as a plan).
 So the returned plan is never worse, on the slice and in `metric`, than every uniform option measured.
 """
@@ -109,11 +110,12 @@ def plan_choice(plan: Plan, table: CandidateTable) -> np.ndarray:
 
 def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration: Calibration,
                 settings: VerifySettings, *, error_model: str, allowed: np.ndarray, max_storage_bits: float,
-                resolve: Callable[[CandidateTable], Plan], uniform_plan: Callable[[int], Plan]) -> Plan:
+                resolve: Callable[[CandidateTable], Plan], uniform_plan: Callable[[np.ndarray], Plan]) -> Plan:
     """The verified plan (see the module docstring); `plan` was solved from `table`.
 
     allowed: [modules, options] what the constraints allow; resolve: solve a corrected table under the
-    same budget, constraints and solver; uniform_plan(k): the plan with every module at option k.
+    same budget, constraints and solver; uniform_plan(choice): the plan of a uniform choice (an option
+    index per module: one option, or its fallback where rows do not fit it).
     """
     tokens, slice_record = held_out_slice(calibration, settings.windows)
     raw = table.errors_of(error_model)
@@ -169,16 +171,14 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
                 best_plan, best_loss, best_choice = new_plan, meter.loss(choice), choice
 
         uniform_checks, best_uniform = [], None
-        for k in _uniform_candidates(table, raw, allowed, max_storage_bits, settings.uniform_candidates):
-            u = np.full(len(table.groups), k, dtype=np.int64)
-            uniform_checks.append(UniformCheck(label=table.options[k].label, loss=record(u)))
+        for label, u in _uniform_candidates(table, raw, allowed, max_storage_bits, settings.uniform_candidates):
+            uniform_checks.append(UniformCheck(label=label, loss=record(u)))
             if best_uniform is None or meter.loss(u) < best_uniform[1]:
-                best_uniform = (k, meter.loss(u))
+                best_uniform = (u, meter.loss(u))
         if best_uniform is None:
             outcome = "solved-unchecked" if best_plan is plan else "repaired"
         elif best_uniform[1] < best_loss:
-            outcome, best_plan, best_choice = "uniform", uniform_plan(best_uniform[0]), \
-                np.full(len(table.groups), best_uniform[0], dtype=np.int64)
+            outcome, best_plan, best_choice = "uniform", uniform_plan(best_uniform[0]), best_uniform[0]
         else:
             outcome = "solved" if best_plan is plan else "repaired"
         final = record(best_choice)
@@ -241,11 +241,31 @@ def fit_family_scales(points, raw: np.ndarray, family: list[str],
 
 
 def _uniform_candidates(table: CandidateTable, raw: np.ndarray, allowed: np.ndarray, max_storage_bits: float,
-                        n: int) -> list[int]:
-    """Options every module may take whose uniform plan fits the budget, least predicted loss first."""
-    fits = [k for k in range(len(table.options))
-            if allowed[:, k].all() and float(np.nansum(table.storage_bits[:, k])) <= max_storage_bits]
-    return sorted(fits, key=lambda k: (float(raw[:, k].sum()), k))[:n]
+                        n: int) -> list[tuple[str, np.ndarray]]:
+    """(label, choice) of the uniform plans that fit the budget, least predicted loss first: one option on
+    every module, or, where a module's rows do not fit it, the option a runtime falls back to
+    (formats.fallback: llama-quantize's Q4_K -> Q5_0 on Gemma's 640-wide rows), as that runtime's
+    uniform file holds it. Without fallbacks no GGUF K-quant is uniform on SmolLM2 or Gemma 3."""
+    rows = np.arange(len(table.groups))
+    found = []
+    for k, option in enumerate(table.options):
+        choice = np.full(len(table.groups), k, dtype=np.int64)
+        fallen = _fallback_index(table, option)
+        if fallen is not None:
+            choice = np.where(table.allowed[:, k], k, fallen)
+        if not allowed[rows, choice].all() or float(table.storage_bits[rows, choice].sum()) > max_storage_bits:
+            continue
+        label = option.label if (choice == k).all() else f"{option.label} ({table.options[fallen].label} where rows do not fit)"
+        found.append((float(raw[rows, choice].sum()), k, label, choice))
+    return [(label, choice) for _, _, label, choice in sorted(found, key=lambda f: f[:2])[:n]]
+
+
+def _fallback_index(table: CandidateTable, option: QuantOption) -> int | None:
+    """The table's index of the option `option` falls back to, None when it has none or the table lacks it."""
+    from .formats import fallback
+
+    other = fallback(option)
+    return table.option_index(other) if other is not None and other in table.options else None
 
 
 def _with_errors(table: CandidateTable, error_model: str, errors: np.ndarray) -> CandidateTable:

@@ -165,14 +165,17 @@ CALIB_TEXT = make_text(seed=1, sentences=120)  # ~1000 tokens: far more than 64,
 EVAL_TEXT = make_text(seed=2, sentences=40)
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def make_tokenizer(adds_bos: bool = False):
+    """adds_bos: starts every sequence with [BOS], as Gemma's and Llama 3's tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"])
     tok.train_from_iterator([CALIB_TEXT, EVAL_TEXT], trainer=trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
     )

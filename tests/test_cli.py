@@ -16,7 +16,7 @@ import torch
 import bitalloc
 from bitalloc.plan import SCHEMA_PATH, Plan, plan_json_schema
 
-from conftest import make_llama
+from conftest import make_llama, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,27 @@ def test_eval_json(cli_plan, model_dir, cli_env):
     assert result["plan"] == str(cli_plan)
     assert result["kl"] > 0 and 0 <= result["top1"] <= 1
     assert result["ppl"] > 1 and abs(result["ppl"] - 2.718281828459045 ** result["nll"]) < 1e-6 * result["ppl"]
+
+
+def test_eval_bos_scores_windows_that_start_with_the_tokenizers_bos(model_dir, cli_env, tmp_path):
+    """--bos: as llama-perplexity scores a model whose tokenizer adds BOS; a tokenizer without BOS is
+    scored as without the flag (nothing to write), and the JSON says which BOS was used."""
+    bos_dir = tmp_path / "bos-model"
+    shutil.copytree(model_dir, bos_dir)
+    make_tokenizer(adds_bos=True).save_pretrained(bos_dir)
+    common = ("--text", model_dir / "eval.txt", "--seq-len", "16", "--windows", "2", "--json")
+
+    def scored(where, *flags):
+        r = run_cli(cli_env, "eval", where, *common, *flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    plain, plain_flag = scored(model_dir), scored(model_dir, "--bos")
+    assert plain["bos"] is None and plain_flag["bos"] is None and plain_flag["nll"] == plain["nll"]
+    with_bos = scored(bos_dir, "--bos")
+    assert with_bos["bos"] == make_tokenizer().bos_token_id and with_bos["scored_tokens"] == plain["scored_tokens"]
+    assert with_bos["nll"] != plain["nll"]  # the first token of each window is now BOS
+    assert scored(bos_dir)["nll"] == plain["nll"]  # without the flag: the text's tokens, as before
 
 
 def test_show_prints_summary(cli_plan, cli_env):

@@ -8,6 +8,7 @@ and every path uses the plan's recorded seq_len, tokens and seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from bitalloc.calibration_self import self_calibration
 from bitalloc.cli import main
 from bitalloc.errors import BadInputError, CalibrationMismatchError
 from bitalloc.models import load_model, weight_matrix
+from conftest import CALIB_TEXT, make_tokenizer
 
 SETTINGS = dict(seq_len=16, calib_tokens=64, seed=3, cache_dir=False)
 BUILTIN_FILE = Path(bitalloc.__file__).parent / "data" / "calibration" / "austen.txt"
@@ -175,3 +177,33 @@ def test_plans_that_cannot_be_rebuilt_say_why(loaded, tmp_path):
     with pytest.raises(CalibrationMismatchError, match=r"built-in calibration set 'austen' has sha256:[0-9a-f]{64}, "
                                                        r"the plan was calibrated on sha256:2{64}"):
         calibration_for_plan(other_set, loaded.tokenizer, loaded.model)
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(loaded, tmp_path):
+    """Gemma/Llama 3 tokenizers start sequences with BOS: every calibration window does too (its first
+    token replaced, as llama-imatrix cuts chunks), the calibration records it, and a plan rebuilds the
+    windows it recorded; a tokenizer without BOS keeps its windows and its settings (profile keys)."""
+    plain, with_bos = make_tokenizer(), make_tokenizer(adds_bos=True)
+    bos = with_bos.bos_token_id
+    assert with_bos("a b").input_ids[0] == bos and plain("a b").input_ids[0] != bos
+    kw = dict(seq_len=16, tokens=64, seed=3)
+    before = make_calibration(plain, CALIB_TEXT, **kw)
+    after = make_calibration(with_bos, CALIB_TEXT, **kw)
+    assert "bos" not in before.settings() and after.settings()["bos"] == bos
+    assert (after.tokens[:, 0] == bos).all() and (before.tokens[:, 0] != bos).all()
+    assert torch.equal(after.tokens[:, 1:], before.tokens[:, 1:])  # same windows, same text after the first token
+    assert (after.held_out[:, 0] == bos).all() and torch.equal(after.held_out[:, 1:], before.held_out[:, 1:])
+
+    # a plan rebuilds the windows it recorded, whichever tokenizer it is given
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT, encoding="utf-8")
+    assert torch.equal(calibration_for_plan(after.settings(), with_bos, text_path=text).tokens, after.tokens)
+    older = {k: v for k, v in after.settings().items() if k != "bos"}  # a plan made before windows began with BOS
+    assert torch.equal(calibration_for_plan(older, with_bos, text_path=text).tokens, before.tokens)
+
+    # end to end: the plan records it, and its profile differs from the BOS-less one
+    plan_bos = bitalloc.plan(dataclasses.replace(loaded, tokenizer=with_bos), "4bits", **SETTINGS)
+    plan_plain = bitalloc.plan(loaded, "4bits", **SETTINGS)
+    assert plan_bos.calibration["bos"] == bos and "bos" not in plan_plain.calibration
+    assert [a.predicted_delta_loss for a in plan_bos.assignments] != [a.predicted_delta_loss for a in plan_plain.assignments]
+

@@ -10,12 +10,14 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import bitalloc
 from bitalloc.api import plan_from_table, prepare
 from bitalloc.calibration import calibration_from_tokens, make_calibration, sequential_windows, tokenize
 from bitalloc.errors import BadInputError
 from bitalloc.models import weights_hash
+from bitalloc.options import QuantOption
 from bitalloc.plan import SCHEMA_PATH, Plan
 from bitalloc.verify import VerifySettings, fit_family_scales, option_family
 
@@ -45,10 +47,11 @@ def wrong_attention(name: str) -> float:
     return 0.01 if ("v_proj" in name or "o_proj" in name) else 100.0 if ("q_proj" in name or "k_proj" in name) else 1.0
 
 
-def measured_kl(plan: Plan, loaded, windows: torch.Tensor) -> float:
-    """The plan's KL to the unquantized model on `windows`, measured from scratch on a copy."""
-    quantized = bitalloc.apply(copy.deepcopy(loaded.model), plan)
-    return bitalloc.evaluate(quantized, windows, reference=loaded.model).kl
+def measured_kl(plan: Plan, loaded, calib) -> float:
+    """The plan's KL to the unquantized model on verify's slice (the last 2 held-back windows), measured
+    from scratch on a copy (quantized with the profile's windows: imatrix plans need them)."""
+    quantized = bitalloc.apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens)
+    return bitalloc.evaluate(quantized, calib.held_out[-2:], reference=loaded.model).kl
 
 
 def test_held_out_windows_are_the_unused_ones_and_leave_the_profile_as_it_was(tokenizer):
@@ -76,7 +79,7 @@ def test_guarantee_fires_when_the_repair_is_not_allowed_to_run(setup):
     assert {a.label for a in plan.assignments} == {best_uniform.label}
     assert v.final.kl == best_uniform.loss.kl
     assert plan.summary.storage_bits_per_weight <= 4.0
-    assert measured_kl(plan, loaded, calib.held_out[-2:]) == pytest.approx(v.final.kl, rel=1e-4)
+    assert measured_kl(plan, loaded, calib) == pytest.approx(v.final.kl, rel=1e-4)
     assert weights_hash(loaded.model) == before  # the model is left as it was
 
 
@@ -92,7 +95,7 @@ def test_repair_finds_the_mispredicted_modules_and_beats_uniform(setup):
     solved_kl, best_uniform_kl = v.solved.kl, min(u.loss.kl for u in v.uniform)
     assert v.final.kl <= best_uniform_kl < solved_kl
     assert v.final.kl < 0.7 * solved_kl
-    assert measured_kl(plan, loaded, calib.held_out[-2:]) == pytest.approx(v.final.kl, rel=1e-4)
+    assert measured_kl(plan, loaded, calib) == pytest.approx(v.final.kl, rel=1e-4)
     assert plan.summary.storage_bits_per_weight <= 4.0
     # the plan states the table's own predictions; the calibrated ones are in verification
     rows = {g: table.errors["fisher"][g] * wrong_attention(n) for g, n in enumerate(table.groups)}
@@ -177,3 +180,39 @@ def test_cli_verify_writes_the_measurements(model_dir, tmp_path):
     assert v.slice["windows"] == 3 and v.slice["seq_len"] == 16 and v.slice["source"] == "calib.txt"
     assert "verified on 3×16 held-back calibration tokens" in r.stdout.replace("\n", " ")
     assert v.final.kl <= min(u.loss.kl for u in v.uniform)
+
+
+def test_gguf_uniform_baselines_follow_llama_cpps_fallback():
+    """K-quants do not fit 96-wide rows (blocks of 256), so no GGUF type below 4.5 bits is uniform on such a
+    model and, before fallbacks, --verify checked nothing (solved-unchecked). A uniform baseline is now what
+    llama-quantize writes for a uniform type: the type where rows fit it, its fallback elsewhere."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(7))
+    options = [QuantOption.gguf(t) for t in ("Q5_0", "Q4_0", "Q4_K", "Q3_K", "Q2_K")]
+    table, loaded, calib = prepare(model, calibration_from_tokens(ids[:4], held_out=ids[4:]), options=options,
+                                   cache_dir=False)
+    assert table.quantizer == "imatrix"  # the default of a GGUF grid, which verify measures as it applies
+    down = [g for g, n in enumerate(table.groups) if n.endswith("down_proj")]
+    k_quants = [table.option_index(QuantOption.gguf(t)) for t in ("Q4_K", "Q3_K", "Q2_K")]
+    assert all(np.isfinite(table.storage_bits[g, k]) == (g in down) for g in range(len(table.groups)) for k in k_quants)
+    # Q2_K on down_proj predicted free and Q5_0 on attention 1000x too dear: the solver takes Q2_K there and
+    # spends the bits saved on Q5_0 in the MLP, which measures worse than llama-quantize's uniform Q3_K file
+    att = [g for g, n in enumerate(table.groups) if "self_attn" in n]
+    mis = copy.copy(table)
+    errors = table.errors["fisher-tw"].copy()
+    errors[down, table.option_index(QuantOption.gguf("Q2_K"))] *= 1e-6
+    errors[att, table.option_index(QuantOption.gguf("Q5_0"))] *= 1e3
+    mis.errors = {**table.errors, "fisher-tw": errors}
+    plan = plan_from_table(mis, "4.3bits", loaded, calib, verify=VerifySettings(max_rounds=0, uniform_candidates=3))
+    v = plan.verification
+    # Q4_K's baseline (Q5_0 where rows do not fit) is over the budget
+    assert sorted(u.label for u in v.uniform) == ["Q2_K (Q4_0 where rows do not fit)", "Q3_K (Q4_0 where rows do not fit)"]
+    assert v.solved.kl > min(u.loss.kl for u in v.uniform)
+    assert v.outcome == "uniform" and v.final.kl == min(u.loss.kl for u in v.uniform)
+    # the plan is that baseline's file: Q3_K on down_proj, Q4_0 on the rest, within the budget
+    assert [a.label for a in plan.assignments] == ["Q3_K" if g in down else "Q4_0" for g in range(len(table.groups))]
+    assert plan.summary.storage_bits_per_weight == pytest.approx(4.242424, abs=1e-6)
+    assert measured_kl(plan, loaded, calib) == pytest.approx(v.final.kl, rel=1e-4)

@@ -71,6 +71,8 @@ class Format:
     grid_of(option): which of those grids offers it (None: the only one).
     fake_quant(weight, option) -> the values quantize gives, differentiable for QAT (qat.py); None: those
       values with the gradient passed straight through everywhere (ste.FormatSTE).
+    fallback(option) -> the option a runtime stores a tensor in when its rows do not fit `option`
+      (llama.cpp's tensor_type_fallback), None where it has none; verify's "uniform" baselines follow it.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Format:
     elements: tuple[str, ...] = ("",)
     grid_of: Callable[[QuantOption], str] | None = None
     fake_quant: Callable[[torch.Tensor, QuantOption], torch.Tensor] | None = None
+    fallback: Callable[[QuantOption], QuantOption | None] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -157,6 +160,12 @@ def quantize(weight: torch.Tensor, option: QuantOption) -> QuantizedWeight:
 def quantize_dequantize(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
     """Return the values the stored option would reproduce for `weight` [out, in] (same dtype)."""
     return quantize(weight, option).values.to(weight.dtype)
+
+
+def fallback(option: QuantOption) -> QuantOption | None:
+    """The option a runtime stores a tensor in when its rows do not fit `option`, or None (Format.fallback)."""
+    fmt = format_of(option)
+    return None if fmt.fallback is None else fmt.fallback(option)
 
 
 def fake_quant(weight: torch.Tensor, option: QuantOption) -> torch.Tensor:

@@ -1083,10 +1083,20 @@ def quantize(w: torch.Tensor, o: QuantOption) -> QuantizedWeight:
     return QuantizedWeight(o, torch.from_numpy(q.values), blocks=q.blocks)
 
 
+# What llama-quantize writes when a tensor's rows are not a multiple of the type's 256-weight block
+# (llama-quant.cpp, tensor_type_fallback): the 32-weight type it demotes to.
+LLAMA_CPP_FALLBACK = {"IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+                      "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def fallback(o: QuantOption) -> QuantOption | None:
+    return gguf_option(LLAMA_CPP_FALLBACK[o.element]) if o.element in LLAMA_CPP_FALLBACK else None
+
+
 # Two grids of the one family: "gguf" by default for --target llama.cpp, "gguf-iq" (the lattice i-quants,
 # slow to search) only when named
 register_format(Format(
     "gguf", "gguf", check, lambda o: o.element, lambda text: gguf_option(text.upper()) if text.upper() in GGUF_TYPES else None,
-    quantize, elements=tuple(GGUF_TYPES), label_examples=("Q4_K",),
+    quantize, elements=tuple(GGUF_TYPES), label_examples=("Q4_K",), fallback=fallback,
     grids={"gguf": lambda g: [gguf_option(t) for t in QUANTIZERS if t not in LATTICE_TYPES],
            "gguf-iq": lambda g: [gguf_option(t) for t in QUANTIZERS if t in LATTICE_TYPES]}))

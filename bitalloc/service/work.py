@@ -156,7 +156,7 @@ def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
                                  "the service dropped it: recompute it with POST /v1/profiles", record.id)
     c = record.meta["calibration"]
     calibration = Calibration(tokens=torch.from_numpy(profile.calibration_tokens), text_sha256=c["text_sha256"],
-                              source=c["source"], seed=c["seed"])
+                              source=c["source"], seed=c["seed"], bos=c["settings"].get("bos"))
     return StoredProfile(record=record, table=profile.table, calibration=calibration)
 
 
