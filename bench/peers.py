@@ -184,7 +184,12 @@ def main() -> None:
         record({"row": name, "bpw": bpw, "ppl": result.ppl, "kl": result.kl, "top1": result.top1, **extra})
 
     peer_bpw = {name: decoder_linear_bits(path)[0] for name, path in peer_files.items()}
-    budgets = sorted({round(b, 4) for b in peer_bpw.values()})
+    # a row is named by its mix's size to 4 decimals, and solved for the exact size (the smallest of the mixes
+    # that round to it): a budget rounded down would shut out the mix's own assignment
+    exact: dict[float, float] = {}
+    for b in peer_bpw.values():
+        exact[round(b, 4)] = min(exact.get(round(b, 4), b), b)
+    budgets = sorted(exact)
     if args.budgets:
         budgets = [b for b in budgets if b in {float(x) for x in args.budgets.split(",")}]
 
@@ -215,11 +220,11 @@ def main() -> None:
         # GGUF types only what llama.cpp stores as one tensor (MoE experts: none here)
         allow = ((".*", "(?!(" + "|".join(map(re.escape, without)) + ")$).*"),) if without else ()
         for b in todo:
-            plan = api.plan_from_table(table, f"{b}bits", loaded, calibration, constraints=Constraints(allow=allow),
+            plan = api.plan_from_table(table, f"{exact[b]!r}bits", loaded, calibration, constraints=Constraints(allow=allow),
                                        error_model=args.error_model)
             scored = apply(copy.deepcopy(model), plan, calibration=calibration.tokens, progress=True)
             score(f"bitalloc {label} @{b}", scored, plan.summary.storage_bits_per_weight, kind="bitalloc",
-                  quantizer=quantizer, budget=b, types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss,
+                  quantizer=quantizer, budget=b, budget_exact=exact[b], types=plan_types(plan), predicted_dnll=plan.summary.predicted_delta_loss,
                   error_model=plan.error_model)
 
     def score_uniform(quantizer: str) -> None:

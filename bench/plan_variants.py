@@ -8,7 +8,8 @@ The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the t
 imatrix quantizer, wiki.valid 8192 tokens), so the variants differ only in how they are solved. A variant is
 "BITS,ERROR_MODEL[,min<K>|verify]": the budget in bits per planned weight, the error model, and optionally a
 floor on every module's nominal bits (min3: no 2-bit type) or `verify` (the repair loop on held-back
-calibration windows). Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
+calibration windows). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
+windows without it. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
 KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bitalloc import api
 from bitalloc.apply import apply
-from bitalloc.calibration import leading_bos, read_text
+from bitalloc.calibration import leading_bos, make_calibration, read_text
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
@@ -40,13 +41,19 @@ def main() -> None:
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify]")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
+    ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
+                    "(as bitalloc did before; an ablation of the BOS-first calibration windows)")
     args = ap.parse_args()
     f32 = Path(args.work) / Path(args.gguf or default_gguf()).stem / "f32.gguf"
     if not f32.is_file():
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
     loaded = load_model(str(f32))
     options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()]
-    table, _, calib = api.prepare(loaded.model, args.calib, tokenizer=loaded.tokenizer, options=options,
+    calibration = args.calib
+    if args.no_calib_bos:
+        calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
+                                       source=Path(args.calib).name, bos=None)
+    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
                                   calib_tokens=8192, seq_len=512, quantizer="imatrix", cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
