@@ -5,7 +5,8 @@
 
 The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the table is peers.py's
 `--target llama.cpp` one for it (its profile cache: GGUF types,
-imatrix quantizer, wiki.valid 8192 tokens), so the variants differ only in how they are solved. A variant is
+imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
+INT grid), so the variants differ only in how they are solved. A variant is
 "BITS,ERROR_MODEL[,min<K>|verify]": the budget in bits per planned weight, the error model, and optionally a
 floor on every module's nominal bits (min3: no 2-bit type) or `verify` (the repair loop on held-back
 calibration windows). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
@@ -39,6 +40,8 @@ def main() -> None:
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify]")
+    ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
+                    "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
@@ -48,13 +51,13 @@ def main() -> None:
     if not f32.is_file():
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
     loaded = load_model(str(f32))
-    options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()]
+    options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()] if args.quantizer == "imatrix" else None
     calibration = args.calib
     if args.no_calib_bos:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
                                        source=Path(args.calib).name, bos=None)
     table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
-                                  calib_tokens=8192, seq_len=512, quantizer="imatrix", cache_dir=True, progress=True)
+                                  calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
     reference = reference_logprobs(loaded.model, windows, progress=True)
@@ -66,7 +69,7 @@ def main() -> None:
         plan = api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor),
                                    error_model=error_model, verify="verify" in extra)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
-        row = {"model": f32.parent.name, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+        row = {"model": f32.parent.name, "quantizer": args.quantizer, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),

@@ -86,8 +86,10 @@ def default_quantizer(options) -> str:
     A grid of llama.cpp's GGUF types gets `imatrix`: llama.cpp's own quantizers with the importance weights
     llama-imatrix would collect, here diag H from the profile's calibration pass, which every profile runs
     anyway. That is what llama.cpp users quantize with, and its mixes made so beat those made without at
-    every size (bench/peers.py). Other grids get RTN: importance-weighted INT scales (rtn-w) lost to RTN
-    plans on the second model family (README, *Measured against llama.cpp's own mixes*).
+    every size (bench/peers.py). Other grids get RTN. Importance-weighted scales (rtn-w) give better INT
+    plans at every measured size on SmolLM2 and Gemma 3 (they lost only on a tiny trained Qwen2; README,
+    *Measured against llama.cpp's own mixes*), but an rtn-w plan needs its calibration windows (or a tokenizer
+    to rebuild them) wherever it is applied or packed, which plans made by default do not yet ask of callers.
     """
     return "imatrix" if gguf_only(options) else DEFAULT_QUANTIZER
 
