@@ -120,6 +120,14 @@ def llama_perplexity(bin_dir: Path, path: Path, text: str, ctx: int, chunks: int
     return float(m.group(1))
 
 
+def grid_for(quantizer: str, gguf_types: str = GGUF_TYPES) -> list[QuantOption] | None:
+    """The options a bench table of `quantizer` offers: llama.cpp's GGUF types for imatrix (--target llama.cpp),
+    else None (the default INT grid)."""
+    if quantizer != "imatrix":
+        return None
+    return [QuantOption.gguf(t) for t in gguf_types.split(",")] + [QuantOption.keep()]
+
+
 def plan_types(plan) -> dict[str, int]:
     return dict(sorted(Counter(a.label for a in plan.assignments).items()))
 
@@ -204,11 +212,8 @@ def main() -> None:
             score(name, load_model(str(path)).model, bpw, **extra)
 
     def table_for(quantizer: str):
-        options = None
-        if quantizer == "imatrix":  # --target llama.cpp: GGUF types with llama.cpp's quantizers
-            options = [QuantOption.gguf(t) for t in args.gguf_types.split(",")] + [QuantOption.keep()]
-        return api.prepare(model, args.calib, tokenizer=loaded.tokenizer, options=options, calib_tokens=args.calib_tokens,
-                           seq_len=args.seq_len, quantizer=quantizer, cache_dir=True, progress=True)
+        return api.prepare(model, args.calib, tokenizer=loaded.tokenizer, options=grid_for(quantizer, args.gguf_types),
+                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, quantizer=quantizer, cache_dir=True, progress=True)
 
     def score_plans(quantizer: str, without: tuple[str, ...] = ()) -> None:
         label = ("llama.cpp-types" if quantizer == "imatrix" else quantizer) + "".join(f" -{t}" for t in without)

@@ -29,11 +29,10 @@ from bitalloc.calibration import leading_bos, make_calibration, read_text
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
-from bitalloc.options import QuantOption
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
-from peers import GGUF_TYPES  # noqa: E402
+from peers import grid_for  # noqa: E402
 
 
 def main() -> None:
@@ -51,12 +50,11 @@ def main() -> None:
     if not f32.is_file():
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
     loaded = load_model(str(f32))
-    options = [QuantOption.gguf(t) for t in GGUF_TYPES.split(",")] + [QuantOption.keep()] if args.quantizer == "imatrix" else None
     calibration = args.calib
     if args.no_calib_bos:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
                                        source=Path(args.calib).name, bos=None)
-    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
+    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=grid_for(args.quantizer),
                                   calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
