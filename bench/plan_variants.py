@@ -7,9 +7,10 @@ The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the t
 `--target llama.cpp` one for it (its profile cache: GGUF types,
 imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
 INT grid), so the variants differ only in how they are solved. A variant is
-"BITS,ERROR_MODEL[,min<K>|verify]": the budget in bits per planned weight, the error model, and optionally a
-floor on every module's nominal bits (min3: no 2-bit type) or `verify` (the repair loop on held-back
-calibration windows). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
+"BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]": the budget in bits per planned weight, the error model, and
+optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify` (the repair loop on
+held-back calibration windows) or pin=LABEL (every module that option: a uniform row, applied and scored the
+same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
 windows without it. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
 KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer.
 """
@@ -38,7 +39,7 @@ from peers import grid_for  # noqa: E402
 def main() -> None:
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
-    ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify]")
+    ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--windows", type=int, default=16)
@@ -63,8 +64,10 @@ def main() -> None:
     for variant in args.variants.split(";"):
         bits, error_model, *extra = variant.split(",")
         floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
+        pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
         start = time.time()
-        plan = api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor),
+        plan = api.plan_from_table(table, f"{bits}bits", loaded, calib,
+                                   constraints=Constraints(min_bits=floor, pins=pins),
                                    error_model=error_model, verify="verify" in extra)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
         row = {"model": f32.parent.name, "quantizer": args.quantizer, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
