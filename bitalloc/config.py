@@ -102,10 +102,10 @@ def default_error_model(options) -> str:
 
     On a grid of GGUF types its llama.cpp-type plans are below llama.cpp's own imatrix mixes at every mix size
     on SmolLM2 and the tiny Qwen2, where fisher's lose at SmolLM2's Q3_K_S size (bench/gguf_roundtrip.py,
-    bench/peers.py). On INT grids fisher's plans lose to uniform INT at four of Gemma 3's sizes, and
-    fisher-tw's beat it there; on SmolLM2 its rtn-w plans have lower KL at all five mix sizes and lower ppl at
-    three (bench/plan_variants.py; README, *How the loss is predicted*). `options` is kept so that a grid
-    can get its own default again.
+    bench/peers.py). On INT grids fisher's rtn-w plans measure worse than a uniform rtn-w option that fits at
+    five of Gemma 3's six mix sizes, and fisher-tw's beat every such option at all six; on SmolLM2 its rtn-w
+    plans have lower KL at all five mix sizes and lower ppl at four (bench/plan_variants.py; README, *How the
+    loss is predicted*). `options` is kept so that a grid can get its own default again.
     """
     return DEFAULT_ERROR_MODEL
 

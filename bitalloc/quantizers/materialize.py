@@ -26,9 +26,8 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
         if calibration is None:
-            raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; a plan loaded "
-                                "from JSON needs calibration=ids, or tokenizer= to rebuild its own (or quantizer='rtn', "
-                                "which is not what the plan's errors measured)")
+            raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; pass "
+                                "calibration=ids, or tokenizer= to rebuild the plan's own, or use quantizer='rtn'")
         if not importance_only(quantizer):
             from .sequential import quantize_sequential
 
