@@ -12,7 +12,7 @@ import numpy as np
 
 from . import solvers
 from .budget import Budget, Outside, gguf_typed, parse_budget
-from .config import (DEFAULT_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names,
+from .config import (KEYLESS_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names,
                      default_error_model, default_quantizer)
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
@@ -195,7 +195,7 @@ def profile_model(
         "bitalloc": bitalloc_version(),
         "code": code_fingerprint(),
     }
-    if config.quantizer != DEFAULT_QUANTIZER:  # rtn stays out, so existing keys do not move
+    if config.quantizer != KEYLESS_QUANTIZER:  # rtn stays out, so existing keys do not move
         parts["quantizer"] = config.quantizer
     parts.update(_shards(config.ray))
     meta = {"model": model_record(loaded), "calibration": calib.settings(), "bitalloc_version": bitalloc_version(),
@@ -622,7 +622,7 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
                 tied_to=tied_to,
             )
         )
-    return Plan(
+    plan = Plan(
         bitalloc_version=bitalloc_version(),
         model=ModelSpec(source=record["source"], architecture=record["architecture"], content_hash=record["content_hash"]),
         calibration=context.calibration,
@@ -641,5 +641,6 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
         assignments=assignments,
         constraints=None if constraints is None else constraints.to_dict(),
     )
+    return plan.made_on(context.score_tokens)
 
 

@@ -41,8 +41,9 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
-    Hessians (gptq, rtn-w); without it, `tokenizer` rebuilds the plan's own windows (built-in set or
-    self; calibration.calibration_for_plan). settings go to the quantizer (gptq: damp, block_size, act_order).
+    Hessians (gptq, rtn-w); without it, a plan made in this process uses the windows it was made on, and
+    a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
+    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order).
     """
     check_plan_matches(model, plan, check_hash)
     quantizer = quantizer or plan.quantizer
@@ -53,13 +54,18 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 
 def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any,
                  text_path: Any = None, check_hash: bool = True) -> Any:
-    """`calibration` as given; else, when `quantizer` needs layer Hessians and a tokenizer is at hand, the
-    plan's own windows rebuilt on the (still unquantized) model (from `text_path` for a plan calibrated on
-    a file: calibration.calibration_for_plan); else None."""
+    """`calibration` as given; else, when `quantizer` needs layer Hessians, the plan's own windows: those it
+    was made on when it was made in this process (plan.calibration_windows), or, with a tokenizer at hand,
+    rebuilt on the (still unquantized) model (from `text_path` for a plan calibrated on a file:
+    calibration.calibration_for_plan); else None."""
     from .quantizers import needs_hessian
 
-    if calibration is not None or tokenizer is None or not needs_hessian(quantizer):
+    if calibration is not None or not needs_hessian(quantizer):
         return calibration
+    if plan.calibration_windows is not None:  # made in this process: the very windows it was profiled on
+        return plan.calibration_windows
+    if tokenizer is None:
+        return None
     from .calibration import calibration_for_plan
 
     return calibration_for_plan(plan.calibration, tokenizer, model, text_path, check_hash).tokens

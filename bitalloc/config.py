@@ -68,10 +68,12 @@ def _default_grid() -> tuple[QuantOption, ...]:
     return tuple(default_options())
 
 
-# The defaults of every grid that holds anything but GGUF types. DEFAULT_QUANTIZER stays out of profile
-# keys, so that keys made before the quantizer was a setting keep their ids.
-DEFAULT_QUANTIZER = "rtn"
-DEFAULT_ERROR_MODEL = "fisher"
+# The quantizer of every grid that holds anything but GGUF types, and every grid's error model.
+DEFAULT_QUANTIZER = "rtn-w"
+DEFAULT_ERROR_MODEL = "fisher-tw"
+# The one quantizer profile keys leave out: it was the only one before the quantizer was a setting, so
+# keys made then keep their ids.
+KEYLESS_QUANTIZER = "rtn"
 
 
 def gguf_only(options) -> bool:
@@ -86,24 +88,26 @@ def default_quantizer(options) -> str:
     A grid of llama.cpp's GGUF types gets `imatrix`: llama.cpp's own quantizers with the importance weights
     llama-imatrix would collect, here diag H from the profile's calibration pass, which every profile runs
     anyway. That is what llama.cpp users quantize with, and its mixes made so beat those made without at
-    every size (bench/peers.py). Other grids get RTN. Importance-weighted scales (rtn-w) give better INT
-    plans at every measured size on SmolLM2 and Gemma 3 (they lost only on a tiny trained Qwen2; README,
-    *Measured against llama.cpp's own mixes*), but an rtn-w plan needs its calibration windows (or a tokenizer
-    to rebuild them) wherever it is applied or packed, which plans made by default do not yet ask of callers.
+    every size (bench/peers.py). Other grids get rtn-w, RTN with importance-weighted scales: its INT plans
+    beat RTN's at every measured size on both pretrained families, SmolLM2 and Gemma 3 (they lost only on a
+    tiny trained Qwen2 whose perplexity quantization barely moves; README, *Measured against llama.cpp's own
+    mixes*). Applying an rtn-w plan needs its calibration windows again: a plan made in this process carries
+    them (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
     """
     return "imatrix" if gguf_only(options) else DEFAULT_QUANTIZER
 
 
 def default_error_model(options) -> str:
-    """The error model a table of these options is solved under when none is named.
+    """The error model a table of these options is solved under when none is named: fisher-tw for every grid.
 
-    fisher-tw for a grid of GGUF types: on SmolLM2 and the tiny Qwen2 its llama.cpp-type plans are below
-    llama.cpp's own imatrix mixes at every mix size, where fisher's lose at SmolLM2's Q3_K_S size
-    (bench/gguf_roundtrip.py, bench/peers.py), and on Gemma 3 270M fisher's plan measures worse than
-    fisher-tw's at IQ4_XS's size (bench/plan_variants.py: KL 0.300 vs 0.206). fisher otherwise: on INT plans the two
-    trade wins across budgets and families (README, *How the loss is predicted*).
+    On a grid of GGUF types its llama.cpp-type plans are below llama.cpp's own imatrix mixes at every mix size
+    on SmolLM2 and the tiny Qwen2, where fisher's lose at SmolLM2's Q3_K_S size (bench/gguf_roundtrip.py,
+    bench/peers.py). On INT grids fisher's rtn-w plans measure worse than a uniform rtn-w option that fits at
+    five of Gemma 3's six mix sizes, and fisher-tw's beat every such option at all six; on SmolLM2 its rtn-w
+    plans have lower KL at all five mix sizes and lower ppl at four (bench/plan_variants.py; README, *How the
+    loss is predicted*). `options` is kept so that a grid can get its own default again.
     """
-    return "fisher-tw" if gguf_only(options) else DEFAULT_ERROR_MODEL
+    return DEFAULT_ERROR_MODEL
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class ProfileConfig:
     options: the candidate grid (default options.default_options()). include_lm_head /
     include_embeddings: plan the output head / input embedding too. quantizer: whose ΔW the
     candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq);
-    None: default_quantizer(options) (imatrix for a grid of GGUF types, else rtn).
+    None: default_quantizer(options) (imatrix for a grid of GGUF types, else rtn-w).
     stream: profile one decoder block at a time from a local checkpoint (same table).
     ray: spread statistics and table rows over a Ray cluster (same table: bit-identical with one
     worker, float32 summation order otherwise; profile/distributed.py).

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, PrivateAttr, ValidationError,
+                      model_serializer, model_validator)
 from pydantic_core import core_schema
 
 from .budget import UNPLANNED_BITS
@@ -241,6 +241,24 @@ class Plan(_Strict):
     verification: Verification | None = Field(
         None, description="predicted vs measured loss on held-back calibration windows, the repair loop and the "
         "uniform guarantee (bitalloc plan --verify); absent if the plan was not verified")
+    # The calibration token ids [windows, seq_len] a plan made in this process was profiled on: never saved
+    # (a saved plan rebuilds them from `calibration` with a tokenizer) and not part of its identity (__eq__).
+    # With them, apply(model, plan) right after plan(...) quantizes with importance-weighted scales (rtn-w,
+    # the default) without being handed the windows again.
+    _windows: Any = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.__dict__ == other.__dict__  # the fields only
+
+    @property
+    def calibration_windows(self) -> Any:
+        """The token ids this plan was profiled on, when it was made in this process; None once saved and loaded."""
+        return self._windows
+
+    def made_on(self, windows: Any) -> "Plan":
+        """This plan, remembering the calibration windows it was made on (calibration_windows)."""
+        self._windows = windows
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_new_fields_at_their_defaults(self, handler):

@@ -141,6 +141,8 @@ def prepare(model: nn.Module, plan: Plan, learnable_scales: bool = False) -> nn.
     fp16 ("keep") linear layers are wrapped too, so training sees the fp16-rounded weight that
     `convert` stores (the deployed model is the trained one). On a model already prepared, this is a re-plan: wrappers whose
     option is unchanged are kept (learned scales included), the others are rebuilt from the float weight.
+    The fake quantization rounds to nearest (min/max or learned scales) whatever the plan's quantizer: the
+    weights move every step, so an rtn-w plan's searched scales would be stale after the first one.
     """
     if not isinstance(plan, Plan):
         raise BadInputError(f"prepare needs a bitalloc.Plan, got {type(plan).__name__}; load one with bitalloc.Plan.load(path)")

@@ -181,7 +181,7 @@ def other_command_rows() -> list[Row]:
         Row("eval-text-too-short", 2, "the text has", (*E, "--seq-len", "120", "--windows", "1", "--text", "short.txt"),
             setup=file("short.txt", "the dog runs .\n")),
         Row("eval-plan-other-weights", 2, "plan was made for weights", (*E, "--plan", "{plan_other}", "--seq-len", "16",
-                                                                        "--windows", "2")),
+                                                                        "--windows", "2", "--calib", "{calib}")),
         Row("apply-dtype", 2, "unknown --dtype 'int3'", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--dtype", "int3")),
         Row("apply-format", 2, "unknown checkpoint format", ("apply", "{model}", "--plan", "{plan}", "--out", "ck", "--format", "onnx")),
         Row("export-no-target", 2, "pass a plan and a target", ("export", "{plan}")),
@@ -472,7 +472,7 @@ def test_interrupted_apply_leaves_out_untouched(inputs, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(pack, "_measure", interrupted)
     code, _, err = run_main(["apply", inputs["model"], "--plan", inputs["plan"], "--out", tmp_path / "ck",
-                             "--allow-untied"], monkeypatch, capsys)
+                             "--calib", inputs["calib"], "--allow-untied"], monkeypatch, capsys)
     assert code == 130
     assert err.strip().splitlines()[-1] == ("interrupted: `bitalloc apply` stopped by Ctrl-C; --out was not changed; "
                                             "the unfinished temporary folder is removed (or by the next apply)")
@@ -487,7 +487,7 @@ def test_apply_removes_what_a_killed_run_left(inputs, tmp_path, monkeypatch, cap
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"half")
     code, _, err = run_main(["apply", inputs["model"], "--plan", inputs["plan"], "--out", tmp_path / "ck",
-                             "--allow-untied", "--json"], monkeypatch, capsys)
+                             "--calib", inputs["calib"], "--allow-untied", "--json"], monkeypatch, capsys)
     assert code == 0, err
     assert "note: removed .ck.k1ll3d00.tmp, left by an interrupted earlier run" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
@@ -500,7 +500,7 @@ def test_apply_restores_the_checkpoint_a_killed_replace_moved_aside(inputs, tmp_
     aside.mkdir(parents=True)
     (aside / "config.json").write_text("previous")
     code, _, err = run_main(["apply", inputs["model"], "--plan", inputs["plan"], "--out", tmp_path / "ck",
-                             "--allow-untied"], monkeypatch, capsys)
+                             "--calib", inputs["calib"], "--allow-untied"], monkeypatch, capsys)
     # put back, and not replaced without --force
     assert code == 2 and "already exists (restored " in err and "left by an interrupted earlier run); pass --force" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
@@ -509,7 +509,8 @@ def test_apply_restores_the_checkpoint_a_killed_replace_moved_aside(inputs, tmp_
 
 def test_force_replaces_out_but_keeps_the_hash_check(inputs, tmp_path, monkeypatch, capsys):
     (tmp_path / "ck").mkdir()
-    base = ["apply", inputs["model"], "--plan", inputs["plan_other"], "--out", tmp_path / "ck", "--allow-untied"]
+    base = ["apply", inputs["model"], "--plan", inputs["plan_other"], "--out", tmp_path / "ck", "--calib", inputs["calib"],
+            "--allow-untied"]
     code, _, err = run_main([*base, "--force"], monkeypatch, capsys)
     assert code == 2 and "error: plan was made for weights sha256:0000" in err and "--skip-hash-check" in err
     assert list((tmp_path / "ck").iterdir()) == []

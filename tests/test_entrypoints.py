@@ -94,7 +94,7 @@ def plan_errors(plan, table) -> tuple[list[float], list[float]]:
             return [a.predicted_delta_loss], [None]
         g, k = table.groups.index(a.module), [o.label for o in table.options].index(a.label)
         got.append(a.predicted_delta_loss)
-        want.append(sig(table.errors["fisher"][g, k]))
+        want.append(sig(table.errors[plan.error_model][g, k]))
     return got, want
 
 
@@ -168,17 +168,17 @@ def test_entry_point_keeps_setting(entry, setting, model_dir, loaded, tmp_path, 
 
 
 def test_profile_folder_refuses_another_quantizer(model_dir, tmp_path):
-    """`bitalloc plan --profile DIR --quantizer gptq` on an RTN profile used to write an RTN plan silently."""
+    """`bitalloc plan --profile DIR --quantizer gptq` on an rtn-w profile used to write an rtn-w plan silently."""
     api.profile_model(str(model_dir), model_dir / "calib.txt", tmp_path / "prof", signals=("fisher", "table"),
                       seq_len=32, calib_tokens=128)
-    with pytest.raises(BadInputError, match=r"holds rtn errors, not gptq.*with quantizer gptq"):
+    with pytest.raises(BadInputError, match=r"holds rtn-w errors, not gptq.*with quantizer gptq"):
         bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="gptq")
     result = CliRunner().invoke(cli.app, ["plan", "--profile", str(tmp_path / "prof"), "--budget", BUDGET,
                                           "--quantizer", "gptq", "--out", str(tmp_path / "p.json")])
-    assert isinstance(result.exception, BadInputError) and "holds rtn errors, not gptq" in str(result.exception)
+    assert isinstance(result.exception, BadInputError) and "holds rtn-w errors, not gptq" in str(result.exception)
     assert not (tmp_path / "p.json").exists()
     # naming the profile's own quantizer is fine, and so is naming none
-    assert bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="rtn").quantizer == "rtn"
+    assert bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="rtn-w").quantizer == "rtn-w"
 
 
 def test_steps_without_hessians_refuse_gptq(loaded, model_dir, calib_ids):

@@ -217,7 +217,8 @@ def test_plan_records_quantizer_and_uses_its_errors(llama, calib_ids):
 
 
 def test_old_plans_without_quantizer_load_as_rtn(llama, calib_ids):
-    p = plan(llama, "5bits", calib_ids, options=[QuantOption.int_(4, 32, False), QuantOption.keep()], cache_dir=False)
+    p = plan(llama, "5bits", calib_ids, options=[QuantOption.int_(4, 32, False), QuantOption.keep()], cache_dir=False,
+             quantizer="rtn")
     text = p.to_json()
     assert "quantizer" not in text
     assert Plan.from_json(text).quantizer == "rtn"
@@ -226,14 +227,18 @@ def test_old_plans_without_quantizer_load_as_rtn(llama, calib_ids):
 def test_apply_uses_the_plans_quantizer(llama, calib_ids):
     options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
     p = plan(llama, "3bits", calib_ids, options=options, cache_dir=False, quantizer="gptq")
-    with pytest.raises(BadInputError, match="calibration"):
-        apply(copy.deepcopy(llama), p)
+    with pytest.raises(BadInputError, match="calibration"):  # a saved plan does not carry its windows
+        apply(copy.deepcopy(llama), Plan.from_json(p.to_json()))
     by_plan = apply(copy.deepcopy(llama), p, calibration=calib_ids)
+    # the plan made in this process remembers the windows it was made on
+    assert torch.equal(p.calibration_windows, calib_ids) and Plan.from_json(p.to_json()) == p
+    remembered = apply(copy.deepcopy(llama), p)
     explicit = copy.deepcopy(llama)
     quantize_model(explicit, p.options_by_module(), "gptq", calibration=calib_ids)
     rtn = apply(copy.deepcopy(llama), p, quantizer="rtn")
     name = p.assignments[0].module
     assert torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
+    assert torch.equal(weight_matrix(remembered.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
     assert not torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(rtn.get_submodule(name)))
 
 

@@ -21,6 +21,8 @@ from bitalloc.formats import quantize_dequantize
 from bitalloc.models import LoadedModel, select_modules, weight_matrix
 from bitalloc.options import QuantOption, default_options
 from bitalloc.plan import Plan
+from bitalloc.profile.statistics import input_importance
+from bitalloc.quantizers import quantize_weight
 
 from conftest import CALIB_TEXT, FAMILIES, make_gpt2, make_llama, make_qwen2
 
@@ -234,7 +236,7 @@ def test_unconstrained_budget_picks_least_error_option_everywhere(calib_ids):
     calib = resolve_calibration(calib_ids, loaded, 0, 0, 0)
     table = bitalloc.profile(loaded, calib, select_modules(model), default_options())
     plan = bitalloc.plan_from_table(table, "16bits", loaded, calib)
-    best = float(np.nansum(np.nanmin(table.errors["fisher"], axis=1)))
+    best = float(np.nansum(np.nanmin(table.errors[plan.error_model], axis=1)))
     assert plan.solver.objective == pytest.approx(best, rel=1e-5)
 
 
@@ -279,14 +281,17 @@ def test_byte_budget(calib_ids):
 def test_apply_quantizes_exactly_the_planned_weights(family_model, calib_ids):
     family, model = family_model
     plan = bitalloc.plan(model, "3bits", calib_ids, cache_dir=False)
+    assert plan.quantizer == "rtn-w"  # the default: scales searched under diag H of the calibration inputs
     original = copy.deepcopy(model)
-    out = bitalloc.apply(model, plan)
+    out = bitalloc.apply(model, plan)  # with the windows the plan was made on
     assert out is model
     planned = {a.module: a.option for a in plan.assignments}
+    importance = input_importance(original, list(planned), calib_ids)
     for name, opt in planned.items():
         before = weight_matrix(original.get_submodule(name)).detach()
         after = weight_matrix(model.get_submodule(name)).detach()
-        assert torch.equal(after, quantize_dequantize(before, opt)), name
+        expected = quantize_weight(before, opt, "rtn-w", hessian=importance[name]).values
+        assert torch.equal(after, expected.to(after.dtype)), name
         assert not torch.equal(after, before), name  # 3 bits on average: nothing stays exact
         if opt.fmt == "int":
             # at most 2^bits levels per group
@@ -301,7 +306,7 @@ def test_apply_quantizes_exactly_the_planned_weights(family_model, calib_ids):
 
 def test_apply_with_lm_head_changes_tied_embedding(calib_ids):
     model = make_llama()
-    plan = bitalloc.plan(model, "4bits", calib_ids, cache_dir=False, include_lm_head=True)
+    plan = bitalloc.plan(model, "4bits", calib_ids, cache_dir=False, include_lm_head=True, quantizer="rtn")
     emb_before = model.model.embed_tokens.weight.detach().clone()
     head_opt = plan.options_by_module()["lm_head"]
     bitalloc.apply(model, plan)
@@ -310,7 +315,7 @@ def test_apply_with_lm_head_changes_tied_embedding(calib_ids):
 
 
 def test_apply_refuses_plan_for_other_weights(calib_ids):
-    plan = bitalloc.plan(make_llama(seed=0), "3bits", calib_ids, cache_dir=False)
+    plan = bitalloc.plan(make_llama(seed=0), "3bits", calib_ids, cache_dir=False, quantizer="rtn")
     other = make_llama(seed=1)
     before = copy.deepcopy(other)
     with pytest.raises(PlanMismatchError, match="re-plan") as info:
@@ -427,7 +432,7 @@ def test_mixed_format_plan_applies_each_format(calib_ids):
     labels = ["int4-g32-asym", "int8-ch-sym", "fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "fp16"]
     options = [parse_option(x) for x in labels]
     model = make_llama()
-    plan = bitalloc.plan(model, "6bits", calib_ids, options=options, cache_dir=False,
+    plan = bitalloc.plan(model, "6bits", calib_ids, options=options, cache_dir=False, quantizer="rtn",
                          constraints=bitalloc.Constraints(ties=()))  # untied: each module picks its own format
     assert sorted(plan.options) == sorted(labels)
     assert len({a.label for a in plan.assignments}) >= 2  # 6 bits lies between the options: the solver mixes

@@ -276,13 +276,13 @@ def test_report_figures_carry_the_profile_and_plan_numbers(tmp_path, calib_ids):
     # a measured file: bench/sensitivity.py's rows; measured = predicted × a factor that reverses two ranks
     table = prof.table
     names = table.groups[:6]
-    rows = [{"module": n, "option": "int3-g32-asym", "measured": float(table.errors["fisher"][g, 0]) * f, "fisher": -1.0}
+    rows = [{"module": n, "option": "int3-g32-asym", "measured": float(table.errors["fisher-tw"][g, 0]) * f, "fisher-tw": -1.0}
             for g, (n, f) in enumerate(zip(names, (1, 1, 1, 1, 50, 0.01)))]
     rows.append({"module": names[0], "option": "int3-g32-asym", "measured": -1e-4})  # noise below 0: kept for ρ, off the log axes
     (tmp_path / "measured.json").write_text(json.dumps({"rows": rows}))
     page = write_report(out, tmp_path / "pvm.html", measured=tmp_path / "measured.json").read_text()
     pvm = figure_data(page)["predicted_vs_measured"]
-    pred = [float(table.errors["fisher"][table.groups.index(r["module"]), 0]) for r in rows]
+    pred = [float(table.errors["fisher-tw"][table.groups.index(r["module"]), 0]) for r in rows]  # the default error model
     assert pvm["predicted"] == pytest.approx(pred, rel=1e-12) and pvm["measured"] == [r["measured"] for r in rows]
     expected = float(spearmanr(pred, [r["measured"] for r in rows])[0])
     assert pvm["spearman"] == pytest.approx(expected) and expected < 0.9  # the reversed ranks show
@@ -290,9 +290,9 @@ def test_report_figures_carry_the_profile_and_plan_numbers(tmp_path, calib_ids):
 
     # from a plan: rows at the planned option take the plan's prediction, others the file's own column
     chosen = {a.module: a for a in plan.assignments}
-    rows = [{"module": n, "option": chosen[n].label, "measured": 0.01 * (i + 1), "fisher": 123.0} for i, n in enumerate(names[:3])]
+    rows = [{"module": n, "option": chosen[n].label, "measured": 0.01 * (i + 1), "fisher-tw": 123.0} for i, n in enumerate(names[:3])]
     other = next(o.label for o in table.options if o.label != chosen[names[3]].label)
-    rows.append({"module": names[3], "option": other, "measured": 0.5, "fisher": 7.0})
+    rows.append({"module": names[3], "option": other, "measured": 0.5, "fisher-tw": 7.0})  # the plan's error model
     (tmp_path / "measured2.json").write_text(json.dumps({"rows": rows}))
     page = write_report(tmp_path / "plan.json", tmp_path / "plan.html", measured=tmp_path / "measured2.json").read_text()
     figs = figure_data(page)

@@ -29,7 +29,8 @@ def mixed_plan(model, ids, budget="5bits", **kw):
             (names[4], "fp8e4m3-ch"), (names[5], "int2-g64-asym"))
     if len(names) > 8:  # llama (14 modules): one fp16 module too; gpt2 (8) stays all-quantized
         pins += ((names[6], "fp16"),)
-    return bitalloc.plan(model, budget, ids, options=OPTIONS, cache_dir=False,
+    # rtn: QAT's fake quantization rounds to nearest, so an RTN plan is what it reproduces bit for bit
+    return bitalloc.plan(model, budget, ids, options=OPTIONS, cache_dir=False, quantizer="rtn",
                          constraints=bitalloc.Constraints(pins=tuple((f"^{n}$".replace(".", r"\."), o) for n, o in pins),
                                                           ties=()), **kw)  # q/k/v deliberately differ
 
@@ -68,7 +69,8 @@ def test_prepared_model_equals_rtn_apply_at_init(family, learnable, calib_ids):
 
 def test_pure_int_plan_is_bit_exact(calib_ids):
     model = make_gpt2()
-    plan = bitalloc.plan(model, "3bits", calib_ids, cache_dir=False, options=default_options(include_keep=False))
+    plan = bitalloc.plan(model, "3bits", calib_ids, cache_dir=False, options=default_options(include_keep=False),
+                         quantizer="rtn")
     applied = bitalloc.apply(copy.deepcopy(model), plan)
     for learnable in (False, True):
         prepared = qat.prepare(copy.deepcopy(model), plan, learnable_scales=learnable)

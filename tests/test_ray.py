@@ -231,8 +231,10 @@ def test_one_worker_table_is_bit_identical(cluster, model_dir, calib):
 def test_two_worker_table_is_within_tolerance_and_plans_the_same(two_workers, calib):
     loaded = two_workers.loaded
     names = select_modules(loaded.model, False, False)
-    single = api.profile(loaded, calib, names, default_options())
-    two = ray_candidate_table(two_workers, names, calib, default_options())
+    # rtn: float32 sums in another order move every cell a little; rtn-w's searched scales can flip on such a
+    # difference (0.4% of a cell on this table), and its one-worker table is checked bit for bit above
+    single = api.profile(loaded, calib, names, default_options(), quantizer="rtn")
+    two = ray_candidate_table(two_workers, names, calib, default_options(), quantizer="rtn")
     assert two.groups == single.groups and np.array_equal(two.storage_bits, single.storage_bits, equal_nan=True)
     assert 0 < _rel_diff(single, two) < SHARD_RTOL  # two shards: float32 sums in another order
     plans = [api.plan_from_table(t, "3.5bits", loaded, calib) for t in (single, two)]

@@ -51,23 +51,23 @@ def test_resolve_formats_errors(formats, target, needles):
 
 
 def test_a_grid_of_gguf_types_defaults_to_llama_cpps_importance_weighted_quantizers():
-    """llama.cpp users quantize with an imatrix; every profile has its diag H. Other grids stay RTN, and a
-    named quantizer always wins."""
+    """llama.cpp users quantize with an imatrix; every profile has its diag H. Other grids get rtn-w (RTN with
+    importance-weighted scales), and a named quantizer always wins."""
     gguf = [QuantOption.gguf("Q4_K"), QuantOption.gguf("Q8_0"), QuantOption.keep()]
     assert ProfileConfig(options=gguf).quantizer == "imatrix"
     assert ProfileConfig(options=default_options(formats=resolve_formats(target="llama.cpp"))).quantizer == "imatrix"
     assert ProfileConfig(options=gguf, quantizer="rtn").quantizer == "rtn"
-    assert ProfileConfig().quantizer == "rtn"  # the INT grid
-    assert ProfileConfig(options=[QuantOption.keep()]).quantizer == "rtn"
-    # imatrix quantizes GGUF types only, so a grid that mixes in INT keeps RTN
-    assert ProfileConfig(options=gguf + [QuantOption.int_(4, 64)]).quantizer == "rtn"
+    assert ProfileConfig().quantizer == "rtn-w"  # the INT grid
+    assert ProfileConfig(options=[QuantOption.keep()]).quantizer == "rtn-w"
+    # imatrix quantizes GGUF types only, so a grid that mixes in INT gets rtn-w
+    assert ProfileConfig(options=gguf + [QuantOption.int_(4, 64)]).quantizer == "rtn-w"
 
 
-def test_a_table_of_gguf_types_is_solved_under_fisher_tw_unless_told_otherwise():
-    """fisher-tw's llama.cpp-type plans beat llama.cpp's imatrix mixes at every size on both benched families
-    (config.default_error_model); INT tables keep fisher."""
+def test_every_table_is_solved_under_fisher_tw_unless_told_otherwise():
+    """fisher-tw's llama.cpp-type plans beat llama.cpp's imatrix mixes at every size on both benched families,
+    and its INT plans beat uniform INT where fisher's lose to it (config.default_error_model)."""
     from bitalloc.config import default_error_model
 
     assert default_error_model([QuantOption.gguf("Q4_K"), QuantOption.keep()]) == "fisher-tw"
-    assert default_error_model(default_options()) == "fisher"
-    assert default_error_model([QuantOption.gguf("Q4_K"), QuantOption.int_(4, 64)]) == "fisher"
+    assert default_error_model(default_options()) == "fisher-tw"
+    assert default_error_model([QuantOption.gguf("Q4_K"), QuantOption.int_(4, 64)]) == "fisher-tw"

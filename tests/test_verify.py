@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import bitalloc
 from bitalloc.api import plan_from_table, prepare
 from bitalloc.calibration import calibration_from_tokens, make_calibration, sequential_windows, tokenize
+from bitalloc.config import DEFAULT_ERROR_MODEL
 from bitalloc.errors import BadInputError
 from bitalloc.models import weights_hash
 from bitalloc.options import QuantOption
@@ -33,12 +34,12 @@ def setup():
 
 
 def crafted(table, factor_of):
-    """The table with each module's predicted errors multiplied by factor_of(name)."""
+    """The table with each module's predicted errors (under the default error model) multiplied by factor_of(name)."""
     t = copy.copy(table)
-    errors = table.errors["fisher"].copy()
+    errors = table.errors[DEFAULT_ERROR_MODEL].copy()
     for g, name in enumerate(table.groups):
         errors[g] *= factor_of(name)
-    t.errors = {**table.errors, "fisher": errors}
+    t.errors = {**table.errors, DEFAULT_ERROR_MODEL: errors}
     return t
 
 
@@ -98,7 +99,7 @@ def test_repair_finds_the_mispredicted_modules_and_beats_uniform(setup):
     assert measured_kl(plan, loaded, calib) == pytest.approx(v.final.kl, rel=1e-4)
     assert plan.summary.storage_bits_per_weight <= 4.0
     # the plan states the table's own predictions; the calibrated ones are in verification
-    rows = {g: table.errors["fisher"][g] * wrong_attention(n) for g, n in enumerate(table.groups)}
+    rows = {g: table.errors[DEFAULT_ERROR_MODEL][g] * wrong_attention(n) for g, n in enumerate(table.groups)}
     for g, a in enumerate(plan.assignments):
         assert a.predicted_delta_loss == pytest.approx(rows[g][table.option_index(a.option)], rel=1e-5)
     assert v.final.calibrated_delta_nll > v.final.predicted_delta_nll  # the corrections raised the predictions

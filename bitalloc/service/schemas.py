@@ -62,7 +62,7 @@ class ProfileIn(_Request):
     include_lm_head: bool = False
     include_embeddings: bool = False
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plans will be applied with (rtn, "
-                                     "rtn-mse, rtn-w, gptq, imatrix; default imatrix for GGUF types, else rtn); the table holds its errors")
+                                     "rtn-mse, rtn-w, gptq, imatrix; default imatrix for GGUF types, else rtn-w); the table holds its errors")
 
 
 class ConstraintsIn(_Request):
@@ -86,7 +86,7 @@ class PlanIn(_Request):
     include_lm_head: bool = False
     include_embeddings: bool = False
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plan will be applied with; "
-                                     "default imatrix for GGUF types, else rtn, or with profile_id the profile's (another one is refused)")
+                                     "default imatrix for GGUF types, else rtn-w, or with profile_id the profile's (another one is refused)")
     budget: str = Field(max_length=64, description="'3.2bits', '1.5GB', '800MB', '2GiB' or '30%' of fp16")
     budget_scope: Optional[Literal["planned", "model"]] = Field(
         None, description="what the budget limits: the planned weights, or the whole model (embedding, head and "
@@ -95,7 +95,7 @@ class PlanIn(_Request):
     solver: str = Field(SolveConfig.solver, max_length=64)
     solver_settings: dict[str, Scalar] = Field({}, max_length=32)
     error_model: Optional[str] = Field(SolveConfig.error_model, max_length=32, description="fisher, local or fisher-tw; "
-                                       "default fisher-tw for a profile of GGUF types only, else fisher")
+                                       "default fisher-tw")
     seed: int = Field(SolveConfig.seed, ge=0, le=2**31 - 1)
     constraints: ConstraintsIn = ConstraintsIn()
     formats: Optional[list[str]] = Field(None, max_length=16, description="format families the plan may use")

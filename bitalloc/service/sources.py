@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DEFAULT_QUANTIZER
+from ..config import KEYLESS_QUANTIZER
 from ..errors import BadInputError
 from ..profile.store import content_key, short_id
 
@@ -142,7 +142,7 @@ class ProfileSpec:
     include_lm_head: bool = False
     include_embeddings: bool = False
     code: dict = field(default_factory=dict)  # bitalloc version + numerics fingerprint
-    quantizer: str = DEFAULT_QUANTIZER  # whose ΔW the table's errors measure
+    quantizer: str = KEYLESS_QUANTIZER  # whose ΔW the table's errors measure (records without the field: rtn)
 
     def key_parts(self) -> dict:
         return {
@@ -152,8 +152,8 @@ class ProfileSpec:
             "options": self.options,
             "modules": {"lm_head": self.include_lm_head, "embeddings": self.include_embeddings},
             "code": self.code,
-            # the default stays out of the key, so profiles stored before this field keep their ids
-            **({} if self.quantizer == DEFAULT_QUANTIZER else {"quantizer": self.quantizer}),
+            # rtn stays out of the key, so profiles stored before this field keep their ids
+            **({} if self.quantizer == KEYLESS_QUANTIZER else {"quantizer": self.quantizer}),
         }
 
     @property
