@@ -60,7 +60,8 @@ def main() -> None:
     loaded = timed("load_s", lambda: bitalloc.load_model(args.gguf or default_gguf()))
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, 512, args.calib_tokens, seed=0)
-    plan = timed("plan_s", lambda: bitalloc.plan(loaded, args.budget, calib, progress=True))
+    # rtn: this bench compares QAT (whose fake quantization rounds to nearest) with the RTN plan it starts from
+    plan = timed("plan_s", lambda: bitalloc.plan(loaded, args.budget, calib, quantizer="rtn", progress=True))
     windows = bitalloc.evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows)
 
     if not args.float_control:
