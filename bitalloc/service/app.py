@@ -196,9 +196,10 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
 
 def _check_profile_quantizer(profile, quantizer: str | None) -> None:
     """A plan request naming a quantizer must name the stored profile's: its table holds that one's errors."""
-    from ..config import check_table_quantizer
+    from ..config import KEYLESS_QUANTIZER, check_table_quantizer
 
-    check_table_quantizer(profile.meta["spec"].get("quantizer", "rtn"), quantizer, f"profile {profile.id}",
+    # records stored before the quantizer was a setting hold rtn tables
+    check_table_quantizer(profile.meta["spec"].get("quantizer", KEYLESS_QUANTIZER), quantizer, f"profile {profile.id}",
                           "drop quantizer, or POST /v1/profiles with this quantizer and plan from that profile")
 
 
