@@ -11,9 +11,10 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from bitalloc.apply import apply_options
+from bitalloc.config import default_quantizer
 from bitalloc.models import weight_matrix
 from bitalloc.options import QuantOption
+from bitalloc.quantizers import check_without_hessian, needs_hessian, weight_values
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext2"
@@ -36,10 +37,38 @@ def default_gguf() -> str:
     return subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def with_options(model: nn.Module, assign: dict[str, QuantOption], score: Callable[[nn.Module], T]) -> T:
-    """score(model) with `assign` applied (RTN), then put the original weights back."""
+def add_quantizer_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quantizer", default=None, help="quantizer the candidate table is made with and every row is "
+                    "quantized with (rtn, rtn-mse, rtn-w); default: bitalloc's for the grid (rtn-w for INT options)")
+
+
+def bench_quantizer(name: str | None, options: list[QuantOption]) -> str:
+    """The quantizer a bench profiles and scores with: the one named, else the product default for `options`.
+    The benches swap weights in place, which a sequential quantizer (gptq) cannot do: refused here."""
+    quantizer = name or default_quantizer(options)
+    check_without_hessian(quantizer, "a bench's in-place weight swaps", "use rtn, rtn-mse or rtn-w")
+    return quantizer
+
+
+def importances(model: nn.Module, names: list[str], calibration, quantizer: str) -> dict[str, torch.Tensor] | None:
+    """diag H of each module from the unquantized model's calibration pass, for an importance-weighted quantizer
+    (rtn-w); None for one that needs none. Taken once, so every scored assignment quantizes as `apply` would."""
+    if not needs_hessian(quantizer):
+        return None
+    from bitalloc.profile.statistics import input_importance
+
+    return input_importance(model, names, calibration.tokens)
+
+
+def with_options(model: nn.Module, assign: dict[str, QuantOption], score: Callable[[nn.Module], T],
+                 quantizer: str = "rtn", importance: dict[str, torch.Tensor] | None = None) -> T:
+    """score(model) with `assign` quantized by `quantizer` (importance: `importances(...)` for one that needs it),
+    then put the original weights back."""
     original = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in assign}
-    apply_options(model, assign)
+    with torch.no_grad():
+        for n, option in assign.items():
+            w = original[n]
+            weight_matrix(model.get_submodule(n)).copy_(weight_values(w, option, quantizer, (importance or {}).get(n)))
     try:
         return score(model)
     finally:

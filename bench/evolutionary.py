@@ -1,9 +1,9 @@
 """SmolLM2: does an evolutionary search on the true loss beat the exact ILP plan of the predicted loss?
 
-    python bench/evolutionary.py [--gguf PATH] [--budget 4.0] [--trials 60] [--score-windows 4]
+    python bench/evolutionary.py [--gguf PATH] [--budget 4.0] [--trials 60] [--score-windows 4] [--quantizer rtn]
 
 Both plans come from one candidate table (profiled on --calib-tokens of WikiText-2 validation,
-cached). The ILP plan is optimal for the table's additive predicted ΔNLL. The evolutionary
+cached; --quantizer makes it and quantizes every trial and row, default bitalloc's, rtn-w). The ILP plan is optimal for the table's additive predicted ΔNLL. The evolutionary
 search starts from it and scores each trial by the measured mean NLL on the first
 --score-windows calibration windows (validation text, never the test text). Both plans are
 then measured on WikiText-2 test (perplexity, KL and top-1 against the unquantized model, as in
@@ -24,7 +24,7 @@ from bitalloc.models import select_modules
 from bitalloc.objective import mean_nll
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
+from common import add_quantizer_argument, bench_quantizer, default_gguf, importances, smollm2_arguments, with_options  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
+    add_quantizer_argument(ap)
     args = ap.parse_args()
 
     gguf = args.gguf or default_gguf()
@@ -45,7 +46,11 @@ def main() -> None:
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
     names = select_modules(model)
-    table = profile(loaded, calib, names, bitalloc.default_options(), cache_dir=bitalloc.api.default_cache_dir(), progress=True)
+    options = bitalloc.default_options()
+    quantizer = bench_quantizer(args.quantizer, options)
+    table = profile(loaded, calib, names, options, cache_dir=bitalloc.api.default_cache_dir(), progress=True,
+                    quantizer=quantizer)
+    importance = importances(model, names, calib, quantizer)
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
     base = bitalloc.evaluate(reference, windows)
@@ -64,8 +69,8 @@ def main() -> None:
     rows = []
     for name, plan, seconds in (("ilp", ilp, ilp_s), ("evolutionary", evo, evo_s)):
         assign = plan.options_by_module()
-        test = with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference))
-        calib_nll = with_options(model, assign, lambda m: mean_nll(m, slice_))
+        test = with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference), quantizer, importance)
+        calib_nll = with_options(model, assign, lambda m: mean_nll(m, slice_), quantizer, importance)
         changed = sum(a.label != b.label for a, b in zip(plan.assignments, ilp.assignments))
         rows.append({"solver": name, "seconds": seconds, "bpw": plan.summary.storage_bits_per_weight,
                      "predicted_delta_nll": plan.summary.predicted_delta_loss, "score_slice_nll": calib_nll,
@@ -77,8 +82,8 @@ def main() -> None:
     print(report)
     result = {"reference": base.to_dict(), "rows": rows, "budget": budget, "trials": args.trials,
               "population": args.population, "radius": args.radius, "score_slice": list(slice_.shape),
-              "calibration": calib.settings(), "model": loaded.source, "content_hash": loaded.content_hash,
-              "table": report}
+              "calibration": calib.settings(), "quantizer": quantizer, "model": loaded.source,
+              "content_hash": loaded.content_hash, "table": report}
     atomic_write_text(Path(args.out) / "evolutionary.json", canonical_json(result))
 
 

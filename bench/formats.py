@@ -1,12 +1,13 @@
 """Number formats on SmolLM2: plans over INT-only candidates vs INT + FP8 + MXFP4 + NVFP4 candidates.
 
-    python bench/formats.py [--gguf PATH] [--budgets 4.25,4.5,5,6,8.25] [--windows 16]
+    python bench/formats.py [--gguf PATH] [--budgets 4.25,4.5,5,6,8.25] [--windows 16] [--quantizer rtn]
 
 Calibrates on the validation split, evaluates on the test split (as bench/quality.py). Profiles
 once with the mixed candidate set; the INT-only table is its INT + keep columns, so both plans
 are scored by the same statistics. For each budget: the plan over (a) INT2–8 + keep and (b) INT2–8
 + FP8 (E4M3/E5M2, per tensor/channel/group) + MXFP4 + NVFP4 + keep; plus uniform MXFP4, NVFP4,
-FP8-per-channel and a few uniform INT configurations for reference. Prints a table, writes
+FP8-per-channel and a few uniform INT configurations for reference. One quantizer (--quantizer; default
+bitalloc's for the mixed grid, rtn-w) makes the table and quantizes every row. Prints a table, writes
 bench/out/formats.json and bench/out/formats.png.
 """
 
@@ -22,12 +23,13 @@ import numpy as np
 import bitalloc
 from bitalloc.api import plan_from_table, profile, resolve_calibration
 from bitalloc.candidates import CandidateTable
+from bitalloc.config import default_error_model
 from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import select_modules
 from bitalloc.options import default_options, parse_option
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
+from common import add_quantizer_argument, bench_quantizer, default_gguf, importances, smollm2_arguments, with_options  # noqa: E402
 
 MIXED = ("int", "fp8", "mxfp4", "nvfp4", "keep")
 CANDIDATE_SETS = {"int+keep": ("int", "keep"), "int+fp8+mxfp4+nvfp4+keep": MIXED}
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    add_quantizer_argument(ap)
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_dir = Path(args.out)
@@ -56,10 +59,14 @@ def main() -> None:
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
     names = select_modules(model)
+    options = default_options(formats=MIXED)
+    quantizer = bench_quantizer(args.quantizer, options)
     t0 = time.perf_counter()
-    full = profile(loaded, calib, names, default_options(formats=MIXED), cache_dir=bitalloc.api.default_cache_dir(),
-                   progress=True)
+    full = profile(loaded, calib, names, options, cache_dir=bitalloc.api.default_cache_dir(), progress=True,
+                   quantizer=quantizer)
     profile_s = time.perf_counter() - t0
+    importance = importances(model, names, calib, quantizer)
+    error_model = default_error_model(options)  # the one plan_from_table solves under
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
     base = bitalloc.evaluate(reference, windows)
@@ -67,7 +74,7 @@ def main() -> None:
           f"({len(full.options)} options x {len(names)} modules) {profile_s:.1f}s", flush=True)
 
     def measure(assign: dict) -> bitalloc.EvalResult:
-        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference))
+        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference), quantizer, importance)
 
     rows = []
     n_weights = full.num_weights
@@ -77,7 +84,7 @@ def main() -> None:
         bpw = float(full.storage_bits[:, k].sum()) / n_weights
         r = measure({n: opt for n in names})
         rows.append({"kind": "uniform", "candidates": label, "budget": None, "bpw": bpw,
-                     "predicted_delta_nll": float(np.nansum(full.errors["fisher"][:, k])),
+                     "predicted_delta_nll": float(np.nansum(full.errors[error_model][:, k])),
                      "formats": {opt.family: len(names)}, "labels": {label: len(names)}, **r.to_dict()})
         print(f"uniform {label:16s} {bpw:.4f} bpw  {r.describe()}", flush=True)
 
@@ -102,7 +109,8 @@ def main() -> None:
     print(report)
     result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s,
               "candidate_sets": {k: list(v) for k, v in CANDIDATE_SETS.items()},
-              "calibration": calib.settings(), "model": loaded.source, "content_hash": loaded.content_hash}
+              "calibration": calib.settings(), "quantizer": quantizer, "error_model": error_model, "model": loaded.source,
+              "content_hash": loaded.content_hash}
     atomic_write_text(out_dir / "formats.json", canonical_json(result))
     plot(rows, base, out_dir / "formats.png")
 

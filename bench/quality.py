@@ -1,12 +1,12 @@
-"""Plan quality on SmolLM2: wikitext-2 test ppl / KL / top-1 of bitalloc plans vs uniform RTN.
+"""Plan quality on SmolLM2: wikitext-2 test ppl / KL / top-1 of bitalloc plans vs uniform quantization.
 
-    python bench/quality.py [--gguf PATH] [--budgets 3.5,4,4.25,4.5,5] [--windows 16]
+    python bench/quality.py [--gguf PATH] [--budgets 3.5,4,4.25,4.5,5] [--windows 16] [--quantizer rtn]
     python bench/quality.py --error-models fisher,local   # against the layer-local error model instead
 
-Calibrates on the validation split, evaluates on the test split (never the same text). For each
-budget: the plan under the default error model ("fisher"), the plan under the token-weighted one
-("fisher-tw", the candidate for the next default), and the best uniform RTN configuration whose storage
-bpw fits.
+Calibrates on the validation split, evaluates on the test split (never the same text). One quantizer
+(--quantizer; default bitalloc's, rtn-w) makes the candidate table and quantizes every row, plans and
+uniform ones alike. For each budget: the plan under "fisher", the plan under the token-weighted
+"fisher-tw" (the default error model), and the best uniform configuration whose storage bpw fits.
 At each budget the plans of every other error model are compared with the first one's on the same
 tokens: mean per-token NLL difference ± its paired standard error (over tokens, and over windows, which
 allows for the correlation of tokens within a window).
@@ -25,7 +25,7 @@ from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import select_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import default_gguf, smollm2_arguments, with_options  # noqa: E402
+from common import add_quantizer_argument, bench_quantizer, default_gguf, importances, smollm2_arguments, with_options  # noqa: E402
 from gguf_roundtrip import paired, token_nll  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--error-models", default="fisher,fisher-tw")
+    add_quantizer_argument(ap)
     ap.add_argument("--min-uniform-bits", type=int, default=3,
                     help="skip uniform configs below this width (INT2 RTN gives ppl > 10^4 on SmolLM2)")
     args = ap.parse_args()
@@ -47,20 +48,24 @@ def main() -> None:
     model = loaded.model
     calib = resolve_calibration(args.calib, loaded, args.seq_len, args.calib_tokens, seed=0)
     names = select_modules(model)
+    options = bitalloc.default_options()
+    quantizer = bench_quantizer(args.quantizer, options)
     t0 = time.perf_counter()
-    table = profile(loaded, calib, names, bitalloc.default_options(), cache_dir=bitalloc.api.default_cache_dir(), progress=True)
+    table = profile(loaded, calib, names, options, cache_dir=bitalloc.api.default_cache_dir(), progress=True,
+                    quantizer=quantizer)
     profile_s = time.perf_counter() - t0
+    importance = importances(model, names, calib, quantizer)
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
 
     def measure(assign: dict) -> bitalloc.EvalResult:
-        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference))
+        return with_options(model, assign, lambda m: bitalloc.evaluate(m, windows, reference=reference), quantizer, importance)
 
     rows = []
     base = bitalloc.evaluate(reference, windows)  # the unquantized model, from the log-probs already computed
     print(f"reference ppl {base.ppl:.3f} on {windows.shape[0]}x{windows.shape[1]} tokens; profile {profile_s:.1f}s", flush=True)
 
-    # Uniform RTN: every option that tiles every planned module, up to the largest budget.
+    # Uniform: every option that tiles every planned module, up to the largest budget.
     n_weights = table.num_weights
     for k, opt in enumerate(table.options):
         if opt.fmt != "int" or opt.bits < args.min_uniform_bits or not table.allowed[:, k].all():
@@ -70,14 +75,14 @@ def main() -> None:
             continue
         r = measure({n: opt for n in names})
         rows.append({"kind": "uniform", "config": opt.label, "bpw": bpw, **r.to_dict()})
-        print(f"uniform {opt.label:16s} {bpw:.4f} bpw  {r.describe()}", flush=True)
+        print(f"uniform {quantizer} {opt.label:16s} {bpw:.4f} bpw  {r.describe()}", flush=True)
 
     nll_of = {}
     for em in args.error_models.split(","):
         for b in budgets:
             p = plan_from_table(table, f"{b}bits", loaded, calib, error_model=em)
             r = measure(p.options_by_module())
-            nll_of[em, b] = with_options(model, p.options_by_module(), lambda m: token_nll(m, windows))
+            nll_of[em, b] = with_options(model, p.options_by_module(), lambda m: token_nll(m, windows), quantizer, importance)
             rows.append({"kind": f"plan-{em}", "config": f"{b}bits", "bpw": p.summary.storage_bits_per_weight,
                          "predicted_delta_nll": p.summary.predicted_delta_loss, **r.to_dict()})
             print(f"plan {em:6s} {b:5.2f}bits -> {p.summary.storage_bits_per_weight:.4f} bpw  "
@@ -87,9 +92,9 @@ def main() -> None:
     report = summarize(rows, budgets, base, args.error_models.split(",")) + "\n\n" + pairs_table(pairs)
     print(report)
     result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s, "pairs": pairs,
-              "calibration": calib.settings(), "model": loaded.source, "content_hash": loaded.content_hash}
+              "calibration": calib.settings(), "quantizer": quantizer, "model": loaded.source, "content_hash": loaded.content_hash}
     atomic_write_text(out_dir / "quality.json", canonical_json(result))
-    plot(rows, base, out_dir / "quality.png", args.error_models.split(","))
+    plot(rows, base, out_dir / "quality.png", args.error_models.split(","), quantizer)
 
 
 def paired_rows(nll_of: dict, budgets: list[float], error_models: list[str]) -> list[dict]:
@@ -138,7 +143,7 @@ def summarize(rows: list[dict], budgets: list[float], base, error_models: list[s
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], base, path: Path, error_models: list[str]) -> None:
+def plot(rows: list[dict], base, path: Path, error_models: list[str], quantizer: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +151,7 @@ def plot(rows: list[dict], base, path: Path, error_models: list[str]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["bpw"])
-    ax.scatter([r["bpw"] for r in uni], [r["ppl"] for r in uni], marker="x", color="gray", label="uniform RTN configs")
+    ax.scatter([r["bpw"] for r in uni], [r["ppl"] for r in uni], marker="x", color="gray", label=f"uniform {quantizer} configs")
     for em, style in zip(error_models, ("o-", "s--", "^:")):
         pts = sorted((r for r in rows if r["kind"] == f"plan-{em}"), key=lambda r: r["bpw"])
         ax.plot([r["bpw"] for r in pts], [r["ppl"] for r in pts], style, label=f"bitalloc plan ({em} error model)")
@@ -154,7 +159,7 @@ def plot(rows: list[dict], base, path: Path, error_models: list[str]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per planned weight (scales and zero-points included)")
     ax.set_ylabel(f"wikitext-2 test ppl ({base.windows}×{base.seq_len})")
-    ax.set_title("SmolLM2-135M: mixed-precision plans vs uniform RTN")
+    ax.set_title(f"SmolLM2-135M: mixed-precision plans vs uniform ({quantizer})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     path.parent.mkdir(parents=True, exist_ok=True)

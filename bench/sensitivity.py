@@ -8,7 +8,7 @@ Hessian trace, salience, activation spikes, candidate table; the profile folder 
 run), quantizes one module at a time (RTN) to each option, measures the increase of mean NLL on
 wikitext-2 *test* windows, and reports the Spearman rank correlation of each signal with it:
   error models (option-dependent predictions of ΔNLL):
-    fisher        ½ Σ_o F_o (ΔW H ΔWᵀ)_oo — the planner's default
+    fisher        ½ Σ_o F_o (ΔW H ΔWᵀ)_oo (the planner's default is fisher-tw, its token-weighted form: --rescore)
     local         tr(ΔW H ΔWᵀ)
     fisher-diagH  ½ Σ_o F_o Σ_j H_jj ΔW_oj² (the same without H's off-diagonal)
     trace         ½ · tr(∇²L)/n · ‖ΔW‖² (HAWQ-V2)
@@ -131,7 +131,8 @@ def main() -> None:
     prof = profile_model(loaded, calib, args.profile_dir or default_cache_dir() / "profile-smollm2-bench",
                          signals=("fisher", "trace", "salience", "spikes", "table"), options=bitalloc.default_options(),
                          trace_max_probes=args.trace_probes, trace_windows=args.trace_windows,
-                         trace_tokens=args.trace_tokens, progress=True)
+                         trace_tokens=args.trace_tokens, progress=True,
+                         quantizer="rtn")  # the table of the RTN ablations below, whatever bitalloc's default
     profile_s = time.perf_counter() - t0
     table = prof.table
     windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
