@@ -21,6 +21,7 @@ from pathlib import Path
 
 import bitalloc
 from bitalloc.api import plan_from_table, profile, resolve_calibration
+from bitalloc.config import DEFAULT_ERROR_MODEL
 from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.models import select_modules
 
@@ -126,8 +127,9 @@ def best_uniform(rows: list[dict], budget: float) -> dict | None:
 
 
 def summarize(rows: list[dict], budgets: list[float], base, error_models: list[str]) -> str:
+    judged = DEFAULT_ERROR_MODEL if DEFAULT_ERROR_MODEL in error_models else error_models[0]  # the plan users get
     head = f"| budget | best uniform ≤ budget (bpw) | uniform ppl / KL / top-1 |" + "".join(
-        f" plan[{em}] bpw | plan[{em}] ppl / KL / top-1 |" for em in error_models) + f" plan[{error_models[0]}] < uniform? |"
+        f" plan[{em}] bpw | plan[{em}] ppl / KL / top-1 |" for em in error_models) + f" plan[{judged}] < uniform? |"
     lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
              head, "|" + "---|" * (4 + 2 * len(error_models))]
     for b in budgets:
@@ -137,8 +139,8 @@ def summarize(rows: list[dict], budgets: list[float], base, error_models: list[s
         for em in error_models:
             p = next(r for r in rows if r["kind"] == f"plan-{em}" and r["config"] == f"{b}bits")
             cells += [f"{p['bpw']:.3f}", f"{p['ppl']:.2f} / {p['kl']:.3f} / {p['top1']:.1%}"]
-        first = next(r for r in rows if r["kind"] == f"plan-{error_models[0]}" and r["config"] == f"{b}bits")
-        cells.append("yes" if u and first["ppl"] < u["ppl"] else "no")
+        plan = next(r for r in rows if r["kind"] == f"plan-{judged}" and r["config"] == f"{b}bits")
+        cells.append("yes" if u and plan["ppl"] < u["ppl"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
