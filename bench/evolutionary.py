@@ -3,9 +3,10 @@
     python bench/evolutionary.py [--gguf PATH] [--budget 4.0] [--trials 60] [--score-windows 4] [--quantizer rtn]
 
 Both plans come from one candidate table (profiled on --calib-tokens of WikiText-2 validation,
-cached; --quantizer makes it and quantizes every trial and row, default bitalloc's, rtn-w). The ILP plan is optimal for the table's additive predicted ΔNLL. The evolutionary
-search starts from it and scores each trial by the measured mean NLL on the first
---score-windows calibration windows (validation text, never the test text). Both plans are
+cached; --quantizer makes it and quantizes every trial and row, default bitalloc's, rtn-w). The ILP
+plan is optimal for the table's additive predicted ΔNLL. The evolutionary search starts from it and
+scores each trial by the measured mean NLL on the first --score-windows calibration windows
+(validation text, never the test text). Both plans are
 then measured on WikiText-2 test (perplexity, KL and top-1 against the unquantized model, as in
 bench/quality.py), and on the scoring slice itself, to show how much of a gain carries over.
 Prints a table, writes bench/out/evolutionary.json.
