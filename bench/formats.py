@@ -1,6 +1,7 @@
 """Number formats on SmolLM2: plans over INT-only candidates vs INT + FP8 + MXFP4 + NVFP4 candidates.
 
     python bench/formats.py [--gguf PATH] [--budgets 4.25,4.5,5,6,8.25] [--windows 16] [--quantizer rtn]
+    python bench/formats.py --gguf "$(bash bench/fetch_gemma3.sh)" --bos --out bench/out/formats-gemma3   # second family
 
 Calibrates on the validation split, evaluates on the test split (as bench/quality.py). Profiles
 once with the mixed candidate set; the INT-only table is its INT + keep columns, so both plans
@@ -22,6 +23,7 @@ import numpy as np
 
 import bitalloc
 from bitalloc.api import plan_from_table, profile, resolve_calibration
+from bitalloc.calibration import leading_bos
 from bitalloc.candidates import CandidateTable
 from bitalloc.config import default_error_model
 from bitalloc.io import atomic_write_text, canonical_json
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     add_quantizer_argument(ap)
+    ap.add_argument("--uniform", default=",".join(UNIFORM), help="uniform rows (option labels)")
+    ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (Gemma; peers.py --bos)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out_dir = Path(args.out)
@@ -67,7 +71,10 @@ def main() -> None:
     profile_s = time.perf_counter() - t0
     importance = importances(model, names, calib, quantizer)
     error_model = default_error_model(options)  # the one plan_from_table solves under
-    windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows)
+    bos = leading_bos(loaded.tokenizer) if args.bos else None
+    windows = bitalloc.evaluation_windows(bitalloc.calibration.read_text(args.text), loaded.tokenizer, args.seq_len, args.windows,
+                                          bos=bos)
+    model_name = Path(loaded.source).stem
     reference = bitalloc.reference_logprobs(model, windows, progress=True)
     base = bitalloc.evaluate(reference, windows)
     print(f"reference ppl {base.ppl:.3f} on {windows.shape[0]}x{windows.shape[1]} tokens; profile "
@@ -78,7 +85,7 @@ def main() -> None:
 
     rows = []
     n_weights = full.num_weights
-    for label in UNIFORM:
+    for label in args.uniform.split(","):
         opt = parse_option(label)
         k = full.option_index(opt)
         bpw = float(full.storage_bits[:, k].sum()) / n_weights
@@ -105,14 +112,14 @@ def main() -> None:
             print(f"plan {set_name:26s} {b:5.2f}bits -> {p.summary.storage_bits_per_weight:.4f} bpw  "
                   f"{format_counts(rows[-1]['formats'])}  {r.describe()}", flush=True)
 
-    report = summarize(rows, base)
+    report = summarize(rows, base, model_name)
     print(report)
-    result = {"reference": base.to_dict(), "rows": rows, "budgets": budgets, "profile_seconds": profile_s,
+    result = {"reference": base.to_dict(), "bos": bos, "rows": rows, "budgets": budgets, "profile_seconds": profile_s,
               "candidate_sets": {k: list(v) for k, v in CANDIDATE_SETS.items()},
               "calibration": calib.settings(), "quantizer": quantizer, "error_model": error_model, "model": loaded.source,
               "content_hash": loaded.content_hash}
     atomic_write_text(out_dir / "formats.json", canonical_json(result))
-    plot(rows, base, out_dir / "formats.png")
+    plot(rows, base, out_dir / "formats.png", model_name)
 
 
 def format_counts(counts: dict) -> str:
@@ -120,8 +127,8 @@ def format_counts(counts: dict) -> str:
     return " ".join(f"{f}:{n}" for f, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def summarize(rows: list[dict], base) -> str:
-    lines = [f"SmolLM2-135M, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
+def summarize(rows: list[dict], base, model_name: str) -> str:
+    lines = [f"{model_name}, wikitext-2 test, {base.windows}×{base.seq_len} tokens, reference ppl {base.ppl:.2f}", "",
              "| budget (bpw) | candidates | storage bpw | ppl | KL / top-1 | formats used (modules per family) | distinct options |",
              "|---|---|---|---|---|---|---|"]
     order = list(CANDIDATE_SETS)
@@ -133,7 +140,7 @@ def summarize(rows: list[dict], base) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], base, path: Path) -> None:
+def plot(rows: list[dict], base, path: Path, model_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +157,7 @@ def plot(rows: list[dict], base, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per planned weight (all scales included)")
     ax.set_ylabel(f"wikitext-2 test ppl ({base.windows}×{base.seq_len})")
-    ax.set_title("SmolLM2-135M: INT-only vs mixed INT/FP8/MXFP4/NVFP4 plans (x: uniform formats)")
+    ax.set_title(f"{model_name}: INT-only vs mixed INT/FP8/MXFP4/NVFP4 plans (x: uniform formats)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     path.parent.mkdir(parents=True, exist_ok=True)
