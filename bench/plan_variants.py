@@ -6,7 +6,7 @@
 The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the table is peers.py's
 `--target llama.cpp` one for it (its profile cache: GGUF types,
 imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
-INT grid), so the variants differ only in how they are solved. A variant is
+INT grid), or --formats' grid (e.g. int,fp8,mxfp4,nvfp4,keep), so the variants differ only in how they are solved. A variant is
 "BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]": the budget in bits per planned weight, the error model, and
 optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify` (the repair loop on
 held-back calibration windows) or pin=LABEL (every module that option: a uniform row, applied and scored the
@@ -30,6 +30,8 @@ from bitalloc.calibration import leading_bos, make_calibration, read_text
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
+from bitalloc.options import default_options
+from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
+    ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
+                    "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
@@ -55,7 +59,8 @@ def main() -> None:
     if args.no_calib_bos:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
                                        source=Path(args.calib).name, bos=None)
-    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=grid_for(args.quantizer),
+    options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
+    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
                                   calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
@@ -70,7 +75,7 @@ def main() -> None:
                                    constraints=Constraints(min_bits=floor, pins=pins),
                                    error_model=error_model, verify="verify" in extra)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
-        row = {"model": f32.parent.name, "quantizer": args.quantizer, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+        row = {"model": f32.parent.name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
