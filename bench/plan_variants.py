@@ -12,7 +12,8 @@ optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify
 held-back calibration windows) or pin=LABEL (every module that option: a uniform row, applied and scored the
 same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
 windows without it. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
-KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer.
+KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer and
+the first 12 hex digits of the quantizers' code fingerprint (`numerics`: rows before and after a quantizer change).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
+from bitalloc.profile.store import numerics_fingerprint
 from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,7 +82,7 @@ def main() -> None:
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
                "verification": None if plan.verification is None else plan.verification.outcome,
-               "seconds": round(time.time() - start, 1)}
+               "seconds": round(time.time() - start, 1), "numerics": numerics_fingerprint()[:12]}
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{variant:<28} {row['bpw']:.4f} bpw  ppl {result.ppl:.3f}  KL {result.kl:.4f}  "

@@ -77,7 +77,7 @@ class SliceMeter:
                  profiled_tokens: torch.Tensor | None = None):
         # gptq quantizes block by block from layer inputs: single modules cannot be swapped in and measured
         check_without_hessian(table.quantizer, f"{setting('verify')} (measuring single-module swaps)",
-                              f"verify a plan made with {setting('quantizer')} rtn, rtn-mse or rtn-w, or drop {setting('verify')}")
+                              f"verify a plan made with {setting('quantizer')} rtn, rtn-mse, rtn-w or rtn-w-signed, or drop {setting('verify')}")
         self.score = CalibrationScore(model, table, tokens, importance_tokens=profiled_tokens)
         self.tokens, self.metric = tokens, metric
         self.score.restore()

@@ -392,3 +392,20 @@ def test_gptq_checkpoint_reloads_as_the_gptq_simulation(tmp_path):
     assert not torch.equal(gptq.get_submodule(name).weight, rtn.get_submodule(name).weight)
     with pytest.raises(BadInputError, match="calib"):  # a plan read back from JSON does not carry its windows
         save_checkpoint(model, bitalloc.Plan.from_json(plan.to_json()), tmp_path / "nocalib", quantizer="gptq")
+
+
+def test_signed_scales_checkpoint_reloads_as_the_simulation(tmp_path):
+    """rtn-w-signed stores negative fp16 scales for symmetric groups whose largest weight is positive;
+    transformers' compressed-tensors loader multiplies them as stored: the reload equals apply()."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_llama()
+    plan = pinned_plan(model, ((r"proj", "int4-g32-sym"),))
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    save_checkpoint(model, plan, tmp_path / "signed", quantizer="rtn-w-signed", calibration=calib)
+    scales = [t for k, t in load_file(tmp_path / "signed" / "model.safetensors").items() if k.endswith("weight_scale")]
+    assert all(bool((t < 0).any()) and bool((t > 0).any()) for t in scales)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "signed").eval()
+    signed = apply(copy.deepcopy(model), plan, quantizer="rtn-w-signed", calibration=calib)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, signed(IDS).logits)

@@ -1,7 +1,8 @@
 """RTN with importance-weighted scales ("rtn-w"): round to nearest, each group's stored scale (and
 zero-point) chosen to minimise Σ_j h_j (w_j − q_j)² with h = diag H, the mean x_j² of the layer's
 calibration inputs (scale_search.py). Every format family gets it: INT (sym/asym, any group size),
-fp8/fp6/fp4 with fp16 or fp32 scales, MX (E8M0) and NVFP4 (E4M3 block scales).
+fp8/fp6/fp4 with fp16 or fp32 scales, MX (E8M0) and NVFP4 (E4M3 block scales). "rtn-w-signed" is the
+same with signed scales for symmetric INT (SearchGrid.signed).
 
 It needs calibration like GPTQ, but only H's diagonal from the unquantized model, and no column
 loop: the candidate table stays within about the cost of RTN's, and applying a plan takes one
@@ -65,6 +66,13 @@ def quantize_weighted(weight: torch.Tensor, option: QuantOption, h: torch.Tensor
 @register_quantizer("rtn-w", importance_only=True)
 def rtn_w(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
           steps: int = DEFAULT_GRID.steps, min_ratio: float = DEFAULT_GRID.min_ratio,
-          halvings: int = DEFAULT_GRID.halvings, refits: int = DEFAULT_GRID.refits) -> QuantizedWeight:
+          halvings: int = DEFAULT_GRID.halvings, refits: int = DEFAULT_GRID.refits,
+          signed: bool = DEFAULT_GRID.signed) -> QuantizedWeight:
     """Round to nearest with scales searched under h = diag(hessian) (hessian: the layer's H [in, in] or diag H [in])."""
-    return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, halvings, refits))
+    return quantize_weighted(weight, option, importance(hessian), SearchGrid(steps, min_ratio, halvings, refits, signed))
+
+
+@register_quantizer("rtn-w-signed", importance_only=True)
+def rtn_w_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """rtn-w with a negative scale for every symmetric INT group whose largest-magnitude weight is positive."""
+    return rtn_w(weight, option, hessian, signed=True)
