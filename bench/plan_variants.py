@@ -40,8 +40,9 @@ from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
 from peers import grid_for  # noqa: E402
 
 
-def main() -> None:
-    ap = smollm2_arguments(__doc__)
+def variant_arguments(doc: str):
+    """The arguments that pick the model, its table and the test windows (shared with bench/ppl_vs_kl.py)."""
+    ap = smollm2_arguments(doc)
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
@@ -52,7 +53,11 @@ def main() -> None:
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
                     "(as bitalloc did before; an ablation of the BOS-first calibration windows)")
-    args = ap.parse_args()
+    return ap
+
+
+def load_table(args):
+    """(F32 path, loaded model, candidate table, calibration, test windows) for the parsed arguments."""
     f32 = Path(args.work) / Path(args.gguf or default_gguf()).stem / "f32.gguf"
     if not f32.is_file():
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
@@ -66,16 +71,27 @@ def main() -> None:
                                   calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
+    return f32, loaded, table, calib, windows
+
+
+def solve_variant(variant: str, table, loaded, calib):
+    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]) and its extra flags."""
+    bits, error_model, *extra = variant.split(",")
+    floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
+    pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
+    return api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor, pins=pins),
+                               error_model=error_model, verify="verify" in extra)
+
+
+def main() -> None:
+    args = variant_arguments(__doc__).parse_args()
+    f32, loaded, table, calib, windows = load_table(args)
+    bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = reference_logprobs(loaded.model, windows, progress=True)
     out = Path(args.out) / "plan_variants.jsonl"
     for variant in args.variants.split(";"):
-        bits, error_model, *extra = variant.split(",")
-        floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
-        pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
         start = time.time()
-        plan = api.plan_from_table(table, f"{bits}bits", loaded, calib,
-                                   constraints=Constraints(min_bits=floor, pins=pins),
-                                   error_model=error_model, verify="verify" in extra)
+        plan = solve_variant(variant, table, loaded, calib)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
         row = {"model": f32.parent.name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
