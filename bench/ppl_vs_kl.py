@@ -62,8 +62,9 @@ def main() -> None:
         models[variant] = apply(copy.deepcopy(loaded.model), solve_variant(variant, table, loaded, calib),
                                 calibration=calib.tokens)
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
+    # row name -> [{nll, kl, entropy} per window]
     per_window = {name: [] for name in [*models, *(f"F32 logits / {t:g}" for t in temperatures)]}
-    for w in steps(windows, "windows", show=True, unit="win"):  # name -> [{nll, kl, entropy} per window]
+    for w in steps(windows, "windows", show=True, unit="win"):
         logits = logits_of(loaded.model, w)
         reference, stats = window_stats(logits, w, None)
         per_window["F32"].append(stats)
