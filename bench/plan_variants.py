@@ -44,6 +44,8 @@ def variant_arguments(doc: str):
     """The arguments that pick the model, its table and the test windows (shared with bench/ppl_vs_kl.py)."""
     ap = smollm2_arguments(doc)
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
+    ap.add_argument("--f32", default=None, help="the unquantized model file (default: --work's F32 copy of --gguf); "
+                    "rows still name the model by --gguf's stem")
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
@@ -57,10 +59,14 @@ def variant_arguments(doc: str):
 
 
 def load_table(args):
-    """(F32 path, loaded model, candidate table, calibration, test windows) for the parsed arguments."""
-    f32 = Path(args.work) / Path(args.gguf or default_gguf()).stem / "f32.gguf"
-    if not f32.is_file():
-        sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first")
+    """(model name: --gguf's stem, loaded model, candidate table, calibration, test windows) for the parsed arguments."""
+    stem = Path(args.gguf or default_gguf()).stem
+    # bench/peers.py's F32 copy, or --f32: the unquantized model as a file transformers loads. For these
+    # GGUF checkpoints that may be --gguf itself (transformers dequantizes it to the same F32 weights as
+    # llama-quantize does: Gemma 3's F32 ppl is 27.844 either way), so INT variants need no llama.cpp build.
+    f32 = Path(args.f32) if args.f32 else Path(args.work) / stem / "f32.gguf"
+    if not f32.exists():
+        sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first, or pass --f32")
     loaded = load_model(str(f32))
     calibration = args.calib
     if args.no_calib_bos:
@@ -71,7 +77,7 @@ def load_table(args):
                                   calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
-    return f32, loaded, table, calib, windows
+    return stem, loaded, table, calib, windows
 
 
 def solve_variant(variant: str, table, loaded, calib):
@@ -83,17 +89,32 @@ def solve_variant(variant: str, table, loaded, calib):
                                error_model=error_model, verify="verify" in extra)
 
 
+# Above this the unquantized model's log-probabilities are not kept (Gemma 3's 262k vocabulary: 8.6 GB for
+# 16 × 512 tokens); the model itself is the reference then, run again beside every variant.
+REFERENCE_CACHE_BYTES = 4 << 30
+
+
+def scoring_reference(model, windows):
+    """The F32 log-probabilities of the test windows, or the F32 model where they would not fit in memory."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if windows.numel() * vocab * 4 > REFERENCE_CACHE_BYTES:
+        print(f"reference: {windows.numel() * vocab * 4 / 2**30:.1f} GiB of log-probabilities; "
+              "running the F32 model beside each variant instead", flush=True)
+        return model
+    return reference_logprobs(model, windows, progress=True)
+
+
 def main() -> None:
     args = variant_arguments(__doc__).parse_args()
-    f32, loaded, table, calib, windows = load_table(args)
+    model_name, loaded, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
-    reference = reference_logprobs(loaded.model, windows, progress=True)
+    reference = scoring_reference(loaded.model, windows)
     out = Path(args.out) / "plan_variants.jsonl"
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, loaded, calib)
         result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
-        row = {"model": f32.parent.name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+        row = {"model": model_name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),

@@ -55,7 +55,7 @@ def main() -> None:
     ap = variant_arguments(__doc__)
     ap.add_argument("--temperatures", default="1.05,1.1,1.2", help="extra rows: F32's logits divided by each")
     args = ap.parse_args()
-    f32, loaded, table, calib, windows = load_table(args)
+    model_name, loaded, table, calib, windows = load_table(args)
     variants = args.variants.split(";")
     models = {"F32": loaded.model}
     for variant in variants:
@@ -86,7 +86,7 @@ def main() -> None:
     for first, second in zip(variants[::2], variants[1::2]):
         diff = [(a["nll"] - b["nll"]) / tokens_per_window for a, b in zip(per_window[first], per_window[second])]
         pairs.append({"first": first, "second": second, "dnll": mean_and_error(diff)})
-    lines = [f"{f32.parent.name}: {windows.shape[0]} × {windows.shape[1]} test windows, {args.quantizer} table", "",
+    lines = [f"{model_name}: {windows.shape[0]} × {windows.shape[1]} test windows, {args.quantizer} table", "",
              "| row | ppl | KL | entropy | ΔNLL vs F32 (± SE) | ΔNLL − KL |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['entropy']:.4f} | {r['dnll_vs_f32'][0]:+.4f} ± "
               f"{r['dnll_vs_f32'][1]:.4f} | {r['dnll_minus_kl']:+.4f} |" for r in rows]
@@ -94,7 +94,7 @@ def main() -> None:
     lines += [f"| {p['first']} | {p['second']} | {p['dnll'][0]:+.4f} ± {p['dnll'][1]:.4f} |" for p in pairs]
     print("\n".join(lines))
     out = Path(args.out) / "ppl_vs_kl.json"
-    atomic_write_text(out, canonical_json({"model": f32.parent.name, "quantizer": args.quantizer, "windows": int(windows.shape[0]),
+    atomic_write_text(out, canonical_json({"model": model_name, "quantizer": args.quantizer, "windows": int(windows.shape[0]),
                                            "rows": rows, "pairs": pairs, "text": "\n".join(lines)}))
     print(f"wrote {out}")
 

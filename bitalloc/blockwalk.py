@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import BadInputError
+from .errors import BadInputError, setting
 
 
 class StopForward(Exception):
@@ -69,7 +69,7 @@ def record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> 
             seen["h0"] = hidden
         elif hidden is not seen["returned"]:  # the model changed block i-1's output before passing it on
             raise BadInputError(f"{type(model).__name__} does not pass each block's output to the next block as is; "
-                                "block-by-block passes (--stream, GPTQ) cannot replay its blocks")
+                                f"block-by-block passes ({setting('stream')}, GPTQ) cannot replay its blocks")
         calls.append(call)
         if i == last:
             raise StopForward

@@ -33,6 +33,12 @@ out = Console()
 
 
 BITS_TEXT = ",".join(map(str, DEFAULT_BITS))  # --bits as the default grid has it
+# The registered quantizers (bitalloc.quantizers.QUANTIZERS; written out so --help does not import torch,
+# and kept equal to the registry by tests/test_cli.py).
+QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "gptq", "gptq-signed", "gptq-minmax", "imatrix")
+QUANTIZERS_TEXT = (", ".join(QUANTIZER_NAMES[:-1]) + " or " + QUANTIZER_NAMES[-1] + " (rtn-mse: clip search; rtn-w: "
+                   "importance-weighted scales; -signed: signed symmetric INT scales; gptq-minmax: GPTQ with min/max "
+                   "scales; imatrix: llama.cpp's, GGUF types only)")
 GROUP_SIZES_TEXT = ",".join("ch" if g is None else str(g) for g in DEFAULT_GROUP_SIZES)
 
 
@@ -118,7 +124,7 @@ def plan_cmd(
     seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
     solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS) + "; default fisher-tw"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: rtn, rtn-mse (clip search), rtn-w (importance-weighted scales), rtn-w-signed (and signed symmetric INT scales), gptq, gptq-minmax, or imatrix (llama.cpp's, GGUF types); default imatrix for GGUF types only (--target llama.cpp), else rtn-w; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else rtn-w; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -384,7 +390,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: rtn, rtn-mse, rtn-w, rtn-w-signed, gptq, gptq-minmax or imatrix (default imatrix for GGUF types only, else rtn-w); the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else rtn-w); the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
@@ -459,7 +465,7 @@ def eval_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file"),
     text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
     plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (with its quantizer) before scoring"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (rtn, rtn-mse, rtn-w, rtn-w-signed, gptq, gptq-minmax, imatrix)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (" + QUANTIZERS_TEXT + ")"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per evaluation window"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
@@ -511,7 +517,7 @@ def apply_cmd(
     model: str = typer.Argument(..., help="hub id, local directory or .gguf file (the model the plan was made for)"),
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn, rtn-mse, rtn-w, rtn-w-signed, gptq, gptq-minmax or imatrix; default: the plan's own"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help=QUANTIZERS_TEXT + "; default: the plan's own"),
     fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a --target llama.cpp plan; MODEL a .gguf, whose metadata and tokenizer are copied, or a checkpoint folder, converted as convert_hf_to_gguf.py does; llama and qwen2, and gemma3 from a .gguf)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),

@@ -207,7 +207,7 @@ def _check_modules(model: nn.Module, plan: Plan) -> None:
         sharing = [n for n in owners[id(module.weight)] if n != f"{a.module}.weight"]
         if sharing:
             raise BadInputError(f"{a.module}.weight is tied to {', '.join(sharing)}; a checkpoint cannot store it "
-                                f"packed for one and dense for the other: re-plan with `--pin '{a.module}=fp16'` "
+                                f"packed for one and dense for the other: re-plan with {setting('pins')} '{a.module}=fp16' "
                                 f"or without {setting('include_lm_head')}")
 
 

@@ -254,7 +254,7 @@ def test_unsupported_option_is_named_with_the_fix(tmp_path):
     model = make_llama()
     plan = pinned_plan(model, ((r"layers\.0\.mlp\.down_proj", "fp8e5m2-ch"),
                                 (r"^(?!model\.layers\.0\.mlp\.down_proj$).*proj$", "int4-g32-sym")))
-    with pytest.raises(BadInputError, match=r"model\.layers\.0\.mlp\.down_proj: fp8e5m2-ch: .*E5M2.*--formats"):
+    with pytest.raises(BadInputError, match=r"model\.layers\.0\.mlp\.down_proj: fp8e5m2-ch: .*E5M2.*formats int,fp8"):
         save_checkpoint(model, plan, tmp_path / "x")
     with pytest.raises(BadInputError, match="E5M2"):
         export_plan(plan, "compressed-tensors", tmp_path)

@@ -68,6 +68,13 @@ def cli_plan(model_dir, cli_env, tmp_path_factory) -> Path:
 # ---- happy paths ------------------------------------------------------------------------------
 
 
+def test_help_names_every_registered_quantizer():
+    """The CLI writes the quantizer names out (so --help imports no torch); they are the registry's."""
+    from bitalloc.cli import QUANTIZER_NAMES
+    from bitalloc.quantizers import available_quantizers
+    assert sorted(QUANTIZER_NAMES) == available_quantizers()
+
+
 def test_plan_writes_valid_plan_within_budget(cli_plan, model_dir):
     doc = json.loads(cli_plan.read_text(encoding="utf-8"))
     jsonschema.validate(doc, plan_json_schema())

@@ -485,6 +485,13 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
                               "--allow-untied")
     assert code == 0 and (tmp_path / "mo" / "hf_quant_config.json").is_file() and "fused layer" in err
 
+    # A refusal names the grid settings; the CLI spells them as its flags, the API as its keywords.
+    fp8 = make_plan(layers(1, lambda i, leaf: "fp8e4m3-ch")).save(tmp_path / "fp8.json")
+    code, _, err = run_main(monkeypatch, capsys, "export", fp8, "--to", "gptqmodel", "--out", tmp_path / "gq")
+    assert code == 2 and err.strip().endswith("re-plan with e.g. --formats int and --bits 2,3,4,8"), err
+    with pytest.raises(BadInputError, match=r"re-plan with e.g. formats int and bits 2,3,4,8$"):
+        export_plan(Plan.load(fp8), "gptqmodel", tmp_path / "gq")
+
 
 def test_transformers_reads_the_gptq_and_autoround_configs(tmp_path):
     """transformers' own config classes (what from_pretrained builds from quantization_config)."""

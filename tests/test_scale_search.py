@@ -167,6 +167,27 @@ def test_gptq_with_searched_scales_lowers_layer_error(opt):
     assert errors["gptq"] < errors["rtn-w"], errors
 
 
+@pytest.mark.parametrize("opt", [QuantOption.int_(b, g, True) for b in (2, 3, 4) for g in (32, None)], ids=lambda o: o.label)
+def test_gptq_signed_uses_the_extra_code_and_lowers_layer_error(opt):
+    """gptq-signed: GPTQ whose symmetric groups search signed scales. Its codes reach −2^(b−1) in groups with
+    a negative scale, stored codes and scales reproduce the values, and tr(ΔW H ΔWᵀ) is below gptq's
+    (summed over three correlated layers)."""
+    lo, hi = int_range(opt)
+    e_gptq = e_signed = 0.0
+    for seed in (5, 6, 7):
+        W, H = correlated_layer(seed=seed)
+        plain = quantize_weight(W, opt, "gptq", hessian=H)
+        signed = quantize_weight(W, opt, "gptq-signed", hessian=H)
+        assert bool((plain.scale > 0).all()) and bool((signed.scale < 0).any())
+        assert torch.equal(int_dequantize(signed.codes, signed.scale, signed.zero), signed.values)
+        assert int(signed.codes.min()) >= lo and int(signed.codes.max()) <= hi
+        negative_scale = signed.scale.lt(0).repeat_interleave(W.shape[1] // signed.scale.shape[1], dim=1)
+        assert bool((signed.codes[negative_scale] == lo).any())
+        e_gptq += layer_error(plain.values, W, H)
+        e_signed += layer_error(signed.values, W, H)
+    assert e_signed < 0.99 * e_gptq, (opt.label, e_signed / e_gptq)
+
+
 @pytest.mark.parametrize("opt", [QuantOption.fp("e4m3", 32), QuantOption.fp("e4m3", 0), QuantOption.nvfp4(), QuantOption.mx("e2m1")],
                          ids=lambda o: o.label)
 def test_packer_stores_the_searched_scales(opt):

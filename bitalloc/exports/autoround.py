@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
@@ -37,7 +37,7 @@ def autoround_config(plan: Plan) -> tuple[dict, list[str]]:
     base = dominant_option(plan, lambda o: autoround_layer(o)[0] is not None)
     if base is None:
         raise BadInputError("no planned option is a 2/3/4/8-bit integer, so auto_round:auto_gptq can store none of "
-                            "the modules; re-plan with e.g. `--formats int --bits 2,3,4,8`")
+                            f"the modules; re-plan with e.g. {setting('formats')} int and {setting('bits')} 2,3,4,8")
     base_fields = autoround_layer(base)[0]
     extra, unsupported = {}, []
     for a in sorted(plan.assignments, key=lambda a: a.module):

@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..io import atomic_write_text, canonical_json
 from ..options import QuantOption, option_sort_key
 from ..plan import Plan
@@ -92,8 +92,8 @@ def refuse_unsupported(plan: Plan) -> None:
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
         raise BadInputError(
             f"compressed-tensors cannot store {len(bad)} planned module(s): {'; '.join(bad[:5])}{more}; "
-            "re-plan with formats it stores (e.g. `bitalloc plan ... --formats int,fp8,nvfp4,mxfp4,keep` with "
-            "`--allow '.*=int.*|fp8e4m3.*|nvfp4|mxfp4|fp16'`)")
+            f"re-plan with formats it stores (e.g. {setting('formats')} int,fp8,nvfp4,mxfp4,keep and "
+            f"{setting('allow')} '.*=int.*|fp8e4m3.*|nvfp4|mxfp4|fp16')")
 
 
 def anchored_targets(names: list[str]) -> list[str]:

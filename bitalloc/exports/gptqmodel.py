@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
@@ -51,7 +51,7 @@ def gptqmodel_config(plan: Plan) -> tuple[dict, list[str]]:
     unsupported, dynamic = [], {}
     if base is None:
         raise BadInputError("no planned option is a 2/3/4/8-bit integer, so GPTQ can store none of the modules; "
-                            "re-plan with e.g. `--formats int --bits 2,3,4,8`")
+                            f"re-plan with e.g. {setting('formats')} int and {setting('bits')} 2,3,4,8")
     for module in sorted(options):
         o = options[module]
         ok, why = gptq_expressible(o)

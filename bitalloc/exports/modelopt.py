@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting
 from ..options import QuantOption
 from ..plan import Plan
 from . import ExportResult, register_export
@@ -72,7 +72,7 @@ def modelopt_config(plan: Plan) -> tuple[dict, list[str]]:
     if not layers:
         # vLLM's ModelOptMixedPrecisionConfig refuses an empty quantized_layers.
         raise BadInputError("no planned option has a ModelOpt algorithm (FP8, NVFP4, MXFP8, int4/int8 symmetric); "
-                            "re-plan with e.g. `--formats fp8,nvfp4,keep`")
+                            f"re-plan with e.g. {setting('formats')} fp8,nvfp4,keep")
     config = {
         # vLLM recognises the file by producer.name == "modelopt"; the version says who wrote it.
         "producer": {"name": "modelopt", "version": f"bitalloc-{plan.bitalloc_version}"},

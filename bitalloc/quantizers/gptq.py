@@ -17,6 +17,8 @@ by e_j (then compensating the columns after it) raises the layer error by e_j² 
 eq. 3, OBS), so these are the weights GPTQ's own objective puts on each column's rounding error —
 diag H would be the weights if nothing were compensated (RTN). `scale_search=False` (the quantizer
 "gptq-minmax") keeps the reference's min/max scales: the GPTQ of bitalloc before the search existed.
+`signed=True` (the quantizer "gptq-signed") searches symmetric groups with signed scales, as
+"rtn-w-signed" does (SearchGrid.signed): the code −2^(b−1) becomes usable for the group's largest weight.
 Either way scales are fp16 values and zero-points integers, so stored codes reproduce the values.
 
 Formats: INT, and llama.cpp's GGUF types (`_gptq_gguf`): each GGUF block of columns (32 or 256
@@ -44,7 +46,7 @@ from ..options import QuantOption
 from . import QuantizedWeight, register_batched, register_quantizer
 from .rtn import rtn
 from .rtn_weighted import importance as input_importance
-from .scale_search import search_int_scales
+from .scale_search import SearchGrid, search_int_scales
 
 
 @dataclass(frozen=True)
@@ -106,16 +108,18 @@ def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Hessi
 
 @register_quantizer("gptq", needs_hessian=True)
 def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False, scale_search: bool = True) -> QuantizedWeight:
+         block_size: int = 128, act_order: bool = False, scale_search: bool = True,
+         signed: bool = False) -> QuantizedWeight:
     """GPTQ-quantize `weight` [out, in] as `option` given the layer input Hessian `hessian` [in, in].
 
     damp: fraction of mean(diag H) added to the diagonal. block_size: columns per lazy batch update.
     act_order: visit columns by decreasing diag H, with static (pre-computed) group scales.
     scale_search: choose group scales by the weighted search (default) or by min/max (reference).
+    signed: with the search, give symmetric groups signed scales (SearchGrid.signed).
     Non-int formats and keep are quantized by RTN (GPTQ with fp element rounding is not implemented).
     """
     return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order,
-                     scale_search=scale_search)[0]
+                     scale_search=scale_search, signed=signed)[0]
 
 
 @register_quantizer("gptq-minmax", needs_hessian=True)
@@ -125,9 +129,17 @@ def gptq_minmax(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor
     return gptq(weight, option, hessian, **settings, scale_search=False)
 
 
+@register_quantizer("gptq-signed", needs_hessian=True)
+def gptq_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
+                **settings) -> QuantizedWeight:
+    """GPTQ whose symmetric INT groups take signed scales from the search (rtn-w-signed's rule)."""
+    return gptq(weight, option, hessian, **settings, signed=True)
+
+
 @register_batched("gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
-              block_size: int = 128, act_order: bool = False, scale_search: bool = True) -> list[QuantizedWeight]:
+              block_size: int = 128, act_order: bool = False, scale_search: bool = True,
+              signed: bool = False) -> list[QuantizedWeight]:
     """GPTQ of one weight under several options at once (the candidate table's inner loop).
 
     GPTQ treats every output row independently given H, so the options' copies of the weight are
@@ -137,7 +149,8 @@ def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     int_opts = [o for o in options if o.fmt == "int"]
     done = {}
     if int_opts:
-        for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order, scale_search)):
+        for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order,
+                                                    SearchGrid(signed=signed) if scale_search else None)):
             done[o] = q
     for o in options:
         if o.fmt == "gguf":
@@ -151,8 +164,15 @@ def gptq_minmax_many(weight: torch.Tensor, options: list[QuantOption], hessian: 
     return gptq_many(weight, options, hessian, **settings, scale_search=False)
 
 
+@register_batched("gptq-signed")
+def gptq_signed_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor,
+                     **settings) -> list[QuantizedWeight]:
+    return gptq_many(weight, options, hessian, **settings, signed=True)
+
+
 def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float,
-              block_size: int, act_order: bool, scale_search: bool) -> list[QuantizedWeight]:
+              block_size: int, act_order: bool, grid: SearchGrid | None) -> list[QuantizedWeight]:
+    """grid: the scale search's settings, or None for the reference's min/max scales."""
     out_f, in_f = weight.shape
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
@@ -175,8 +195,8 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
 
     def choose(w: torch.Tensor, h: torch.Tensor, o: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) [out, n_groups, 1] of groups w [out, n_groups, g] with column weights h."""
-        if scale_search:
-            _, s, z = search_int_scales(w, h, o)
+        if grid is not None:
+            _, s, z = search_int_scales(w, h, o, grid)
             return s, z
         return int_scales(w, o)
 
