@@ -33,7 +33,7 @@ out = Console()
 
 
 BITS_TEXT = ",".join(map(str, DEFAULT_BITS))  # --bits as the default grid has it
-# The registered quantizers (bitalloc.quantizers.QUANTIZERS; written out so --help does not import torch,
+# The registered quantizers (bitalloc.quantizers.available_quantizers(); written out so --help does not import torch,
 # and kept equal to the registry by tests/test_cli.py).
 QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "gptq", "gptq-signed", "gptq-minmax", "imatrix")
 QUANTIZERS_TEXT = (", ".join(QUANTIZER_NAMES[:-1]) + " or " + QUANTIZER_NAMES[-1] + " (rtn-mse: clip search; rtn-w: "

@@ -120,7 +120,7 @@ def quantize_weight_options(weight: torch.Tensor, options: list[QuantOption], qu
 
 
 from . import rtn as _rtn  # noqa: E402,F401  (registers "rtn")
-from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq")
+from . import gptq as _gptq  # noqa: E402,F401  (registers "gptq", "gptq-signed", "gptq-minmax")
 from . import rtn_mse as _rtn_mse  # noqa: E402,F401  (registers "rtn-mse")
 from . import imatrix as _imatrix  # noqa: E402,F401  (registers "imatrix")
 from . import rtn_weighted as _rtn_weighted  # noqa: E402,F401  (registers "rtn-w", "rtn-w-signed")
