@@ -59,7 +59,10 @@ def variant_arguments(doc: str):
 
 
 def load_table(args):
-    """(model name: --gguf's stem, loaded model, candidate table, calibration, test windows) for the parsed arguments."""
+    """(model name: --gguf's stem, loaded model, the model as profiled, candidate table, calibration, test windows)
+    for the parsed arguments. The model as profiled is the loaded one, or for an equalizing quantizer (awq) a copy
+    with its scales folded in: plans are solved (and verified) on it, and applied to copies of it (apply does not
+    fold a model twice)."""
     stem = Path(args.gguf or default_gguf()).stem
     # bench/peers.py's F32 copy, or --f32: the unquantized model as a file transformers loads. For these
     # GGUF checkpoints that may be --gguf itself (transformers dequantizes it to the same F32 weights as
@@ -73,11 +76,11 @@ def load_table(args):
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
                                        source=Path(args.calib).name, bos=None)
     options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
-    table, _, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
+    table, profiled, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
                                   calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
-    return stem, loaded, table, calib, windows
+    return stem, loaded, profiled, table, calib, windows
 
 
 def solve_variant(variant: str, table, loaded, calib):
@@ -106,14 +109,14 @@ def scoring_reference(model, windows):
 
 def main() -> None:
     args = variant_arguments(__doc__).parse_args()
-    model_name, loaded, table, calib, windows = load_table(args)
+    model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
     out = Path(args.out) / "plan_variants.jsonl"
     for variant in args.variants.split(";"):
         start = time.time()
-        plan = solve_variant(variant, table, loaded, calib)
-        result = evaluate(apply(copy.deepcopy(loaded.model), plan, calibration=calib.tokens), windows, reference=reference)
+        plan = solve_variant(variant, table, profiled, calib)
+        result = evaluate(apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens), windows, reference=reference)
         row = {"model": model_name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),

@@ -55,11 +55,11 @@ def main() -> None:
     ap = variant_arguments(__doc__)
     ap.add_argument("--temperatures", default="1.05,1.1,1.2", help="extra rows: F32's logits divided by each")
     args = ap.parse_args()
-    model_name, loaded, table, calib, windows = load_table(args)
+    model_name, loaded, profiled, table, calib, windows = load_table(args)
     variants = args.variants.split(";")
     models = {"F32": loaded.model}
     for variant in variants:
-        models[variant] = apply(copy.deepcopy(loaded.model), solve_variant(variant, table, loaded, calib),
+        models[variant] = apply(copy.deepcopy(profiled.model), solve_variant(variant, table, profiled, calib),
                                 calibration=calib.tokens)
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
     # row name -> [{nll, kl, entropy} per window]

@@ -92,8 +92,14 @@ def profile(
     from .profile.statistics import collect_statistics
     from .profile.store import content_key, load_table, numerics_fingerprint, save_table
     from .profile.streamed import streamed_candidate_table
+    from .equalize import weights_before
+    from .quantizers import equalizes
 
     quantizer = quantizer or default_quantizer(options)
+    if equalizes(quantizer) and weights_before(getattr(loaded, "model", None)) is None:
+        raise BadInputError(f"{setting('quantizer')} {quantizer} measures the equalized model: profile through "
+                            "prepare_profile or profile_model (they fold the scales in), or fold them first with "
+                            "api.equalized")
     key = content_key(
         {
             "model": loaded.content_hash,
@@ -184,7 +190,8 @@ def profile_model(
 
         check_without_hessian(config.quantizer, "the interactions signal",
                                  f"profile interactions with {setting('quantizer')} rtn, rtn-mse or rtn-w, or drop 'interactions'")
-    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp")
+    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp",
+                                                    progress)
     options = list(config.options)
     parts = {
         "model": loaded.content_hash,
@@ -330,7 +337,8 @@ def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: A
     """
     from .profile.store import default_cache_dir
 
-    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver)
+    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver,
+                                                    progress)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     table = profile(loaded, calib, module_names, list(config.options), cache_dir=cache, progress=progress,
                     quantizer=config.quantizer, ray=config.ray, trust_remote_code=trust_remote_code)
@@ -338,8 +346,9 @@ def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: A
 
 
 def _load_for_profile(model_or_source: Any, config: ProfileConfig, tokenizer: Any, trust_remote_code: bool,
-                      solver: str) -> tuple[LoadedModel, Calibration, list[str]]:
+                      solver: str, progress: bool = False) -> tuple[LoadedModel, Calibration, list[str]]:
     from .models import as_loaded, check_weights, select_modules
+    from .quantizers import equalizes
 
     loaded = _open_streamed(model_or_source, solver, trust_remote_code) if config.stream else \
         as_loaded(model_or_source, tokenizer, trust_remote_code=trust_remote_code)
@@ -347,7 +356,27 @@ def _load_for_profile(model_or_source: Any, config: ProfileConfig, tokenizer: An
         check_weights(loaded.model)
     c = config.calibration
     calib = resolve_calibration(c.source, loaded, c.seq_len, c.tokens, c.seed)
-    return loaded, calib, select_modules(loaded.model, config.include_lm_head, config.include_embeddings)
+    names = select_modules(loaded.model, config.include_lm_head, config.include_embeddings)
+    if equalizes(config.quantizer):
+        if config.stream or config.ray is not None:
+            raise BadInputError(f"{setting('quantizer')} {config.quantizer} folds scales into the whole model, which "
+                                f"{setting('stream' if config.stream else 'ray')} never holds in one place: drop one of them")
+        loaded = equalized(loaded, calib, copy_model=not isinstance(model_or_source, (str, Path)), progress=progress)
+    return loaded, calib, names
+
+
+def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progress: bool = False) -> LoadedModel:
+    """The model with equalization folded in (equalize.py) on the calibration windows, as `apply` folds it
+    before quantizing: what an equalizing quantizer (awq) is profiled on. copy_model: fold a copy (a model
+    the caller passed is left as it was); the content hash stays the given weights', which apply checks."""
+    import copy
+
+    from .equalize import equalize, weights_before
+    from .models import LoadedModel
+
+    model = copy.deepcopy(loaded.model) if copy_model else loaded.model
+    equalize(model, calib.tokens, progress=progress)
+    return LoadedModel(model, loaded.tokenizer, loaded.source, weights_before(model))
 
 
 def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> StreamedModel:

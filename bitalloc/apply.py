@@ -27,7 +27,9 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
         if shape != tuple(a.shape):
             raise PlanMismatchError(f"module {a.module} has weight shape {list(shape)}, the plan expects {list(a.shape)}")
     if check_hash:
-        actual = weights_hash(model)
+        from .equalize import weights_before
+
+        actual = weights_before(model) or weights_hash(model)  # an equalized model: the weights it was folded from
         if actual != plan.model.content_hash:
             raise PlanMismatchError(
                 f"plan was made for weights {plan.model.content_hash[:19]}…, this model has {actual[:19]}…; "

@@ -1,5 +1,5 @@
-"""Running a decoder-only model one block at a time: what GPTQ's sequential pass (quantizers/sequential.py)
-and the streamed profile (profile/streamed.py, profile/streamed_interactions.py) share.
+"""Running a decoder-only model one block at a time: what GPTQ's sequential pass (quantizers/sequential.py),
+equalization (equalize.py) and the streamed profile (profile/streamed.py, profile/streamed_interactions.py) share.
 
 record_calls runs one window's forward with every decoder block replaced by a recorder (an identity
 that keeps how the model called it: attention mask, position embeddings, cache flags, ...), stopping
@@ -13,12 +13,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import BadInputError, setting
+from .models import decoder_blocks, forward_hooks
 
 
 class StopForward(Exception):
@@ -84,3 +85,54 @@ def record_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> 
         else:
             raise RuntimeError("the forward pass never reached the last decoder block")
     return calls, seen["h0"]
+
+
+Inputs = list[tuple[BlockCall, torch.Tensor]]  # per calibration window: the block's call and its hidden input
+
+
+class BlockWalk:
+    """Iterate (block, inputs) over a model's decoder blocks, each block's inputs from the calibration windows
+    [n, seq_len] as the blocks before it (in their state when the walk reached them) passed them on.
+
+    What a caller changes in a block while it holds it (quantized weights, folded scales) shapes the next
+    block's inputs; breaking out of the loop skips running the rest."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor):
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.model, self.windows = model, windows
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self) -> Iterator[tuple[nn.Module, Inputs]]:
+        recorded = [record_calls(self.model, self.blocks, window[None]) for window in self.windows]
+        hidden = [h0 for _, h0 in recorded]
+        for i, block in enumerate(self.blocks):
+            inputs = [(calls[i], h) for (calls, _), h in zip(recorded, hidden)]
+            yield block, inputs
+            if i + 1 < len(self.blocks):
+                hidden = [call(block, h) for call, h in inputs]
+
+
+def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> torch.Tensor:
+    """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
+    acc: dict[str, Any] = {"xtx": None, "n": 0}
+
+    def grab(mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+        acc["xtx"] = x.T @ x if acc["xtx"] is None else acc["xtx"] + x.T @ x
+        acc["n"] += x.shape[0]
+        raise StopForward
+
+    with forward_hooks([(module, grab)], pre=True):
+        for run in passes:
+            try:
+                run()
+            except StopForward:
+                pass
+    return acc["xtx"] / acc["n"]
+
+
+def stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
+    """H of module `local`'s input over all windows (the modules of a stage share it)."""
+    return input_hessian(block.get_submodule(local), (partial(call, block, hidden) for call, hidden in inputs))

@@ -35,9 +35,10 @@ out = Console()
 BITS_TEXT = ",".join(map(str, DEFAULT_BITS))  # --bits as the default grid has it
 # The registered quantizers (bitalloc.quantizers.available_quantizers(); written out so --help does not import torch,
 # and kept equal to the registry by tests/test_cli.py).
-QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "gptq", "gptq-signed", "gptq-minmax", "imatrix")
+QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "awq", "gptq", "gptq-signed", "gptq-minmax", "imatrix")
 QUANTIZERS_TEXT = (", ".join(QUANTIZER_NAMES[:-1]) + " or " + QUANTIZER_NAMES[-1] + " (rtn-mse: clip search; rtn-w: "
-                   "importance-weighted scales; -signed: signed symmetric INT scales; gptq-minmax: GPTQ with min/max "
+                   "importance-weighted scales; -signed: signed symmetric INT scales; awq: rtn-w after AWQ's "
+                   "activation-aware scales are folded into norms and weights; gptq-minmax: GPTQ with min/max "
                    "scales; imatrix: llama.cpp's, GGUF types only)")
 GROUP_SIZES_TEXT = ",".join("ch" if g is None else str(g) for g in DEFAULT_GROUP_SIZES)
 

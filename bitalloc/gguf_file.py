@@ -278,8 +278,12 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     """
     from . import gguf_hf
     from .apply import check_plan_matches
+    from .quantizers import equalizes
     from .quantizers.materialize import quantize_model
 
+    if equalizes(quantizer or plan.quantizer):  # the norms it folds would be copied unfolded from `source`
+        raise BadInputError(f"a GGUF file is written with the source's own norms, which the {quantizer or plan.quantizer} "
+                            f"quantizer changes; plan GGUF types with {setting('quantizer')} imatrix or rtn")
     gguf = _gguf()
     src = open_source(source, dtype)
     layout = gguf_layout(plan, src)  # all checks before any quantization

@@ -116,7 +116,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
     qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
-    tensors, scale_notes = _state_dict(model, qweights, dtype)
+    tensors, scale_notes = _state_dict(simulated, qweights, dtype)  # norms as equalization folded them (awq)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)
 

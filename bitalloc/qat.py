@@ -280,9 +280,13 @@ def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: st
     measures; default the current plan's (the one it will be applied with).
     """
     from . import api  # api imports the profilers; only a re-plan needs them
+    from .quantizers import equalizes
 
     state = _state(model)
     old = state.plan
+    if equalizes(quantizer or old.quantizer):
+        raise BadInputError(f"a re-plan measures the model being trained as it is, and the {quantizer or old.quantizer} "
+                            "quantizer would fold scales into its weights; re-plan with quantizer='rtn-w'")
     calib = calibration if isinstance(calibration, Calibration) else calibration_from_tokens(calibration, seed=seed)
     device = next(model.parameters()).device
     calib = dataclasses.replace(calib, tokens=calib.tokens.to(device))

@@ -244,7 +244,7 @@ def test_apply_uses_the_plans_quantizer(llama, calib_ids):
 
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):
     with pytest.raises(BadInputError, match="unknown quantizer"):
-        plan(llama, "4bits", calib_ids, cache_dir=False, quantizer="awq")
+        plan(llama, "4bits", calib_ids, cache_dir=False, quantizer="hqq")
 
 
 # ---- command line ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def numerics_fingerprint() -> str:
     never reuses tables computed by the old code (a version number would rely on memory)."""
     pkg = Path(__file__).resolve().parents[1]
     files = sorted([*pkg.glob("formats/*.py"), *pkg.glob("quantizers/*.py"), pkg / "profile" / "statistics.py",
-                    pkg / "candidates.py", pkg / "options.py"])
+                    pkg / "candidates.py", pkg / "options.py", pkg / "equalize.py", pkg / "blockwalk.py"])
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

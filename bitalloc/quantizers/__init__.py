@@ -22,19 +22,25 @@ Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **s
 _QUANTIZERS: dict[str, Quantizer] = {}
 _NEEDS_HESSIAN: set[str] = set()
 _IMPORTANCE_ONLY: set[str] = set()
+_EQUALIZES: set[str] = set()
 
 
-def register_quantizer(name: str, needs_hessian: bool = False,
-                       importance_only: bool = False) -> Callable[[Quantizer], Quantizer]:
+def register_quantizer(name: str, needs_hessian: bool = False, importance_only: bool = False,
+                       equalizes: bool = False) -> Callable[[Quantizer], Quantizer]:
     """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
     be passed as that vector), so one forward pass gives every module's, and a single module can be
-    swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs."""
+    swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs.
+    equalizes: the model is equalized (equalize.py: scales folded into norms and weights, the same
+    function) on the calibration windows before it is profiled or quantized; the quantizer itself then
+    sees the equalized weights."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
-        if needs_hessian or importance_only:
+        if needs_hessian or importance_only or equalizes:
             _NEEDS_HESSIAN.add(name)
         if importance_only:
             _IMPORTANCE_ONLY.add(name)
+        if equalizes:
+            _EQUALIZES.add(name)
         return fn
 
     return deco
@@ -62,6 +68,10 @@ def needs_hessian(name: str) -> bool:
 
 def importance_only(name: str) -> bool:
     return name in _IMPORTANCE_ONLY
+
+
+def equalizes(name: str) -> bool:
+    return name in _EQUALIZES
 
 
 def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import BadInputError
 from ..models import set_weight_matrix, weight_matrix
 from ..options import QuantOption
-from . import QuantizedWeight, importance_only, needs_hessian, quantize_weight
+from . import QuantizedWeight, equalizes, importance_only, needs_hessian, quantize_weight
 from ..progress import steps
 
 
@@ -22,12 +22,17 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
     layer Hessian: importance-only ones (rtn-w) take diag H from one forward pass of the unquantized
     model (as the candidate table did); the others (gptq) run block by block (quantizers/sequential.py).
+    An equalizing quantizer (awq) first folds its scales into `model` (equalize.py), as profiling did.
     """
     importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
         if calibration is None:
             raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; pass "
                                 "calibration=ids, or tokenizer= to rebuild the plan's own, or use quantizer='rtn'")
+        if equalizes(quantizer):
+            from ..equalize import equalize
+
+            equalize(model, _as_windows(calibration), progress=progress)
         if not importance_only(quantizer):
             from .sequential import quantize_sequential
 

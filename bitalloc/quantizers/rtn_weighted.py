@@ -2,7 +2,9 @@
 zero-point) chosen to minimise Σ_j h_j (w_j − q_j)² with h = diag H, the mean x_j² of the layer's
 calibration inputs (scale_search.py). Every format family gets it: INT (sym/asym, any group size),
 fp8/fp6/fp4 with fp16 or fp32 scales, MX (E8M0) and NVFP4 (E4M3 block scales). "rtn-w-signed" is the
-same with signed scales for symmetric INT (SearchGrid.signed).
+same with signed scales for symmetric INT (SearchGrid.signed). "awq" is rtn-w on an equalized model
+(equalize.py: AWQ's activation-aware input scaling, folded into norms and weights; rtn-w's scale search
+is AWQ's clipping search).
 
 It needs calibration like GPTQ, but only H's diagonal from the unquantized model, and no column
 loop: the candidate table stays within about the cost of RTN's, and applying a plan takes one
@@ -76,3 +78,9 @@ def rtn_w(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | Non
 def rtn_w_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """rtn-w with a negative scale for every symmetric INT group whose largest-magnitude weight is positive."""
     return rtn_w(weight, option, hessian, signed=True)
+
+
+@register_quantizer("awq", importance_only=True, equalizes=True)
+def awq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """rtn-w of a weight of the equalized model (the pipeline folds the scales in first: equalize.py)."""
+    return rtn_w(weight, option, hessian)

@@ -16,18 +16,16 @@ from a full forward pass of the quantized model; a planned input embedding is qu
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..blockwalk import BlockCall, StopForward, record_calls
-from ..models import decoder_blocks, forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
+from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_hessian
+from ..models import forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
 from ..progress import steps
-
-Inputs = list[tuple[BlockCall, torch.Tensor]]  # per calibration window: the block's call and its hidden input
 
 
 def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quantizer: str,
@@ -37,7 +35,8 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
 
     calibration: token ids [windows, seq_len].
     """
-    prefix, blocks = decoder_blocks(model)
+    walk = BlockWalk(model, calibration)
+    prefix, blocks = walk.prefix, walk.blocks
     result: dict[str, QuantizedWeight] = {}
     in_block = {i: {} for i in range(len(blocks))}
     outside = {}
@@ -50,16 +49,11 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
             outside[name] = opt
     with torch.no_grad():
         if any(in_block.values()):
-            recorded = [record_calls(model, blocks, window[None]) for window in calibration]
-            hidden = [h0 for _, h0 in recorded]
-            bar = steps(range(len(blocks)), f"{quantizer} blocks", show=progress, unit="block")
-            for i in bar:
-                block = blocks[i]
-                inputs = [(calls[i], h) for (calls, _), h in zip(recorded, hidden)]
+            for i, (block, inputs) in enumerate(steps(walk, f"{quantizer} blocks", show=progress, unit="block")):
                 for local, q in _quantize_block(block, in_block[i], inputs, quantizer, settings).items():
                     result[f"{prefix}.{i}.{local}"] = q
-                if i + 1 < len(blocks) and any(in_block[j] for j in range(i + 1, len(blocks))):
-                    hidden = [call(block, h) for call, h in inputs]
+                if not any(in_block[j] for j in range(i + 1, len(blocks))):
+                    break
         for name, opt in outside.items():
             result[name] = _quantize_outside(model, name, opt, quantizer, calibration, settings)
     return result
@@ -89,7 +83,7 @@ def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: I
     if not todo:
         return result
     for stage in _stages(block, todo, inputs):
-        H = _stage_hessian(block, stage[0], inputs)
+        H = stage_hessian(block, stage[0], inputs)
         for local in stage:
             module = block.get_submodule(local)
             w = weight_matrix(module).detach()
@@ -99,30 +93,6 @@ def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: I
     return result
 
 
-def _input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> torch.Tensor:
-    """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
-    acc: dict[str, Any] = {"xtx": None, "n": 0}
-
-    def grab(mod, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-        acc["xtx"] = x.T @ x if acc["xtx"] is None else acc["xtx"] + x.T @ x
-        acc["n"] += x.shape[0]
-        raise StopForward
-
-    with forward_hooks([(module, grab)], pre=True):
-        for run in passes:
-            try:
-                run()
-            except StopForward:
-                pass
-    return acc["xtx"] / acc["n"]
-
-
-def _stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
-    """H of module `local`'s input over all windows (the stage's modules share it)."""
-    return _input_hessian(block.get_submodule(local), (partial(call, block, hidden) for call, hidden in inputs))
-
-
 def _quantize_outside(model: nn.Module, name: str, option: QuantOption, quantizer: str,
                       calibration: torch.Tensor, settings: dict) -> QuantizedWeight:
     module = model.get_submodule(name)
@@ -130,7 +100,7 @@ def _quantize_outside(model: nn.Module, name: str, option: QuantOption, quantize
     if option.fmt == "keep" or isinstance(module, nn.Embedding):
         q = quantize_weight(w, option, "rtn")
     else:
-        H = _input_hessian(module, (partial(model, input_ids=window[None], use_cache=False) for window in calibration))
+        H = input_hessian(module, (partial(model, input_ids=window[None], use_cache=False) for window in calibration))
         q = quantize_weight(w, option, quantizer, hessian=H, **settings)
     set_weight_matrix(module, q.values.to(w.dtype))
     return q

@@ -29,6 +29,7 @@ from ..constraints import Constraints
 from ..errors import BadInputError
 from ..io import canonical_json
 from ..models import LoadedModel, load_model, select_modules
+from ..quantizers import equalizes
 from ..options import QuantOption
 from ..plan import Plan
 from ..profile.artifact import Profile
@@ -58,6 +59,12 @@ def build_profile(store: Store, spec: ProfileSpec, job_id: str | None, progress:
                              source=spec.calib_path if builtin else Path(spec.calib_path).name)
     modules = select_modules(loaded.model, spec.include_lm_head, spec.include_embeddings)
     options = [QuantOption.from_dict(d) for d in spec.options]
+    if equalizes(spec.quantizer):
+        if ray is not None:
+            raise BadInputError(f"quantizer {spec.quantizer} folds scales into the whole model, which Ray workers "
+                                "do not share; profile it without Ray")
+        progress(0.18, "equalizing")
+        loaded = api.equalized(loaded, calib, copy_model=False)
     progress(0.2, f"profiling {len(modules)} modules on {calib.n_windows} windows x {calib.seq_len} tokens")
     with reporting(_job_progress(progress)):
         table = api.profile(loaded, calib, modules, options, cache_dir=None, quantizer=spec.quantizer, ray=ray)

@@ -1,0 +1,182 @@
+"""Equalization (AWQ's activation-aware scales folded into norms and weights) and the `awq` quantizer.
+
+The fold must keep the model's function, lower the layer errors it is searched for on a model with the
+activation outliers it exists for, and be the same fold wherever it runs: the profile (on a copy of the
+caller's model) and apply/pack (on the model they quantize) must quantize the very same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bitalloc
+from bitalloc.api import ProfileConfig, prepare_profile
+from bitalloc.apply import apply
+from bitalloc.calibration import calibration_from_tokens
+from bitalloc.config import CalibrationSpec
+from bitalloc.equalize import block_groups, equalize
+from bitalloc.errors import BadInputError
+from bitalloc.models import as_loaded, decoder_blocks, forward_hooks, is_linear, weight_matrix, weights_hash
+from bitalloc.options import parse_option
+from bitalloc.pack import save_checkpoint
+from bitalloc.profile.statistics import input_importance
+from bitalloc.quantizers import quantize_weight
+
+from conftest import make_gemma3, make_gpt2, make_llama, make_qwen2
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(11))
+
+
+def with_outliers(model: torch.nn.Module) -> torch.nn.Module:
+    """A few hidden channels 12x larger at every pre-norm (and in v_proj's and up_proj's rows): the activation
+    outliers of trained LLMs, which equalization is for (random tiny models have none)."""
+    _, blocks = decoder_blocks(model)
+    with torch.no_grad():
+        for block in blocks:
+            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+                if hasattr(block, norm):
+                    w = getattr(block, norm).weight
+                    offset = 1.0 if "Gemma" in type(getattr(block, norm)).__name__ else 0.0
+                    w[[3, 17, 40]] = (w[[3, 17, 40]] + offset) * 12 - offset
+            block.mlp.up_proj.weight[[5, 60, 99]] *= 12
+            block.self_attn.v_proj.weight[[1, 7, 20]] *= 12
+    return model
+
+
+def layer_error(model: torch.nn.Module, label: str, ids: torch.Tensor) -> float:
+    """Σ of tr(ΔW H ΔWᵀ) for rtn-w at `label`, H from the model's own inputs, over the block linears whose
+    output the fold leaves as it is (v_proj's and up_proj's rows are divided by o's and down's scales: their
+    errors reach the model through those, in other units)."""
+    names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in n
+             and not n.endswith(("v_proj", "up_proj"))]
+    H = {}
+
+    def grab(name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            H[name] = H.get(name, 0) + x.T @ x
+        return hook
+
+    with torch.no_grad(), forward_hooks(((model.get_submodule(n), grab(n)) for n in names), pre=True):
+        for w in ids:
+            model(w[None])
+    total = 0.0
+    for n in names:
+        w = weight_matrix(model.get_submodule(n)).detach().double()
+        h = H[n] / len(ids)
+        q = quantize_weight(w.float(), parse_option(label), "rtn-w", hessian=torch.diagonal(h).float()).values.double()
+        d = q - w
+        total += float(((d @ h) * d).sum())
+    return total
+
+
+@pytest.mark.parametrize("make", [make_llama, make_qwen2, make_gemma3])
+def test_equalize_keeps_the_function_and_moves_weights(make):
+    model = with_outliers(make())
+    before = copy.deepcopy(model)
+    equalize(model, IDS)
+    with torch.no_grad():
+        want, got = before(IDS).logits, model(IDS).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    _, blocks = decoder_blocks(model)
+    _, old_blocks = decoder_blocks(before)
+    scaled = {}  # each kind of group was scaled in some block (the outliers make α > 0 pay; α = 0 may win elsewhere)
+    for block, old in zip(blocks, old_blocks):
+        for group in block_groups(block):
+            moved = not torch.equal(block.get_submodule(group.consumers[0]).weight, old.get_submodule(group.consumers[0]).weight)
+            assert moved == (not torch.equal(block.get_submodule(group.producer).weight, old.get_submodule(group.producer).weight))
+            scaled[group.producer] = scaled.get(group.producer, False) or moved
+    assert len(scaled) == 4 and all(scaled.values()), scaled
+
+
+def test_equalize_groups_follow_grouped_query_attention():
+    """Gemma 3's tiny shape: 4 query heads on one KV head, head_dim 32: o_proj's 128 inputs take v_proj's 32
+    scales, each repeated once per query head."""
+    model = with_outliers(make_gemma3())
+    block = decoder_blocks(model)[1][0]
+    groups = {g.producer: g for g in block_groups(block)}
+    assert groups["self_attn.v_proj"].heads == 4 and groups["self_attn.v_proj"].head_dim == 32
+    assert groups["pre_feedforward_layernorm"].consumers == ("mlp.gate_proj", "mlp.up_proj")
+    v_before = block.self_attn.v_proj.weight.detach().clone()
+    o_before = block.self_attn.o_proj.weight.detach().clone()
+    equalize(model, IDS)
+    # v's rows were divided by s (and its columns multiplied by the q/k/v group's scales: one factor per column)
+    s = v_before[:, 0] / block.self_attn.v_proj.weight[:, 0]
+    s_o = block.self_attn.o_proj.weight[0] / o_before[0]  # o's columns multiplied by s, once per query head
+    assert s.std() > 0.05 * s.mean()  # really scaled
+    ratio = s_o / s.repeat(4)
+    torch.testing.assert_close(ratio, ratio[:1].expand(128), rtol=1e-5, atol=0)
+
+
+def test_equalize_lowers_the_layer_errors_it_is_searched_for():
+    model = with_outliers(make_llama())
+    before = {label: layer_error(model, label, IDS) for label in ("int3-g32-asym", "int4-g32-asym")}
+    equalize(model, IDS)
+    after = {label: layer_error(model, label, IDS) for label in before}
+    for label in before:
+        assert after[label] < 0.85 * before[label], (label, before[label], after[label])
+
+
+def test_what_cannot_be_equalized_is_refused(model_dir):
+    with pytest.raises(BadInputError, match=r"pre-norm decoder blocks.*GPT2Block.*quantizer rtn-w instead"):
+        equalize(make_gpt2(), IDS)
+    config = ProfileConfig(CalibrationSpec(str(model_dir / "calib.txt"), seq_len=32, tokens=64), quantizer="awq",
+                           stream=True)
+    with pytest.raises(BadInputError, match=r"quantizer awq folds scales into the whole model.*stream"):
+        prepare_profile(str(model_dir), config)
+    # the table step alone on a model as it is would measure other weights than apply quantizes
+    loaded = as_loaded(make_llama())
+    calib = calibration_from_tokens(IDS)
+    with pytest.raises(BadInputError, match=r"quantizer awq measures the equalized model"):
+        bitalloc.api.profile(loaded, calib, ["model.layers.0.mlp.up_proj"], [parse_option("int4-g32-sym")], quantizer="awq")
+    assert bitalloc.api.profile(bitalloc.api.equalized(loaded, calib, copy_model=True), calib, ["model.layers.0.mlp.up_proj"],
+                                [parse_option("int4-g32-sym")], quantizer="awq").quantizer == "awq"
+
+
+def test_awq_profile_and_apply_fold_the_same_model():
+    """The table is measured on the profile's equalized copy; apply equalizes the caller's model itself from the
+    same windows and gets bit-identical weights, norms included. The caller's model is left as it was."""
+    model = with_outliers(make_llama())
+    original = weights_hash(model)
+    config = ProfileConfig(CalibrationSpec(IDS), options=(parse_option("int3-g32-asym"), parse_option("int4-g32-asym")),
+                           quantizer="awq")
+    table, loaded, calib = prepare_profile(model, config)
+    assert weights_hash(model) == original and loaded.content_hash == original
+    plan = bitalloc.solve(table, bitalloc.api.context_of(loaded, calib), bitalloc.SolveConfig(budget="4bits"))
+    assert plan.quantizer == "awq" and plan.model.content_hash == original
+    applied = apply(copy.deepcopy(model), plan, calibration=IDS)
+    folded = loaded.model
+    importance = input_importance(folded, [a.module for a in plan.assignments], IDS)
+    for a in plan.assignments:
+        want = quantize_weight(weight_matrix(folded.get_submodule(a.module)).detach(), a.option, "awq",
+                               hessian=importance[a.module]).values
+        assert torch.equal(weight_matrix(applied.get_submodule(a.module)), want), a.module
+    for name, t in folded.state_dict().items():
+        if "norm" in name:
+            assert torch.equal(applied.state_dict()[name], t), name
+    # The profiled copy is already folded: apply checks it against the weights it was folded from and does not
+    # fold it again; other windows would fold other scales, and are refused.
+    again = apply(copy.deepcopy(folded), plan, calibration=IDS)
+    assert all(torch.equal(t, applied.state_dict()[n]) for n, t in again.state_dict().items())
+    with pytest.raises(BadInputError, match="already has equalization scales folded in from other calibration windows"):
+        equalize(copy.deepcopy(folded), IDS[:1])
+
+
+def test_awq_checkpoint_holds_the_folded_norms_and_reloads_as_the_simulation(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = with_outliers(make_llama())
+    plan = bitalloc.plan(model, "16bits", IDS, options=[parse_option("int4-g32-sym")], cache_dir=False,
+                         quantizer="awq", constraints=bitalloc.Constraints(pins=((r"proj", "int4-g32-sym"),)))
+    save_checkpoint(model, plan, tmp_path / "awq", calibration=IDS)
+    stored = load_file(tmp_path / "awq" / "model.safetensors")
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(stored[norm], model.state_dict()[norm])  # folded, not copied from the caller's model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "awq").eval()
+    simulated = apply(copy.deepcopy(model), plan, calibration=IDS)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, simulated(IDS).logits)
