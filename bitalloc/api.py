@@ -375,7 +375,7 @@ def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progres
     from .models import LoadedModel
 
     model = copy.deepcopy(loaded.model) if copy_model else loaded.model
-    equalize(model, calib.tokens, progress=progress)
+    equalize(model, calib.tokens, progress=progress, content_hash=loaded.content_hash)  # the key needs it anyway
     return LoadedModel(model, loaded.tokenizer, loaded.source, weights_before(model))
 
 

@@ -93,9 +93,10 @@ def block_groups(block: nn.Module) -> list[Group]:
 FOLDED = "_bitalloc_equalized"
 
 
-def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> None:
+def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, content_hash: str | None = None) -> None:
     """Fold equalization scales into `model` in place, from calibration token ids [windows, seq_len].
-    A model already folded on the same windows is left as it is (folding twice would fold other scales)."""
+    A model already folded on the same windows is left as it is (folding twice would fold other scales).
+    content_hash: models.weights_hash of `model` when the caller has it already (it is recorded, not recomputed)."""
     digest = hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()
     done = getattr(model, FOLDED, None)
     if done is not None:
@@ -103,7 +104,7 @@ def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False) ->
             raise BadInputError("this model already has equalization scales folded in from other calibration windows; "
                                 "load the model again to equalize it on these")
         return
-    weights = weights_hash(model)
+    weights = content_hash or weights_hash(model)
     model.eval()
     references = [parse_option(label) for label in REFERENCE]
     with torch.no_grad():
@@ -119,7 +120,7 @@ def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False) ->
 
 def weights_before(model: nn.Module) -> str | None:
     """The content hash of the weights an equalized model was folded from; None for a model never equalized."""
-    done = getattr(model, FOLDED, None) if model is not None else None
+    done = getattr(model, FOLDED, None)
     return None if done is None else done["weights"]
 
 
