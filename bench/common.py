@@ -39,14 +39,20 @@ def default_gguf() -> str:
 
 def add_quantizer_argument(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quantizer", default=None, help="quantizer the candidate table is made with and every row is "
-                    "quantized with (rtn, rtn-mse, rtn-w); default: bitalloc's for the grid (rtn-w for INT options)")
+                    "quantized with (rtn, rtn-mse, rtn-w); default: bitalloc's for the grid on a model as it is (rtn-w for INT options)")
 
 
 def bench_quantizer(name: str | None, options: list[QuantOption]) -> str:
-    """The quantizer a bench profiles and scores with: the one named, else the product default for `options`.
+    """The quantizer a bench profiles and scores with: the one named, else the product default for `options` on a
+    model as it is (rtn-w for INT grids: these benches fold no equalization scales, so awq is refused too).
     The benches swap weights in place, which a sequential quantizer (gptq) cannot do: refused here."""
-    quantizer = name or default_quantizer(options)
+    from bitalloc.quantizers import equalizes
+
+    quantizer = name or default_quantizer(options, foldable=False)
     check_without_hessian(quantizer, "a bench's in-place weight swaps", "use rtn, rtn-mse or rtn-w")
+    if equalizes(quantizer):
+        raise SystemExit(f"this bench scores the model as it is and folds no scales; {quantizer} is measured by "
+                         "bench/plan_variants.py --quantizer awq")
     return quantizer
 
 

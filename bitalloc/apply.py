@@ -43,7 +43,7 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
-    Hessians (gptq, rtn-w); without it, a plan made in this process uses the windows it was made on, and
+    Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
     or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order).
     """

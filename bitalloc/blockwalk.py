@@ -136,3 +136,22 @@ def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> tor
 def stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
     """H of module `local`'s input over all windows (the modules of a stage share it)."""
     return input_hessian(block.get_submodule(local), (partial(call, block, hidden) for call, hidden in inputs))
+
+
+def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list[torch.Tensor]:
+    """stage_hessian of each module in `locals_`, from one pass of the block over the windows instead of one
+    pass per module (the same inputs reach each module, so the same H, bit for bit)."""
+    xtx: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def grabber(name):
+        def grab(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+            xtx[name] = x.T @ x if name not in xtx else xtx[name] + x.T @ x
+            count[name] = count.get(name, 0) + x.shape[0]
+        return grab
+
+    with forward_hooks([(block.get_submodule(n), grabber(n)) for n in locals_], pre=True):
+        for call, hidden in inputs:
+            call(block, hidden)
+    return [xtx[n] / count[n] for n in locals_]

@@ -23,7 +23,7 @@ from .service.limits import DEFAULT_JOB_TIMEOUT_S
 CALIB_HELP = ("calibration text file (e.g. wiki.valid.tokens); 'self' = text sampled from the model (data-free, --seed); "
               "default: the built-in set (public-domain English prose, bitalloc/data/calibration/)")
 
-PLAN_CALIB_HELP = ("the plan's calibration text, for quantizers with layer Hessians (gptq, rtn-w, imatrix): needed only when "
+PLAN_CALIB_HELP = ("the plan's calibration text, for quantizers with layer Hessians (gptq, rtn-w, awq, imatrix): needed only when "
                    "the plan was calibrated on a file (built-in and self plans rebuild their windows); its sha256 must be the plan's")
 SKIP_CALIB_HASH_HELP = ("calibrate on a --calib text whose sha256 differs from the plan's (or on self-calibration windows that "
                         "sampled differently); the windows keep the plan's seq_len, tokens and seed")
@@ -125,7 +125,7 @@ def plan_cmd(
     seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
     solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS) + "; default fisher-tw"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else rtn-w; its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else awq (rtn-w with --stream or --ray); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -391,7 +391,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else rtn-w); the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else awq; rtn-w with --stream or --ray); the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:

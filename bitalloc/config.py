@@ -69,7 +69,9 @@ def _default_grid() -> tuple[QuantOption, ...]:
 
 
 # The quantizer of every grid that holds anything but GGUF types, and every grid's error model.
-DEFAULT_QUANTIZER = "rtn-w"
+DEFAULT_QUANTIZER = "awq"
+# The default where no scales can be folded into the model (default_quantizer's foldable).
+DEFAULT_UNFOLDED_QUANTIZER = "rtn-w"
 DEFAULT_ERROR_MODEL = "fisher-tw"
 # The one quantizer profile keys leave out: it was the only one before the quantizer was a setting, so
 # keys made then keep their ids.
@@ -82,19 +84,24 @@ def gguf_only(options) -> bool:
     return "gguf" in fmts and fmts <= {"gguf", "keep"}
 
 
-def default_quantizer(options) -> str:
+def default_quantizer(options, foldable: bool = True) -> str:
     """The quantizer a grid is profiled and applied with when none is named.
 
     A grid of llama.cpp's GGUF types gets `imatrix`: llama.cpp's own quantizers with the importance weights
     llama-imatrix would collect, here diag H from the profile's calibration pass, which every profile runs
     anyway. That is what llama.cpp users quantize with, and its mixes made so beat those made without at
-    every size (bench/peers.py). Other grids get rtn-w, RTN with importance-weighted scales: its INT plans
-    beat RTN's at every measured size on both pretrained families, SmolLM2 and Gemma 3 (they lost only on a
-    tiny trained Qwen2 whose perplexity quantization barely moves; README, *Measured against llama.cpp's own
-    mixes*). Applying an rtn-w plan needs its calibration windows again: a plan made in this process carries
-    them (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
+    every size (bench/peers.py). Other grids get awq: AWQ's activation-aware scales folded into the model
+    (equalize.py), then rtn-w, RTN with importance-weighted scales. Its INT plans have lower KL than rtn-w's
+    at every measured size on both pretrained families, SmolLM2 (7 sizes, 3.2 to 5.53 bits) and Gemma 3 (8), and
+    lower perplexity at all but two SmolLM2 sizes (3.5 and 5.53 bits, by 0.36 and 0.16); on SmolLM2 they are
+    below llama.cpp's imatrix mixes in ppl at all five of their sizes (README, *Equalization*). A model without Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq is rtn-w there.
+    foldable: False where no scales can be folded into the model profiled (--stream and --ray never hold it
+    whole; api.profile of a model not equalized first measures it as it is): rtn-w there. Applying an awq or rtn-w plan needs its calibration windows again: a plan made in this process
+    carries them (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
     """
-    return "imatrix" if gguf_only(options) else DEFAULT_QUANTIZER
+    if gguf_only(options):
+        return "imatrix"
+    return DEFAULT_QUANTIZER if foldable else DEFAULT_UNFOLDED_QUANTIZER
 
 
 def default_error_model(options) -> str:
@@ -117,7 +124,7 @@ class ProfileConfig:
     options: the candidate grid (default options.default_options()). include_lm_head /
     include_embeddings: plan the output head / input embedding too. quantizer: whose ΔW the
     candidate errors measure, i.e. the quantizer the plan will be applied with (rtn, rtn-mse, gptq);
-    None: default_quantizer(options) (imatrix for a grid of GGUF types, else rtn-w).
+    None: default_quantizer(options) (imatrix for a grid of GGUF types, else awq; rtn-w with stream or ray).
     stream: profile one decoder block at a time from a local checkpoint (same table).
     ray: spread statistics and table rows over a Ray cluster (same table: bit-identical with one
     worker, float32 summation order otherwise; profile/distributed.py).
@@ -140,7 +147,7 @@ class ProfileConfig:
         if not all(isinstance(o, QuantOption) for o in self.options):
             raise BadInputError("options must be QuantOption objects (see bitalloc.default_options)")
         if self.quantizer is None:
-            object.__setattr__(self, "quantizer", default_quantizer(self.options))
+            object.__setattr__(self, "quantizer", default_quantizer(self.options, foldable=not self.stream and self.ray is None))
         check_quantizer(self.quantizer)
 
 

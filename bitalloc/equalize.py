@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .blockwalk import BlockWalk, stage_hessian
-from .errors import BadInputError, setting
-from .models import weight_matrix, weights_hash
+from .blockwalk import BlockWalk, stage_hessians
+from .errors import BadInputError
+from .models import decoder_blocks, weight_matrix, weights_hash
 from .options import PER_CHANNEL, parse_option
 from .progress import steps
 
@@ -57,34 +57,35 @@ class Group:
 
 
 def block_groups(block: nn.Module) -> list[Group]:
-    """The equalization groups of one decoder block (Llama, Qwen2, Mistral, Gemma 3 naming), in call order."""
+    """The equalization groups of one decoder block, in call order: those of the Llama-family parts it has
+    (Llama, Qwen2, Mistral, Gemma 3 naming). A block with none (GPT-2's Conv1D, OPT's and BERT's post-norm
+    or GELU blocks) gives none: its weights are quantized as they are (awq is rtn-w there)."""
     names = dict(block.named_modules())
     attn, mlp = "self_attn", "mlp"
     mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in names else "post_attention_layernorm"
-    needed = ["input_layernorm", mlp_norm, *(f"{attn}.{p}_proj" for p in "qkvo"),
-              *(f"{mlp}.{p}_proj" for p in ("gate", "up", "down"))]
-    missing = [n for n in needed if n not in names]
-    if missing:
-        raise BadInputError(f"equalization folds scales into pre-norm decoder blocks with q/k/v/o and gate/up/down "
-                            f"projections (Llama, Qwen2, Mistral, Gemma 3); {type(block).__name__} has no "
-                            f"{', '.join(missing)}: quantize with {setting('quantizer')} rtn-w instead")
-    for n in needed[:2]:
-        if getattr(names[n], "weight", None) is None:
-            raise BadInputError(f"equalization divides the norm's weight by its scales; {n} of {type(block).__name__} "
-                                f"has none: quantize with {setting('quantizer')} rtn-w instead")
-    for n in needed[2:]:
-        if not isinstance(names[n], nn.Linear):
-            raise BadInputError(f"equalization needs nn.Linear projections; {n} of {type(block).__name__} is "
-                                f"{type(names[n]).__name__}: quantize with {setting('quantizer')} rtn-w instead")
-    groups = [Group("input_layernorm", tuple(f"{attn}.{p}_proj" for p in "qkv"))]
-    v, o = names[f"{attn}.v_proj"], names[f"{attn}.o_proj"]
+
+    def linears(*parts: str) -> bool:
+        return all(isinstance(names.get(p), nn.Linear) for p in parts)
+
+    def norm(name: str) -> bool:  # a norm with a weight to divide (a LayerNorm/RMSNorm, not a bare function)
+        return getattr(names.get(name), "weight", None) is not None and not isinstance(names[name], nn.Linear)
+
+    qkv = tuple(f"{attn}.{p}_proj" for p in "qkv")
+    gate_up = (f"{mlp}.gate_proj", f"{mlp}.up_proj")
+    v, o, up, down = f"{attn}.v_proj", f"{attn}.o_proj", f"{mlp}.up_proj", f"{mlp}.down_proj"
+    groups = []
+    if norm("input_layernorm") and linears(*qkv):
+        groups.append(Group("input_layernorm", qkv))
     # A norm on V (Gemma 3n's v_norm) would make attention non-linear in v_proj's rows: o is left alone.
-    head_dim = getattr(names[attn], "head_dim", 0)
-    if ("v_norm" not in dict(names[attn].named_children()) and head_dim and v.out_features % head_dim == 0
-            and o.in_features % v.out_features == 0):
-        groups.append(Group(f"{attn}.v_proj", (f"{attn}.o_proj",), o.in_features // v.out_features, head_dim))
-    groups += [Group(mlp_norm, (f"{mlp}.gate_proj", f"{mlp}.up_proj")),
-               Group(f"{mlp}.up_proj", (f"{mlp}.down_proj",))]
+    head_dim = getattr(names.get(attn), "head_dim", 0)
+    if (linears(v, o) and f"{attn}.v_norm" not in names and head_dim and names[v].out_features % head_dim == 0
+            and names[o].in_features % names[v].out_features == 0):
+        groups.append(Group(v, (o,), names[o].in_features // names[v].out_features, head_dim))
+    if norm(mlp_norm) and linears(*gate_up):
+        groups.append(Group(mlp_norm, gate_up))
+    # down reads act(gate)·up, linear in up's rows; without a gate (act(up) itself) it is not
+    if linears(*gate_up, down):
+        groups.append(Group(up, (down,)))
     return groups
 
 
@@ -107,15 +108,25 @@ def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, co
     weights = content_hash or weights_hash(model)
     model.eval()
     references = [parse_option(label) for label in REFERENCE]
-    with torch.no_grad():
-        blocks = BlockWalk(model, windows)
-        for block, inputs in steps(blocks, "equalize", show=progress, unit="block"):
-            groups = block_groups(block)
-            # Every group's H from the block as it came in: folding one group does not change another's input.
-            hessians = [stage_hessian(block, g.consumers[0], inputs) for g in groups]
-            for group, H in zip(groups, hessians):
-                fold(block, group, search_scales(block, group, H, references))
+    if equalizable(model):
+        with torch.no_grad():
+            blocks = BlockWalk(model, windows)
+            for block, inputs in steps(blocks, "equalize", show=progress, unit="block"):
+                groups = block_groups(block)
+                # Every group's H from the block as it came in: folding one group does not change another's input.
+                hessians = stage_hessians(block, [g.consumers[0] for g in groups], inputs)
+                for group, H in zip(groups, hessians):
+                    fold(block, group, search_scales(block, group, H, references))
     setattr(model, FOLDED, {"windows": digest, "weights": weights})
+
+
+def equalizable(model: nn.Module) -> bool:
+    """Whether any decoder block of `model` has an equalization group (else equalize leaves it as it is)."""
+    try:
+        blocks = decoder_blocks(model)[1]
+    except BadInputError:  # no repeated blocks at all
+        return False
+    return any(block_groups(block) for block in blocks)
 
 
 def weights_before(model: nn.Module) -> str | None:

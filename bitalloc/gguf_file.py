@@ -35,6 +35,7 @@ from .plan import Assignment, Plan
 # llama and qwen2 folders): its converter (Gemma3Model) keeps the row order too and stores each norm as
 # 1 + w, which transformers' loader undoes; norms are unplanned, so they are copied as the source stores them.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+ONE_PLUS_NORMS = ("gemma3",)  # converters that store a norm's weight w as 1 + w
 _HEAD_COUNT = {"attn_q": "attention.head_count", "attn_k": "attention.head_count_kv"}
 
 
@@ -271,8 +272,9 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
     source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
-    quantizer: rtn (llama.cpp's reference quantizers) or imatrix (importance from the layer inputs'
-    mean x², as llama-quantize --imatrix; needs calibration); default: the plan's own.
+    quantizer: rtn (llama.cpp's reference quantizers), imatrix (importance from the layer inputs'
+    mean x², as llama-quantize --imatrix; needs calibration), awq (imatrix on the model with equalization
+    folded in; the divided norms are written from it) or gptq; default: the plan's own.
     dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
     runs exactly the simulated plan, otherwise those tensors are rounded to it).
     """
@@ -281,9 +283,6 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     from .quantizers import equalizes
     from .quantizers.materialize import quantize_model
 
-    if equalizes(quantizer or plan.quantizer):  # the norms it folds would be copied unfolded from `source`
-        raise BadInputError(f"a GGUF file is written with the source's own norms, which the {quantizer or plan.quantizer} "
-                            f"quantizer changes; plan GGUF types with {setting('quantizer')} imatrix or rtn")
     gguf = _gguf()
     src = open_source(source, dtype)
     layout = gguf_layout(plan, src)  # all checks before any quantization
@@ -291,6 +290,9 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     state = model.state_dict() if src.reader is None else {}
     by_name = {t.name: t for t in src.reader.tensors} if src.reader is not None else {}
     qweights = quantize_model(model, plan.options_by_module(), quantizer or plan.quantizer, calibration, progress=progress)
+    # an equalizing quantizer (awq) divided norms and biases the source stores unfolded: written from the model
+    # (a checkpoint folder's are converted from the model's own tensors anyway)
+    folded = _equalized_tensors(model, plan, src) if equalizes(quantizer or plan.quantizer) and src.reader else {}
     ftype = _ftype(layout, plan)
     with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(tmp, layout.architecture)
@@ -306,6 +308,8 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
             if entry.module is not None:
                 data = _planned_bytes(qweights[entry.module], entry, src)
                 raw_type = gguf.GGMLQuantizationType[entry.ggml_type]
+            elif entry.name in folded:
+                data, raw_type = folded[entry.name], gguf.GGMLQuantizationType.F32
             elif src.reader is not None:
                 t = by_name[entry.name]
                 data, raw_type = t.data, t.tensor_type
@@ -325,6 +329,45 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
             writer.write_tensor_data(data)
         writer.close()
     return layout
+
+
+def _equalized_tensors(model: nn.Module, plan: Plan, src: Source) -> dict[str, np.ndarray]:
+    """GGUF name -> F32 data of each unplanned tensor equalization divided (the norm in front of a group, the bias
+    of rows it divided), from the folded model, stored as the source stores it (Gemma's norms as 1 + w: read back,
+    (1 + w) − 1 may differ from w by a float32 rounding). Refuses a group whose divided weights are not all planned:
+    the source's copy of such a weight would not match its folded partner."""
+    from .equalize import block_groups
+    from .models import decoder_blocks
+
+    prefix, blocks = decoder_blocks(model)
+    name_map = _gguf().get_tensor_name_map(gguf_arch(plan.model.architecture), len(blocks))
+    planned = {a.module for a in plan.assignments}
+    stored = {t.name: t.ggml_type for t in src.tensors}
+    out = {}
+    for i, block in enumerate(blocks):
+        for group in block_groups(block):
+            producer = block.get_submodule(group.producer)
+            divided = [*group.consumers, *([group.producer] if isinstance(producer, nn.Linear) else [])]
+            unplanned = [f"{prefix}.{i}.{m}" for m in divided if f"{prefix}.{i}.{m}" not in planned]
+            if unplanned:
+                raise BadInputError(f"equalization divided {unplanned[0]}, which the plan leaves unplanned, so the "
+                                    f"GGUF file would copy it unfolded; plan it, or use {setting('quantizer')} imatrix")
+            tensors = {"bias": getattr(producer, "bias", None)}
+            if not isinstance(producer, nn.Linear):
+                tensors["weight"] = producer.weight
+            base = name_map.get_name(f"{prefix}.{i}.{group.producer}")
+            for kind, p in tensors.items():
+                if p is None:
+                    continue
+                name = f"{base}.{kind}"
+                if stored.get(name) != "F32":
+                    raise BadInputError(f"equalization divided {name}, which the source stores as "
+                                        f"{stored.get(name, 'nothing')}, not F32; use {setting('quantizer')} imatrix")
+                value = p.detach().float()
+                if kind == "weight" and src.architecture in ONE_PLUS_NORMS:
+                    value = value + 1
+                out[name] = value.numpy()
+    return out
 
 
 def _planned_bytes(q, entry: TensorEntry, src: Source) -> np.ndarray:

@@ -96,7 +96,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
     a plan whose q/k/v or gate/up of a block differ (transformers loads it, vLLM does not) with a warning.
     quantizer: None = the one the plan was made for (plan.quantizer).
-    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq, rtn-w);
+    calibration: token ids [windows, seq_len] for quantizers that need layer Hessians (gptq, rtn-w, awq);
     without it, `tokenizer` rebuilds the plan's own windows (apply.plan_windows).
     dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).

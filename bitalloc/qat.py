@@ -277,15 +277,19 @@ def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: st
     calibration: token ids [windows, seq_len] (keep it small: one forward + backward per window) or a
     Calibration. options: the candidate grid; default the one the current plan was solved over.
     The planned modules stay those of the current plan. quantizer: whose errors the new table
-    measures; default the current plan's (the one it will be applied with).
+    measures; default the current plan's (the one it will be applied with), or rtn-w for a plan made with an
+    equalizing quantizer (awq, the default): its scales cannot be folded into a model being trained.
     """
     from . import api  # api imports the profilers; only a re-plan needs them
+    from .config import DEFAULT_UNFOLDED_QUANTIZER
     from .quantizers import equalizes
 
     state = _state(model)
     old = state.plan
-    if equalizes(quantizer or old.quantizer):
-        raise BadInputError(f"a re-plan measures the model being trained as it is, and the {quantizer or old.quantizer} "
+    if quantizer is None:
+        quantizer = DEFAULT_UNFOLDED_QUANTIZER if equalizes(old.quantizer) else old.quantizer
+    if equalizes(quantizer):
+        raise BadInputError(f"a re-plan measures the model being trained as it is, and the {quantizer} "
                             "quantizer would fold scales into its weights; re-plan with quantizer='rtn-w'")
     calib = calibration if isinstance(calibration, Calibration) else calibration_from_tokens(calibration, seed=seed)
     device = next(model.parameters()).device
@@ -297,7 +301,7 @@ def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: st
     try:
         loaded = LoadedModel(model=model, source=old.model.source)
         table = api.profile(loaded, calib, names, grid, cache_dir=None, progress=progress,
-                            quantizer=quantizer or old.quantizer)
+                            quantizer=quantizer)
         new = api.plan_from_table(table, budget, loaded, calib, solver=solver, solver_settings=solver_settings,
                                   error_model=error_model, seed=seed, constraints=constraints)
     finally:

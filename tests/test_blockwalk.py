@@ -49,3 +49,17 @@ def test_the_sliding_window_model_really_gives_its_blocks_different_masks(calib_
     with torch.no_grad():
         h1 = calls[0](blocks[0], h0)
         assert (calls[0](blocks[1], h1) - calls[1](blocks[1], h1)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_one_pass_stage_hessians_equal_one_pass_per_module(calib_ids):
+    from bitalloc.blockwalk import BlockWalk, stage_hessian, stage_hessians
+
+    model = FAMILIES["llama"]().eval()
+    locals_ = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    for block, inputs in BlockWalk(model, calib_ids[:3]):
+        together = stage_hessians(block, locals_, inputs)
+        for name, H in zip(locals_, together):
+            alone = stage_hessian(block, name, inputs)
+            assert H.shape == alone.shape and H.abs().max() > 0
+            torch.testing.assert_close(H, alone, rtol=0, atol=0)

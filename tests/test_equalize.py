@@ -18,7 +18,7 @@ from bitalloc.api import ProfileConfig, prepare_profile
 from bitalloc.apply import apply
 from bitalloc.calibration import calibration_from_tokens
 from bitalloc.config import CalibrationSpec
-from bitalloc.equalize import block_groups, equalize
+from bitalloc.equalize import block_groups, equalizable, equalize, weights_before
 from bitalloc.errors import BadInputError
 from bitalloc.models import as_loaded, decoder_blocks, forward_hooks, is_linear, weight_matrix, weights_hash
 from bitalloc.options import parse_option
@@ -121,9 +121,22 @@ def test_equalize_lowers_the_layer_errors_it_is_searched_for():
         assert after[label] < 0.85 * before[label], (label, before[label], after[label])
 
 
+def test_a_model_without_llama_family_blocks_is_left_as_it_is_and_awq_is_rtn_w_there():
+    gpt2 = make_gpt2()
+    before = weights_hash(gpt2)
+    assert not equalizable(gpt2) and equalizable(make_llama())
+    equalize(gpt2, IDS)
+    assert weights_hash(gpt2) == before and weights_before(gpt2) == before
+    calib = calibration_from_tokens(IDS)
+    names, grid = ["transformer.h.0.mlp.c_fc"], [parse_option("int3-g32-asym")]
+    awq = bitalloc.api.profile(as_loaded(gpt2), calib, names, grid, quantizer="awq")
+    rtn_w = bitalloc.api.profile(as_loaded(make_gpt2()), calib, names, grid, quantizer="rtn-w")
+    assert awq.quantizer == "awq" and rtn_w.quantizer == "rtn-w" and set(awq.errors) == set(rtn_w.errors)
+    for model in awq.errors:
+        assert awq.errors[model].tolist() == rtn_w.errors[model].tolist() and awq.errors[model].sum() > 0
+
+
 def test_what_cannot_be_equalized_is_refused(model_dir):
-    with pytest.raises(BadInputError, match=r"pre-norm decoder blocks.*GPT2Block.*quantizer rtn-w instead"):
-        equalize(make_gpt2(), IDS)
     config = ProfileConfig(CalibrationSpec(str(model_dir / "calib.txt"), seq_len=32, tokens=64), quantizer="awq",
                            stream=True)
     with pytest.raises(BadInputError, match=r"quantizer awq folds scales into the whole model.*stream"):
@@ -180,3 +193,16 @@ def test_awq_checkpoint_holds_the_folded_norms_and_reloads_as_the_simulation(tmp
     simulated = apply(copy.deepcopy(model), plan, calibration=IDS)
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, simulated(IDS).logits)
+
+
+def test_exports_of_an_awq_plan_say_the_tool_quantizes_unfolded_weights(tmp_path):
+    from bitalloc.exports import export_plan
+
+    plan = bitalloc.plan(make_llama(), "4.5bits", IDS, cache_dir=False)
+    assert plan.quantizer == "awq"
+    result = export_plan(plan, "gptqmodel", tmp_path / "awq")
+    assert any("equalization scales folded" in line and "re-plan with quantizer rtn-w" in line
+               for line in result.unsupported)
+    plain = export_plan(bitalloc.Plan.from_json(plan.to_json().replace('"quantizer": "awq"', '"quantizer": "rtn-w"')),
+                        "gptqmodel", tmp_path / "rtn-w")
+    assert not any("equalization" in line for line in plain.unsupported)

@@ -6,6 +6,7 @@ Widths 256/512 so that every GGUF type (256-weight K-quant blocks included) fits
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -150,9 +151,11 @@ def test_the_source_fixture_loads_in_transformers_like_the_hf_model(tiny_gguf):
     assert loaded.tokenizer.decode(loaded.tokenizer("hello world").input_ids) == "hello world"
 
 
-def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: Path, options=OPTIONS) -> gguf.GGUFReader:
+def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: Path, options=OPTIONS,
+                       exact: bool = True) -> gguf.GGUFReader:
     """Write `plan` from `source` and check the file: size and per-tensor types as predicted before any
-    quantization, and transformers' GGUF loader running exactly the plan's simulated weights."""
+    quantization, and transformers' GGUF loader running exactly the plan's simulated weights (exact False:
+    to float32 rounding)."""
     labels = {a.label for a in plan.assignments}
     assert labels <= {o.label for o in options} and len(labels) >= 2
     model = load_model(str(source)).model
@@ -169,7 +172,10 @@ def check_written_file(source: Path, plan: Plan, calib_ids: torch.Tensor, out: P
         assert entry.nbytes * 8 == a.storage_bits
     written = load_model(str(out)).model
     simulated = apply(load_model(str(source)).model, plan, calibration=calib_ids)
-    assert torch.equal(_logits(written, calib_ids), _logits(simulated, calib_ids))
+    if exact:
+        assert torch.equal(_logits(written, calib_ids), _logits(simulated, calib_ids))
+    else:
+        torch.testing.assert_close(_logits(written, calib_ids), _logits(simulated, calib_ids), rtol=1e-5, atol=1e-5)
     return reader
 
 
@@ -324,6 +330,22 @@ def test_gemma3_gguf_keeps_row_order_and_copies_its_norms(tmp_path, calib_ids):
     assert reader.get_field("general.architecture").contents() == "gemma3"
     assert reader.get_field("gemma3.attention.key_length").contents() == 64
     assert_attn_q_in_model_row_order(source, plan, calib_ids, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_an_awq_plan_in_gguf_types_writes_its_folded_norms(family, tiny_gguf, calib_ids, tmp_path):
+    """--target llama.cpp --quantizer awq: llama.cpp's importance-weighted types on the equalized model. The file
+    holds the divided norms, not the source's, and reads back to the simulated plan's logits (Gemma stores a norm
+    as 1 + w, so a folded one comes back within a float32 rounding)."""
+    source = tiny_gguf if family == "llama" else write_tiny_gemma3_gguf(tmp_path / "tiny-gemma3-F16.gguf")
+    table, loaded, calib = api.prepare(load_model(str(source)), calib_ids, options=OPTIONS, cache_dir=False,
+                                       quantizer="awq")
+    plan = api.plan_from_table(table, "5bits", loaded, calib)
+    assert plan.quantizer == "awq" and {a.option.fmt for a in plan.assignments} <= {"gguf", "keep"}
+    reader = check_written_file(source, plan, calib_ids, tmp_path / f"tiny-{family}-awq.gguf", exact=family == "llama")
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    attn_norms = [t for t in reader.tensors if re.fullmatch(r"blk\.\d+\.attn_norm\.weight", t.name)]
+    assert attn_norms and all(bytes(t.data) != bytes(src[t.name].data) for t in attn_norms)
 
 
 def _with_option(plan: Plan, module: str, label: str) -> Plan:

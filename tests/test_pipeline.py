@@ -16,6 +16,7 @@ import bitalloc
 from bitalloc.table import ERROR_MODELS
 from bitalloc.api import resolve_calibration
 from bitalloc.calibration import make_calibration
+from bitalloc.equalize import equalize
 from bitalloc.errors import BadInputError, BudgetInfeasibleError, PlanMismatchError
 from bitalloc.formats import quantize_dequantize
 from bitalloc.models import LoadedModel, select_modules, weight_matrix
@@ -281,14 +282,16 @@ def test_byte_budget(calib_ids):
 def test_apply_quantizes_exactly_the_planned_weights(family_model, calib_ids):
     family, model = family_model
     plan = bitalloc.plan(model, "3bits", calib_ids, cache_dir=False)
-    assert plan.quantizer == "rtn-w"  # the default: scales searched under diag H of the calibration inputs
+    assert plan.quantizer == "awq"  # the default: equalization folded in, then scales searched under diag H
     original = copy.deepcopy(model)
+    folded = copy.deepcopy(model)
+    equalize(folded, calib_ids)  # what apply quantizes: scales folded into norms and rows (GPT-2, OPT: none)
     out = bitalloc.apply(model, plan)  # with the windows the plan was made on
     assert out is model
     planned = {a.module: a.option for a in plan.assignments}
-    importance = input_importance(original, list(planned), calib_ids)
+    importance = input_importance(folded, list(planned), calib_ids)
     for name, opt in planned.items():
-        before = weight_matrix(original.get_submodule(name)).detach()
+        before = weight_matrix(folded.get_submodule(name)).detach()
         after = weight_matrix(model.get_submodule(name)).detach()
         expected = quantize_weight(before, opt, "rtn-w", hessian=importance[name]).values
         assert torch.equal(after, expected.to(after.dtype)), name
@@ -301,7 +304,11 @@ def test_apply_quantizes_exactly_the_planned_weights(family_model, calib_ids):
     planned_params = {f"{n}.weight" for n in planned}
     orig_state = original.state_dict()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, orig_state[k])}
-    assert changed == planned_params
+    folded_only = {k for k, v in folded.state_dict().items() if not torch.equal(v, orig_state[k])} - planned_params
+    assert changed == planned_params | folded_only
+    # the unplanned tensors equalization divides: norms, and the biases of the rows it divides (Qwen2's v_proj)
+    assert all("norm" in k or k.endswith(".bias") for k in folded_only)
+    assert bool(folded_only) == (family in ("llama", "qwen2", "gemma3")), sorted(folded_only)[:4]
 
 
 def test_apply_with_lm_head_changes_tied_embedding(calib_ids):

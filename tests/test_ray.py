@@ -61,9 +61,12 @@ def test_profile_model_on_one_worker_is_bit_identical(cluster, calib_ids, tmp_pa
     # compute_profile's hook: fisher, salience and the table of each block on the worker
     signals = ("fisher", "salience", "spikes", "table")
     options = default_options()[:6]
-    local = api.profile_model(make_llama(), calib_ids, tmp_path / "local", signals=signals, options=options)
+    # Ray workers never hold the whole model, so nothing is folded: the default there is rtn-w, not awq
+    local = api.profile_model(make_llama(), calib_ids, tmp_path / "local", signals=signals, options=options,
+                              quantizer="rtn-w")
     on_ray = api.profile_model(make_llama(), calib_ids, tmp_path / "ray", signals=signals, options=options,
                                ray=RaySpec(workers=1))
+    assert on_ray.table.quantizer == "rtn-w"
     _same_table(local.table, on_ray.table)
     for a, b in zip(local.modules, on_ray.modules, strict=True):
         assert a.name == b.name
@@ -85,7 +88,7 @@ def test_service_profile_job_on_one_worker_is_bit_identical(cluster, model_dir, 
     from bitalloc.service.work import build_profile
 
     spec = _profile_spec(str(model_dir), CalibrationIn(path=str(model_dir / "calib.txt"), seq_len=32, tokens=96),
-                         OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules())
+                         OptionsIn(bits=[3, 4], group_sizes=[32]), False, False, SourceRules(), "rtn-w")
     tables = []
     for name, ray_spec in (("local", None), ("ray", RaySpec(workers=1))):
         store = SQLiteStore(tmp_path / name)
@@ -202,7 +205,10 @@ def test_serve_with_ray_runs_a_profile_job_over_http_on_the_cluster(cluster, mod
         server.stop()
     assert "ray: " + address in server.log.read_text()  # the server said where its profile jobs run
     served = Profile.load(SQLiteStore(tmp_path / "store").profile_dir(profile_id), profile_id).table
-    spec = _profile_spec(str(model_dir), CalibrationIn(**calibration), OptionsIn(**options), False, False, SourceRules())
+    # the server's default: rtn-w, since its Ray workers cannot fold awq's scales into a whole model
+    spec = _profile_spec(str(model_dir), CalibrationIn(**calibration), OptionsIn(**options), False, False, SourceRules(),
+                         foldable=False)
+    assert spec.quantizer == "rtn-w"
     local = SQLiteStore(tmp_path / "local")
     record, _, _ = build_profile(local, spec, None, lambda p, s: None)
     _same_table(Profile.load(local.profile_dir(record.id), record.id).table, served)

@@ -13,7 +13,7 @@ import pytest
 
 from bitalloc import api
 from bitalloc.calibration import calibration_from_tokens
-from bitalloc.config import DEFAULT_QUANTIZER, RaySpec
+from bitalloc.config import DEFAULT_UNFOLDED_QUANTIZER, RaySpec
 from bitalloc.models import LoadedModel, select_modules
 from bitalloc.options import default_options
 from bitalloc.profile.distributed import RayPool, ray_candidate_table
@@ -38,7 +38,7 @@ def test_four_workers_one_window_each_give_the_single_process_table(four_workers
     loaded = four_workers.loaded
     names = select_modules(loaded.model, False, False)
     single = api.profile(loaded, calib, names, default_options())
-    four = ray_candidate_table(four_workers, names, calib, default_options(), quantizer=DEFAULT_QUANTIZER)
+    four = ray_candidate_table(four_workers, names, calib, default_options(), quantizer=DEFAULT_UNFOLDED_QUANTIZER)
     _same_table(single, four)
     plans = [api.plan_from_table(t, "3.5bits", loaded, calib).to_json() for t in (single, four)]
     assert plans[0] == plans[1]

@@ -101,8 +101,10 @@ def test_only_one_block_is_materialized_at_a_time(tmp_path, calib_ids):
 def test_streamed_table_equals_whole_table_and_shares_its_cache_entry(model_dir, tmp_path, monkeypatch):
     kw = dict(seq_len=32, calib_tokens=128, include_lm_head=True, include_embeddings=True)
     calib = model_dir / "calib.txt"
-    whole, loaded_w, _ = api.prepare(str(model_dir), calib, cache_dir=False, **kw)
+    # a stream never holds the whole model, so nothing is folded: its default quantizer is rtn-w, not awq
+    whole, loaded_w, _ = api.prepare(str(model_dir), calib, cache_dir=False, quantizer="rtn-w", **kw)
     stream, loaded_s, _ = api.prepare(str(model_dir), calib, cache_dir=False, stream=True, **kw)
+    assert (whole.quantizer, stream.quantizer) == ("rtn-w", "rtn-w")
     assert type(loaded_s).__name__ == "StreamedModel"
     assert loaded_s.content_hash == loaded_w.content_hash
     assert stream.groups == whole.groups and stream.shapes == whole.shapes
@@ -113,7 +115,7 @@ def test_streamed_table_equals_whole_table_and_shares_its_cache_entry(model_dir,
 
     # same cache key: a whole-model run's entry serves the streamed run (which then computes nothing)
     cache = tmp_path / "cache"
-    api.prepare(str(model_dir), calib, cache_dir=cache, **kw)
+    api.prepare(str(model_dir), calib, cache_dir=cache, quantizer="rtn-w", **kw)
     monkeypatch.setattr(streamed, "streamed_candidate_table", lambda *a, **k: pytest.fail("cache entry not reused"))
     again, _, _ = api.prepare(str(model_dir), calib, cache_dir=cache, stream=True, **kw)
     np.testing.assert_array_equal(again.errors["fisher"], whole.errors["fisher"])
@@ -122,7 +124,7 @@ def test_streamed_table_equals_whole_table_and_shares_its_cache_entry(model_dir,
 def test_plan_streams_and_matches(model_dir):
     kw = dict(seq_len=32, calib_tokens=128, cache_dir=False)
     calib = model_dir / "calib.txt"
-    a = api.plan(str(model_dir), "4bits", calib, **kw)
+    a = api.plan(str(model_dir), "4bits", calib, quantizer="rtn-w", **kw)  # a stream's default (it folds nothing)
     b = api.plan(str(model_dir), "4bits", calib, stream=True, **kw)
     assert [x.label for x in a.assignments] == [x.label for x in b.assignments]
     assert b.model.content_hash == a.model.content_hash
@@ -222,7 +224,7 @@ def test_smollm2_streamed_weights_equal_whole_load():
 def test_profile_folder_streams_per_block_signals(model_dir, tmp_path):
     kw = dict(signals=("fisher", "salience", "table"), seq_len=32, calib_tokens=128, include_lm_head=True)
     calib = model_dir / "calib.txt"
-    whole = api.profile_model(str(model_dir), calib, tmp_path / "whole", **kw)
+    whole = api.profile_model(str(model_dir), calib, tmp_path / "whole", quantizer="rtn-w", **kw)  # a stream's default
     stream = api.profile_model(str(model_dir), calib, tmp_path / "stream", stream=True, **kw)
     assert stream.key == whole.key  # same inputs, same profile
     assert [m.name for m in stream.modules] == [m.name for m in whole.modules]

@@ -119,7 +119,7 @@ def test_only_one_block_is_loaded_while_measuring(tmp_path, calib_ids):
 def test_profile_streams_interactions(model_dir, tmp_path):
     kw = dict(signals=("interactions",), seq_len=32, calib_tokens=128, include_lm_head=True)
     calib = model_dir / "calib.txt"
-    whole = api.profile_model(str(model_dir), calib, tmp_path / "whole", **kw)
+    whole = api.profile_model(str(model_dir), calib, tmp_path / "whole", quantizer="rtn-w", **kw)  # a stream's default
     stream = api.profile_model(str(model_dir), calib, tmp_path / "stream", stream=True, **kw)
     assert stream.key == whole.key  # the same signal, measured the same way
     assert len(stream.interactions) == len(whole.interactions) > 0

@@ -82,5 +82,10 @@ def rtn_w_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tenso
 
 @register_quantizer("awq", importance_only=True, equalizes=True)
 def awq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None) -> QuantizedWeight:
-    """rtn-w of a weight of the equalized model (the pipeline folds the scales in first: equalize.py)."""
+    """rtn-w of a weight of the equalized model (the pipeline folds the scales in first: equalize.py); a GGUF type
+    gets llama.cpp's own importance-weighted quantizer (imatrix), which rtn-w does not search."""
+    if option.fmt == "gguf":
+        from .imatrix import imatrix
+
+        return imatrix(weight, option, hessian)
     return rtn_w(weight, option, hessian)

@@ -69,6 +69,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
                                 "(BITALLOC_TOKEN, or the one printed at start)", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorized)]
+    foldable = getattr(pool, "ray", None) is None  # Ray workers never hold the whole model: default_quantizer
 
     def client_of(request: Request) -> str:
         """Whose job this is, for the fair queue: the X-Bitalloc-Client header, else the peer address."""
@@ -91,7 +92,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
         """Profile a model on calibration text in a worker process; the same request returns the same profile."""
         timeout_s = limits.request_timeout(body.timeout_s)
         spec = _profile_spec(body.model, body.calibration, body.options, body.include_lm_head, body.include_embeddings,
-                             rules, body.quantizer)
+                             rules, body.quantizer, foldable)
         profile = store.get_profile(spec.profile_id)
         if profile is not None:
             job = store.get_job(profile.job_id) if profile.job_id else None
@@ -127,7 +128,7 @@ def create_app(store: Store, token: str, rules: SourceRules = SourceRules(), poo
             if body.options is not None and (body.formats is not None or body.target is not None):
                 raise BadInputError("give formats/target either in options (the profile's grid) or at the top level, not both")
             spec = _profile_spec(body.model, body.calibration or CalibrationIn(), options, body.include_lm_head,
-                                 body.include_embeddings, rules, body.quantizer)
+                                 body.include_embeddings, rules, body.quantizer, foldable)
             profile_id, families, spec_dict = spec.profile_id, None, spec.to_dict()
         plan_spec = _plan_spec(body, families, limits)
         plan_id = plan_spec.plan_id(profile_id)
@@ -204,7 +205,8 @@ def _check_profile_quantizer(profile, quantizer: str | None) -> None:
 
 
 def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, include_lm_head: bool,
-                  include_embeddings: bool, rules: SourceRules, quantizer: str | None = None) -> ProfileSpec:
+                  include_embeddings: bool, rules: SourceRules, quantizer: str | None = None,
+                  foldable: bool = True) -> ProfileSpec:
     from ..api import bitalloc_version
     from ..config import check_quantizer, default_quantizer
     from ..options import default_options
@@ -236,7 +238,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                        code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},
-                       quantizer=quantizer or default_quantizer(grid))
+                       quantizer=quantizer or default_quantizer(grid, foldable))
 
 
 def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] | None:

@@ -1,0 +1,79 @@
+"""ppl and KL against bits per weight: `awq` INT plans (the default), `rtn-w` INT plans (the default before) and
+llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from rows already measured.
+
+    python bench/awq_plot.py [--out bench/out/awq.png]
+
+Reads the plan rows of bench/plan_variants.py (`plan_variants.jsonl`: solved plans, not the uniform `pin=` rows)
+and bench/peers.py's llama.cpp rows (`peers.rows.jsonl`, "+imatrix"), all scored by the same harness (WikiText-2
+test, 16 × 512 tokens, KL to the F32 model). Prints the rows it plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import ROOT
+
+OUT = ROOT / "bench" / "out"
+# model -> series -> the files its rows come from (plan_variants.jsonl or peers.rows.jsonl)
+SOURCES = {
+    "SmolLM2-135M": {
+        "awq": [OUT / "awq" / "plan_variants.jsonl", OUT / "awq-low-bits" / "awq" / "plan_variants.jsonl"],
+        "rtn-w": [OUT / "plan_variants.jsonl", OUT / "awq-low-bits" / "rtn-w" / "plan_variants.jsonl"],
+        "llama.cpp + imatrix": [OUT / "peers.rows.jsonl"],
+    },
+    "Gemma 3 270M": {
+        "awq": [OUT / "awq-gemma3" / "plan_variants.jsonl"],
+        "rtn-w": [OUT / "peers-gemma3-bos" / "plan_variants.jsonl"],
+        "llama.cpp + imatrix": [OUT / "peers-gemma3-bos" / "peers.rows.jsonl"],
+    },
+}
+
+
+def points(series: str, files: list[Path]) -> list[tuple[float, float, float]]:
+    """(bpw, ppl, kl) of the series' rows, one per size (the last measured wins), sorted by bpw."""
+    found: dict[float, tuple[float, float, float]] = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if series == "llama.cpp + imatrix":
+                keep = r.get("kind") == "llama.cpp" and r.get("row", "").endswith("+imatrix")
+            else:  # a plan solved under the default error model with this quantizer, no pins or floors
+                keep = r.get("quantizer") == series and r["variant"].endswith(",fisher-tw")
+            if keep:
+                found[round(r["bpw"], 3)] = (r["bpw"], r["ppl"], r["kl"])
+    return [found[k] for k in sorted(found)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(OUT / "awq.png"))
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(SOURCES), figsize=(6 * len(SOURCES), 8))
+    for col, (model, sources) in enumerate(SOURCES.items()):
+        for series, files in sources.items():
+            rows = points(series, files)
+            print(f"{model:<14} {series:<20} " + "  ".join(f"{b:.4f}: {p:.2f}/{k:.3f}" for b, p, k in rows))
+            style = "s" if series.startswith("llama.cpp") else "o-"
+            for row, (measure, index) in enumerate((("perplexity", 1), ("KL to F32", 2))):
+                ax = axes[row][col]
+                ax.plot([r[0] for r in rows], [r[index] for r in rows], style, label=series)
+                ax.set_title(f"{model}: {measure}")
+                ax.set_xlabel("bits per weight (decoder linears)")
+                ax.set_yscale("log")
+                ax.grid(True, alpha=0.3)
+                ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
