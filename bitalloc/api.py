@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -16,7 +17,7 @@ from .config import (KEYLESS_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec,
                      default_error_model, default_quantizer)
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
-from .io import check_output_dir
+from .io import atomic_write_bytes, check_output_dir
 from .options import QuantOption
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSpec, summarize
 from .plan import sig6 as _sig
@@ -338,16 +339,17 @@ def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: A
     """
     from .profile.store import default_cache_dir
 
-    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver,
-                                                    progress)
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver,
+                                                    progress, cache)
     table = profile(loaded, calib, module_names, list(config.options), cache_dir=cache, progress=progress,
                     quantizer=config.quantizer, ray=config.ray, trust_remote_code=trust_remote_code)
     return table, loaded, calib
 
 
 def _load_for_profile(model_or_source: Any, config: ProfileConfig, tokenizer: Any, trust_remote_code: bool,
-                      solver: str, progress: bool = False) -> tuple[LoadedModel, Calibration, list[str]]:
+                      solver: str, progress: bool = False,
+                      cache_dir: Path | None = None) -> tuple[LoadedModel, Calibration, list[str]]:
     from .models import as_loaded, check_weights, select_modules
     from .quantizers import equalizes
 
@@ -362,22 +364,55 @@ def _load_for_profile(model_or_source: Any, config: ProfileConfig, tokenizer: An
         if config.stream or config.ray is not None:
             raise BadInputError(f"{setting('quantizer')} {config.quantizer} folds scales into the whole model, which "
                                 f"{setting('stream' if config.stream else 'ray')} never holds in one place: drop one of them")
-        loaded = equalized(loaded, calib, copy_model=not isinstance(model_or_source, (str, Path)), progress=progress)
+        loaded = equalized(loaded, calib, copy_model=not isinstance(model_or_source, (str, Path)), progress=progress,
+                           cache_dir=cache_dir)
     return loaded, calib, names
 
 
-def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progress: bool = False) -> LoadedModel:
+def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progress: bool = False,
+              cache_dir: Path | None = None) -> LoadedModel:
     """The model with equalization folded in (equalize.py) on the calibration windows, as `apply` folds it
     before quantizing: what an equalizing quantizer (awq) is profiled on. copy_model: fold a copy (a model
-    the caller passed is left as it was); the content hash stays the given weights', which apply checks."""
+    the caller passed is left as it was); the content hash stays the given weights', which apply checks.
+    cache_dir: keep the scales there (a few KB), so a profile read from the cache is not searched for again."""
     import copy
 
     from .equalize import equalize, weights_before
     from .models import LoadedModel
 
     model = copy.deepcopy(loaded.model) if copy_model else loaded.model
-    equalize(model, calib.tokens, progress=progress, content_hash=loaded.content_hash)  # the key needs it anyway
+    path = _scales_path(cache_dir, loaded.content_hash, calib.tokens) if cache_dir else None
+    scales = _cached_scales(path) if path else None
+    found = equalize(model, calib.tokens, progress=progress, content_hash=loaded.content_hash, scales=scales)
+    if path and scales is None and found:
+        from safetensors.torch import save
+
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in found.items()}))
     return LoadedModel(model, loaded.tokenizer, loaded.source, weights_before(model))
+
+
+def _scales_path(cache_dir: Path, content_hash: str, windows) -> Path:
+    """Where the equalization scales of these weights on these windows, by this code, are cached."""
+    import hashlib
+
+    from .profile.store import content_key, numerics_fingerprint, short_id
+
+    key = content_key({"equalize": content_hash, "numerics": numerics_fingerprint(),
+                       "windows": hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()})
+    return Path(cache_dir) / f"equalize-{short_id(key)}.safetensors"
+
+
+def _cached_scales(path: Path):
+    """The scales cached at `path`, or None: absent or unreadable (then searched again and rewritten)."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - any damage means: search again
+        warnings.warn(f"ignoring damaged equalization cache entry {path.name} ({e}); searching again", stacklevel=3)
+        return None
 
 
 def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> StreamedModel:

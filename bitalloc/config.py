@@ -94,10 +94,12 @@ def default_quantizer(options, foldable: bool = True) -> str:
     (equalize.py), then rtn-w, RTN with importance-weighted scales. Its INT plans have lower KL than rtn-w's
     at every measured size on both pretrained families, SmolLM2 (7 sizes, 3.2 to 5.53 bits) and Gemma 3 (8), and
     lower perplexity at all but two SmolLM2 sizes (3.5 and 5.53 bits, by 0.36 and 0.16); on SmolLM2 they are
-    below llama.cpp's imatrix mixes in ppl at all five of their sizes (README, *Equalization*). A model without Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq is rtn-w there.
+    below llama.cpp's imatrix mixes in ppl at all five of their sizes (README, *Equalization*). A model without
+    Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq is rtn-w there.
     foldable: False where no scales can be folded into the model profiled (--stream and --ray never hold it
-    whole; api.profile of a model not equalized first measures it as it is): rtn-w there. Applying an awq or rtn-w plan needs its calibration windows again: a plan made in this process
-    carries them (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
+    whole; api.profile of a model not equalized first measures it as it is): rtn-w there.
+    Applying an awq or rtn-w plan needs its calibration windows again: a plan made in this process carries them
+    (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
     """
     if gguf_only(options):
         return "imatrix"

@@ -94,30 +94,41 @@ def block_groups(block: nn.Module) -> list[Group]:
 FOLDED = "_bitalloc_equalized"
 
 
-def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, content_hash: str | None = None) -> None:
-    """Fold equalization scales into `model` in place, from calibration token ids [windows, seq_len].
-    A model already folded on the same windows is left as it is (folding twice would fold other scales).
-    content_hash: models.weights_hash of `model` when the caller has it already (it is recorded, not recomputed)."""
+def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, content_hash: str | None = None,
+             scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Fold equalization scales into `model` in place, from calibration token ids [windows, seq_len]; returns them
+    ("<block index>.<producer>" -> s), or {} for a model already folded on these windows (left as it is: folding
+    twice would fold other scales). content_hash: models.weights_hash of `model` when the caller has it already
+    (it is recorded, not recomputed). scales: what an earlier equalize of the same weights on the same windows
+    returned (a cache): folded as they are, without the search, so the same fold bit for bit."""
     digest = hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()
     done = getattr(model, FOLDED, None)
     if done is not None:
         if done["windows"] != digest:
             raise BadInputError("this model already has equalization scales folded in from other calibration windows; "
                                 "load the model again to equalize it on these")
-        return
+        return {}
     weights = content_hash or weights_hash(model)
     model.eval()
     references = [parse_option(label) for label in REFERENCE]
-    if equalizable(model):
-        with torch.no_grad():
-            blocks = BlockWalk(model, windows)
-            for block, inputs in steps(blocks, "equalize", show=progress, unit="block"):
+    found: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if scales is not None:
+            for i, block in enumerate(decoder_blocks(model)[1] if scales else ()):
+                for group in block_groups(block):
+                    fold(block, group, scales[f"{i}.{group.producer}"])
+            found = scales
+        elif equalizable(model):
+            for i, (block, inputs) in enumerate(steps(BlockWalk(model, windows), "equalize", show=progress,
+                                                      unit="block")):
                 groups = block_groups(block)
                 # Every group's H from the block as it came in: folding one group does not change another's input.
                 hessians = stage_hessians(block, [g.consumers[0] for g in groups], inputs)
                 for group, H in zip(groups, hessians):
-                    fold(block, group, search_scales(block, group, H, references))
+                    found[f"{i}.{group.producer}"] = search_scales(block, group, H, references)
+                    fold(block, group, found[f"{i}.{group.producer}"])
     setattr(model, FOLDED, {"windows": digest, "weights": weights})
+    return found
 
 
 def equalizable(model: nn.Module) -> bool:

@@ -206,3 +206,19 @@ def test_exports_of_an_awq_plan_say_the_tool_quantizes_unfolded_weights(tmp_path
     plain = export_plan(bitalloc.Plan.from_json(plan.to_json().replace('"quantizer": "awq"', '"quantizer": "rtn-w"')),
                         "gptqmodel", tmp_path / "rtn-w")
     assert not any("equalization" in line for line in plain.unsupported)
+
+
+def test_a_cached_profile_folds_cached_scales_without_searching_again(tmp_path, monkeypatch):
+    import bitalloc.equalize as eq
+
+    model = with_outliers(make_llama())
+    config = ProfileConfig(CalibrationSpec(IDS), options=(parse_option("int3-g32-asym"), parse_option("int4-g32-asym")),
+                           quantizer="awq")
+    first, loaded_1, _ = prepare_profile(model, config, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("equalize-*.safetensors"))) == 1
+    monkeypatch.setattr(eq, "search_scales", lambda *a, **k: pytest.fail("the cached scales were searched again"))
+    again, loaded_2, _ = prepare_profile(model, config, cache_dir=tmp_path)
+    assert weights_before(loaded_2.model) == weights_before(loaded_1.model) == weights_hash(model)
+    for (name, a), b in zip(loaded_1.model.state_dict().items(), loaded_2.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert first.errors["fisher-tw"].tolist() == again.errors["fisher-tw"].tolist()
