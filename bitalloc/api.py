@@ -393,12 +393,10 @@ def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progres
 
 def _scales_path(cache_dir: Path, content_hash: str, windows) -> Path:
     """Where the equalization scales of these weights on these windows, by this code, are cached."""
-    import hashlib
-
+    from .equalize import windows_digest
     from .profile.store import content_key, numerics_fingerprint, short_id
 
-    key = content_key({"equalize": content_hash, "numerics": numerics_fingerprint(),
-                       "windows": hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()})
+    key = content_key({"equalize": content_hash, "numerics": numerics_fingerprint(), "windows": windows_digest(windows)})
     return Path(cache_dir) / f"equalize-{short_id(key)}.safetensors"
 
 

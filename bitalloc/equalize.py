@@ -101,7 +101,7 @@ def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, co
     twice would fold other scales). content_hash: models.weights_hash of `model` when the caller has it already
     (it is recorded, not recomputed). scales: what an earlier equalize of the same weights on the same windows
     returned (a cache): folded as they are, without the search, so the same fold bit for bit."""
-    digest = hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()
+    digest = windows_digest(windows)
     done = getattr(model, FOLDED, None)
     if done is not None:
         if done["windows"] != digest:
@@ -129,6 +129,11 @@ def equalize(model: nn.Module, windows: torch.Tensor, progress: bool = False, co
                     fold(block, group, found[f"{i}.{group.producer}"])
     setattr(model, FOLDED, {"windows": digest, "weights": weights})
     return found
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """sha256 of calibration token ids: which windows a fold (or its cached scales) came from."""
+    return hashlib.sha256(windows.long().cpu().numpy().tobytes()).hexdigest()
 
 
 def equalizable(model: nn.Module) -> bool:
