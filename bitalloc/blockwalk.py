@@ -114,14 +114,28 @@ class BlockWalk:
                 hidden = [call(block, h) for call, h in inputs]
 
 
+@dataclass
+class _Gram:
+    """Σ x xᵀ over the rows of every input a hook saw, and their count: H = mean_t x xᵀ."""
+
+    xtx: torch.Tensor | None = None
+    n: int = 0
+
+    def add(self, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+        self.xtx = x.T @ x if self.xtx is None else self.xtx + x.T @ x
+        self.n += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.xtx / self.n
+
+
 def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> torch.Tensor:
     """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
-    acc: dict[str, Any] = {"xtx": None, "n": 0}
+    gram = _Gram()
 
     def grab(mod, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-        acc["xtx"] = x.T @ x if acc["xtx"] is None else acc["xtx"] + x.T @ x
-        acc["n"] += x.shape[0]
+        gram.add(args)
         raise StopForward
 
     with forward_hooks([(module, grab)], pre=True):
@@ -130,7 +144,7 @@ def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> tor
                 run()
             except StopForward:
                 pass
-    return acc["xtx"] / acc["n"]
+    return gram.mean()
 
 
 def stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
@@ -141,17 +155,9 @@ def stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
 def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list[torch.Tensor]:
     """stage_hessian of each module in `locals_`, from one pass of the block over the windows instead of one
     pass per module (the same inputs reach each module, so the same H, bit for bit)."""
-    xtx: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-
-    def grabber(name):
-        def grab(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-            xtx[name] = x.T @ x if name not in xtx else xtx[name] + x.T @ x
-            count[name] = count.get(name, 0) + x.shape[0]
-        return grab
-
-    with forward_hooks([(block.get_submodule(n), grabber(n)) for n in locals_], pre=True):
+    grams = {n: _Gram() for n in locals_}
+    hooks = [(block.get_submodule(n), lambda mod, args, gram=grams[n]: gram.add(args)) for n in locals_]
+    with forward_hooks(hooks, pre=True):
         for call, hidden in inputs:
             call(block, hidden)
-    return [xtx[n] / count[n] for n in locals_]
+    return [grams[n].mean() for n in locals_]
