@@ -1,5 +1,6 @@
-"""ppl and KL against bits per weight: `awq` INT plans (the default), `rtn-w` INT plans (the default before) and
-llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from rows already measured.
+"""ppl and KL against bits per weight: `awq` INT plans (the default), `awq-gptq` and `gptq` INT plans, `rtn-w` INT
+plans (the default before) and llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from
+rows already measured.
 
     python bench/awq_plot.py [--out bench/out/awq.png]
 
@@ -21,11 +22,15 @@ OUT = ROOT / "bench" / "out"
 SOURCES = {
     "SmolLM2-135M": {
         "awq": [OUT / "awq" / "plan_variants.jsonl", OUT / "awq-low-bits" / "awq" / "plan_variants.jsonl"],
+        "awq-gptq": [OUT / "awq-gptq" / "plan_variants.jsonl"],
+        "gptq": [OUT / "plan_variants.jsonl"],
         "rtn-w": [OUT / "plan_variants.jsonl", OUT / "awq-low-bits" / "rtn-w" / "plan_variants.jsonl"],
         "llama.cpp + imatrix": [OUT / "peers.rows.jsonl"],
     },
     "Gemma 3 270M": {
         "awq": [OUT / "awq-gemma3" / "plan_variants.jsonl"],
+        "awq-gptq": [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"],
+        "gptq": [OUT / "gptq-gemma3" / "plan_variants.jsonl"],
         "rtn-w": [OUT / "peers-gemma3-bos" / "plan_variants.jsonl"],
         "llama.cpp + imatrix": [OUT / "peers-gemma3-bos" / "peers.rows.jsonl"],
     },

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -17,7 +16,7 @@ from .config import (KEYLESS_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec,
                      default_error_model, default_quantizer)
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
-from .io import atomic_write_bytes, check_output_dir
+from .io import check_output_dir
 from .options import QuantOption
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSpec, summarize
 from .plan import sig6 as _sig
@@ -374,43 +373,17 @@ def equalized(loaded: LoadedModel, calib: Calibration, copy_model: bool, progres
     """The model with equalization folded in (equalize.py) on the calibration windows, as `apply` folds it
     before quantizing: what an equalizing quantizer (awq) is profiled on. copy_model: fold a copy (a model
     the caller passed is left as it was); the content hash stays the given weights', which apply checks.
-    cache_dir: keep the scales there (a few KB), so a profile read from the cache is not searched for again."""
+    cache_dir: keep the scales there (a few KB; equalize_cache.py), so a profile read from the cache, and apply,
+    fold them without searching again."""
     import copy
 
-    from .equalize import equalize, weights_before
+    from .equalize import weights_before
+    from .equalize_cache import equalize_cached
     from .models import LoadedModel
 
     model = copy.deepcopy(loaded.model) if copy_model else loaded.model
-    path = _scales_path(cache_dir, loaded.content_hash, calib.tokens) if cache_dir else None
-    scales = _cached_scales(path) if path else None
-    found = equalize(model, calib.tokens, progress=progress, content_hash=loaded.content_hash, scales=scales)
-    if path and scales is None and found:
-        from safetensors.torch import save
-
-        atomic_write_bytes(path, save({k: v.contiguous() for k, v in found.items()}))
+    equalize_cached(model, calib.tokens, cache_dir, loaded.content_hash, progress=progress)
     return LoadedModel(model, loaded.tokenizer, loaded.source, weights_before(model))
-
-
-def _scales_path(cache_dir: Path, content_hash: str, windows) -> Path:
-    """Where the equalization scales of these weights on these windows, by this code, are cached."""
-    from .equalize import windows_digest
-    from .profile.store import content_key, numerics_fingerprint, short_id
-
-    key = content_key({"equalize": content_hash, "numerics": numerics_fingerprint(), "windows": windows_digest(windows)})
-    return Path(cache_dir) / f"equalize-{short_id(key)}.safetensors"
-
-
-def _cached_scales(path: Path):
-    """The scales cached at `path`, or None: absent or unreadable (then searched again and rewritten)."""
-    if not path.is_file():
-        return None
-    from safetensors.torch import load
-
-    try:
-        return load(path.read_bytes())
-    except Exception as e:  # noqa: BLE001 - any damage means: search again
-        warnings.warn(f"ignoring damaged equalization cache entry {path.name} ({e}); searching again", stacklevel=3)
-        return None
 
 
 def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> StreamedModel:

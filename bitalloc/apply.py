@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,19 +40,27 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
 
 def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str | None = None,
           calibration: torch.Tensor | None = None, progress: bool = False, *, tokenizer: Any = None,
-          **settings) -> nn.Module:
+          cache_dir: Path | None = None, **settings) -> nn.Module:
     """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
     Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
     or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order).
+    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched.
     """
     check_plan_matches(model, plan, check_hash)
     quantizer = quantizer or plan.quantizer
     calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
-    quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, **settings)
+    quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, cache_dir=cache_dir,
+                   content_hash=checked_hash(plan, check_hash), **settings)
     return model
+
+
+def checked_hash(plan: Plan, check_hash: bool) -> str | None:
+    """The content hash of the weights being quantized, known without hashing them when check_plan_matches has
+    checked they are the plan's (else None)."""
+    return plan.model.content_hash if check_hash else None
 
 
 def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any,

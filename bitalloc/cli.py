@@ -35,11 +35,15 @@ out = Console()
 BITS_TEXT = ",".join(map(str, DEFAULT_BITS))  # --bits as the default grid has it
 # The registered quantizers (bitalloc.quantizers.available_quantizers(); written out so --help does not import torch,
 # and kept equal to the registry by tests/test_cli.py).
-QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "awq", "gptq", "gptq-signed", "gptq-minmax", "imatrix")
+QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "awq", "gptq", "gptq-signed", "gptq-minmax", "awq-gptq",
+                   "imatrix")
 QUANTIZERS_TEXT = (", ".join(QUANTIZER_NAMES[:-1]) + " or " + QUANTIZER_NAMES[-1] + " (rtn-mse: clip search; rtn-w: "
                    "importance-weighted scales; -signed: signed symmetric INT scales; awq: rtn-w after AWQ's "
                    "activation-aware scales are folded into norms and weights; gptq-minmax: GPTQ with min/max "
-                   "scales; imatrix: llama.cpp's, GGUF types only)")
+                   "scales; awq-gptq: GPTQ after the same fold; imatrix: llama.cpp's, GGUF types only)")
+CACHE_DIR_HELP = "profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"
+APPLY_CACHE_HELP = ("search awq's equalization scales again instead of reading those the plan's profile left in the "
+                    "cache (and do not write them there)")
 GROUP_SIZES_TEXT = ",".join("ch" if g is None else str(g) for g in DEFAULT_GROUP_SIZES)
 
 
@@ -145,7 +149,7 @@ def plan_cmd(
     solver_setting: List[str] = typer.Option([], "--solver-setting", help="KEY=VALUE passed to the solver, e.g. backend=highs, time_limit_s=30, trials=60 (repeatable)"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="also plan the output head (tied: the shared embedding)"),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="also plan the input embedding"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the profile, do not read or write the cache"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code to run"),
     profile_dir: Optional[Path] = typer.Option(None, "--profile", help="plan from this profile folder (`bitalloc profile --out`): its candidate table, no model needed; with MODEL, checks they match"),
@@ -474,6 +478,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     skip_hash_check: bool = typer.Option(False, "--skip-hash-check", "--force", help="apply a plan made for different weights (their hash differs); --force is the old name"),
     skip_calib_hash_check: bool = typer.Option(False, "--skip-calib-hash-check", help=SKIP_CALIB_HASH_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=APPLY_CACHE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Perplexity; with --plan also KL divergence and top-1 agreement against the unquantized model."""
@@ -504,7 +510,7 @@ def eval_cmd(
         reference = loaded.model
         calibration = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
         scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not skip_hash_check, quantizer=use,
-                       calibration=calibration, progress=not as_json)
+                       calibration=calibration, progress=not as_json, cache_dir=_scales_cache(cache_dir, no_cache))
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
         print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, "bos": bos_id, **result.to_dict()},
@@ -527,6 +533,8 @@ def apply_cmd(
     allow_untied: bool = typer.Option(False, "--allow-untied", help="write q/k/v or gate/up with different schemes (loads in transformers, not in vLLM)"),
     dtype: str = typer.Option("model", "--dtype", help="dtype of the unplanned tensors and of the checkpoint: model (as loaded; with --format gguf from a folder: as stored), bfloat16, float16, float32"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=APPLY_CACHE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Quantize MODEL as the plan says and write a packed checkpoint (safetensors + config.json + tokenizer)."""
@@ -561,12 +569,14 @@ def apply_cmd(
     _check_plan_calibration(plan, use, calib, not skip_calib_hash_check)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
+    cache = _scales_cache(cache_dir, no_cache)
     if fmt == "gguf":
-        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype)
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype, cache)
         return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not skip_hash_check, allow_untied=allow_untied,
-                             dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json)
+                             dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json,
+                             cache_dir=cache)
     if as_json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return
@@ -602,14 +612,21 @@ def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: b
     return plan_windows(loaded.model, plan, quantizer, None, loaded.tokenizer, calib, check_hash)
 
 
+def _scales_cache(cache_dir: Optional[Path], no_cache: bool) -> Optional[Path]:
+    """The profile cache apply and eval read awq's scales from (and leave them in), or None with --no-cache."""
+    from .profile.store import default_cache_dir
+
+    return None if no_cache else (cache_dir or default_cache_dir())
+
+
 def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool,
-                dtype=None) -> None:
+                dtype=None, cache_dir: Optional[Path] = None) -> None:
     from collections import Counter
 
     from .gguf_file import write_gguf
 
     layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not skip_hash_check,
-                        progress=not as_json, dtype=dtype)
+                        progress=not as_json, dtype=dtype, cache_dir=cache_dir)
     size = out_path.stat().st_size
     planned = layout.planned
     weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)

@@ -18,6 +18,12 @@ group to minimise the group's output error Σ tr(ΔW H ΔWᵀ) at the REFERENCE 
 α = 0 (no scaling, which is among the candidates: the proxy never gets worse). The scaling does not
 depend on the plan, so one candidate table holds every option of the equalized model.
 
+The search walks α upward and stops PATIENCE steps past the best so far: the error falls to one
+minimum (α 0 to 0.5 on trained models) and then climbs steeply, so the sweep ends after about 6 or 7
+of the 11 quantize-and-measure rounds and picks the full sweep's α on every group of SmolLM2 and
+Gemma 3 (bench/equalize_search.py). Three steps of patience ride out the bumps of a noisy curve (a
+tiny random model's), which a stop at the first rise would not.
+
 It runs block by block on the calibration windows (blockwalk), with each block's H from inputs of the
 blocks before it (already folded: the same activations), so memory stays one block's. The same windows
 give the same scales, bit for bit: the profile and `apply` fold the same model.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,6 +48,7 @@ ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # The options whose error the scales minimise: the low-bit ones a budget plan puts most weights at (at 8
 # bits the grid is fine enough that scaling hardly matters). rtn-w is the quantizer the search uses.
 REFERENCE = ("int3-g64-asym", "int4-g64-asym")
+PATIENCE = 3  # α steps past the best so far before the search stops (first_minimum)
 SEARCH_QUANTIZER = "rtn-w"
 
 
@@ -153,7 +161,27 @@ def weights_before(model: nn.Module) -> str | None:
 
 def search_scales(block: nn.Module, group: Group, H: torch.Tensor, references) -> torch.Tensor:
     """s [producer channels] for `group` under its consumers' input Hessian H [in, in]: the α of ALPHAS
-    whose scales give the least reference error, relative to unscaled."""
+    whose scales give the least reference error, relative to unscaled (first_minimum)."""
+    cost, scales = alpha_cost(block, group, H, references)
+    return scales(first_minimum(cost, len(ALPHAS)))
+
+
+def first_minimum(cost: Callable[[int], float], n: int, patience: int = PATIENCE) -> int:
+    """The index in range(n) of least cost(i), swept upward and stopped once `patience` indices in a row have
+    not lowered it (ties keep the smaller index, as a full sweep does)."""
+    best, best_cost = 0, cost(0)
+    for i in range(1, n):
+        if i - best > patience:
+            break
+        c = cost(i)
+        if c < best_cost:
+            best, best_cost = i, c
+    return best
+
+
+def alpha_cost(block: nn.Module, group: Group, H: torch.Tensor, references):
+    """(cost, scales): cost(i) is the group's reference error at α = ALPHAS[i], each option's relative to
+    α = 0, summed; scales(i) the producer-channel scales s at that α."""
     from .quantizers import quantize_weight
 
     weights = [weight_matrix(block.get_submodule(c)).detach().float() for c in group.consumers]
@@ -163,26 +191,30 @@ def search_scales(block: nn.Module, group: Group, H: torch.Tensor, references) -
     h = torch.diagonal(H).clamp(min=torch.finfo(torch.float32).tiny)
     rms = _per_producer_channel(h, group).sqrt()
     rms = rms.clamp(min=float(rms.max()) * 1e-6)  # a dead channel must not get a scale that overflows its producer
-    best, best_cost = torch.ones_like(rms), None
-    baseline: list[float] = []
-    for alpha in ALPHAS:
-        s = rms.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        s_in = _per_consumer_channel(s, group)
-        errors = []
+
+    def scales(i: int) -> torch.Tensor:
+        s = rms.pow(ALPHAS[i])
+        return s / (s.max() * s.min()).sqrt()
+
+    def errors(i: int) -> list[float]:
+        s_in = _per_consumer_channel(scales(i), group)
+        out = []
         for option in references:
             err = 0.0
             for w in weights:
                 q = quantize_weight(w * s_in, option, SEARCH_QUANTIZER, hessian=h / s_in**2).values / s_in
                 d = q - w
                 err += float(((d @ H) * d).sum())
-            errors.append(err)
-        if not baseline:  # α = 0 comes first: s = 1
-            baseline = [max(e, torch.finfo(torch.float32).tiny) for e in errors]
-        cost = sum(e / b for e, b in zip(errors, baseline))
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+            out.append(err)
+        return out
+
+    unscaled = errors(0)  # α = 0: s = 1
+    baseline = [max(e, torch.finfo(torch.float32).tiny) for e in unscaled]
+
+    def cost(i: int) -> float:
+        return sum(e / b for e, b in zip(unscaled if i == 0 else errors(i), baseline))
+
+    return cost, scales
 
 
 def fold(block: nn.Module, group: Group, s: torch.Tensor) -> None:

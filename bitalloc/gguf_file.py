@@ -268,7 +268,7 @@ def _ftype(layout: GGUFLayout, plan: Plan) -> int | None:
 
 def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path, quantizer: str | None = None,
                calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False,
-               dtype: torch.dtype | None = None) -> GGUFLayout:
+               dtype: torch.dtype | None = None, cache_dir: Path | None = None) -> GGUFLayout:
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
     source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
@@ -277,9 +277,10 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     folded in; the divided norms are written from it) or gptq; default: the plan's own.
     dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
     runs exactly the simulated plan, otherwise those tensors are rounded to it).
+    cache_dir: the profile cache, where awq finds the scales its profile searched.
     """
     from . import gguf_hf
-    from .apply import check_plan_matches
+    from .apply import check_plan_matches, checked_hash
     from .quantizers import equalizes
     from .quantizers.materialize import quantize_model
 
@@ -289,7 +290,8 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     check_plan_matches(model, plan, check_hash)
     state = model.state_dict() if src.reader is None else {}
     by_name = {t.name: t for t in src.reader.tensors} if src.reader is not None else {}
-    qweights = quantize_model(model, plan.options_by_module(), quantizer or plan.quantizer, calibration, progress=progress)
+    qweights = quantize_model(model, plan.options_by_module(), quantizer or plan.quantizer, calibration, progress=progress,
+                              cache_dir=cache_dir, content_hash=checked_hash(plan, check_hash))
     # an equalizing quantizer (awq) divided norms and biases the source stores unfolded: written from the model
     # (a checkpoint folder's are converted from the model's own tensors anyway)
     folded = _equalized_tensors(model, plan, src) if equalizes(quantizer or plan.quantizer) and src.reader else {}

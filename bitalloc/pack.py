@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import check_plan_matches, plan_windows
+from .apply import check_plan_matches, checked_hash, plan_windows
 from .errors import BadInputError, BitallocError, OutputPathError, setting
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
 from .io import atomic_write_text, canonical_json, check_output_dir
@@ -90,7 +90,8 @@ class CheckpointReport:
 def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: str | None = None,
                     calibration: torch.Tensor | None = None, *, tokenizer: Any = None, force: bool = False,
                     check_hash: bool = True, allow_untied: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    dtype: torch.dtype | None = None, progress: bool = False) -> CheckpointReport:
+                    dtype: torch.dtype | None = None, progress: bool = False,
+                    cache_dir: Path | None = None) -> CheckpointReport:
     """Quantize a copy of `model` as `plan` says and write it as a packed compressed-tensors checkpoint.
 
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
@@ -100,6 +101,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     without it, `tokenizer` rebuilds the plan's own windows (apply.plan_windows).
     dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
+    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched.
     The caller's model is left unchanged.
     """
     out, leftovers = prepare_checkpoint_out(out, force)
@@ -115,7 +117,8 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
-    qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress)
+    qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress, cache_dir=cache_dir,
+                              content_hash=checked_hash(plan, check_hash))
     tensors, scale_notes = _state_dict(simulated, qweights, dtype)  # norms as equalization folded them (awq)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)

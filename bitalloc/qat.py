@@ -277,20 +277,21 @@ def replan(model: nn.Module, calibration: torch.Tensor | Calibration, budget: st
     calibration: token ids [windows, seq_len] (keep it small: one forward + backward per window) or a
     Calibration. options: the candidate grid; default the one the current plan was solved over.
     The planned modules stay those of the current plan. quantizer: whose errors the new table
-    measures; default the current plan's (the one it will be applied with), or rtn-w for a plan made with an
-    equalizing quantizer (awq, the default): its scales cannot be folded into a model being trained.
+    measures; default the current plan's (the one it will be applied with), or for a plan made with an
+    equalizing quantizer what it is on unfolded weights (awq, the default: rtn-w; awq-gptq: gptq): its scales
+    cannot be folded into a model being trained.
     """
     from . import api  # api imports the profilers; only a re-plan needs them
-    from .config import DEFAULT_UNFOLDED_QUANTIZER
-    from .quantizers import equalizes
+    from .quantizers import equalizes, unfolded_quantizer
 
     state = _state(model)
     old = state.plan
     if quantizer is None:
-        quantizer = DEFAULT_UNFOLDED_QUANTIZER if equalizes(old.quantizer) else old.quantizer
+        quantizer = unfolded_quantizer(old.quantizer)
     if equalizes(quantizer):
         raise BadInputError(f"a re-plan measures the model being trained as it is, and the {quantizer} "
-                            "quantizer would fold scales into its weights; re-plan with quantizer='rtn-w'")
+                            f"quantizer would fold scales into its weights; re-plan with "
+                            f"quantizer={unfolded_quantizer(quantizer)!r}")
     calib = calibration if isinstance(calibration, Calibration) else calibration_from_tokens(calibration, seed=seed)
     device = next(model.parameters()).device
     calib = dataclasses.replace(calib, tokens=calib.tokens.to(device))

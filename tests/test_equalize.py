@@ -17,14 +17,14 @@ import bitalloc
 from bitalloc.api import ProfileConfig, prepare_profile
 from bitalloc.apply import apply
 from bitalloc.calibration import calibration_from_tokens
-from bitalloc.config import CalibrationSpec
-from bitalloc.equalize import block_groups, equalizable, equalize, weights_before
+from bitalloc.config import DEFAULT_QUANTIZER, DEFAULT_UNFOLDED_QUANTIZER, CalibrationSpec
+from bitalloc.equalize import block_groups, equalizable, equalize, first_minimum, weights_before
 from bitalloc.errors import BadInputError
 from bitalloc.models import as_loaded, decoder_blocks, forward_hooks, is_linear, weight_matrix, weights_hash
 from bitalloc.options import parse_option
 from bitalloc.pack import save_checkpoint
 from bitalloc.profile.statistics import input_importance
-from bitalloc.quantizers import quantize_weight
+from bitalloc.quantizers import quantize_weight, unfolded_quantizer
 
 from conftest import make_gemma3, make_gpt2, make_llama, make_qwen2
 
@@ -119,6 +119,20 @@ def test_equalize_lowers_the_layer_errors_it_is_searched_for():
     after = {label: layer_error(model, label, IDS) for label in before}
     for label in before:
         assert after[label] < 0.85 * before[label], (label, before[label], after[label])
+
+
+def test_the_alpha_search_rides_out_a_bump_and_stops_once_the_error_keeps_rising():
+    # A tiny model's curve (test_equalize_lowers_the_layer_errors_it_is_searched_for's first MLP group): up at
+    # α = 0.1 and 0.2 before its minimum at 0.3, then climbing.
+    curve = [2.0, 3.171, 2.027, 1.542, 2.762, 3.483, 2.987, 6.047, 7.735, 10.047, 19.097]
+    measured = []
+    assert first_minimum(lambda i: measured.append(i) or curve[i], len(curve)) == 3
+    assert measured == [0, 1, 2, 3, 4, 5, 6]  # three past the best, then stop
+    assert first_minimum(lambda i: curve[i], len(curve), patience=1) == 0  # stopping at the first rise misses it
+    flat = [1.0, 0.5, 0.5, 0.5, 0.7, 0.9]
+    assert first_minimum(lambda i: flat[i], len(flat)) == 1  # ties keep the smaller α, as a full sweep does
+    falling = [5.0, 4.0, 3.0, 2.0, 1.0]
+    assert first_minimum(lambda i: falling[i], len(falling)) == 4
 
 
 def test_a_model_without_llama_family_blocks_is_left_as_it_is_and_awq_is_rtn_w_there():
@@ -222,3 +236,50 @@ def test_a_cached_profile_folds_cached_scales_without_searching_again(tmp_path, 
     for (name, a), b in zip(loaded_1.model.state_dict().items(), loaded_2.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert first.errors["fisher-tw"].tolist() == again.errors["fisher-tw"].tolist()
+
+
+def test_awq_gptq_is_gptq_on_the_folded_model():
+    """awq-gptq's table holds GPTQ's errors of the equalized model, and applying its plan folds the same scales and
+    then runs GPTQ: the weights of the plan applied with gptq to the profile's folded copy, bit for bit."""
+    model = with_outliers(make_llama())
+    options = (parse_option("int3-g32-asym"), parse_option("int4-g32-asym"))
+    table, loaded, calib = prepare_profile(model, ProfileConfig(CalibrationSpec(IDS), options=options,
+                                                                quantizer="awq-gptq"))
+    assert weights_before(loaded.model) == weights_hash(model)
+    gptq_table = bitalloc.api.profile(loaded, calib, list(table.groups), list(options), quantizer="gptq")
+    for name, errors in table.errors.items():
+        assert errors.tolist() == gptq_table.errors[name].tolist(), name
+    assert table.errors["fisher-tw"].tolist() != prepare_profile(model, ProfileConfig(
+        CalibrationSpec(IDS), options=options, quantizer="awq"))[0].errors["fisher-tw"].tolist()
+    plan = bitalloc.solve(table, bitalloc.api.context_of(loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
+    assert plan.quantizer == "awq-gptq" and {a.option.bits for a in plan.assignments} == {3, 4}
+    applied = apply(copy.deepcopy(model), plan, calibration=IDS)
+    expected = apply(copy.deepcopy(loaded.model), plan, calibration=IDS, quantizer="gptq")
+    for name, t in expected.state_dict().items():
+        assert torch.equal(applied.state_dict()[name], t), name
+    assert not torch.equal(applied.state_dict()["model.layers.0.input_layernorm.weight"],
+                           model.state_dict()["model.layers.0.input_layernorm.weight"])
+    # where nothing can be folded (qat.replan, the exports' note) each equalizing quantizer names its plain twin;
+    # config keeps the default's without importing torch
+    assert unfolded_quantizer("awq-gptq") == "gptq"
+    assert unfolded_quantizer(DEFAULT_QUANTIZER) == DEFAULT_UNFOLDED_QUANTIZER and unfolded_quantizer("gptq") == "gptq"
+
+
+def test_apply_folds_the_scales_its_profile_left_in_the_cache(tmp_path, monkeypatch):
+    """A plan made through the cache is applied (and packed) from the cached scales, without the search, to the
+    same weights as a search gives; without a cache apply searches."""
+    import bitalloc.equalize as eq
+
+    model = with_outliers(make_llama())
+    options = [parse_option("int3-g32-asym"), parse_option("int4-g32-asym")]
+    plan = bitalloc.plan(model, "4.1bits", IDS, options=options, cache_dir=tmp_path)
+    searched = apply(copy.deepcopy(model), plan, calibration=IDS)
+    monkeypatch.setattr(eq, "search_scales", lambda *a, **k: pytest.fail("the cached scales were searched again"))
+    cached = apply(copy.deepcopy(model), plan, calibration=IDS, cache_dir=tmp_path)
+    for name, t in searched.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], t), name
+    save_checkpoint(model, plan, tmp_path / "ckpt", calibration=IDS, cache_dir=tmp_path)
+    assert torch.equal(load_file(tmp_path / "ckpt" / "model.safetensors")["model.layers.1.input_layernorm.weight"],
+                       searched.state_dict()["model.layers.1.input_layernorm.weight"])
+    with pytest.raises(pytest.fail.Exception, match="searched again"):
+        apply(copy.deepcopy(model), plan, calibration=IDS)

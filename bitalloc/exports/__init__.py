@@ -48,14 +48,14 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
     except KeyError:
         raise BadInputError(f"unknown export target {target!r}; choose one of {', '.join(sorted(_EXPORTERS))}") from None
     result = fn(plan, check_output_dir(out), **options)
-    from ..quantizers import equalizes  # torch: only once the export itself is done
+    from ..quantizers import equalizes, unfolded_quantizer  # torch: only once the export itself is done
 
     if equalizes(plan.quantizer):
         result.unsupported.append(
             f"the plan's errors were measured with AWQ's equalization scales folded into the model (quantizer "
             f"{plan.quantizer}); {target} quantizes the weights as they are, so its errors differ from the plan's. "
-            "`bitalloc apply` writes the folded, quantized checkpoint; re-plan with quantizer rtn-w for a plan "
-            "measured on the weights as they are")
+            "`bitalloc apply` writes the folded, quantized checkpoint; re-plan with quantizer "
+            f"{unfolded_quantizer(plan.quantizer)} for a plan measured on the weights as they are")
     return result
 
 

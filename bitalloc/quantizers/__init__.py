@@ -22,25 +22,25 @@ Quantizer = Callable[..., QuantizedWeight]  # (weight, option, hessian=None, **s
 _QUANTIZERS: dict[str, Quantizer] = {}
 _NEEDS_HESSIAN: set[str] = set()
 _IMPORTANCE_ONLY: set[str] = set()
-_EQUALIZES: set[str] = set()
+_UNFOLDED: dict[str, str] = {}  # an equalizing quantizer -> the one it is on the folded model
 
 
 def register_quantizer(name: str, needs_hessian: bool = False, importance_only: bool = False,
-                       equalizes: bool = False) -> Callable[[Quantizer], Quantizer]:
+                       unfolded: str | None = None) -> Callable[[Quantizer], Quantizer]:
     """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
     be passed as that vector), so one forward pass gives every module's, and a single module can be
     swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs.
-    equalizes: the model is equalized (equalize.py: scales folded into norms and weights, the same
-    function) on the calibration windows before it is profiled or quantized; the quantizer itself then
-    sees the equalized weights."""
+    unfolded: the model is equalized (equalize.py: scales folded into norms and weights, the same
+    function) on the calibration windows before it is profiled or quantized, and the quantizer is then
+    the one named here on the equalized weights (awq: rtn-w); what a step that cannot fold uses instead."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
-        if needs_hessian or importance_only or equalizes:
+        if needs_hessian or importance_only or unfolded:
             _NEEDS_HESSIAN.add(name)
         if importance_only:
             _IMPORTANCE_ONLY.add(name)
-        if equalizes:
-            _EQUALIZES.add(name)
+        if unfolded:
+            _UNFOLDED[name] = unfolded
         return fn
 
     return deco
@@ -71,7 +71,12 @@ def importance_only(name: str) -> bool:
 
 
 def equalizes(name: str) -> bool:
-    return name in _EQUALIZES
+    return name in _UNFOLDED
+
+
+def unfolded_quantizer(name: str) -> str:
+    """What `name` is on a model it cannot fold its scales into (awq: rtn-w); `name` itself when it folds none."""
+    return _UNFOLDED.get(name, name)
 
 
 def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",

@@ -19,6 +19,8 @@ diag H would be the weights if nothing were compensated (RTN). `scale_search=Fal
 "gptq-minmax") keeps the reference's min/max scales: the GPTQ of bitalloc before the search existed.
 `signed=True` (the quantizer "gptq-signed") searches symmetric groups with signed scales, as
 "rtn-w-signed" does (SearchGrid.signed): the code −2^(b−1) becomes usable for the group's largest weight.
+"awq-gptq" is GPTQ on the equalized model (equalize.py), as "awq" is rtn-w there: AWQ's scales move
+resolution to the inputs that matter before GPTQ compensates what rounding still loses.
 Either way scales are fp16 values and zero-points integers, so stored codes reproduce the values.
 
 Formats: INT, and llama.cpp's GGUF types (`_gptq_gguf`): each GGUF block of columns (32 or 256
@@ -136,7 +138,15 @@ def gptq_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor
     return gptq(weight, option, hessian, **settings, signed=True)
 
 
+@register_quantizer("awq-gptq", unfolded="gptq")
+def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
+             **settings) -> QuantizedWeight:
+    """GPTQ of a weight of the equalized model (the pipeline folds AWQ's scales in first: equalize.py)."""
+    return gptq(weight, option, hessian, **settings)
+
+
 @register_batched("gptq")
+@register_batched("awq-gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
               block_size: int = 128, act_order: bool = False, scale_search: bool = True,
               signed: bool = False) -> list[QuantizedWeight]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,14 +16,15 @@ from ..progress import steps
 
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
-                   calibration: torch.Tensor | None = None, progress: bool = False,
-                   **settings: Any) -> dict[str, QuantizedWeight]:
+                   calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: Path | None = None,
+                   content_hash: str | None = None, **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
     layer Hessian: importance-only ones (rtn-w) take diag H from one forward pass of the unquantized
     model (as the candidate table did); the others (gptq) run block by block (quantizers/sequential.py).
-    An equalizing quantizer (awq) first folds its scales into `model` (equalize.py), as profiling did.
+    An equalizing quantizer (awq) first folds its scales into `model` (equalize.py), as profiling did; with
+    cache_dir, scales a profile of these weights (content_hash: theirs, when the caller has it) left there.
     """
     importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
@@ -30,9 +32,9 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
             raise BadInputError(f"the {quantizer} quantizer needs calibration windows to collect layer Hessians; pass "
                                 "calibration=ids, or tokenizer= to rebuild the plan's own, or use quantizer='rtn'")
         if equalizes(quantizer):
-            from ..equalize import equalize
+            from ..equalize_cache import equalize_cached
 
-            equalize(model, _as_windows(calibration), progress=progress)
+            equalize_cached(model, _as_windows(calibration), cache_dir, content_hash, progress=progress)
         if not importance_only(quantizer):
             from .sequential import quantize_sequential
 

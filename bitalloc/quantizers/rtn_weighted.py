@@ -80,7 +80,7 @@ def rtn_w_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tenso
     return rtn_w(weight, option, hessian, signed=True)
 
 
-@register_quantizer("awq", importance_only=True, equalizes=True)
+@register_quantizer("awq", importance_only=True, unfolded="rtn-w")
 def awq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """rtn-w of a weight of the equalized model (the pipeline folds the scales in first: equalize.py); a GGUF type
     gets llama.cpp's own importance-weighted quantizer (imatrix), which rtn-w does not search."""
