@@ -49,6 +49,8 @@ def variant_arguments(doc: str):
     ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
+    ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
+                    "(an ablation: e.g. an awq table's plans applied with awq-gptq)")
     ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
@@ -117,8 +119,10 @@ def main() -> None:
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib)
-        result = evaluate(apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens), windows, reference=reference)
-        row = {"model": model_name, "quantizer": args.quantizer, "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+        applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens, quantizer=args.apply_quantizer)
+        result = evaluate(applied, windows, reference=reference)
+        row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
+               "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),

@@ -249,8 +249,9 @@ def test_awq_gptq_is_gptq_on_the_folded_model():
     gptq_table = bitalloc.api.profile(loaded, calib, list(table.groups), list(options), quantizer="gptq")
     for name, errors in table.errors.items():
         assert errors.tolist() == gptq_table.errors[name].tolist(), name
-    assert table.errors["fisher-tw"].tolist() != prepare_profile(model, ProfileConfig(
-        CalibrationSpec(IDS), options=options, quantizer="awq"))[0].errors["fisher-tw"].tolist()
+    awq_table, awq_loaded, _ = prepare_profile(model, ProfileConfig(CalibrationSpec(IDS), options=options,
+                                                                     quantizer="awq"))
+    assert table.errors["fisher-tw"].tolist() != awq_table.errors["fisher-tw"].tolist()
     plan = bitalloc.solve(table, bitalloc.api.context_of(loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
     assert plan.quantizer == "awq-gptq" and {a.option.bits for a in plan.assignments} == {3, 4}
     applied = apply(copy.deepcopy(model), plan, calibration=IDS)
@@ -259,6 +260,14 @@ def test_awq_gptq_is_gptq_on_the_folded_model():
         assert torch.equal(applied.state_dict()[name], t), name
     assert not torch.equal(applied.state_dict()["model.layers.0.input_layernorm.weight"],
                            model.state_dict()["model.layers.0.input_layernorm.weight"])
+    # an awq plan applied with awq-gptq (apply's quantizer override; bench/out/awq-table-gptq-apply): the same fold,
+    # then GPTQ
+    awq_plan = bitalloc.solve(awq_table, bitalloc.api.context_of(awq_loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
+    assert awq_plan.quantizer == "awq"
+    applied = apply(copy.deepcopy(model), awq_plan, calibration=IDS, quantizer="awq-gptq")
+    expected = apply(copy.deepcopy(awq_loaded.model), awq_plan, calibration=IDS, quantizer="gptq")
+    for name, t in expected.state_dict().items():
+        assert torch.equal(applied.state_dict()[name], t), name
     # where nothing can be folded (qat.replan, the exports' note) each equalizing quantizer names its plain twin;
     # config keeps the default's without importing torch
     assert unfolded_quantizer("awq-gptq") == "gptq"
