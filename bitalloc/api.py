@@ -13,7 +13,7 @@ import numpy as np
 from . import solvers
 from .budget import Budget, Outside, gguf_typed, parse_budget
 from .config import (KEYLESS_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names,
-                     default_error_model, default_quantizer)
+                     default_error_model, default_quantizer, supplied_calibration)
 from .constraints import Constraints, constraint_masks
 from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
 from .io import check_output_dir
@@ -84,8 +84,8 @@ def profile(
     """Candidate table for these modules and options, from the cache when an identical one exists.
 
     quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
-    calibration inputs); None: config.default_quantizer(options), awq for a model equalized first (api.equalized)
-    and rtn-w for one as it is.
+    calibration inputs); None: config.default_quantizer(options), awq for a model equalized first (api.equalized;
+    awq-gptq on calibration the user supplied) and rtn-w for one as it is.
     ray: compute it on a Ray cluster (profile/distributed.py); trust_remote_code: for the workers' loads.
     """
     from .candidates import build_candidate_table
@@ -96,7 +96,8 @@ def profile(
     from .equalize import weights_before
     from .quantizers import equalizes
 
-    quantizer = quantizer or default_quantizer(options, foldable=weights_before(getattr(loaded, "model", None)) is not None)
+    quantizer = quantizer or default_quantizer(options, foldable=weights_before(getattr(loaded, "model", None)) is not None,
+                                               supplied=supplied_calibration(calibration))
     if equalizes(quantizer) and weights_before(getattr(loaded, "model", None)) is None:
         raise BadInputError(f"{setting('quantizer')} {quantizer} measures the equalized model: profile through "
                             "prepare_profile or profile_model (they fold the scales in), or fold them first with "
@@ -187,9 +188,9 @@ def profile_model(
         raise BadInputError(f"{e}; see ProfileSettings for the profile settings") from None
     check_output_dir(out)
     if "interactions" in prof_settings.signals:
-        from .quantizers import check_without_hessian
+        from .quantizers import check_without_hessian, measuring_quantizer
 
-        check_without_hessian(config.quantizer, "the interactions signal",
+        check_without_hessian(measuring_quantizer(config.quantizer), "the interactions signal",
                                  f"profile interactions with {setting('quantizer')} rtn, rtn-mse or rtn-w, or drop 'interactions'")
     loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, "ilp",
                                                     progress)
@@ -333,12 +334,12 @@ def prepare_profile(model_or_source: Any, config: ProfileConfig, *, tokenizer: A
                     solver: str = SolveConfig.solver) -> tuple[CandidateTable, LoadedModel, Calibration]:
     """Load the model, build the calibration windows and the candidate table that `config` describes.
 
-    cache_dir: a profile-cache folder, True = the default one, None/False = none.
+    cache_dir: a profile-cache folder, True = the default one, None/False = none (profile.store.cache_folder).
     solver: only to refuse streaming with a solver that scores plans on the loaded model.
     """
-    from .profile.store import default_cache_dir
+    from .profile.store import cache_folder
 
-    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    cache = cache_folder(cache_dir)
     loaded, calib, module_names = _load_for_profile(model_or_source, config, tokenizer, trust_remote_code, solver,
                                                     progress, cache)
     table = profile(loaded, calib, module_names, list(config.options), cache_dir=cache, progress=progress,

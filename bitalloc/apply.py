@@ -40,14 +40,15 @@ def check_plan_matches(model: nn.Module, plan: Plan, check_hash: bool = True) ->
 
 def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str | None = None,
           calibration: torch.Tensor | None = None, progress: bool = False, *, tokenizer: Any = None,
-          cache_dir: Path | None = None, **settings) -> nn.Module:
+          cache_dir: str | Path | bool | None = None, **settings) -> nn.Module:
     """Quantize the planned weights in place with `quantizer` (default: the one the plan was made for).
 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
     Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
     or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order).
-    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched.
+    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
+    folder, True = the default one, None/False = none: profile.store.cache_folder).
     """
     check_plan_matches(model, plan, check_hash)
     quantizer = quantizer or plan.quantizer

@@ -9,7 +9,7 @@ from torch import nn
 from .models import weight_matrix
 from .options import QuantOption
 from .profile.statistics import ModuleStats
-from .quantizers import needs_hessian, quantize_weight_options
+from .quantizers import measuring_quantizer, needs_hessian, quantize_weight_options
 from .table import ERROR_MODELS, CandidateTable  # noqa: F401  (numpy-only home; re-exported here)
 from .progress import steps
 
@@ -25,8 +25,10 @@ def option_errors(weight: torch.Tensor, options: list[QuantOption], stats: Modul
     """option_error for several options of one weight (a Hessian quantizer shares its work across them).
 
     A Hessian-based quantizer (gptq) gets H = stats.hessian, the calibration inputs' second moment in
-    the unquantized model; an embedding (no H: one-hot inputs) is always rounded to nearest.
+    the unquantized model; an embedding (no H: one-hot inputs) is always rounded to nearest. A quantizer
+    measured by a stand-in (quantizers.measuring_quantizer; awq-gptq: awq) gets the stand-in's errors.
     """
+    quantizer = measuring_quantizer(quantizer)
     w = weight.detach().float()
     uses_h = needs_hessian(quantizer) and stats.hessian is not None
     quantized = quantize_weight_options(w, options, quantizer if uses_h else "rtn",

@@ -40,7 +40,7 @@ QUANTIZER_NAMES = ("rtn", "rtn-mse", "rtn-w", "rtn-w-signed", "awq", "gptq", "gp
 QUANTIZERS_TEXT = (", ".join(QUANTIZER_NAMES[:-1]) + " or " + QUANTIZER_NAMES[-1] + " (rtn-mse: clip search; rtn-w: "
                    "importance-weighted scales; -signed: signed symmetric INT scales; awq: rtn-w after AWQ's "
                    "activation-aware scales are folded into norms and weights; gptq-minmax: GPTQ with min/max "
-                   "scales; awq-gptq: GPTQ after the same fold; imatrix: llama.cpp's, GGUF types only)")
+                   "scales; awq-gptq: GPTQ after the same fold, planned from awq's errors; imatrix: llama.cpp's, GGUF types only)")
 CACHE_DIR_HELP = "profile cache (default ~/.cache/bitalloc or $BITALLOC_CACHE_DIR)"
 APPLY_CACHE_HELP = ("search awq's equalization scales again instead of reading those the plan's profile left in the "
                     "cache (and do not write them there)")
@@ -129,7 +129,7 @@ def plan_cmd(
     seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
     solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS) + "; default fisher-tw"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else awq (rtn-w with --stream or --ray); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else awq-gptq with --calib FILE and awq on the built-in set or self (rtn-w with --stream or --ray); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -204,7 +204,7 @@ def plan_cmd(
     table, loaded, calibration = api.prepare(
         model, calib, solver=solver, error_model=error_model, options=options, seq_len=seq_len,
         calib_tokens=calib_tokens, seed=seed, include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-        cache_dir=False if no_cache else (cache_dir or True), progress=True, trust_remote_code=trust_remote_code,
+        cache_dir=_cache_arg(cache_dir, no_cache), progress=True, trust_remote_code=trust_remote_code,
         stream=stream,
         quantizer=quantizer or ProfileConfig.quantizer,
         ray=ray_spec,
@@ -395,7 +395,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else awq; rtn-w with --stream or --ray); the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else awq-gptq with --calib FILE, awq without; rtn-w with --stream or --ray); the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
@@ -510,7 +510,7 @@ def eval_cmd(
         reference = loaded.model
         calibration = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
         scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not skip_hash_check, quantizer=use,
-                       calibration=calibration, progress=not as_json, cache_dir=_scales_cache(cache_dir, no_cache))
+                       calibration=calibration, progress=not as_json, cache_dir=_cache_arg(cache_dir, no_cache))
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
         print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, "bos": bos_id, **result.to_dict()},
@@ -569,7 +569,7 @@ def apply_cmd(
     _check_plan_calibration(plan, use, calib, not skip_calib_hash_check)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
-    cache = _scales_cache(cache_dir, no_cache)
+    cache = _cache_arg(cache_dir, no_cache)
     if fmt == "gguf":
         _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype, cache)
         return
@@ -612,15 +612,14 @@ def _plan_calibration(plan, quantizer: str, calib: Optional[Path], check_hash: b
     return plan_windows(loaded.model, plan, quantizer, None, loaded.tokenizer, calib, check_hash)
 
 
-def _scales_cache(cache_dir: Optional[Path], no_cache: bool) -> Optional[Path]:
-    """The profile cache apply and eval read awq's scales from (and leave them in), or None with --no-cache."""
-    from .profile.store import default_cache_dir
-
-    return None if no_cache else (cache_dir or default_cache_dir())
+def _cache_arg(cache_dir: Optional[Path], no_cache: bool) -> Path | bool:
+    """--cache-dir / --no-cache as the library's cache_dir argument (profile.store.cache_folder): the profile cache
+    that plan fills and apply and eval read awq's scales from; the default one unless --no-cache."""
+    return False if no_cache else (cache_dir or True)
 
 
 def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool,
-                dtype=None, cache_dir: Optional[Path] = None) -> None:
+                dtype=None, cache_dir: Path | bool = False) -> None:
     from collections import Counter
 
     from .gguf_file import write_gguf

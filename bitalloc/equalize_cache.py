@@ -19,11 +19,14 @@ from .io import atomic_write_bytes
 from .models import weights_hash
 
 
-def equalize_cached(model: nn.Module, windows: torch.Tensor, cache_dir: Path | None, content_hash: str | None = None,
-                    progress: bool = False) -> None:
+def equalize_cached(model: nn.Module, windows: torch.Tensor, cache_dir: str | Path | bool | None,
+                    content_hash: str | None = None, progress: bool = False) -> None:
     """equalize(model, windows) in place, with the scales read from cache_dir when an earlier fold of these weights
-    on these windows left them there, and left there otherwise. cache_dir None: no cache (equalize as it is).
-    content_hash: models.weights_hash(model) when the caller has it (else computed)."""
+    on these windows left them there, and left there otherwise. cache_dir: as profile.store.cache_folder reads it
+    (None/False: no cache, equalize as it is). content_hash: models.weights_hash(model) when the caller has it."""
+    from .profile.store import cache_folder
+
+    cache_dir = cache_folder(cache_dir)
     if cache_dir is None or weights_before(model) is not None:  # no cache, or folded already (equalize checks it)
         equalize(model, windows, progress=progress, content_hash=content_hash)
         return

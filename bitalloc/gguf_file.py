@@ -268,7 +268,7 @@ def _ftype(layout: GGUFLayout, plan: Plan) -> int | None:
 
 def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path, quantizer: str | None = None,
                calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False,
-               dtype: torch.dtype | None = None, cache_dir: Path | None = None) -> GGUFLayout:
+               dtype: torch.dtype | None = None, cache_dir: str | Path | bool | None = None) -> GGUFLayout:
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
     source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
@@ -277,7 +277,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     folded in; the divided norms are written from it) or gptq; default: the plan's own.
     dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
     runs exactly the simulated plan, otherwise those tensors are rounded to it).
-    cache_dir: the profile cache, where awq finds the scales its profile searched.
+    cache_dir: the profile cache, where awq finds the scales its profile searched (as apply.apply reads it).
     """
     from . import gguf_hf
     from .apply import check_plan_matches, checked_hash

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import setting
 from .table import CandidateTable
 from .models import set_weight_matrix, weight_matrix
-from .quantizers import check_without_hessian, importance_only, weight_values
+from .quantizers import check_without_hessian, importance_only, measuring_quantizer, weight_values
 
 
 class CalibrationScore:
@@ -24,18 +24,20 @@ class CalibrationScore:
                  importance_tokens: torch.Tensor | None = None):
         """tokens: [windows, seq_len] calibration ids (never the evaluation text).
 
-        Trials hold the weights of the table's quantizer (rtn, rtn-mse, rtn-w); a sequential Hessian
-        quantizer (gptq) is refused up front, since a trial has no layer inputs to run it on.
+        Trials hold the weights of the quantizer that measured the table (rtn, rtn-mse, rtn-w; awq for an
+        awq-gptq table: quantizers.measuring_quantizer); a sequential Hessian quantizer (gptq) is refused up
+        front, since a trial has no layer inputs to run it on.
         importance_tokens: the windows the table was profiled on (default `tokens`); an rtn-w table's
         trials take diag H from them on the unquantized model, so they hold the table's weights.
         """
-        check_without_hessian(table.quantizer, "scoring plans on the model (evolutionary solver)",
+        self.quantizer = measuring_quantizer(table.quantizer)
+        check_without_hessian(self.quantizer, "scoring plans on the model (evolutionary solver)",
                               f"plan with the ilp, lagrangian or dp solver, or profile with {setting('quantizer')} rtn")
         self.model, self.table, self.tokens = model, table, tokens
         self.modules = [model.get_submodule(n) for n in table.groups]
         self.original = [weight_matrix(m).detach().clone() for m in self.modules]
         self.importance: dict[str, torch.Tensor | None] = {}
-        if importance_only(table.quantizer):
+        if importance_only(self.quantizer):
             from .profile.statistics import input_importance
 
             self.importance = input_importance(model, list(table.groups), tokens if importance_tokens is None
@@ -61,7 +63,7 @@ class CalibrationScore:
     def _quantized(self, g: int, k: int) -> torch.Tensor:
         if (g, k) in self.cache:
             return self.cache[g, k]
-        w = weight_values(self.original[g], self.table.options[k], self.table.quantizer,
+        w = weight_values(self.original[g], self.table.options[k], self.quantizer,
                           self.importance.get(self.table.groups[g]))
         size = w.numel() * w.element_size()
         if self.cached_bytes + size <= self.cache_bytes:

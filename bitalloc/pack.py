@@ -91,7 +91,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
                     calibration: torch.Tensor | None = None, *, tokenizer: Any = None, force: bool = False,
                     check_hash: bool = True, allow_untied: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     dtype: torch.dtype | None = None, progress: bool = False,
-                    cache_dir: Path | None = None) -> CheckpointReport:
+                    cache_dir: str | Path | bool | None = None) -> CheckpointReport:
     """Quantize a copy of `model` as `plan` says and write it as a packed compressed-tensors checkpoint.
 
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
@@ -101,7 +101,8 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     without it, `tokenizer` rebuilds the plan's own windows (apply.plan_windows).
     dtype: what the unplanned tensors (embeddings, norms, lm_head) are stored and the checkpoint
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
-    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched.
+    cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
+    folder, True = the default one, None/False = none: profile.store.cache_folder).
     The caller's model is left unchanged.
     """
     out, leftovers = prepare_checkpoint_out(out, force)

@@ -208,7 +208,8 @@ class Verification(_Strict):
 
     metric: Literal["kl", "delta_nll"] = Field(description="what the repair loop and the guarantee compare")
     slice: dict = Field(description="the held-back calibration windows: source, text hash, seq_len, windows, "
-                        "window_index (position among the text's non-overlapping windows), selection")
+                        "window_index (position among the text's non-overlapping windows), selection; measured_with: "
+                        "the quantizer whose weights the measured plans held, where it is not the plan's (awq-gptq: awq)")
     reference_nll: float = Field(description="the unquantized model's mean NLL on the slice")
     solved: MeasuredLoss = Field(description="the plan as first solved")
     rounds: list[RepairRound]
@@ -227,8 +228,9 @@ class Plan(_Strict):
     calibration: dict
     error_model: str
     quantizer: str = Field("rtn", pattern=r"^[a-z0-9][a-z0-9_-]*$",
-                           description="quantizer the candidate errors were computed with and the plan is applied "
-                           "with (rtn, gptq); plans without this field are rtn")
+                           description="quantizer the plan is applied with (rtn, gptq), and whose errors the candidates "
+                           "hold, or a cheaper stand-in's where the registry names one (awq-gptq: awq); plans "
+                           "without this field are rtn")
     options: list[str] = Field(description="labels of the candidate options offered to the solver")
     solver: SolverSpec
     seed: int

@@ -37,7 +37,7 @@ from .table import CandidateTable
 from .errors import BadInputError, setting
 from .evaluate import evaluate, reference_logprobs
 from .objective import CalibrationScore
-from .quantizers import check_without_hessian
+from .quantizers import check_without_hessian, measuring_quantizer
 from .options import QuantOption
 from .plan import MeasuredLoss, Plan, RepairRound, UniformCheck, Verification
 
@@ -76,7 +76,7 @@ class SliceMeter:
     def __init__(self, model: nn.Module, table: CandidateTable, tokens: torch.Tensor, metric: str,
                  profiled_tokens: torch.Tensor | None = None):
         # gptq quantizes block by block from layer inputs: single modules cannot be swapped in and measured
-        check_without_hessian(table.quantizer, f"{setting('verify')} (measuring single-module swaps)",
+        check_without_hessian(measuring_quantizer(table.quantizer), f"{setting('verify')} (measuring single-module swaps)",
                               f"verify a plan made with {setting('quantizer')} rtn, rtn-mse, rtn-w or rtn-w-signed, or drop {setting('verify')}")
         self.score = CalibrationScore(model, table, tokens, importance_tokens=profiled_tokens)
         self.tokens, self.metric = tokens, metric
@@ -118,6 +118,8 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
     index per module: one option, or its fallback where rows do not fit it).
     """
     tokens, slice_record = held_out_slice(calibration, settings.windows)
+    if measuring_quantizer(table.quantizer) != table.quantizer:  # e.g. an awq-gptq plan measured with awq's weights
+        slice_record["measured_with"] = measuring_quantizer(table.quantizer)
     raw = table.errors_of(error_model)
     meter = SliceMeter(model, table, tokens, settings.metric, profiled_tokens=calibration.tokens)
     try:

@@ -184,17 +184,17 @@ def test_entry_point_keeps_setting(entry, setting, model_dir, loaded, tmp_path, 
 
 def test_profile_folder_refuses_another_quantizer(model_dir, tmp_path):
     """`bitalloc plan --profile DIR --quantizer gptq` on an rtn-w profile used to write an rtn-w plan silently
-    (the default quantizer is awq now; the check is the same)."""
+    (the default quantizer on supplied calibration text is awq-gptq now; the check is the same)."""
     api.profile_model(str(model_dir), model_dir / "calib.txt", tmp_path / "prof", signals=("fisher", "table"),
                       seq_len=32, calib_tokens=128)
-    with pytest.raises(BadInputError, match=r"holds awq errors, not gptq.*with quantizer gptq"):
+    with pytest.raises(BadInputError, match=r"holds awq-gptq errors, not gptq.*with quantizer gptq"):
         bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="gptq")
     result = CliRunner().invoke(cli.app, ["plan", "--profile", str(tmp_path / "prof"), "--budget", BUDGET,
                                           "--quantizer", "gptq", "--out", str(tmp_path / "p.json")])
-    assert isinstance(result.exception, BadInputError) and "holds awq errors, not gptq" in str(result.exception)
+    assert isinstance(result.exception, BadInputError) and "holds awq-gptq errors, not gptq" in str(result.exception)
     assert not (tmp_path / "p.json").exists()
     # naming the profile's own quantizer is fine, and so is naming none
-    assert bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="awq").quantizer == "awq"
+    assert bitalloc.plan_from_profile(tmp_path / "prof", BUDGET, quantizer="awq-gptq").quantizer == "awq-gptq"
 
 
 def test_steps_without_hessians_refuse_gptq(loaded, model_dir, calib_ids):

@@ -24,7 +24,7 @@ from bitalloc.models import as_loaded, decoder_blocks, forward_hooks, is_linear,
 from bitalloc.options import parse_option
 from bitalloc.pack import save_checkpoint
 from bitalloc.profile.statistics import input_importance
-from bitalloc.quantizers import quantize_weight, unfolded_quantizer
+from bitalloc.quantizers import measuring_quantizer, quantize_weight, unfolded_quantizer
 
 from conftest import make_gemma3, make_gpt2, make_llama, make_qwen2
 
@@ -212,8 +212,7 @@ def test_awq_checkpoint_holds_the_folded_norms_and_reloads_as_the_simulation(tmp
 def test_exports_of_an_awq_plan_say_the_tool_quantizes_unfolded_weights(tmp_path):
     from bitalloc.exports import export_plan
 
-    plan = bitalloc.plan(make_llama(), "4.5bits", IDS, cache_dir=False)
-    assert plan.quantizer == "awq"
+    plan = bitalloc.plan(make_llama(), "4.5bits", IDS, cache_dir=False, quantizer="awq")
     result = export_plan(plan, "gptqmodel", tmp_path / "awq")
     assert any("equalization scales folded" in line and "re-plan with quantizer rtn-w" in line
                for line in result.unsupported)
@@ -238,40 +237,58 @@ def test_a_cached_profile_folds_cached_scales_without_searching_again(tmp_path, 
     assert first.errors["fisher-tw"].tolist() == again.errors["fisher-tw"].tolist()
 
 
-def test_awq_gptq_is_gptq_on_the_folded_model():
-    """awq-gptq's table holds GPTQ's errors of the equalized model, and applying its plan folds the same scales and
-    then runs GPTQ: the weights of the plan applied with gptq to the profile's folded copy, bit for bit."""
+def test_awq_gptq_plans_from_awq_errors_and_applies_gptq_on_the_folded_model():
+    """awq-gptq's table holds awq's errors (its registered stand-in: a GPTQ table of the equalized model cost 1.7×
+    the profiling and picked plans that scored no better; README), so it plans as awq does; applying its plan folds
+    the same scales and then runs GPTQ: the weights of the plan applied with gptq to the profile's folded copy."""
     model = with_outliers(make_llama())
     options = (parse_option("int3-g32-asym"), parse_option("int4-g32-asym"))
     table, loaded, calib = prepare_profile(model, ProfileConfig(CalibrationSpec(IDS), options=options,
                                                                 quantizer="awq-gptq"))
     assert weights_before(loaded.model) == weights_hash(model)
-    gptq_table = bitalloc.api.profile(loaded, calib, list(table.groups), list(options), quantizer="gptq")
-    for name, errors in table.errors.items():
-        assert errors.tolist() == gptq_table.errors[name].tolist(), name
+    assert measuring_quantizer("awq-gptq") == "awq" and measuring_quantizer("gptq") == "gptq"
     awq_table, awq_loaded, _ = prepare_profile(model, ProfileConfig(CalibrationSpec(IDS), options=options,
                                                                      quantizer="awq"))
-    assert table.errors["fisher-tw"].tolist() != awq_table.errors["fisher-tw"].tolist()
+    assert table.quantizer == "awq-gptq" and awq_table.quantizer == "awq"
+    for name, errors in table.errors.items():
+        assert errors.tolist() == awq_table.errors[name].tolist(), name
+    gptq_table = bitalloc.api.profile(loaded, calib, list(table.groups), list(options), quantizer="gptq")
+    assert table.errors["fisher-tw"].tolist() != gptq_table.errors["fisher-tw"].tolist()
     plan = bitalloc.solve(table, bitalloc.api.context_of(loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
-    assert plan.quantizer == "awq-gptq" and {a.option.bits for a in plan.assignments} == {3, 4}
+    awq_plan = bitalloc.solve(awq_table, bitalloc.api.context_of(awq_loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
+    assert plan.quantizer == "awq-gptq" and awq_plan.quantizer == "awq"
+    assert plan.assignments == awq_plan.assignments and {a.option.bits for a in plan.assignments} == {3, 4}
     applied = apply(copy.deepcopy(model), plan, calibration=IDS)
     expected = apply(copy.deepcopy(loaded.model), plan, calibration=IDS, quantizer="gptq")
     for name, t in expected.state_dict().items():
         assert torch.equal(applied.state_dict()[name], t), name
     assert not torch.equal(applied.state_dict()["model.layers.0.input_layernorm.weight"],
                            model.state_dict()["model.layers.0.input_layernorm.weight"])
-    # an awq plan applied with awq-gptq (apply's quantizer override; bench/out/awq-table-gptq-apply): the same fold,
-    # then GPTQ
-    awq_plan = bitalloc.solve(awq_table, bitalloc.api.context_of(awq_loaded, calib), bitalloc.SolveConfig(budget="4.1bits"))
-    assert awq_plan.quantizer == "awq"
-    applied = apply(copy.deepcopy(model), awq_plan, calibration=IDS, quantizer="awq-gptq")
-    expected = apply(copy.deepcopy(awq_loaded.model), awq_plan, calibration=IDS, quantizer="gptq")
-    for name, t in expected.state_dict().items():
-        assert torch.equal(applied.state_dict()[name], t), name
+    with_rtn_w = apply(copy.deepcopy(model), awq_plan, calibration=IDS)  # awq: the same fold, then rtn-w
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(with_rtn_w.state_dict()[q_proj], applied.state_dict()[q_proj])
     # where nothing can be folded (qat.replan, the exports' note) each equalizing quantizer names its plain twin;
     # config keeps the default's without importing torch
     assert unfolded_quantizer("awq-gptq") == "gptq"
     assert unfolded_quantizer(DEFAULT_QUANTIZER) == DEFAULT_UNFOLDED_QUANTIZER and unfolded_quantizer("gptq") == "gptq"
+
+
+def test_the_default_quantizer_follows_whose_calibration_it_is(tmp_path):
+    """Calibration the user supplies (a text file, token ids) is taken as the text the model will serve: awq-gptq,
+    whose GPTQ fits it; the built-in set and self (other text) keep awq; GGUF grids imatrix, streams rtn-w."""
+    from bitalloc.config import default_quantizer, supplied_calibration
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some text", encoding="utf-8")
+    int_grid = (parse_option("int4-g32-asym"),)
+    assert [ProfileConfig(CalibrationSpec(source), options=int_grid).quantizer
+            for source in (None, "self", text, str(text), IDS)] == ["awq", "awq", "awq-gptq", "awq-gptq", "awq-gptq"]
+    assert supplied_calibration(calibration_from_tokens(IDS))
+    assert not supplied_calibration(calibration_from_tokens(IDS, source="builtin:austen"))
+    assert ProfileConfig(CalibrationSpec(text), options=int_grid, stream=True).quantizer == "rtn-w"
+    assert ProfileConfig(CalibrationSpec(text), options=(parse_option("Q4_K"),)).quantizer == "imatrix"
+    assert default_quantizer(int_grid, supplied=True) == "awq-gptq" and default_quantizer(int_grid) == DEFAULT_QUANTIZER
+    assert ProfileConfig(CalibrationSpec(IDS), options=int_grid, quantizer="awq").quantizer == "awq"  # named: kept
 
 
 def test_apply_folds_the_scales_its_profile_left_in_the_cache(tmp_path, monkeypatch):

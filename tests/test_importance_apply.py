@@ -96,13 +96,13 @@ def test_scoring_trials_and_interactions_hold_rtn_w_weights(rtn_w_setup):
 
 
 def test_a_default_plan_applies_right_after_planning_and_a_loaded_one_asks_for_its_windows(ids):
-    """awq (rtn-w on the equalized model) is the default quantizer: a plan made in this process carries the windows
-    it was profiled on
+    """awq-gptq (GPTQ on the equalized model) is the default quantizer on calibration the caller supplies: a plan
+    made in this process carries the windows it was profiled on
     (never saved), so apply(model, plan) needs nothing more; the same plan read back from JSON must be given
     them, and says how."""
     model = make_llama()
     plan = bitalloc.plan(model, "3.5bits", ids[:4], cache_dir=False)
-    assert plan.quantizer == "awq" and plan.error_model == "fisher-tw"
+    assert plan.quantizer == "awq-gptq" and plan.error_model == "fisher-tw"
     assert torch.equal(plan.calibration_windows, ids[:4])
     remembered = bitalloc.apply(copy.deepcopy(model), plan)
     given = bitalloc.apply(copy.deepcopy(model), plan, calibration=ids[:4])
@@ -113,5 +113,5 @@ def test_a_default_plan_applies_right_after_planning_and_a_loaded_one_asks_for_i
     assert any(not torch.equal(weight_matrix(remembered.get_submodule(n)), weight_matrix(other.get_submodule(n))) for n in names)
     loaded = bitalloc.Plan.from_json(plan.to_json())
     assert loaded == plan and loaded.to_json() == plan.to_json() and loaded.calibration_windows is None
-    with pytest.raises(bitalloc.BadInputError, match="awq quantizer needs calibration windows.*calibration=ids.*tokenizer="):
+    with pytest.raises(bitalloc.BadInputError, match="awq-gptq quantizer needs calibration windows.*calibration=ids.*tokenizer="):
         bitalloc.apply(copy.deepcopy(model), loaded)

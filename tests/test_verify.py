@@ -29,7 +29,7 @@ from conftest import CALIB_TEXT, make_llama
 def setup():
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1234))
     calib = calibration_from_tokens(ids[:4], held_out=ids[4:])  # profile on 4 windows, verify on the other 2
-    table, loaded, calib = prepare(make_llama(), calib, cache_dir=False)
+    table, loaded, calib = prepare(make_llama(), calib, cache_dir=False, quantizer="awq")  # swaps hold applied weights
     return table, loaded, calib
 
 
@@ -131,6 +131,22 @@ def test_verified_plans_are_byte_identical_and_schema_valid(setup, tmp_path):
     assert raw["verification"]["slice"]["windows"] == 2
     # an unverified plan is written exactly as before: no verification key at all
     assert "verification" not in json.loads(plan_from_table(table, "4bits", loaded, calib).to_json())
+
+
+def test_an_awq_gptq_plan_is_verified_with_the_awq_weights_its_table_measured(setup):
+    """awq-gptq's table holds awq's errors (quantizers.measuring_quantizer), so the repair loop swaps awq's weights
+    in, as for the awq plan of the same table, and the plan says so; only the recorded quantizer differs."""
+    table, loaded, calib = setup
+    assert table.quantizer == "awq"
+    mis = crafted(table, wrong_attention)
+    stand_in = copy.copy(mis)
+    stand_in.quantizer = "awq-gptq"
+    awq_plan = plan_from_table(mis, "4bits", loaded, calib, verify=True)
+    plan = plan_from_table(stand_in, "4bits", loaded, calib, verify=True)
+    assert plan.quantizer == "awq-gptq" and plan.verification.slice["measured_with"] == "awq"
+    assert "measured_with" not in awq_plan.verification.slice
+    assert plan.assignments == awq_plan.assignments
+    assert plan.verification.final == awq_plan.verification.final and plan.verification.outcome != "solved"
 
 
 def test_bad_verify_input_is_one_clear_error(setup):

@@ -38,7 +38,7 @@ from .fisher_trace import fisher_trace_estimate
 from .hessian_trace import hutchinson_traces
 from .interactions import block_index, candidate_pairs, dataflow_graph, measure_interactions
 from .salience import salience
-from ..quantizers import importance_only
+from ..quantizers import importance_only, measuring_quantizer
 from .spikes import SpikeCollector, collect_spikes
 from .statistics import collect_statistics, input_importance
 from .store import numerics_fingerprint
@@ -121,8 +121,8 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     if "interactions" in sig:
         wanted = [b for b in blocks if b is not None and (settings.interaction_blocks is None or b in settings.interaction_blocks)]
         with contextlib.ExitStack() as stack:
-            measure = _interaction_meter(model, module_names, calibration, settings, quantizer, streamed_from, stack,
-                                         progress)
+            measure = _interaction_meter(model, module_names, calibration, settings, measuring_quantizer(quantizer),
+                                         streamed_from, stack, progress)
             singles: dict[str, float] = {}
             for b in steps(wanted, "interaction blocks", show=progress, unit="block"):
                 got = parts.get(f"interactions-block-{b:03d}")

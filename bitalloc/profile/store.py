@@ -28,6 +28,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BITALLOC_CACHE_DIR", Path.home() / ".cache" / "bitalloc"))
 
 
+def cache_folder(cache_dir: str | Path | bool | None) -> Path | None:
+    """The one reading of every cache_dir argument (profile, apply, pack, write_gguf): a folder, True = the
+    default one (default_cache_dir), None or False = no cache (the library's default: it writes none unless asked)."""
+    if cache_dir is True:
+        return default_cache_dir()
+    return Path(cache_dir) if cache_dir else None
+
+
 def numerics_fingerprint() -> str:
     """sha256 of the source that computes table entries, so a changed quantizer or error model
     never reuses tables computed by the old code (a version number would rely on memory)."""

@@ -23,16 +23,20 @@ _QUANTIZERS: dict[str, Quantizer] = {}
 _NEEDS_HESSIAN: set[str] = set()
 _IMPORTANCE_ONLY: set[str] = set()
 _UNFOLDED: dict[str, str] = {}  # an equalizing quantizer -> the one it is on the folded model
+_MEASURED_BY: dict[str, str] = {}  # a quantizer -> the cheaper one whose errors its candidate table holds
 
 
 def register_quantizer(name: str, needs_hessian: bool = False, importance_only: bool = False,
-                       unfolded: str | None = None) -> Callable[[Quantizer], Quantizer]:
+                       unfolded: str | None = None, measured_by: str | None = None) -> Callable[[Quantizer], Quantizer]:
     """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
     be passed as that vector), so one forward pass gives every module's, and a single module can be
     swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs.
     unfolded: the model is equalized (equalize.py: scales folded into norms and weights, the same
     function) on the calibration windows before it is profiled or quantized, and the quantizer is then
-    the one named here on the equalized weights (awq: rtn-w); what a step that cannot fold uses instead."""
+    the one named here on the equalized weights (awq: rtn-w); what a step that cannot fold uses instead.
+    measured_by: the candidate table of a plan for `name` holds this quantizer's errors, and the steps that
+    swap single weights in (interactions, --verify, the evolutionary objective) use it: a stand-in measured to
+    pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; README)."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
         if needs_hessian or importance_only or unfolded:
@@ -41,6 +45,8 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
             _IMPORTANCE_ONLY.add(name)
         if unfolded:
             _UNFOLDED[name] = unfolded
+        if measured_by:
+            _MEASURED_BY[name] = measured_by
         return fn
 
     return deco
@@ -77,6 +83,11 @@ def equalizes(name: str) -> bool:
 def unfolded_quantizer(name: str) -> str:
     """What `name` is on a model it cannot fold its scales into (awq: rtn-w); `name` itself when it folds none."""
     return _UNFOLDED.get(name, name)
+
+
+def measuring_quantizer(name: str) -> str:
+    """The quantizer whose ΔW the candidate table of a `name` plan holds (its measured_by; else `name` itself)."""
+    return _MEASURED_BY.get(name, name)
 
 
 def quantize_weight(weight: torch.Tensor, option: QuantOption, quantizer: str = "rtn",

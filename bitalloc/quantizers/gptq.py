@@ -138,7 +138,7 @@ def gptq_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor
     return gptq(weight, option, hessian, **settings, signed=True)
 
 
-@register_quantizer("awq-gptq", unfolded="gptq")
+@register_quantizer("awq-gptq", unfolded="gptq", measured_by="awq")
 def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
              **settings) -> QuantizedWeight:
     """GPTQ of a weight of the equalized model (the pipeline folds AWQ's scales in first: equalize.py)."""
@@ -146,7 +146,6 @@ def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | 
 
 
 @register_batched("gptq")
-@register_batched("awq-gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = 0.01,
               block_size: int = 128, act_order: bool = False, scale_search: bool = True,
               signed: bool = False) -> list[QuantizedWeight]:

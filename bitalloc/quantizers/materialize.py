@@ -16,7 +16,7 @@ from ..progress import steps
 
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
-                   calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: Path | None = None,
+                   calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: str | Path | bool | None = None,
                    content_hash: str | None = None, **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 

@@ -238,7 +238,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                        code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},
-                       quantizer=quantizer or default_quantizer(grid, foldable))
+                       quantizer=quantizer or default_quantizer(grid, foldable, supplied=calibration.path is not None))
 
 
 def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] | None:

@@ -62,8 +62,9 @@ class ProfileIn(_Request):
     include_lm_head: bool = False
     include_embeddings: bool = False
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plans will be applied with (rtn, "
-                                     "rtn-mse, rtn-w, awq, gptq, imatrix; default imatrix for GGUF types, else awq, or "
-                                     "rtn-w on a server with Ray workers); the table holds its errors")
+                                     "rtn-mse, rtn-w, awq, gptq, awq-gptq, imatrix; default imatrix for GGUF types, else "
+                                     "awq-gptq with a calibration path and awq without, or rtn-w on a server with Ray "
+                                     "workers); the table holds its errors")
 
 
 class ConstraintsIn(_Request):
@@ -87,7 +88,8 @@ class PlanIn(_Request):
     include_lm_head: bool = False
     include_embeddings: bool = False
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plan will be applied with; "
-                                     "default imatrix for GGUF types, else awq (rtn-w on a server with Ray workers), "
+                                     "default imatrix for GGUF types, else awq-gptq with a calibration path and awq "
+                                     "without (rtn-w on a server with Ray workers), "
                                      "or with profile_id the profile's (another one is refused)")
     budget: str = Field(max_length=64, description="'3.2bits', '1.5GB', '800MB', '2GiB' or '30%' of fp16")
     budget_scope: Optional[Literal["planned", "model"]] = Field(
