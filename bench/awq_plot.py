@@ -1,5 +1,5 @@
-"""ppl and KL against bits per weight: `awq` INT plans (the default), `awq-gptq` and `gptq` INT plans, `rtn-w` INT
-plans (the default before) and llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from
+"""ppl and KL against bits per weight: `awq` INT plans (the default on the built-in set), `awq-gptq` (the default on
+calibration text you supply) and `gptq` INT plans, `rtn-w` INT plans (the default before) and llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from
 rows already measured.
 
     python bench/awq_plot.py [--out bench/out/awq.png]
@@ -18,26 +18,30 @@ from pathlib import Path
 from common import ROOT
 
 OUT = ROOT / "bench" / "out"
-# model -> series -> the files its rows come from (plan_variants.jsonl or peers.rows.jsonl)
+# model -> series -> (the quantizer its plans were applied with, the files its rows come from: plan_variants.jsonl
+# or peers.rows.jsonl). awq-gptq plans from awq's table now (quantizers.measuring_quantizer): its rows are an awq
+# table's plans applied with awq-gptq; the "GPTQ table" rows are awq-gptq's before, when its table held GPTQ's errors.
 SOURCES = {
     "SmolLM2-135M": {
-        "awq": [OUT / "awq" / "plan_variants.jsonl", OUT / "awq-low-bits" / "awq" / "plan_variants.jsonl"],
-        "awq-gptq": [OUT / "awq-gptq" / "plan_variants.jsonl"],
-        "gptq": [OUT / "plan_variants.jsonl"],
-        "rtn-w": [OUT / "plan_variants.jsonl", OUT / "awq-low-bits" / "rtn-w" / "plan_variants.jsonl"],
-        "llama.cpp + imatrix": [OUT / "peers.rows.jsonl"],
+        "awq": ("awq", [OUT / "awq" / "plan_variants.jsonl", OUT / "awq-low-bits" / "awq" / "plan_variants.jsonl"]),
+        "awq-gptq": ("awq-gptq", [OUT / "awq-table-gptq-apply" / "plan_variants.jsonl"]),
+        "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq" / "plan_variants.jsonl"]),
+        "gptq": ("gptq", [OUT / "plan_variants.jsonl"]),
+        "rtn-w": ("rtn-w", [OUT / "plan_variants.jsonl", OUT / "awq-low-bits" / "rtn-w" / "plan_variants.jsonl"]),
+        "llama.cpp + imatrix": ("", [OUT / "peers.rows.jsonl"]),
     },
     "Gemma 3 270M": {
-        "awq": [OUT / "awq-gemma3" / "plan_variants.jsonl"],
-        "awq-gptq": [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"],
-        "gptq": [OUT / "gptq-gemma3" / "plan_variants.jsonl"],
-        "rtn-w": [OUT / "peers-gemma3-bos" / "plan_variants.jsonl"],
-        "llama.cpp + imatrix": [OUT / "peers-gemma3-bos" / "peers.rows.jsonl"],
+        "awq": ("awq", [OUT / "awq-gemma3" / "plan_variants.jsonl"]),
+        "awq-gptq": ("awq-gptq", [OUT / "awq-table-gptq-apply-gemma3" / "plan_variants.jsonl"]),
+        "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"]),
+        "gptq": ("gptq", [OUT / "gptq-gemma3" / "plan_variants.jsonl"]),
+        "rtn-w": ("rtn-w", [OUT / "peers-gemma3-bos" / "plan_variants.jsonl"]),
+        "llama.cpp + imatrix": ("", [OUT / "peers-gemma3-bos" / "peers.rows.jsonl"]),
     },
 }
 
 
-def points(series: str, files: list[Path]) -> list[tuple[float, float, float]]:
+def points(series: str, applied: str, files: list[Path]) -> list[tuple[float, float, float]]:
     """(bpw, ppl, kl) of the series' rows, one per size (the last measured wins), sorted by bpw."""
     found: dict[float, tuple[float, float, float]] = {}
     for path in files:
@@ -45,8 +49,8 @@ def points(series: str, files: list[Path]) -> list[tuple[float, float, float]]:
             r = json.loads(line)
             if series == "llama.cpp + imatrix":
                 keep = r.get("kind") == "llama.cpp" and r.get("row", "").endswith("+imatrix")
-            else:  # a plan solved under the default error model with this quantizer, no pins or floors
-                keep = r.get("quantizer") == series and r["variant"].endswith(",fisher-tw")
+            else:  # a plan solved under the default error model, applied with this quantizer, no pins or floors
+                keep = (r.get("apply_quantizer") or r.get("quantizer")) == applied and r["variant"].endswith(",fisher-tw")
             if keep:
                 found[round(r["bpw"], 3)] = (r["bpw"], r["ppl"], r["kl"])
     return [found[k] for k in sorted(found)]
@@ -63,9 +67,9 @@ def main() -> None:
 
     fig, axes = plt.subplots(2, len(SOURCES), figsize=(6 * len(SOURCES), 8))
     for col, (model, sources) in enumerate(SOURCES.items()):
-        for series, files in sources.items():
-            rows = points(series, files)
-            print(f"{model:<14} {series:<20} " + "  ".join(f"{b:.4f}: {p:.2f}/{k:.3f}" for b, p, k in rows))
+        for series, (applied, files) in sources.items():
+            rows = points(series, applied, files)
+            print(f"{model:<14} {series:<30} " + "  ".join(f"{b:.4f}: {p:.2f}/{k:.3f}" for b, p, k in rows))
             style = "s" if series.startswith("llama.cpp") else "o-"
             for row, (measure, index) in enumerate((("perplexity", 1), ("KL to F32", 2))):
                 ax = axes[row][col]

@@ -11,7 +11,8 @@ INT grid), or --formats' grid (e.g. int,fp8,mxfp4,nvfp4,keep), so the variants d
 optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify` (the repair loop on
 held-back calibration windows) or pin=LABEL (every module that option: a uniform row, applied and scored the
 same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
-windows without it. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
+windows without it; --calib builtin profiles on the set bitalloc ships (the headline command's), not on
+WikiText-2 validation. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
 KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer and
 the first 12 hex digits of the quantizers' code fingerprint (`numerics`: rows before and after a quantizer change).
 """
@@ -73,8 +74,8 @@ def load_table(args):
     if not f32.exists():
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first, or pass --f32")
     loaded = load_model(str(f32))
-    calibration = args.calib
-    if args.no_calib_bos:
+    calibration = None if args.calib == "builtin" else args.calib  # None: the built-in set, as the headline command
+    if args.no_calib_bos and calibration is not None:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
                                        source=Path(args.calib).name, bos=None)
     options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
@@ -122,7 +123,7 @@ def main() -> None:
         applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens, quantizer=args.apply_quantizer)
         result = evaluate(applied, windows, reference=reference)
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
-               "formats": args.formats, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+               "formats": args.formats, "calibration": calib.source, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
