@@ -118,8 +118,9 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
     index per module: one option, or its fallback where rows do not fit it).
     """
     tokens, slice_record = held_out_slice(calibration, settings.windows)
-    if measuring_quantizer(table.quantizer) != table.quantizer:  # e.g. an awq-gptq plan measured with awq's weights
-        slice_record["measured_with"] = measuring_quantizer(table.quantizer)
+    measured_with = measuring_quantizer(table.quantizer)
+    if measured_with != table.quantizer:  # e.g. an awq-gptq plan measured with awq's weights
+        slice_record["measured_with"] = measured_with
     raw = table.errors_of(error_model)
     meter = SliceMeter(model, table, tokens, settings.metric, profiled_tokens=calibration.tokens)
     try:
