@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from bitalloc.latency.profile import PROFILE_SCHEMA_PATH, LatencyEntry
 from bitalloc.latency.runtime import measure_model_timings
 from bitalloc.latency.timing import time_call
 from bitalloc.models import select_modules
-from bitalloc.options import QuantOption
+from bitalloc.options import QuantOption, parse_option
 
 from conftest import make_llama
 
@@ -129,6 +130,24 @@ def test_profile_json_round_trip_and_bad_files(small_profile, tmp_path):
 def test_checked_in_profile_schema_equals_generated():
     assert PROFILE_SCHEMA_PATH.is_file(), f"{PROFILE_SCHEMA_PATH} is missing"
     assert PROFILE_SCHEMA_PATH.read_text() == canonical_json(HardwareProfile.model_json_schema())
+
+
+REPO_PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", REPO_PROFILES, ids=[p.stem for p in REPO_PROFILES])
+def test_shipped_profiles_load_and_time_every_option_they_name_at_every_shape(path):
+    """The measured profiles in profiles/ are what `--latency-profile profiles/NAME.json` reads: each must
+    load under the current schema and hold a timing for each option it lists at each shape it fits
+    (a group size must divide the input features) and each token count."""
+    profile = HardwareProfile.load(path)
+    assert profile.name == path.stem and profile.models, f"{path.name}: no model timings"
+    timed = {(e.option, e.out_features, e.in_features, e.tokens) for e in profile.entries}
+    shapes = {(e.out_features, e.in_features, e.tokens) for e in profile.entries}
+    missing = [(o, *s) for o in profile.kernel_for_option for s in shapes
+               if parse_option(o).fits(s[1]) and (o, *s) not in timed]
+    assert not missing, f"{path.name}: {len(missing)} option/shape timings missing, e.g. {missing[:3]}"
+    assert all(e.kernel == profile.kernel_for_option[e.option] for e in profile.entries)
 
 
 def _profile_with(entries: list[LatencyEntry]) -> HardwareProfile:
