@@ -29,6 +29,7 @@ from pathlib import Path
 from bitalloc import api
 from bitalloc.apply import apply
 from bitalloc.calibration import leading_bos, make_calibration, read_text
+from bitalloc.cli import _solver_settings
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
@@ -52,6 +53,8 @@ def variant_arguments(doc: str):
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
                     "(an ablation: e.g. an awq table's plans applied with awq-gptq)")
+    ap.add_argument("--apply-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for the applying quantizer, repeatable (e.g. act_order=true for GPTQ's activation order)")
     ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
@@ -115,14 +118,17 @@ def main() -> None:
     model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
+    apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib)
-        applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens, quantizer=args.apply_quantizer)
+        applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens, quantizer=args.apply_quantizer,
+                        **apply_settings)
         result = evaluate(applied, windows, reference=reference)
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
+               **({"apply_settings": apply_settings} if apply_settings else {}),
                "formats": args.formats, "calibration": calib.source, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),

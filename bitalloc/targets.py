@@ -23,6 +23,7 @@ HARDWARE: dict[str, tuple[str, ...]] = {
     "cpu": ("int", "keep"),
     "a100": ("int", "keep"),
     "h100": ("int", "fp8", "keep"),
+    "h200": ("int", "fp8", "keep"),  # the H100's chip (Hopper) with more, faster memory
     "b200": ("int", "fp8", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "keep"),
     "llama.cpp": ("gguf", "keep"),
 }

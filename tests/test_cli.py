@@ -330,7 +330,7 @@ def test_bad_option_grid_is_bad_input(model_dir, cli_env, flag, value, needle):
 
 @pytest.mark.parametrize("args, needles", [
     (("--formats", "int,fp9"), ["'fp9'", "choose from int, fp8"]),
-    (("--target", "tpu"), ["'tpu'", "cpu, a100, h100, b200, llama.cpp, any"]),
+    (("--target", "tpu"), ["'tpu'", "cpu, a100, h100, h200, b200, llama.cpp, any"]),
     (("--target", "h100", "--formats", "int,nvfp4"), ["nvfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
     (("--formats", "keep", "--no-keep"), ["no options left"]),
 ])

@@ -39,7 +39,7 @@ def test_resolve_formats():
 @pytest.mark.parametrize("formats, target, needles", [
     ("int,fp9", None, ["'fp9'", "choose from int, fp8, fp6, fp4, mxfp4, mxfp6, mxfp8, nvfp4, gguf, gguf-iq, keep"]),
     ("", None, ["no format families", "int,fp8,keep"]),
-    (None, "tpu", ["'tpu'", "cpu, a100, h100, b200, llama.cpp, any"]),
+    (None, "tpu", ["'tpu'", "cpu, a100, h100, h200, b200, llama.cpp, any"]),
     ("int,nvfp4,mxfp4", "h100", ["nvfp4, mxfp4 not supported on target 'h100'", "allows int, fp8, keep"]),
     ("gguf-iq,int", "llama.cpp", ["int not supported on target 'llama.cpp'", "allows gguf, keep, gguf-iq"]),
 ])

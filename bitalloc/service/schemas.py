@@ -44,7 +44,7 @@ class OptionsIn(_Request):
                                                           description="'ch' = per channel")
     keep: bool = Field(True, description="offer keeping a module in fp16")
     formats: Optional[list[str]] = Field(None, max_length=16, description="format families, e.g. ['int', 'fp8', 'keep']")
-    target: Optional[str] = Field(None, description="hardware target restricting the formats: cpu, a100, h100, b200, any")
+    target: Optional[str] = Field(None, description="hardware target restricting the formats: cpu, a100, h100, h200, b200, any")
 
 
 def _timeout_field():
