@@ -15,7 +15,7 @@ from .budget import Budget, Outside, gguf_typed, parse_budget
 from .config import (KEYLESS_QUANTIZER, CalibrationSpec, ProfileConfig, RaySpec, SolveConfig, check_solver_names,
                      default_error_model, default_quantizer, supplied_calibration)
 from .constraints import Constraints, constraint_masks
-from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting
+from .errors import BadInputError, BudgetInfeasibleError, NonFiniteError, setting, step
 from .io import check_output_dir
 from .options import QuantOption
 from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSpec, summarize
@@ -563,7 +563,7 @@ def solve_table(
     if "score" in accepted and "score" not in settings:
         if context.score_model is None or context.score_tokens is None:
             raise BadInputError(f"solver {solver!r} scores candidate plans on the model itself: pass the model "
-                                "(bitalloc plan MODEL --profile DIR) or choose another solver (ilp, lagrangian, dp)")
+                                f"beside the profile to {step('plan')} or choose another {setting('solver')} (ilp, lagrangian, dp)")
         from .objective import CalibrationScore
 
         score = CalibrationScore(context.score_model, table, context.score_tokens[:score_windows],
@@ -620,7 +620,7 @@ def _finite_costs(table: CandidateTable, error_model: str) -> np.ndarray:
         i, j = (int(x[0]) for x in np.nonzero(bad))
         raise NonFiniteError(f"candidate table: predicted {error_model} error of {table.groups[i]} as "
                              f"{table.options[j].label} is not finite ({errors[i, j]}; {int(bad.sum())} such cell(s)); "
-                             "the profile is damaged: re-run `bitalloc profile` (check the weights for NaN/Inf)")
+                             f"the profile is damaged: re-run {step('profile')} (check the weights for NaN/Inf)")
     return np.where(table.allowed, errors, 0.0)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import DEFAULT_SIGNALS, SIGNALS, CalibrationSpec, ProfileSettings, SolveConfig, VerifySettings
-from .errors import BadInputError, BitallocError
+from .errors import BadInputError, BitallocError, cli_step
 from .options import DEFAULT_BITS, DEFAULT_GROUP_SIZES
 from .table import ERROR_MODELS
 from .service.limits import DEFAULT_JOB_TIMEOUT_S
@@ -812,7 +812,7 @@ def export_cmd(
             loaded = load_model(plan.model.source)
             c = calibration_for_plan(plan.calibration, loaded.tokenizer, loaded.model, calib, not skip_calib_hash_check)
             extra = dict(model=loaded.model, calibration=c.tokens, calibration_source=c.source)
-    result = export_plan(plan, to, out, allow_untied=allow_untied, **extra)
+    result = export_plan(plan, to, out, wording=(flag, cli_step), allow_untied=allow_untied, **extra)
     for f in result.files:
         print(f"wrote {f}")
     for line in result.unsupported:
@@ -868,7 +868,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
     except BitallocError as e:
         # One line whatever the terminal width, so scripts can grep it.
-        print(f"error: {e.phrased(flag)}", file=sys.stderr)
+        print(f"error: {e.phrased(flag, cli_step)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # outside the command (typer turns one inside into Exit(130), returned below)
         _interrupted()

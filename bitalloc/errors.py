@@ -2,8 +2,10 @@
 
 A message names the setting to change as `setting("seq_len")`, not as a flag: the library does not
 know whether it was called from Python (where the fix is the keyword `seq_len`), over HTTP (the JSON
-field `seq_len`) or from the command line (the flag `--seq-len`). `str(error)` spells settings as
-Python names; each adapter phrases them its own way with `error.phrased(spell)`.
+field `seq_len`) or from the command line (the flag `--seq-len`). In the same way it names a step to
+run again as `step("profile")`: `bitalloc.profile()` in Python, `bitalloc profile` on the command line,
+`POST /v1/profiles` over HTTP. `str(error)` spells both for Python; each adapter phrases them its own way
+with `error.phrased(spell, spell_step)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from typing import Callable
 
 _SETTING = re.compile(r"\[\[setting:([\w.]+)\]\]")
+_STEP = re.compile(r"\[\[step:(\w+)\]\]")
 
 
 def setting(name: str) -> str:
@@ -19,8 +22,31 @@ def setting(name: str) -> str:
     return f"[[setting:{name}]]"
 
 
+def step(name: str) -> str:
+    """A placeholder for the step `name` (profile, plan, apply, export, latency) the fix runs again."""
+    return f"[[step:{name}]]"
+
+
 def python_name(name: str) -> str:
     return name
+
+
+# The Python call behind each step (bitalloc's public names; the CLI spells them `bitalloc <step>`).
+PYTHON_STEPS = {"profile": "bitalloc.profile()", "plan": "bitalloc.plan()", "apply": "bitalloc.apply()",
+                "export": "bitalloc.exports.export_plan()", "latency": "bitalloc.latency.api.measure_latency()"}
+
+
+def python_step(name: str) -> str:
+    return f"`{PYTHON_STEPS.get(name, name)}`"
+
+
+def cli_step(name: str) -> str:
+    return f"`bitalloc {name}`"
+
+
+def phrase(text: str, spell: Callable[[str], str] = python_name, spell_step: Callable[[str], str] = python_step) -> str:
+    """`text` (an error message, or an export's note) with its setting() and step() placeholders spelled."""
+    return _STEP.sub(lambda m: spell_step(m.group(1)), _SETTING.sub(lambda m: spell(m.group(1)), text))
 
 
 class BitallocError(Exception):
@@ -28,12 +54,13 @@ class BitallocError(Exception):
 
     exit_code = 1
 
-    def phrased(self, spell: Callable[[str], str]) -> str:
-        """The message with every setting() placeholder spelled by `spell` (e.g. as a CLI flag)."""
-        return _SETTING.sub(lambda m: spell(m.group(1)), super().__str__())
+    def phrased(self, spell: Callable[[str], str], spell_step: Callable[[str], str] = python_step) -> str:
+        """The message with every setting() placeholder spelled by `spell` (e.g. as a CLI flag) and every
+        step() by `spell_step` (e.g. as a CLI command)."""
+        return phrase(super().__str__(), spell, spell_step)
 
     def __str__(self) -> str:
-        return self.phrased(python_name)
+        return self.phrased(python_name, python_step)
 
 
 class BadInputError(BitallocError):

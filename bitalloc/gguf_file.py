@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .budget import Outside
-from .errors import BadInputError, setting
+from .errors import BadInputError, setting, step
 from .formats.gguf import QUANTIZERS
 from .exports.gguf import FTYPE_OF, block_count, gguf_arch, gguf_tensor_name
 from .io import atomic_output
@@ -150,7 +150,7 @@ def check_architecture(plan: Plan, source: Source) -> str:
     """The source's GGUF architecture name; refuses architectures the writer does not support."""
     if source.architecture not in SUPPORTED_ARCHITECTURES:
         raise BadInputError(f"bitalloc writes GGUF files for {', '.join(SUPPORTED_ARCHITECTURES)} models only; "
-                            f"this one is {source.architecture!r} ({plan.model.architecture}). Use `bitalloc export --to gguf` "
+                            f"this one is {source.architecture!r} ({plan.model.architecture}). Use {step('export')} to gguf "
                             "and llama-quantize for it")
     return source.architecture
 

@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, PrivateAt
 from pydantic_core import core_schema
 
 from .budget import UNPLANNED_BITS
-from .errors import BadInputError, PlanVersionError
+from .errors import BadInputError, PlanVersionError, step
 from .io import atomic_write_text, canonical_json
 from .options import QuantOption
 
@@ -108,7 +108,7 @@ class Assignment(_Strict):
         # A group size that does not divide the input features cannot be quantized or packed (apply/eval/export).
         if not self.option.fits(self.shape[1]):
             raise ValueError(f"group_size {self.option.group_size} does not divide the {self.shape[1]} input features of "
-                             f"{self.module}; re-create the plan with `bitalloc plan`")
+                             f"{self.module}; re-create the plan with {step('plan')}")
         return self
 
 
@@ -285,7 +285,7 @@ class Plan(_Strict):
     def load(cls, path: str | Path) -> "Plan":
         p = Path(path).expanduser()
         if not p.is_file():
-            raise BadInputError(f"plan file {str(path)!r} does not exist; make one with `bitalloc plan MODEL --out {p.name}`")
+            raise BadInputError(f"plan file {str(path)!r} does not exist; make one with {step('plan')} and save it as {p.name}")
         return cls.from_json(p.read_text(encoding="utf-8"), origin=str(path))
 
     @classmethod
@@ -312,7 +312,7 @@ class Plan(_Strict):
             raise BadInputError(f"{origin} is not a valid plan: {where}: {err['msg']} ({e.error_count()} error(s))") from None
         if (problem := plan_inconsistency(plan)) is not None:
             raise BadInputError(f"{origin} is not a consistent plan: {problem}; it was edited or damaged: re-create it "
-                                "with `bitalloc plan`")
+                                f"with {step('plan')}")
         return plan
 
     def options_by_module(self) -> dict[str, QuantOption]:

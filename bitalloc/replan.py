@@ -24,7 +24,7 @@ from typing import Any
 from .budget import Budget
 from .config import check_table_quantizer
 from .constraints import Constraints
-from .errors import BadInputError, ProfileMismatchError, setting
+from .errors import BadInputError, ProfileMismatchError, setting, step
 from .profile.artifact import Profile
 from .sweep import Pareto, parse_budget_range
 
@@ -50,7 +50,7 @@ def load_profile(profile_or_dir: Profile | str | Path) -> Profile:
                             "(e.g. fisher,spikes,table)")
     if "model" not in profile.settings or "tied_embeddings" not in profile.settings["model"]:
         raise BadInputError(f"{where} was written by an older bitalloc that did not record the model's embedding "
-                            "layout; re-run `bitalloc profile` to plan from it")
+                            f"layout; re-run {step('profile')} to plan from it")
     return profile
 
 
@@ -62,13 +62,13 @@ def check_profile_matches(profile: Profile, loaded, where: str = "the profile") 
     if loaded.content_hash != record["content_hash"]:
         raise ProfileMismatchError(
             f"{where} was computed for other weights ({record['source']}, {record['content_hash'][:19]}…), not "
-            f"{loaded.source} ({loaded.content_hash[:19]}…); re-run `bitalloc profile` on this model, or plan "
+            f"{loaded.source} ({loaded.content_hash[:19]}…); re-run {step('profile')} on this model, or plan "
             "from the profile alone (drop MODEL)")
     names = select_modules(loaded.model, bool(profile.settings.get("include_lm_head")),
                            bool(profile.settings.get("include_embeddings")))
     if names != profile.table.groups:
         raise ProfileMismatchError(f"{where} plans {len(profile.table.groups)} modules, the model has "
-                                   f"{len(names)} to plan; re-run `bitalloc profile` on this model")
+                                   f"{len(names)} to plan; re-run {step('profile')} on this model")
 
 
 def check_calibration_matches(profile: Profile, text_path: str | Path, where: str = "the profile") -> None:
@@ -79,13 +79,13 @@ def check_calibration_matches(profile: Profile, text_path: str | Path, where: st
     if text_sha256(read_text(text_path)) != recorded.get("text_sha256"):
         raise ProfileMismatchError(
             f"{where} was calibrated on {recorded.get('source')!r}, not on {Path(text_path).name!r} (the text "
-            f"differs); drop {setting('calibration')} to use the profile's calibration, or re-run `bitalloc profile` with this text")
+            f"differs); drop {setting('calibration')} to use the profile's calibration, or re-run {step('profile')} with this text")
 
 
 def flagged_modules(profile: Profile) -> list[str]:
     """Planned modules whose input or output activations the profile flagged as spiking."""
     if not any(m.spikes is not None for m in profile.modules):
-        raise BadInputError("the profile has no activation spikes to protect; re-run `bitalloc profile` with "
+        raise BadInputError(f"the profile has no activation spikes to protect; re-run {step('profile')} with "
                             f"'spikes' in {setting('signals')}")
     planned = set(profile.table.groups)
     return [m.name for m in profile.modules
@@ -147,7 +147,7 @@ def plan_from_profile(
     where = "the profile" if isinstance(profile_or_dir, Profile) else str(profile_or_dir)
     profile = load_profile(profile_or_dir)
     check_table_quantizer(profile.table.quantizer, quantizer, where,
-                          f"drop {setting('quantizer')} to plan for {profile.table.quantizer}, or re-run `bitalloc profile` with "
+                          f"drop {setting('quantizer')} to plan for {profile.table.quantizer}, or re-run {step('profile')} with "
                           f"{setting('quantizer')} {quantizer}")
     if calibration is not None:
         check_calibration_matches(profile, calibration, where)

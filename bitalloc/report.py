@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError, setting
+from .errors import BadInputError, setting, step
 from .config import DEFAULT_ERROR_MODEL, default_error_model
 from .io import atomic_write_text, check_output_file
 
@@ -65,7 +65,7 @@ def write_report(source: str | Path, out: str | Path, measured: str | Path | Non
             sections.append(("predicted vs measured (" + Path(measured).name + ")",
                              predicted_vs_measured_html(predicted_vs_measured(plan, rows, plan.error_model))))
     else:
-        raise BadInputError(f"{str(source)!r} does not exist; pass a profile folder (what `bitalloc profile` writes) or a plan .json")
+        raise BadInputError(f"{str(source)!r} does not exist; pass a profile folder (what {step('profile')} writes) or a plan .json")
     page = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
             "td,th{padding:2px 8px;text-align:right}</style>", f"<h1>{html.escape(title)}</h1>"]

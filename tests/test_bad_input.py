@@ -623,3 +623,29 @@ def test_library_errors_name_settings_and_each_adapter_spells_them(inputs, tmp_p
     text.write_text("a few words")
     code, _, err = run_main(["eval", inputs["model"], "--text", text, "--seq-len", "100", "--windows", "1"], monkeypatch, capsys)
     assert code == 2 and err.strip().endswith("fewer than one window of 100; lower --seq-len"), err
+
+
+def test_a_step_to_run_again_is_spelled_by_each_adapter(inputs, tmp_path, monkeypatch, capsys):
+    """A message that says which step to run again names it the caller's way: `bitalloc.plan()` from Python,
+    `bitalloc plan` on the command line, the endpoint over HTTP; export notes likewise (export_plan's wording)."""
+    from bitalloc.errors import BadInputError, cli_step
+    from bitalloc.exports import export_plan
+    from bitalloc.plan import Plan
+    from bitalloc.service.wording import HTTP_WORDING, http_text
+
+    missing = tmp_path / "missing.json"
+    with pytest.raises(BadInputError) as caught:
+        Plan.load(missing)
+    assert str(caught.value).endswith("make one with `bitalloc.plan()` and save it as missing.json")
+    assert caught.value.phrased(cli.flag, cli_step).endswith("make one with `bitalloc plan` and save it as missing.json")
+    assert http_text(caught.value).endswith("make one with POST /v1/plans and save it as missing.json")
+    code, _, err = run_main(["show", missing], monkeypatch, capsys)
+    assert code == 2 and "make one with `bitalloc plan` and" in err and "[[" not in err, err
+
+    plan = Plan.load(inputs["plan"])
+    spelled = {name: export_plan(plan, "compressed-tensors", tmp_path / name, **({"wording": w} if w else {})).notes[0]
+               for name, w in (("python", None), ("cli", (cli.flag, cli_step)), ("http", HTTP_WORDING))}
+    assert "`bitalloc.apply()` to a checkpoint folder" in spelled["python"]
+    assert "`bitalloc apply` to a checkpoint folder" in spelled["cli"]
+    assert "`bitalloc apply` to a checkpoint folder" in spelled["http"]  # apply is not served over HTTP
+    assert not any("[[" in s for s in spelled.values())

@@ -318,7 +318,7 @@ def test_inconsistent_plan_is_refused_naming_field_and_module(tiny_plan, tmp_pat
     import re
 
     assert re.search(needle, str(info.value)), str(info.value)
-    assert "re-create it with `bitalloc plan`" in str(info.value)
+    assert "re-create it with `bitalloc.plan()`" in str(info.value)
 
 
 def test_row_groups_that_tile_a_module_are_consistent_and_overlapping_ones_are_not(tiny_plan):

@@ -104,7 +104,7 @@ def test_mismatched_model_or_calibration_is_refused(spiked, tmp_path):
     model, _, out, _ = spiked
     plan_from_profile(out, "4bits", model=model)  # the same weights: accepted
     other = make_llama(seed=1)
-    with pytest.raises(ProfileMismatchError, match="other weights.*re-run `bitalloc profile`"):
+    with pytest.raises(ProfileMismatchError, match="other weights.*re-run `bitalloc\\.profile\\(\\)`"):
         plan_from_profile(out, "4bits", model=other)
     text = tmp_path / "other.txt"
     text.write_text("some other calibration text\n", encoding="utf-8")
@@ -124,10 +124,10 @@ def test_damaged_profile_is_refused_with_the_fix(spiked, tmp_path):
     first = packed[offset:offset + np.dtype(dtype).itemsize].view(dtype)
     first[0] *= 0.5
     np.savez(bad / "tensors.npz", packed=packed)
-    with pytest.raises(BadInputError, match="checksum.*re-run `bitalloc profile`"):
+    with pytest.raises(BadInputError, match="checksum.*re-run `bitalloc\\.profile\\(\\)`"):
         plan_from_profile(bad, "4bits")
     (bad / "tensors.npz").write_bytes((out / "tensors.npz").read_bytes()[:100])  # truncated
-    with pytest.raises(BadInputError, match="damaged.*re-run `bitalloc profile`"):
+    with pytest.raises(BadInputError, match="damaged.*re-run `bitalloc\\.profile\\(\\)`"):
         plan_from_profile(bad, "4bits")
 
 

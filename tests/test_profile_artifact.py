@@ -104,7 +104,7 @@ def test_older_profile_versions_are_refused(tmp_path, calib_ids, version):
     doc.update(version=version, checksum=arrays_checksum(arrays))  # what those versions wrote: a valid arrays checksum
     (old / "profile.json").write_text(json.dumps(doc))
     with pytest.raises(BadInputError, match=f"version {version}, whose checksum does not cover profile.json.*"
-                                            "re-run `bitalloc profile`"):
+                                            "re-run `bitalloc\\.profile\\(\\)`"):
         Profile.load(old)
 
 
@@ -128,7 +128,7 @@ def test_any_edit_to_profile_json_is_refused(tmp_path, calib_ids, edit):
     doc = json.loads((out / "profile.json").read_text())
     EDITS[edit](doc)
     (out / "profile.json").write_text(json.dumps(doc))
-    with pytest.raises(BadInputError, match="checksum.*re-run `bitalloc profile`"):
+    with pytest.raises(BadInputError, match="checksum.*re-run `bitalloc\\.profile\\(\\)`"):
         load_profile(out)
 
 
@@ -144,7 +144,7 @@ def test_an_edit_with_a_recomputed_checksum_is_caught_by_the_consistency_checks(
         doc["checksum"] = profile_checksum(doc, unpack_arrays(z["packed"], doc["arrays"]))
     (out / "profile.json").write_text(json.dumps(doc))
     with pytest.raises(BadInputError, match="inconsistent: candidate table: model.layers.0.self_attn.q_proj: storage bits "
-                                            "of int8-g32-asym .*re-run `bitalloc profile`"):
+                                            "of int8-g32-asym .*re-run `bitalloc\\.profile\\(\\)`"):
         Profile.load(out)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BadInputError
+from ..errors import BadInputError, phrase, python_name, python_step, setting, step
 from ..io import check_output_dir
 from ..plan import Plan
 
@@ -42,7 +42,11 @@ def available_exports() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_EXPORTERS.items())}
 
 
-def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> ExportResult:
+def export_plan(plan: Plan, target: str, out: str | Path, *,
+                wording: tuple[Callable[[str], str], Callable[[str], str]] = (python_name, python_step),
+                **options: Any) -> ExportResult:
+    """Write `plan` for `target` into the folder `out`. wording: how the result's lines spell the settings and
+    steps they name, (setting, step) -> text; Python names by default (the CLI passes its flags and commands)."""
     try:
         fn, _ = _EXPORTERS[target]
     except KeyError:
@@ -54,8 +58,10 @@ def export_plan(plan: Plan, target: str, out: str | Path, **options: Any) -> Exp
         result.unsupported.append(
             f"the plan's errors were measured with AWQ's equalization scales folded into the model (quantizer "
             f"{plan.quantizer}); {target} quantizes the weights as they are, so its errors differ from the plan's. "
-            "`bitalloc apply` writes the folded, quantized checkpoint; re-plan with quantizer "
+            f"{step('apply')} writes the folded, quantized checkpoint; re-plan with {setting('quantizer')} "
             f"{unfolded_quantizer(plan.quantizer)} for a plan measured on the weights as they are")
+    result.unsupported = [phrase(line, *wording) for line in result.unsupported]
+    result.notes = [phrase(line, *wording) for line in result.notes]
     return result
 
 

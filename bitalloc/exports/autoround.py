@@ -64,5 +64,5 @@ def export_autoround(plan: Plan, out: Path, allow_untied: bool = False, **_) -> 
              "use: AutoRound(model, tokenizer, layer_config=config['extra_config'], bits=..., group_size=..., sym=...)"]
     if unsupported:
         notes.append("to keep every module quantized, re-plan with integer options of 2/3/4/8 bits: "
-                     "`bitalloc plan ... --formats int,keep --bits 2,3,4,8`")
+                     f"{setting('formats')} int,keep and {setting('bits')} 2,3,4,8")
     return ExportResult("autoround", [path], unsupported + tie_lines, notes)

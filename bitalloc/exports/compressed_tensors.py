@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import BadInputError, setting
+from ..errors import BadInputError, setting, step
 from ..io import atomic_write_text, canonical_json
 from ..options import QuantOption, option_sort_key
 from ..plan import Plan
@@ -154,7 +154,7 @@ def serving_notes(plan: Plan) -> list[str]:
         return []
     return [f"vLLM's weight-only int kernels serve {' and '.join(map(str, VLLM_INT_BITS))} bits; "
             f"{', '.join(odd)} load in transformers/compressed-tensors but not in vLLM "
-            "(re-plan with --bits 4,8 to serve with vLLM)"]
+            "(re-plan with 4- and 8-bit options to serve with vLLM)"]
 
 
 @register_export("compressed-tensors", "quantization_config JSON for compressed-tensors / vLLM (packed weights: `bitalloc apply`)")
@@ -165,6 +165,6 @@ def export_compressed_tensors(plan: Plan, out: Path, linear_names: list[str] | N
     atomic_write_text(path, canonical_json(quantization_config(plan, linear_names)))
     return ExportResult(
         target="compressed-tensors", files=[path], unsupported=warnings,
-        notes=["merge into config.json as \"quantization_config\"; `bitalloc apply MODEL --plan PLAN --out DIR` "
+        notes=[f"merge into config.json as \"quantization_config\"; {step('apply')} to a checkpoint folder "
                "writes the packed weights with it", *serving_notes(plan)],
     )

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, step
 from ..io import atomic_write_text
 from ..formats.gguf import GGUF_TYPES
 from ..options import QuantOption
@@ -240,6 +240,6 @@ def export_gguf(plan: Plan, out: Path, model=None, calibration=None, calibration
         "quantized GGUF needs --allow-requantize and loses quality",
     ]
     if len(files) == 1 and plan.quantizer == "imatrix":
-        notes.append("the plan was made with importance weights; `bitalloc export --to gguf` also writes "
+        notes.append(f"the plan was made with importance weights; {step('export')} to gguf also writes "
                      f"{IMATRIX_FILE} for llama-quantize --imatrix (with --calib FILE when the plan was calibrated on a file)")
     return ExportResult("gguf", files, unsupported, notes)

@@ -93,5 +93,5 @@ def export_gptqmodel(plan: Plan, out: Path, allow_untied: bool = False, **_) -> 
              "same dict as the checkpoint's quantization_config",
              "transformers' GPTQConfig (5.x) drops `dynamic`: per-module bits load through GPTQModel or vLLM only"]
     if any("GPTQ stores" in u for u in unsupported):
-        notes.append("to keep every module quantized, re-plan with GPTQ's widths: `bitalloc plan ... --bits 2,3,4,8`")
+        notes.append(f"to keep every module quantized, re-plan with GPTQ's widths: {setting('bits')} 2,3,4,8")
     return ExportResult("gptqmodel", [path], unsupported + tie_lines, notes)

@@ -96,5 +96,5 @@ def export_modelopt(plan: Plan, out: Path, allow_untied: bool = False, **_) -> E
                      f"{', '.join(trt_only)}: TensorRT-LLM only")
     if unsupported:
         notes.append("to keep every module quantized, re-plan with ModelOpt's schemes, e.g. "
-                     "`bitalloc plan ... --formats fp8,nvfp4,keep` or `--allow '.*=int4-g(64|128)-sym|int[48]-ch-sym|fp16'`")
+                     f"{setting('formats')} fp8,nvfp4,keep or {setting('allow')} '.*=int4-g(64|128)-sym|int[48]-ch-sym|fp16'")
     return ExportResult("modelopt", [path], unsupported + tie_lines, notes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, step
 from ..io import atomic_write_text
 from ..options import QuantOption
 from ..plan import Plan
@@ -93,7 +93,7 @@ def fqn_to_config(plan: Plan):
         from torchao.core.config import config_from_dict
     except ImportError:
         raise BadInputError("fqn_to_config needs torchao: pip install torchao "
-                            "(the JSON export does not: `bitalloc export PLAN --to torchao`)") from None
+                            f"(the JSON export does not: {step('export')} to torchao)") from None
     mapping, _ = torchao_mapping(plan)
     return config_from_dict(mapping)
 

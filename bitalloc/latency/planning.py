@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInputError, BudgetInfeasibleError, setting
+from ..errors import BadInputError, BudgetInfeasibleError, setting, step
 from .predict import LatencyModel, parse_latency, shape_signature
 from .profile import HardwareProfile
 
@@ -66,7 +66,7 @@ def latency_inputs(target: LatencyTarget, architecture: str, shapes: list[tuple[
             raise BadInputError(
                 f"latency profile {profile.name!r} did not time this model ({architecture}, {len(shapes)} planned layers) at "
                 f"{target.tokens} token(s), so a whole-forward latency cannot be predicted; measure it with "
-                f"`bitalloc latency --model MODEL --tokens {target.tokens}`"
+                f"{step('latency')} on this model at {setting('tokens')} {target.tokens}"
             )
         if model.asynchronous:
             host_low = other + float(np.nanmin(host, axis=1).sum())

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, setting, step
 from ..options import QuantOption
 from .profile import HardwareProfile, LatencyEntry
 
@@ -41,11 +41,11 @@ class LatencyModel:
             if not have:
                 raise BadInputError(
                     f"latency profile {self.profile.name!r} has no timings at {tokens} tokens (it has {self.tokens}); "
-                    f"pick one of those or re-measure with `bitalloc latency --tokens {tokens}`"
+                    f"pick one of those or re-measure with {step('latency')} at {setting('tokens')} {tokens}"
                 )
             raise BadInputError(
                 f"latency profile {self.profile.name!r} has no timing for option {label}; re-measure it with "
-                f"`bitalloc latency` offering that option, or plan without it (it has {len(have)} options, e.g. {', '.join(have[:4])})"
+                f"{step('latency')} offering that option, or plan without it (it has {len(have)} options, e.g. {', '.join(have[:4])})"
             )
         best = _nearest(measured, out_features * in_features)
         return best.median_s * out_features * in_features / (best.out_features * best.in_features)

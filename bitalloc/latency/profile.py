@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import BadInputError, PlanVersionError
+from ..errors import BadInputError, PlanVersionError, step
 from ..io import atomic_write_text, canonical_json
 
 PROFILE_SCHEMA_VERSION = 1
@@ -87,7 +87,7 @@ class HardwareProfile(_Strict):
     def load(cls, path: str | Path) -> "HardwareProfile":
         p = Path(path).expanduser()
         if not p.is_file():
-            raise BadInputError(f"latency profile {str(path)!r} does not exist; measure one with `bitalloc latency --out {p.name}` or pick one in profiles/")
+            raise BadInputError(f"latency profile {str(path)!r} does not exist; measure one with {step('latency')} or pick one in profiles/")
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -97,7 +97,7 @@ class HardwareProfile(_Strict):
         if raw.get("schema_version") != PROFILE_SCHEMA_VERSION:
             raise PlanVersionError(
                 f"{path} has latency-profile schema version {raw.get('schema_version')!r}; this bitalloc reads "
-                f"version {PROFILE_SCHEMA_VERSION}: re-measure it with `bitalloc latency` or upgrade bitalloc"
+                f"version {PROFILE_SCHEMA_VERSION}: re-measure it with {step('latency')} or upgrade bitalloc"
             )
         try:
             return cls.model_validate(raw)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..table import CandidateTable, table_inconsistency
-from ..errors import BadInputError
+from ..errors import BadInputError, step
 from ..io import atomic_write_bytes, atomic_write_text, canonical_json
 from ..options import QuantOption
 from .records import Interaction, ProjectionSpikes, Salience, SiteSpikes, TraceEstimate
@@ -93,14 +93,14 @@ class Profile:
         folder = Path(folder)
         path = folder / "profile.json"
         if not path.is_file():
-            raise BadInputError(f"{str(folder)!r} holds no profile.json; pass a folder written by `bitalloc profile`")
+            raise BadInputError(f"{str(folder)!r} holds no profile.json; pass a folder written by {step('profile')}")
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run `bitalloc profile`") from None
-        rerun = "recompute the profile: re-run `bitalloc profile`"
+            raise BadInputError(f"{path} is not a readable profile ({e}); recompute it: re-run {step('profile')}") from None
+        rerun = f"recompute the profile: re-run {step('profile')}"
         if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
-            raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by `bitalloc profile`")
+            raise BadInputError(f"{path} is not a bitalloc profile; pass a folder written by {step('profile')}")
         version = doc.get("version")
         if type(version) is not int:
             raise BadInputError(f"{path} has profile version {version!r}, not a whole number (damaged or edited); {rerun}")

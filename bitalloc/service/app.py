@@ -35,6 +35,7 @@ from .schemas import (CalibrationIn, ConstraintsIn, ErrorOut, JobOut, OptionsIn,
 from .sources import ProfileSpec, SourceRules, checked_model_source, checked_path, file_sha256, model_fingerprint
 from .store import DONE, Job, PlanRecord, ProfileRecord, Store
 from .work import PlanSpec, check_plan_spec, plan_from_stored
+from .wording import HTTP_WORDING, http_text
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 _ERRORS = {400: "bad input", 401: "unauthorized", 404: "not found", 405: "method not allowed", 409: "conflict",
@@ -315,7 +316,8 @@ def _export(store: Store, record: PlanRecord, target: str):
     folder = store.root / "exports" / record.id / target
     done = folder / ".export.json"
     if not done.is_file():  # export once per plan and target; the marker is written last
-        result = exports.export_plan(Plan.from_json(record.plan_json, origin=record.id), target, folder / "out")
+        result = exports.export_plan(Plan.from_json(record.plan_json, origin=record.id), target, folder / "out",
+                                     wording=HTTP_WORDING)
         files = sorted(Path(f).resolve() for f in result.files)
         atomic_write_text(done, canonical_json({"files": [str(f.relative_to(folder / "out")) for f in files],
                                                 "unsupported": result.unsupported, "notes": result.notes}))
@@ -362,11 +364,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BudgetInfeasibleError)
     async def infeasible(request: Request, exc: BudgetInfeasibleError) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(422, http_text(exc))
 
     @app.exception_handler(BitallocError)
     async def bad_input(request: Request, exc: BitallocError) -> JSONResponse:
-        return _error(400 if isinstance(exc, BadInputError) else 500, str(exc))
+        return _error(400 if isinstance(exc, BadInputError) else 500, http_text(exc))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

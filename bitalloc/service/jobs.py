@@ -32,6 +32,7 @@ from .limits import ServiceLimits
 from .sources import ProfileSpec, SourceRules, checked_model_source, checked_path
 from .store import RUNNING, Job, SQLiteStore, Store
 from .work import PlanSpec, build_profile, make_plan, open_profile, store_plan
+from .wording import http_text
 
 HEARTBEAT_S = 1.0
 LEASE_S = 15.0  # a heartbeat older than this means the owner is gone (another host, or a hung process)
@@ -144,7 +145,7 @@ def _run_claimed(store: Store, job: Job, owner: str, rules: SourceRules = Source
     try:
         result = run_job(store, job, progress, rules, ray)
     except BitallocError as e:
-        store.fail_job(job.id, owner, str(e))
+        store.fail_job(job.id, owner, http_text(e))
     except Exception as e:  # an internal failure: recorded on the job, the worker lives on
         traceback.print_exc()
         store.fail_job(job.id, owner, f"internal error: {type(e).__name__}: {e}")

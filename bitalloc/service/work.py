@@ -36,6 +36,7 @@ from ..profile.artifact import Profile
 from ..progress import reporting
 from .sources import ProfileSpec
 from .store import PlanRecord, ProfileRecord, Store
+from .wording import http_text
 
 Progress = Callable[[float, str], None]
 
@@ -156,7 +157,7 @@ def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
         profile = Profile.load(folder, key=record.id)
     except BadInputError as e:
         raise StoredProfileError(
-            f"stored profile {record.id} in {folder} failed its checks ({e}); it is damaged, edited, or written by an "
+            f"stored profile {record.id} in {folder} failed its checks ({http_text(e)}); it is damaged, edited, or written by an "
             "older bitalloc; the service dropped it: recompute it with POST /v1/profiles", record.id) from None
     if profile.table is None or profile.calibration_tokens is None:
         raise StoredProfileError(f"stored profile {record.id} in {folder} has no candidate table or calibration tokens; "
