@@ -88,8 +88,14 @@ def test_act_order_keeps_natural_group_layout_and_helps():
     s = torch.logspace(-1, 1, W.shape[1])[torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(0))]
     H = H * s[:, None] * s[None, :]
     opt = QuantOption.int_(3, 32, False)
-    plain = quantize_weight(W, opt, "gptq", hessian=H)
+    plain = quantize_weight(W, opt, "gptq", hessian=H, act_order=False)
     ordered = quantize_weight(W, opt, "gptq", hessian=H, act_order=True)
+    # gptq visits columns in act-order by default; gptq-minmax, the reference GPTQ, in natural order
+    assert torch.equal(quantize_weight(W, opt, "gptq", hessian=H).codes, ordered.codes)
+    assert torch.equal(quantize_weight(W, opt, "gptq-minmax", hessian=H).codes,
+                       quantize_weight(W, opt, "gptq-minmax", hessian=H, act_order=False).codes)
+    assert not torch.equal(quantize_weight(W, opt, "gptq-minmax", hessian=H).codes,
+                           quantize_weight(W, opt, "gptq-minmax", hessian=H, act_order=True).codes)
     # static groups: the scales are chosen from the original weight, in natural group order — by
     # min/max (RTN's) for gptq-minmax, by the search under GPTQ's column weights 1/U_jj² for gptq
     minmax = quantize_weight(W, opt, "gptq-minmax", hessian=H, act_order=True)
