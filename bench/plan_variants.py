@@ -55,6 +55,9 @@ def variant_arguments(doc: str):
                     "(an ablation: e.g. an awq table's plans applied with awq-gptq)")
     ap.add_argument("--apply-setting", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the applying quantizer, repeatable (e.g. act_order=true for GPTQ's activation order)")
+    ap.add_argument("--apply-calib-tokens", type=int, default=None,
+                    help="apply with this many tokens of --calib (same window length and BOS) instead of the profile's "
+                    "windows: GPTQ's Hessians from more text (an ablation)")
     ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
@@ -118,17 +121,24 @@ def main() -> None:
     model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
-    apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
+    apply_settings = _solver_settings(args.apply_setting)
+    apply_windows = calib.tokens
+    if args.apply_calib_tokens:
+        if args.calib == "builtin":
+            sys.exit("error: --apply-calib-tokens takes its windows from a --calib text file")
+        apply_windows = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=calib.tokens.shape[1],
+                                         tokens=args.apply_calib_tokens, bos=calib.bos).tokens  # the CLI's KEY=VALUE reading
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib)
-        applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib.tokens, quantizer=args.apply_quantizer,
+        applied = apply(copy.deepcopy(profiled.model), plan, calibration=apply_windows, quantizer=args.apply_quantizer,
                         **apply_settings)
         result = evaluate(applied, windows, reference=reference)
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
                **({"apply_settings": apply_settings} if apply_settings else {}),
+               **({"apply_calib_tokens": int(apply_windows.numel())} if args.apply_calib_tokens else {}),
                "formats": args.formats, "calibration": calib.source, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
