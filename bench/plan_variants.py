@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from bitalloc import api
 from bitalloc.apply import apply
 from bitalloc.calibration import leading_bos, make_calibration, read_text
@@ -144,7 +146,8 @@ def main() -> None:
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
                "verification": None if plan.verification is None else plan.verification.outcome,
-               "seconds": round(time.time() - start, 1), "numerics": numerics_fingerprint()[:12]}
+               "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
+               "numerics": numerics_fingerprint()[:12]}
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{variant:<28} {row['bpw']:.4f} bpw  ppl {result.ppl:.3f}  KL {result.kl:.4f}  "
