@@ -70,7 +70,9 @@ class HessianFactor:
 # Measured (awq tables' plans applied with awq-gptq, WikiText-2, bench/out/gptq-act-order*): on SmolLM2-135M
 # act-order lowered ppl at six of seven sizes from 3.2 to 5.5 bits per weight (62.8 → 59.6 at 3.2 bits; +0.16
 # at 5.5) and KL at four (+1-2 % at the other three); on Gemma 3 both at 3.5 bits (38.4 → 37.7 ppl), and at 4.5 and
-# 5.2 bits it was 0.07-0.08 ppl worse. It pays where rounding is coarse and is about even above ~4.4 bits.
+# 5.2 bits it was 0.07-0.08 ppl worse. Applied with two threads instead of one, the 3.2-bit gain held (59.3 vs 62.8)
+# and the 3.5-bit one reversed (+1.5 ppl): float summation order moves GPTQ by that much. It pays where rounding is
+# coarsest and was not seen to lose by more than that noise elsewhere.
 # "gptq-minmax", the reference GPTQ, keeps natural order.
 ACT_ORDER = True
 
