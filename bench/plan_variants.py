@@ -123,13 +123,13 @@ def main() -> None:
     model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
-    apply_settings = _solver_settings(args.apply_setting)
+    apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
     apply_windows = calib.tokens
     if args.apply_calib_tokens:
         if args.calib == "builtin":
             sys.exit("error: --apply-calib-tokens takes its windows from a --calib text file")
         apply_windows = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=calib.tokens.shape[1],
-                                         tokens=args.apply_calib_tokens, bos=calib.bos).tokens  # the CLI's KEY=VALUE reading
+                                         tokens=args.apply_calib_tokens, bos=calib.bos).tokens
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
