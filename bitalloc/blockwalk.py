@@ -10,7 +10,7 @@ arguments (sliding-window layers next to global ones) are replayed as the whole 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -95,23 +95,57 @@ class BlockWalk:
     [n, seq_len] as the blocks before it (in their state when the walk reached them) passed them on.
 
     What a caller changes in a block while it holds it (quantized weights, folded scales) shapes the next
-    block's inputs; breaking out of the loop skips running the rest."""
+    block's inputs; breaking out of the loop skips running the rest. GPTQ (quantizers/sequential.py),
+    equalization and the streamed profile's forward pass all walk this way:
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor):
+    holding(i, block): a context entered while block i is in use, the caller's turn and the pass that makes
+        the next inputs (the streamed profile loads the block's weights there and hooks its spike sites);
+    at_window(w): called before window w enters the prefix or a block (for hooks that file what they see by window);
+    to_end: run the last block too; its outputs are then `outputs`.
+    record() runs the prefix (the model up to block 0) once per window; call it first where the prefix needs a
+    context of its own (weights to load), else the walk calls it when it starts. `calls` then holds how the model
+    called each block, per window (calls[w][i]), for passes of the caller's own (the streamed backward).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, *,
+                 holding: Callable[[int, nn.Module], AbstractContextManager] | None = None,
+                 at_window: Callable[[int], None] | None = None, to_end: bool = False):
         self.prefix, self.blocks = decoder_blocks(model)
         self.model, self.windows = model, windows
+        self.holding = holding or (lambda i, block: nullcontext())
+        self.at_window = at_window or (lambda w: None)
+        self.to_end = to_end
+        self.calls: list[list[BlockCall]] = []
+        self.outputs: list[torch.Tensor] | None = None
+        self._first: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def record(self) -> None:
+        self.calls, self._first = [], []
+        for w, window in enumerate(self.windows):
+            self.at_window(w)
+            calls, first = record_calls(self.model, self.blocks, window[None])
+            self.calls.append(calls)
+            self._first.append(first)
+
     def __iter__(self) -> Iterator[tuple[nn.Module, Inputs]]:
-        recorded = [record_calls(self.model, self.blocks, window[None]) for window in self.windows]
-        hidden = [h0 for _, h0 in recorded]
+        if self._first is None:
+            self.record()
+        hidden, self._first = self._first, None  # the walk owns the boundaries from here: one in memory at a time
         for i, block in enumerate(self.blocks):
-            inputs = [(calls[i], h) for (calls, _), h in zip(recorded, hidden)]
-            yield block, inputs
-            if i + 1 < len(self.blocks):
-                hidden = [call(block, h) for call, h in inputs]
+            with self.holding(i, block):
+                inputs = [(calls[i], h) for calls, h in zip(self.calls, hidden)]
+                yield block, inputs
+                if i + 1 < len(self.blocks) or self.to_end:
+                    hidden = []
+                    for w, (call, h) in enumerate(inputs):
+                        self.at_window(w)
+                        hidden.append(call(block, h))
+                    del inputs
+        if self.to_end:
+            self.outputs = hidden
 
 
 @dataclass

@@ -237,7 +237,7 @@ def spike_accumulators(model, module_names: list[str], calibration, first_window
     collector = SpikeCollector(module_names, top_k)
     with torch.no_grad(), collector.hooked({n: model.get_submodule(n) for n in module_names}):
         for i, window in enumerate(calibration.tokens):
-            collector.window = first_window + i
+            collector.at(first_window + i)
             model(input_ids=window[None])
     return collector.acc
 

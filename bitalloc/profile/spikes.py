@@ -89,6 +89,10 @@ class SpikeCollector:
         self.window = 0
         self.offset = 0
 
+    def at(self, window: int, offset: int = 0) -> None:
+        """What runs next is `window`, from token `offset` on."""
+        self.window, self.offset = window, offset
+
     def hooked(self, modules: dict[str, nn.Module]) -> AbstractContextManager:
         """Record the inputs and outputs of `modules` (those of them this collector tracks) while inside."""
         def hook(mod, args, output, name):
@@ -114,6 +118,6 @@ def collect_spikes(model: nn.Module, module_names: list[str], calibration: Calib
     collector = SpikeCollector(module_names, top_k)
     with collector.hooked({n: model.get_submodule(n) for n in module_names}):
         for i, window in enumerate(steps(calibration.tokens, "activation spikes", show=progress, unit="win")):
-            collector.window = i
+            collector.at(i)
             model(input_ids=window[None])
     return collector.finish(threshold)

@@ -4,6 +4,7 @@ The model is a meta skeleton (checkpoint.StreamedModel); weights are read when n
   1. prefix   embeddings etc. materialized; every block's forward is replaced by a recorder that
               keeps its call (masks, position embeddings, ...) and the block-0 input h₀ per window.
   2. forward  block l alone is materialized and maps the saved boundary h_l to h_{l+1} (no grad).
+              Steps 1-2 are blockwalk.BlockWalk, the walk GPTQ and equalization take, holding one block.
   3. head     final norm + head materialized; the loss gradient g_N = ∂L/∂h_N at the last boundary
               (and the head's own statistics) come from the model's forward with the blocks
               replaced by a replay that returns h_N, in token chunks so the logits stay small; it is
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blockwalk import BlockCall, StopForward, blocks_replaced, record_calls
+from ..blockwalk import BlockWalk, StopForward, blocks_replaced
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
@@ -124,35 +125,29 @@ def iter_block_statistics(
         store = _Boundaries(Path(tmp) if boundaries_on_disk else None)
         bar = Bar((2 if statistics else 1) * n_blocks, "streamed blocks", show=progress, unit="block")
 
-        # 1. prefix: record every block's call per window, and h₀
-        calls: list[list[BlockCall]] = []
+        # 1-2. prefix, then forward block by block (blockwalk): every block's call per window, and h_0 .. h_N
         before_blocks: set[str] = set()
         # the prefix passes never reach the head, and the head pass feeds zeros instead of embeddings: an
         # untied vocabulary matrix (4.2 GB fp32 for Llama-3.1-70B) is loaded only where it is used
         prefix_modules = _without(outside, model.get_output_embeddings())
         head_modules = _without(outside, model.get_input_embeddings())
-        h0 = []
+
+        @contextmanager
+        def holding(l: int, block: nn.Module) -> Iterator[None]:
+            with _loaded(loaded, [(f"{prefix}.{l}", block)]), spikes.hooked(spiked_in_block[l]):
+                yield
+
+        walk = BlockWalk(model, tokens, holding=holding, at_window=spikes.at, to_end=True)
         with (_loaded(loaded, prefix_modules), torch.no_grad(), spikes.hooked(spiked_outside),  # only those before block 0 run
               forward_hooks((mod, lambda m, a, o, n=n: before_blocks.add(n)) for n, mod in outside)):
-            for w in range(n_windows):
-                spikes.window, spikes.offset = w, 0
-                window_calls, first = record_calls(model, blocks, tokens[w][None])
-                calls.append(window_calls)
-                h0.append(first)
-        store.put(0, torch.cat(h0))
-        del h0
-
-        # 2. forward, block by block
-        for l in range(n_blocks):
-            with _loaded(loaded, [(f"{prefix}.{l}", blocks[l])]), torch.no_grad(), spikes.hooked(spiked_in_block[l]):
-                h = store.get(l)
-                out = []
-                for w in range(n_windows):
-                    spikes.window = w
-                    out.append(calls[w][l](blocks[l], h[w : w + 1]))
-                store.put(l + 1, torch.cat(out))
-                del out
-            bar.update()
+            walk.record()
+        with torch.no_grad():
+            for l, (_, inputs) in enumerate(walk):
+                store.put(l, torch.cat([h for _, h in inputs]))
+                bar.update()
+        store.put(n_blocks, torch.cat(walk.outputs))
+        calls = walk.calls
+        del walk
 
         # 3. head: g_N and the statistics of planned modules after the blocks
         after = {n: m for n, m in planned_outside.items() if _owner(n, outside) not in before_blocks}
@@ -261,7 +256,7 @@ def _head_pass(model, blocks, tokens, h_last, acc: StatisticAccumulator, spikes:
 
     def before(w, a):
         acc.window = w
-        spikes.window, spikes.offset = w, a
+        spikes.at(w, a)
 
     for w, a, leaf, logits, n in head_chunks(model, blocks, tokens, h_last, grad=backward, before=before):
         if backward and n > 0:

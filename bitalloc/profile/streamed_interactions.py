@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..blockwalk import record_calls
+from ..blockwalk import BlockWalk, record_calls
 from ..checkpoint import StreamedModel, outside_modules
 from ..models import decoder_blocks
 from ..options import QuantOption
@@ -78,26 +78,21 @@ class StreamedInteractions:
         sums = ImportanceSums(importance_of or {})
         n_blocks = len(self.blocks)
         bar = Bar(n_blocks, "interactions: clean walk", show=self.progress, unit="block")
+        # each window's module inputs are folded into the sums before the next window runs (and at the head)
+        walk = BlockWalk(self.model, tokens, holding=lambda l, block: _loaded(self.loaded, self._block(l)),
+                         at_window=lambda w: sums.end_window(), to_end=True)
         with sums.hooked():
             with _loaded(self.loaded, self.prefix_modules):
-                recorded = [record_calls(self.model, self.blocks, tokens[w][None]) for w in range(tokens.shape[0])]
+                walk.record()
                 sums.window_inputs.clear()  # an embedding has no importance; nothing else ran
-            calls = [c for c, _ in recorded]
-            self.calls = calls[:keep]
-            h = torch.cat([h0 for _, h0 in recorded])
-            del recorded
-            self.clean.put(0, h[:keep])
-            for l in range(n_blocks):
-                with _loaded(self.loaded, self._block(l)):
-                    out = []
-                    for w in range(tokens.shape[0]):
-                        out.append(calls[w][l](self.blocks[l], h[w : w + 1]))
-                        sums.end_window()
-                    h = torch.cat(out)
-                    del out
-                self.clean.put(l + 1, h[:keep])
+            self.calls = walk.calls[:keep]
+            for l, (_, inputs) in enumerate(walk):
+                self.clean.put(l, torch.cat([h for _, h in inputs[:keep]]))
                 bar.update()
             bar.close()
+            h = torch.cat(walk.outputs)
+            del walk
+            self.clean.put(n_blocks, h[:keep])
             total = 0.0
             with _loaded(self.loaded, self.head_modules):
                 for w, a, _, logits, n in head_chunks(self.model, self.blocks, tokens, h):
