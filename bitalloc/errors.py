@@ -57,7 +57,12 @@ class BitallocError(Exception):
     def phrased(self, spell: Callable[[str], str], spell_step: Callable[[str], str] = python_step) -> str:
         """The message with every setting() placeholder spelled by `spell` (e.g. as a CLI flag) and every
         step() by `spell_step` (e.g. as a CLI command)."""
-        return phrase(super().__str__(), spell, spell_step)
+        return phrase(self.unphrased, spell, spell_step)
+
+    @property
+    def unphrased(self) -> str:
+        """The message with its placeholders: what an error that wraps this one quotes, for its adapter to spell."""
+        return super().__str__()
 
     def __str__(self) -> str:
         return self.phrased(python_name, python_step)

@@ -641,6 +641,9 @@ def test_a_step_to_run_again_is_spelled_by_each_adapter(inputs, tmp_path, monkey
     assert http_text(caught.value).endswith("make one with POST /v1/plans and save it as missing.json")
     code, _, err = run_main(["show", missing], monkeypatch, capsys)
     assert code == 2 and "make one with `bitalloc plan` and" in err and "[[" not in err, err
+    # an error that quotes another (exports.gguf names the tensor first) keeps the placeholders for its adapter
+    wrapped = BadInputError(f"token_embd.weight: {caught.value.unphrased}")
+    assert wrapped.phrased(cli.flag, cli_step).endswith("make one with `bitalloc plan` and save it as missing.json")
 
     plan = Plan.load(inputs["plan"])
     spelled = {name: export_plan(plan, "compressed-tensors", tmp_path / name, **({"wording": w} if w else {})).notes[0]

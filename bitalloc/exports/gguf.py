@@ -161,7 +161,7 @@ def gguf_tensor_types(plan: Plan) -> tuple[list[TensorType], list[str]]:
         try:
             chosen, blind, note = choose_type(o, width)
         except BadInputError as e:
-            raise BadInputError(f"{tensor} ({a.module}): {e}") from None
+            raise BadInputError(f"{tensor} ({a.module}): {e.unphrased}") from None
         why = []
         if note:
             why.append(f"{note} {chosen}")
