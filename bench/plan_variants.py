@@ -37,6 +37,7 @@ from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
 from bitalloc.profile.store import numerics_fingerprint
+from bitalloc.quantizers import unfolded_quantizer
 from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,7 +60,8 @@ def variant_arguments(doc: str):
                     help="a setting for the applying quantizer, repeatable (e.g. act_order=true for GPTQ's activation order)")
     ap.add_argument("--apply-calib-tokens", type=int, default=None,
                     help="apply with this many tokens of --calib (same window length and BOS) instead of the profile's "
-                    "windows: GPTQ's Hessians from more text (an ablation)")
+                    "windows: GPTQ's Hessians from more text (an ablation; the equalization stays the profile's, so awq-gptq "
+                    "applies as gptq on the folded model)")
     ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
@@ -124,18 +126,21 @@ def main() -> None:
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
     apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
-    apply_windows = calib.tokens
+    apply_windows, apply_quantizer = calib.tokens, args.apply_quantizer
     if args.apply_calib_tokens:
         if args.calib == "builtin":
             sys.exit("error: --apply-calib-tokens takes its windows from a --calib text file")
         apply_windows = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=calib.tokens.shape[1],
                                          tokens=args.apply_calib_tokens, bos=calib.bos).tokens
+        # The model as profiled is already equalized on the profile's windows (equalize refuses a second fold),
+        # so the larger text goes to the quantizer that runs on the folded model (awq-gptq: gptq).
+        apply_quantizer = unfolded_quantizer(args.apply_quantizer or args.quantizer)
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib)
-        applied = apply(copy.deepcopy(profiled.model), plan, calibration=apply_windows, quantizer=args.apply_quantizer,
+        applied = apply(copy.deepcopy(profiled.model), plan, calibration=apply_windows, quantizer=apply_quantizer,
                         **apply_settings)
         result = evaluate(applied, windows, reference=reference)
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
