@@ -96,8 +96,9 @@ def profile(
     from .equalize import weights_before
     from .quantizers import equalizes
 
+    supplied = supplied_calibration(calibration)
     quantizer = quantizer or default_quantizer(options, foldable=weights_before(getattr(loaded, "model", None)) is not None,
-                                               supplied=supplied_calibration(calibration))
+                                               supplied=supplied)
     if equalizes(quantizer) and weights_before(getattr(loaded, "model", None)) is None:
         raise BadInputError(f"{setting('quantizer')} {quantizer} measures the equalized model: profile through "
                             "prepare_profile or profile_model (they fold the scales in), or fold them first with "
@@ -129,7 +130,8 @@ def profile(
         table = streamed_candidate_table(loaded, module_names, calibration, options, progress=progress, quantizer=quantizer)
     else:
         stats = collect_statistics(loaded.model, module_names, calibration, progress=progress)
-        table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress, quantizer=quantizer)
+        table = build_candidate_table(loaded.model, module_names, stats, options, progress=progress, quantizer=quantizer,
+                                      supplied=supplied)
     if cache_dir is not None:
         save_table(cache_dir, key, table)
     return table

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import quantizer_settings, supplied_calibration
 from .errors import PlanMismatchError
 from .formats import quantize_dequantize
 from .models import check_weights, set_weight_matrix, weight_matrix, weights_hash
@@ -46,16 +47,24 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
     Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
-    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order).
+    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order; act_order's default follows
+    the plan's calibration text: plan_quantizer_settings).
     cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
     folder, True = the default one, None/False = none: profile.store.cache_folder).
     """
     check_plan_matches(model, plan, check_hash)
     quantizer = quantizer or plan.quantizer
+    settings = plan_quantizer_settings(plan, quantizer, settings)
     calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress, cache_dir=cache_dir,
                    content_hash=checked_hash(plan, check_hash), **settings)
     return model
+
+
+def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
+    """`settings` over the defaults `quantizer` runs with for this plan, those its profile's table was made with:
+    GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings)."""
+    return {**quantizer_settings(quantizer, supplied_calibration(plan.calibration.get("source"))), **settings}
 
 
 def checked_hash(plan: Plan, check_hash: bool) -> str | None:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import quantizer_settings
 from .models import weight_matrix
 from .options import QuantOption
 from .profile.statistics import ModuleStats
@@ -14,25 +15,28 @@ from .table import ERROR_MODELS, CandidateTable  # noqa: F401  (numpy-only home;
 from .progress import steps
 
 
-def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn") -> tuple[float, ...]:
+def option_error(weight: torch.Tensor, option: QuantOption, stats: ModuleStats, quantizer: str = "rtn",
+                 supplied: bool = True) -> tuple[float, ...]:
     """Predicted loss increase under each of ERROR_MODELS (fisher, local, fisher-tw) of storing `weight` [out, in]
     as `option` with `quantizer`."""
-    return option_errors(weight, [option], stats, quantizer)[0]
+    return option_errors(weight, [option], stats, quantizer, supplied)[0]
 
 
 def option_errors(weight: torch.Tensor, options: list[QuantOption], stats: ModuleStats,
-                  quantizer: str = "rtn") -> list[tuple[float, ...]]:
+                  quantizer: str = "rtn", supplied: bool = True) -> list[tuple[float, ...]]:
     """option_error for several options of one weight (a Hessian quantizer shares its work across them).
 
     A Hessian-based quantizer (gptq) gets H = stats.hessian, the calibration inputs' second moment in
     the unquantized model; an embedding (no H: one-hot inputs) is always rounded to nearest. A quantizer
     measured by a stand-in (quantizers.measuring_quantizer; awq-gptq: awq) gets the stand-in's errors.
+    supplied: H comes from text the user supplied, not the built-in set or the model's own (config.quantizer_settings).
     """
     quantizer = measuring_quantizer(quantizer)
     w = weight.detach().float()
     uses_h = needs_hessian(quantizer) and stats.hessian is not None
     quantized = quantize_weight_options(w, options, quantizer if uses_h else "rtn",
-                                        hessian=stats.hessian if uses_h else None)
+                                        hessian=stats.hessian if uses_h else None,
+                                        **(quantizer_settings(quantizer, supplied) if uses_h else {}))
     return [_error(q.values - w, stats) for q in quantized]
 
 
@@ -58,8 +62,9 @@ def build_candidate_table(
     options: list[QuantOption],
     progress: bool = False,
     quantizer: str = "rtn",
+    supplied: bool = True,
 ) -> CandidateTable:
-    """Storage bits and predicted errors of every (module, option), with ΔW from `quantizer`."""
+    """Storage bits and predicted errors of every (module, option), with ΔW from `quantizer` (supplied: option_errors')."""
     shapes, bits_rows, err_rows = [], [], {m: [] for m in ERROR_MODELS}
     for name in steps(module_names, "candidate errors", show=progress, unit="module"):
         w = weight_matrix(model.get_submodule(name))
@@ -67,7 +72,7 @@ def build_candidate_table(
         shapes.append((int(out_f), int(in_f)))
         row_bits, row_err = [], {m: [] for m in ERROR_MODELS}
         fitting = [opt for opt in options if opt.fits(in_f)]
-        errs = dict(zip(fitting, option_errors(w, fitting, stats[name], quantizer)))
+        errs = dict(zip(fitting, option_errors(w, fitting, stats[name], quantizer, supplied)))
         for opt in options:
             if opt not in errs:
                 row_bits.append(np.nan)

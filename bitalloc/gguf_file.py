@@ -280,7 +280,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     cache_dir: the profile cache, where awq finds the scales its profile searched (as apply.apply reads it).
     """
     from . import gguf_hf
-    from .apply import check_plan_matches, checked_hash
+    from .apply import check_plan_matches, checked_hash, plan_quantizer_settings
     from .quantizers import equalizes
     from .quantizers.materialize import quantize_model
 
@@ -290,8 +290,10 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     check_plan_matches(model, plan, check_hash)
     state = model.state_dict() if src.reader is None else {}
     by_name = {t.name: t for t in src.reader.tensors} if src.reader is not None else {}
-    qweights = quantize_model(model, plan.options_by_module(), quantizer or plan.quantizer, calibration, progress=progress,
-                              cache_dir=cache_dir, content_hash=checked_hash(plan, check_hash))
+    quantizer = quantizer or plan.quantizer
+    qweights = quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress,
+                              cache_dir=cache_dir, content_hash=checked_hash(plan, check_hash),
+                              **plan_quantizer_settings(plan, quantizer, {}))
     # an equalizing quantizer (awq) divided norms and biases the source stores unfolded: written from the model
     # (a checkpoint folder's are converted from the model's own tensors anyway)
     folded = _equalized_tensors(model, plan, src) if equalizes(quantizer or plan.quantizer) and src.reader else {}

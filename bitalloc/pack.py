@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import check_plan_matches, checked_hash, plan_windows
+from .apply import check_plan_matches, checked_hash, plan_quantizer_settings, plan_windows
 from .errors import BadInputError, BitallocError, OutputPathError, setting
 from .exports.compressed_tensors import check_expressible, quantization_config, serving_notes, weight_args
 from .io import atomic_write_text, canonical_json, check_output_dir
@@ -115,11 +115,12 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     _library()  # fail before the (slow) quantization if compressed-tensors is missing
 
     quantizer = quantizer or plan.quantizer
+    settings = plan_quantizer_settings(plan, quantizer, {})
     calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()
     qweights = quantize_model(simulated, options, quantizer, calibration, progress=progress, cache_dir=cache_dir,
-                              content_hash=checked_hash(plan, check_hash))
+                              content_hash=checked_hash(plan, check_hash), **settings)
     tensors, scale_notes = _state_dict(simulated, qweights, dtype)  # norms as equalization folded them (awq)
     linears = [n for n, m in model.named_modules() if is_linear(m)]
     qconfig = quantization_config(plan, linears)

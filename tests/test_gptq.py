@@ -19,6 +19,7 @@ from bitalloc.options import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantize_weight, quantize_weight_options
 from bitalloc.quantizers.gptq import hessian_factor
+from bitalloc.profile.statistics import collect_statistics
 from bitalloc.quantizers.scale_search import search_int_scales
 from bitalloc.quantizers.materialize import quantize_model
 from bitalloc.blockwalk import record_calls
@@ -246,6 +247,38 @@ def test_apply_uses_the_plans_quantizer(llama, calib_ids):
     assert torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
     assert torch.equal(weight_matrix(remembered.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
     assert not torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(rtn.get_submodule(name)))
+
+
+def test_gptq_column_order_follows_the_calibration_text_in_the_table_and_at_apply(llama, calib_ids):
+    """Act-order on text the user supplies, natural order on the built-in set (or self): measured, act-order lost
+    there at every size on both families (config.quantizer_settings). The profile's table and apply agree."""
+    from bitalloc.calibration import calibration_from_tokens
+    from bitalloc.config import quantizer_settings
+
+    assert quantizer_settings("gptq", True) == {"act_order": True}
+    assert quantizer_settings("awq-gptq", False) == quantizer_settings("gptq-signed", False) == {"act_order": False}
+    assert quantizer_settings("gptq-minmax", True) == quantizer_settings("rtn-w", True) == {}  # no column order to pick
+    options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
+    # the same windows under two provenances: only GPTQ's column order differs
+    calibrations = {"supplied": calib_ids, "builtin": calibration_from_tokens(calib_ids, source="builtin:austen")}
+    tables = {k: bitalloc.api.prepare(llama, c, options=options, cache_dir=False, quantizer="gptq")[0]
+              for k, c in calibrations.items()}
+    stats = collect_statistics(llama, tables["builtin"].groups, calibration_from_tokens(calib_ids))
+    for i, name in enumerate(tables["builtin"].groups[:3]):
+        w = weight_matrix(llama.get_submodule(name)).detach().float()
+        for act_order, table in ((False, tables["builtin"]), (True, tables["supplied"])):
+            H = stats[name].hessian
+            layer = [float(torch.trace((q.values - w) @ H @ (q.values - w).T))
+                     for q in quantize_weight_options(w, options, "gptq", hessian=H, act_order=act_order)]
+            np.testing.assert_allclose(table.errors["local"][i], layer, rtol=1e-5)
+    assert not np.array_equal(tables["builtin"].errors["local"], tables["supplied"].errors["local"])
+    for k, calibration in calibrations.items():
+        p = plan(llama, "3bits", calibration, options=options, cache_dir=False, quantizer="gptq")
+        name = p.assignments[0].module
+        applied = weight_matrix(apply(copy.deepcopy(llama), p).get_submodule(name))
+        for act_order in (True, False):
+            explicit = weight_matrix(apply(copy.deepcopy(llama), p, act_order=act_order).get_submodule(name))
+            assert torch.equal(applied, explicit) == (act_order == (k == "supplied")), (k, act_order)
 
 
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):

@@ -276,11 +276,13 @@ def ray_candidate_table(pool: RayPool, module_names: list[str], calibration, opt
     """candidates.build_candidate_table(model, names, collect_statistics(...), options) on the pool's actors."""
     
     from ..candidates import build_candidate_table
+    from ..config import supplied_calibration
     from .pipeline import _concat as concat_tables  # the one concatenation of table parts
 
     stats = pool.statistics(module_names, calibration)
     groups = block_groups(pool.loaded.model, module_names)
-    rows = pool.map_groups(build_candidate_table, groups, stats, options=list(options), quantizer=quantizer)
+    rows = pool.map_groups(build_candidate_table, groups, stats, options=list(options), quantizer=quantizer,
+                           supplied=supplied_calibration(calibration))
     return concat_tables(list(steps(rows, "candidate errors (ray)", show=progress, unit="block", total=len(groups))))
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration
-from ..config import DEFAULT_SIGNALS, EMPIRICAL_FISHER as FISHER_TRACE, SIGNALS, ProfileSettings  # noqa: F401  (re-exported)
+from ..config import DEFAULT_SIGNALS, EMPIRICAL_FISHER as FISHER_TRACE, SIGNALS, ProfileSettings, supplied_calibration  # noqa: F401  (re-exported)
 from ..candidates import CandidateTable, build_candidate_table
 from ..errors import BadInputError, setting
 from ..io import atomic_write_bytes, canonical_json
@@ -76,13 +76,14 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
     sig = set(settings.signals)
     streamed = streamed_from is not None
     _check_trace_estimator(settings, streamed)
+    supplied = supplied_calibration(calibration)  # GPTQ's column order follows it (config.quantizer_settings)
     blocks: dict[int | None, list[str]] = {}
     for n in module_names:
         blocks.setdefault(block_index(model, n), []).append(n)
     per_block = sig & ({"fisher", "salience", "table", "trace"} if streamed else {"fisher", "salience", "table"})
     if streamed:
         _streamed_walk(streamed_from, module_names, calibration, blocks, parts, settings, options, quantizer,
-                       per_block, progress)
+                       per_block, progress, supplied)
     elif per_block:
         missing = [b for b in blocks if parts.get(_block_unit(b)) is None]
         if missing:
@@ -90,7 +91,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
             if ray_pool is not None:
                 stats = ray_pool.statistics(todo, calibration)
                 signals = ray_pool.map_groups(_block_signals, [blocks[b] for b in missing], stats, settings=settings,
-                                              options=options, quantizer=quantizer)
+                                              options=options, quantizer=quantizer, supplied=supplied)
                 for b, got in zip(missing, steps(signals, "profile blocks (ray)", show=progress, unit="block",
                                                  total=len(missing))):
                     parts.put(_block_unit(b), got)
@@ -98,7 +99,7 @@ def compute_profile(model: nn.Module, module_names: list[str], calibration: Cali
             else:
                 stats = collect_statistics(model, todo, calibration, progress=progress)
             for b in steps(missing, "profile blocks", show=progress, unit="block"):
-                parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options, quantizer))
+                parts.put(_block_unit(b), _block_signals(model, blocks[b], stats, settings, options, quantizer, supplied))
                 for n in blocks[b]:
                     del stats[n]  # free H as we go
     if "spikes" in sig and parts.get("spikes") is None:
@@ -182,7 +183,7 @@ def _check_trace_estimator(settings: ProfileSettings, streamed: bool) -> None:
 
 
 def _streamed_walk(loaded, module_names, calibration, blocks, parts, settings: ProfileSettings, options, quantizer,
-                   per_block: set, progress: bool) -> None:
+                   per_block: set, progress: bool, supplied: bool) -> None:
     """The per-block parts still missing and the spikes part, from one block-by-block walk (profile/streamed.py)."""
     from .streamed import iter_block_statistics
 
@@ -196,7 +197,7 @@ def _streamed_walk(loaded, module_names, calibration, blocks, parts, settings: P
     for part in iter_block_statistics(loaded, todo, calibration, progress=progress, spikes=collector,
                                       statistics=bool(todo), fisher_trace="trace" in settings.signals):
         b = block_index(loaded.model, next(iter(part)))
-        parts.put(_block_unit(b), _block_signals(loaded.model, blocks[b], part, settings, options, quantizer))
+        parts.put(_block_unit(b), _block_signals(loaded.model, blocks[b], part, settings, options, quantizer, supplied))
     if collector is not None:
         parts.put("spikes", collector.finish(settings.spike_threshold))
 
@@ -205,7 +206,8 @@ def _block_unit(b: int | None) -> str:
     return "block-outside" if b is None else f"block-{b:03d}"
 
 
-def _block_signals(model, names, stats, settings: ProfileSettings, options, quantizer: str = "rtn") -> dict:
+def _block_signals(model, names, stats, settings: ProfileSettings, options, quantizer: str = "rtn",
+                   supplied: bool = True) -> dict:
     result = {"fisher": {}, "h_diag": {}, "salience": {}, "trace": {}, "table": None}
     for n in names:
         s = stats[n]
@@ -220,7 +222,7 @@ def _block_signals(model, names, stats, settings: ProfileSettings, options, quan
                                                  group_rows=settings.group_rows, group_cols=settings.group_cols,
                                                  damp=settings.salience_damp)
     if "table" in settings.signals and options:
-        result["table"] = build_candidate_table(model, names, stats, options, quantizer=quantizer)
+        result["table"] = build_candidate_table(model, names, stats, options, quantizer=quantizer, supplied=supplied)
     return result
 
 

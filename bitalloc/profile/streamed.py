@@ -36,6 +36,7 @@ from ..blockwalk import BlockWalk, StopForward, blocks_replaced
 from ..calibration import Calibration
 from ..candidates import ERROR_MODELS, CandidateTable, build_candidate_table
 from ..checkpoint import StreamedModel, materialize, outside_modules, release, return_freed_memory
+from ..config import supplied_calibration
 from ..models import decoder_blocks, forward_hooks
 from ..options import QuantOption
 from .spikes import SpikeCollector
@@ -297,11 +298,12 @@ def streamed_candidate_table(loaded: StreamedModel, module_names: list[str], cal
                              progress: bool = False, quantizer: str = "rtn") -> CandidateTable:
     """candidates.build_candidate_table(collect_statistics(...)) with one block loaded at a time:
     each block's rows are computed as soon as its statistics are done, while its weights are loaded."""
+    supplied = supplied_calibration(calibration)
     rows: dict[str, tuple[CandidateTable, int]] = {}
     for stats in iter_block_statistics(loaded, module_names, calibration, boundaries_on_disk=boundaries_on_disk,
                                        progress=progress):
         names = list(stats)
-        part = build_candidate_table(loaded.model, names, stats, options, quantizer=quantizer)
+        part = build_candidate_table(loaded.model, names, stats, options, quantizer=quantizer, supplied=supplied)
         rows.update({n: (part, i) for i, n in enumerate(names)})
         del stats  # H of a block is not needed once its rows exist
     return CandidateTable(

@@ -24,10 +24,12 @@ _NEEDS_HESSIAN: set[str] = set()
 _IMPORTANCE_ONLY: set[str] = set()
 _UNFOLDED: dict[str, str] = {}  # an equalizing quantizer -> the one it is on the folded model
 _MEASURED_BY: dict[str, str] = {}  # a quantizer -> the cheaper one whose errors its candidate table holds
+_ORDERS_COLUMNS: set[str] = set()
 
 
 def register_quantizer(name: str, needs_hessian: bool = False, importance_only: bool = False,
-                       unfolded: str | None = None, measured_by: str | None = None) -> Callable[[Quantizer], Quantizer]:
+                       unfolded: str | None = None, measured_by: str | None = None,
+                       orders_columns: bool = False) -> Callable[[Quantizer], Quantizer]:
     """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
     be passed as that vector), so one forward pass gives every module's, and a single module can be
     swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs.
@@ -36,7 +38,8 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
     the one named here on the equalized weights (awq: rtn-w); what a step that cannot fold uses instead.
     measured_by: the candidate table of a plan for `name` holds this quantizer's errors, and the steps that
     swap single weights in (interactions, --verify, the evolutionary objective) use it: a stand-in measured to
-    pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; README)."""
+    pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; README).
+    orders_columns: the quantizer takes `act_order`, whose default follows the calibration text (config.quantizer_settings)."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
         if needs_hessian or importance_only or unfolded:
@@ -47,6 +50,8 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
             _UNFOLDED[name] = unfolded
         if measured_by:
             _MEASURED_BY[name] = measured_by
+        if orders_columns:
+            _ORDERS_COLUMNS.add(name)
         return fn
 
     return deco
@@ -83,6 +88,11 @@ def equalizes(name: str) -> bool:
 def unfolded_quantizer(name: str) -> str:
     """What `name` is on a model it cannot fold its scales into (awq: rtn-w); `name` itself when it folds none."""
     return _UNFOLDED.get(name, name)
+
+
+def orders_columns(name: str) -> bool:
+    """Whether quantizer `name` takes `act_order` (GPTQ's column order; config.quantizer_settings picks it)."""
+    return name in _ORDERS_COLUMNS
 
 
 def measuring_quantizer(name: str) -> str:

@@ -72,7 +72,9 @@ class HessianFactor:
 # at 5.5) and KL at four (+1-2 % at the other three); on Gemma 3 both at 3.5 bits (38.4 → 37.7 ppl), and at 4.5 and
 # 5.2 bits it was 0.07-0.08 ppl worse. Applied with two threads instead of one, the 3.2-bit gain held (59.3 vs 62.8)
 # and the 3.5-bit one reversed (+1.5 ppl): float summation order moves GPTQ by that much. It pays where rounding is
-# coarsest and was not seen to lose by more than that noise elsewhere.
+# coarsest and was not seen to lose by more than that noise elsewhere. Calibrated on the built-in set (text unlike
+# the test's) it lost to natural order at every size on both (+0.9 to +4.5 ppl), so a profile or a plan picks the order
+# by where its calibration came from (config.quantizer_settings); this is the default of a direct call with a Hessian.
 # "gptq-minmax", the reference GPTQ, keeps natural order.
 ACT_ORDER = True
 
@@ -120,7 +122,7 @@ def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Hessi
     return factor
 
 
-@register_quantizer("gptq", needs_hessian=True)
+@register_quantizer("gptq", needs_hessian=True, orders_columns=True)
 def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = 0.01,
          block_size: int = 128, act_order: bool = ACT_ORDER, scale_search: bool = True,
          signed: bool = False) -> QuantizedWeight:
@@ -145,14 +147,14 @@ def gptq_minmax(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor
     return gptq(weight, option, hessian, **{"act_order": False, **settings}, scale_search=False)
 
 
-@register_quantizer("gptq-signed", needs_hessian=True)
+@register_quantizer("gptq-signed", needs_hessian=True, orders_columns=True)
 def gptq_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
                 **settings) -> QuantizedWeight:
     """GPTQ whose symmetric INT groups take signed scales from the search (rtn-w-signed's rule)."""
     return gptq(weight, option, hessian, **settings, signed=True)
 
 
-@register_quantizer("awq-gptq", unfolded="gptq", measured_by="awq")
+@register_quantizer("awq-gptq", unfolded="gptq", measured_by="awq", orders_columns=True)
 def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
              **settings) -> QuantizedWeight:
     """GPTQ of a weight of the equalized model (the pipeline folds AWQ's scales in first: equalize.py)."""
