@@ -29,15 +29,14 @@ from pathlib import Path
 import torch
 
 from bitalloc import api
-from bitalloc.apply import apply
-from bitalloc.calibration import leading_bos, make_calibration, read_text
+from bitalloc.apply import apply, plan_quantizer_settings
+from bitalloc.calibration import leading_bos, make_calibration, read_text, widened
 from bitalloc.cli import _solver_settings
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
 from bitalloc.profile.store import numerics_fingerprint
-from bitalloc.quantizers import unfolded_quantizer
 from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,11 +56,8 @@ def variant_arguments(doc: str):
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
                     "(an ablation: e.g. an awq table's plans applied with awq-gptq)")
     ap.add_argument("--apply-setting", action="append", default=[], metavar="KEY=VALUE",
-                    help="a setting for the applying quantizer, repeatable (e.g. act_order=true for GPTQ's activation order)")
-    ap.add_argument("--apply-calib-tokens", type=int, default=None,
-                    help="apply with this many tokens of --calib (same window length and BOS) instead of the profile's "
-                    "windows: GPTQ's Hessians from more text (an ablation; the equalization stays the profile's, so awq-gptq "
-                    "applies as gptq on the folded model)")
+                    help="a setting for the applying quantizer, repeatable (e.g. act_order=true for GPTQ's activation order, "
+                    "hessian_tokens=8192 for GPTQ's Hessians from the profile's windows alone)")
     ap.add_argument("--formats", default=None, help="format families of the table's grid, e.g. int,nvfp4,keep "
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
@@ -126,26 +122,20 @@ def main() -> None:
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
     apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
-    apply_windows, apply_quantizer = calib.tokens, args.apply_quantizer
-    if args.apply_calib_tokens:
-        if args.calib == "builtin":
-            sys.exit("error: --apply-calib-tokens takes its windows from a --calib text file")
-        apply_windows = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=calib.tokens.shape[1],
-                                         tokens=args.apply_calib_tokens, bos=calib.bos).tokens
-        # The model as profiled is already equalized on the profile's windows (equalize refuses a second fold),
-        # so the larger text goes to the quantizer that runs on the folded model (awq-gptq: gptq).
-        apply_quantizer = unfolded_quantizer(args.apply_quantizer or args.quantizer)
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib)
-        applied = apply(copy.deepcopy(profiled.model), plan, calibration=apply_windows, quantizer=apply_quantizer,
+        # the Calibration, not its ids: GPTQ widens it as a plan made in process is applied (quantize_model)
+        applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib, quantizer=args.apply_quantizer,
                         **apply_settings)
         result = evaluate(applied, windows, reference=reference)
+        hessian_tokens = plan_quantizer_settings(plan, args.apply_quantizer or plan.quantizer, apply_settings).get("hessian_tokens")
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
                **({"apply_settings": apply_settings} if apply_settings else {}),
-               **({"apply_calib_tokens": int(apply_windows.numel())} if args.apply_calib_tokens else {}),
+               # the tokens GPTQ's Hessians came from (the text may hold fewer than asked)
+               **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
                "formats": args.formats, "calibration": calib.source, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),

@@ -406,7 +406,7 @@ def _open_streamed(source: Any, solver: str, trust_remote_code: bool) -> Streame
 def context_of(loaded: LoadedModel, calibration: Calibration) -> PlanContext:
     """The PlanContext of a loaded model and its calibration (a scoring solver measures on both)."""
     return PlanContext(model=model_record(loaded), calibration=calibration.settings(), score_model=loaded.model,
-                       score_tokens=calibration.tokens)
+                       score_tokens=calibration.tokens, windows=calibration)
 
 
 def solve(table: CandidateTable, context: PlanContext, config: SolveConfig) -> Plan:
@@ -488,12 +488,15 @@ class PlanContext:
     model: model_record() (source, architecture, content hash, embedding names, tied or not).
     score_model / score_tokens: the model and calibration ids [windows, seq_len] for solvers that
     measure the true loss (evolutionary); None when planning from a profile without the model.
+    windows: the Calibration a plan made in this process remembers (Plan.made_on), default score_tokens;
+    apply draws more of its text from it for GPTQ's Hessians (quantize_model's hessian_tokens).
     """
 
     model: dict
     calibration: dict
     score_model: Any = None
     score_tokens: Any = None
+    windows: Any = None
 
 
 def solve_table(
@@ -680,6 +683,6 @@ def _make_plan(table, solution, budget, max_bits, context: PlanContext, error_mo
         assignments=assignments,
         constraints=None if constraints is None else constraints.to_dict(),
     )
-    return plan.made_on(context.score_tokens)
+    return plan.made_on(context.score_tokens if context.windows is None else context.windows)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import quantizer_settings, supplied_calibration
+from .config import HESSIAN_TEXT_MULTIPLE, quantizer_settings, supplied_calibration
 from .errors import PlanMismatchError
 from .formats import quantize_dequantize
 from .models import check_weights, set_weight_matrix, weight_matrix, weights_hash
@@ -47,8 +47,8 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
     Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
-    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order; act_order's default follows
-    the plan's calibration text: plan_quantizer_settings).
+    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order, hessian_tokens; their
+    defaults follow the plan's calibration text: plan_quantizer_settings).
     cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
     folder, True = the default one, None/False = none: profile.store.cache_folder).
     """
@@ -62,9 +62,17 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 
 
 def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
-    """`settings` over the defaults `quantizer` runs with for this plan, those its profile's table was made with:
-    GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings)."""
-    return {**quantizer_settings(quantizer, supplied_calibration(plan.calibration.get("source"))), **settings}
+    """`settings` over the defaults `quantizer` runs with for this plan. Those its profile's table was made with:
+    GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings).
+    And one the table does not use: on supplied text, a block-by-block quantizer (gptq, awq-gptq) takes its Hessians
+    from HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens (quantize_model's hessian_tokens)."""
+    from .quantizers import importance_only, needs_hessian
+
+    supplied = supplied_calibration(plan.calibration.get("source"))
+    defaults = quantizer_settings(quantizer, supplied)
+    if supplied and needs_hessian(quantizer) and not importance_only(quantizer) and plan.calibration.get("tokens"):
+        defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
+    return {**defaults, **settings}
 
 
 def checked_hash(plan: Plan, check_hash: bool) -> str | None:
@@ -75,8 +83,8 @@ def checked_hash(plan: Plan, check_hash: bool) -> str | None:
 
 def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any, tokenizer: Any,
                  text_path: Any = None, check_hash: bool = True) -> Any:
-    """`calibration` as given; else, when `quantizer` needs layer Hessians, the plan's own windows: those it
-    was made on when it was made in this process (plan.calibration_windows), or, with a tokenizer at hand,
+    """`calibration` as given; else, when `quantizer` needs layer Hessians, the plan's own windows (a Calibration):
+    those it was made on when it was made in this process (plan.calibration_windows), or, with a tokenizer at hand,
     rebuilt on the (still unquantized) model (from `text_path` for a plan calibrated on a file:
     calibration.calibration_for_plan); else None."""
     from .quantizers import needs_hessian
@@ -89,7 +97,7 @@ def plan_windows(model: nn.Module, plan: Plan, quantizer: str, calibration: Any,
         return None
     from .calibration import calibration_for_plan
 
-    return calibration_for_plan(plan.calibration, tokenizer, model, text_path, check_hash).tokens
+    return calibration_for_plan(plan.calibration, tokenizer, model, text_path, check_hash)
 
 
 def apply_options(model: nn.Module, options: dict[str, QuantOption]) -> nn.Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ class Calibration:
     # The id written over each window's first token when the tokenizer starts its sequences with BOS
     # (None: windows are the text's tokens as they are); see leading_bos.
     bos: int | None = None
+    # True when the windows are make_calibration's seeded pick among all of the text's windows and held_out
+    # is every other one: widened() can then pick more of the same text the same way. Not part of settings().
+    seeded_pick: bool = field(default=False, compare=False, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -241,7 +244,24 @@ def make_calibration(
     pick = _random_pick(all_windows.shape[0], tokens // seq_len, seed)  # the random_windows pick
     unused = sorted(set(range(all_windows.shape[0])) - set(pick.tolist()))
     return Calibration(tokens=all_windows[pick], text_sha256=text_sha256(text), source=source, seed=seed,
-                       held_out=all_windows[unused], held_out_index=tuple(unused), bos=bos)
+                       held_out=all_windows[unused], held_out_index=tuple(unused), bos=bos, seeded_pick=True)
+
+
+def widened(calib: Calibration, tokens: int) -> Calibration | None:
+    """The windows make_calibration picks for `tokens` tokens of the same text with the same seed (as many as
+    the text holds), rebuilt from `calib`'s own and its held-out ones: no text or tokenizer needed. They include
+    calib's windows (the seeded pick of more windows starts with the same ones). None when calib's windows
+    were not picked from a text (ids given as they are, text sampled from the model): there is no more of it."""
+    if not calib.seeded_pick or calib.held_out is None:
+        return None
+    every = torch.empty((calib.n_windows + calib.held_out.shape[0], calib.seq_len), dtype=calib.tokens.dtype)
+    held = torch.tensor(calib.held_out_index, dtype=torch.long)
+    picked = torch.ones(every.shape[0], dtype=torch.bool)
+    picked[held] = False
+    every[picked], every[held] = calib.tokens, calib.held_out
+    pick = _random_pick(every.shape[0], tokens // calib.seq_len, calib.seed)
+    unused = sorted(set(range(every.shape[0])) - set(pick.tolist()))
+    return replace(calib, tokens=every[pick], held_out=every[unused], held_out_index=tuple(unused))
 
 
 def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>",

@@ -254,7 +254,8 @@ class Plan(_Strict):
 
     @property
     def calibration_windows(self) -> Any:
-        """The token ids this plan was profiled on, when it was made in this process; None once saved and loaded."""
+        """The calibration this plan was profiled on (a Calibration, or its token ids), when it was made in this
+        process; None once saved and loaded."""
         return self._windows
 
     def made_on(self, windows: Any) -> "Plan":

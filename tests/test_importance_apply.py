@@ -103,7 +103,7 @@ def test_a_default_plan_applies_right_after_planning_and_a_loaded_one_asks_for_i
     model = make_llama()
     plan = bitalloc.plan(model, "3.5bits", ids[:4], cache_dir=False)
     assert plan.quantizer == "awq-gptq" and plan.error_model == "fisher-tw"
-    assert torch.equal(plan.calibration_windows, ids[:4])
+    assert torch.equal(plan.calibration_windows.tokens, ids[:4])
     remembered = bitalloc.apply(copy.deepcopy(model), plan)
     given = bitalloc.apply(copy.deepcopy(model), plan, calibration=ids[:4])
     other = bitalloc.apply(copy.deepcopy(model), plan, calibration=ids[2:6])  # other windows, other scales

@@ -17,7 +17,8 @@ from ..progress import steps
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: str | Path | bool | None = None,
-                   content_hash: str | None = None, **settings: Any) -> dict[str, QuantizedWeight]:
+                   content_hash: str | None = None, hessian_tokens: int | None = None,
+                   **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
@@ -25,6 +26,9 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     model (as the candidate table did); the others (gptq) run block by block (quantizers/sequential.py).
     An equalizing quantizer (awq) first folds its scales into `model` (equalize.py), as profiling did; with
     cache_dir, scales a profile of these weights (content_hash: theirs, when the caller has it) left there.
+    hessian_tokens: a block-by-block quantizer (gptq) takes its Hessians from this many tokens of the calibration
+    text instead (calibration.widened: the same windows and more of the text, as many as it holds), while the
+    fold stays on the calibration's own windows; ids given as they are hold no more text and are used as they are.
     """
     importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
@@ -38,6 +42,10 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
         if not importance_only(quantizer):
             from .sequential import quantize_sequential
 
+            if hessian_tokens is not None and hasattr(calibration, "seeded_pick"):  # a Calibration, not bare ids
+                from ..calibration import widened
+
+                calibration = widened(calibration, hessian_tokens) or calibration
             return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
         from ..profile.statistics import input_importance
 
