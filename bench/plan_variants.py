@@ -62,6 +62,7 @@ def variant_arguments(doc: str):
                     "(default: the grid --quantizer's rows use: GGUF types for imatrix, else the default INT grid)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="tokens the table is profiled (and awq folded) on")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
                     "(as bitalloc did before; an ablation of the BOS-first calibration windows)")
     return ap
@@ -82,11 +83,11 @@ def load_table(args):
     loaded = load_model(str(f32))
     calibration = None if args.calib == "builtin" else args.calib  # None: the built-in set, as the headline command
     if args.no_calib_bos and calibration is not None:
-        calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=8192,
+        calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=args.calib_tokens,
                                        source=Path(args.calib).name, bos=None)
     options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
     table, profiled, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
-                                  calib_tokens=8192, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
+                                  calib_tokens=args.calib_tokens, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
     return stem, loaded, profiled, table, calib, windows
@@ -136,7 +137,7 @@ def main() -> None:
                **({"apply_settings": apply_settings} if apply_settings else {}),
                # the tokens GPTQ's Hessians came from (the text may hold fewer than asked)
                **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
-               "formats": args.formats, "calibration": calib.source, "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+               "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),

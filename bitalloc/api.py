@@ -24,6 +24,8 @@ from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench a
 from .table import CandidateTable
 
 if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where they are called
+    import torch
+
     from .calibration import Calibration
     from .checkpoint import StreamedModel
     from .latency.planning import LatencyInputs, LatencyTarget

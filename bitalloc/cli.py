@@ -186,7 +186,6 @@ def plan_cmd(
 
     from .budget import gguf_typed
     from .config import ProfileConfig
-    from .constraints import Constraints, parse_rule
     from .sweep import parse_budget_range, pareto_from_table
 
     if (budget is None) == (pareto is None):

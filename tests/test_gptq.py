@@ -325,6 +325,9 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
     rebuilt = calibration_for_plan(saved.calibration, loaded.tokenizer, loaded.model, calib_path)
     assert torch.equal(in_process, applied(saved, calibration=rebuilt))  # what eval/export --plan --calib do
     assert not torch.equal(in_process, applied(p, hessian_tokens=64))  # the profile's windows alone
+    for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
+        with pytest.raises(BadInputError, match="hessian_tokens"):
+            applied(p, hessian_tokens=bad)
 
 
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):

@@ -42,10 +42,15 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
         if not importance_only(quantizer):
             from .sequential import quantize_sequential
 
-            if hessian_tokens is not None and hasattr(calibration, "seeded_pick"):  # a Calibration, not bare ids
-                from ..calibration import widened
+            if hessian_tokens is not None:
+                windows = _as_windows(calibration)
+                if not isinstance(hessian_tokens, int) or hessian_tokens < windows.shape[1]:
+                    raise BadInputError(f"hessian_tokens must be a whole number of at least one window ({windows.shape[1]} "
+                                        f"tokens), got {hessian_tokens!r}; e.g. 4 times the plan's calibration tokens")
+                if hasattr(calibration, "seeded_pick"):  # a Calibration, not bare ids
+                    from ..calibration import widened
 
-                calibration = widened(calibration, hessian_tokens) or calibration
+                    calibration = widened(calibration, hessian_tokens) or calibration
             return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
         from ..profile.statistics import input_importance
 
