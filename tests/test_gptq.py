@@ -281,6 +281,23 @@ def test_gptq_column_order_follows_the_calibration_text_in_the_table_and_at_appl
             assert torch.equal(applied, explicit) == (act_order == (k == "supplied")), (k, act_order)
 
 
+def test_gptq_damps_by_DAMP_and_the_reference_by_one_percent():
+    """GPTQ's default damping is DAMP (5 % of mean diag H: measured, it lowered KL on both families); gptq-minmax,
+    the reference GPTQ, keeps the reference's 1 %."""
+    from bitalloc.quantizers.gptq import DAMP, REFERENCE_DAMP
+
+    assert (DAMP, REFERENCE_DAMP) == (0.05, 0.01)
+    W, H = correlated_layer(seed=3)
+    opt = QuantOption.int_(3, 32, False)
+    default = quantize_weight(W, opt, "gptq", hessian=H).values
+    assert torch.equal(default, quantize_weight(W, opt, "gptq", hessian=H, damp=0.05).values)
+    assert not torch.equal(default, quantize_weight(W, opt, "gptq", hessian=H, damp=0.01).values)
+    reference = quantize_weight(W, opt, "gptq-minmax", hessian=H).values
+    assert torch.equal(reference, quantize_weight(W, opt, "gptq", hessian=H, damp=0.01, act_order=False,
+                                                  scale_search=False).values)
+    assert not torch.equal(reference, quantize_weight(W, opt, "gptq", hessian=H, act_order=False, scale_search=False).values)
+
+
 def test_widened_calibration_is_the_seeded_pick_of_more_of_the_same_text(tokenizer):
     from bitalloc.calibration import calibration_from_tokens, make_calibration, widened
     from conftest import CALIB_TEXT
