@@ -241,10 +241,15 @@ def make_calibration(
     if bos == FROM_TOKENIZER:
         bos = leading_bos(tokenizer)
     all_windows = with_bos(sequential_windows(ids, seq_len), bos)
-    pick = _random_pick(all_windows.shape[0], tokens // seq_len, seed)  # the random_windows pick
+    picked = _seeded_split(all_windows, tokens // seq_len, seed)
+    return Calibration(text_sha256=text_sha256(text), source=source, seed=seed, bos=bos, seeded_pick=True, **picked)
+
+
+def _seeded_split(all_windows: torch.Tensor, n_windows: int, seed: int) -> dict:
+    """The random_windows pick of n_windows among all of a text's windows, and every other one held out (text order)."""
+    pick = _random_pick(all_windows.shape[0], n_windows, seed)
     unused = sorted(set(range(all_windows.shape[0])) - set(pick.tolist()))
-    return Calibration(tokens=all_windows[pick], text_sha256=text_sha256(text), source=source, seed=seed,
-                       held_out=all_windows[unused], held_out_index=tuple(unused), bos=bos, seeded_pick=True)
+    return {"tokens": all_windows[pick], "held_out": all_windows[unused], "held_out_index": tuple(unused)}
 
 
 def widened(calib: Calibration, tokens: int) -> Calibration | None:
@@ -259,9 +264,7 @@ def widened(calib: Calibration, tokens: int) -> Calibration | None:
     picked = torch.ones(every.shape[0], dtype=torch.bool)
     picked[held] = False
     every[picked], every[held] = calib.tokens, calib.held_out
-    pick = _random_pick(every.shape[0], tokens // calib.seq_len, calib.seed)
-    unused = sorted(set(range(every.shape[0])) - set(pick.tolist()))
-    return replace(calib, tokens=every[pick], held_out=every[unused], held_out_index=tuple(unused))
+    return replace(calib, **_seeded_split(every, tokens // calib.seq_len, calib.seed))
 
 
 def calibration_from_tokens(tokens: torch.Tensor, seed: int = 0, source: str = "<token ids>",
