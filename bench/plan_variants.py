@@ -132,11 +132,13 @@ def main() -> None:
         applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib, quantizer=args.apply_quantizer,
                         **apply_settings)
         result = evaluate(applied, windows, reference=reference)
-        hessian_tokens = plan_quantizer_settings(plan, args.apply_quantizer or plan.quantizer, apply_settings).get("hessian_tokens")
+        used = plan_quantizer_settings(plan, args.apply_quantizer or plan.quantizer, apply_settings)
+        hessian_tokens = used.get("hessian_tokens")
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
                **({"apply_settings": apply_settings} if apply_settings else {}),
                # the tokens GPTQ's Hessians came from (the text may hold fewer than asked)
                **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
+               **({"float_target": used["float_target"]} if "float_target" in used else {}),
                "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),

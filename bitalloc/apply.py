@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import HESSIAN_TEXT_MULTIPLE, quantizer_settings, supplied_calibration
+from .config import FLOAT_TARGET, HESSIAN_TEXT_MULTIPLE, quantizer_settings, supplied_calibration
 from .errors import PlanMismatchError
 from .formats import quantize_dequantize
 from .models import check_weights, set_weight_matrix, weight_matrix, weights_hash
@@ -64,14 +64,17 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
     """`settings` over the defaults `quantizer` runs with for this plan. Those its profile's table was made with:
     GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings).
-    And one the table does not use: on supplied text, a block-by-block quantizer (gptq, awq-gptq) takes its Hessians
-    from HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens (quantize_model's hessian_tokens)."""
+    And two the table does not use: on supplied text, a block-by-block quantizer (gptq, awq-gptq) takes its Hessians
+    from HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens (quantize_model's hessian_tokens) and fits each layer
+    FLOAT_TARGET of the way toward the float model's output (its float_target)."""
     from .quantizers import importance_only, needs_hessian
 
     supplied = supplied_calibration(plan.calibration.get("source"))
     defaults = quantizer_settings(quantizer, supplied)
-    if supplied and needs_hessian(quantizer) and not importance_only(quantizer) and plan.calibration.get("tokens"):
-        defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
+    if supplied and needs_hessian(quantizer) and not importance_only(quantizer):
+        defaults["float_target"] = FLOAT_TARGET
+        if plan.calibration.get("tokens"):
+            defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
     return {**defaults, **settings}
 
 

@@ -315,8 +315,9 @@ def test_widened_calibration_is_the_seeded_pick_of_more_of_the_same_text(tokeniz
 
 def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(model_dir, text_files):
     """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE x its calibration
-    tokens of that text (measured: 8-15 % lower KL on two families): in process, rebuilt from the text for a saved
-    plan, and passed explicitly, the same weights; the built-in set keeps the profile's windows."""
+    tokens of that text (measured: 8-15 % lower KL on two families) and FLOAT_TARGET toward the float model: in
+    process, rebuilt from the text for a saved plan, and passed explicitly, the same weights; the built-in set keeps
+    the profile's windows and GPTQ's own target."""
     from bitalloc.apply import plan_quantizer_settings
     from bitalloc.calibration import calibration_for_plan, make_calibration, read_text
     from bitalloc.models import load_model
@@ -326,7 +327,7 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
     options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
     p = plan(loaded, "3bits", str(calib_path), seq_len=16, calib_tokens=64, seed=3, options=options, cache_dir=False,
              quantizer="gptq")
-    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 256}
+    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 256, "float_target": 0.25}
     builtin = p.model_copy(update={"calibration": {**p.calibration, "source": "builtin:austen"}})
     assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
@@ -342,6 +343,7 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
     rebuilt = calibration_for_plan(saved.calibration, loaded.tokenizer, loaded.model, calib_path)
     assert torch.equal(in_process, applied(saved, calibration=rebuilt))  # what eval/export --plan --calib do
     assert not torch.equal(in_process, applied(p, hessian_tokens=64))  # the profile's windows alone
+    assert not torch.equal(in_process, applied(p, float_target=0.0))  # GPTQ's own target
     for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
         with pytest.raises(BadInputError, match="hessian_tokens"):
             applied(p, hessian_tokens=bad)
@@ -390,3 +392,59 @@ def test_rtn_mse_clipping_never_worse_than_rtn_per_group(opt):
     assert int(m.codes.min()) >= lo and int(m.codes.max()) <= hi
     assert torch.equal(m.scale.to(torch.float16).float(), m.scale)
     assert torch.all(m.scale <= r.scale)  # clipping only ever shrinks the range
+
+
+def test_float_target_weight_is_the_least_squares_fit_to_the_float_layer():
+    """Ŵ = W (G + λI)(H + λI)⁻¹ minimizes Σ‖Ŵx̃ − Wx‖² + λ‖Ŵ − W‖²: it equals W where the quantized inputs are the
+    float ones, beats W (and every nearby weight) on inputs that drifted, and strength moves it part of the way."""
+    from bitalloc.quantizers.sequential import float_target_weight
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(8, 16, generator=g)
+    X = torch.randn(512, 16, generator=g)  # float inputs [tokens, in]
+    Xq = X @ (torch.eye(16) + 0.1 * torch.randn(16, 16, generator=g)) + 0.05 * torch.randn(512, 16, generator=g)
+    H, G = Xq.T @ Xq / 512, X.T @ Xq / 512
+    damp = 0.05
+    lam = damp * float(torch.diagonal(H).mean())
+
+    def objective(V):
+        return float(((Xq @ V.T - X @ W.T) ** 2).sum(1).mean() + lam * ((V - W) ** 2).sum())
+
+    best = float_target_weight(W, H, G, damp)
+    assert torch.allclose(float_target_weight(W, X.T @ X / 512, X.T @ X / 512, damp), W, atol=1e-5)
+    assert objective(best) < 0.5 * objective(W)
+    for _ in range(5):  # the optimum: no random nudge lowers it
+        assert objective(best + 1e-3 * torch.randn(W.shape, generator=g)) > objective(best)
+    quarter = float_target_weight(W, H, G, damp, strength=0.25)
+    assert torch.allclose(quarter, W + 0.25 * (best - W), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_float_target_lowers_sequential_gptq_output_error(family):
+    """GPTQ fitting each layer toward the float model's output (float_target) leaves less error at the logits than
+    GPTQ fitting each layer to its own weight on the quantized inputs; float_target=0 is plain GPTQ, bit for bit."""
+    ref = FAMILIES[family]()
+    calib, test = _ids(1, (32, 32)), _ids(2, (8, 32))
+    options = {n: QuantOption.int_(3, 32, False) for n in select_modules(ref)}
+    with torch.no_grad():
+        want = ref(input_ids=test).logits
+    errors, weights = {}, {}
+    for strength in (0.0, 0.25, None):
+        model = copy.deepcopy(ref)
+        settings = {} if strength is None else {"float_target": strength}
+        weights[strength] = {n: q.values for n, q in quantize_model(model, options, "gptq", calibration=calib, **settings).items()}
+        with torch.no_grad():
+            errors[strength] = float(((model(input_ids=test).logits - want) ** 2).mean())
+    assert all(torch.equal(weights[0.0][n], weights[None][n]) for n in options)
+    assert errors[0.25] < 0.9 * errors[0.0], errors
+
+
+def test_float_target_and_hessian_tokens_are_refused_where_nothing_runs_block_by_block(llama, calib_ids):
+    options = {n: QuantOption.int_(4, 32, False) for n in select_modules(llama)}
+    for quantizer, settings in (("rtn-w", {"float_target": 0.25}), ("rtn", {"float_target": 0.25}),
+                                ("rtn-w", {"hessian_tokens": 64})):
+        with pytest.raises(BadInputError, match=f"{next(iter(settings))} applies to quantizers that run block by block"):
+            quantize_model(copy.deepcopy(llama), options, quantizer, calibration=calib_ids, **settings)
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(BadInputError, match="float_target must be a number from 0 to 1"):
+            quantize_model(copy.deepcopy(llama), options, "gptq", calibration=calib_ids, float_target=bad)

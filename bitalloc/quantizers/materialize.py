@@ -17,7 +17,7 @@ from ..progress import steps
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: str | Path | bool | None = None,
-                   content_hash: str | None = None, hessian_tokens: int | None = None,
+                   content_hash: str | None = None, hessian_tokens: int | None = None, float_target: float = 0.0,
                    **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
@@ -29,7 +29,16 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     hessian_tokens: a block-by-block quantizer (gptq) takes its Hessians from this many tokens of the calibration
     text instead (calibration.widened: the same windows and more of the text, as many as it holds), while the
     fold stays on the calibration's own windows; ids given as they are hold no more text and are used as they are.
+    float_target: a block-by-block quantizer fits each layer that far (0 to 1) toward the float model's output
+    (quantizers/sequential.py).
     """
+    sequential = needs_hessian(quantizer) and not importance_only(quantizer)
+    for name, value in (("hessian_tokens", hessian_tokens), ("float_target", float_target or None)):
+        if value is not None and not sequential:
+            raise BadInputError(f"{name} applies to quantizers that run block by block on layer Hessians (gptq, awq-gptq); "
+                                f"{quantizer} takes none: drop it")
+    if not isinstance(float_target, (int, float)) or not 0 <= float_target <= 1:
+        raise BadInputError(f"float_target must be a number from 0 to 1, got {float_target!r}")
     importances: dict[str, Any] = {}
     if needs_hessian(quantizer):
         if calibration is None:
@@ -39,7 +48,7 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
             from ..equalize_cache import equalize_cached
 
             equalize_cached(model, _as_windows(calibration), cache_dir, content_hash, progress=progress)
-        if not importance_only(quantizer):
+        if sequential:
             from .sequential import quantize_sequential
 
             if hessian_tokens is not None:
@@ -51,7 +60,8 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
                     from ..calibration import widened
 
                     calibration = widened(calibration, hessian_tokens) or calibration
-            return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress, **settings)
+            return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress,
+                                       float_target=float_target, **settings)
         from ..profile.statistics import input_importance
 
         importances = input_importance(model, list(options), _as_windows(calibration), progress=progress)

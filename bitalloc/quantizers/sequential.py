@@ -11,29 +11,39 @@ inputs. Only the block-boundary activations are kept, so memory stays bounded by
 inputs for all windows. Planned modules outside the blocks (the output head) come last, with H
 from a full forward pass of the quantized model; a planned input embedding is quantized by RTN
 (its inputs are one-hot, so H is diagonal and GPTQ reduces to rounding to nearest).
+
+With float_target > 0 the walk also carries the float model's block-boundary states (a second copy, and an
+unquantized copy of the block in hand), and each layer in a block is quantized toward a target moved that far toward
+the weight that best reproduces the float layer's output from the quantized inputs (float_target_weight: GPTAQ's
+asymmetric calibration), so each layer takes back part of the error the layers before it left. The output head keeps
+GPTQ's own target.
 """
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_hessian
+from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_float_grams, stage_hessian
 from ..models import forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
+from .gptq import DAMP
 from ..progress import steps
 
 
 def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quantizer: str,
-                        calibration: torch.Tensor, progress: bool = False,
+                        calibration: torch.Tensor, progress: bool = False, float_target: float = 0.0,
                         **settings: Any) -> dict[str, QuantizedWeight]:
     """Quantize each named module in place with a Hessian-based quantizer; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len].
+    float_target: how far (0 to 1) each layer's target moves from its own weight toward the weight that best gives
+    the float model's output on the quantized model's inputs (float_target_weight; 0: GPTQ as published).
     """
     walk = BlockWalk(model, calibration)
     prefix, blocks = walk.prefix, walk.blocks
@@ -49,9 +59,17 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
             outside[name] = opt
     with torch.no_grad():
         if any(in_block.values()):
+            float_hidden = None
             for i, (block, inputs) in enumerate(steps(walk, f"{quantizer} blocks", show=progress, unit="block")):
-                for local, q in _quantize_block(block, in_block[i], inputs, quantizer, settings).items():
+                float_block = None
+                if float_target:
+                    float_hidden = float_hidden or [h for _, h in inputs]  # block 0: the prefix is not quantized yet
+                    float_block = copy.deepcopy(block)
+                for local, q in _quantize_block(block, in_block[i], inputs, quantizer, settings,
+                                                float_block, float_hidden, float_target).items():
                     result[f"{prefix}.{i}.{local}"] = q
+                if float_block is not None:
+                    float_hidden = [call(float_block, h) for (call, _), h in zip(inputs, float_hidden)]
                 if not any(in_block[j] for j in range(i + 1, len(blocks))):
                     break
         for name, opt in outside.items():
@@ -76,21 +94,43 @@ def _stages(block: nn.Module, planned: dict[str, QuantOption], inputs: Inputs) -
 
 
 def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: Inputs, quantizer: str,
-                    settings: dict) -> dict[str, QuantizedWeight]:
+                    settings: dict, float_block: nn.Module | None = None,
+                    float_hidden: list[torch.Tensor] | None = None, float_target: float = 0.0) -> dict[str, QuantizedWeight]:
     todo = {n: o for n, o in planned.items() if o.fmt != "keep"}
     result = {n: quantize_weight(weight_matrix(block.get_submodule(n)).detach(), o, "rtn")
               for n, o in planned.items() if o.fmt == "keep"}  # keep: values unchanged
     if not todo:
         return result
     for stage in _stages(block, todo, inputs):
-        H = stage_hessian(block, stage[0], inputs)
+        if float_block is None:
+            H = stage_hessian(block, stage[0], inputs)
+        else:
+            H, G = stage_float_grams(block, float_block, stage[0], inputs, float_hidden)
         for local in stage:
             module = block.get_submodule(local)
             w = weight_matrix(module).detach()
-            q = quantize_weight(w, todo[local], quantizer, hessian=H, **settings)
+            target = w if float_block is None else float_target_weight(w, H, G, settings.get("damp", DAMP), float_target)
+            q = quantize_weight(target, todo[local], quantizer, hessian=H, **settings)
             set_weight_matrix(module, q.values.to(w.dtype))
             result[local] = q
     return result
+
+
+def float_target_weight(weight: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float,
+                        strength: float = 1.0) -> torch.Tensor:
+    """The weight Ŵ [out, in] whose outputs on the quantized model's inputs x̃ come closest to the float layer's on
+    the float model's inputs x: argmin Σ_t ‖Ŵ x̃_t − W x_t‖² + λ‖Ŵ − W‖² = W (G + λI)(H + λI)⁻¹, with H = mean x̃ x̃ᵀ,
+    G = mean x x̃ᵀ and λ = damp · mean diag H (GPTQ's damping). GPTQ of Ŵ under H then minimizes the same
+    objective (the rest is constant), so each layer also undoes the error the quantized layers before it left
+    in its input, as GPTAQ (Li et al., 2025, "asymmetric calibration") does column by column. strength < 1 moves
+    only that far from W toward Ŵ (GPTAQ's alpha, 0.25 in its code)."""
+    lam = damp * float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    A = H.double() + lam * eye
+    B = G.double() + lam * eye
+    w = weight.double()
+    best = torch.linalg.solve(A, B.T @ w.T).T
+    return (w + strength * (best - w)).to(weight.dtype)
 
 
 def _quantize_outside(model: nn.Module, name: str, option: QuantOption, quantizer: str,
