@@ -164,20 +164,27 @@ class _Gram:
         return self.xtx / self.n
 
 
-def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> torch.Tensor:
-    """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
-    gram = _Gram()
+def _module_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """`module`'s input [tokens, in] in one forward pass, stopped there."""
+    seen = []
 
     def grab(mod, args):
-        gram.add(args)
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
         raise StopForward
 
     with forward_hooks([(module, grab)], pre=True):
-        for run in passes:
-            try:
-                run()
-            except StopForward:
-                pass
+        try:
+            run()
+        except StopForward:
+            pass
+    return seen[0]
+
+
+def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> torch.Tensor:
+    """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
+    gram = _Gram()
+    for run in passes:
+        gram.add((_module_input(module, run),))
     return gram.mean()
 
 
@@ -197,32 +204,14 @@ def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list
     return [grams[n].mean() for n in locals_]
 
 
-def _module_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
-    """`module`'s input [tokens, in] in one forward pass, stopped there."""
-    seen = []
-
-    def grab(mod, args):
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        raise StopForward
-
-    with forward_hooks([(module, grab)], pre=True):
-        try:
-            run()
-        except StopForward:
-            pass
-    return seen[0]
-
-
 def stage_float_grams(block: nn.Module, float_block: nn.Module, local: str, inputs: Inputs,
                       float_hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, G) of module `local` over all windows: H = mean x̃ x̃ᵀ of its input in `block` (inputs: the quantized
     model's), G = mean x x̃ᵀ with x its input in `float_block` run on the float model's hidden states, token by token."""
-    xtx = cross = None
-    n = 0
+    gram, cross = _Gram(), 0
     for (call, hidden), float_h in zip(inputs, float_hidden):
         x_q = _module_input(block.get_submodule(local), partial(call, block, hidden))
         x_f = _module_input(float_block.get_submodule(local), partial(call, float_block, float_h))
-        xtx = x_q.T @ x_q if xtx is None else xtx + x_q.T @ x_q
-        cross = x_f.T @ x_q if cross is None else cross + x_f.T @ x_q
-        n += x_q.shape[0]
-    return xtx / n, cross / n
+        gram.add((x_q,))  # the same H as stage_hessian's, bit for bit
+        cross = cross + x_f.T @ x_q
+    return gram.mean(), cross / gram.n
