@@ -68,10 +68,10 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
                 for local, q in _quantize_block(block, in_block[i], inputs, quantizer, settings,
                                                 float_block, float_hidden, float_target).items():
                     result[f"{prefix}.{i}.{local}"] = q
-                if float_block is not None:
-                    float_hidden = [call(float_block, h) for (call, _), h in zip(inputs, float_hidden)]
                 if not any(in_block[j] for j in range(i + 1, len(blocks))):
                     break
+                if float_block is not None:  # the next block's float inputs (none needed after the last planned one)
+                    float_hidden = [call(float_block, h) for (call, _), h in zip(inputs, float_hidden)]
         for name, opt in outside.items():
             result[name] = _quantize_outside(model, name, opt, quantizer, calibration, settings)
     return result
