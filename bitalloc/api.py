@@ -86,8 +86,8 @@ def profile(
     """Candidate table for these modules and options, from the cache when an identical one exists.
 
     quantizer: whose ΔW the errors measure (gptq uses each layer's H from the unquantized model's
-    calibration inputs); None: config.default_quantizer(options), awq for a model equalized first (api.equalized;
-    awq-gptq on calibration the user supplied) and rtn-w for one as it is.
+    calibration inputs); None: config.default_quantizer(options), awq-gptq for a model equalized first
+    (api.equalized) and rtn-w for one as it is.
     ray: compute it on a Ray cluster (profile/distributed.py); trust_remote_code: for the workers' loads.
     """
     from .candidates import build_candidate_table
@@ -99,8 +99,7 @@ def profile(
     from .quantizers import equalizes
 
     supplied = supplied_calibration(calibration)
-    quantizer = quantizer or default_quantizer(options, foldable=weights_before(getattr(loaded, "model", None)) is not None,
-                                               supplied=supplied)
+    quantizer = quantizer or default_quantizer(options, foldable=weights_before(getattr(loaded, "model", None)) is not None)
     if equalizes(quantizer) and weights_before(getattr(loaded, "model", None)) is None:
         raise BadInputError(f"{setting('quantizer')} {quantizer} measures the equalized model: profile through "
                             "prepare_profile or profile_model (they fold the scales in), or fold them first with "

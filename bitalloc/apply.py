@@ -64,16 +64,16 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
     """`settings` over the defaults `quantizer` runs with for this plan. Those its profile's table was made with:
     GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings).
-    And two the table does not use: on supplied text, a block-by-block quantizer (gptq, awq-gptq) takes its Hessians
-    from HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens (quantize_model's hessian_tokens) and fits each layer
-    FLOAT_TARGET of the way toward the float model's output (its float_target)."""
+    And two the table does not use: a block-by-block quantizer (gptq, awq-gptq) fits each layer FLOAT_TARGET of the
+    way toward the float model's output (quantize_model's float_target), and on supplied text takes its Hessians from
+    HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens of that text (its hessian_tokens)."""
     from .quantizers import importance_only, needs_hessian
 
     supplied = supplied_calibration(plan.calibration.get("source"))
     defaults = quantizer_settings(quantizer, supplied)
-    if supplied and needs_hessian(quantizer) and not importance_only(quantizer):
+    if needs_hessian(quantizer) and not importance_only(quantizer):
         defaults["float_target"] = FLOAT_TARGET
-        if plan.calibration.get("tokens"):
+        if supplied and plan.calibration.get("tokens"):
             defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
     return {**defaults, **settings}
 

@@ -129,7 +129,7 @@ def plan_cmd(
     seq_len: int = typer.Option(CalibrationSpec.seq_len, "--seq-len"),
     solver: str = typer.Option(SolveConfig.solver, "--solver", help="solver name; `bitalloc solvers` lists them"),
     error_model: Optional[str] = typer.Option(SolveConfig.error_model, "--error-model", help=" or ".join(ERROR_MODELS) + "; default fisher-tw"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else awq-gptq with --calib FILE and awq on the built-in set or self (rtn-w with --stream or --ray); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plan will be applied with: " + QUANTIZERS_TEXT + "; default imatrix for GGUF types only (--target llama.cpp), else awq-gptq (rtn-w with --stream or --ray); its errors fill the candidate table (with --profile: the profile's, another is refused)"),
     bits: str = typer.Option(BITS_TEXT, "--bits", help="integer bit widths offered"),
     group_sizes: str = typer.Option(GROUP_SIZES_TEXT, "--group-sizes", help="group sizes offered; ch = per channel"),
     no_keep: bool = typer.Option(False, "--no-keep", help="do not offer keeping a module in fp16"),
@@ -394,7 +394,7 @@ def profile_cmd(
     include_lm_head: bool = typer.Option(False, "--include-lm-head"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     stream: bool = typer.Option(False, "--stream", help="one decoder block in memory at a time (local checkpoint; trace = empirical-Fisher trace)"),
-    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else awq-gptq with --calib FILE, awq without; rtn-w with --stream or --ray); the table holds its errors"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quantizer the plans will be applied with: " + QUANTIZERS_TEXT + " (default imatrix for GGUF types only, else awq-gptq; rtn-w with --stream or --ray); the table holds its errors"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:

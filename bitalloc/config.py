@@ -69,9 +69,7 @@ def _default_grid() -> tuple[QuantOption, ...]:
 
 
 # The quantizer of every grid that holds anything but GGUF types, and every grid's error model.
-DEFAULT_QUANTIZER = "awq"
-# The quantizer of such a grid calibrated on text the user supplies (default_quantizer's supplied).
-SUPPLIED_CALIBRATION_QUANTIZER = "awq-gptq"
+DEFAULT_QUANTIZER = "awq-gptq"
 # The default where no scales can be folded into the model (default_quantizer's foldable).
 DEFAULT_UNFOLDED_QUANTIZER = "rtn-w"
 DEFAULT_ERROR_MODEL = "fisher-tw"
@@ -102,12 +100,14 @@ def supplied_calibration(source: Any) -> bool:
 # on Gemma 3, and perplexity at every one (README, *GPTQ's Hessians from four times the text*); applying takes about
 # twice as long. The candidate table and the fold keep the profile's windows, so profiling costs what it did.
 HESSIAN_TEXT_MULTIPLE = 4
-# And GPTQ there fits each layer a quarter of the way from its own weight toward the one that best gives the float
-# model's output on the quantized model's inputs (quantize_model's float_target; GPTAQ's asymmetric calibration, whose
-# published code uses this 0.25), so later layers undo part of the error earlier ones left. With 32768 tokens and damp
-# 5 % it lowered KL to the float model at all eight sizes measured on SmolLM2 (3.2 to 5.53 bits; -7 to -18 %) and all
-# three on Gemma 3 (-9 to -14 %), and perplexity at ten of the eleven; all of the way (1.0) did not help at 3.5 bits
-# (README, *GPTQ fits toward the float model*).
+# And GPTQ, on every calibration, fits each layer a quarter of the way from its own weight toward the one that best
+# gives the float model's output on the quantized model's inputs (quantize_model's float_target; GPTAQ's asymmetric
+# calibration, whose published code uses this 0.25), so later layers undo part of the error earlier ones left. On
+# WikiText-2 calibration (32768 tokens, damp 5 %) it lowered KL to the float model at all eight sizes measured on
+# SmolLM2 (3.2 to 5.53 bits; -7 to -18 %) and all three on Gemma 3 (-9 to -14 %), and perplexity at ten of the eleven;
+# all of the way (1.0) did not help at 3.5 bits, halfway (0.5) was level. On the built-in set it lowered both at 3.2 to
+# 4.44 bits on SmolLM2 and at 3.5 on Gemma 3 against GPTQ's own target (README, *GPTQ fits toward the float model*,
+# *The built-in set too*).
 FLOAT_TARGET = 0.25
 
 
@@ -125,25 +125,25 @@ def quantizer_settings(quantizer: str, supplied: bool) -> dict[str, Any]:
     return {"act_order": supplied} if orders_columns(quantizer) else {}
 
 
-def default_quantizer(options, foldable: bool = True, supplied: bool = False) -> str:
+def default_quantizer(options, foldable: bool = True) -> str:
     """The quantizer a grid is profiled and applied with when none is named.
 
     A grid of llama.cpp's GGUF types gets `imatrix`: llama.cpp's own quantizers with the importance weights
     llama-imatrix would collect, here diag H from the profile's calibration pass, which every profile runs
     anyway. That is what llama.cpp users quantize with, and its mixes made so beat those made without at
-    every size (bench/peers.py). Other grids get awq: AWQ's activation-aware scales folded into the model
-    (equalize.py), then rtn-w, RTN with importance-weighted scales. Its INT plans have lower KL than rtn-w's
-    at every measured size on both pretrained families, SmolLM2 (7 sizes, 3.2 to 5.53 bits) and Gemma 3 (8), and
-    lower perplexity at all but two SmolLM2 sizes (3.5 and 5.53 bits, by 0.36 and 0.16); on SmolLM2 they are
-    below llama.cpp's imatrix mixes in ppl at all five of their sizes (README, *Equalization*). A model without
-    Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq is rtn-w there.
+    every size (bench/peers.py). Other grids get awq-gptq: AWQ's activation-aware scales folded into the model
+    (equalize.py), then GPTQ block by block, each layer fitted a quarter of the way toward the float model's output
+    (FLOAT_TARGET). Its table holds awq's errors (awq: the same fold, then rtn-w, RTN with importance-weighted
+    scales; quantizers.measuring_quantizer), so it profiles in awq's time; applying costs more. awq's INT plans have
+    lower KL than rtn-w's at every measured size on SmolLM2 (7 sizes, 3.2 to 5.53 bits) and Gemma 3 (8), and are
+    below llama.cpp's imatrix mixes in ppl at all five of their sizes on SmolLM2 (README, *Equalization*). Applied
+    with awq-gptq the same plans score lower still: on WikiText-2 calibration in KL at every measured size of both
+    families, and on the built-in set (other text than the test's) at 3.2 to 4.44 bits by 2 to 12 % in ppl and 5 to
+    19 % in KL on SmolLM2 (level at 5.28 bits) and at 3.5 and 4.46 bits by 9 and 3 % in ppl and 17 and 18 % in KL
+    on Gemma 3 (README, *The built-in set too*).
+    A model without Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq-gptq is gptq there.
     foldable: False where no scales can be folded into the model profiled (--stream and --ray never hold it
     whole; api.profile of a model not equalized first measures it as it is): rtn-w there.
-    supplied: the calibration is the user's own text or ids (supplied_calibration), taken as the text the model
-    will serve: awq-gptq there, the same fold and then GPTQ, whose error feedback fits the calibration text. On
-    WikiText-2 calibration its plans score below awq's on WikiText-2 test in KL at every measured size of SmolLM2 and
-    Gemma 3 (by up to 16 % and 27 %), but on the built-in set (other text) the gain is small and inconsistent (SmolLM2
-    −3 to +9 %, Gemma 3 −2 to −3 %; README, *awq-gptq*) and applying costs more, so the built-in set and self keep awq. Its table holds awq's errors (quantizers.measuring_quantizer), so it profiles in awq's time.
     Applying an awq, awq-gptq or rtn-w plan needs its calibration windows again: a plan made in this process carries
     them (Plan.calibration_windows), a saved one rebuilds them with a tokenizer.
     """
@@ -151,7 +151,7 @@ def default_quantizer(options, foldable: bool = True, supplied: bool = False) ->
         return "imatrix"
     if not foldable:
         return DEFAULT_UNFOLDED_QUANTIZER
-    return SUPPLIED_CALIBRATION_QUANTIZER if supplied else DEFAULT_QUANTIZER
+    return DEFAULT_QUANTIZER
 
 
 def default_error_model(options) -> str:
@@ -198,8 +198,7 @@ class ProfileConfig:
         if not all(isinstance(o, QuantOption) for o in self.options):
             raise BadInputError("options must be QuantOption objects (see bitalloc.default_options)")
         if self.quantizer is None:
-            object.__setattr__(self, "quantizer", default_quantizer(self.options, foldable=not self.stream and self.ray is None,
-                                                                    supplied=supplied_calibration(self.calibration.source)))
+            object.__setattr__(self, "quantizer", default_quantizer(self.options, foldable=not self.stream and self.ray is None))
         check_quantizer(self.quantizer)
 
 

@@ -270,24 +270,25 @@ def test_awq_gptq_plans_from_awq_errors_and_applies_gptq_on_the_folded_model():
     # where nothing can be folded (qat.replan, the exports' note) each equalizing quantizer names its plain twin;
     # config keeps the default's without importing torch
     assert unfolded_quantizer("awq-gptq") == "gptq"
-    assert unfolded_quantizer(DEFAULT_QUANTIZER) == DEFAULT_UNFOLDED_QUANTIZER and unfolded_quantizer("gptq") == "gptq"
+    assert unfolded_quantizer("awq") == DEFAULT_UNFOLDED_QUANTIZER and unfolded_quantizer("gptq") == "gptq"
 
 
-def test_the_default_quantizer_follows_whose_calibration_it_is(tmp_path):
-    """Calibration the user supplies (a text file, token ids) is taken as the text the model will serve: awq-gptq,
-    whose GPTQ fits it; the built-in set and self (other text) keep awq; GGUF grids imatrix, streams rtn-w."""
+def test_the_default_quantizer_is_awq_gptq_on_every_calibration(tmp_path):
+    """awq-gptq on every calibration: text the user supplies, token ids, the built-in set and self (on the built-in set
+    it lowered ppl and KL at 3.2 to 4.44 bits on SmolLM2 and at 3.5 on Gemma 3); GGUF grids imatrix, streams rtn-w.
+    Which calibration it is still sets GPTQ's column order and how much text its Hessians take (apply)."""
     from bitalloc.config import default_quantizer, supplied_calibration
 
     text = tmp_path / "calib.txt"
     text.write_text("some text", encoding="utf-8")
     int_grid = (parse_option("int4-g32-asym"),)
     assert [ProfileConfig(CalibrationSpec(source), options=int_grid).quantizer
-            for source in (None, "self", text, str(text), IDS)] == ["awq", "awq", "awq-gptq", "awq-gptq", "awq-gptq"]
+            for source in (None, "self", text, str(text), IDS)] == ["awq-gptq"] * 5
     assert supplied_calibration(calibration_from_tokens(IDS))
     assert not supplied_calibration(calibration_from_tokens(IDS, source="builtin:austen"))
     assert ProfileConfig(CalibrationSpec(text), options=int_grid, stream=True).quantizer == "rtn-w"
     assert ProfileConfig(CalibrationSpec(text), options=(parse_option("Q4_K"),)).quantizer == "imatrix"
-    assert default_quantizer(int_grid, supplied=True) == "awq-gptq" and default_quantizer(int_grid) == DEFAULT_QUANTIZER
+    assert default_quantizer(int_grid) == DEFAULT_QUANTIZER == "awq-gptq"
     assert ProfileConfig(CalibrationSpec(IDS), options=int_grid, quantizer="awq").quantizer == "awq"  # named: kept
 
 

@@ -317,7 +317,7 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
     """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE x its calibration
     tokens of that text (measured: 8-15 % lower KL on two families) and FLOAT_TARGET toward the float model: in
     process, rebuilt from the text for a saved plan, and passed explicitly, the same weights; the built-in set keeps
-    the profile's windows and GPTQ's own target."""
+    the profile's windows (and natural column order) but fits toward the float model too."""
     from bitalloc.apply import plan_quantizer_settings
     from bitalloc.calibration import calibration_for_plan, make_calibration, read_text
     from bitalloc.models import load_model
@@ -329,7 +329,7 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
              quantizer="gptq")
     assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 256, "float_target": 0.25}
     builtin = p.model_copy(update={"calibration": {**p.calibration, "source": "builtin:austen"}})
-    assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False}
+    assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False, "float_target": 0.25}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
 
     def applied(plan_, **kw):

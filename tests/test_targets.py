@@ -51,19 +51,19 @@ def test_resolve_formats_errors(formats, target, needles):
 
 
 def test_a_grid_of_gguf_types_defaults_to_llama_cpps_importance_weighted_quantizers():
-    """llama.cpp users quantize with an imatrix; every profile has its diag H. Other grids get awq (rtn-w, RTN with
-    importance-weighted scales, on the equalized model), or rtn-w where nothing can be folded (stream, ray), and a
-    named quantizer always wins."""
+    """llama.cpp users quantize with an imatrix; every profile has its diag H. Other grids get awq-gptq (GPTQ on the
+    equalized model, planned from awq's errors), or rtn-w where nothing can be folded (stream, ray), and a named
+    quantizer always wins."""
     gguf = [QuantOption.gguf("Q4_K"), QuantOption.gguf("Q8_0"), QuantOption.keep()]
     assert ProfileConfig(options=gguf).quantizer == "imatrix"
     assert ProfileConfig(options=default_options(formats=resolve_formats(target="llama.cpp"))).quantizer == "imatrix"
     assert ProfileConfig(options=gguf, quantizer="rtn").quantizer == "rtn"
-    assert ProfileConfig().quantizer == "awq"  # the INT grid
-    assert ProfileConfig(options=[QuantOption.keep()]).quantizer == "awq"
+    assert ProfileConfig().quantizer == "awq-gptq"  # the INT grid
+    assert ProfileConfig(options=[QuantOption.keep()]).quantizer == "awq-gptq"
     assert ProfileConfig(stream=True).quantizer == "rtn-w" and ProfileConfig(ray=RaySpec()).quantizer == "rtn-w"
     assert ProfileConfig(stream=True, quantizer="rtn").quantizer == "rtn"
-    # imatrix quantizes GGUF types only, so a grid that mixes in INT gets awq
-    assert ProfileConfig(options=gguf + [QuantOption.int_(4, 64)]).quantizer == "awq"
+    # imatrix quantizes GGUF types only, so a grid that mixes in INT gets awq-gptq
+    assert ProfileConfig(options=gguf + [QuantOption.int_(4, 64)]).quantizer == "awq-gptq"
 
 
 def test_every_table_is_solved_under_fisher_tw_unless_told_otherwise():

@@ -209,7 +209,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                   include_embeddings: bool, rules: SourceRules, quantizer: str | None = None,
                   foldable: bool = True) -> ProfileSpec:
     from ..api import bitalloc_version
-    from ..config import check_quantizer, default_quantizer, supplied_calibration
+    from ..config import check_quantizer, default_quantizer
     from ..options import default_options
     from ..profile.store import numerics_fingerprint
 
@@ -239,7 +239,7 @@ def _profile_spec(model: str, calibration: CalibrationIn, options: OptionsIn, in
                        calib_tokens=calibration.tokens, seed=calibration.seed, options=[o.to_dict() for o in grid],
                        include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                        code={"bitalloc": bitalloc_version(), "numerics": numerics_fingerprint()},
-                       quantizer=quantizer or default_quantizer(grid, foldable, supplied=supplied_calibration(calibration.path)))
+                       quantizer=quantizer or default_quantizer(grid, foldable))
 
 
 def _families(formats: list[str] | None, target: str | None) -> tuple[str, ...] | None:

@@ -63,8 +63,7 @@ class ProfileIn(_Request):
     include_embeddings: bool = False
     quantizer: Optional[str] = Field(None, max_length=32, description="quantizer the plans will be applied with (rtn, "
                                      "rtn-mse, rtn-w, awq, gptq, awq-gptq, imatrix; default imatrix for GGUF types, else "
-                                     "awq-gptq with a calibration path and awq without, or rtn-w on a server with Ray "
-                                     "workers); the table holds its errors")
+                                     "awq-gptq, or rtn-w on a server with Ray workers); the table holds its errors")
 
 
 class ConstraintsIn(_Request):
