@@ -268,7 +268,7 @@ def test_awq_gptq_plans_from_awq_errors_and_applies_gptq_on_the_folded_model():
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(with_rtn_w.state_dict()[q_proj], applied.state_dict()[q_proj])
     # where nothing can be folded (qat.replan, the exports' note) each equalizing quantizer names its plain twin;
-    # config keeps the default's without importing torch
+    # config's default there (stream, ray) is awq's, kept without importing torch
     assert unfolded_quantizer("awq-gptq") == "gptq"
     assert unfolded_quantizer("awq") == DEFAULT_UNFOLDED_QUANTIZER and unfolded_quantizer("gptq") == "gptq"
 
