@@ -47,8 +47,9 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
     calibration: token ids [windows, seq_len] (or a Calibration) for quantizers that need layer
     Hessians (gptq, rtn-w, awq); without it, a plan made in this process uses the windows it was made on, and
     a loaded one needs `tokenizer` to rebuild its own (built-in set or self; calibration.calibration_for_plan)
-    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order, hessian_tokens, float_target; their
-    defaults follow the plan's calibration text: plan_quantizer_settings).
+    or `calibration`. settings go to the quantizer (gptq: damp, block_size, act_order, hessian_tokens, float_target,
+    token_weighted; their defaults follow the plan's calibration text: plan_quantizer_settings); one it does not take
+    is refused.
     cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
     folder, True = the default one, None/False = none: profile.store.cache_folder).
     """

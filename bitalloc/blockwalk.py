@@ -155,9 +155,11 @@ class _Gram:
     xtx: torch.Tensor | None = None
     n: int = 0
 
-    def add(self, args: tuple) -> None:
+    def add(self, args: tuple, token_weights: torch.Tensor | None = None) -> None:
+        """token_weights [tokens]: Σ a_t x xᵀ instead (still divided by the token count)."""
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-        self.xtx = x.T @ x if self.xtx is None else self.xtx + x.T @ x
+        xtx = x.T @ x if token_weights is None else (x * token_weights[:, None]).T @ x
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.n += x.shape[0]
 
     def mean(self) -> torch.Tensor:
@@ -215,3 +217,24 @@ def stage_float_grams(block: nn.Module, float_block: nn.Module, local: str, inpu
         gram.add((x_q,))  # the same H as stage_hessian's, bit for bit
         cross = cross + x_f.T @ x_q
     return gram.mean(), cross / gram.n
+
+
+def stage_weighted_grams(block: nn.Module, local: str, inputs: Inputs, token_weights: list[torch.Tensor],
+                         float_block: nn.Module | None = None, float_hidden: list[torch.Tensor] | None = None
+                         ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per weighting a [windows, seq_len] in `token_weights`: H_a = mean_t a_t x̃ x̃ᵀ of module `local`'s input over
+    all windows and, with a float block, G_a = mean_t a_t x x̃ᵀ (stage_float_grams, each token weighted), from one
+    pass over the windows: the modules of a stage share the input, each weighs its tokens by its own output's
+    gradient (statistics.output_gradient_weights)."""
+    grams = [_Gram() for _ in token_weights]
+    crosses: list[Any] = [None if float_block is None else 0 for _ in token_weights]
+    for w, (call, hidden) in enumerate(inputs):
+        x_q = _module_input(block.get_submodule(local), partial(call, block, hidden))
+        x_f = None if float_block is None else _module_input(float_block.get_submodule(local),
+                                                              partial(call, float_block, float_hidden[w]))
+        for k, weights in enumerate(token_weights):
+            a = weights[w].reshape(-1)
+            grams[k].add((x_q,), a)
+            if x_f is not None:
+                crosses[k] = crosses[k] + (x_f * a[:, None]).T @ x_q
+    return [(g.mean(), None if c is None else c / g.n) for g, c in zip(grams, crosses)]

@@ -90,14 +90,24 @@ def _setting_value(text: str):
     return text
 
 
-def _solver_settings(items: list[str]) -> dict:
+def _solver_settings(items: list[str], flag: str = "--solver-setting", example: str = "backend=highs") -> dict:
+    """KEY=VALUE items of a repeatable settings flag as a dict (values as _setting_value reads them)."""
     settings = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise BadInputError(f"cannot read --solver-setting {item!r}; write KEY=VALUE, e.g. --solver-setting backend=highs")
+            raise BadInputError(f"cannot read {flag} {item!r}; write KEY=VALUE, e.g. {flag} {example}")
         settings[key.strip()] = _setting_value(value)
     return settings
+
+
+QUANTIZER_SETTING_HELP = ("KEY=VALUE for the quantizer, over the plan's defaults (repeatable): e.g. hessian_tokens=131072 "
+                          "(GPTQ's Hessians from that many tokens of the calibration text), float_target=0.25, damp=0.05, "
+                          "act_order=true")
+
+
+def _quantizer_settings(items: list[str]) -> dict:
+    return _solver_settings(items, "--quantizer-setting", "hessian_tokens=131072")
 
 
 RAY_HELP = ("profile on a Ray cluster: 'auto' (the one $RAY_ADDRESS names or runs here, else a local one) or "
@@ -470,6 +480,7 @@ def eval_cmd(
     text: Path = typer.Option(..., "--text", help="evaluation text file (e.g. wiki.test.raw)"),
     plan_path: Optional[Path] = typer.Option(None, "--plan", help="apply this plan (with its quantizer) before scoring"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="apply the plan with this quantizer instead of the plan's own (" + QUANTIZERS_TEXT + ")"),
+    quantizer_setting: List[str] = typer.Option([], "--quantizer-setting", help=QUANTIZER_SETTING_HELP),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per evaluation window"),
     windows: int = typer.Option(16, "--windows", help="number of non-overlapping windows from the start"),
@@ -494,6 +505,9 @@ def eval_cmd(
         raise BadInputError(f"--windows must be at least 1, got {windows}")
     if seq_len < 2:
         raise BadInputError(f"--seq-len must be at least 2, got {seq_len} (a window scores every token after its first)")
+    settings = _quantizer_settings(quantizer_setting)
+    if settings and plan_path is None:
+        raise BadInputError("--quantizer-setting applies to the quantizer of --plan; pass --plan")
     plan = Plan.load(plan_path) if plan_path else None  # fail on a bad plan before loading the model
     use = (quantizer or plan.quantizer) if plan is not None else None
     if plan is not None:
@@ -509,7 +523,8 @@ def eval_cmd(
         reference = loaded.model
         calibration = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
         scored = apply(copy.deepcopy(loaded.model), plan, check_hash=not skip_hash_check, quantizer=use,
-                       calibration=calibration, progress=not as_json, cache_dir=_cache_arg(cache_dir, no_cache))
+                       calibration=calibration, progress=not as_json, cache_dir=_cache_arg(cache_dir, no_cache),
+                       **settings)
     result = evaluate(scored, ids, reference=reference, progress=not as_json)
     if as_json:
         print(json.dumps({"model": model, "plan": str(plan_path) if plan_path else None, "bos": bos_id, **result.to_dict()},
@@ -524,6 +539,7 @@ def apply_cmd(
     plan_path: Path = typer.Option(..., "--plan", help="plan JSON file"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint folder to write (a .gguf file with --format gguf)"),
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help=QUANTIZERS_TEXT + "; default: the plan's own"),
+    quantizer_setting: List[str] = typer.Option([], "--quantizer-setting", help=QUANTIZER_SETTING_HELP),
     fmt: str = typer.Option("compressed-tensors", "--format", help="checkpoint format: compressed-tensors, or gguf (a llama.cpp file from a --target llama.cpp plan; MODEL a .gguf, whose metadata and tokenizer are copied, or a checkpoint folder, converted as convert_hf_to_gguf.py does; llama and qwen2, and gemma3 from a .gguf)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=PLAN_CALIB_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
@@ -550,6 +566,7 @@ def apply_cmd(
     if fmt not in ("compressed-tensors", "gguf"):
         raise BadInputError(f"unknown checkpoint format {fmt!r}; `bitalloc apply` writes compressed-tensors or gguf "
                             "(other targets: `bitalloc export`)")
+    settings = _quantizer_settings(quantizer_setting)
     if fmt == "gguf":
         from .gguf_file import gguf_layout
         from .io import check_output_file
@@ -570,12 +587,12 @@ def apply_cmd(
     ids = _plan_calibration(plan, use, calib, not skip_calib_hash_check, loaded)
     cache = _cache_arg(cache_dir, no_cache)
     if fmt == "gguf":
-        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype, cache)
+        _write_gguf(loaded, plan, model, out_path, quantizer, ids, skip_hash_check, as_json, gguf_dtype, cache, settings)
         return
     report = save_checkpoint(loaded.model, plan, out_path, quantizer, ids, tokenizer=loaded.tokenizer, force=force,
                              check_hash=not skip_hash_check, allow_untied=allow_untied,
                              dtype=getattr(torch, dtypes[dtype]) if dtypes[dtype] else None, progress=not as_json,
-                             cache_dir=cache)
+                             cache_dir=cache, settings=settings)
     if as_json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return
@@ -618,13 +635,13 @@ def _cache_arg(cache_dir: Optional[Path], no_cache: bool) -> Path | bool:
 
 
 def _write_gguf(loaded, plan, source: str, out_path: Path, quantizer, ids, skip_hash_check: bool, as_json: bool,
-                dtype=None, cache_dir: Path | bool = False) -> None:
+                dtype=None, cache_dir: Path | bool = False, settings: dict | None = None) -> None:
     from collections import Counter
 
     from .gguf_file import write_gguf
 
     layout = write_gguf(loaded.model, plan, source, out_path, quantizer, ids, check_hash=not skip_hash_check,
-                        progress=not as_json, dtype=dtype, cache_dir=cache_dir)
+                        progress=not as_json, dtype=dtype, cache_dir=cache_dir, settings=settings)
     size = out_path.stat().st_size
     planned = layout.planned
     weights = sum(a.shape[0] * a.shape[1] for a in plan.assignments)

@@ -268,7 +268,8 @@ def _ftype(layout: GGUFLayout, plan: Plan) -> int | None:
 
 def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path, quantizer: str | None = None,
                calibration: torch.Tensor | None = None, check_hash: bool = True, progress: bool = False,
-               dtype: torch.dtype | None = None, cache_dir: str | Path | bool | None = None) -> GGUFLayout:
+               dtype: torch.dtype | None = None, cache_dir: str | Path | bool | None = None,
+               settings: dict | None = None) -> GGUFLayout:
     """Quantize `model` (loaded from `source`) as `plan` says and write the GGUF file `out`, atomically.
 
     source: the .gguf file or Hugging Face checkpoint folder the model was loaded from.
@@ -278,6 +279,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     dtype: a checkpoint folder's unplanned 2-D tensors in this dtype (default: as stored; then the file
     runs exactly the simulated plan, otherwise those tensors are rounded to it).
     cache_dir: the profile cache, where awq finds the scales its profile searched (as apply.apply reads it).
+    settings: the quantizer's, over the plan's defaults (apply.plan_quantizer_settings).
     """
     from . import gguf_hf
     from .apply import check_plan_matches, checked_hash, plan_quantizer_settings
@@ -293,7 +295,7 @@ def write_gguf(model: nn.Module, plan: Plan, source: str | Path, out: str | Path
     quantizer = quantizer or plan.quantizer
     qweights = quantize_model(model, plan.options_by_module(), quantizer, calibration, progress=progress,
                               cache_dir=cache_dir, content_hash=checked_hash(plan, check_hash),
-                              **plan_quantizer_settings(plan, quantizer, {}))
+                              **plan_quantizer_settings(plan, quantizer, settings or {}))
     # an equalizing quantizer (awq) divided norms and biases the source stores unfolded: written from the model
     # (a checkpoint folder's are converted from the model's own tensors anyway)
     folded = _equalized_tensors(model, plan, src) if equalizes(quantizer or plan.quantizer) and src.reader else {}

@@ -91,7 +91,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
                     calibration: torch.Tensor | None = None, *, tokenizer: Any = None, force: bool = False,
                     check_hash: bool = True, allow_untied: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     dtype: torch.dtype | None = None, progress: bool = False,
-                    cache_dir: str | Path | bool | None = None) -> CheckpointReport:
+                    cache_dir: str | Path | bool | None = None, settings: dict | None = None) -> CheckpointReport:
     """Quantize a copy of `model` as `plan` says and write it as a packed compressed-tensors checkpoint.
 
     out: folder to create (an existing one is replaced only with force=True). allow_untied: write
@@ -103,6 +103,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     declared as; None = the model's own (a GGUF loads as float32; bfloat16 halves those bytes).
     cache_dir: the profile cache, where an equalizing quantizer (awq) finds the scales its profile searched (a
     folder, True = the default one, None/False = none: profile.store.cache_folder).
+    settings: the quantizer's, over the plan's defaults (apply.plan_quantizer_settings; e.g. hessian_tokens).
     The caller's model is left unchanged.
     """
     out, leftovers = prepare_checkpoint_out(out, force)
@@ -115,7 +116,7 @@ def save_checkpoint(model: nn.Module, plan: Plan, out: str | Path, quantizer: st
     _library()  # fail before the (slow) quantization if compressed-tensors is missing
 
     quantizer = quantizer or plan.quantizer
-    settings = plan_quantizer_settings(plan, quantizer, {})
+    settings = plan_quantizer_settings(plan, quantizer, settings or {})
     calibration = plan_windows(model, plan, quantizer, calibration, tokenizer)
     simulated = copy.deepcopy(model)  # quantizers work in place (GPTQ needs later layers to see quantized inputs)
     options = plan.options_by_module()

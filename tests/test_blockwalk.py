@@ -63,3 +63,40 @@ def test_one_pass_stage_hessians_equal_one_pass_per_module(calib_ids):
             alone = stage_hessian(block, name, inputs)
             assert H.shape == alone.shape and H.abs().max() > 0
             torch.testing.assert_close(H, alone, rtol=0, atol=0)
+
+
+def test_token_weighted_grams_of_the_float_model_are_fisher_tws_hessian(calib_ids):
+    """Weighting each token by its output's loss gradient (statistics.output_gradient_weights) in the block walk's
+    grams gives the profile's fisher-tw Hessian H_a = mean_t a_t x xᵀ, up to its scale ΣF: the Hessian token-weighted
+    GPTQ works from is the error model's own. Unit weights give the plain stage grams, bit for bit."""
+    from bitalloc.blockwalk import BlockWalk, stage_float_grams, stage_hessian, stage_weighted_grams
+    from bitalloc.calibration import calibration_from_tokens
+    from bitalloc.profile.statistics import collect_statistics, output_gradient_weights
+
+    model = FAMILIES["llama"]().eval()
+    ids = calib_ids[:3]
+    locals_ = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in locals_]
+    weights = output_gradient_weights(model, names, ids)
+    stats = collect_statistics(model, names, calibration_from_tokens(ids))
+    for n, a in weights.items():
+        assert a.shape == ids.shape and torch.all(a[:, -1] == 0)  # the last token predicts nothing
+        torch.testing.assert_close(a.mean(), torch.tensor(1.0))
+    ones = torch.ones(ids.shape)
+    for i, (block, inputs) in enumerate(BlockWalk(model, ids)):
+        if i == 2:
+            break
+        for local in locals_:
+            (H_a, _), (H, _) = stage_weighted_grams(block, local, inputs, [weights[f"model.layers.{i}.{local}"], ones])
+            s = stats[f"model.layers.{i}.{local}"]
+            torch.testing.assert_close(H_a, s.grad_weighted_hessian / s.fisher.sum(), rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(H, stage_hessian(block, local, inputs), rtol=0, atol=0)
+            assert not torch.allclose(H_a, H, rtol=0.05)  # the weighting changes it
+        copy_ = FAMILIES["llama"]().eval()
+        copy_.load_state_dict(model.state_dict())
+        float_block = copy_.model.layers[i]
+        hidden = [h for _, h in inputs]
+        (H1, G1), = stage_weighted_grams(block, "mlp.down_proj", inputs, [ones], float_block, hidden)
+        H0, G0 = stage_float_grams(block, float_block, "mlp.down_proj", inputs, hidden)
+        torch.testing.assert_close(H1, H0, rtol=0, atol=0)
+        torch.testing.assert_close(G1, G0, rtol=1e-6, atol=1e-7)

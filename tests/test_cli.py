@@ -110,6 +110,27 @@ def test_eval_json(cli_plan, model_dir, cli_env):
     assert result["ppl"] > 1 and abs(result["ppl"] - 2.718281828459045 ** result["nll"]) < 1e-6 * result["ppl"]
 
 
+def test_quantizer_settings_reach_the_quantizer(cli_plan, model_dir, cli_env, tmp_path):
+    """--quantizer-setting KEY=VALUE goes over the plan's defaults: the default float_target written out scores as
+    the default does, GPTQ's own target (0) otherwise; a setting the quantizer does not take is refused by name, on
+    eval and on apply (which then writes nothing)."""
+    common = ("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", cli_plan, "--calib", model_dir / "calib.txt",
+              "--seq-len", "16", "--windows", "2", "--json")
+    kl = {}
+    for value in (None, "0.25", "0"):
+        r = run_cli(cli_env, *common, *(() if value is None else ("--quantizer-setting", f"float_target={value}")))
+        assert r.returncode == 0, r.stderr[-3000:]
+        kl[value] = json.loads(r.stdout.strip().splitlines()[-1])["kl"]
+    assert kl[None] == kl["0.25"] != kl["0"], kl
+    assert_bad_input(run_cli(cli_env, *common, "--quantizer-setting", "dampp=0.1"),
+                     "awq-gptq quantizer takes no setting 'dampp'", "damp, block_size, act_order")
+    assert_bad_input(run_cli(cli_env, *common, "--quantizer-setting", "damp"), "cannot read --quantizer-setting 'damp'")
+    out = tmp_path / "ckpt"
+    assert_bad_input(run_cli(cli_env, "apply", model_dir, "--plan", cli_plan, "--calib", model_dir / "calib.txt",
+                             "--out", out, "--quantizer-setting", "dampp=0.1"), "takes no setting 'dampp'")
+    assert not out.exists() and not list(tmp_path.glob(".ckpt*"))
+
+
 def test_eval_bos_scores_windows_that_start_with_the_tokenizers_bos(model_dir, cli_env, tmp_path):
     """--bos: as llama-perplexity scores a model whose tokenizer adds BOS; a tokenizer without BOS is
     scored as without the flag (nothing to write), and the JSON says which BOS was used."""

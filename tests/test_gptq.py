@@ -442,7 +442,7 @@ def test_float_target_lowers_sequential_gptq_output_error(family):
 def test_float_target_and_hessian_tokens_are_refused_where_nothing_runs_block_by_block(llama, calib_ids):
     options = {n: QuantOption.int_(4, 32, False) for n in select_modules(llama)}
     for quantizer, settings in (("rtn-w", {"float_target": 0.25}), ("rtn", {"float_target": 0.25}),
-                                ("rtn-w", {"hessian_tokens": 64})):
+                                ("rtn-w", {"hessian_tokens": 64}), ("awq", {"token_weighted": True})):
         with pytest.raises(BadInputError, match=f"{next(iter(settings))} applies to quantizers that run block by block"):
             quantize_model(copy.deepcopy(llama), options, quantizer, calibration=calib_ids, **settings)
     for bad in (1.5, -0.1, "half"):

@@ -255,6 +255,57 @@ def input_importance(model: nn.Module, module_names: list[str], windows: torch.T
     return sums.finish(n_inputs)
 
 
+def output_gradient_weights(model: nn.Module, module_names: list[str], windows: torch.Tensor,
+                            progress: bool = False) -> dict[str, torch.Tensor]:
+    """a_t = ‖∂L/∂y_t‖² per token of each planned linear's output, scaled to mean 1 over all tokens: [windows,
+    seq_len] per module, from one forward and backward pass of `model` per window (L the summed next-token NLL,
+    as collect_statistics; a window's last token predicts nothing, so its weight is 0).
+
+    The token weights of "fisher-tw" (the module docstring): GPTQ weighting its Hessian by them
+    (quantizers/sequential.py, token_weighted) minimises the loss increase that error model predicts, not the
+    plain layer output error, so tokens whose output barely moves the loss (the attention sink, whose massive
+    activations dominate H) stop deciding where the rounding error goes.
+    """
+    modules = {n: model.get_submodule(n) for n in module_names}
+    # Filled in place: small tensors kept per window between the passes' large short-lived ones would pin the
+    # allocator's freed pages (resident memory grew by ~90 MB a window on SmolLM2).
+    sums = {n: torch.zeros(windows.shape, dtype=torch.float32) for n in modules}
+    seen = {n: torch.zeros(len(windows), dtype=torch.bool) for n in modules}
+    current = [0]
+
+    def hook(name: str):
+        def on_grad(g):
+            sums[name][current[0]] = g.detach().float().pow(2).sum(-1).reshape(-1)
+            seen[name][current[0]] = True
+
+        def on_output(mod, args, output):
+            if output.requires_grad:
+                output.register_hook(on_grad)
+        return on_output
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:  # enable_grad: callers may run under no_grad (apply does)
+        with torch.enable_grad(), output_requires_grad(emb), forward_hooks((m, hook(n)) for n, m in modules.items()):
+            for w, window in enumerate(steps(windows, "token weights", show=progress, unit="win")):
+                current[0], ids = w, window[None]
+                logits = model(input_ids=ids, use_cache=False).logits
+                nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").backward()
+                del logits
+    finally:
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+    result = {}
+    for name, a in sums.items():
+        if not seen[name].all():
+            raise RuntimeError(f"module {name} received no gradient in some calibration window; is it used in forward?")
+        refuse_non_finite(name, "output gradient", a)
+        result[name] = a / a.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return result
+
+
 def check_finite_stats(name: str, stats: ModuleStats) -> ModuleStats:
     """Refuse NaN/Inf fisher, hessian or token_share of one module (refuse_non_finite)."""
     for signal in (f.name for f in fields(ModuleStats)):

@@ -9,6 +9,7 @@ error the planner predicts is the error of the quantizer that will be applied.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterator
 
 import torch
@@ -25,11 +26,12 @@ _IMPORTANCE_ONLY: set[str] = set()
 _UNFOLDED: dict[str, str] = {}  # an equalizing quantizer -> the one it is on the folded model
 _MEASURED_BY: dict[str, str] = {}  # a quantizer -> the cheaper one whose errors its candidate table holds
 _ORDERS_COLUMNS: set[str] = set()
+_SETTINGS_OF: dict[str, str] = {}  # a quantizer that passes its settings on -> the one that takes them
 
 
 def register_quantizer(name: str, needs_hessian: bool = False, importance_only: bool = False,
                        unfolded: str | None = None, measured_by: str | None = None,
-                       orders_columns: bool = False) -> Callable[[Quantizer], Quantizer]:
+                       orders_columns: bool = False, settings_of: str | None = None) -> Callable[[Quantizer], Quantizer]:
     """importance_only: the quantizer reads only diag H [in] of the *unquantized* model's inputs (it may
     be passed as that vector), so one forward pass gives every module's, and a single module can be
     swapped in on its own; otherwise a Hessian quantizer (gptq) runs block by block on quantized inputs.
@@ -39,7 +41,8 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
     measured_by: the candidate table of a plan for `name` holds this quantizer's errors, and the steps that
     swap single weights in (interactions, --verify, the evolutionary objective) use it: a stand-in measured to
     pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; README).
-    orders_columns: the quantizer takes `act_order`, whose default follows the calibration text (config.quantizer_settings)."""
+    orders_columns: the quantizer takes `act_order`, whose default follows the calibration text (config.quantizer_settings).
+    settings_of: the quantizer passes its keyword settings on to this one (setting_names reads that one's)."""
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
         if needs_hessian or importance_only or unfolded:
@@ -52,6 +55,8 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
             _MEASURED_BY[name] = measured_by
         if orders_columns:
             _ORDERS_COLUMNS.add(name)
+        if settings_of:
+            _SETTINGS_OF[name] = settings_of
         return fn
 
     return deco
@@ -93,6 +98,16 @@ def unfolded_quantizer(name: str) -> str:
 def orders_columns(name: str) -> bool:
     """Whether quantizer `name` takes `act_order` (GPTQ's column order; config.quantizer_settings picks it)."""
     return name in _ORDERS_COLUMNS
+
+
+def setting_names(name: str) -> tuple[str, ...]:
+    """The keyword settings quantizer `name` takes for one weight (damp, act_order, ... for gptq), read from its
+    function's signature (or that of the quantizer it passes them on to), so a new setting needs no list."""
+    if name not in _QUANTIZERS:
+        raise BadInputError(f"unknown quantizer {name!r}; choose one of {', '.join(available_quantizers())}")
+    fn = _QUANTIZERS[_SETTINGS_OF.get(name, name)]
+    return tuple(p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("weight", "option", "hessian"))
 
 
 def measuring_quantizer(name: str) -> str:

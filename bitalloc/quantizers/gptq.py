@@ -146,7 +146,7 @@ def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None
                      scale_search=scale_search, signed=signed)[0]
 
 
-@register_quantizer("gptq-minmax", needs_hessian=True)
+@register_quantizer("gptq-minmax", needs_hessian=True, settings_of="gptq")
 def gptq_minmax(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
                 **settings) -> QuantizedWeight:
     """The reference GPTQ: min/max group scales, columns in natural order unless act_order is given (bitalloc's
@@ -154,14 +154,14 @@ def gptq_minmax(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor
     return gptq(weight, option, hessian, **{"act_order": False, "damp": REFERENCE_DAMP, **settings}, scale_search=False)
 
 
-@register_quantizer("gptq-signed", needs_hessian=True, orders_columns=True)
+@register_quantizer("gptq-signed", needs_hessian=True, orders_columns=True, settings_of="gptq")
 def gptq_signed(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
                 **settings) -> QuantizedWeight:
     """GPTQ whose symmetric INT groups take signed scales from the search (rtn-w-signed's rule)."""
     return gptq(weight, option, hessian, **settings, signed=True)
 
 
-@register_quantizer("awq-gptq", unfolded="gptq", measured_by="awq", orders_columns=True)
+@register_quantizer("awq-gptq", unfolded="gptq", measured_by="awq", orders_columns=True, settings_of="gptq")
 def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None,
              **settings) -> QuantizedWeight:
     """GPTQ of a weight of the equalized model (the pipeline folds AWQ's scales in first: equalize.py)."""

@@ -11,14 +11,14 @@ from torch import nn
 from ..errors import BadInputError
 from ..models import set_weight_matrix, weight_matrix
 from ..options import QuantOption
-from . import QuantizedWeight, equalizes, importance_only, needs_hessian, quantize_weight
+from . import QuantizedWeight, equalizes, importance_only, needs_hessian, quantize_weight, setting_names
 from ..progress import steps
 
 
 def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, progress: bool = False, *, cache_dir: str | Path | bool | None = None,
                    content_hash: str | None = None, hessian_tokens: int | None = None, float_target: float = 0.0,
-                   **settings: Any) -> dict[str, QuantizedWeight]:
+                   token_weighted: bool = False, **settings: Any) -> dict[str, QuantizedWeight]:
     """Replace each named module's weight by its quantized values; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len] (or a Calibration), needed by quantizers that use the
@@ -31,12 +31,20 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     fold stays on the calibration's own windows; ids given as they are hold no more text and are used as they are.
     float_target: a block-by-block quantizer fits each layer that far (0 to 1) toward the float model's output
     (quantizers/sequential.py).
+    token_weighted: a block-by-block quantizer weighs each calibration token by its output's loss gradient
+    (quantizers/sequential.py).
     """
     sequential = needs_hessian(quantizer) and not importance_only(quantizer)
-    for name, value in (("hessian_tokens", hessian_tokens), ("float_target", float_target or None)):
+    for name, value in (("hessian_tokens", hessian_tokens), ("float_target", float_target or None),
+                        ("token_weighted", token_weighted or None)):
         if value is not None and not sequential:
             raise BadInputError(f"{name} applies to quantizers that run block by block on layer Hessians (gptq, awq-gptq); "
                                 f"{quantizer} takes none: drop it")
+    unknown = sorted(set(settings) - set(setting_names(quantizer)))
+    if unknown:
+        takes = [*setting_names(quantizer), *(("hessian_tokens", "float_target", "token_weighted") if sequential else ())]
+        raise BadInputError(f"the {quantizer} quantizer takes no setting {', '.join(map(repr, unknown))}; "
+                            + (f"it takes {', '.join(takes)}" if takes else "it takes none"))
     if not isinstance(float_target, (int, float)) or not 0 <= float_target <= 1:
         raise BadInputError(f"float_target must be a number from 0 to 1, got {float_target!r}")
     importances: dict[str, Any] = {}
@@ -61,7 +69,7 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
 
                     calibration = widened(calibration, hessian_tokens) or calibration
             return quantize_sequential(model, options, quantizer, _as_windows(calibration), progress=progress,
-                                       float_target=float_target, **settings)
+                                       float_target=float_target, token_weighted=bool(token_weighted), **settings)
         from ..profile.statistics import input_importance
 
         importances = input_importance(model, list(options), _as_windows(calibration), progress=progress)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_float_grams, stage_hessian
+from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_float_grams, stage_hessian, stage_weighted_grams
 from ..models import forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
@@ -38,12 +38,15 @@ from ..progress import steps
 
 def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quantizer: str,
                         calibration: torch.Tensor, progress: bool = False, float_target: float = 0.0,
-                        **settings: Any) -> dict[str, QuantizedWeight]:
+                        token_weighted: bool = False, **settings: Any) -> dict[str, QuantizedWeight]:
     """Quantize each named module in place with a Hessian-based quantizer; return module -> QuantizedWeight.
 
     calibration: token ids [windows, seq_len].
     float_target: how far (0 to 1) each layer's target moves from its own weight toward the weight that best gives
     the float model's output on the quantized model's inputs (float_target_weight; 0: GPTQ as published).
+    token_weighted: each layer in a block weighs every calibration token by its output's loss gradient,
+    H = mean_t a_t x̃ x̃ᵀ (and G likewise; statistics.output_gradient_weights, from the float model before any layer
+    is quantized), so GPTQ minimises the loss increase fisher-tw predicts instead of the plain output error.
     """
     walk = BlockWalk(model, calibration)
     prefix, blocks = walk.prefix, walk.blocks
@@ -57,6 +60,12 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
             in_block[int(idx)][local] = opt
         else:
             outside[name] = opt
+    token_weights = None
+    if token_weighted:
+        from ..profile.statistics import output_gradient_weights
+
+        planned = [n for n, o in options.items() if n not in outside and o.fmt != "keep"]
+        token_weights = output_gradient_weights(model, planned, calibration, progress=progress)
     with torch.no_grad():
         if any(in_block.values()):
             float_hidden = None
@@ -65,8 +74,10 @@ def quantize_sequential(model: nn.Module, options: dict[str, QuantOption], quant
                 if float_target:
                     float_hidden = float_hidden or [h for _, h in inputs]  # block 0: the prefix is not quantized yet
                     float_block = copy.deepcopy(block)
+                weights = None if token_weights is None else {
+                    local: token_weights[f"{prefix}.{i}.{local}"] for local, o in in_block[i].items() if o.fmt != "keep"}
                 for local, q in _quantize_block(block, in_block[i], inputs, quantizer, settings,
-                                                float_block, float_hidden, float_target).items():
+                                                float_block, float_hidden, float_target, weights).items():
                     result[f"{prefix}.{i}.{local}"] = q
                 if not any(in_block[j] for j in range(i + 1, len(blocks))):
                     break
@@ -95,18 +106,23 @@ def _stages(block: nn.Module, planned: dict[str, QuantOption], inputs: Inputs) -
 
 def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: Inputs, quantizer: str,
                     settings: dict, float_block: nn.Module | None = None,
-                    float_hidden: list[torch.Tensor] | None = None, float_target: float = 0.0) -> dict[str, QuantizedWeight]:
+                    float_hidden: list[torch.Tensor] | None = None, float_target: float = 0.0,
+                    token_weights: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
     todo = {n: o for n, o in planned.items() if o.fmt != "keep"}
     result = {n: quantize_weight(weight_matrix(block.get_submodule(n)).detach(), o, "rtn")
               for n, o in planned.items() if o.fmt == "keep"}  # keep: values unchanged
     if not todo:
         return result
     for stage in _stages(block, todo, inputs):
-        if float_block is None:
-            H = stage_hessian(block, stage[0], inputs)
+        if token_weights is not None:  # one (H, G) per module: each weighs the tokens by its own output's gradient
+            grams = dict(zip(stage, stage_weighted_grams(block, stage[0], inputs, [token_weights[n] for n in stage],
+                                                         float_block, float_hidden)))
+        elif float_block is None:
+            grams = dict.fromkeys(stage, (stage_hessian(block, stage[0], inputs), None))
         else:
-            H, G = stage_float_grams(block, float_block, stage[0], inputs, float_hidden)
+            grams = dict.fromkeys(stage, stage_float_grams(block, float_block, stage[0], inputs, float_hidden))
         for local in stage:
+            H, G = grams[local]
             module = block.get_submodule(local)
             w = weight_matrix(module).detach()
             target = w if float_block is None else float_target_weight(w, H, G, settings.get("damp", DAMP), float_target)
