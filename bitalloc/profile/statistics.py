@@ -76,28 +76,19 @@ def statistic_sums(
     """The sums behind collect_statistics, accumulated window by window in calibration order."""
     modules = {n: model.get_submodule(n) for n in module_names}
     acc = StatisticAccumulator()
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-
     n_inputs = 0
     n_predicted = 0
-    try:
-        # entered first: hooks run in order, and a planned embedding's own hook needs the flag set
-        with output_requires_grad(emb), acc.hooked(modules):
-            for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
-                ids = window[None]
-                logits = model(input_ids=ids).logits
-                loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-                loss.backward()
-                acc.end_pass()
-                n_inputs += ids.shape[1]
-                n_predicted += ids.shape[1] - 1
-                del logits, loss
-    finally:
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
+    # entered first: hooks run in order, and a planned embedding's own hook needs the flag set
+    with activation_gradients(model), acc.hooked(modules):
+        for window in steps(calibration.tokens, "calibration windows", show=progress, unit="win"):
+            ids = window[None]
+            logits = model(input_ids=ids).logits
+            loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            loss.backward()
+            acc.end_pass()
+            n_inputs += ids.shape[1]
+            n_predicted += ids.shape[1] - 1
+            del logits, loss
     return StatisticSums(modules={n: acc.pop_sums(n, m) for n, m in modules.items()},
                          n_inputs=n_inputs, n_predicted=n_predicted)
 
@@ -173,6 +164,23 @@ class StatisticAccumulator:
                 output.register_hook(on_grad)
 
         return hook
+
+
+@contextlib.contextmanager
+def activation_gradients(model: nn.Module):
+    """Within the block, a backward pass gives the activations' gradients and none of the parameters': parameters
+    stop requiring grad (restored after) and the input embedding's output starts (output_requires_grad), with grad
+    mode on (callers may run under no_grad: apply does)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), output_requires_grad(emb):
+            yield
+    finally:
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
 
 
 def output_requires_grad(module: nn.Module | None) -> contextlib.AbstractContextManager:
@@ -283,20 +291,12 @@ def output_gradient_weights(model: nn.Module, module_names: list[str], windows: 
                 output.register_hook(on_grad)
         return on_output
 
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:  # enable_grad: callers may run under no_grad (apply does)
-        with torch.enable_grad(), output_requires_grad(emb), forward_hooks((m, hook(n)) for n, m in modules.items()):
-            for w, window in enumerate(steps(windows, "token weights", show=progress, unit="win")):
-                current[0], ids = w, window[None]
-                logits = model(input_ids=ids, use_cache=False).logits
-                nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").backward()
-                del logits
-    finally:
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
+    with activation_gradients(model), forward_hooks((m, hook(n)) for n, m in modules.items()):
+        for w, window in enumerate(steps(windows, "token weights", show=progress, unit="win")):
+            current[0], ids = w, window[None]
+            logits = model(input_ids=ids, use_cache=False).logits
+            nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").backward()
+            del logits
     result = {}
     for name, a in sums.items():
         if not seen[name].all():
