@@ -63,6 +63,8 @@ def variant_arguments(doc: str):
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--bos", action="store_true", help="score windows that start with the tokenizer's BOS (peers.py --bos)")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="tokens the table is profiled (and awq folded) on")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows' pick (the product's "
+                    "default 0; another seed picks other windows of the same text: GPTQ's run-to-run spread)")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
                     "(as bitalloc did before; an ablation of the BOS-first calibration windows)")
     return ap
@@ -84,10 +86,10 @@ def load_table(args):
     calibration = None if args.calib == "builtin" else args.calib  # None: the built-in set, as the headline command
     if args.no_calib_bos and calibration is not None:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=args.calib_tokens,
-                                       source=Path(args.calib).name, bos=None)
+                                       seed=args.calib_seed, source=Path(args.calib).name, bos=None)
     options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
     table, profiled, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
-                                  calib_tokens=args.calib_tokens, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
+                                  calib_tokens=args.calib_tokens, seed=args.calib_seed, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     windows = evaluation_windows(read_text(args.text), loaded.tokenizer, 512, args.windows, bos=bos)
     return stem, loaded, profiled, table, calib, windows
@@ -139,7 +141,8 @@ def main() -> None:
                # the tokens GPTQ's Hessians came from (the text may hold fewer than asked)
                **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
                **({"float_target": used["float_target"]} if "float_target" in used else {}),
-               "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+               "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()),
+               **({"calib_seed": calib.seed} if calib.seed else {}), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
