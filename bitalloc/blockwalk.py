@@ -190,14 +190,10 @@ def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> tor
     return gram.mean()
 
 
-def stage_hessian(block: nn.Module, local: str, inputs: Inputs) -> torch.Tensor:
-    """H of module `local`'s input over all windows (the modules of a stage share it)."""
-    return input_hessian(block.get_submodule(local), (partial(call, block, hidden) for call, hidden in inputs))
-
-
 def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list[torch.Tensor]:
-    """stage_hessian of each module in `locals_`, from one pass of the block over the windows instead of one
-    pass per module (the same inputs reach each module, so the same H, bit for bit)."""
+    """H = mean x xᵀ of each module in `locals_`'s input over all windows, from one pass of the block over the windows
+    instead of one pass per module stopped at it (stage_grams: the same inputs reach each module, so the same H, bit
+    for bit)."""
     grams = {n: _Gram() for n in locals_}
     hooks = [(block.get_submodule(n), lambda mod, args, gram=grams[n]: gram.add(args)) for n in locals_]
     with forward_hooks(hooks, pre=True):
@@ -206,26 +202,15 @@ def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list
     return [grams[n].mean() for n in locals_]
 
 
-def stage_float_grams(block: nn.Module, float_block: nn.Module, local: str, inputs: Inputs,
-                      float_hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, G) of module `local` over all windows: H = mean x̃ x̃ᵀ of its input in `block` (inputs: the quantized
-    model's), G = mean x x̃ᵀ with x its input in `float_block` run on the float model's hidden states, token by token."""
-    gram, cross = _Gram(), 0
-    for (call, hidden), float_h in zip(inputs, float_hidden):
-        x_q = _module_input(block.get_submodule(local), partial(call, block, hidden))
-        x_f = _module_input(float_block.get_submodule(local), partial(call, float_block, float_h))
-        gram.add((x_q,))  # the same H as stage_hessian's, bit for bit
-        cross = cross + x_f.T @ x_q
-    return gram.mean(), cross / gram.n
-
-
-def stage_weighted_grams(block: nn.Module, local: str, inputs: Inputs, token_weights: list[torch.Tensor],
-                         float_block: nn.Module | None = None, float_hidden: list[torch.Tensor] | None = None
-                         ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per weighting a [windows, seq_len] in `token_weights`: H_a = mean_t a_t x̃ x̃ᵀ of module `local`'s input over
-    all windows and, with a float block, G_a = mean_t a_t x x̃ᵀ (stage_float_grams, each token weighted), from one
-    pass over the windows: the modules of a stage share the input, each weighs its tokens by its own output's
-    gradient (statistics.output_gradient_weights)."""
+def stage_grams(block: nn.Module, local: str, inputs: Inputs, token_weights: list[torch.Tensor | None],
+                float_block: nn.Module | None = None, float_hidden: list[torch.Tensor] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(H, G) of module `local` over all windows, per weighting in `token_weights` (a [windows, seq_len] tensor,
+    or None for every token alike), from one pass over the windows: H = mean_t a_t x̃ x̃ᵀ of its input in `block`
+    (inputs: the quantized model's) and, with a float block, G = mean_t a_t x x̃ᵀ with x its input in `float_block`
+    run on the float model's hidden states, token by token (G is None without one). The modules of a stage share
+    the input; each may weigh its tokens by its own output's gradient (statistics.output_gradient_weights).
+    Unweighted, H is stage_hessians', bit for bit."""
     grams = [_Gram() for _ in token_weights]
     crosses: list[Any] = [None if float_block is None else 0 for _ in token_weights]
     for w, (call, hidden) in enumerate(inputs):
@@ -233,8 +218,8 @@ def stage_weighted_grams(block: nn.Module, local: str, inputs: Inputs, token_wei
         x_f = None if float_block is None else _module_input(float_block.get_submodule(local),
                                                               partial(call, float_block, float_hidden[w]))
         for k, weights in enumerate(token_weights):
-            a = weights[w].reshape(-1)
+            a = None if weights is None else weights[w].reshape(-1)
             grams[k].add((x_q,), a)
             if x_f is not None:
-                crosses[k] = crosses[k] + (x_f * a[:, None]).T @ x_q
+                crosses[k] = crosses[k] + (x_f if a is None else x_f * a[:, None]).T @ x_q
     return [(g.mean(), None if c is None else c / g.n) for g, c in zip(grams, crosses)]

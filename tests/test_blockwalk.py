@@ -53,14 +53,15 @@ def test_the_sliding_window_model_really_gives_its_blocks_different_masks(calib_
 
 @torch.no_grad()
 def test_one_pass_stage_hessians_equal_one_pass_per_module(calib_ids):
-    from bitalloc.blockwalk import BlockWalk, stage_hessian, stage_hessians
+    from bitalloc.blockwalk import BlockWalk, stage_grams, stage_hessians
 
     model = FAMILIES["llama"]().eval()
     locals_ = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
     for block, inputs in BlockWalk(model, calib_ids[:3]):
         together = stage_hessians(block, locals_, inputs)
         for name, H in zip(locals_, together):
-            alone = stage_hessian(block, name, inputs)
+            (alone, G), = stage_grams(block, name, inputs, [None])  # one pass per module, stopped at it
+            assert G is None
             assert H.shape == alone.shape and H.abs().max() > 0
             torch.testing.assert_close(H, alone, rtol=0, atol=0)
 
@@ -68,8 +69,8 @@ def test_one_pass_stage_hessians_equal_one_pass_per_module(calib_ids):
 def test_token_weighted_grams_of_the_float_model_are_fisher_tws_hessian(calib_ids):
     """Weighting each token by its output's loss gradient (statistics.output_gradient_weights) in the block walk's
     grams gives the profile's fisher-tw Hessian H_a = mean_t a_t x xᵀ, up to its scale ΣF: the Hessian token-weighted
-    GPTQ works from is the error model's own. Unit weights give the plain stage grams, bit for bit."""
-    from bitalloc.blockwalk import BlockWalk, stage_float_grams, stage_hessian, stage_weighted_grams
+    GPTQ works from is the error model's own. Unit weights give the unweighted grams: H bit for bit, G to rounding."""
+    from bitalloc.blockwalk import BlockWalk, stage_grams, stage_hessians
     from bitalloc.calibration import calibration_from_tokens
     from bitalloc.profile.statistics import collect_statistics, output_gradient_weights
 
@@ -87,16 +88,15 @@ def test_token_weighted_grams_of_the_float_model_are_fisher_tws_hessian(calib_id
         if i == 2:
             break
         for local in locals_:
-            (H_a, _), (H, _) = stage_weighted_grams(block, local, inputs, [weights[f"model.layers.{i}.{local}"], ones])
+            (H_a, _), (H, _) = stage_grams(block, local, inputs, [weights[f"model.layers.{i}.{local}"], ones])
             s = stats[f"model.layers.{i}.{local}"]
             torch.testing.assert_close(H_a, s.grad_weighted_hessian / s.fisher.sum(), rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(H, stage_hessian(block, local, inputs), rtol=0, atol=0)
+            torch.testing.assert_close(H, stage_hessians(block, [local], inputs)[0], rtol=0, atol=0)
             assert not torch.allclose(H_a, H, rtol=0.05)  # the weighting changes it
         copy_ = FAMILIES["llama"]().eval()
         copy_.load_state_dict(model.state_dict())
         float_block = copy_.model.layers[i]
         hidden = [h for _, h in inputs]
-        (H1, G1), = stage_weighted_grams(block, "mlp.down_proj", inputs, [ones], float_block, hidden)
-        H0, G0 = stage_float_grams(block, float_block, "mlp.down_proj", inputs, hidden)
+        (H1, G1), (H0, G0) = stage_grams(block, "mlp.down_proj", inputs, [ones, None], float_block, hidden)
         torch.testing.assert_close(H1, H0, rtol=0, atol=0)
         torch.testing.assert_close(G1, G0, rtol=1e-6, atol=1e-7)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_float_grams, stage_hessian, stage_weighted_grams
+from ..blockwalk import BlockWalk, Inputs, input_hessian, stage_grams
 from ..models import forward_hooks, set_weight_matrix, stages_by_shared_input, weight_matrix
 from ..options import QuantOption
 from . import QuantizedWeight, quantize_weight
@@ -114,13 +114,10 @@ def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: I
     if not todo:
         return result
     for stage in _stages(block, todo, inputs):
-        if token_weights is not None:  # one (H, G) per module: each weighs the tokens by its own output's gradient
-            grams = dict(zip(stage, stage_weighted_grams(block, stage[0], inputs, [token_weights[n] for n in stage],
-                                                         float_block, float_hidden)))
-        elif float_block is None:
-            grams = dict.fromkeys(stage, (stage_hessian(block, stage[0], inputs), None))
-        else:
-            grams = dict.fromkeys(stage, stage_float_grams(block, float_block, stage[0], inputs, float_hidden))
+        # one (H, G) for the stage, or with token weights one per module: each weighs the tokens by its own output's gradient
+        weightings = [None] if token_weights is None else [token_weights[n] for n in stage]
+        grams = stage_grams(block, stage[0], inputs, weightings, float_block, float_hidden)
+        grams = dict(zip(stage, grams)) if token_weights is not None else dict.fromkeys(stage, grams[0])
         for local in stage:
             H, G = grams[local]
             module = block.get_submodule(local)
