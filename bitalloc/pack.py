@@ -46,8 +46,6 @@ from .quantizers.materialize import quantize_model
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Tensors a compressed module stores besides (or instead of) `weight`.
 PACKED_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from bitalloc.latency.planning import LatencyTarget
 from bitalloc.latency.predict import parse_latency, shape_signature
 from bitalloc.latency.profile import LatencyEntry, ModelTiming
 from bitalloc.models import select_modules
-from bitalloc.options import QuantOption, default_options
+from bitalloc.options import default_options
 
 from conftest import make_llama
 from test_cli import cli_env, error_text, run_cli  # noqa: F401 (cli_env is a fixture)

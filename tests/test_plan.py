@@ -234,7 +234,7 @@ def test_saved_plan_has_ordinary_file_permissions(tmp_path):
 
 # ---- plans with FP, MX and NVFP4 options ---------------------------------------------------------
 
-from bitalloc.options import QuantOption, parse_option  # noqa: E402
+from bitalloc.options import parse_option  # noqa: E402
 
 MIXED_LABELS = ["fp8e4m3-ch", "fp8e4m3-tensor", "mxfp4", "mxfp6e2m3", "nvfp4", "int4-g32-asym", "fp16"]
 

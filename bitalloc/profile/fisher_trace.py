@@ -33,10 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import EMPIRICAL_FISHER
 from .records import TraceEstimate
-
-ESTIMATOR = EMPIRICAL_FISHER
 
 
 def row_sums(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,6 @@ def _param(module: nn.Module) -> tuple[torch.Tensor, bool]:
     return module.weight, bool(Conv1D) and isinstance(module, Conv1D)
 
 
-STOP_RULES = ("relative", "absolute", "max_probes")
-
-
 def stop_rule(est: TraceEstimate, tol: float, abs_tol: float, largest_trace: float) -> str | None:
     """Which rule stops this estimate now (relative checked first), or None to keep probing."""
     if est.rel_stderr <= tol:

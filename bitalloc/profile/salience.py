@@ -18,8 +18,6 @@ import torch
 
 from .records import Salience
 
-SALIENCE_KINDS = ("hessian", "activation")
-
 
 def element_salience(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> dict[str, torch.Tensor]:
     """{kind: [out, in]} element saliences (float64) of weight [out, in] under H [in, in]."""

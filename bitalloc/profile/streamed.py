@@ -235,8 +235,8 @@ def head_chunks(model, blocks, tokens, h_last, *, grad: bool = False,
                 before(w, a)
             leaf = h_last[w : w + 1, a:b].clone().requires_grad_(grad)
 
-            def replay(i, *args, **kwargs):
-                return leaf if i == last else (args[0] if args else kwargs["hidden_states"])
+            def replay(i, *args, _leaf=leaf, **kwargs):  # bound now: `leaf` is deleted after the chunk
+                return _leaf if i == last else (args[0] if args else kwargs["hidden_states"])
 
             with blocks_replaced(blocks, replay):
                 logits = model(inputs_embeds=zeros[:, : b - a], use_cache=False).logits  # [1, b-a, vocab]

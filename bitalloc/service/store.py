@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-JOB_STATES = (QUEUED, RUNNING, DONE, FAILED)
 
 
 @dataclass(frozen=True)
