@@ -132,7 +132,7 @@ def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Hessi
 @register_quantizer("gptq", needs_hessian=True, orders_columns=True)
 def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = DAMP,
          block_size: int = 128, act_order: bool = ACT_ORDER, scale_search: bool = True,
-         signed: bool = False) -> QuantizedWeight:
+         signed: bool = False, refine: int = 0) -> QuantizedWeight:
     """GPTQ-quantize `weight` [out, in] as `option` given the layer input Hessian `hessian` [in, in].
 
     damp: fraction of mean(diag H) added to the diagonal. block_size: columns per lazy batch update.
@@ -140,10 +140,11 @@ def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None
     natural order, each group's scales from its error-updated weights).
     scale_search: choose group scales by the weighted search (default) or by min/max (reference).
     signed: with the search, give symmetric groups signed scales (SearchGrid.signed).
+    refine: passes of coordinate descent over INT codes after the column loop (refine_codes; 0: none).
     Non-int formats and keep are quantized by RTN (GPTQ with fp element rounding is not implemented).
     """
     return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order,
-                     scale_search=scale_search, signed=signed)[0]
+                     scale_search=scale_search, signed=signed, refine=refine)[0]
 
 
 @register_quantizer("gptq-minmax", needs_hessian=True, settings_of="gptq")
@@ -171,7 +172,7 @@ def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | 
 @register_batched("gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = DAMP,
               block_size: int = 128, act_order: bool = ACT_ORDER, scale_search: bool = True,
-              signed: bool = False) -> list[QuantizedWeight]:
+              signed: bool = False, refine: int = 0) -> list[QuantizedWeight]:
     """GPTQ of one weight under several options at once (the candidate table's inner loop).
 
     GPTQ treats every output row independently given H, so the options' copies of the weight are
@@ -182,7 +183,7 @@ def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     done = {}
     if int_opts:
         for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order,
-                                                    SearchGrid(signed=signed) if scale_search else None)):
+                                            SearchGrid(signed=signed) if scale_search else None, refine)):
             done[o] = q
     for o in options:
         if o.fmt == "gguf":
@@ -203,8 +204,8 @@ def gptq_signed_many(weight: torch.Tensor, options: list[QuantOption], hessian: 
 
 
 def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float,
-              block_size: int, act_order: bool, grid: SearchGrid | None) -> list[QuantizedWeight]:
-    """grid: the scale search's settings, or None for the reference's min/max scales."""
+              block_size: int, act_order: bool, grid: SearchGrid | None, refine: int = 0) -> list[QuantizedWeight]:
+    """grid: the scale search's settings, or None for the reference's min/max scales. refine: refine_codes passes."""
     out_f, in_f = weight.shape
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
@@ -288,12 +289,56 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     codes = codes_t.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
+    if refine:
+        stacked_s = torch.cat([s.repeat_interleave(g, dim=1) for s, g in zip(scale, sizes)])  # [K*out, in]
+        stacked_z = torch.cat([z.repeat_interleave(g, dim=1) for z, g in zip(zero, sizes)])
+        codes = refine_codes(W0.repeat(K, 1), codes, stacked_s, stacked_z, lo, hi, damped_hessian(hessian, damp),
+                             natural, refine)
     codes = codes.to(torch.int32)
     result = []
     for j, o in enumerate(options):
         cj = codes[rows[j]].contiguous()
         result.append(QuantizedWeight(o, int_dequantize(cj, scale[j], zero[j]), cj, scale[j], zero[j]))
     return result
+
+
+def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + λI with hessian_factor's λ and dead inputs, in natural column order: the objective GPTQ's loop minimises."""
+    H = hessian.detach().float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    return H + damp * float(torch.diagonal(H).mean()) * torch.eye(H.shape[0])
+
+
+def refine_codes(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 lo: torch.Tensor, hi: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor,
+                 passes: int) -> torch.Tensor:
+    """Coordinate descent on the codes [rows, in] of W ≈ (codes − zero)·scale, every scale and zero [rows, in]
+    (each column's group's) fixed, minimising tr((W − Q) H (W − Q)ᵀ), as QuantEase (Behdin et al., 2023) does
+    from GPTQ's solution. With the rest of a row fixed, the loss is a parabola in Q_ij with its minimum at
+    Q_ij + R_ij / H_jj (R = (W − Q) H), so rounding that point onto the group's grid is the exact best code for
+    that coordinate: no step raises the loss. GPTQ decides each column once, compensating only the columns
+    after it; these passes let every column answer the ones after it too. Columns are visited in `order`;
+    stops early when a pass changes no code. lo, hi: [rows] code range per row."""
+    codes = codes.clone().float()
+    Q = (codes - zero) * scale
+    Rt = (hessian @ (weight - Q).T).contiguous()  # [in, rows]: (W − Q) H, transposed (H symmetric)
+    diag = torch.diagonal(hessian)
+    for _ in range(passes):
+        changed = 0
+        for j in order.tolist():
+            s, z = scale[:, j], zero[:, j]
+            c = torch.clamp(torch.round((Q[:, j] + Rt[j] / diag[j]) / s) + z, lo, hi)
+            delta = (c - z) * s - Q[:, j]
+            moved = int(torch.count_nonzero(delta))
+            if moved:
+                changed += moved
+                Rt.addr_(hessian[j], delta, alpha=-1)  # W − Q falls by delta in column j
+                Q[:, j] += delta
+                codes[:, j] = c
+        if not changed:
+            break
+    return codes
 
 
 def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor, damp: float) -> QuantizedWeight:
