@@ -312,33 +312,40 @@ def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 def refine_codes(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  lo: torch.Tensor, hi: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor,
-                 passes: int) -> torch.Tensor:
+                 passes: int, block_size: int = 128) -> torch.Tensor:
     """Coordinate descent on the codes [rows, in] of W ≈ (codes − zero)·scale, every scale and zero [rows, in]
     (each column's group's) fixed, minimising tr((W − Q) H (W − Q)ᵀ), as QuantEase (Behdin et al., 2023) does
     from GPTQ's solution. With the rest of a row fixed, the loss is a parabola in Q_ij with its minimum at
     Q_ij + R_ij / H_jj (R = (W − Q) H), so rounding that point onto the group's grid is the exact best code for
     that coordinate: no step raises the loss. GPTQ decides each column once, compensating only the columns
-    after it; these passes let every column answer the ones after it too. Columns are visited in `order`;
-    stops early when a pass changes no code. lo, hi: [rows] code range per row."""
-    codes = codes.clone().float()
-    Q = (codes - zero) * scale
-    Rt = (hessian @ (weight - Q).T).contiguous()  # [in, rows]: (W − Q) H, transposed (H symmetric)
+    after it; these passes let every column answer the ones after it too. Columns are visited in `order`, in
+    lazy batches as GPTQ's loop: R is kept exact for the batch's columns and brought up to date for the others
+    by one matrix product per batch. Stops early when a pass changes no code. lo, hi: [rows] code range per row."""
+    # transposed, one column per row: a column's codes, scales and residuals are contiguous
+    codes_t, scale_t, zero_t = codes.T.float().contiguous(), scale.T.contiguous(), zero.T.contiguous()
+    q_t = (codes_t - zero_t) * scale_t  # [in, rows]
+    r_t = hessian @ (weight.T - q_t)  # [in, rows]: ((W − Q) H)ᵀ, H symmetric
     diag = torch.diagonal(hessian)
     for _ in range(passes):
-        changed = 0
-        for j in order.tolist():
-            s, z = scale[:, j], zero[:, j]
-            c = torch.clamp(torch.round((Q[:, j] + Rt[j] / diag[j]) / s) + z, lo, hi)
-            delta = (c - z) * s - Q[:, j]
-            moved = int(torch.count_nonzero(delta))
-            if moved:
-                changed += moved
-                Rt.addr_(hessian[j], delta, alpha=-1)  # W − Q falls by delta in column j
-                Q[:, j] += delta
-                codes[:, j] = c
+        changed = False
+        for i1 in range(0, len(order), block_size):
+            cols = order[i1:i1 + block_size]
+            r_batch = r_t[cols]  # [B, rows], kept exact within the batch
+            h_batch = hessian[cols][:, cols]  # [B, B]
+            deltas = torch.zeros(len(cols), r_t.shape[1])
+            for k, j in enumerate(cols.tolist()):
+                c = torch.clamp(torch.round((q_t[j] + r_batch[k] / diag[j]) / scale_t[j]) + zero_t[j], lo, hi)
+                delta = (c - zero_t[j]) * scale_t[j] - q_t[j]
+                if torch.count_nonzero(delta):
+                    changed = True
+                    r_batch.addr_(h_batch[:, k], delta, alpha=-1)  # W − Q falls by delta in column j
+                    q_t[j] += delta
+                    codes_t[j] = c
+                    deltas[k] = delta
+            r_t.addmm_(hessian[:, cols], deltas, alpha=-1)
         if not changed:
             break
-    return codes
+    return codes_t.T
 
 
 def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor, damp: float) -> QuantizedWeight:
