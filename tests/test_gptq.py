@@ -69,49 +69,6 @@ def test_codes_scales_reproduce_values_exactly(opt, act_order):
         assert not q.zero.any()
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True), QuantOption.int_(2, 64, True)])
-def test_refine_descends_gptqs_own_objective_to_a_coordinatewise_optimum_on_the_same_grid(opt, act_order):
-    """refine=N passes of coordinate descent after GPTQ: the damped objective tr(ΔW (H + λI) ΔWᵀ) never rises from
-    pass to pass and ends clearly below GPTQ's; the scales and zeros are GPTQ's, the codes stay in range and decode
-    to the values; at convergence no single code of a row can be changed to any other on its grid for less loss."""
-    from bitalloc.quantizers.gptq import DAMP, damped_hessian
-
-    W, H = correlated_layer()
-    Hd = damped_hessian(H, DAMP)
-    runs = [quantize_weight(W, opt, "gptq", hessian=H, act_order=act_order, refine=n) for n in (0, 1, 2, 4, 50)]
-    losses = [layer_error(q.values, W, Hd) for q in runs]
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
-    assert losses[-1] < 0.97 * losses[0], losses
-    lo, hi = int_range(opt)
-    for q in runs[1:]:
-        assert torch.equal(q.scale, runs[0].scale) and torch.equal(q.zero, runs[0].zero)
-        assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
-        assert torch.equal(int_dequantize(q.codes, q.scale, q.zero), q.values)
-    assert not torch.equal(runs[-1].codes, runs[0].codes)
-    best = runs[-1]
-    g = W.shape[1] if opt.per_channel else opt.group_size
-    gen = torch.Generator().manual_seed(1)
-    for i, j in zip(torch.randint(0, W.shape[0], (40,), generator=gen).tolist(),
-                    torch.randint(0, W.shape[1], (40,), generator=gen).tolist()):
-        s, z = float(best.scale[i, j // g]), float(best.zero[i, j // g])
-        row_losses = []
-        for c in range(lo, hi + 1):  # every code of the grid for this coordinate, the rest of the row fixed
-            row = best.values[i].clone()
-            row[j] = (c - z) * s
-            d = (row - W[i]).double()
-            row_losses.append(float(d @ Hd.double() @ d))
-        assert row_losses[int(best.codes[i, j]) - lo] <= min(row_losses) * (1 + 1e-9) + 1e-12, (i, j)
-
-
-def test_refined_batched_options_equal_one_by_one():
-    W, H = correlated_layer()
-    opts = [QuantOption.int_(2, 32, False), QuantOption.int_(4, None, True), QuantOption.int_(3, 64, True)]
-    batched = list(quantize_weight_options(W, opts, "gptq", hessian=H, refine=3))
-    for o, b in zip(opts, batched):
-        assert torch.equal(b.values, quantize_weight(W, o, "gptq", hessian=H, refine=3).values)
-
-
 @pytest.mark.parametrize("opt", [QuantOption.int_(3, 32, False), QuantOption.int_(4, None, True)])
 def test_identity_hessian_is_rtn(opt):
     # H = I: the inverse Hessian is diagonal, so no error is fed forward and every group's weights

@@ -132,7 +132,7 @@ def _cached_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Hessi
 @register_quantizer("gptq", needs_hessian=True, orders_columns=True)
 def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None = None, damp: float = DAMP,
          block_size: int = 128, act_order: bool = ACT_ORDER, scale_search: bool = True,
-         signed: bool = False, refine: int = 0) -> QuantizedWeight:
+         signed: bool = False) -> QuantizedWeight:
     """GPTQ-quantize `weight` [out, in] as `option` given the layer input Hessian `hessian` [in, in].
 
     damp: fraction of mean(diag H) added to the diagonal. block_size: columns per lazy batch update.
@@ -140,11 +140,10 @@ def gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | None
     natural order, each group's scales from its error-updated weights).
     scale_search: choose group scales by the weighted search (default) or by min/max (reference).
     signed: with the search, give symmetric groups signed scales (SearchGrid.signed).
-    refine: passes of coordinate descent over INT codes after the column loop (refine_codes; 0: none).
     Non-int formats and keep are quantized by RTN (GPTQ with fp element rounding is not implemented).
     """
     return gptq_many(weight, [option], hessian, damp=damp, block_size=block_size, act_order=act_order,
-                     scale_search=scale_search, signed=signed, refine=refine)[0]
+                     scale_search=scale_search, signed=signed)[0]
 
 
 @register_quantizer("gptq-minmax", needs_hessian=True, settings_of="gptq")
@@ -172,7 +171,7 @@ def awq_gptq(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor | 
 @register_batched("gptq")
 def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float = DAMP,
               block_size: int = 128, act_order: bool = ACT_ORDER, scale_search: bool = True,
-              signed: bool = False, refine: int = 0) -> list[QuantizedWeight]:
+              signed: bool = False) -> list[QuantizedWeight]:
     """GPTQ of one weight under several options at once (the candidate table's inner loop).
 
     GPTQ treats every output row independently given H, so the options' copies of the weight are
@@ -183,7 +182,7 @@ def gptq_many(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     done = {}
     if int_opts:
         for o, q in zip(int_opts, _gptq_int(weight, int_opts, hessian, damp, block_size, act_order,
-                                            SearchGrid(signed=signed) if scale_search else None, refine)):
+                                                    SearchGrid(signed=signed) if scale_search else None)):
             done[o] = q
     for o in options:
         if o.fmt == "gguf":
@@ -204,8 +203,8 @@ def gptq_signed_many(weight: torch.Tensor, options: list[QuantOption], hessian: 
 
 
 def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.Tensor, damp: float,
-              block_size: int, act_order: bool, grid: SearchGrid | None, refine: int = 0) -> list[QuantizedWeight]:
-    """grid: the scale search's settings, or None for the reference's min/max scales. refine: refine_codes passes."""
+              block_size: int, act_order: bool, grid: SearchGrid | None) -> list[QuantizedWeight]:
+    """grid: the scale search's settings, or None for the reference's min/max scales."""
     out_f, in_f = weight.shape
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
@@ -289,63 +288,12 @@ def _gptq_int(weight: torch.Tensor, options: list[QuantOption], hessian: torch.T
     codes = codes_t.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    if refine:
-        stacked_s = torch.cat([s.repeat_interleave(g, dim=1) for s, g in zip(scale, sizes)])  # [K*out, in]
-        stacked_z = torch.cat([z.repeat_interleave(g, dim=1) for z, g in zip(zero, sizes)])
-        codes = refine_codes(W0.repeat(K, 1), codes, stacked_s, stacked_z, lo, hi, damped_hessian(hessian, damp),
-                             natural, refine)
     codes = codes.to(torch.int32)
     result = []
     for j, o in enumerate(options):
         cj = codes[rows[j]].contiguous()
         result.append(QuantizedWeight(o, int_dequantize(cj, scale[j], zero[j]), cj, scale[j], zero[j]))
     return result
-
-
-def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + λI with hessian_factor's λ and dead inputs, in natural column order: the objective GPTQ's loop minimises."""
-    H = hessian.detach().float().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    return H + damp * float(torch.diagonal(H).mean()) * torch.eye(H.shape[0])
-
-
-def refine_codes(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 lo: torch.Tensor, hi: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor,
-                 passes: int, block_size: int = 128) -> torch.Tensor:
-    """Coordinate descent on the codes [rows, in] of W ≈ (codes − zero)·scale, every scale and zero [rows, in]
-    (each column's group's) fixed, minimising tr((W − Q) H (W − Q)ᵀ), as QuantEase (Behdin et al., 2023) does
-    from GPTQ's solution. With the rest of a row fixed, the loss is a parabola in Q_ij with its minimum at
-    Q_ij + R_ij / H_jj (R = (W − Q) H), so rounding that point onto the group's grid is the exact best code for
-    that coordinate: no step raises the loss. GPTQ decides each column once, compensating only the columns
-    after it; these passes let every column answer the ones after it too. Columns are visited in `order`, in
-    lazy batches as GPTQ's loop: R is kept exact for the batch's columns and brought up to date for the others
-    by one matrix product per batch. Stops early when a pass changes no code. lo, hi: [rows] code range per row."""
-    # transposed, one column per row: a column's codes, scales and residuals are contiguous
-    codes_t, scale_t, zero_t = codes.T.float().contiguous(), scale.T.contiguous(), zero.T.contiguous()
-    q_t = (codes_t - zero_t) * scale_t  # [in, rows]
-    r_t = hessian @ (weight.T - q_t)  # [in, rows]: ((W − Q) H)ᵀ, H symmetric
-    diag = torch.diagonal(hessian)
-    for _ in range(passes):
-        changed = False
-        for i1 in range(0, len(order), block_size):
-            cols = order[i1:i1 + block_size]
-            r_batch = r_t[cols]  # [B, rows], kept exact within the batch
-            h_batch = hessian[cols][:, cols]  # [B, B]
-            deltas = torch.zeros(len(cols), r_t.shape[1])
-            for k, j in enumerate(cols.tolist()):
-                c = torch.clamp(torch.round((q_t[j] + r_batch[k] / diag[j]) / scale_t[j]) + zero_t[j], lo, hi)
-                delta = (c - zero_t[j]) * scale_t[j] - q_t[j]
-                if torch.count_nonzero(delta):
-                    changed = True
-                    r_batch.addr_(h_batch[:, k], delta, alpha=-1)  # W − Q falls by delta in column j
-                    q_t[j] += delta
-                    codes_t[j] = c
-                    deltas[k] = delta
-            r_t.addmm_(hessian[:, cols], deltas, alpha=-1)
-        if not changed:
-            break
-    return codes_t.T
 
 
 def _gptq_gguf(weight: torch.Tensor, option: QuantOption, hessian: torch.Tensor, damp: float) -> QuantizedWeight:
