@@ -114,7 +114,7 @@ def _quantize_block(block: nn.Module, planned: dict[str, QuantOption], inputs: I
     if not todo:
         return result
     for stage in _stages(block, todo, inputs):
-        # one (H, G) for the stage, or with token weights one per module: each weighs the tokens by its own output's gradient
+        # one (H, G) for the stage; with token weights one per module, each weighing tokens by its own output's gradient
         weightings = [None] if token_weights is None else [token_weights[n] for n in stage]
         grams = stage_grams(block, stage[0], inputs, weightings, float_block, float_hidden)
         grams = dict(zip(stage, grams)) if token_weights is not None else dict.fromkeys(stage, grams[0])
