@@ -35,14 +35,15 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
     (quantizers/sequential.py).
     """
     sequential = needs_hessian(quantizer) and not importance_only(quantizer)
-    for name, value in (("hessian_tokens", hessian_tokens), ("float_target", float_target or None),
-                        ("token_weighted", token_weighted or None)):
+    walk_settings = {"hessian_tokens": hessian_tokens, "float_target": float_target or None,
+                     "token_weighted": token_weighted or None}  # the block walk's own, not the quantizer's
+    for name, value in walk_settings.items():
         if value is not None and not sequential:
             raise BadInputError(f"{name} applies to quantizers that run block by block on layer Hessians (gptq, awq-gptq); "
                                 f"{quantizer} takes none: drop it")
     unknown = sorted(set(settings) - set(setting_names(quantizer)))
     if unknown:
-        takes = [*setting_names(quantizer), *(("hessian_tokens", "float_target", "token_weighted") if sequential else ())]
+        takes = [*setting_names(quantizer), *(walk_settings if sequential else ())]
         raise BadInputError(f"the {quantizer} quantizer takes no setting {', '.join(map(repr, unknown))}; "
                             + (f"it takes {', '.join(takes)}" if takes else "it takes none"))
     if not isinstance(float_target, (int, float)) or not 0 <= float_target <= 1:
