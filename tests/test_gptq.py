@@ -313,9 +313,9 @@ def test_widened_calibration_is_the_seeded_pick_of_more_of_the_same_text(tokeniz
     assert widened(calibration_from_tokens(small.tokens, held_out=small.held_out), 256) is None  # no text behind ids
 
 
-def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(model_dir, text_files):
-    """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE x its calibration
-    tokens of that text (measured: 8-15 % lower KL on two families) and FLOAT_TARGET toward the float model: in
+def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(model_dir, text_files):
+    """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE (16) x its
+    calibration tokens of that text and FLOAT_TARGET toward the float model: in
     process, rebuilt from the text for a saved plan, and passed explicitly, the same weights; the built-in set keeps
     the profile's windows (and natural column order) but fits toward the float model too."""
     from bitalloc.apply import plan_quantizer_settings
@@ -325,9 +325,9 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
     calib_path = text_files[0]
     loaded = load_model(str(model_dir))
     options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
-    p = plan(loaded, "3bits", str(calib_path), seq_len=16, calib_tokens=64, seed=3, options=options, cache_dir=False,
+    p = plan(loaded, "3bits", str(calib_path), seq_len=16, calib_tokens=32, seed=3, options=options, cache_dir=False,
              quantizer="gptq")
-    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 256, "float_target": 0.25}
+    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 512, "float_target": 0.25}
     builtin = p.model_copy(update={"calibration": {**p.calibration, "source": "builtin:austen"}})
     assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False, "float_target": 0.25}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
@@ -337,12 +337,12 @@ def test_gptq_takes_its_hessians_from_four_times_the_supplied_text_at_apply(mode
         return torch.cat([weight_matrix(model.get_submodule(a.module)).flatten() for a in plan_.assignments])
 
     in_process = applied(p)
-    wide = make_calibration(loaded.tokenizer, read_text(calib_path), seq_len=16, tokens=256, seed=3)
+    wide = make_calibration(loaded.tokenizer, read_text(calib_path), seq_len=16, tokens=512, seed=3)
     assert torch.equal(in_process, applied(p, calibration=wide.tokens))  # ids as given: used as they are
     saved = Plan.model_validate_json(p.model_dump_json())
     rebuilt = calibration_for_plan(saved.calibration, loaded.tokenizer, loaded.model, calib_path)
     assert torch.equal(in_process, applied(saved, calibration=rebuilt))  # what eval/export --plan --calib do
-    assert not torch.equal(in_process, applied(p, hessian_tokens=64))  # the profile's windows alone
+    assert not torch.equal(in_process, applied(p, hessian_tokens=32))  # the profile's windows alone
     assert not torch.equal(in_process, applied(p, float_target=0.0))  # GPTQ's own target
     for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
         with pytest.raises(BadInputError, match="hessian_tokens"):

@@ -64,7 +64,8 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
                 windows = _as_windows(calibration)
                 if not isinstance(hessian_tokens, int) or hessian_tokens < windows.shape[1]:
                     raise BadInputError(f"hessian_tokens must be a whole number of at least one window ({windows.shape[1]} "
-                                        f"tokens), got {hessian_tokens!r}; e.g. 4 times the plan's calibration tokens")
+                                        f"tokens), got {hessian_tokens!r}; e.g. 16 times the plan's calibration "
+                                        "tokens (the default on text you supply)")
                 if hasattr(calibration, "seeded_pick"):  # a Calibration, not bare ids
                     from ..calibration import widened
 
