@@ -98,9 +98,9 @@ def supplied_calibration(source: Any) -> bool:
 # profile's calibration tokens of that text (apply.plan_quantizer_settings): 131072 tokens for the default 8192, half
 # the reference GPTQ's 128 x 2048. 4x (32768 tokens, damp 1 %) lowered KL to the float model by 8-17 % at all eight
 # sizes measured on SmolLM2 and 14-15 % at all three on Gemma 3; 16x, with damp 5 % and the float target, lowered
-# perplexity and KL again against 4x in every paired row measured, on two calibration seeds and both families (README,
-# *GPTQ's Hessians from sixteen times the text*). Applying takes about 3.5 times as long as at 4x; the candidate table
-# and the fold keep the profile's windows, so profiling costs what it did.
+# perplexity and KL again against 4x in all six paired rows measured, on two calibration seeds and both families
+# (README, *GPTQ's Hessians from more of the text*). Applying takes about 2.3 to 3.5 times as long as at 4x; the
+# candidate table and the fold keep the profile's windows, so profiling costs what it did.
 HESSIAN_TEXT_MULTIPLE = 16
 # And GPTQ, on every calibration, fits each layer a quarter of the way from its own weight toward the one that best
 # gives the float model's output on the quantized model's inputs (quantize_model's float_target; GPTAQ's asymmetric
