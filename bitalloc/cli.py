@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DEFAULT_SIGNALS, SIGNALS, CalibrationSpec, ProfileSettings, SolveConfig, VerifySettings
+from .config import (DEFAULT_SIGNALS, HESSIAN_TEXT_MULTIPLE, SIGNALS, CalibrationSpec, ProfileSettings, SolveConfig,
+                     VerifySettings)
 from .errors import BadInputError, BitallocError, cli_step
 from .options import DEFAULT_BITS, DEFAULT_GROUP_SIZES
 from .table import ERROR_MODELS
@@ -102,8 +103,8 @@ def _solver_settings(items: list[str], flag: str = "--solver-setting", example: 
 
 
 QUANTIZER_SETTING_HELP = ("KEY=VALUE for the quantizer, over the plan's defaults (repeatable): e.g. hessian_tokens=32768 "
-                          "(GPTQ's Hessians from that many tokens of the calibration text; 16 times the plan's by default), "
-                          "float_target=0.25, damp=0.05, act_order=true")
+                          f"(GPTQ's Hessians from that many tokens of the calibration text; {HESSIAN_TEXT_MULTIPLE} times "
+                          "the plan's by default), float_target=0.25, damp=0.05, act_order=true")
 
 
 def _quantizer_settings(items: list[str]) -> dict:

@@ -63,9 +63,11 @@ def quantize_model(model: nn.Module, options: dict[str, QuantOption], quantizer:
             if hessian_tokens is not None:
                 windows = _as_windows(calibration)
                 if not isinstance(hessian_tokens, int) or hessian_tokens < windows.shape[1]:
+                    from ..config import HESSIAN_TEXT_MULTIPLE
+
                     raise BadInputError(f"hessian_tokens must be a whole number of at least one window ({windows.shape[1]} "
-                                        f"tokens), got {hessian_tokens!r}; e.g. 16 times the plan's calibration "
-                                        "tokens (the default on text you supply)")
+                                        f"tokens), got {hessian_tokens!r}; e.g. {HESSIAN_TEXT_MULTIPLE} times the plan's "
+                                        "calibration tokens (the default on text you supply)")
                 if hasattr(calibration, "seeded_pick"):  # a Calibration, not bare ids
                     from ..calibration import widened
 
