@@ -169,6 +169,7 @@ def plan_cmd(
     verify: bool = typer.Option(False, "--verify", help="measure the plan on held-back calibration windows, repair it, and never return one worse there than the best fitting uniform option"),
     verify_windows: int = typer.Option(VerifySettings.windows, "--verify-windows", help="held-back calibration windows --verify measures on (the last ones profiling did not use)"),
     verify_rounds: int = typer.Option(VerifySettings.max_rounds, "--verify-rounds", help="repair rounds of --verify"),
+    verify_applied: bool = typer.Option(VerifySettings.applied, "--verify-applied/--no-verify-applied", help="where the table holds a stand-in's errors (awq-gptq: awq's), --verify also applies the kept plan and the best uniform option with the plan's quantizer and keeps the better (two applies)"),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
 ) -> None:
@@ -231,7 +232,8 @@ def plan_cmd(
     if verify:
         from .verify import VerifySettings
 
-        common["verify"] = VerifySettings(windows=verify_windows, max_rounds=verify_rounds)
+        common["verify"] = VerifySettings(windows=verify_windows, max_rounds=verify_rounds, applied=verify_applied,
+                                          progress=True)
     plan = api.plan_from_table(table, one_budget, loaded, calibration, **common)
     target = out_path or Path("plan.json")
     plan.save(target)

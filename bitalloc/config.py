@@ -321,13 +321,18 @@ class VerifySettings:
     """How a plan is verified. windows: held-back calibration windows measured (the last ones of the
     text that profiling did not use); metric: kl (to the unquantized model; never negative, steadier
     on few tokens) or delta_nll; max_rounds: repair rounds; fanout: parts per localization level;
-    uniform_candidates: fitting uniform options measured (those with the least predicted loss)."""
+    uniform_candidates: fitting uniform options measured (those with the least predicted loss); applied: where the
+    table holds a stand-in's errors (awq-gptq: awq's), apply the kept plan and the best uniform option with the
+    plan's own quantizer too and return the better there (two applies, each as long as `bitalloc apply`; the
+    stand-in's ranking alone decides otherwise); progress: show those applies' progress."""
 
     windows: int = 2
     metric: str = "kl"
     max_rounds: int = 2
     fanout: int = 4
     uniform_candidates: int = 2
+    applied: bool = True
+    progress: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.metric not in VERIFY_METRICS:

@@ -202,6 +202,18 @@ class UniformCheck(_Strict):
     loss: MeasuredLoss
 
 
+class AppliedCheck(_Strict):
+    """The kept plan and the best uniform option, each applied with the plan's own quantizer (block by block) and
+    measured on the slice: done where the table holds a stand-in's errors (awq-gptq: awq's), whose weights the
+    repair loop and the uniform check measured (bitalloc/verify.py)."""
+
+    quantizer: str = Field(description="the quantizer both were applied with: the plan's")
+    settings: dict = Field(description="the quantizer settings they were applied with, as `apply` runs the plan; the "
+                           "Hessian text never holds the slice's windows")
+    plan: MeasuredLoss = Field(description="the plan the repair loop kept, applied")
+    uniform: UniformCheck = Field(description="the uniform option that measured best with the stand-in's weights, applied")
+
+
 class Verification(_Strict):
     """The plan checked against measured loss on held-back calibration windows, repaired, and compared
     with the best uniform options that fit the same budget (bitalloc/verify.py)."""
@@ -217,7 +229,11 @@ class Verification(_Strict):
     final: MeasuredLoss
     outcome: Literal["solved", "repaired", "uniform", "solved-unchecked"] = Field(
         description="which plan was returned: as solved, a repaired one, or the best uniform option (it measured "
-        "better); solved-unchecked: no uniform option (with its fallback) fits every module under the constraints")
+        "better: applied, where `applied` is there); solved-unchecked: no uniform option (with its fallback) fits "
+        "every module under the constraints")
+    applied: AppliedCheck | None = Field(
+        None, description="the kept plan and the best uniform option applied with the plan's own quantizer; the "
+        "better of the two there is returned; null where the table holds the plan quantizer's own errors")
 
 
 class Plan(_Strict):
@@ -272,6 +288,8 @@ class Plan(_Strict):
             d.pop("quantizer")
         if d.get("verification", 0) is None:
             d.pop("verification")
+        elif d["verification"].get("applied", 0) is None:
+            d["verification"].pop("applied")  # verified without the applied check: written as before it existed
         if isinstance(d.get("budget"), dict) and d["budget"].get("fixed_bits", 0) is None:
             d["budget"].pop("fixed_bits")  # planned-scope budgets, as before the field existed
         return d

@@ -18,12 +18,20 @@ verify_plan, on `windows` calibration windows that profiling did not use (never 
      repeat from 2 at most `max_rounds` times; keep the best measured plan;
   5. measure the `uniform_candidates` uniform options that fit the budget with the least predicted loss
      (an option on every module, or the runtime's fallback type where rows do not fit it);
-     if the best of them measures better than the kept plan, return it (as a plan).
-So the returned plan is never worse, on the slice and in `metric`, than every uniform option measured.
+     if the best of them measures better than the kept plan, return it (as a plan);
+  6. where the table holds a stand-in's errors (awq-gptq: awq's), steps 1-5 measured the stand-in's weights,
+     not the ones `apply` will write: GPTQ lowers some options' errors more than others, which can erase the
+     plan's lead (README, *Against uniform GPTQ at the same size*). So the kept plan and the best uniform
+     option are both applied with the plan's own quantizer, as `apply` runs it, and the better one there is
+     returned (settings.applied; two applies).
+So the returned plan is never worse, on the slice and in `metric`, than every uniform option measured (with the
+plan's own quantizer: than the best one by the stand-in's measure).
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -39,7 +47,7 @@ from .evaluate import evaluate, reference_logprobs
 from .objective import CalibrationScore
 from .quantizers import check_without_hessian, measuring_quantizer
 from .options import QuantOption
-from .plan import MeasuredLoss, Plan, RepairRound, UniformCheck, Verification
+from .plan import AppliedCheck, MeasuredLoss, Plan, RepairRound, UniformCheck, Verification
 
 # A handful of measurements fit each family scale; bound it so that one noisy part can neither make a
 # family free (scale 0) nor rule it out.
@@ -133,8 +141,8 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
             col = np.array([scales[f] for f in family])
             return raw * col[None, :] * row_factor[:, None]
 
-        def record(choice: np.ndarray) -> MeasuredLoss:
-            d_nll, kl = meter.measure(choice)
+        def record(choice: np.ndarray, measured: tuple[float, float] | None = None) -> MeasuredLoss:
+            d_nll, kl = measured or meter.measure(choice)
             rows = np.arange(len(choice))
             bits = float(table.storage_bits[rows, choice].sum()) / table.num_weights
             return MeasuredLoss(storage_bits_per_weight=round(bits, 6), predicted_delta_nll=_sig(raw[rows, choice].sum()),
@@ -173,17 +181,30 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
             if meter.loss(choice) < best_loss:
                 best_plan, best_loss, best_choice = new_plan, meter.loss(choice), choice
 
-        uniform_checks, best_uniform = [], None
+        uniform_checks, best_uniform, applied = [], None, None
         for label, u in _uniform_candidates(table, raw, allowed, max_storage_bits, settings.uniform_candidates):
             uniform_checks.append(UniformCheck(label=label, loss=record(u)))
             if best_uniform is None or meter.loss(u) < best_uniform[1]:
-                best_uniform = (u, meter.loss(u))
+                best_uniform = (u, meter.loss(u), label)
+        kept = "solved" if best_plan is plan else "repaired"
         if best_uniform is None:
-            outcome = "solved-unchecked" if best_plan is plan else "repaired"
-        elif best_uniform[1] < best_loss:
-            outcome, best_plan, best_choice = "uniform", uniform_plan(best_uniform[0]), best_uniform[0]
+            outcome = "solved-unchecked" if kept == "solved" else kept
         else:
-            outcome = "solved" if best_plan is plan else "repaired"
+            uniform_choice, uniform_loss, uniform_label = best_uniform
+            if settings.applied and measured_with != table.quantizer:
+                meter.restore()  # the applies start from the model's own weights
+                run_with, (kept_applied, uniform_applied) = _applied_losses(
+                    model, [best_plan, uniform_plan(uniform_choice)], calibration, tokens, meter, settings.progress)
+                applied = AppliedCheck(quantizer=best_plan.quantizer, settings=run_with, plan=record(best_choice, kept_applied),
+                                       uniform=UniformCheck(label=uniform_label, loss=record(uniform_choice, uniform_applied)))
+                metric_index = 1 if settings.metric == "kl" else 0
+                uniform_wins = uniform_applied[metric_index] < kept_applied[metric_index]
+            else:
+                uniform_wins = uniform_loss < best_loss
+            if uniform_wins:
+                outcome, best_plan, best_choice = "uniform", uniform_plan(uniform_choice), uniform_choice
+            else:
+                outcome = kept
         final = record(best_choice)
     finally:
         meter.restore()
@@ -194,8 +215,36 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
                    for g, a in zip(rows, best_plan.assignments)]
     summary = best_plan.summary.model_copy(update={"predicted_delta_loss": _sig(sum(a.predicted_delta_loss for a in assignments))})
     verification = Verification(metric=settings.metric, slice=slice_record, reference_nll=_sig(meter.reference_nll),
-                                solved=solved, rounds=rounds, uniform=uniform_checks, final=final, outcome=outcome)
+                                solved=solved, rounds=rounds, uniform=uniform_checks, final=final, outcome=outcome,
+                                applied=applied)
     return best_plan.model_copy(update={"assignments": assignments, "summary": summary, "verification": verification})
+
+
+def _applied_losses(model: nn.Module, plans: list[Plan], calibration: Calibration,
+                    tokens: torch.Tensor, meter: SliceMeter, progress: bool) -> tuple[dict, list[tuple[float, float]]]:
+    """(the quantizer settings used, [(ΔNLL, KL) on the slice of each plan applied to a copy of `model` with its own
+    quantizer, as `apply` runs it]). The Hessian text is the plan's own, less the slice's windows, so that what is
+    measured was not fitted."""
+    from .apply import apply, plan_quantizer_settings
+
+    text = _without_slice(calibration, tokens.shape[0])
+    losses = []
+    for plan in plans:
+        quantized = apply(copy.deepcopy(model), plan, calibration=text, progress=progress)
+        r = evaluate(quantized, tokens, reference=meter.reference)
+        losses.append((r.nll - meter.reference_nll, float(r.kl)))
+        del quantized
+    settings = plan_quantizer_settings(plans[0], plans[0].quantizer, {})
+    return {k: settings[k] for k in sorted(settings)}, losses
+
+
+def _without_slice(calibration: Calibration, n: int) -> Calibration:
+    """`calibration` less its last n held-back windows (the slice): calibration.widened then picks the Hessian text among
+    the others. The slice holds the held-back windows latest in the text, so dropping them moves no other held-back
+    window's position; the profile's windows (and hence the fold) stay as they are."""
+    if calibration.held_out is None:
+        return calibration
+    return replace(calibration, held_out=calibration.held_out[:-n], held_out_index=tuple(calibration.held_out_index[:-n]))
 
 
 def _localize(meter: SliceMeter, choice: np.ndarray, predicted: np.ndarray,

@@ -142,11 +142,68 @@ def test_an_awq_gptq_plan_is_verified_with_the_awq_weights_its_table_measured(se
     stand_in = copy.copy(mis)
     stand_in.quantizer = "awq-gptq"
     awq_plan = plan_from_table(mis, "4bits", loaded, calib, verify=True)
-    plan = plan_from_table(stand_in, "4bits", loaded, calib, verify=True)
+    plan = plan_from_table(stand_in, "4bits", loaded, calib, verify=VerifySettings(applied=False))
     assert plan.quantizer == "awq-gptq" and plan.verification.slice["measured_with"] == "awq"
     assert "measured_with" not in awq_plan.verification.slice
     assert plan.assignments == awq_plan.assignments
     assert plan.verification.final == awq_plan.verification.final and plan.verification.outcome != "solved"
+    assert awq_plan.verification.applied is None and plan.verification.applied is None
+    # with the applied check (the default) the measurements with awq's weights are the same; GPTQ has the last word
+    checked = plan_from_table(stand_in, "4bits", loaded, calib, verify=True).verification
+    assert (checked.solved, checked.rounds, checked.uniform) == (awq_plan.verification.solved, awq_plan.verification.rounds,
+                                                                  awq_plan.verification.uniform)
+    assert checked.applied.quantizer == "awq-gptq"
+
+
+def gptq_kl(plan: Plan, loaded, calib) -> float:
+    """KL on verify's slice of `plan` applied from scratch with awq-gptq (the profile's windows are its Hessian text)."""
+    assert plan.quantizer == "awq-gptq"
+    return measured_kl(plan, loaded, calib)
+
+
+def mlp_too_cheap(name: str) -> float:
+    return 0.01 if "mlp" in name else 1.0
+
+
+def attention_out_too_cheap(name: str) -> float:
+    return 0.01 if ("v_proj" in name or "o_proj" in name) else 1.0
+
+
+@pytest.mark.parametrize("craft, budget, stand_in_picks, gptq_picks", [
+    (mlp_too_cheap, "4.5bits", "solved", "uniform"),
+    (attention_out_too_cheap, "5bits", "uniform", "solved")])
+def test_gptq_applied_decides_between_the_plan_and_uniform_where_awqs_weights_stood_in(setup, craft, budget,
+                                                                                        stand_in_picks, gptq_picks):
+    """The repair loop and the uniform check of an awq-gptq plan measure awq's weights; GPTQ lowers the plan's and the
+    uniform option's losses by different amounts, so both are applied with awq-gptq and the better one there is
+    returned. On these crafted tables the two measures rank them oppositely, both ways round."""
+    table, loaded, calib = setup
+    stand_in = copy.copy(crafted(table, craft))
+    stand_in.quantizer = "awq-gptq"
+    unchecked = plan_from_table(stand_in, budget, loaded, calib, verify=VerifySettings(max_rounds=0, applied=False))
+    plan = plan_from_table(stand_in, budget, loaded, calib, verify=VerifySettings(max_rounds=0))
+    assert unchecked.verification.outcome == stand_in_picks and unchecked.verification.applied is None
+    v, a = plan.verification, plan.verification.applied
+    best_uniform = min(v.uniform, key=lambda u: u.loss.kl)
+    assert (best_uniform.loss.kl < v.solved.kl) == (stand_in_picks == "uniform")  # with awq's weights
+    assert a.quantizer == "awq-gptq" and a.uniform.label == best_uniform.label
+    assert (a.uniform.loss.kl < a.plan.kl) == (gptq_picks == "uniform")  # applied with GPTQ: the other way round
+    assert v.outcome == gptq_picks
+    solved = unchecked if stand_in_picks == "solved" else plan
+    uniform = plan if gptq_picks == "uniform" else unchecked
+    assert {x.label for x in uniform.assignments} == {a.uniform.label}
+    assert {x.label for x in solved.assignments} != {a.uniform.label}
+    # the recorded applied losses are those of the plans as `apply` writes them, measured from scratch
+    assert gptq_kl(solved, loaded, calib) == pytest.approx(a.plan.kl, rel=1e-4)
+    assert gptq_kl(uniform, loaded, calib) == pytest.approx(a.uniform.loss.kl, rel=1e-4)
+    assert gptq_kl(plan, loaded, calib) == pytest.approx(min(a.plan.kl, a.uniform.loss.kl), rel=1e-4)
+    assert plan.summary.storage_bits_per_weight <= float(budget[:-4])
+    again = plan_from_table(stand_in, budget, loaded, calib, verify=VerifySettings(max_rounds=0))
+    assert again.to_json() == plan.to_json()
+    raw = json.loads(plan.to_json())
+    jsonschema.validate(raw, json.loads(SCHEMA_PATH.read_text()))
+    assert Plan.from_json(plan.to_json()).verification == v
+    assert "applied" not in json.loads(unchecked.to_json())["verification"]  # written as before the check existed
 
 
 def test_bad_verify_input_is_one_clear_error(setup):
@@ -196,7 +253,27 @@ def test_cli_verify_writes_the_measurements(model_dir, tmp_path):
     v = Plan.load(out).verification
     assert v.slice["windows"] == 3 and v.slice["seq_len"] == 16 and v.slice["source"] == "calib.txt"
     assert "verified on 3×16 held-back calibration tokens" in r.stdout.replace("\n", " ")
-    assert v.final.kl <= min(u.loss.kl for u in v.uniform)
+    # the default quantizer, awq-gptq, was planned from awq's errors: GPTQ applied has the last word
+    a = v.applied
+    assert Plan.load(out).quantizer == a.quantizer == "awq-gptq" and a.settings["hessian_tokens"] == 16 * 64
+    returned = a.uniform.loss if v.outcome == "uniform" else a.plan
+    assert returned.kl == min(a.plan.kl, a.uniform.loss.kl)
+
+
+def test_the_applied_checks_hessian_text_is_the_calibration_text_less_the_slice(tokenizer):
+    from bitalloc.calibration import widened
+    from bitalloc.verify import _without_slice, held_out_slice
+
+    calib = make_calibration(tokenizer, CALIB_TEXT, seq_len=16, tokens=64, seed=3)
+    every = sequential_windows(tokenize(tokenizer, CALIB_TEXT), 16)
+    slice_tokens, record = held_out_slice(calib, 2)
+    as_rows = lambda t: {tuple(w.tolist()) for w in t}  # noqa: E731
+    whole = widened(calib, 16 * every.shape[0])  # asks for more than the text holds: all of it
+    assert as_rows(whole.tokens) == as_rows(every) >= as_rows(slice_tokens)
+    text = widened(_without_slice(calib, 2), 16 * every.shape[0])
+    assert as_rows(text.tokens) == as_rows(every) - as_rows(slice_tokens)
+    assert torch.equal(_without_slice(calib, 2).tokens, calib.tokens)  # the profile's windows, hence the fold, stay
+    assert [tuple(every[i].tolist()) for i in record["window_index"]] == [tuple(w.tolist()) for w in slice_tokens]
 
 
 def test_gguf_uniform_baselines_follow_llama_cpps_fallback():
