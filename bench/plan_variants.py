@@ -147,6 +147,7 @@ def main() -> None:
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
                "verification": None if plan.verification is None else plan.verification.outcome,
+               **({"verified": plan.verification.model_dump(mode="json")} if plan.verification else {}),
                "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
                "numerics": numerics_fingerprint()[:12]}
         with open(out, "a", encoding="utf-8") as f:
