@@ -37,6 +37,7 @@ from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
 from bitalloc.profile.store import numerics_fingerprint
+from bitalloc.quantizers import measuring_quantizer
 from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -95,8 +96,14 @@ def load_table(args):
     return stem, loaded, profiled, table, calib, windows
 
 
-def solve_variant(variant: str, table, loaded, calib):
-    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]) and its extra flags."""
+def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
+    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]) and its extra flags.
+    apply_quantizer: where the table is that quantizer's stand-in (an awq table, applied with awq-gptq), the plan is
+    solved as that quantizer's, as `bitalloc plan --quantizer awq-gptq` makes it: the same choices, and `verify`
+    then applies its candidates with it (verify.py, step 6)."""
+    if apply_quantizer and apply_quantizer != table.quantizer and measuring_quantizer(apply_quantizer) == table.quantizer:
+        table = copy.copy(table)
+        table.quantizer = apply_quantizer
     bits, error_model, *extra = variant.split(",")
     floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
     pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
@@ -129,7 +136,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(";"):
         start = time.time()
-        plan = solve_variant(variant, table, profiled, calib)
+        plan = solve_variant(variant, table, profiled, calib, args.apply_quantizer)
         # the Calibration, not its ids: GPTQ widens it as a plan made in process is applied (quantize_model)
         applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib, quantizer=args.apply_quantizer,
                         **apply_settings)
