@@ -233,7 +233,7 @@ class Verification(_Strict):
         "every module under the constraints")
     applied: AppliedCheck | None = Field(
         None, description="the kept plan and the best uniform option applied with the plan's own quantizer; the "
-        "better of the two there is returned; null where the table holds the plan quantizer's own errors")
+        "better of the two there is returned; null where the table holds the plan quantizer's own errors or the check was turned off")
 
 
 class Plan(_Strict):

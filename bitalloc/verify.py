@@ -191,10 +191,11 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
             outcome = "solved-unchecked" if kept == "solved" else kept
         else:
             uniform_choice, uniform_loss, uniform_label = best_uniform
+            uniform = uniform_plan(uniform_choice)
             if settings.applied and measured_with != table.quantizer:
                 meter.restore()  # the applies start from the model's own weights
                 run_with, (kept_applied, uniform_applied) = _applied_losses(
-                    model, [best_plan, uniform_plan(uniform_choice)], calibration, tokens, meter, settings.progress)
+                    model, [best_plan, uniform], calibration, tokens, meter, settings.progress)
                 applied = AppliedCheck(quantizer=best_plan.quantizer, settings=run_with, plan=record(best_choice, kept_applied),
                                        uniform=UniformCheck(label=uniform_label, loss=record(uniform_choice, uniform_applied)))
                 metric_index = 1 if settings.metric == "kl" else 0
@@ -202,7 +203,7 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
             else:
                 uniform_wins = uniform_loss < best_loss
             if uniform_wins:
-                outcome, best_plan, best_choice = "uniform", uniform_plan(uniform_choice), uniform_choice
+                outcome, best_plan, best_choice = "uniform", uniform, uniform_choice
             else:
                 outcome = kept
         final = record(best_choice)
