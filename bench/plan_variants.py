@@ -45,13 +45,14 @@ from common import ROOT, default_gguf, smollm2_arguments  # noqa: E402
 from peers import grid_for  # noqa: E402
 
 
-def variant_arguments(doc: str):
-    """The arguments that pick the model, its table and the test windows (shared with bench/ppl_vs_kl.py)."""
+def variant_arguments(doc: str, variants_required: bool = True):
+    """The arguments that pick the model, its table and the test windows (shared with bench/ppl_vs_kl.py and
+    bench/gptq_ratio.py, whose variants are optional)."""
     ap = smollm2_arguments(doc)
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--f32", default=None, help="the unquantized model file (default: --work's F32 copy of --gguf); "
                     "rows still name the model by --gguf's stem")
-    ap.add_argument("--variants", required=True, help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
+    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
