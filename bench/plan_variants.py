@@ -7,9 +7,9 @@ The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the t
 `--target llama.cpp` one for it (its profile cache: GGUF types,
 imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
 INT grid), or --formats' grid (e.g. int,fp8,mxfp4,nvfp4,keep), so the variants differ only in how they are solved. A variant is
-"BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]": the budget in bits per planned weight, the error model, and
+"BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]": the budget in bits per planned weight, the error model, and
 optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify` (the repair loop on
-held-back calibration windows) or pin=LABEL (every module that option: a uniform row, applied and scored the
+held-back calibration windows; verify=N: on N of them, the product's default is 2) or pin=LABEL (every module that option: a uniform row, applied and scored the
 same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
 windows without it; --calib builtin profiles on the set bitalloc ships (the headline command's), not on
 WikiText-2 validation. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
@@ -32,6 +32,7 @@ from bitalloc import api
 from bitalloc.apply import apply, plan_quantizer_settings
 from bitalloc.calibration import leading_bos, make_calibration, read_text, widened
 from bitalloc.cli import _solver_settings
+from bitalloc.config import VerifySettings
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
@@ -52,7 +53,7 @@ def variant_arguments(doc: str, variants_required: bool = True):
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--f32", default=None, help="the unquantized model file (default: --work's F32 copy of --gguf); "
                     "rows still name the model by --gguf's stem")
-    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]")
+    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
@@ -98,7 +99,7 @@ def load_table(args):
 
 
 def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
-    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify|pin=LABEL]) and its extra flags.
+    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]) and its extra flags.
     apply_quantizer: where the table is that quantizer's stand-in (an awq table, applied with awq-gptq), the plan is
     solved as that quantizer's, as `bitalloc plan --quantizer awq-gptq` makes it: the same choices, and `verify`
     then applies its candidates with it (verify.py, step 6)."""
@@ -109,7 +110,15 @@ def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | Non
     floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
     pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
     return api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor, pins=pins),
-                               error_model=error_model, verify="verify" in extra)
+                               error_model=error_model, verify=verify_settings(extra))
+
+
+def verify_settings(extra: list[str]) -> VerifySettings | None:
+    """`verify`: the product's VerifySettings; `verify=N`: the same on N held-back windows; neither: None."""
+    for x in extra:
+        if x == "verify" or x.startswith("verify="):
+            return VerifySettings(**({"windows": int(x[7:])} if "=" in x else {}))
+    return None
 
 
 # Above this the unquantized model's log-probabilities are not kept (Gemma 3's 262k vocabulary: 8.6 GB for
