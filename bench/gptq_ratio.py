@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bitalloc.apply import apply
-from bitalloc.candidates import option_errors
+from bitalloc.candidates import ERROR_MODELS, option_errors
 from bitalloc.evaluate import evaluate
 from bitalloc.io import atomic_write_text
 from bitalloc.models import weight_matrix
@@ -40,7 +40,7 @@ from bitalloc.progress import steps
 sys.path.insert(0, str(Path(__file__).parent))
 from plan_variants import load_table, scoring_reference, solve_variant, variant_arguments  # noqa: E402
 
-LOCAL = 1  # index of the `local` error model in option_errors' tuples (candidates.ERROR_MODELS)
+LOCAL = ERROR_MODELS.index("local")  # Σ diag ΔW H ΔWᵀ in option_errors' tuples
 
 
 def block_of(name: str) -> int | None:
@@ -48,7 +48,7 @@ def block_of(name: str) -> int | None:
 
 
 def ratios(model, stats, names, options_of) -> dict[str, dict[str, float]]:
-    """{weight: {option label: GPTQ's local error / rtn-w's}} for the options options_of(weight, in_features) gives."""
+    """{weight: {option label: GPTQ's local error / rtn-w's}} for the INT options options_of(weight) gives that fit."""
     out = {}
     for name in steps(names, "GPTQ against rtn-w", show=True, unit="module"):
         w = weight_matrix(model.get_submodule(name))
@@ -65,7 +65,7 @@ def print_summary(by_weight: dict[str, dict[str, float]], ref: str) -> dict:
     for name, row in by_weight.items():
         for label, r in row.items():
             per_option[label].append(r)
-            if ref in row and "-ch-" not in label:
+            if ref in row and not parse_option(label).per_channel:
                 strays.append(r / row[ref])
     print(f"{'option':<16} {'weights':>7} {'median':>7} {'q25':>6} {'q75':>6}")
     summary = {}
