@@ -34,6 +34,7 @@ from bitalloc.evaluate import evaluate
 from bitalloc.io import atomic_write_text
 from bitalloc.models import weight_matrix
 from bitalloc.options import parse_option
+from bitalloc.profile.interactions import block_index
 from bitalloc.profile.statistics import collect_statistics
 from bitalloc.progress import steps
 
@@ -41,10 +42,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plan_variants import load_table, scoring_reference, solve_variant, variant_arguments  # noqa: E402
 
 LOCAL = ERROR_MODELS.index("local")  # Σ diag ΔW H ΔWᵀ in option_errors' tuples
-
-
-def block_of(name: str) -> int | None:
-    return int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
 
 
 def ratios(model, stats, names, options_of) -> dict[str, dict[str, float]]:
@@ -97,9 +94,9 @@ def main() -> None:
         sys.exit("error: this bench compares GPTQ with awq's table; leave --quantizer at awq")
     stem, loaded, profiled, table, calib, windows = load_table(args)
     model = profiled.model  # equalized: the model awq's table was measured on
-    names = [g for g in table.groups if block_of(g) is not None]
+    names = [g for g in table.groups if block_index(model, g) is not None]
     stats = collect_statistics(model, names, calib, progress=True)
-    sampled = [n for n in names if block_of(n) % args.every == 1]
+    sampled = [n for n in names if block_index(model, n) % args.every == 1]
     ref = parse_option(args.ref)
     start = time.time()
     by_weight = ratios(model, stats, names, lambda n: table.options if n in sampled else [ref])
