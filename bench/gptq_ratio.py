@@ -94,9 +94,10 @@ def main() -> None:
         sys.exit("error: this bench compares GPTQ with awq's table; leave --quantizer at awq")
     stem, loaded, profiled, table, calib, windows = load_table(args)
     model = profiled.model  # equalized: the model awq's table was measured on
-    names = [g for g in table.groups if block_index(model, g) is not None]
+    blocks = {g: block_index(model, g) for g in table.groups}
+    names = [g for g in table.groups if blocks[g] is not None]
     stats = collect_statistics(model, names, calib, progress=True)
-    sampled = [n for n in names if block_index(model, n) % args.every == 1]
+    sampled = [n for n in names if blocks[n] % args.every == 1]
     ref = parse_option(args.ref)
     start = time.time()
     by_weight = ratios(model, stats, names, lambda n: table.options if n in sampled else [ref])
