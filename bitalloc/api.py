@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from .plan import Assignment, BudgetSpec, LatencySpec, ModelSpec, Plan, SolverSp
 from .plan import sig6 as _sig
 from .profile.store import default_cache_dir  # noqa: F401  (numpy-only; bench and the notebook use api.default_cache_dir)
 from .table import CandidateTable
+from .uniform import uniform_floor
 
 if TYPE_CHECKING:  # torch (or, for latency, pydantic models); imported where they are called
     import torch
@@ -477,7 +478,8 @@ def _verified(plan: Plan, table: CandidateTable, budget: Budget, loaded: LoadedM
                           constraints if constraints.active else None, outside=outside)
 
     return verify_plan(plan, table, loaded.model, calibration, verify if isinstance(verify, VerifySettings) else VerifySettings(),
-                       error_model=error_model, allowed=constraint_masks(table, constraints).allowed,
+                       error_model=error_model,
+                       allowed=constraint_masks(table, with_uniform_floor(table, constraints, error_model, max_bits)[0]).allowed,
                        max_storage_bits=max_bits, resolve=lambda t: solve_table(t, budget, context, **settings),
                        uniform_plan=uniform)
 
@@ -537,12 +539,13 @@ def solve_table(
     if latency is not None and np.shape(latency) != table.storage_bits.shape:
         raise BadInputError(f"latency has shape {list(np.shape(latency))}, the table is {list(table.storage_bits.shape)} "
                             "(modules x options)")
-    masks = constraint_masks(table, constraints)
     n = table.num_weights
     total = context.model.get("total_weights")  # absent in profiles made before whole-model sizes
     unplanned = None if total is None else total - n
     outside = outside_plan(table, context.model) if budget.scope == "model" else None
     max_bits = budget.max_storage_bits(n, outside)
+    resolved, floor = with_uniform_floor(table, constraints, error_model, max_bits)
+    masks = constraint_masks(table, resolved)
     cost = _finite_costs(table, error_model)
     problem = solvers.Problem(
         cost=cost,
@@ -583,8 +586,21 @@ def solve_table(
     finally:
         if score is not None:
             score.restore()
+    if constraints.min_bits == "uniform":
+        solution.details["min_bits_uniform"] = "none: no uniform plan fits" if floor is None else f"{floor[0]} ({floor[1]})"
     return _make_plan(table, solution, budget, max_bits, context, error_model, seed,
                       constraints if constraints.active else None, timing, masks.tie_kinds, unplanned, outside)
+
+
+def with_uniform_floor(table: CandidateTable, constraints: Constraints, error_model: str,
+                       max_bits: float) -> tuple[Constraints, tuple[int, str] | None]:
+    """constraints with min_bits "uniform" resolved to the bits of the best-predicted uniform plan that fits
+    max_bits (no floor where none fits), and that (bits, label); other constraints as they are, and None."""
+    if constraints.min_bits != "uniform":
+        return constraints, None
+    unfloored = replace(constraints, min_bits=None)
+    floor = uniform_floor(table, table.errors_of(error_model), constraint_masks(table, unfloored).allowed, max_bits)
+    return (unfloored if floor is None else replace(constraints, min_bits=floor[0])), floor
 
 
 def _scope_text(outside: Outside | None) -> str:

@@ -148,7 +148,8 @@ def plan_cmd(
     target: Optional[str] = typer.Option(None, "--target", help="hardware target restricting the formats: cpu, a100, h100, h200, b200, llama.cpp (GGUF types), any"),
     seed: int = typer.Option(CalibrationSpec.seed, "--seed"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="where to write the JSON plan (default plan.json); with --pareto a folder (default pareto/)"),
-    min_bits: Optional[int] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16)"),
+    min_bits: Optional[str] = typer.Option(None, "--min-bits", help="every planned module gets at least this many bits (fp16 = 16); "
+                                           "'uniform': at least the bits of the best uniform option that fits the budget"),
     max_bits: Optional[int] = typer.Option(None, "--max-bits", help="every planned module gets at most this many bits"),
     pin: List[str] = typer.Option([], "--pin", help="REGEX=OPTION: modules matching REGEX take OPTION, e.g. 'lm_head=fp16' (repeatable)"),
     allow: List[str] = typer.Option([], "--allow", help="REGEX=LABEL_REGEX: modules matching REGEX choose only options whose label matches, e.g. 'down_proj=int[4-8].*' (repeatable)"),
@@ -251,10 +252,20 @@ def _check_plan_out(out_path: Path | None, pareto: str | None) -> None:
         check_output_file(out_path or Path("plan.json"))
 
 
+def _min_bits(text: str | None) -> int | str | None:
+    """--min-bits: a number of bits, or 'uniform'."""
+    if text is None or text == "uniform":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"--min-bits {text!r}: give a number of bits (e.g. 3) or 'uniform'") from None
+
+
 def _constraints(min_bits, max_bits, pin, allow, tie):
     from .constraints import Constraints, parse_rule, parse_ties
 
-    return Constraints(min_bits=min_bits, max_bits=max_bits, pins=tuple(parse_rule(p, "--pin") for p in pin),
+    return Constraints(min_bits=_min_bits(min_bits), max_bits=max_bits, pins=tuple(parse_rule(p, "--pin") for p in pin),
                        allow=tuple(parse_rule(a, "--allow") for a in allow), ties=parse_ties(tie))
 
 

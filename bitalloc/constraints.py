@@ -45,7 +45,10 @@ DEFAULT_TIES = ("fused",)
 
 @dataclass(frozen=True)
 class Constraints:
-    """min_bits / max_bits: bounds on every planned module's nominal bits (fp16 counts 16).
+    """min_bits / max_bits: bounds on every planned module's nominal bits (fp16 counts 16). min_bits "uniform":
+    the bits of the uniform plan that fits the budget with the least predicted loss (uniform.uniform_floor; solve_table
+    resolves it): the additive error model over-rates plans that take some modules far below that width (README,
+    *A floor at the uniform option's bits*).
     pins: (module regex, option label): matching modules take exactly that option.
     allow: (module regex, option-label regex): matching modules choose only among matching options.
     ties: "fused" (q/k/v, gate/up per block and each projection across a block's experts: what
@@ -55,7 +58,7 @@ class Constraints:
     one tie per layer). () = no ties.
     max_latency: predicted seconds; needs a latency matrix."""
 
-    min_bits: int | None = None
+    min_bits: int | str | None = None  # str: only "uniform"
     max_bits: int | None = None
     pins: tuple[tuple[str, str], ...] = ()
     allow: tuple[tuple[str, str], ...] = ()
@@ -120,6 +123,9 @@ def constraint_masks(table: CandidateTable, constraints: Constraints) -> Masks:
     narrowed = allowed.copy()
     flags = []
     if constraints.min_bits is not None:
+        if not isinstance(constraints.min_bits, int):
+            raise BadInputError(f"{setting('min_bits')} {constraints.min_bits!r} is resolved by a budget: solve the table "
+                                "with one (api.solve_table), or give a number of bits")
         narrowed &= bits[None, :] >= constraints.min_bits
         flags.append(f"{setting('min_bits')} {constraints.min_bits}")
     if constraints.max_bits is not None:

@@ -47,6 +47,7 @@ from .evaluate import evaluate, reference_logprobs
 from .objective import CalibrationScore
 from .quantizers import check_without_hessian, measuring_quantizer
 from .options import QuantOption
+from .uniform import uniform_candidates
 from .plan import AppliedCheck, MeasuredLoss, Plan, RepairRound, UniformCheck, Verification
 
 # A handful of measurements fit each family scale; bound it so that one noisy part can neither make a
@@ -182,7 +183,7 @@ def verify_plan(plan: Plan, table: CandidateTable, model: nn.Module, calibration
                 best_plan, best_loss, best_choice = new_plan, meter.loss(choice), choice
 
         uniform_checks, best_uniform, applied = [], None, None
-        for label, u in _uniform_candidates(table, raw, allowed, max_storage_bits, settings.uniform_candidates):
+        for label, u in uniform_candidates(table, raw, allowed, max_storage_bits, settings.uniform_candidates):
             uniform_checks.append(UniformCheck(label=label, loss=record(u)))
             if best_uniform is None or meter.loss(u) < best_uniform[1]:
                 best_uniform = (u, meter.loss(u), label)
@@ -291,34 +292,6 @@ def fit_family_scales(points, raw: np.ndarray, family: list[str],
             den[f] = den.get(f, 0.0) + p
     lo, hi = scale_range
     return {f: float(np.clip(num[f] / den[f], lo, hi)) for f in den if den[f] > 0}
-
-
-def _uniform_candidates(table: CandidateTable, raw: np.ndarray, allowed: np.ndarray, max_storage_bits: float,
-                        n: int) -> list[tuple[str, np.ndarray]]:
-    """(label, choice) of the uniform plans that fit the budget, least predicted loss first: one option on
-    every module, or, where a module's rows do not fit it, the option a runtime falls back to
-    (formats.fallback: llama-quantize's Q4_K -> Q5_0 on Gemma's 640-wide rows), as that runtime's
-    uniform file holds it. Without fallbacks no GGUF K-quant is uniform on SmolLM2 or Gemma 3."""
-    rows = np.arange(len(table.groups))
-    found = []
-    for k, option in enumerate(table.options):
-        choice = np.full(len(table.groups), k, dtype=np.int64)
-        fallen = _fallback_index(table, option)
-        if fallen is not None:
-            choice = np.where(table.allowed[:, k], k, fallen)
-        if not allowed[rows, choice].all() or float(table.storage_bits[rows, choice].sum()) > max_storage_bits:
-            continue
-        label = option.label if (choice == k).all() else f"{option.label} ({table.options[fallen].label} where rows do not fit)"
-        found.append((float(raw[rows, choice].sum()), k, label, choice))
-    return [(label, choice) for _, _, label, choice in sorted(found, key=lambda f: f[:2])[:n]]
-
-
-def _fallback_index(table: CandidateTable, option: QuantOption) -> int | None:
-    """The table's index of the option `option` falls back to, None when it has none or the table lacks it."""
-    from .formats import fallback
-
-    other = fallback(option)
-    return table.option_index(other) if other is not None and other in table.options else None
 
 
 def _with_errors(table: CandidateTable, error_model: str, errors: np.ndarray) -> CandidateTable:
