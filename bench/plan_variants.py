@@ -7,8 +7,9 @@ The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the t
 `--target llama.cpp` one for it (its profile cache: GGUF types,
 imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
 INT grid), or --formats' grid (e.g. int,fp8,mxfp4,nvfp4,keep), so the variants differ only in how they are solved. A variant is
-"BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]": the budget in bits per planned weight, the error model, and
-optionally a floor on every module's nominal bits (min3: no 2-bit type), `verify` (the repair loop on
+"BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]": the budget in bits per planned weight, the error model, and
+optionally a floor on every module's nominal bits (min3: no 2-bit type; min-uniform: the bits of the best uniform
+option that fits, `--min-bits uniform`), `verify` (the repair loop on
 held-back calibration windows; verify=N: on N of them, the product's default is 2) or pin=LABEL (every module that option: a uniform row, applied and scored the
 same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
 windows without it; --calib builtin profiles on the set bitalloc ships (the headline command's), not on
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -34,7 +36,7 @@ from bitalloc.calibration import leading_bos, make_calibration, read_text, widen
 from bitalloc.cli import _solver_settings
 from bitalloc.config import VerifySettings
 from bitalloc.constraints import Constraints
-from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
+from bitalloc.evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
 from bitalloc.profile.store import numerics_fingerprint
@@ -53,7 +55,7 @@ def variant_arguments(doc: str, variants_required: bool = True):
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--f32", default=None, help="the unquantized model file (default: --work's F32 copy of --gguf); "
                     "rows still name the model by --gguf's stem")
-    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]")
+    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
@@ -99,7 +101,7 @@ def load_table(args):
 
 
 def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
-    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|verify[=WINDOWS]|pin=LABEL]) and its extra flags.
+    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]) and its extra flags.
     apply_quantizer: where the table is that quantizer's stand-in (an awq table, applied with awq-gptq), the plan is
     solved as that quantizer's, as `bitalloc plan --quantizer awq-gptq` makes it: the same choices, and `verify`
     then applies its candidates with it (verify.py, step 6)."""
@@ -107,7 +109,7 @@ def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | Non
         table = copy.copy(table)
         table.quantizer = apply_quantizer
     bits, error_model, *extra = variant.split(",")
-    floor = next((int(x[3:]) for x in extra if x.startswith("min")), None)
+    floor = next((x[4:] if x == "min-uniform" else int(x[3:]) for x in extra if x.startswith("min")), None)
     pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
     return api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor, pins=pins),
                                error_model=error_model, verify=verify_settings(extra))
@@ -136,6 +138,20 @@ def scoring_reference(model, windows):
     return reference_logprobs(model, windows, progress=True)
 
 
+def score_by_window(applied, windows, reference):
+    """evaluate()'s result over all windows, and each window's mean NLL and KL (bench/paired.py reads them: a
+    difference between two rows is compared with its paired standard error over windows)."""
+    nll, kl = [], []
+    for i in range(windows.shape[0]):
+        one = evaluate(applied, windows[i:i + 1], reference=[reference[i]] if isinstance(reference, list) else reference)
+        nll.append(round(one.nll, 6))
+        kl.append(round(one.kl, 6))
+    n = len(nll)  # every window scores the same number of tokens, so the means over windows are the totals'
+    result = EvalResult(ppl=math.exp(sum(nll) / n), nll=sum(nll) / n, kl=sum(kl) / n,
+                        top1=None, windows=n, seq_len=int(windows.shape[1]), scored_tokens=n * (windows.shape[1] - 1))
+    return result, {"window_nll": nll, "window_kl": kl}
+
+
 def main() -> None:
     args = variant_arguments(__doc__).parse_args()
     model_name, loaded, profiled, table, calib, windows = load_table(args)
@@ -150,7 +166,7 @@ def main() -> None:
         # the Calibration, not its ids: GPTQ widens it as a plan made in process is applied (quantize_model)
         applied = apply(copy.deepcopy(profiled.model), plan, calibration=calib, quantizer=args.apply_quantizer,
                         **apply_settings)
-        result = evaluate(applied, windows, reference=reference)
+        result, per_window = score_by_window(applied, windows, reference)
         used = plan_quantizer_settings(plan, args.apply_quantizer or plan.quantizer, apply_settings)
         hessian_tokens = used.get("hessian_tokens")
         row = {"model": model_name, "quantizer": args.quantizer, "apply_quantizer": args.apply_quantizer or args.quantizer,
@@ -160,7 +176,8 @@ def main() -> None:
                **({"float_target": used["float_target"]} if "float_target" in used else {}),
                "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()),
                **({"calib_seed": calib.seed} if calib.seed else {}), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
-               "ppl": result.ppl, "kl": result.kl, "predicted_dnll": plan.summary.predicted_delta_loss,
+               "ppl": result.ppl, "kl": result.kl, **per_window, "predicted_dnll": plan.summary.predicted_delta_loss,
+               **({"min_bits_uniform": plan.solver.details["min_bits_uniform"]} if "min_bits_uniform" in plan.solver.details else {}),
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
                "at_most_3_bits": sorted(a.module for a in plan.assignments if a.option.bits <= 3),
                "verification": None if plan.verification is None else plan.verification.outcome,
