@@ -31,11 +31,16 @@ def marked(mean: float, se: float, digits: int) -> str:
     return f"{mean:+.{digits}f} ± {se:.{digits}f}{flag}"
 
 
-def comparison_rows(rows: list[dict], base: str, first: int | None) -> list[list[str]]:
+def scored_rows(rows: list[dict], base: str) -> tuple[dict[str, dict], dict]:
+    """The last row of each variant that carries per-window scores, and the base variant's."""
     by_variant = {r["variant"]: r for r in rows if "window_nll" in r}
     if base not in by_variant:
         raise SystemExit(f"error: no row with variant {base!r} and per-window scores; have: {', '.join(by_variant)}")
-    ref = by_variant[base]
+    return by_variant, by_variant[base]
+
+
+def comparison_rows(rows: list[dict], base: str, first: int | None) -> list[list[str]]:
+    by_variant, ref = scored_rows(rows, base)
     n = len(ref["window_nll"]) if first is None else first
     out = []
     for variant, r in by_variant.items():
@@ -57,7 +62,7 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
     for first in [None, *args.first]:
         table = comparison_rows(rows, args.base, first)
-        windows = first or len(next(r for r in rows if r["variant"] == args.base)["window_nll"])
+        windows = first or len(scored_rows(rows, args.base)[1]["window_nll"])
         print(f"\n{windows} windows, against {args.base}")
         header = ["variant", "bpw", "ppl", "KL", "ΔNLL (paired SE)", "ΔKL (paired SE)"]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
