@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 import bitalloc
 from bitalloc.apply import apply
-from bitalloc.calibration import builtin_text, calibration_for_plan, make_calibration, text_sha256
+from bitalloc.calibration import builtin_text, calibration_for_plan, make_calibration, text_sha256, tokenize
 from bitalloc.calibration_self import self_calibration
 from bitalloc.cli import main
 from bitalloc.errors import BadInputError, CalibrationMismatchError
@@ -207,3 +208,42 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(loaded, tmp_path):
     assert plan_bos.calibration["bos"] == bos and "bos" not in plan_plain.calibration
     assert [a.predicted_delta_loss for a in plan_bos.assignments] != [a.predicted_delta_loss for a in plan_plain.assignments]
 
+
+
+def test_calibration_text_full_of_unk_placeholders_warns_and_clean_text_does_not():
+    """Tokenized corpora (WikiText's tokenized release, PTB) replace rare words with `<unk>`; calibrating on them
+    fits the plan to placeholders, so make_calibration warns above 1 % of the words, naming the count and the fix."""
+    tok, kw = make_tokenizer(), dict(seq_len=16, tokens=64, seed=3, source="valid.tokens")
+    words = CALIB_TEXT.split()
+    marked = [w if i % 10 else "<unk>" for i, w in enumerate(words)]
+    share = 100 * marked.count("<unk>") / len(words)
+    with pytest.warns(UserWarning, match=rf"valid.tokens: {marked.count('<unk>')} '<unk>' placeholders \({share:.1f} %.*sed"):
+        make_calibration(tok, " ".join(marked), **kw)
+    one = words[:150] + ["<unk>"] + words[150:]  # one placeholder in a long text stays under the 1 % line
+    assert 1 / len(one) < 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_calibration(tok, CALIB_TEXT, **kw)
+        make_calibration(tok, " ".join(one), **kw)
+
+
+def test_special_token_strings_in_the_text_are_read_as_text_and_recorded(tmp_path):
+    """A special token's string in calibration text ("<unk>" in WikiText's tokenized release is Gemma's unknown
+    token) is tokenized as characters, as llama-imatrix reads text, not as the special id the model never trained
+    on. The calibration records it (only then, so other texts keep their profile keys), and a plan rebuilds the
+    windows it was made with: as text when it recorded so, parsed when it was made before this."""
+    tok = make_tokenizer()
+    words = CALIB_TEXT.split()
+    text = " ".join(w if i % 20 else "[EOS]" for i, w in enumerate(words))
+    assert tok.eos_token_id not in tokenize(tok, text).tolist()
+    assert tok.eos_token_id in tokenize(tok, text, special_as_text=False).tolist()
+    kw = dict(seq_len=16, tokens=64, seed=3)
+    as_text, parsed = make_calibration(tok, text, **kw), make_calibration(tok, text, special_as_text=False, **kw)
+    assert as_text.settings()["special_tokens"] == "text" and "special_tokens" not in parsed.settings()
+    assert "special_tokens" not in make_calibration(tok, CALIB_TEXT, **kw).settings()
+    path = tmp_path / "calib.txt"
+    path.write_text(text, encoding="utf-8")
+    assert torch.equal(calibration_for_plan(as_text.settings(), tok, text_path=path).tokens, as_text.tokens)
+    older = {k: v for k, v in as_text.settings().items() if k != "special_tokens"}
+    assert torch.equal(calibration_for_plan(older, tok, text_path=path).tokens, parsed.tokens)
+    assert not torch.equal(as_text.tokens, parsed.tokens)

@@ -164,7 +164,8 @@ def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
                                  "the service dropped it: recompute it with POST /v1/profiles", record.id)
     c = record.meta["calibration"]
     calibration = Calibration(tokens=torch.from_numpy(profile.calibration_tokens), text_sha256=c["text_sha256"],
-                              source=c["source"], seed=c["seed"], bos=c["settings"].get("bos"))
+                              source=c["source"], seed=c["seed"], bos=c["settings"].get("bos"),
+                              special_as_text=c["settings"].get("special_tokens") == "text")
     return StoredProfile(record=record, table=profile.table, calibration=calibration)
 
 
