@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
@@ -893,7 +894,13 @@ def flag(setting_name: str) -> str:
     return _FLAG_OF_SETTING.get(setting_name, "--" + setting_name.replace("_", "-"))
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """The library's warnings as one line, like its errors: what a user reads, not where in the code."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _warning_line
     try:
         rc = app(standalone_mode=False)
     except BitallocError as e:

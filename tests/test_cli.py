@@ -491,3 +491,17 @@ def test_a_size_budget_of_a_llama_cpp_file_is_the_whole_file_unless_scoped():
     assert [b.scope for b in _scoped(["95MB", "4.5bits"], "model", False)] == ["model", "model"]
     with pytest.raises(BadInputError, match="unknown budget scope 'file'"):
         _scoped(["95MB"], "file", True)
+
+
+def test_library_warnings_print_as_one_line_naming_the_fix(model_dir, cli_env, tmp_path):
+    """Calibration text full of `<unk>` placeholders (a tokenized corpus's release) still plans, and the warning
+    reads like the CLI's errors: one `warning:` line with the count and the fix, no source path or code line."""
+    words = (model_dir / "calib.txt").read_text(encoding="utf-8").split()
+    calib = tmp_path / "valid.tokens"
+    calib.write_text(" ".join(w if i % 10 else "<unk>" for i, w in enumerate(words)), encoding="utf-8")
+    r = run_cli(dict(cli_env, PYTHONWARNINGS="default"), "plan", model_dir, "--budget", "4bits", "--calib", calib,
+                *PLAN_ARGS, "--out", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if "placeholders" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: calibration text valid.tokens: {len(words[::10])} '<unk>'"), r.stderr[-2000:]
+    assert "sed 's/ <unk>//g'" in lines[0] and "UserWarning" not in r.stderr
