@@ -209,7 +209,6 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(loaded, tmp_path):
     assert [a.predicted_delta_loss for a in plan_bos.assignments] != [a.predicted_delta_loss for a in plan_plain.assignments]
 
 
-
 def test_calibration_text_full_of_unk_placeholders_warns_and_clean_text_does_not():
     """Tokenized corpora (WikiText's tokenized release, PTB) replace rare words with `<unk>`; calibrating on them
     fits the plan to placeholders, so make_calibration warns above 1 % of the words, naming the count and the fix."""
