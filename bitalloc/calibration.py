@@ -34,7 +34,8 @@ class Calibration:
     # is every other one: widened() can then pick more of the same text the same way. Not part of settings().
     seeded_pick: bool = field(default=False, compare=False, repr=False)
     # True when the text holds a special token's string ("<unk>", "<|endoftext|>") and it was tokenized as
-    # plain characters (see tokenize); recorded only then, so that other texts keep their profile keys.
+    # plain characters (see tokenize): the ids differ from the parsed ones. Recorded only then, so that other
+    # texts keep their profile keys.
     special_as_text: bool = False
 
     @property
@@ -189,13 +190,6 @@ def tokenize(tokenizer: Any, text: str, special_as_text: bool = True) -> torch.T
     return ids.long()
 
 
-def holds_special_strings(tokenizer: Any, text: str) -> bool:
-    """Whether `text` contains the string of one of the tokenizer's special or added tokens."""
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    strings = {str(t) for t in added.values()} | set(getattr(tokenizer, "all_special_tokens", None) or ())
-    return any(s and s in text for s in strings)
-
-
 def leading_bos(tokenizer: Any) -> int | None:
     """The BOS id this tokenizer starts every sequence with, or None when it adds none.
 
@@ -257,12 +251,15 @@ def make_calibration(
         raise BadInputError(f"need seq_len >= 2 and calibration tokens >= seq_len, got {seq_len} and {tokens}")
     warn_placeholders(text, source)
     ids = tokenize(tokenizer, text, special_as_text)
+    # recorded only where reading as text changed the ids (a string search would be slow over Gemma's 6,249
+    # special tokens, and would flag its non-special added ones, e.g. "\n", whose ids do not change)
+    special_as_text = special_as_text and not torch.equal(ids, tokenize(tokenizer, text, special_as_text=False))
     if bos == FROM_TOKENIZER:
         bos = leading_bos(tokenizer)
     all_windows = with_bos(sequential_windows(ids, seq_len), bos)
     picked = _seeded_split(all_windows, tokens // seq_len, seed)
     return Calibration(text_sha256=text_sha256(text), source=source, seed=seed, bos=bos, seeded_pick=True,
-                       special_as_text=special_as_text and holds_special_strings(tokenizer, text), **picked)
+                       special_as_text=special_as_text, **picked)
 
 
 PLACEHOLDER = "<unk>"  # what tokenized corpora (WikiText's tokenized release, PTB) put in place of rare words
