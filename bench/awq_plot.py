@@ -31,7 +31,8 @@ SOURCES = {
         "llama.cpp + imatrix": ("", [OUT / "peers.rows.jsonl"]),
     },
     "Gemma 3 270M": {
-        "awq": ("awq", [OUT / "awq-gemma3" / "plan_variants.jsonl"]),
+        # awq-gemma3-text: the same sizes with calibration text read as text (its rows replace the older ones)
+        "awq": ("awq", [OUT / "awq-gemma3" / "plan_variants.jsonl", OUT / "awq-gemma3-text" / "plan_variants.jsonl"]),
         "awq-gptq": ("awq-gptq", [OUT / "awq-table-gptq-apply-gemma3" / "plan_variants.jsonl"]),
         "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"]),
         "gptq": ("gptq", [OUT / "gptq-gemma3" / "plan_variants.jsonl"]),

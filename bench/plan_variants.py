@@ -72,6 +72,8 @@ def variant_arguments(doc: str, variants_required: bool = True):
                     "default 0; another seed picks other windows of the same text: GPTQ's run-to-run spread)")
     ap.add_argument("--no-calib-bos", action="store_true", help="calibrate without BOS even where the tokenizer adds one "
                     "(as bitalloc did before; an ablation of the BOS-first calibration windows)")
+    ap.add_argument("--parse-special", action="store_true", help="tokenize the calibration text's special-token strings "
+                    "(e.g. <unk>) as those tokens, as bitalloc did before it read text as text (an ablation)")
     return ap
 
 
@@ -89,9 +91,10 @@ def load_table(args):
         sys.exit(f"error: {f32} not found; run bench/peers.py with the same --gguf and --work first, or pass --f32")
     loaded = load_model(str(f32))
     calibration = None if args.calib == "builtin" else args.calib  # None: the built-in set, as the headline command
-    if args.no_calib_bos and calibration is not None:
+    if (args.no_calib_bos or args.parse_special) and calibration is not None:
         calibration = make_calibration(loaded.tokenizer, read_text(args.calib), seq_len=512, tokens=args.calib_tokens,
-                                       seed=args.calib_seed, source=Path(args.calib).name, bos=None)
+                                       seed=args.calib_seed, source=Path(args.calib).name,
+                                       **({"bos": None} if args.no_calib_bos else {}), special_as_text=not args.parse_special)
     options = default_options(formats=resolve_formats(args.formats)) if args.formats else grid_for(args.quantizer)
     table, profiled, calib = api.prepare(loaded.model, calibration, tokenizer=loaded.tokenizer, options=options,
                                   calib_tokens=args.calib_tokens, seed=args.calib_seed, seq_len=512, quantizer=args.quantizer, cache_dir=True, progress=True)
@@ -175,7 +178,10 @@ def main() -> None:
                **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
                **({"float_target": used["float_target"]} if "float_target" in used else {}),
                "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()),
-               **({"calib_seed": calib.seed} if calib.seed else {}), "variant": variant, "bos": bos, "calibration_bos": calib.bos, "bpw": plan.summary.storage_bits_per_weight,
+               **({"calib_seed": calib.seed} if calib.seed else {}), "variant": variant, "bos": bos, "calibration_bos": calib.bos,
+               # how special-token strings in the text were read: "text" where that changed the ids (calibration.py)
+               "special_tokens": "parsed" if args.parse_special else calib.settings().get("special_tokens", "none in the text"),
+               "bpw": plan.summary.storage_bits_per_weight,
                "ppl": result.ppl, "kl": result.kl, **per_window, "predicted_dnll": plan.summary.predicted_delta_loss,
                **({"min_bits_uniform": plan.solver.details["min_bits_uniform"]} if "min_bits_uniform" in plan.solver.details else {}),
                "types": dict(sorted(Counter(a.label for a in plan.assignments).items())),
