@@ -57,8 +57,16 @@ class Calibration:
             "seed": self.seed,
             # only when set, so that profiles of models without BOS keep their keys
             **({} if self.bos is None else {"bos": self.bos}),
-            **({"special_tokens": "text"} if self.special_as_text else {}),
+            **({"special_tokens": SPECIAL_AS_TEXT} if self.special_as_text else {}),
         }
+
+
+SPECIAL_AS_TEXT = "text"  # settings()["special_tokens"]: the text's special-token strings were tokenized as characters
+
+
+def recorded_special_as_text(settings: dict) -> bool:
+    """Whether recorded calibration settings read special-token strings as text (older records did not)."""
+    return settings.get("special_tokens") == SPECIAL_AS_TEXT
 
 
 # The set used when no calibration is given (bitalloc/data/calibration/README.md: what it is, its license).
@@ -155,7 +163,7 @@ def calibration_for_plan(recorded: dict, tokenizer: Any, model: Any = None, text
         source = Path(text_path).name if text_path is not None else str(recorded["source"])
         # the recorded BOS, not this tokenizer's: a plan made before windows began with BOS rebuilds its own windows
         calib = make_calibration(tokenizer, text, seq_len=seq_len, tokens=tokens, seed=seed, source=source,
-                                 bos=recorded.get("bos"), special_as_text=recorded.get("special_tokens") == "text")
+                                 bos=recorded.get("bos"), special_as_text=recorded_special_as_text(recorded))
     if model is not None:
         from .models import check_token_ids
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import api, solvers
 from ..budget import default_scope, gguf_typed, parse_budget
-from ..calibration import Calibration, builtin_text, make_calibration, read_text
+from ..calibration import Calibration, builtin_text, make_calibration, read_text, recorded_special_as_text
 from ..config import SolveConfig, check_solver_names
 from ..table import CandidateTable
 from ..constraints import Constraints
@@ -165,7 +165,7 @@ def _read_profile(folder: Path, record: ProfileRecord) -> StoredProfile:
     c = record.meta["calibration"]
     calibration = Calibration(tokens=torch.from_numpy(profile.calibration_tokens), text_sha256=c["text_sha256"],
                               source=c["source"], seed=c["seed"], bos=c["settings"].get("bos"),
-                              special_as_text=c["settings"].get("special_tokens") == "text")
+                              special_as_text=recorded_special_as_text(c["settings"]))
     return StoredProfile(record=record, table=profile.table, calibration=calibration)
 
 
