@@ -13,6 +13,9 @@ import torch
 from .errors import BadInputError, CalibrationMismatchError, setting
 
 
+SPECIAL_AS_TEXT = "text"  # settings()["special_tokens"]: the text's special-token strings were tokenized as characters
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Token windows [n_windows, seq_len] plus what is needed to tell two calibrations apart."""
@@ -59,9 +62,6 @@ class Calibration:
             **({} if self.bos is None else {"bos": self.bos}),
             **({"special_tokens": SPECIAL_AS_TEXT} if self.special_as_text else {}),
         }
-
-
-SPECIAL_AS_TEXT = "text"  # settings()["special_tokens"]: the text's special-token strings were tokenized as characters
 
 
 def recorded_special_as_text(settings: dict) -> bool:
