@@ -7,11 +7,12 @@ The model is bench/peers.py's F32 copy of --gguf (run peers.py first), and the t
 `--target llama.cpp` one for it (its profile cache: GGUF types,
 imatrix quantizer, wiki.valid 8192 tokens), or with --quantizer rtn / rtn-w peers.py's INT table (the default
 INT grid), or --formats' grid (e.g. int,fp8,mxfp4,nvfp4,keep), so the variants differ only in how they are solved. A variant is
-"BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]": the budget in bits per planned weight, the error model, and
-optionally a floor on every module's nominal bits (min3: no 2-bit type; min-uniform: the bits of the best uniform
+"BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL|untied]": the budget in bits per planned weight, the error
+model, and optionally a floor on every module's nominal bits (min3: no 2-bit type; min-uniform: the bits of the best uniform
 option that fits, `--min-bits uniform`), `verify` (the repair loop on
 held-back calibration windows; verify=N: on N of them, the product's default is 2) or pin=LABEL (every module that option: a uniform row, applied and scored the
-same way; give a budget it fits, e.g. 16). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
+same way; give a budget it fits, e.g. 16) or untied (`--tie none`: q/k/v and gate/up may take different options, which
+vLLM's fused layers cannot load). --bos scores windows that start with BOS (peers.py --bos); --no-calib-bos profiles on
 windows without it; --calib builtin profiles on the set bitalloc ships (the headline command's), not on
 WikiText-2 validation. Each plan is applied and scored as peers.py scores its rows (WikiText-2 test, ppl and
 KL to the F32 model). Rows go to --out/plan_variants.jsonl, with the modules planned at 3 bits or fewer and
@@ -35,7 +36,7 @@ from bitalloc.apply import apply, plan_quantizer_settings
 from bitalloc.calibration import leading_bos, make_calibration, read_text, widened
 from bitalloc.cli import _solver_settings
 from bitalloc.config import VerifySettings
-from bitalloc.constraints import Constraints
+from bitalloc.constraints import DEFAULT_TIES, Constraints
 from bitalloc.evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
 from bitalloc.models import load_model
 from bitalloc.options import default_options
@@ -55,7 +56,7 @@ def variant_arguments(doc: str, variants_required: bool = True):
     ap.add_argument("--work", default=str(ROOT / "bench" / "llama_cpp" / "work"), help="bench/peers.py's --work")
     ap.add_argument("--f32", default=None, help="the unquantized model file (default: --work's F32 copy of --gguf); "
                     "rows still name the model by --gguf's stem")
-    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]")
+    ap.add_argument("--variants", required=variants_required, default="", help="';'-separated BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL|untied]")
     ap.add_argument("--quantizer", default="imatrix", help="imatrix: the --target llama.cpp table (GGUF types); "
                     "any other quantizer: the default INT grid's table made with it")
     ap.add_argument("--apply-quantizer", default=None, help="apply the plans with this quantizer instead of the table's "
@@ -104,7 +105,8 @@ def load_table(args):
 
 
 def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
-    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL]) and its extra flags.
+    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL|untied]) and its
+    extra flags.
     apply_quantizer: where the table is that quantizer's stand-in (an awq table, applied with awq-gptq), the plan is
     solved as that quantizer's, as `bitalloc plan --quantizer awq-gptq` makes it: the same choices, and `verify`
     then applies its candidates with it (verify.py, step 6)."""
@@ -114,7 +116,9 @@ def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | Non
     bits, error_model, *extra = variant.split(",")
     floor = next((x[4:] if x == "min-uniform" else int(x[3:]) for x in extra if x.startswith("min")), None)
     pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
-    return api.plan_from_table(table, f"{bits}bits", loaded, calib, constraints=Constraints(min_bits=floor, pins=pins),
+    ties = () if "untied" in extra else DEFAULT_TIES
+    return api.plan_from_table(table, f"{bits}bits", loaded, calib,
+                               constraints=Constraints(min_bits=floor, pins=pins, ties=ties),
                                error_model=error_model, verify=verify_settings(extra))
 
 
