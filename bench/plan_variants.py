@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,30 +105,55 @@ def load_table(args):
     return stem, loaded, profiled, table, calib, windows
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One variant string, read: BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL|untied]."""
+    budget: str
+    error_model: str
+    constraints: Constraints
+    verify: VerifySettings | None
+
+
+def parse_variant(variant: str) -> Variant:
+    """Read one variant string; an unknown or malformed flag stops the bench before anything is profiled (a typo such as
+    `untie` would otherwise give a tied plan an hour later, under a name that says untied)."""
+    bits, *rest = [x.strip() for x in variant.split(",")]
+    try:
+        float(bits)
+    except ValueError:
+        raise SystemExit(f"variant {variant!r}: {bits!r} is not a budget in bits per weight (e.g. 4.0,fisher-tw)") from None
+    if not rest or not rest[0]:
+        raise SystemExit(f"variant {variant!r}: name the error model after the bits (e.g. {bits},fisher-tw)")
+    error_model, *extra = rest
+    floor, pins, verify = None, (), None
+    for flag in extra:
+        if flag == "min-uniform":
+            floor = "uniform"
+        elif flag.startswith("min") and flag[3:].isdigit():
+            floor = int(flag[3:])
+        elif flag.startswith("pin=") and flag[4:]:
+            pins = ((r".*", flag[4:]),)
+        elif flag == "verify" or (flag.startswith("verify=") and flag[7:].isdigit()):
+            # the product's VerifySettings; verify=N: the same on N held-back windows
+            verify = VerifySettings(**({"windows": int(flag[7:])} if "=" in flag else {}))
+        elif flag != "untied":
+            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r}; the flags are min<K>, min-uniform, "
+                             "verify[=WINDOWS], pin=LABEL and untied")
+    ties = () if "untied" in extra else DEFAULT_TIES
+    return Variant(f"{bits}bits", error_model, Constraints(min_bits=floor, pins=pins, ties=ties), verify)
+
+
 def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
-    """The plan of one variant string (BITS,ERROR_MODEL[,min<K>|min-uniform|verify[=WINDOWS]|pin=LABEL|untied]) and its
-    extra flags.
+    """The plan of one variant string (parse_variant).
     apply_quantizer: where the table is that quantizer's stand-in (an awq table, applied with awq-gptq), the plan is
     solved as that quantizer's, as `bitalloc plan --quantizer awq-gptq` makes it: the same choices, and `verify`
     then applies its candidates with it (verify.py, step 6)."""
     if apply_quantizer and apply_quantizer != table.quantizer and measuring_quantizer(apply_quantizer) == table.quantizer:
         table = copy.copy(table)
         table.quantizer = apply_quantizer
-    bits, error_model, *extra = variant.split(",")
-    floor = next((x[4:] if x == "min-uniform" else int(x[3:]) for x in extra if x.startswith("min")), None)
-    pins = tuple((r".*", x[4:]) for x in extra if x.startswith("pin="))
-    ties = () if "untied" in extra else DEFAULT_TIES
-    return api.plan_from_table(table, f"{bits}bits", loaded, calib,
-                               constraints=Constraints(min_bits=floor, pins=pins, ties=ties),
-                               error_model=error_model, verify=verify_settings(extra))
-
-
-def verify_settings(extra: list[str]) -> VerifySettings | None:
-    """`verify`: the product's VerifySettings; `verify=N`: the same on N held-back windows; neither: None."""
-    for x in extra:
-        if x == "verify" or x.startswith("verify="):
-            return VerifySettings(**({"windows": int(x[7:])} if "=" in x else {}))
-    return None
+    spec = parse_variant(variant)
+    return api.plan_from_table(table, spec.budget, loaded, calib, constraints=spec.constraints,
+                               error_model=spec.error_model, verify=spec.verify)
 
 
 # Above this the unquantized model's log-probabilities are not kept (Gemma 3's 262k vocabulary: 8.6 GB for
@@ -161,6 +187,8 @@ def score_by_window(applied, windows, reference):
 
 def main() -> None:
     args = variant_arguments(__doc__).parse_args()
+    for variant in args.variants.split(";"):
+        parse_variant(variant)  # every variant read before the table is made
     model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)

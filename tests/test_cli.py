@@ -117,11 +117,11 @@ def test_quantizer_settings_reach_the_quantizer(cli_plan, model_dir, cli_env, tm
     common = ("eval", model_dir, "--text", model_dir / "eval.txt", "--plan", cli_plan, "--calib", model_dir / "calib.txt",
               "--seq-len", "16", "--windows", "2", "--json")
     kl = {}
-    for value in (None, "0.25", "0"):
+    for value in (None, "0.5", "0"):
         r = run_cli(cli_env, *common, *(() if value is None else ("--quantizer-setting", f"float_target={value}")))
         assert r.returncode == 0, r.stderr[-3000:]
         kl[value] = json.loads(r.stdout.strip().splitlines()[-1])["kl"]
-    assert kl[None] == kl["0.25"] != kl["0"], kl
+    assert kl[None] == kl["0.5"] != kl["0"], kl  # calibrated on text supplied: halfway by default
     assert_bad_input(run_cli(cli_env, *common, "--quantizer-setting", "dampp=0.1"),
                      "awq-gptq quantizer takes no setting 'dampp'", "damp, block_size, act_order")
     assert_bad_input(run_cli(cli_env, *common, "--quantizer-setting", "damp"), "cannot read --quantizer-setting 'damp'")

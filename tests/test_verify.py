@@ -4,6 +4,7 @@ and never returned worse there than the best fitting uniform option."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import jsonschema
@@ -169,14 +170,19 @@ def attention_out_too_cheap(name: str) -> float:
     return 0.01 if ("v_proj" in name or "o_proj" in name) else 1.0
 
 
-@pytest.mark.parametrize("craft, budget, stand_in_picks, gptq_picks", [
-    (mlp_too_cheap, "4.5bits", "solved", "uniform"),
-    (attention_out_too_cheap, "5bits", "uniform", "solved")])
+@pytest.mark.parametrize("craft, budget, stand_in_picks, gptq_picks, float_target", [
+    (mlp_too_cheap, "4.25bits", "solved", "uniform", 0.5),
+    # a quarter toward the float model (the built-in set's default): with halfway, no crafted table measured
+    # (five crafts, 4.5 to 6 bits) turned a uniform pick with awq's weights into a solved one with GPTQ's
+    (attention_out_too_cheap, "5bits", "uniform", "solved", 0.25)])
 def test_gptq_applied_decides_between_the_plan_and_uniform_where_awqs_weights_stood_in(setup, craft, budget,
-                                                                                        stand_in_picks, gptq_picks):
+                                                                                        stand_in_picks, gptq_picks,
+                                                                                        float_target, monkeypatch):
     """The repair loop and the uniform check of an awq-gptq plan measure awq's weights; GPTQ lowers the plan's and the
     uniform option's losses by different amounts, so both are applied with awq-gptq and the better one there is
     returned. On these crafted tables the two measures rank them oppositely, both ways round."""
+    # the token ids count as supplied text (bitalloc.apply is also the name of the function)
+    monkeypatch.setattr(importlib.import_module("bitalloc.apply"), "FLOAT_TARGET_WIDENED", float_target)
     table, loaded, calib = setup
     stand_in = copy.copy(crafted(table, craft))
     stand_in.quantizer = "awq-gptq"
@@ -186,7 +192,7 @@ def test_gptq_applied_decides_between_the_plan_and_uniform_where_awqs_weights_st
     v, a = plan.verification, plan.verification.applied
     best_uniform = min(v.uniform, key=lambda u: u.loss.kl)
     assert (best_uniform.loss.kl < v.solved.kl) == (stand_in_picks == "uniform")  # with awq's weights
-    assert a.quantizer == "awq-gptq" and a.uniform.label == best_uniform.label
+    assert a.quantizer == "awq-gptq" and a.uniform.label == best_uniform.label and a.settings["float_target"] == float_target
     assert (a.uniform.loss.kl < a.plan.kl) == (gptq_picks == "uniform")  # applied with GPTQ: the other way round
     assert v.outcome == gptq_picks
     solved = unchecked if stand_in_picks == "solved" else plan
