@@ -105,19 +105,18 @@ HESSIAN_TEXT_MULTIPLE = 16
 # And GPTQ, on the built-in set and `self`, fits each layer a quarter of the way from its own weight toward the one
 # that best gives the float model's output on the quantized model's inputs (quantize_model's float_target; GPTAQ's
 # asymmetric calibration, whose published code uses this 0.25), so later layers undo part of the error earlier ones
-# left. On
-# WikiText-2 calibration (32768 tokens, damp 5 %) it lowered KL to the float model at all eight sizes measured on
-# SmolLM2 (3.2 to 5.53 bits; -7 to -18 %) and all three on Gemma 3 (-9 to -14 %), and perplexity at ten of the eleven;
-# all of the way (1.0) did not help at 3.5 bits, halfway (0.5) was level there. On the built-in set it lowered both at 3.2 to
-# 4.44 bits on SmolLM2 and at 3.5 on Gemma 3 against GPTQ's own target (README, *GPTQ fits toward the float model*,
-# *The built-in set too*).
+# left. On WikiText-2 calibration (32768 tokens, damp 5 %) it lowered KL to the float model at all eight sizes
+# measured on SmolLM2 (3.2 to 5.53 bits; -7 to -18 %) and all three on Gemma 3 (-9 to -14 %), and perplexity at ten
+# of the eleven; all of the way (1.0) did not help at 3.5 bits, halfway (0.5) was level there. On the built-in set
+# it lowered both at 3.2 to 4.44 bits on SmolLM2 and at 3.5 on Gemma 3 against GPTQ's own target (README, *GPTQ
+# fits toward the float model*, *The built-in set too*).
 FLOAT_TARGET = 0.25
-# Halfway where GPTQ's Hessians come from HESSIAN_TEXT_MULTIPLE times the supplied text: fitted on that much text,
-# the stronger pull toward the float model no longer follows the calibration windows' drift. With 16x Hessians it
-# scored lower perplexity than a quarter at 3.5 and 4.0 bits on SmolLM2, two calibration seeds each (-0.06 to -0.46),
-# KL from +0.7 % to -7 %, and on Gemma 3 at 3.5 bits level perplexity and 3.5 % lower KL; with 4x, halfway had lost
-# 0.36 at 3.5 bits. The built-in set keeps the profile's windows, so it keeps a quarter (README, *GPTQ fits toward
-# the float model*).
+# Halfway where GPTQ's Hessians come from HESSIAN_TEXT_MULTIPLE times the text the user supplied. With 16x Hessians
+# it scored lower perplexity than a quarter at 3.5 and 4.0 bits on SmolLM2, two calibration seeds each (-0.06 to
+# -0.46), KL from +0.7 % to -7 %, and on Gemma 3 at 3.5 bits level perplexity and 3.5 % lower KL; with 4x, halfway
+# had lost 0.36 at 3.5 bits (our reading: fitted on less text, the stronger pull follows the calibration windows'
+# drift). The built-in set's Hessians come from the profile's windows alone, so it keeps a quarter (README, *GPTQ
+# fits toward the float model*).
 FLOAT_TARGET_WIDENED = 0.5
 
 
