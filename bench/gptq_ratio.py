@@ -39,7 +39,7 @@ from bitalloc.profile.statistics import collect_statistics
 from bitalloc.progress import steps
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan_variants import load_table, scoring_reference, solve_variant, variant_arguments  # noqa: E402
+from plan_variants import load_table, parse_variants, scoring_reference, solve_variant, variant_arguments  # noqa: E402
 
 LOCAL = ERROR_MODELS.index("local")  # Σ diag ΔW H ΔWᵀ in option_errors' tuples
 
@@ -92,6 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quantizer != "awq":
         sys.exit("error: this bench compares GPTQ with awq's table; leave --quantizer at awq")
+    variants = parse_variants(args.variants) if args.variants else []
     stem, loaded, profiled, table, calib, windows = load_table(args)
     model = profiled.model  # equalized: the model awq's table was measured on
     blocks = {g: block_index(model, g) for g in table.groups}
@@ -114,7 +115,7 @@ def main() -> None:
     scaled = copy.copy(table)
     scaled.errors = {m: e * scale for m, e in table.errors.items()}
     reference = None if args.dry else scoring_reference(loaded.model, windows)
-    for variant in args.variants.split(";"):
+    for variant in variants:
         for label, candidates in [("awq", table)] * args.dry + [("scaled", scaled)]:
             plan = solve_variant(variant, candidates, profiled, calib, "awq-gptq")
             types = dict(sorted(Counter(a.label for a in plan.assignments).items()))

@@ -39,10 +39,12 @@ from bitalloc.cli import _solver_settings
 from bitalloc.config import VerifySettings
 from bitalloc.constraints import DEFAULT_TIES, Constraints
 from bitalloc.evaluate import EvalResult, evaluate, evaluation_windows, reference_logprobs
+from bitalloc.errors import BadInputError
 from bitalloc.models import load_model
-from bitalloc.options import default_options
+from bitalloc.options import default_options, parse_option
 from bitalloc.profile.store import numerics_fingerprint
 from bitalloc.quantizers import measuring_quantizer
+from bitalloc.table import ERROR_MODELS
 from bitalloc.targets import resolve_formats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,6 +127,8 @@ def parse_variant(variant: str) -> Variant:
     if not rest or not rest[0]:
         raise SystemExit(f"variant {variant!r}: name the error model after the bits (e.g. {bits},fisher-tw)")
     error_model, *extra = rest
+    if error_model not in ERROR_MODELS:
+        raise SystemExit(f"variant {variant!r}: unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
     floor, pins, verify = None, (), None
     for flag in extra:
         if flag == "min-uniform":
@@ -132,6 +136,10 @@ def parse_variant(variant: str) -> Variant:
         elif flag.startswith("min") and flag[3:].isdigit():
             floor = int(flag[3:])
         elif flag.startswith("pin=") and flag[4:]:
+            try:
+                parse_option(flag[4:])
+            except BadInputError as e:
+                raise SystemExit(f"variant {variant!r}: {e}") from None
             pins = ((r".*", flag[4:]),)
         elif flag == "verify" or (flag.startswith("verify=") and flag[7:].isdigit()):
             # the product's VerifySettings; verify=N: the same on N held-back windows
@@ -141,6 +149,15 @@ def parse_variant(variant: str) -> Variant:
                              "verify[=WINDOWS], pin=LABEL and untied")
     ties = () if "untied" in extra else DEFAULT_TIES
     return Variant(f"{bits}bits", error_model, Constraints(min_bits=floor, pins=pins, ties=ties), verify)
+
+
+def parse_variants(text: str) -> list[str]:
+    """--variants split at ';', each read by parse_variant now, so that a typo in the last one stops the bench before
+    the table is profiled rather than after the first variants have run."""
+    variants = text.split(";")
+    for variant in variants:
+        parse_variant(variant)
+    return variants
 
 
 def solve_variant(variant: str, table, loaded, calib, apply_quantizer: str | None = None):
@@ -187,15 +204,14 @@ def score_by_window(applied, windows, reference):
 
 def main() -> None:
     args = variant_arguments(__doc__).parse_args()
-    for variant in args.variants.split(";"):
-        parse_variant(variant)  # every variant read before the table is made
+    variants = parse_variants(args.variants)
     model_name, loaded, profiled, table, calib, windows = load_table(args)
     bos = leading_bos(loaded.tokenizer) if args.bos else None
     reference = scoring_reference(loaded.model, windows)
     apply_settings = _solver_settings(args.apply_setting)  # the CLI's KEY=VALUE reading
     out = Path(args.out) / "plan_variants.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for variant in args.variants.split(";"):
+    for variant in variants:
         start = time.time()
         plan = solve_variant(variant, table, profiled, calib, args.apply_quantizer)
         # the Calibration, not its ids: GPTQ widens it as a plan made in process is applied (quantize_model)

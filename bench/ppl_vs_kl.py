@@ -28,7 +28,7 @@ from bitalloc.io import atomic_write_text, canonical_json
 from bitalloc.progress import steps
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan_variants import load_table, solve_variant, variant_arguments  # noqa: E402
+from plan_variants import load_table, parse_variants, solve_variant, variant_arguments  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,8 +55,8 @@ def main() -> None:
     ap = variant_arguments(__doc__)
     ap.add_argument("--temperatures", default="1.05,1.1,1.2", help="extra rows: F32's logits divided by each")
     args = ap.parse_args()
+    variants = parse_variants(args.variants)
     model_name, loaded, profiled, table, calib, windows = load_table(args)
-    variants = args.variants.split(";")
     models = {"F32": loaded.model}
     for variant in variants:
         models[variant] = apply(copy.deepcopy(profiled.model), solve_variant(variant, table, profiled, calib),

@@ -3,13 +3,14 @@ typo stops it before anything is profiled."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-from plan_variants import parse_variant  # noqa: E402
+from plan_variants import parse_variant, parse_variants  # noqa: E402
 
 from bitalloc.config import VerifySettings  # noqa: E402
 from bitalloc.constraints import DEFAULT_TIES  # noqa: E402
@@ -38,7 +39,24 @@ def test_each_flag_sets_its_own_setting():
     ("4.0,fisher-tw,pin=", "unknown flag 'pin='"),
     ("4.0", "name the error model"),
     ("four,fisher-tw", "'four' is not a budget"),
+    ("4.0,fisher-twx", "unknown error model 'fisher-twx'; choose one of fisher, local, fisher-tw"),
+    ("16,fisher-tw,pin=int4-g65-asymm", "cannot parse option 'int4-g65-asymm'"),
 ])
 def test_a_malformed_variant_is_refused_with_what_is_wrong(variant, named):
     with pytest.raises(SystemExit, match=named):
         parse_variant(variant)
+
+
+def test_every_variant_is_read_not_only_the_first():
+    assert parse_variants("4.0,fisher-tw;3.5,local,untied") == ["4.0,fisher-tw", "3.5,local,untied"]
+    with pytest.raises(SystemExit, match="unknown flag 'untie'"):
+        parse_variants("4.0,fisher-tw;3.5,fisher-tw,untie")
+
+
+@pytest.mark.parametrize("bench", ["plan_variants", "ppl_vs_kl", "gptq_ratio"])
+def test_each_bench_refuses_a_bad_variant_before_it_profiles(bench, monkeypatch):
+    module = importlib.import_module(bench)
+    monkeypatch.setattr(module, "load_table", lambda args: pytest.fail("the table was made before the variants were read"))
+    monkeypatch.setattr(sys, "argv", [bench, "--f32", "unused.gguf", "--variants", "4.0,fisher-tw;4.0,fisher-tx"])
+    with pytest.raises(SystemExit, match="unknown error model 'fisher-tx'"):
+        module.main()
