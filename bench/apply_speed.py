@@ -7,8 +7,13 @@ candidate table took it from; before, it ran block by block on already-quantized
 windows, with rtn and gptq beside them, and reports how far each rtn-w result is from the weights
 whose errors the candidate table predicts (max |Δ| over all modules: 0 means exactly those).
 
+GPTQ fitting toward the float model (float_target, halfway as on calibration you supply) runs the float model's
+copy of each block beside it. Its inputs to the block's layers are kept from one pass of that copy
+(sequential.FloatSide) where they fit in sequential.FLOAT_INPUTS_CACHE_BYTES; gptq-float-per-stage sets that to 0,
+so each stage runs the copy again up to its layers, as before, and reports its distance to gptq-float's weights.
+
     python bench/apply_speed.py [--gguf PATH] [--calib FILE] [--option int4-g64-asym] [--tokens 8192]
-                                [--runs rtn,rtn-w,rtn-w-sequential,gptq] [--threads 1]
+                                [--runs rtn,rtn-w,rtn-w-sequential,gptq,gptq-float,gptq-float-per-stage] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bitalloc.options import parse_option  # noqa: E402
 from bitalloc.profile.statistics import collect_statistics  # noqa: E402
 from bitalloc.quantizers import quantize_weight  # noqa: E402
 from bitalloc.quantizers.materialize import quantize_model  # noqa: E402
+from bitalloc.quantizers import sequential  # noqa: E402
 from bitalloc.quantizers.sequential import quantize_sequential  # noqa: E402
 
 
@@ -68,12 +74,21 @@ def main() -> None:
         "rtn-w-sequential": ("rtn-w (block by block, before)",
                              lambda m: quantize_sequential(m, assign, "rtn-w", calib.tokens)),
         "gptq": ("gptq (block by block)", lambda m: quantize_model(m, assign, "gptq", calib.tokens)),
+        "gptq-float": ("gptq, halfway to the float model (float inputs kept from one pass, now)",
+                       lambda m: quantize_model(m, assign, "gptq", calib.tokens, float_target=0.5)),
+        "gptq-float-per-stage": ("gptq, halfway to the float model (a float pass per stage, before)",
+                                 lambda m: _per_stage(lambda: quantize_model(m, assign, "gptq", calib.tokens, float_target=0.5))),
     }
+    kept_values = None
     for key in args.runs.split(","):
         label, run = runs[key]
         m = copy.deepcopy(model)
         got, wall, cpu = timed(lambda: run(m))
-        off = max(float((got[n].values - table_values[n]).abs().max()) for n in names) if "rtn-w" in label else None
+        # rtn-w against the table's weights; the per-stage float passes against the kept ones (where both ran)
+        against = table_values if "rtn-w" in label else kept_values if key == "gptq-float-per-stage" else None
+        off = max(float((got[n].values - against[n]).abs().max()) for n in names) if against else None
+        if key == "gptq-float":
+            kept_values = {n: q.values for n, q in got.items()}
         rows.append({"quantizer": label, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "max_abs_vs_table": off,
                      "load_average": round(os.getloadavg()[0], 1)})
         print(rows[-1], flush=True)
@@ -81,11 +96,20 @@ def main() -> None:
         write(rows, args, option, calib, len(names))  # after every row: a run cut short keeps what it measured
 
 
+def _per_stage(run):
+    """run() with nothing of the float block kept between its stages."""
+    kept, sequential.FLOAT_INPUTS_CACHE_BYTES = sequential.FLOAT_INPUTS_CACHE_BYTES, 0
+    try:
+        return run()
+    finally:
+        sequential.FLOAT_INPUTS_CACHE_BYTES = kept
+
+
 def write(rows: list[dict], args, option, calib, modules: int) -> None:
     lines = [f"SmolLM2-135M, {modules} modules all {option.label}, {calib.n_windows}×{args.seq_len} calibration "
              f"tokens ({Path(args.calib).name}), {args.threads} torch thread(s); load average after each row in the "
              "table (CPU s is the steadier figure on a shared machine)", "",
-             "| quantizer | wall s | CPU s | load | max abs diff to the table's weights |", "|---|---|---|---|---|"]
+             "| quantizer | wall s | CPU s | load | max abs diff to the table's weights (per stage: to the kept run's) |", "|---|---|---|---|---|"]
     for r in rows:
         diff = "—" if r["max_abs_vs_table"] is None else f"{r['max_abs_vs_table']:.3g}"
         lines.append(f"| {r['quantizer']} | {r['wall_s']} | {r['cpu_s']} | {r['load_average']} | {diff} |")

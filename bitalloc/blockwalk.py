@@ -166,12 +166,17 @@ class _Gram:
         return self.xtx / self.n
 
 
-def _module_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A module input as [tokens, in], in float32 (a view where it already is: modules sharing an input share it)."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def module_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
     """`module`'s input [tokens, in] in one forward pass, stopped there."""
     seen = []
 
     def grab(mod, args):
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        seen.append(_rows(args[0]))
         raise StopForward
 
     with forward_hooks([(module, grab)], pre=True):
@@ -186,7 +191,7 @@ def input_hessian(module: nn.Module, passes: Iterable[Callable[[], Any]]) -> tor
     """H = mean_t x xᵀ [in, in] of `module`'s input over the forward passes, each stopped at the module."""
     gram = _Gram()
     for run in passes:
-        gram.add((_module_input(module, run),))
+        gram.add((module_input(module, run),))
     return gram.mean()
 
 
@@ -203,23 +208,36 @@ def stage_hessians(block: nn.Module, locals_: list[str], inputs: Inputs) -> list
 
 
 def stage_grams(block: nn.Module, local: str, inputs: Inputs, token_weights: list[torch.Tensor | None],
-                float_block: nn.Module | None = None, float_hidden: list[torch.Tensor] | None = None
-                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+                float_input: Callable[[int], torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(H, G) of module `local` over all windows, per weighting in `token_weights` (a [windows, seq_len] tensor,
     or None for every token alike), from one pass over the windows: H = mean_t a_t x̃ x̃ᵀ of its input in `block`
-    (inputs: the quantized model's) and, with a float block, G = mean_t a_t x x̃ᵀ with x its input in `float_block`
-    run on the float model's hidden states, token by token (G is None without one). The modules of a stage share
+    (inputs: the quantized model's) and, given the float model's input x [tokens, in] to the same module window by
+    window (float_input(w)), G = mean_t a_t x x̃ᵀ, token by token (G is None without it). The modules of a stage share
     the input; each may weigh its tokens by its own output's gradient (statistics.output_gradient_weights).
     Unweighted, H is stage_hessians', bit for bit."""
     grams = [_Gram() for _ in token_weights]
-    crosses: list[Any] = [None if float_block is None else 0 for _ in token_weights]
+    crosses: list[Any] = [None if float_input is None else 0 for _ in token_weights]
     for w, (call, hidden) in enumerate(inputs):
-        x_q = _module_input(block.get_submodule(local), partial(call, block, hidden))
-        x_f = None if float_block is None else _module_input(float_block.get_submodule(local),
-                                                              partial(call, float_block, float_hidden[w]))
+        x_q = module_input(block.get_submodule(local), partial(call, block, hidden))
+        x_f = None if float_input is None else float_input(w)
         for k, weights in enumerate(token_weights):
             a = None if weights is None else weights[w].reshape(-1)
             grams[k].add((x_q,), a)
             if x_f is not None:
                 crosses[k] = crosses[k] + (x_f if a is None else x_f * a[:, None]).T @ x_q
     return [(g.mean(), None if c is None else c / g.n) for g, c in zip(grams, crosses)]
+
+
+def module_inputs(block: nn.Module, locals_: list[str], inputs: Inputs, hidden: list[torch.Tensor] | None = None
+                  ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Each module in `locals_`'s input [tokens, in] window by window, and the block's output per window, from one
+    whole pass of the block per window (on `hidden` in place of the inputs' own hidden states, where given): what
+    module_input gives one module at a time, for a block that does not change between its stages. Modules that
+    share an input share its tensor."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in locals_}
+    hooks = [(block.get_submodule(n), lambda mod, args, n=n: seen[n].append(_rows(args[0]))) for n in locals_]
+    outputs = []
+    with forward_hooks(hooks, pre=True):
+        for w, (call, h) in enumerate(inputs):
+            outputs.append(call(block, h if hidden is None else hidden[w]))
+    return seen, outputs

@@ -70,7 +70,7 @@ def test_token_weighted_grams_of_the_float_model_are_fisher_tws_hessian(calib_id
     """Weighting each token by its output's loss gradient (statistics.output_gradient_weights) in the block walk's
     grams gives the profile's fisher-tw Hessian H_a = mean_t a_t x xᵀ, up to its scale ΣF: the Hessian token-weighted
     GPTQ works from is the error model's own. Unit weights give the unweighted grams: H bit for bit, G to rounding."""
-    from bitalloc.blockwalk import BlockWalk, stage_grams, stage_hessians
+    from bitalloc.blockwalk import BlockWalk, module_inputs, stage_grams, stage_hessians
     from bitalloc.calibration import calibration_from_tokens
     from bitalloc.profile.statistics import collect_statistics, output_gradient_weights
 
@@ -97,6 +97,7 @@ def test_token_weighted_grams_of_the_float_model_are_fisher_tws_hessian(calib_id
         copy_.load_state_dict(model.state_dict())
         float_block = copy_.model.layers[i]
         hidden = [h for _, h in inputs]
-        (H1, G1), (H0, G0) = stage_grams(block, "mlp.down_proj", inputs, [ones, None], float_block, hidden)
+        float_x = module_inputs(float_block, ["mlp.down_proj"], inputs, hidden)[0]["mlp.down_proj"]
+        (H1, G1), (H0, G0) = stage_grams(block, "mlp.down_proj", inputs, [ones, None], float_x.__getitem__)
         torch.testing.assert_close(H1, H0, rtol=0, atol=0)
         torch.testing.assert_close(G1, G0, rtol=1e-6, atol=1e-7)

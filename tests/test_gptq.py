@@ -22,7 +22,7 @@ from bitalloc.quantizers.gptq import hessian_factor
 from bitalloc.profile.statistics import collect_statistics
 from bitalloc.quantizers.scale_search import search_int_scales
 from bitalloc.quantizers.materialize import quantize_model
-from bitalloc.blockwalk import record_calls
+from bitalloc.blockwalk import module_inputs, record_calls
 from bitalloc.quantizers.sequential import _stages
 
 from conftest import FAMILIES, VOCAB
@@ -438,6 +438,28 @@ def test_float_target_lowers_sequential_gptq_output_error(family):
             errors[strength] = float(((model(input_ids=test).logits - want) ** 2).mean())
     assert all(torch.equal(weights[0.0][n], weights[None][n]) for n in options)
     assert errors[0.25] < 0.9 * errors[0.0], errors
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_float_inputs_kept_from_one_pass_give_the_same_weights_as_a_pass_per_stage(family, monkeypatch):
+    """The float block's inputs to a block's modules, kept from one whole pass (sequential.FloatSide), are the numbers
+    a pass per stage stopped at the module gives: the quantized weights agree bit for bit either way."""
+    from bitalloc.quantizers import sequential
+
+    ref = FAMILIES[family]()
+    options = {n: QuantOption.int_(3, 32, False) for n in select_modules(ref)}
+    passes = []
+    monkeypatch.setattr(sequential, "module_inputs", lambda *a: passes.append(1) or module_inputs(*a))
+    weights = {}
+    for cache_bytes in (sequential.FLOAT_INPUTS_CACHE_BYTES, 0):
+        monkeypatch.setattr(sequential, "FLOAT_INPUTS_CACHE_BYTES", cache_bytes)
+        passes.clear()
+        quantized = quantize_model(copy.deepcopy(ref), options, "gptq", calibration=_ids(1, (8, 32)), float_target=0.5)
+        weights[cache_bytes] = {n: q.values for n, q in quantized.items()}
+        assert bool(passes) == (cache_bytes > 0)  # kept from one pass only where it fits
+    kept, per_stage = weights.values()
+    assert kept.keys() == per_stage.keys() == options.keys()
+    assert all(torch.equal(kept[n], per_stage[n]) for n in options)
 
 
 def test_float_target_and_hessian_tokens_are_refused_where_nothing_runs_block_by_block(llama, calib_ids):
