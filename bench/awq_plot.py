@@ -1,6 +1,8 @@
-"""ppl and KL against bits per weight: `awq` INT plans (the default on the built-in set), `awq-gptq` (the default on
-calibration text you supply) and `gptq` INT plans, `rtn-w` INT plans (the default before) and llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from
-rows already measured.
+"""ppl and KL against bits per weight: `awq` INT plans, `awq-gptq` (the default) with today's settings on calibration
+text you supply (GPTQ's Hessians from 16× the text, halfway toward the float model; one point on Gemma 3) and with its
+first ones (1 % damping, Hessians from the profile's 8192 tokens, GPTQ's own target), `gptq` INT plans, `rtn-w` INT
+plans (the default before) and llama.cpp's own mixes made with an importance matrix, on SmolLM2 and Gemma 3, from rows
+already measured.
 
     python bench/awq_plot.py [--out bench/out/awq.png]
 
@@ -24,7 +26,10 @@ OUT = ROOT / "bench" / "out"
 SOURCES = {
     "SmolLM2-135M": {
         "awq": ("awq", [OUT / "awq" / "plan_variants.jsonl", OUT / "awq-low-bits" / "awq" / "plan_variants.jsonl"]),
-        "awq-gptq": ("awq-gptq", [OUT / "awq-table-gptq-apply" / "plan_variants.jsonl"]),
+        "awq-gptq, 16× text, halfway (the default)": ("awq-gptq", [
+            OUT / d / "plan_variants.jsonl" for d in ("gptq-float-half-16x-35", "gptq-float-half-16x",
+                                                     "default-16x-half-a", "default-16x-half-b")]),
+        "awq-gptq, first settings": ("awq-gptq", [OUT / "awq-table-gptq-apply" / "plan_variants.jsonl"]),
         "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq" / "plan_variants.jsonl"]),
         "gptq": ("gptq", [OUT / "plan_variants.jsonl"]),
         "rtn-w": ("rtn-w", [OUT / "plan_variants.jsonl", OUT / "awq-low-bits" / "rtn-w" / "plan_variants.jsonl"]),
@@ -33,7 +38,8 @@ SOURCES = {
     "Gemma 3 270M": {
         # awq-gemma3-text: the same sizes with calibration text read as text (its rows replace the older ones)
         "awq": ("awq", [OUT / "awq-gemma3" / "plan_variants.jsonl", OUT / "awq-gemma3-text" / "plan_variants.jsonl"]),
-        "awq-gptq": ("awq-gptq", [OUT / "awq-table-gptq-apply-gemma3" / "plan_variants.jsonl"]),
+        "awq-gptq, 16× text, halfway (the default)": ("awq-gptq", [OUT / "gptq-float-half-16x-gemma3" / "plan_variants.jsonl"]),
+        "awq-gptq, first settings": ("awq-gptq", [OUT / "awq-table-gptq-apply-gemma3" / "plan_variants.jsonl"]),
         "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"]),
         "gptq": ("gptq", [OUT / "gptq-gemma3" / "plan_variants.jsonl"]),
         "rtn-w": ("rtn-w", [OUT / "peers-gemma3-bos" / "plan_variants.jsonl"]),
