@@ -99,7 +99,7 @@ def supplied_calibration(source: Any) -> bool:
 # the reference GPTQ's 128 x 2048. 4x (32768 tokens, damp 1 %) lowered KL to the float model by 8-17 % at all eight
 # sizes measured on SmolLM2 and 14-15 % at all three on Gemma 3; 16x, with damp 5 % and the float target, lowered
 # perplexity and KL again against 4x in all six paired rows measured, on two calibration seeds and both families
-# (README, *GPTQ's Hessians from more of the text*). Applying takes about 2.3 to 3.5 times as long as at 4x; the
+# (docs/results.md, *GPTQ's Hessians from more of the text*). Applying takes about 2.3 to 3.5 times as long as at 4x; the
 # candidate table and the fold keep the profile's windows, so profiling costs what it did.
 HESSIAN_TEXT_MULTIPLE = 16
 # And GPTQ, on the built-in set and `self`, fits each layer a quarter of the way from its own weight toward the one
@@ -108,7 +108,7 @@ HESSIAN_TEXT_MULTIPLE = 16
 # left. On WikiText-2 calibration (32768 tokens, damp 5 %) it lowered KL to the float model at all eight sizes
 # measured on SmolLM2 (3.2 to 5.53 bits; -7 to -18 %) and all three on Gemma 3 (-9 to -14 %), and perplexity at ten
 # of the eleven; all of the way (1.0) did not help at 3.5 bits, halfway (0.5) was level there. On the built-in set
-# it lowered both at 3.2 to 4.44 bits on SmolLM2 and at 3.5 on Gemma 3 against GPTQ's own target (README, *GPTQ
+# it lowered both at 3.2 to 4.44 bits on SmolLM2 and at 3.5 on Gemma 3 against GPTQ's own target (docs/results.md, *GPTQ
 # fits toward the float model*, *The built-in set too*).
 FLOAT_TARGET = 0.25
 # Halfway where GPTQ's Hessians come from HESSIAN_TEXT_MULTIPLE times the text the user supplied. With 16x Hessians
@@ -116,7 +116,7 @@ FLOAT_TARGET = 0.25
 # -0.46), KL from +0.7 % to -7 %, and on Gemma 3 at 3.5 bits level perplexity and 3.5 % lower KL; with 4x, halfway
 # had lost 0.36 at 3.5 bits (our reading: fitted on less text, the stronger pull follows the calibration windows'
 # drift). The built-in set's Hessians come from the profile's windows alone; it keeps a quarter, against which
-# halfway lost there at 3.5 bits on SmolLM2 (+3.7 ppl, +9 % KL) and was level at 4.0 (README, *GPTQ fits toward the
+# halfway lost there at 3.5 bits on SmolLM2 (+3.7 ppl, +9 % KL) and was level at 4.0 (docs/results.md, *GPTQ fits toward the
 # float model*).
 FLOAT_TARGET_WIDENED = 0.5
 
@@ -129,7 +129,7 @@ def quantizer_settings(quantizer: str, supplied: bool) -> dict[str, Any]:
     the text the model will serve, and in natural order otherwise. Act-order leans harder on the calibration's
     Hessian: calibrated on WikiText-2 validation it gained on WikiText-2 test at 3.2 bits on SmolLM2 and 3.5 on
     Gemma 3, and calibrated on the built-in set it lost to natural order at every size measured on both
-    (+0.9 to +4.5 ppl, +4 to +20 % KL; README, *Why only on calibration you supply*)."""
+    (+0.9 to +4.5 ppl, +4 to +20 % KL; docs/results.md, *Why GPTQ was first kept to calibration you supply*)."""
     from .quantizers import orders_columns
 
     return {"act_order": supplied} if orders_columns(quantizer) else {}
@@ -146,11 +146,11 @@ def default_quantizer(options, foldable: bool = True) -> str:
     (FLOAT_TARGET, FLOAT_TARGET_WIDENED). Its table holds awq's errors (awq: the same fold, then rtn-w, RTN with importance-weighted
     scales; quantizers.measuring_quantizer), so it profiles in awq's time; applying costs more. awq's INT plans have
     lower KL than rtn-w's at every measured size on SmolLM2 (7 sizes, 3.2 to 5.53 bits) and Gemma 3 (8), and are
-    below llama.cpp's imatrix mixes in ppl at all five of their sizes on SmolLM2 (README, *Equalization*). Applied
+    below llama.cpp's imatrix mixes in ppl at all five of their sizes on SmolLM2 (docs/results.md, *Equalization*). Applied
     with awq-gptq the same plans score lower still: on WikiText-2 calibration in KL at every measured size of both
     families, and on the built-in set (other text than the test's) at 3.2 to 4.44 bits by 2 to 12 % in ppl and 5 to
     19 % in KL on SmolLM2 (level at 5.28 bits) and at 3.5 and 4.46 bits by 9 and 3 % in ppl and 17 and 18 % in KL
-    on Gemma 3 (README, *The built-in set too*).
+    on Gemma 3 (docs/results.md, *The built-in set too*).
     A model without Llama-family blocks (GPT-2, OPT, BERT) has nothing to fold: awq-gptq is gptq there.
     foldable: False where no scales can be folded into the model profiled (--stream and --ray never hold it
     whole; api.profile of a model not equalized first measures it as it is): rtn-w there.

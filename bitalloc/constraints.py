@@ -47,7 +47,7 @@ DEFAULT_TIES = ("fused",)
 class Constraints:
     """min_bits / max_bits: bounds on every planned module's nominal bits (fp16 counts 16). min_bits "uniform":
     the bits of the uniform plan that fits the budget with the least predicted loss (uniform.uniform_floor; solve_table
-    resolves it): the additive error model over-rates plans that take some modules far below that width (README,
+    resolves it): the additive error model over-rates plans that take some modules far below that width (docs/results.md,
     *A floor at the uniform option's bits*).
     pins: (module regex, option label): matching modules take exactly that option.
     allow: (module regex, option-label regex): matching modules choose only among matching options.

@@ -21,7 +21,7 @@ verify_plan, on `windows` calibration windows that profiling did not use (never 
      if the best of them measures better than the kept plan, return it (as a plan);
   6. where the table holds a stand-in's errors (awq-gptq: awq's), steps 1-5 measured the stand-in's weights,
      not the ones `apply` will write: GPTQ lowers some options' errors more than others, which can erase the
-     plan's lead (README, *Against uniform GPTQ at the same size*). So the kept plan and the best uniform
+     plan's lead (docs/results.md, *Against uniform GPTQ at the same size*). So the kept plan and the best uniform
      option are both applied with the plan's own quantizer, as `apply` runs it, and the better one there is
      returned (settings.applied; two applies).
 So the returned plan is never worse, on the slice and in `metric`, than every uniform option measured (with the

@@ -239,7 +239,7 @@ def test_a_cached_profile_folds_cached_scales_without_searching_again(tmp_path, 
 
 def test_awq_gptq_plans_from_awq_errors_and_applies_gptq_on_the_folded_model():
     """awq-gptq's table holds awq's errors (its registered stand-in: a GPTQ table of the equalized model cost 1.7×
-    the profiling and picked plans that scored no better; README), so it plans as awq does; applying its plan folds
+    the profiling and picked plans that scored no better; docs/results.md), so it plans as awq does; applying its plan folds
     the same scales and then runs GPTQ: the weights of the plan applied with gptq to the profile's folded copy."""
     model = with_outliers(make_llama())
     options = (parse_option("int3-g32-asym"), parse_option("int4-g32-asym"))

@@ -40,7 +40,7 @@ def register_quantizer(name: str, needs_hessian: bool = False, importance_only: 
     the one named here on the equalized weights (awq: rtn-w); what a step that cannot fold uses instead.
     measured_by: the candidate table of a plan for `name` holds this quantizer's errors, and the steps that
     swap single weights in (interactions, --verify, the evolutionary objective) use it: a stand-in measured to
-    pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; README).
+    pick plans as good as `name`'s own table does, at less profiling time (awq-gptq: awq; docs/results.md).
     orders_columns: the quantizer takes `act_order`, whose default follows the calibration text (config.quantizer_settings).
     settings_of: the quantizer passes its keyword settings on to this one (setting_names reads that one's)."""
     def deco(fn: Quantizer) -> Quantizer:

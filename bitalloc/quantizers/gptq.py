@@ -81,7 +81,7 @@ ACT_ORDER = True
 # tokens: on SmolLM2 at 3.5 bits (awq-gptq, act-order, 32768 tokens of WikiText-2 validation) KL to the float model
 # was 0.335 at 1 %, 0.311 at 5 % and at 20 %, and 0.308 at 1 % with four times the text. 5 % lowered KL at all eleven
 # sizes measured on SmolLM2 (3.2 to 5.53 bits) and Gemma 3 (3.5 to 5.18), by 0.6 to 7 %, and perplexity at nine (+0.10
-# and +0.05 at Q4_K_S's size) (README, *GPTQ's damping*). "gptq-minmax", the reference GPTQ, keeps the reference's 1 %.
+# and +0.05 at Q4_K_S's size) (docs/results.md, *GPTQ's damping*). "gptq-minmax", the reference GPTQ, keeps the reference's 1 %.
 DAMP = 0.05
 REFERENCE_DAMP = 0.01
 

@@ -46,7 +46,7 @@ class SearchGrid:
     signed: symmetric INT only: a group whose largest-magnitude weight is positive is searched with a
     negative scale, so that weight can take the code −2^(b−1) that a positive scale leaves to negative
     maxima only (llama.cpp's Q4_0/Q5_0/Q8_0 do the same). The quantizer "rtn-w-signed"; off in rtn-w
-    and gptq, because its plans did not measure better everywhere (README, *Signed scales*).
+    and gptq, because its plans did not measure better everywhere (docs/results.md, *Signed scales*).
     """
 
     steps: int = 4
