@@ -89,7 +89,7 @@ def main() -> None:
                 for r in rows:
                     if r[index] < floor:
                         ax.plot(r[0], floor, "v", color=line.get_color(), markersize=9)
-                        ax.annotate(f"{r[index]:.1g}", (r[0], floor), textcoords="offset points", xytext=(-30, 6))
+                        ax.annotate(f"{r[index]:.2g}", (r[0], floor), textcoords="offset points", xytext=(-30, 6))
                 ax.set_title(f"{model}: {measure}")
                 ax.set_xlabel("bits per weight (decoder linears)")
                 ax.set_yscale("log")
