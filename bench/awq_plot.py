@@ -41,8 +41,8 @@ SOURCES = {
         # awq-gemma3-text: the same sizes with calibration text read as text (its rows replace the older ones)
         "awq": ("awq", [OUT / "awq-gemma3" / "plan_variants.jsonl", OUT / "awq-gemma3-text" / "plan_variants.jsonl"]),
         "awq-gptq, 16× text, halfway (the default)": ("awq-gptq", [
-            OUT / d / "plan_variants.jsonl" for d in ("gptq-float-half-16x-gemma3", "default-16x-half-gemma3-a",
-                                                     "default-16x-half-gemma3-b")]),
+            OUT / d / "plan_variants.jsonl" for d in ("gptq-float-half-16x-gemma3", *(
+                f"default-16x-half-gemma3-{x}" for x in "abef"))]),
         "awq-gptq, first settings": ("awq-gptq", [OUT / "awq-table-gptq-apply-gemma3" / "plan_variants.jsonl"]),
         "awq-gptq, GPTQ table (before)": ("awq-gptq", [OUT / "awq-gptq-gemma3" / "plan_variants.jsonl"]),
         "gptq": ("gptq", [OUT / "gptq-gemma3" / "plan_variants.jsonl"]),
