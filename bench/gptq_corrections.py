@@ -27,6 +27,7 @@ from bitalloc.calibration import leading_bos, read_text, tokenize, with_bos
 from bitalloc.io import atomic_write_text
 from bitalloc.models import decoder_blocks, load_model, weight_matrix
 from bitalloc.options import parse_option
+from bitalloc.progress import steps
 from bitalloc.quantizers.gptq import gptq
 from bitalloc.quantizers.rtn import rtn
 
@@ -98,22 +99,24 @@ def main() -> None:
     _, layers = decoder_blocks(loaded.model)
 
     rows = []
-    for b in blocks:
+    for b in steps(blocks, "blocks", show=True, unit="block"):
+        # each layer's weight and its fit/held-out statistics: H = mean x xᵀ and the mean input μ
+        stats = {}
+        for n in names:
+            fit, test = torch.cat(inputs[(b, n)][:args.fit]), torch.cat(inputs[(b, n)][args.fit:])
+            stats[n] = (weight_matrix(layers[b].get_submodule(n)).double(), fit.T @ fit / len(fit),
+                        test.T @ test / len(test), fit.mean(0), test.mean(0))
         for o in options:
             quantized = {}
-            for n in names:
-                xs = inputs[(b, n)]
-                fit, test = torch.cat(xs[:args.fit]), torch.cat(xs[args.fit:])
-                h_fit, h_test = fit.T @ fit / len(fit), test.T @ test / len(test)
-                w = weight_matrix(layers[b].get_submodule(n)).double()
-                q = (gptq(w.float(), o, h_fit.float()) if args.quantizer == "gptq" else rtn(w.float(), o)).values.double()
-                quantized[n] = (w, q, h_fit, h_test)
+            for n, (w, h_fit, h_test, mu_fit, mu_test) in stats.items():
+                q = gptq(w.float(), o, h_fit.float()) if args.quantizer == "gptq" else rtn(w.float(), o)
+                quantized[n] = q.values.double()
                 rows.append({"block": b, "option": o.label, "layers": n, "correction": "bias",
-                             "ratio": bias_ratio(w - q, fit.mean(0), test.mean(0), h_test)})
-            for group, members in SHARED_INPUT.items():
-                w = torch.cat([quantized[n][0] for n in members])
-                q = torch.cat([quantized[n][1] for n in members])
-                _, _, h_fit, h_test = quantized[members[0]]
+                             "ratio": bias_ratio(w - quantized[n], mu_fit, mu_test, h_test)})
+            for members in SHARED_INPUT.values():
+                w = torch.cat([stats[n][0] for n in members])
+                q = torch.cat([quantized[n] for n in members])
+                _, h_fit, h_test, _, _ = stats[members[0]]  # the members read the same normed input
                 rows.append({"block": b, "option": o.label, "layers": "+".join(n.split(".")[-1] for n in members),
                              "correction": "norm refit", "ratio": norm_refit_ratio(w, q, h_fit, h_test)})
 
