@@ -95,17 +95,19 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     options = [parse_option(o) for o in args.options.split(",")]
     names = [n for group in SHARED_INPUT.values() for n in group] + list(OWN_INPUT)
-    inputs = block_inputs(loaded.model, windows, blocks, names)
+    # the layers of a group read one input: record it at the first and let the others use it
+    reads = {n: group[0] for group in SHARED_INPUT.values() for n in group} | {n: n for n in OWN_INPUT}
+    inputs = block_inputs(loaded.model, windows, blocks, sorted(set(reads.values())))
     _, layers = decoder_blocks(loaded.model)
 
     rows = []
     for b in steps(blocks, "blocks", show=True, unit="block"):
         # each layer's weight and its fit/held-out statistics: H = mean x xᵀ and the mean input μ
-        stats = {}
-        for n in names:
+        moments = {}
+        for n in set(reads.values()):
             fit, test = torch.cat(inputs[(b, n)][:args.fit]), torch.cat(inputs[(b, n)][args.fit:])
-            stats[n] = (weight_matrix(layers[b].get_submodule(n)).double(), fit.T @ fit / len(fit),
-                        test.T @ test / len(test), fit.mean(0), test.mean(0))
+            moments[n] = (fit.T @ fit / len(fit), test.T @ test / len(test), fit.mean(0), test.mean(0))
+        stats = {n: (weight_matrix(layers[b].get_submodule(n)).double(), *moments[reads[n]]) for n in names}
         for o in options:
             quantized = {}
             for n, (w, h_fit, h_test, mu_fit, mu_test) in stats.items():
@@ -116,7 +118,7 @@ def main() -> None:
             for members in SHARED_INPUT.values():
                 w = torch.cat([stats[n][0] for n in members])
                 q = torch.cat([quantized[n] for n in members])
-                _, h_fit, h_test, _, _ = stats[members[0]]  # the members read the same normed input
+                _, h_fit, h_test, _, _ = stats[members[0]]
                 rows.append({"block": b, "option": o.label, "layers": "+".join(n.split(".")[-1] for n in members),
                              "correction": "norm refit", "ratio": norm_refit_ratio(w, q, h_fit, h_test)})
 
