@@ -274,7 +274,7 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
         lines.append(f"| {r['row']} | {r['bpw']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2%} | {types} |")
     labels = sorted({r["row"].split(" @")[0] for r in rows.values() if r["kind"] == "bitalloc"})
     lines += ["", "At each llama.cpp mix's own bits per weight, ppl / KL (bitalloc plans solved for exactly that budget):", "",
-              "| mix | bpw | llama.cpp | llama.cpp +imatrix | " + " | ".join(labels) + " |",
+              "| mix | bpw | llama.cpp | llama.cpp +imatrix |" + "".join(f" {label} |" for label in labels),
               "|---|---|---|---|" + "---|" * len(labels)]
     # one line per mix and size: with and without an imatrix, llama.cpp may choose other types (IQ4_XS here)
     mixes = sorted({(name.removesuffix(" +imatrix"), round(bpw, 4)) for name, bpw in peer_bpw.items()}, key=lambda m: m[1])
