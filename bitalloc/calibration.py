@@ -279,8 +279,8 @@ def warn_placeholders(text: str, source: str) -> None:
     tokens weigh in every statistic profiling takes. On WikiText-2's tokenized validation split they are 5.5 % of
     the words (13 % of SmolLM2's tokens); with them Gemma 3's 4.3125-bit default plan lost to uniform int4-g64-asym
     in KL at calibration seed 0 (+7 %, both applied with awq-gptq; level at seed 1), without them it won (-2.8 %), as
-    SmolLM2's did (-3.3 %; docs/results.md,
-    *Against uniform GPTQ at the same size*, *The calibration text's `<unk>` placeholders*)."""
+    SmolLM2's did (-3.3 %; docs/results.md, *Against uniform GPTQ at the same size*, *The calibration text's `<unk>`
+    placeholders*)."""
     words = len(text.split())
     found = text.count(PLACEHOLDER)
     if words and found / words > PLACEHOLDER_SHARE:
