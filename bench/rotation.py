@@ -90,8 +90,8 @@ def rotate(model: nn.Module, q: torch.Tensor) -> nn.Module:
         raise SystemExit("this model normalizes each block's output before the residual add (Gemma 3's sandwich "
                          "norms); its stream cannot be rotated by folding: use a Llama, Qwen2 or Mistral model")
 
-    def set_weight(linear: nn.Linear, value: torch.Tensor) -> None:
-        linear.weight.copy_(value.to(linear.weight.dtype))
+    def set_weight(module: nn.Module, value: torch.Tensor) -> None:
+        module.weight.copy_(value.to(module.weight.dtype))
 
     def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
         for linear in readers:
@@ -104,8 +104,7 @@ def rotate(model: nn.Module, q: torch.Tensor) -> nn.Module:
         model.lm_head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     fold(inner.norm, [model.lm_head])
-    embed = inner.embed_tokens.weight
-    embed.copy_((embed.double() @ q).to(embed.dtype))
+    set_weight(inner.embed_tokens, inner.embed_tokens.weight.double() @ q)
     set_weight(model.lm_head, model.lm_head.weight.double() @ q)
     for block in inner.layers:
         attn, mlp = block.self_attn, block.mlp
