@@ -162,9 +162,9 @@ def main() -> None:
 
     source = args.gguf or default_gguf()
     work = Path(args.work) / Path(source).stem
-    chunks = args.calib_tokens // args.seq_len
     peer_types = [t for t in args.peer_types.split(",") if t]
-    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, peer_types, chunks, args.seq_len)
+    # the mixes' imatrix on as many tokens as the profile of these plans: they apply no GPTQ, so read no more
+    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, peer_types, args.calib_tokens, args.seq_len)
     base = work / "f32-embf16.gguf"  # the weights every row starts from: F32, token embedding F16 as in the mixes
     if not base.exists():
         run([tool(bin_dir, "llama-quantize"), "--token-embedding-type", "f16", f32, base, "F32", "2"], work / "f32-embf16.log")

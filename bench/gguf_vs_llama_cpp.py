@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, ROOT, default_gguf  # noqa: E402
-from peers import make_peer_files, run, tool  # noqa: E402
+from peers import imatrix_file, make_peer_files, run, tool  # noqa: E402
 
 from bitalloc.formats.gguf import QUANTIZERS, gguf_quantize  # noqa: E402
 from bitalloc.io import atomic_write_text, canonical_json  # noqa: E402
@@ -90,15 +90,15 @@ def main() -> None:
     bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
     source = args.gguf or default_gguf()
     work = work / Path(source).stem
-    f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], chunks=16, ctx=512)
-    importance = read_importance(work / "imatrix.gguf")
+    f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], imatrix_tokens=8192, ctx=512)
+    importance = read_importance(imatrix_file(work, 8192))
     results = []
     wanted = {"both": (False, True), "yes": (True,), "no": (False,)}[args.imatrix]
     todo = [(t, imat) for t in args.types.split(",") for imat in wanted if imat or t not in NEEDS_IMATRIX]
     for ggml_type, with_imatrix in tqdm(todo, desc="types", unit="file"):
         path = work / f"pure-{'imat-' if with_imatrix else ''}{ggml_type}.gguf"
         if not path.exists():
-            extra = ["--imatrix", work / "imatrix.gguf"] if with_imatrix else []
+            extra = ["--imatrix", imatrix_file(work, 8192)] if with_imatrix else []
             run([tool(bin_dir, "llama-quantize"), "--pure", *extra, f32, path, FTYPE[ggml_type], "2"], work / f"{path.stem}.log")
         start = time.process_time()
         r = compare(f32, path, importance if with_imatrix else None)

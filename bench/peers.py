@@ -6,8 +6,11 @@
 
 Every row starts from the same weights: the model's GGUF (SmolLM2-135M by default) dequantized to F32 by llama-quantize
 (`--allow-requantize ... F32`). The peers are llama.cpp's own mixes (`llama-quantize TYPE`), each made
-without and with an importance matrix that `llama-imatrix` computes on the calibration text (the
-same text, and the same number of tokens, bitalloc calibrates on). The token embedding (tied with the
+without and with an importance matrix that `llama-imatrix` computes on the calibration text: the same text
+bitalloc calibrates on, and as many of its tokens as bitalloc's default reads in all (the profile's
+--calib-tokens, and 16 times as many for GPTQ's Hessians when a plan is applied: --imatrix-tokens, default
+16 × --calib-tokens; 131072 for SmolLM2's 8192). This script's own bitalloc rows read the profile's tokens alone
+(applied on them too): `--imatrix-tokens` equal to `--calib-tokens` compares those like for like. The token embedding (tied with the
 output head) is kept at f16 in every peer file (`--token-embedding-type f16`) and unquantized in every
 bitalloc row, so the rows differ only in the decoder linears, over which bits per weight are counted
 (every scale and min included: GGUF bytes × 8 / weights).
@@ -41,6 +44,7 @@ import torch
 from bitalloc import api
 from bitalloc.apply import apply
 from bitalloc.calibration import leading_bos, read_text
+from bitalloc.config import HESSIAN_TEXT_MULTIPLE
 from bitalloc.constraints import Constraints
 from bitalloc.evaluate import evaluate, evaluation_windows, reference_logprobs
 from bitalloc.io import atomic_write_text, canonical_json
@@ -73,22 +77,28 @@ def run(cmd: list, log: Path) -> None:
         sys.exit(f"error: {' '.join(map(str, cmd[:2]))} ... failed (exit {r.returncode}); see {log}")
 
 
-def make_peer_files(bin_dir: Path, source: str, calib: str, work: Path, types: list[str], chunks: int,
+def imatrix_file(work: Path, tokens: int) -> Path:
+    """Where llama-imatrix's matrix on `tokens` tokens lives; named by the count, so that a run with another
+    count does not reuse it."""
+    return work / f"imatrix-{tokens}.gguf"
+
+
+def make_peer_files(bin_dir: Path, source: str, calib: str, work: Path, types: list[str], imatrix_tokens: int,
                     ctx: int) -> tuple[Path, dict[str, Path]]:
     """The F32 weights every row starts from, the imatrix on the calibration text, and the peer files."""
     work.mkdir(parents=True, exist_ok=True)
     f32 = work / "f32.gguf"
     if not f32.exists():
         run([tool(bin_dir, "llama-quantize"), "--allow-requantize", source, f32, "F32", "2"], work / "f32.log")
-    imatrix = work / "imatrix.gguf"
+    imatrix = imatrix_file(work, imatrix_tokens)
     if not imatrix.exists():
-        run([tool(bin_dir, "llama-imatrix"), "-m", f32, "-f", calib, "-o", imatrix, "-c", ctx, "--chunks", chunks,
-             "-t", "2", "--no-ppl"], work / "imatrix.log")
+        run([tool(bin_dir, "llama-imatrix"), "-m", f32, "-f", calib, "-o", imatrix, "-c", ctx,
+             "--chunks", imatrix_tokens // ctx, "-t", "2", "--no-ppl"], work / f"{imatrix.stem}.log")
     files = {}
     for t in types:
         for with_imatrix in (False, True):
             name = f"llama.cpp {t}" + (" +imatrix" if with_imatrix else "")
-            path = work / f"{'imat' if with_imatrix else 'plain'}-{t}.gguf"
+            path = work / (f"imat{imatrix_tokens}-{t}.gguf" if with_imatrix else f"plain-{t}.gguf")
             if not path.exists():
                 extra = ["--imatrix", imatrix] if with_imatrix else []
                 run([tool(bin_dir, "llama-quantize"), *extra, "--token-embedding-type", "f16", f32, path, t, "2"],
@@ -152,6 +162,9 @@ def main() -> None:
                     "(Gemma 3: as llama-perplexity does; `bitalloc eval --bos`); use another --out than a run without")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--imatrix-tokens", type=int, default=None,
+                    help="tokens of the calibration text llama-imatrix reads (default: 16 × --calib-tokens, as many as "
+                         "bitalloc's default reads in all: the profile's and GPTQ's Hessians')")
     ap.add_argument("--llama-perplexity", action="store_true", help="also score the peer files with llama-perplexity")
     ap.add_argument("--fresh", action="store_true", help="forget rows measured by an earlier run")
     ap.add_argument("--report-only", action="store_true", help="write the table and plot from the rows measured so far")
@@ -172,9 +185,12 @@ def main() -> None:
     source = args.gguf or default_gguf()
     if args.report_only:
         return report(done, args, out, Path(source).name)
-    chunks = args.calib_tokens // args.seq_len
+    imatrix_tokens = args.imatrix_tokens or HESSIAN_TEXT_MULTIPLE * args.calib_tokens
+    if imatrix_tokens < args.seq_len:
+        sys.exit(f"error: --imatrix-tokens {imatrix_tokens} is less than one {args.seq_len}-token chunk")
     work = Path(args.work) / Path(source).stem  # the F32 copy, imatrix and peer files belong to one source model
-    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), chunks, args.seq_len)
+    f32, peer_files = make_peer_files(bin_dir, source, args.calib, work, args.peer_types.split(","), imatrix_tokens,
+                                      args.seq_len)
     loaded = load_model(str(f32))
     model = loaded.model
     bos = leading_bos(loaded.tokenizer) if args.bos else None
@@ -206,7 +222,8 @@ def main() -> None:
             if name in done or ("+imatrix" in name) != with_imatrix:
                 continue
             bpw, types = decoder_linear_bits(path)
-            extra = {"kind": "llama.cpp", "types": types, "file_bytes": path.stat().st_size}
+            extra = {"kind": "llama.cpp", "types": types, "file_bytes": path.stat().st_size,
+                     **({"imatrix_tokens": imatrix_tokens} if with_imatrix else {})}
             if args.llama_perplexity:
                 extra["ppl_llama_perplexity"] = llama_perplexity(bin_dir, path, args.text, args.seq_len, args.windows)
             score(name, load_model(str(path)).model, bpw, **extra)
@@ -264,8 +281,11 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     ordered = sorted((r for r in rows.values() if r["kind"] != "reference"), key=lambda r: (round(r["bpw"], 2), r["ppl"]))
     bos = rows["F32"].get("bos")
     first = "" if bos is None else f" (each window starting with BOS {bos})"
+    # rows from before imatrix_tokens was recorded had llama-imatrix read --calib-tokens
+    imatrix_tokens = sorted({r.get("imatrix_tokens", args.calib_tokens) for r in rows.values() if "+imatrix" in r["row"]})
     lines = [f"{source} dequantized to F32: ppl {base_ppl:.3f} on {args.windows} × {args.seq_len} tokens of "
-             f"WikiText-2 test{first}; calibration {Path(args.calib).name}, {args.calib_tokens} tokens; bitalloc plans solved "
+             f"WikiText-2 test{first}; calibration {Path(args.calib).name}, {args.calib_tokens} tokens "
+             f"(llama-imatrix: {', '.join(map(str, imatrix_tokens)) or 'none'}); bitalloc plans solved "
              f"with the {args.error_model or 'default'} error model" + ("" if args.error_model else
              " (fisher-tw for the GGUF types, fisher for INT)"), "",
              "| row | bpw (decoder linears) | ppl | KL | top-1 | types |", "|---|---|---|---|---|---|"]
@@ -287,7 +307,8 @@ def report(rows: dict[str, dict], args, out: Path, source: str) -> None:
     atomic_write_text(out / "peers.md", md)
     atomic_write_text(out / "peers.json", canonical_json({"base_ppl": base_ppl, "windows": args.windows,
                                                           "seq_len": args.seq_len, "bos": bos, "calib": Path(args.calib).name,
-                                                          "calib_tokens": args.calib_tokens, "rows": ordered}))
+                                                          "calib_tokens": args.calib_tokens,
+                                                          "imatrix_tokens": imatrix_tokens, "rows": ordered}))
     plot(ordered, base_ppl, out / "peers.png", source)
     print(md)
 
