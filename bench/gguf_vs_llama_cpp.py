@@ -91,14 +91,15 @@ def main() -> None:
     source = args.gguf or default_gguf()
     work = work / Path(source).stem
     f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], imatrix_tokens=8192, ctx=512)
-    importance = read_importance(imatrix_file(work, 8192))
+    imatrix = imatrix_file(work, 8192)
+    importance = read_importance(imatrix)
     results = []
     wanted = {"both": (False, True), "yes": (True,), "no": (False,)}[args.imatrix]
     todo = [(t, imat) for t in args.types.split(",") for imat in wanted if imat or t not in NEEDS_IMATRIX]
     for ggml_type, with_imatrix in tqdm(todo, desc="types", unit="file"):
         path = work / f"pure-{'imat-' if with_imatrix else ''}{ggml_type}.gguf"
         if not path.exists():
-            extra = ["--imatrix", imatrix_file(work, 8192)] if with_imatrix else []
+            extra = ["--imatrix", imatrix] if with_imatrix else []
             run([tool(bin_dir, "llama-quantize"), "--pure", *extra, f32, path, FTYPE[ggml_type], "2"], work / f"{path.stem}.log")
         start = time.process_time()
         r = compare(f32, path, importance if with_imatrix else None)
