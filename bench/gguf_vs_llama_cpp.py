@@ -90,8 +90,9 @@ def main() -> None:
     bin_dir, work = Path(args.llama_cpp_bin), Path(args.work)
     source = args.gguf or default_gguf()
     work = work / Path(source).stem
-    f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], imatrix_tokens=8192, ctx=512)
-    imatrix = imatrix_file(work, 8192)
+    imatrix_tokens = 8192  # the profile's default: these types are made without GPTQ, which reads 16x as many
+    f32, _ = make_peer_files(bin_dir, source, args.calib, work, [], imatrix_tokens=imatrix_tokens, ctx=512)
+    imatrix = imatrix_file(work, imatrix_tokens)
     importance = read_importance(imatrix)
     results = []
     wanted = {"both": (False, True), "yes": (True,), "no": (False,)}[args.imatrix]
