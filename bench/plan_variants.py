@@ -225,6 +225,7 @@ def main() -> None:
                # the tokens GPTQ's Hessians came from (the text may hold fewer than asked)
                **({"hessian_tokens": widened(calib, hessian_tokens).tokens.numel()} if hessian_tokens else {}),
                **({"float_target": used["float_target"]} if "float_target" in used else {}),
+               **({"token_weighted": used["token_weighted"]} if "token_weighted" in used else {}),
                "formats": args.formats, "calibration": calib.source, "calib_tokens": int(calib.tokens.numel()),
                **({"calib_seed": calib.seed} if calib.seed else {}), "variant": variant, "bos": bos, "calibration_bos": calib.bos,
                # how special-token strings in the text were read: "text" where that changed the ids (calibration.py)

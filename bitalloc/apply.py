@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FLOAT_TARGET, FLOAT_TARGET_WIDENED, HESSIAN_TEXT_MULTIPLE, quantizer_settings, supplied_calibration
+from .config import (FLOAT_TARGET, FLOAT_TARGET_WIDENED, HESSIAN_TEXT_MULTIPLE, TOKEN_WEIGHTED_ON_TEXT, quantizer_settings,
+                     supplied_calibration)
 from .errors import PlanMismatchError
 from .formats import quantize_dequantize
 from .models import check_weights, set_weight_matrix, weight_matrix, weights_hash
@@ -65,10 +66,10 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
     """`settings` over the defaults `quantizer` runs with for this plan. Those its profile's table was made with:
     GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings).
-    And two the table does not use: a block-by-block quantizer (gptq, awq-gptq) fits each layer FLOAT_TARGET of the
+    And those the table does not use: a block-by-block quantizer (gptq, awq-gptq) fits each layer FLOAT_TARGET of the
     way toward the float model's output (quantize_model's float_target), and on supplied text takes its Hessians from
-    HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens of that text (its hessian_tokens) and fits
-    FLOAT_TARGET_WIDENED of the way."""
+    HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens of that text (its hessian_tokens), fits
+    FLOAT_TARGET_WIDENED of the way and weighs each token by its loss gradient (TOKEN_WEIGHTED_ON_TEXT)."""
     from .quantizers import importance_only, needs_hessian
 
     supplied = supplied_calibration(plan.calibration.get("source"))
@@ -78,6 +79,7 @@ def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
         if supplied and plan.calibration.get("tokens"):
             defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
             defaults["float_target"] = FLOAT_TARGET_WIDENED
+            defaults["token_weighted"] = TOKEN_WEIGHTED_ON_TEXT
     return {**defaults, **settings}
 
 

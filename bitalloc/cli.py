@@ -105,7 +105,7 @@ def _solver_settings(items: list[str], flag: str = "--solver-setting", example: 
 
 QUANTIZER_SETTING_HELP = ("KEY=VALUE for the quantizer, over the plan's defaults (repeatable): e.g. hessian_tokens=32768 "
                           f"(GPTQ's Hessians from that many tokens of the calibration text; {HESSIAN_TEXT_MULTIPLE} times "
-                          "the plan's by default), float_target=0.25, damp=0.05, act_order=true")
+                          "the plan's by default), float_target=0.25, damp=0.05, act_order=true, token_weighted=false")
 
 
 def _quantizer_settings(items: list[str]) -> dict:

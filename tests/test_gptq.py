@@ -241,7 +241,8 @@ def test_apply_uses_the_plans_quantizer(llama, calib_ids):
     assert torch.equal(p.calibration_windows.tokens, calib_ids) and Plan.from_json(p.to_json()) == p
     remembered = apply(copy.deepcopy(llama), p)
     explicit = copy.deepcopy(llama)
-    quantize_model(explicit, p.options_by_module(), "gptq", calibration=calib_ids)
+    # bare ids count as supplied text: each token weighted by its loss gradient, as apply does by default there
+    quantize_model(explicit, p.options_by_module(), "gptq", calibration=calib_ids, token_weighted=True)
     rtn = apply(copy.deepcopy(llama), p, quantizer="rtn")
     name = p.assignments[0].module
     assert torch.equal(weight_matrix(by_plan.get_submodule(name)), weight_matrix(explicit.get_submodule(name)))
@@ -315,9 +316,10 @@ def test_widened_calibration_is_the_seeded_pick_of_more_of_the_same_text(tokeniz
 
 def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(model_dir, text_files):
     """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE (16) x its
-    calibration tokens of that text and FLOAT_TARGET_WIDENED toward the float model: in
-    process, rebuilt from the text for a saved plan, and passed explicitly, the same weights; the built-in set keeps
-    the profile's windows (and natural column order) and fits FLOAT_TARGET toward the float model."""
+    calibration tokens of that text, FLOAT_TARGET_WIDENED toward the float model and each token weighted by its loss
+    gradient (TOKEN_WEIGHTED_ON_TEXT): in process, rebuilt from the text for a saved plan, and passed explicitly, the
+    same weights; the built-in set keeps the profile's windows (and natural column order), fits FLOAT_TARGET toward
+    the float model and weighs every token alike."""
     from bitalloc.apply import plan_quantizer_settings
     from bitalloc.calibration import calibration_for_plan, make_calibration, read_text
     from bitalloc.models import load_model
@@ -327,7 +329,8 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
     p = plan(loaded, "3bits", str(calib_path), seq_len=16, calib_tokens=32, seed=3, options=options, cache_dir=False,
              quantizer="gptq")
-    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 512, "float_target": 0.5}
+    assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 512, "float_target": 0.5,
+                                                   "token_weighted": True}
     builtin = p.model_copy(update={"calibration": {**p.calibration, "source": "builtin:austen"}})
     assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False, "float_target": 0.25}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
@@ -345,6 +348,7 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     assert not torch.equal(in_process, applied(p, hessian_tokens=32))  # the profile's windows alone
     assert not torch.equal(in_process, applied(p, float_target=0.0))  # GPTQ's own target
     assert not torch.equal(in_process, applied(p, float_target=0.25))  # the built-in set's strength
+    assert not torch.equal(in_process, applied(p, token_weighted=False))  # every token alike
     for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
         with pytest.raises(BadInputError, match="hessian_tokens"):
             applied(p, hessian_tokens=bad)

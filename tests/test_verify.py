@@ -170,19 +170,22 @@ def attention_out_too_cheap(name: str) -> float:
     return 0.01 if ("v_proj" in name or "o_proj" in name) else 1.0
 
 
-@pytest.mark.parametrize("craft, budget, stand_in_picks, gptq_picks, float_target", [
-    (mlp_too_cheap, "4.25bits", "solved", "uniform", 0.5),
+@pytest.mark.parametrize("craft, budget, stand_in_picks, gptq_picks, float_target, token_weighted", [
+    (mlp_too_cheap, "4.25bits", "solved", "uniform", 0.5, True),
     # a quarter toward the float model (the built-in set's default): with halfway, no crafted table measured
-    # (five crafts, 4.5 to 6 bits) turned a uniform pick with awq's weights into a solved one with GPTQ's
-    (attention_out_too_cheap, "5bits", "uniform", "solved", 0.25)])
+    # (five crafts, 4.5 to 6 bits) turned a uniform pick with awq's weights into a solved one with GPTQ's; and every
+    # token alike (the built-in set's default too): token-weighted, GPTQ picks uniform here as well
+    (attention_out_too_cheap, "5bits", "uniform", "solved", 0.25, False)])
 def test_gptq_applied_decides_between_the_plan_and_uniform_where_awqs_weights_stood_in(setup, craft, budget,
                                                                                         stand_in_picks, gptq_picks,
-                                                                                        float_target, monkeypatch):
+                                                                                        float_target, token_weighted,
+                                                                                        monkeypatch):
     """The repair loop and the uniform check of an awq-gptq plan measure awq's weights; GPTQ lowers the plan's and the
     uniform option's losses by different amounts, so both are applied with awq-gptq and the better one there is
     returned. On these crafted tables the two measures rank them oppositely, both ways round."""
     # the token ids count as supplied text (bitalloc.apply is also the name of the function)
     monkeypatch.setattr(importlib.import_module("bitalloc.apply"), "FLOAT_TARGET_WIDENED", float_target)
+    monkeypatch.setattr(importlib.import_module("bitalloc.apply"), "TOKEN_WEIGHTED_ON_TEXT", token_weighted)
     table, loaded, calib = setup
     stand_in = copy.copy(crafted(table, craft))
     stand_in.quantizer = "awq-gptq"
@@ -193,6 +196,7 @@ def test_gptq_applied_decides_between_the_plan_and_uniform_where_awqs_weights_st
     best_uniform = min(v.uniform, key=lambda u: u.loss.kl)
     assert (best_uniform.loss.kl < v.solved.kl) == (stand_in_picks == "uniform")  # with awq's weights
     assert a.quantizer == "awq-gptq" and a.uniform.label == best_uniform.label and a.settings["float_target"] == float_target
+    assert a.settings["token_weighted"] == token_weighted
     assert (a.uniform.loss.kl < a.plan.kl) == (gptq_picks == "uniform")  # applied with GPTQ: the other way round
     assert v.outcome == gptq_picks
     solved = unchecked if stand_in_picks == "solved" else plan
