@@ -122,13 +122,14 @@ FLOAT_TARGET_WIDENED = 0.5
 # And there each layer weighs every calibration token by its output's loss gradient (quantizers/sequential.py,
 # token_weighted), so GPTQ minimises the loss increase the plan's error model (fisher-tw) predicts rather than the
 # plain output error, which the attention sink's massive, gradient-free activations dominate. With 16x Hessians,
-# halfway, it lowered KL to the float model in every paired row measured: SmolLM2 at 4.0 bits at three calibration
-# seeds (-2, -8, -9 %) and at 4.3125 the plan and uniform int4-g64-asym alike (-5 % each), Gemma 3 at 4.125 and 4.3125
-# (-5 % each); perplexity lower or level (docs/results.md, *GPTQ weighted by each token's loss gradient*). It weighs a
-# plan and a uniform option alike, so their order stays what it was. The price is one forward and backward pass of
-# the float model over the Hessian windows: a bench row (apply and score) took 1.05 to 1.65 times as long on SmolLM2
-# and 1.5 to 2.2 on Gemma 3 (its 262144-token vocabulary), beside other jobs. The built-in set, whose Hessians come
-# from the profile's windows alone, weighs every token alike (not measured there).
+# halfway, it lowered KL to the float model in every paired row measured: plans on SmolLM2 at 4.0 bits at three
+# calibration seeds (-2, -8, -9 %) and at 4.3125 (-5 %), on Gemma 3 at 4.125 and 4.3125 (-5 % each), and uniform
+# int4-g64-asym at 4.3125 (SmolLM2 -5 %, Gemma 3 -2 %); perplexity lower or level in each. So the plan's standing
+# against uniform moved little: level with it on SmolLM2, and on Gemma 3, at the seed where the plan lost, the loss
+# narrowed from +7 % KL to +4 % (docs/results.md, *GPTQ weighted by each token's loss gradient*). The price is one
+# forward and backward pass of the float model over the Hessian windows: a bench row (apply and score) took 1.03 to
+# 1.67 times as long on SmolLM2 and 1.46 to 2.4 on Gemma 3 (its 262144-token vocabulary), beside other jobs. The
+# built-in set, whose Hessians come from the profile's windows alone, weighs every token alike (not measured there).
 TOKEN_WEIGHTED_ON_TEXT = True
 
 
