@@ -14,9 +14,10 @@ identity (the gains folded, nothing rotated).
 
 Each row quantizes every decoder linear at one option with one quantizer, on the model as it is and on the rotated
 one, and scores it on the test windows against the F32 model (ppl, KL, and each window's scores for bench/paired.py,
-with the row name as its variant). GPTQ's rows take the product's settings (Hessians from 16× the calibration text,
-halfway to the float model's output) unless --hessian-multiple / --float-target say otherwise, and --models rotated
-skips the model as it is. Rows are appended to OUT/rotation.jsonl as they finish; a rerun skips them.
+with the row name as its variant). GPTQ's rows take Hessians from 16× the calibration text and fit halfway to the
+float model's output unless --hessian-multiple / --float-target say otherwise, weighing every token alike (the
+product's settings when the rows in bench/out/rotation* were made; it now also weighs each token by its loss gradient
+on supplied text, config.TOKEN_WEIGHTED_ON_TEXT), and --models rotated skips the model as it is. Rows are appended to OUT/rotation.jsonl as they finish; a rerun skips them.
 
 Only pre-norm blocks whose norms sit in front of the linears can be rotated this way (Llama, Qwen2, Mistral). Gemma 3
 also normalizes each block's output before adding it to the stream (post_attention_layernorm,
@@ -148,8 +149,8 @@ def main() -> None:
     out = Path(args.out) / "rotation.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_rows(out)
-    # rows with the product's GPTQ settings keep a bare name; others say theirs
-    product = (args.hessian_multiple, args.float_target) == (HESSIAN_TEXT_MULTIPLE, FLOAT_TARGET_WIDENED)
+    # rows with the default --hessian-multiple and --float-target keep a bare name; others say theirs
+    usual = (args.hessian_multiple, args.float_target) == (HESSIAN_TEXT_MULTIPLE, FLOAT_TARGET_WIDENED)
     bases = {"as-is": ("as it is", model), "rotated": (args.rotation, rotated)}
     if unknown := set(args.models.split(",")) - set(bases):
         raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; choose from as-is, rotated")
@@ -160,7 +161,7 @@ def main() -> None:
             sequential = needs_hessian(quantizer) and not importance_only(quantizer)
             settings = {"hessian_tokens": args.hessian_multiple * calib.tokens.numel(),
                         "float_target": args.float_target} if sequential else {}
-            tag = "" if not sequential or product else f" ({args.hessian_multiple}x, target {args.float_target})"
+            tag = "" if not sequential or usual else f" ({args.hessian_multiple}x, target {args.float_target})"
             for base_name, base in (bases[key] for key in args.models.split(",")):
                 name = f"{label},{quantizer}{tag},{base_name}"
                 if name in done:
