@@ -17,7 +17,8 @@ one, and scores it on the test windows against the F32 model (ppl, KL, and each 
 with the row name as its variant). GPTQ's rows take Hessians from 16× the calibration text and fit halfway to the
 float model's output unless --hessian-multiple / --float-target say otherwise, weighing every token alike (the
 product's settings when the rows in bench/out/rotation* were made; it now also weighs each token by its loss gradient
-on supplied text, config.TOKEN_WEIGHTED_ON_TEXT), and --models rotated skips the model as it is. Rows are appended to OUT/rotation.jsonl as they finish; a rerun skips them.
+on supplied text, config.TOKEN_WEIGHTED_ON_TEXT), and --models rotated skips the model as it is. Rows are appended
+to OUT/rotation.jsonl as they finish; a rerun skips them.
 
 Only pre-norm blocks whose norms sit in front of the linears can be rotated this way (Llama, Qwen2, Mistral). Gemma 3
 also normalizes each block's output before adding it to the stream (post_attention_layernorm,
