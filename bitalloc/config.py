@@ -130,7 +130,7 @@ FLOAT_TARGET_WIDENED = 0.5
 # forward and backward pass of the float model over the Hessian windows: a bench row (apply and score) took 1.03 to
 # 1.67 times as long on SmolLM2 and 1.46 to 2.4 on Gemma 3 (its 262144-token vocabulary), beside other jobs. The
 # built-in set, whose Hessians come from the profile's windows alone, weighs every token alike: there (a quarter of
-# the way) it raised the plan's KL by 2.4 % on SmolLM2 at 4.3125 bits and left uniform's level, one row.
+# the way) it raised the plan's KL by 2.4 % on SmolLM2 at 4.3125 bits (uniform's level) and left Gemma 3's plan level.
 TOKEN_WEIGHTED_ON_TEXT = True
 
 
