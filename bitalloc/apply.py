@@ -66,18 +66,21 @@ def apply(model: nn.Module, plan: Plan, check_hash: bool = True, quantizer: str 
 def plan_quantizer_settings(plan: Plan, quantizer: str, settings: dict) -> dict:
     """`settings` over the defaults `quantizer` runs with for this plan. Those its profile's table was made with:
     GPTQ's column order follows whether the plan was calibrated on text the user supplied (config.quantizer_settings).
-    And those the table does not use: a block-by-block quantizer (gptq, awq-gptq) fits each layer FLOAT_TARGET of the
-    way toward the float model's output (quantize_model's float_target), and on supplied text takes its Hessians from
-    HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens of that text (its hessian_tokens), fits
-    FLOAT_TARGET_WIDENED of the way and weighs each token by its loss gradient (TOKEN_WEIGHTED_ON_TEXT)."""
+    And those the table does not use: a block-by-block quantizer (gptq, awq-gptq) takes its Hessians from
+    HESSIAN_TEXT_MULTIPLE times the plan's calibration tokens of its text, the user's or the built-in set (its
+    hessian_tokens; as much as the text holds), and fits each layer FLOAT_TARGET of the way toward the float model's
+    output (quantize_model's float_target); on supplied text FLOAT_TARGET_WIDENED of the way, each token weighed by
+    its loss gradient (TOKEN_WEIGHTED_ON_TEXT). Text sampled from the model (self) has no more windows to read."""
     from .quantizers import importance_only, needs_hessian
 
-    supplied = supplied_calibration(plan.calibration.get("source"))
+    source, tokens = plan.calibration.get("source"), plan.calibration.get("tokens")
+    supplied = supplied_calibration(source)
     defaults = quantizer_settings(quantizer, supplied)
     if needs_hessian(quantizer) and not importance_only(quantizer):
         defaults["float_target"] = FLOAT_TARGET
-        if supplied and plan.calibration.get("tokens"):
-            defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(plan.calibration["tokens"])
+        if tokens and source != "self":
+            defaults["hessian_tokens"] = HESSIAN_TEXT_MULTIPLE * int(tokens)
+        if supplied and tokens:
             defaults["float_target"] = FLOAT_TARGET_WIDENED
             defaults["token_weighted"] = TOKEN_WEIGHTED_ON_TEXT
     return {**defaults, **settings}

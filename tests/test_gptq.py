@@ -318,8 +318,8 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     """On text the user supplies, a GPTQ plan is applied with Hessians from HESSIAN_TEXT_MULTIPLE (16) x its
     calibration tokens of that text, FLOAT_TARGET_WIDENED toward the float model and each token weighted by its loss
     gradient (TOKEN_WEIGHTED_ON_TEXT): in process, rebuilt from the text for a saved plan, and passed explicitly, the
-    same weights; the built-in set keeps the profile's windows (and natural column order), fits FLOAT_TARGET toward
-    the float model and weighs every token alike."""
+    same weights; the built-in set widens its Hessians alike but keeps natural column order, fits FLOAT_TARGET toward
+    the float model and weighs every token alike (test_a_builtin_plan_takes_its_hessians_from_more_of_the_set)."""
     from bitalloc.apply import plan_quantizer_settings
     from bitalloc.calibration import calibration_for_plan, make_calibration, read_text
     from bitalloc.models import load_model
@@ -332,7 +332,9 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     assert plan_quantizer_settings(p, "gptq", {}) == {"act_order": True, "hessian_tokens": 512, "float_target": 0.5,
                                                    "token_weighted": True}
     builtin = p.model_copy(update={"calibration": {**p.calibration, "source": "builtin:austen"}})
-    assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False, "float_target": 0.25}
+    assert plan_quantizer_settings(builtin, "gptq", {}) == {"act_order": False, "hessian_tokens": 512, "float_target": 0.25}
+    sampled = p.model_copy(update={"calibration": {**p.calibration, "source": "self"}})  # no more of its text to read
+    assert plan_quantizer_settings(sampled, "gptq", {}) == {"act_order": False, "float_target": 0.25}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
 
     def applied(plan_, **kw):
@@ -352,6 +354,31 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
         with pytest.raises(BadInputError, match="hessian_tokens"):
             applied(p, hessian_tokens=bad)
+
+
+def test_a_builtin_plan_takes_its_hessians_from_more_of_the_set(model_dir):
+    """A GPTQ plan calibrated on the built-in set is applied with Hessians from HESSIAN_TEXT_MULTIPLE x its tokens
+    of the set, the same windows in process and rebuilt for a saved plan (no text to pass), and not the profile's
+    windows alone."""
+    from bitalloc.calibration import builtin_text, calibration_for_plan, make_calibration
+    from bitalloc.models import load_model
+
+    loaded = load_model(str(model_dir))
+    options = [QuantOption.int_(b, 32, False) for b in (2, 3, 4)]
+    p = plan(loaded, "3bits", None, seq_len=16, calib_tokens=32, seed=3, options=options, cache_dir=False,
+             quantizer="gptq")
+    assert p.calibration["source"] == "builtin:austen"
+
+    def applied(plan_, **kw):
+        model = apply(copy.deepcopy(loaded.model), plan_, **kw)
+        return torch.cat([weight_matrix(model.get_submodule(a.module)).flatten() for a in plan_.assignments])
+
+    in_process = applied(p)
+    wide = make_calibration(loaded.tokenizer, builtin_text(), seq_len=16, tokens=512, seed=3)
+    assert torch.equal(in_process, applied(p, calibration=wide.tokens))  # 16 x 32 tokens of the set
+    saved = Plan.model_validate_json(p.model_dump_json())
+    assert torch.equal(in_process, applied(saved, tokenizer=loaded.tokenizer))  # rebuilt from the shipped text
+    assert not torch.equal(in_process, applied(p, hessian_tokens=32))  # the profile's windows alone
 
 
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):
