@@ -94,13 +94,18 @@ def supplied_calibration(source: Any) -> bool:
     return not (isinstance(name, str) and (name == "self" or name.startswith("builtin:")))
 
 
-# GPTQ's Hessians, when a plan calibrated on text the user supplied is applied, come from this many times the
-# profile's calibration tokens of that text (apply.plan_quantizer_settings): 131072 tokens for the default 8192, half
-# the reference GPTQ's 128 x 2048. 4x (32768 tokens, damp 1 %) lowered KL to the float model by 8-17 % at all eight
-# sizes measured on SmolLM2 and 14-15 % at all three on Gemma 3; 16x, with damp 5 % and the float target, lowered
-# perplexity and KL again against 4x in all six paired rows measured, on two calibration seeds and both families
-# (docs/results.md, *GPTQ's Hessians from more of the text*). Applying takes about 2.3 to 3.5 times as long as at 4x; the
-# candidate table and the fold keep the profile's windows, so profiling costs what it did.
+# GPTQ's Hessians, when a plan calibrated on text the user supplied or on the built-in set is applied, come from this
+# many times the profile's calibration tokens of that text (apply.plan_quantizer_settings; as many as it holds):
+# 131072 tokens for the default 8192, half the reference GPTQ's 128 x 2048. 4x (32768 tokens, damp 1 %) lowered KL to
+# the float model by 8-17 % at all eight sizes measured on SmolLM2 and 14-15 % at all three on Gemma 3; 16x, with damp
+# 5 % and the float target, lowered perplexity and KL again against 4x in all six paired rows measured, on two
+# calibration seeds and both families (docs/results.md, *GPTQ's Hessians from more of the text*). Applying takes about
+# 2.3 to 3.5 times as long as at 4x; the candidate table and the fold keep the profile's windows, so profiling costs
+# what it did. On the built-in set (88064 tokens of SmolLM2's tokenizer: all of it) the 4.3125-bit default plan's KL
+# fell 11 % on SmolLM2 and 6 % on Gemma 3 against the profile's windows alone, for 5 to 6 times the apply time;
+# uniform int4-g64-asym's about 9 % on both, so the plan's lead over it grew on SmolLM2 (-9.4 to -11.4 % KL) and
+# became level on Gemma 3 (-2.1 to +0.4 %, within noise; docs/results.md, *More of the built-in set for GPTQ's
+# Hessians*).
 HESSIAN_TEXT_MULTIPLE = 16
 # And GPTQ, on the built-in set and `self`, fits each layer a quarter of the way from its own weight toward the one
 # that best gives the float model's output on the quantized model's inputs (quantize_model's float_target; GPTAQ's
@@ -115,9 +120,9 @@ FLOAT_TARGET = 0.25
 # it scored lower perplexity than a quarter at 3.5 and 4.0 bits on SmolLM2, two calibration seeds each (-0.06 to
 # -0.46), KL from +0.7 % to -7 %, and on Gemma 3 at 3.5 bits level perplexity and 3.5 % lower KL; with 4x, halfway
 # had lost 0.36 at 3.5 bits (our reading: fitted on less text, the stronger pull follows the calibration windows'
-# drift). The built-in set's Hessians come from the profile's windows alone; it keeps a quarter, against which
-# halfway lost there at 3.5 bits on SmolLM2 (+3.7 ppl, +9 % KL) and was level at 4.0 (docs/results.md, *GPTQ fits toward the
-# float model*).
+# drift). The built-in set keeps a quarter: with its Hessians from the profile's windows alone, halfway lost there at
+# 3.5 bits on SmolLM2 (+3.7 ppl, +9 % KL) and was level at 4.0 (docs/results.md, *GPTQ fits toward the float model*);
+# halfway with the wider Hessians the built-in set has since is not measured on both families.
 FLOAT_TARGET_WIDENED = 0.5
 # And there each layer weighs every calibration token by its output's loss gradient (quantizers/sequential.py,
 # token_weighted), so GPTQ minimises the loss increase the plan's error model (fisher-tw) predicts rather than the
@@ -129,8 +134,11 @@ FLOAT_TARGET_WIDENED = 0.5
 # narrowed from +7 % KL to +4 % (docs/results.md, *GPTQ weighted by each token's loss gradient*). The price is one
 # forward and backward pass of the float model over the Hessian windows: a bench row (apply and score) took 1.03 to
 # 1.67 times as long on SmolLM2 and 1.46 to 2.4 on Gemma 3 (its 262144-token vocabulary), beside other jobs. The
-# built-in set, whose Hessians come from the profile's windows alone, weighs every token alike: there (a quarter of
-# the way) it raised the plan's KL by 2.4 % on SmolLM2 at 4.3125 bits (uniform's level) and left Gemma 3's plan level.
+# built-in set weighs every token alike: with its Hessians from the profile's windows alone (a quarter of the way)
+# token weighting raised the plan's KL by 2.4 % on SmolLM2 at 4.3125 bits (uniform's level) and left Gemma 3's plan
+# level, where the weights of k_proj and v_proj rest on a few dozen attention-sink tokens (bench/token_weights.py).
+# With its Hessians from all of the set, halfway, it lowered the plan's KL by 4.4 % on SmolLM2 (one family, not yet
+# the default; docs/results.md, *More of the built-in set for GPTQ's Hessians*).
 TOKEN_WEIGHTED_ON_TEXT = True
 
 

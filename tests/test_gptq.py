@@ -360,7 +360,7 @@ def test_a_builtin_plan_takes_its_hessians_from_more_of_the_set(model_dir):
     """A GPTQ plan calibrated on the built-in set is applied with Hessians from HESSIAN_TEXT_MULTIPLE x its tokens
     of the set, the same windows in process and rebuilt for a saved plan (no text to pass), and not the profile's
     windows alone."""
-    from bitalloc.calibration import builtin_text, calibration_for_plan, make_calibration
+    from bitalloc.calibration import builtin_text, make_calibration
     from bitalloc.models import load_model
 
     loaded = load_model(str(model_dir))
