@@ -122,7 +122,8 @@ FLOAT_TARGET = 0.25
 # had lost 0.36 at 3.5 bits (our reading: fitted on less text, the stronger pull follows the calibration windows'
 # drift). The built-in set keeps a quarter: with its Hessians from the profile's windows alone, halfway lost there at
 # 3.5 bits on SmolLM2 (+3.7 ppl, +9 % KL) and was level at 4.0 (docs/results.md, *GPTQ fits toward the float model*);
-# halfway with the wider Hessians the built-in set has since is not measured on both families.
+# with the wider Hessians it has since, halfway is measured only together with token weighting, on SmolLM2 alone
+# (TOKEN_WEIGHTED_ON_TEXT below).
 FLOAT_TARGET_WIDENED = 0.5
 # And there each layer weighs every calibration token by its output's loss gradient (quantizers/sequential.py,
 # token_weighted), so GPTQ minimises the loss increase the plan's error model (fisher-tw) predicts rather than the

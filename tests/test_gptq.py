@@ -145,6 +145,12 @@ def test_non_int_formats_fall_back_to_rtn():
 # ---- whole models ------------------------------------------------------------------------------
 
 
+def applied(loaded, plan_, **kw) -> torch.Tensor:
+    """The planned weights of a copy of loaded.model after bitalloc.apply(plan_, **kw), flattened into one tensor."""
+    model = apply(copy.deepcopy(loaded.model), plan_, **kw)
+    return torch.cat([weight_matrix(model.get_submodule(a.module)).flatten() for a in plan_.assignments])
+
+
 def _ids(seed, shape):
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -337,23 +343,19 @@ def test_gptq_takes_its_hessians_from_sixteen_times_the_supplied_text_at_apply(m
     assert plan_quantizer_settings(sampled, "gptq", {}) == {"act_order": False, "float_target": 0.25}
     assert plan_quantizer_settings(p, "rtn-w", {}) == {}
 
-    def applied(plan_, **kw):
-        model = apply(copy.deepcopy(loaded.model), plan_, **kw)
-        return torch.cat([weight_matrix(model.get_submodule(a.module)).flatten() for a in plan_.assignments])
-
-    in_process = applied(p)
+    in_process = applied(loaded, p)
     wide = make_calibration(loaded.tokenizer, read_text(calib_path), seq_len=16, tokens=512, seed=3)
-    assert torch.equal(in_process, applied(p, calibration=wide.tokens))  # ids as given: used as they are
+    assert torch.equal(in_process, applied(loaded, p, calibration=wide.tokens))  # ids as given: used as they are
     saved = Plan.model_validate_json(p.model_dump_json())
     rebuilt = calibration_for_plan(saved.calibration, loaded.tokenizer, loaded.model, calib_path)
-    assert torch.equal(in_process, applied(saved, calibration=rebuilt))  # what eval/export --plan --calib do
-    assert not torch.equal(in_process, applied(p, hessian_tokens=32))  # the profile's windows alone
-    assert not torch.equal(in_process, applied(p, float_target=0.0))  # GPTQ's own target
-    assert not torch.equal(in_process, applied(p, float_target=0.25))  # the built-in set's strength
-    assert not torch.equal(in_process, applied(p, token_weighted=False))  # every token alike
+    assert torch.equal(in_process, applied(loaded, saved, calibration=rebuilt))  # what eval/export --plan --calib do
+    assert not torch.equal(in_process, applied(loaded, p, hessian_tokens=32))  # the profile's windows alone
+    assert not torch.equal(in_process, applied(loaded, p, float_target=0.0))  # GPTQ's own target
+    assert not torch.equal(in_process, applied(loaded, p, float_target=0.25))  # the built-in set's strength
+    assert not torch.equal(in_process, applied(loaded, p, token_weighted=False))  # every token alike
     for bad in (8, 0, "256"):  # fewer tokens than one window, or not a number
         with pytest.raises(BadInputError, match="hessian_tokens"):
-            applied(p, hessian_tokens=bad)
+            applied(loaded, p, hessian_tokens=bad)
 
 
 def test_a_builtin_plan_takes_its_hessians_from_more_of_the_set(model_dir):
@@ -369,16 +371,12 @@ def test_a_builtin_plan_takes_its_hessians_from_more_of_the_set(model_dir):
              quantizer="gptq")
     assert p.calibration["source"] == "builtin:austen"
 
-    def applied(plan_, **kw):
-        model = apply(copy.deepcopy(loaded.model), plan_, **kw)
-        return torch.cat([weight_matrix(model.get_submodule(a.module)).flatten() for a in plan_.assignments])
-
-    in_process = applied(p)
+    in_process = applied(loaded, p)
     wide = make_calibration(loaded.tokenizer, builtin_text(), seq_len=16, tokens=512, seed=3)
-    assert torch.equal(in_process, applied(p, calibration=wide.tokens))  # 16 x 32 tokens of the set
+    assert torch.equal(in_process, applied(loaded, p, calibration=wide.tokens))  # 16 x 32 tokens of the set
     saved = Plan.model_validate_json(p.model_dump_json())
-    assert torch.equal(in_process, applied(saved, tokenizer=loaded.tokenizer))  # rebuilt from the shipped text
-    assert not torch.equal(in_process, applied(p, hessian_tokens=32))  # the profile's windows alone
+    assert torch.equal(in_process, applied(loaded, saved, tokenizer=loaded.tokenizer))  # rebuilt from the shipped text
+    assert not torch.equal(in_process, applied(loaded, p, hessian_tokens=32))  # the profile's windows alone
 
 
 def test_unknown_quantizer_is_a_clear_error(llama, calib_ids):
