@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,15 +68,17 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
         raise BadInputError(f"model path {source!r} does not exist; pass a directory, a .gguf file or a hub id")
     else:
         where = source  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
+    gguf_path = Path(where) / kwargs["gguf_file"] if "gguf_file" in kwargs else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        if "gguf_file" in kwargs and (rope := gguf_rope_parameters(path)) is not None:
-            from transformers import AutoConfig
+        with gguf_parsed_once(gguf_path) as reader:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            if reader is not None and (rope := gguf_rope_parameters(gguf_path, reader)) is not None:
+                from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(where, **kwargs)
-            config.rope_parameters = rope  # what transformers' GGUF loader drops (bitalloc/rope.py)
-            kwargs["config"] = config
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+                config = AutoConfig.from_pretrained(where, **kwargs)
+                config.rope_parameters = rope  # what transformers' GGUF loader drops (bitalloc/rope.py)
+                kwargs["config"] = config
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except BadInputError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged GGUF fails anywhere in its reader (struct.error, IndexError, ...)
@@ -93,14 +96,50 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype: torch.dty
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
 
 
-def gguf_rope_parameters(path: Path) -> dict | None:
+# gguf.GGUFReader swapped for the shared one while one load runs (gguf_parsed_once); loads in threads take turns
+_GGUF_SWAP = threading.Lock()
+
+
+@contextmanager
+def gguf_parsed_once(path: Path | None) -> Iterator[Any]:
+    """Yield one gguf.GGUFReader of `path` (None: no GGUF, yields None), the one every GGUFReader(path) made in
+    the block gets.
+
+    Why: transformers' GGUF loader parses the file again for the tokenizer, the config and the weights
+    (load_gguf_checkpoint, each time), and a parse is Python per vocabulary string: ~9 s each for SmolLM2's 49k
+    tokens on this project's 2-core CI machine, most of a 43 s load. The loader only reads the reader, so one
+    serves all. Outside the block, and for other files or modes, GGUFReader is the real class again.
+    """
+    if path is None:
+        yield None
+        return
+    import gguf
+
+    real = gguf.GGUFReader
+    target = Path(path).resolve()
+    with _GGUF_SWAP:
+        reader, active = real(target), [True]
+
+        def shared(p, mode="r"):
+            return reader if active[0] and mode == "r" and Path(p).resolve() == target else real(p, mode)
+
+        gguf.GGUFReader = shared
+        try:
+            yield reader
+        finally:
+            active[0] = False  # a name bound to `shared` inside the block builds real readers from now on
+            gguf.GGUFReader = real
+
+
+def gguf_rope_parameters(path: Path, reader: Any = None) -> dict | None:
     """The llama3 RoPE parameters of a GGUF that stores them as llama.cpp does, as the per-frequency
-    tensor rope_freqs.weight (bitalloc/rope.py); None when it has no such tensor."""
+    tensor rope_freqs.weight (bitalloc/rope.py); None when it has no such tensor. reader: a gguf.GGUFReader of
+    `path` already made (else one is)."""
     import gguf
 
     from . import rope
 
-    reader = gguf.GGUFReader(path)
+    reader = reader or gguf.GGUFReader(path)
     tensor = next((t for t in reader.tensors if t.name == rope.TENSOR), None)
     if tensor is None:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -198,7 +199,10 @@ def test_llama3_rope_is_written_as_llama_cpps_rope_freqs_and_read_back(tmp_path,
     assert np.all((factors[4:9] > 1) & (factors[4:9] < 8)) and np.all(np.diff(factors[4:9]) > 0)
     assert reader.get_field("llama.rope.freq_base").contents() == 10000.0
     assert reader.get_field("llama.rope.scaling.type") is None  # no metadata: the tensor is the scaling
-    assert load_model(str(out)).model.config.rope_parameters == LLAMA3
+    with parses_counted() as parses:
+        assert load_model(str(out)).model.config.rope_parameters == LLAMA3
+    # one parse serves transformers' tokenizer, config and weights and the RoPE check (each would parse again)
+    assert parses == [out.name]
     # qwen2's converter has no such tensor: refused there
     qwen = save_checkpoint(tmp_path / "qwen", "qwen2", "qwen2")
     qconfig = json.loads((qwen / "config.json").read_text())
@@ -226,6 +230,50 @@ def test_llama3_rope_parameters_are_recovered_from_the_factors(factor, low, high
     broken[10:14] = [1.5, 7.0, 1.2, 3.0]
     with pytest.raises(BadInputError, match=r"x\.gguf: its rope_freqs\.weight .* is not a llama3 RoPE scaling"):
         rope.parameters_from_factors(broken, 500000.0, 128, "x.gguf")
+
+
+@contextmanager
+def parses_counted():
+    """The names of the files gguf.GGUFReader parses inside the block; afterwards the real class is back."""
+    real, parses = gguf.GGUFReader, []
+
+    class Counting(real):
+        def __init__(self, path, mode="r"):
+            parses.append(Path(path).name)
+            super().__init__(path, mode)
+
+    gguf.GGUFReader = Counting
+    try:
+        yield parses
+        assert gguf.GGUFReader is Counting  # load_model put back what it found
+    finally:
+        gguf.GGUFReader = real
+
+
+def test_a_gguf_load_parses_the_file_once_and_gives_what_transformers_gives(tmp_path, calib_ids):
+    """load_model hands transformers' loader one reader for the tokenizer, config and weights; the model and
+    tokenizer are the ones transformers makes parsing the file each time. A file that fails to load leaves
+    gguf.GGUFReader as it was."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_checkpoint(tmp_path / "tiny", "qwen2", "qwen2")
+    out = tmp_path / "tiny.gguf"
+    check_written_file(folder, _plan_for(folder, calib_ids), calib_ids, out)
+    with parses_counted() as parses:
+        loaded = load_model(str(out))
+    assert parses == [out.name]
+    with parses_counted() as parses:
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name)
+    assert parses == [out.name] * 3  # transformers alone: for the tokenizer, then the model's config and weights
+    assert loaded.tokenizer(SAMPLE).input_ids == tokenizer(SAMPLE).input_ids
+    assert loaded.model.config.to_dict() == model.config.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size // 2])  # the header whole, the tensors cut off
+    with parses_counted() as parses, pytest.raises(BadInputError, match="could not read GGUF file"):
+        load_model(str(cut))
+    assert parses == [cut.name]
 
 
 def _plan_for(folder: Path, calib_ids):

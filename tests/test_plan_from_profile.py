@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -184,9 +182,9 @@ def test_spike_protection_combines_with_user_constraints_and_checks_its_input(sp
 
 
 def run_cli(*args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    from test_cli import run_cli as run
+
+    return run(dict(os.environ, PYTHONWARNINGS="ignore"), *args, cwd=cwd)
 
 
 def test_cli_plan_from_profile(spiked, tmp_path):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 
 import numpy as np
 import pytest
@@ -204,7 +203,9 @@ def test_unknown_signal_is_bad_input(tmp_path, calib_ids):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, cwd=cwd)
+    from test_cli import run_cli as run
+
+    return run(dict(os.environ, PYTHONWARNINGS="ignore"), *args, cwd=cwd)
 
 
 def test_cli_profile_report_and_plan_report(tmp_path, model_dir):

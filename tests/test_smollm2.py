@@ -5,8 +5,8 @@ Runs when BITALLOC_SMOLLM2_GGUF names the .gguf file (.ci/run fetches it and set
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,6 @@ import pytest
 from bitalloc.plan import Plan
 
 GGUF = os.environ.get("BITALLOC_SMOLLM2_GGUF", "")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,28 +56,12 @@ def test_headline_plan_3_2_bits_on_smollm2_is_valid_within_budget_and_reproducib
     assert "storage" in out and "bits/weight" in out and "whole model" in out and "ties: 30 gate/up, 30 q/k/v" in out
 
     # The same command again (profile from the cache): the same file, byte for byte. A full recompute
-    # without the cache is checked byte for byte on the tiny models (test_cli), where it is cheap.
+    # without the cache is checked byte for byte on the tiny models (test_cli), where it is cheap; plans at other
+    # budgets from this profile, in the notebook below.
     second = run_cli("plan", "--budget", "3.2bits", GGUF, "--out", str(tmp_path / "b.json"), cache=cache)
     assert second.returncode == 0, second.stderr[-2000:]
+    assert "calibration windows" not in second.stderr  # profile came from the cache
     assert (tmp_path / "plan.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-
-    # Re-planning at another budget from the cached profile, then evaluating the plan.
-    third = run_cli("plan", "--budget", "4.5bits", GGUF, "--out", str(tmp_path / "c.json"), cache=cache)
-    assert third.returncode == 0, third.stderr[-2000:]
-    assert "calibration windows" not in third.stderr  # profile came from the cache
-    low, high = Plan.load(tmp_path / "plan.json"), Plan.load(tmp_path / "c.json")
-    assert high.summary.predicted_delta_loss < low.summary.predicted_delta_loss
-
-    if not (DATA / "wiki.test.raw").is_file():
-        pytest.skip("evaluation needs ../shared/data/wikitext2/wiki.test.raw (the plans above were checked)")
-    # GPTQ's Hessians from the profile's 8192 tokens, not the default 16x (all of the built-in set): 5-6x quicker
-    ev = run_cli("eval", GGUF, "--text", str(DATA / "wiki.test.raw"), "--plan", str(tmp_path / "c.json"),
-                 "--windows", "2", "--quantizer-setting", "hessian_tokens=8192", "--json", cache=cache)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    result = json.loads(ev.stdout)
-    assert result["windows"] == 2 and result["seq_len"] == 512
-    # 4.5 bits/weight on SmolLM2 keeps the model usable: unquantized ppl is ~36 on these windows
-    assert 20 < result["ppl"] < 80 and 0 < result["kl"] < 0.5 and result["top1"] > 0.7
 
 
 def test_quickstart_notebook_runs_and_saves_a_valid_plan(tmp_path, monkeypatch, headline_cache):
@@ -100,7 +83,13 @@ def test_quickstart_notebook_runs_and_saves_a_valid_plan(tmp_path, monkeypatch, 
     assert plan.summary.storage_bits_per_weight <= 3.5
     assert plan.calibration["source"] == "builtin:austen" and plan.calibration["tokens"] == 8192
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "KL" in printed and "top-1" in printed
+    # The plan applied (awq-gptq) and scored on 2 x 512 test tokens: 3.5 bits/weight keeps SmolLM2 usable (ppl
+    # 39.3, KL 0.42, top-1 66.8 % measured; unquantized ppl is ~36 on these windows). The CLI's eval of a plan is
+    # checked on the tiny models (test_cli), where it is cheap.
+    score = re.search(r"ppl ([\d.]+)  KL ([\d.]+)  top-1 ([\d.]+)%  \(2×512 tokens\)", printed)
+    assert score, printed[-2000:]
+    ppl, kl, top1 = map(float, score.groups())
+    assert 20 < ppl < 80 and 0 < kl < 0.6 and top1 > 60
     if cached:  # the headline's profile was there: the notebook read it rather than make a second one
         assert sorted(p.name for p in headline_cache.glob("table-*")) == cached
 

@@ -246,15 +246,14 @@ def test_family_scales_attribute_measured_cost_by_predicted_share():
 
 def test_cli_verify_writes_the_measurements(model_dir, tmp_path):
     import os
-    import subprocess
-    import sys
+
+    from test_cli import run_cli
 
     env = {**os.environ, "BITALLOC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "bitalloc.cli", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=300)
+        return run_cli(env, *args)
 
     out = tmp_path / "plan.json"
     r = run("plan", model_dir, "--budget", "4bits", "--calib", model_dir / "calib.txt", "--seq-len", "16",

@@ -116,8 +116,10 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         return q, s * sign, z
     lo, hi = int_range(option)
     s0, z0 = int_scales(w, option)  # candidate 0: the min/max rule, exactly as RTN stores it
-    q, err0 = _int_error(w, h, s0, z0, lo, hi)
-    best = [err0, s0, z0, q, torch.ones_like(s0)]  # error, scale, zero, codes, clip ratio
+    _, err0 = _int_error(w, h, s0, z0, lo, hi)
+    # error, scale, zero, clip ratio. Not the codes: they follow from (scale, zero) and are the size of w, so
+    # keeping the best ones cost a full-size select per candidate; they are rounded again where needed.
+    best = [err0, s0, z0, torch.ones_like(s0)]
     if option.symmetric:
         amax = w.abs().amax(dim=-1, keepdim=True)
     else:
@@ -133,15 +135,15 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
             z = torch.round(wmin * -r / s).clamp_(lo, hi)
         ok = _usable(s)
         s, z = torch.where(ok, s, s0), torch.where(ok, z, z0)
-        q, err = _int_error(w, h, s, z, lo, hi)
-        _keep_better(best, err, s, z, q, r)
+        _, err = _int_error(w, h, s, z, lo, hi)
+        _keep_better(best, err, s, z, r)
 
     for r in _ratios(grid):
         try_ratio(torch.full_like(s0, r))
     step = (1.0 - grid.min_ratio) / max(grid.steps, 1)
     for _ in range(grid.halvings if grid.steps else 0):
         step /= 2
-        centre = best[4]
+        centre = best[3]
         for r in (centre - step, (centre + step).clamp(max=1.0)):
             try_ratio(r)
     if grid.refits:
@@ -149,7 +151,7 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
     for _ in range(grid.refits):
         # Weighted least squares of w ≈ a·q + b over the group with the best codes q fixed
         # (make_qkx2_quants): the 2×2 normal equations in closed form; symmetric has b = 0.
-        q = best[3]
+        q = _int_codes(w, best[1], best[2], lo, hi)
         hq = h * q
         Sq, Sqq, Sxq = hq.sum(-1, keepdim=True), (hq * q).sum(-1, keepdim=True), (hq * w).sum(-1, keepdim=True)
         if option.symmetric:
@@ -166,10 +168,10 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         ok = _usable(s) & torch.isfinite(b)
         s = torch.where(ok, s, s0)
         z = z0 if option.symmetric else torch.where(ok, torch.round(-b / s).clamp_(lo, hi), z0)
-        q, err = _int_error(w, h, s, z, lo, hi)
-        _keep_better(best, err, s, z, q, best[4])
-    _, s, z, q, _ = best
-    return q, s, z
+        _, err = _int_error(w, h, s, z, lo, hi)
+        _keep_better(best, err, s, z, best[3])
+    _, s, z, _ = best
+    return _int_codes(w, s, z, lo, hi), s, z
 
 
 # ---- minifloats with an fp16 / fp32 scale ------------------------------------------------------
