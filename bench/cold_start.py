@@ -1,13 +1,15 @@
 """Cold start: wall time of `bitalloc --help`, `import bitalloc` and re-planning from a profile folder,
 old code against new, each in a fresh interpreter.
 
-    python bench/cold_start.py [--baseline 01a3014] [--profile DIR]... [--repeats 3] [--out bench/out/cold_start.json]
+    python bench/cold_start.py [--baseline 01a3014] [--profile DIR]... [--gguf FILE]... [--repeats 3]
+                               [--out bench/out/cold_start.json]
 
 The old figures run the baseline commit's bitalloc/ + solvers/ (extracted with `git archive` into a
 temporary folder and put first on PYTHONPATH); the new ones run the installed (editable) tree.
 A tiny Llama's profile folder is made for the re-plan rows (hidden 64, 2 blocks, fisher + table);
 pass --profile for more (e.g. SmolLM2's: `bitalloc profile MODEL --calib wiki.valid.tokens
---calib-tokens 2048 --signals fisher,table --out /tmp/entry-prof`). Each cell is the median of
+--calib-tokens 2048 --signals fisher,table --out /tmp/entry-prof`). --gguf adds a row loading that file
+(models.load_model: transformers' GGUF loader, tokenizer and weights). Each cell is the median of
 --repeats runs; the table also says whether torch was imported, and whether old and new wrote the
 same plan bytes. The machine is shared: its load average is printed beside the figures.
 """
@@ -91,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", default="01a3014", help="git revision of the old code (default: before issue 12's first slice)")
     ap.add_argument("--profile", action="append", default=[], help="more profile folders to re-plan from (repeatable)")
+    ap.add_argument("--gguf", action="append", default=[], help="GGUF files to time load_model on (repeatable)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "cold_start.json"))
     args = ap.parse_args()
@@ -109,6 +112,10 @@ def main() -> None:
                           lambda side, folder=folder, plan_file=plan_file: cli_body(
                               "plan", "--profile", str(folder), "--budget", "4bits", "--out", str(plan_file(side))),
                           plan_file))
+        for gguf in args.gguf:
+            cases.append((f"load_model ({Path(gguf).name})",
+                          lambda side, gguf=str(Path(gguf).resolve()): f"from bitalloc.models import load_model\nload_model({gguf!r})",
+                          None))
         rows = []
         for label, body, plan_file in cases:
             cell = {"case": label}

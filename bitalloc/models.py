@@ -139,7 +139,7 @@ def gguf_rope_parameters(path: Path, reader: Any = None) -> dict | None:
 
     from . import rope
 
-    reader = reader or gguf.GGUFReader(path)
+    reader = reader if reader is not None else gguf.GGUFReader(path)
     tensor = next((t for t in reader.tensors if t.name == rope.TENSOR), None)
     if tensor is None:
         return None

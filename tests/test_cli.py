@@ -35,9 +35,9 @@ def cli_env(tmp_path_factory):
 
 def run_cli(env, *args, cwd=None) -> subprocess.CompletedProcess:
     """`bitalloc ARGS` as the console script runs it (cli.main: its exit codes, one-line errors and warnings), with
-    `env` as the environment (PYTHONWARNINGS read as Python reads it) and `cwd` as the working folder, in this
-    process: a subprocess per command spent ~5 s importing torch and transformers, most of these tests' time.
-    The command's own exceptions other than exits propagate, failing the test with their traceback."""
+    `env` as the environment (warnings: the actions its PYTHONWARNINGS names; every caller sets one) and `cwd` as
+    the working folder, in this process: a subprocess per command spent ~5 s importing torch and transformers, most
+    of these tests' time. The command's own exceptions other than exits propagate, failing the test."""
     from bitalloc import cli
 
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
