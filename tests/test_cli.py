@@ -69,6 +69,11 @@ def run_cli(env, *args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["bitalloc", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
 
 
+def run_cli_here(*args, cwd=None) -> subprocess.CompletedProcess:
+    """run_cli with this process's environment, warnings off."""
+    return run_cli(dict(os.environ, PYTHONWARNINGS="ignore"), *args, cwd=cwd)
+
+
 def error_text(result: subprocess.CompletedProcess) -> str:
     """The error message (progress bars may precede it on stderr), with rich's line wrapping undone."""
     assert "Traceback" not in result.stderr, result.stderr

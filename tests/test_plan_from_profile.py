@@ -4,7 +4,6 @@ refused, constraints / pareto / solvers / error models, spike protection."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -24,6 +23,7 @@ from bitalloc.options import QuantOption, parse_option
 from bitalloc.replan import flagged_modules, pareto_from_profile, plan_from_profile, spike_constraints
 
 from conftest import make_llama
+from test_cli import run_cli_here as run_cli
 from test_signals import SPIKE_TOKEN, plant_spike
 
 OPTIONS = [QuantOption.int_(2, 32, False), QuantOption.int_(3, 32, False), QuantOption.int_(4, 32, True),
@@ -179,12 +179,6 @@ def test_spike_protection_combines_with_user_constraints_and_checks_its_input(sp
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
-
-
-def run_cli(*args, cwd):
-    from test_cli import run_cli as run
-
-    return run(dict(os.environ, PYTHONWARNINGS="ignore"), *args, cwd=cwd)
 
 
 def test_cli_plan_from_profile(spiked, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from bitalloc.options import QuantOption
 from bitalloc.profile.artifact import Profile
 
 from conftest import make_llama
+from test_cli import run_cli_here as run_cli
 
 OPTIONS = [QuantOption.int_(3, 32, False), QuantOption.int_(4, 32, True), QuantOption.keep()]
 FAST = dict(trace_max_probes=4, trace_min_probes=2, trace_windows=2, options=OPTIONS)
@@ -200,12 +200,6 @@ def test_interactions_in_profile(tmp_path, calib_ids):
 def test_unknown_signal_is_bad_input(tmp_path, calib_ids):
     with pytest.raises(BadInputError, match="unknown signal"):
         profile_model(make_llama(), calib_ids, tmp_path / "p", signals=("hessian",))
-
-
-def run_cli(*args, cwd):
-    from test_cli import run_cli as run
-
-    return run(dict(os.environ, PYTHONWARNINGS="ignore"), *args, cwd=cwd)
 
 
 def test_cli_profile_report_and_plan_report(tmp_path, model_dir):

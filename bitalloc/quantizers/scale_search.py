@@ -88,10 +88,9 @@ def _int_codes(w, s, z, lo, hi):
 
 
 def _int_error(w, h, s, z, lo, hi):
-    """Codes by nearest rounding under (s, z), and Σ h (value − w)² per group. w: [R, G, g]; s, z: [R, G, 1]."""
-    q = _int_codes(w, s, z, lo, hi)
-    d = torch.sub(q, z).mul_(s).sub_(w)
-    return q, d.square_().mul_(h).sum(-1, keepdim=True)
+    """Σ h (value − w)² per group, values by nearest rounding under (s, z). w: [R, G, g]; s, z: [R, G, 1]."""
+    d = _int_codes(w, s, z, lo, hi).sub_(z).mul_(s).sub_(w)
+    return d.square_().mul_(h).sum(-1, keepdim=True)
 
 
 def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
@@ -116,7 +115,7 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         return q, s * sign, z
     lo, hi = int_range(option)
     s0, z0 = int_scales(w, option)  # candidate 0: the min/max rule, exactly as RTN stores it
-    _, err0 = _int_error(w, h, s0, z0, lo, hi)
+    err0 = _int_error(w, h, s0, z0, lo, hi)
     # error, scale, zero, clip ratio. Not the codes: they follow from (scale, zero) and are the size of w, so
     # keeping the best ones cost a full-size select per candidate; they are rounded again where needed.
     best = [err0, s0, z0, torch.ones_like(s0)]
@@ -135,7 +134,7 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
             z = torch.round(wmin * -r / s).clamp_(lo, hi)
         ok = _usable(s)
         s, z = torch.where(ok, s, s0), torch.where(ok, z, z0)
-        _, err = _int_error(w, h, s, z, lo, hi)
+        err = _int_error(w, h, s, z, lo, hi)
         _keep_better(best, err, s, z, r)
 
     for r in _ratios(grid):
@@ -168,7 +167,7 @@ def search_int_scales(w: torch.Tensor, h: torch.Tensor, option: QuantOption,
         ok = _usable(s) & torch.isfinite(b)
         s = torch.where(ok, s, s0)
         z = z0 if option.symmetric else torch.where(ok, torch.round(-b / s).clamp_(lo, hi), z0)
-        _, err = _int_error(w, h, s, z, lo, hi)
+        err = _int_error(w, h, s, z, lo, hi)
         _keep_better(best, err, s, z, best[3])
     _, s, z, _ = best
     return _int_codes(w, s, z, lo, hi), s, z
